@@ -1,0 +1,29 @@
+"""peftmath: the math of parameter-efficient fine-tuning, defined once against the array API.
+
+>>> import peftmath as pm
+>>> pm.LoraConfig(r=4, lora_alpha=8).scaling_for("q_proj")
+2.0
+"""
+
+from . import backends, errors, layers
+from .adapter import Adapter
+from .errors import PeftMathError
+from .io import load_adapter, read_config, save_adapter
+from .layers import Layer, LayerKind
+from .methods.lora import LoraConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "Layer",
+    "LayerKind",
+    "LoraConfig",
+    "PeftMathError",
+    "backends",
+    "errors",
+    "layers",
+    "load_adapter",
+    "read_config",
+    "save_adapter",
+]

@@ -1,0 +1,279 @@
+"""Backends: what the array API standard does not provide.
+
+The method code in :mod:`peftmath.methods` is written once against the array API. A backend adds
+only what the standard lacks:
+
+* **random numbers** — initialisation draws on the host with :class:`numpy.random.Generator` and
+  moves the result, so one seed gives the same numbers on every backend (:func:`host_rng`,
+  :meth:`Backend.from_host`);
+* **fast in-place kernels** — :meth:`Backend.addmm_` computes ``M += alpha * B @ A`` in place
+  without a temporary of ``M``'s size; a backend that cannot returns ``False`` and the caller uses
+  the generic array-API path, which gives the same result within rounding;
+* **host transfer** for I/O (:meth:`Backend.to_host`, :meth:`Backend.from_host`);
+* **stop_gradient** for the few places where PEFT detaches a value (DoRA's weight norm).
+
+Backends are found through the entry-point group ``peftmath.backends``. NumPy, PyTorch, JAX and the
+generic array-API fallback register there from peftmath's own ``pyproject.toml``; the CuPy backend
+lives in its own distribution (``backends/cupy``) and registers the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import metadata
+from typing import Any, Protocol, runtime_checkable
+
+import array_api_compat
+import numpy as np
+
+from ._array import dtype_name, is_low_precision
+from .errors import BackendError
+
+Array = Any
+Namespace = Any
+
+__all__ = [
+    "Backend",
+    "NumpyBackend",
+    "TorchBackend",
+    "JaxBackend",
+    "ArrayAPIBackend",
+    "host_rng",
+    "get_backend",
+    "backend_for",
+    "available_backends",
+    "register_backend",
+]
+
+ENTRY_POINT_GROUP = "peftmath.backends"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a backend provides. Every method has a generic fallback in :class:`ArrayAPIBackend`."""
+
+    name: str
+
+    def handles(self, xp: Namespace) -> bool:
+        """True when this backend serves arrays of namespace ``xp``."""
+
+    def from_host(self, a: np.ndarray, xp: Namespace, device: Any = None) -> Array:
+        """A host (NumPy) array as an array of ``xp`` on ``device``."""
+
+    def to_host(self, x: Array) -> np.ndarray:
+        """An array of this backend as a NumPy array (bfloat16 through ml_dtypes)."""
+
+    def addmm_(self, m: Array, b: Array, a: Array, alpha: float) -> bool:
+        """``m += alpha * b @ a`` in place; return False (touching nothing) when not possible."""
+
+    def stop_gradient(self, x: Array) -> Array:
+        """``x`` with gradients blocked (identity for libraries without autodiff)."""
+
+
+def host_rng(seed: int | np.random.Generator | None) -> np.random.Generator:
+    """The host random generator for ``seed`` (a Generator is passed through)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(seed)
+
+
+class ArrayAPIBackend:
+    """The generic fallback: any array-API namespace, no fast kernels."""
+
+    name = "array_api"
+
+    def handles(self, xp: Namespace) -> bool:
+        return True
+
+    def from_host(self, a: np.ndarray, xp: Namespace, device: Any = None) -> Array:
+        if device is None:
+            return xp.asarray(a)
+        return xp.asarray(a, device=device)
+
+    def to_host(self, x: Array) -> np.ndarray:
+        return np.asarray(x)
+
+    def addmm_(self, m: Array, b: Array, a: Array, alpha: float) -> bool:
+        return False
+
+    def stop_gradient(self, x: Array) -> Array:
+        return x
+
+
+def _blas_gemm(dtype: np.dtype):
+    from scipy.linalg import blas
+
+    return {np.dtype(np.float32): blas.sgemm, np.dtype(np.float64): blas.dgemm}.get(np.dtype(dtype))
+
+
+class NumpyBackend(ArrayAPIBackend):
+    """NumPy: BLAS gemm with beta=1 for in-place merges, float32 row tiles for half precision."""
+
+    name = "numpy"
+    #: rows per float32 tile when updating a float16/bfloat16 matrix in place (about 4 MiB per tile)
+    tile_bytes = 4 << 20
+
+    def handles(self, xp: Namespace) -> bool:
+        return array_api_compat.is_numpy_namespace(xp)
+
+    def from_host(self, a: np.ndarray, xp: Namespace, device: Any = None) -> Array:
+        return np.asarray(a)
+
+    def addmm_(self, m: Array, b: Array, a: Array, alpha: float) -> bool:
+        if not (isinstance(m, np.ndarray) and isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+            return False
+        if m.ndim != 2 or not m.flags.writeable or m.shape != (b.shape[0], a.shape[1]):
+            return False
+        gemm = _blas_gemm(m.dtype)
+        if gemm is not None:
+            a = a.astype(m.dtype, copy=False)
+            b = b.astype(m.dtype, copy=False)
+            if m.flags.f_contiguous:
+                out = gemm(alpha, b, a, beta=1.0, c=m, overwrite_c=True)
+                target = m
+            elif m.flags.c_contiguous:
+                # M^T is F-contiguous: M^T += alpha * A^T @ B^T updates M's own memory.
+                out = gemm(alpha, a.T, b.T, beta=1.0, c=m.T, overwrite_c=True)
+                target = m.T
+            else:
+                return False
+            if not np.shares_memory(out, target):  # f2py copied: never happens for the layouts above
+                raise BackendError("numpy backend: BLAS gemm did not update the weight in place")
+            return True
+        if is_low_precision(m.dtype):
+            return self._addmm_half_(m, b, a, alpha)
+        return False
+
+    def _addmm_half_(self, m: np.ndarray, b: np.ndarray, a: np.ndarray, alpha: float) -> bool:
+        """Row tiles in float32: widen, gemm with beta=1, round once, write back."""
+        from scipy.linalg import blas
+
+        a32 = np.asarray(a, dtype=np.float32)
+        b32 = np.asarray(b, dtype=np.float32)
+        rows = max(1, self.tile_bytes // (4 * max(1, m.shape[1])))
+        for start in range(0, m.shape[0], rows):
+            stop = min(start + rows, m.shape[0])
+            tile = np.array(m[start:stop], dtype=np.float32, order="C")
+            blas.sgemm(alpha, a32.T, b32[start:stop].T, beta=1.0, c=tile.T, overwrite_c=True)
+            m[start:stop] = tile.astype(m.dtype)
+        return True
+
+
+class TorchBackend(ArrayAPIBackend):
+    """PyTorch (through array-api-compat): ``addmm_`` in place, ``detach``, bfloat16 transfer."""
+
+    name = "torch"
+
+    def handles(self, xp: Namespace) -> bool:
+        return array_api_compat.is_torch_namespace(xp)
+
+    def from_host(self, a: np.ndarray, xp: Namespace, device: Any = None) -> Array:
+        import torch
+
+        if dtype_name(a.dtype) == "bfloat16":
+            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.to(device) if device is not None else t
+
+    def to_host(self, x: Array) -> np.ndarray:
+        import torch
+
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+
+    def addmm_(self, m: Array, b: Array, a: Array, alpha: float) -> bool:
+        import torch
+
+        if m.dtype not in (torch.float32, torch.float64) or m.requires_grad or m.ndim != 2:
+            return False
+        if a.dtype != m.dtype or b.dtype != m.dtype:
+            return False
+        m.addmm_(b, a, alpha=alpha)
+        return True
+
+    def stop_gradient(self, x: Array) -> Array:
+        return x.detach()
+
+
+class JaxBackend(ArrayAPIBackend):
+    """JAX: immutable arrays (no in-place kernels), ``lax.stop_gradient``."""
+
+    name = "jax"
+
+    def handles(self, xp: Namespace) -> bool:
+        return array_api_compat.is_jax_namespace(xp)
+
+    def stop_gradient(self, x: Array) -> Array:
+        import jax
+
+        return jax.lax.stop_gradient(x)
+
+
+_REGISTRY: dict[str, Backend] | None = None
+_BUILTIN = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend, "array_api": ArrayAPIBackend}
+_INSTALL_HINTS = {"cupy": "pip install -e backends/cupy  (and cupy-cuda12x or cupy-cuda13x for your CUDA)"}
+
+
+def _load_registry() -> dict[str, Backend]:
+    global _REGISTRY
+    if _REGISTRY is not None:
+        return _REGISTRY
+    registry: dict[str, Backend] = {}
+    errors: dict[str, str] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            registry[ep.name] = obj() if isinstance(obj, type) else obj
+        except Exception as exc:  # a broken plugin must not break the core
+            errors[ep.name] = f"{type(exc).__name__}: {exc}"
+    # Running from a source tree that was never installed has no entry points: fall back to the
+    # backends this distribution declares in its own pyproject.toml.
+    for name, cls in _BUILTIN.items():
+        registry.setdefault(name, cls())
+    _REGISTRY = registry
+    _LOAD_ERRORS.update(errors)
+    return registry
+
+
+_LOAD_ERRORS: dict[str, str] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Register ``backend`` under ``backend.name`` (for plugins loaded without entry points)."""
+    _load_registry()[backend.name] = backend
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends."""
+    return sorted(_load_registry())
+
+
+def get_backend(name: str) -> Backend:
+    """The backend registered as ``name``; :class:`BackendError` naming what to install otherwise."""
+    registry = _load_registry()
+    if name in registry:
+        return registry[name]
+    hint = _INSTALL_HINTS.get(name)
+    detail = f" (it failed to load: {_LOAD_ERRORS[name]})" if name in _LOAD_ERRORS else ""
+    raise BackendError(
+        f"no peftmath backend named {name!r}{detail}; available: {', '.join(sorted(registry))}"
+        + (f". To add it: {hint}" if hint else "")
+    )
+
+
+def backend_for(xp: Namespace) -> Backend:
+    """The backend serving namespace ``xp`` (the generic fallback when none claims it)."""
+    for name, backend in _load_registry().items():
+        if name != "array_api" and backend.handles(xp):
+            return backend
+    return _load_registry()["array_api"]
+
+
+def kaiming_uniform_bound(fan_in: int) -> float:
+    """PyTorch's ``kaiming_uniform_(a=sqrt(5))`` bound: ``1 / sqrt(fan_in)``."""
+    return 1.0 / math.sqrt(fan_in)

@@ -1,0 +1,146 @@
+"""Typed adapter configurations: PEFT's ``adapter_config.json`` fields, names and defaults.
+
+Each method module defines its config as a subclass of :class:`PeftConfig` (``LoraConfig`` in
+:mod:`peftmath.methods.lora`, ...). Reading keeps every field PEFT wrote, including the ones peftmath
+does not use (in :attr:`PeftConfig.extra`), and writes them back unchanged; an invalid value raises a
+:class:`~peftmath.errors.ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+__all__ = ["PeftConfig", "TunerConfig", "get_pattern_key", "resolve_pattern"]
+
+
+@dataclass
+class PeftConfig:
+    """Fields every PEFT config has (``config.py::PeftConfigMixin`` / ``PeftConfig``)."""
+
+    peft_type: ClassVar[str] = ""
+
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    peft_version: str | None = None
+    auto_mapping: dict | None = None
+    #: fields read from adapter_config.json that this class does not model, written back as read
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "PeftConfig":
+        """Build from a dict as read from adapter_config.json; unknown fields go to ``extra``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        peft_type = data.get("peft_type", cls.peft_type)
+        if cls.peft_type and peft_type != cls.peft_type:
+            raise ConfigError(f"{source}: peft_type is {peft_type!r}, expected {cls.peft_type!r}")
+        known = set(cls.field_names())
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known and k != "peft_type"}
+        try:
+            config = cls(**kwargs, extra=extra)
+        except TypeError as exc:  # pragma: no cover - dataclass construction with known names
+            raise ConfigError(f"{source}: {exc}") from exc
+        config.validate(source=source)
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """The adapter_config.json content (sets as sorted lists, ``extra`` fields restored)."""
+        out: dict[str, Any] = dict(self.extra)
+        for name in self.field_names():
+            value = getattr(self, name)
+            if isinstance(value, (set, frozenset)):
+                value = sorted(value)
+            out[name] = value
+        out["peft_type"] = self.peft_type
+        return out
+
+    def replace(self, **changes: Any) -> "PeftConfig":
+        """A copy with ``changes`` applied and validated."""
+        new = dataclasses.replace(self, **changes)
+        new.extra = dict(self.extra)
+        new.validate()
+        return new
+
+    def validate(self, *, source: str = "config") -> None:
+        """Raise :class:`ConfigError` for an invalid value. Subclasses extend this."""
+        _check_type(source, "inference_mode", self.inference_mode, bool)
+
+
+@dataclass
+class TunerConfig(PeftConfig):
+    """Fields of the non-prompt tuners: which modules are adapted."""
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+
+    def validate(self, *, source: str = "config") -> None:
+        super().validate(source=source)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ConfigError(
+                f"{source}: layers_to_transform / layers_pattern need target_modules as a list, "
+                f"not the regex {self.target_modules!r} (PEFT refuses this too)"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError(f"{source}: layers_pattern is set but layers_to_transform is not")
+
+
+def _check_type(source: str, name: str, value: Any, types: type | tuple[type, ...]) -> None:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        wanted = " or ".join(t.__name__ for t in _as_tuple(types))
+        raise ConfigError(f"{source}: field {name!r} must be {wanted}, got {value!r}")
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def check_positive_int(source: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
+
+
+def check_number(source: str, name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{source}: field {name!r} must be a number, got {value!r}")
+
+
+def check_choice(source: str, name: str, value: Any, choices: tuple) -> None:
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        raise ConfigError(f"{source}: field {name!r} must be one of {choices}, got {value!r}")
+
+
+def get_pattern_key(pattern_keys: list[str], module_name: str) -> str | None:
+    """PEFT's rule (``utils/other.py::get_pattern_key``): the first key ``k``, in insertion order,
+    with ``re.match(rf"(.*\\.)?({k})$", module_name)``; ``None`` when no key matches.
+
+    >>> get_pattern_key(["q_proj", "layers.0.v_proj"], "model.layers.0.v_proj")
+    'layers.0.v_proj'
+    >>> get_pattern_key(["proj"], "model.layers.0.q_proj") is None
+    True
+    """
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def resolve_pattern(pattern: Mapping[str, Any], module_name: str, default: Any) -> Any:
+    """The value of ``pattern`` (rank_pattern / alpha_pattern) for ``module_name``, else ``default``."""
+    key = get_pattern_key(list(pattern), module_name)
+    return default if key is None else pattern[key]

@@ -1,0 +1,757 @@
+r"""LoRA: low-rank adaptation (Hu et al., 2021), with rsLoRA scaling (Kalajdzievski, 2023).
+
+A frozen weight ``W`` (matrix view ``(out, in)``, see :mod:`peftmath.layers`) is adapted by a rank-``r``
+product::
+
+    ΔW = s · B A          A: (r, in)   B: (out, r)
+    s  = lora_alpha / r               (use_rslora: lora_alpha / sqrt(r))
+    y  = x Wᵀ + b + s · (dropout(x) Aᵀ Bᵀ + b_B)      (b_B only with lora_bias)
+
+Layer kinds (shapes as stored in PEFT checkpoints):
+
+=================  ===========================  =============================  ======================
+layer              ``A``                        ``B``                          ``ΔW`` (stored layout)
+=================  ===========================  =============================  ======================
+Linear             ``lora_A.weight (r, in)``    ``lora_B.weight (out, r)``     ``s·BA``  (out, in)
+Conv1D (GPT-2)     ``lora_A.weight (r, in)``    ``lora_B.weight (out, r)``     ``s·(BA)ᵀ`` (in, out)
+Embedding          ``lora_embedding_A (r, V)``  ``lora_embedding_B (D, r)``    ``s·(BA)ᵀ`` (V, D)
+ConvNd             ``lora_A.weight (r, in, *k)`` ``lora_B.weight (out, r/g, 1..)`` ``s·B₂A₂`` reshaped
+=================  ===========================  =============================  ======================
+
+where ``B₂ = B.reshape(out, r)`` and ``A₂ = A.reshape(r, in·prod(k))``. Merge is ``W + ΔW`` and unmerge
+``W − ΔW``: exact in real arithmetic, within ``4·eps·(|W| + |ΔW|)`` in floating point.
+
+The functions below take arrays of any array-API library and return arrays of the same library; the
+``layer`` keyword names the base layer kind (``"Linear"`` by default for 2-D weights, ``"Conv1D"`` for
+PEFT's ``fan_in_fan_out=True``, ``"Embedding"``, or a :class:`~peftmath.layers.Layer`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, NamedTuple
+
+import numpy as np
+
+from .._array import all_finite, as_compute, compute_dtype, conv, embedding_lookup, is_low_precision, namespace
+from ..backends import backend_for, host_rng, kaiming_uniform_bound
+from ..config import TunerConfig, check_choice, check_number, check_positive_int, resolve_pattern
+from ..errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
+from ..layers import Layer, LayerKind
+from ._base import MergeResult, ModuleAdapter, apply_delta, bias_update, check_shape
+
+Array = Any
+
+__all__ = [
+    "LoraConfig",
+    "scaling",
+    "delta_weight",
+    "forward",
+    "merge",
+    "unmerge",
+    "merge_bias",
+    "unmerge_bias",
+    "init_weights",
+    "LoraInit",
+    "LoraModule",
+]
+
+PEFT_TYPE = "LORA"
+
+_INIT_CHOICES = (True, False, "gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "lora_ga", "mica")
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class LoraConfig(TunerConfig):
+    """PEFT's ``LoraConfig`` (``peft_type: "LORA"``), the fields that define the math.
+
+    Other fields PEFT writes (``megatron_config``, ``eva_config``, ...) are kept in ``extra`` and
+    written back unchanged.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+    loftq_config: dict = field(default_factory=dict)
+    layer_replication: list | None = None
+    target_parameters: list[str] | None = None
+
+    def validate(self, *, source: str = "config") -> None:
+        super().validate(source=source)
+        check_positive_int(source, "r", self.r)
+        check_number(source, "lora_alpha", self.lora_alpha)
+        check_number(source, "lora_dropout", self.lora_dropout)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"{source}: field 'lora_dropout' must be in [0, 1), got {self.lora_dropout!r}")
+        check_choice(source, "bias", self.bias, ("none", "all", "lora_only"))
+        for flag in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{source}: field {flag!r} must be true or false, got {getattr(self, flag)!r}")
+        init = self.init_lora_weights
+        if not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
+            check_choice(source, "init_lora_weights", init, _INIT_CHOICES)
+        if self.lora_bias and (self.use_dora or init not in (True, False)):
+            raise ConfigError(
+                f"{source}: lora_bias=true needs init_lora_weights true/false and use_dora=false "
+                f"(got init_lora_weights={init!r}, use_dora={self.use_dora}); PEFT refuses this too"
+            )
+        if init == "loftq" and not self.loftq_config:
+            raise ConfigError(f"{source}: init_lora_weights='loftq' needs a loftq_config")
+        for name, value in (self.rank_pattern or {}).items():
+            check_positive_int(source, f"rank_pattern[{name!r}]", value)
+        for name, value in (self.alpha_pattern or {}).items():
+            check_number(source, f"alpha_pattern[{name!r}]", value)
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """``(r, lora_alpha)`` for ``module_name`` after rank_pattern / alpha_pattern (PEFT's rule)."""
+        r = resolve_pattern(self.rank_pattern or {}, module_name, self.r)
+        alpha = resolve_pattern(self.alpha_pattern or {}, module_name, self.lora_alpha)
+        return r, alpha
+
+    def scaling_for(self, module_name: str) -> float:
+        """The scaling ``s`` of ``module_name``."""
+        r, alpha = self.rank_and_alpha(module_name)
+        return scaling(alpha, r, use_rslora=self.use_rslora)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scaling and shapes
+# --------------------------------------------------------------------------------------------------
+def scaling(lora_alpha: float, r: int, *, use_rslora: bool = False) -> float:
+    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA.
+
+    >>> scaling(16, 8), scaling(16, 4, use_rslora=True)
+    (2.0, 8.0)
+    """
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ConfigError(f"LoRA rank r must be a positive integer, got {r!r}")
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def parameter_shapes(layer: Layer, r: int) -> dict[str, tuple[int, ...]]:
+    """Checkpoint suffix -> shape of LoRA's factors on ``layer``."""
+    if r <= 0:
+        raise ConfigError(f"LoRA rank r must be a positive integer, got {r!r}")
+    if layer.kind is LayerKind.EMBEDDING:
+        return {"lora_embedding_A": (r, layer.in_features), "lora_embedding_B": (layer.out_features, r)}
+    if layer.kind.is_conv:
+        if r % layer.groups:
+            raise ConfigError(f"LoRA on a conv with groups={layer.groups} needs r divisible by groups, got r={r}")
+        ones = (1,) * len(layer.kernel_size)
+        return {
+            "lora_A.weight": (r, layer.in_features, *layer.kernel_size),
+            "lora_B.weight": (layer.out_features, r // layer.groups, *ones),
+        }
+    return {"lora_A.weight": (r, layer.in_features), "lora_B.weight": (layer.out_features, r)}
+
+
+def _resolve_layer(layer: Layer | LayerKind | str | None, A: Array, B: Array, weight: Array | None = None) -> Layer:
+    """The layer for factors ``A``, ``B`` (and the base ``weight`` when given)."""
+    if isinstance(layer, Layer):
+        return layer
+    if weight is not None:
+        return Layer.of(tuple(weight.shape), layer)
+    kind = LayerKind.parse(layer) if layer is not None else None
+    if A.ndim > 2:  # conv: W is (out, in, *k)
+        kind = kind or {3: LayerKind.CONV1D, 4: LayerKind.CONV2D, 5: LayerKind.CONV3D}[A.ndim]
+        return Layer(kind, (B.shape[0], A.shape[1], *A.shape[2:]))
+    kind = kind or LayerKind.LINEAR
+    out, inn = B.shape[0], A.shape[1]
+    return Layer(kind, (inn, out) if kind in (LayerKind.CONV1D_TRANSPOSED, LayerKind.EMBEDDING) else (out, inn))
+
+
+def _check_factors(layer: Layer, A: Array, B: Array, where: str) -> int:
+    r = A.shape[0]
+    if layer.kind.is_conv and layer.groups > 1:
+        expected = parameter_shapes(layer, r)
+        check_shape(where, "lora_A", A, expected["lora_A.weight"])
+        check_shape(where, "lora_B", B, expected["lora_B.weight"])
+        return r
+    inn = layer.in_features
+    if layer.kind.is_conv:
+        check_shape(where, "lora_A", A, (r, inn, *layer.kernel_size))
+        check_shape(where, "lora_B", B, (layer.out_features, r, *(1,) * len(layer.kernel_size)))
+    else:
+        check_shape(where, "lora_A", A, (r, inn))
+        check_shape(where, "lora_B", B, (layer.out_features, r))
+    return r
+
+
+# --------------------------------------------------------------------------------------------------
+# Delta weight
+# --------------------------------------------------------------------------------------------------
+def delta_matrix(A: Array, B: Array, *, scaling: float, xp: Any = None, dtype: Any = None) -> Array:
+    """``s · B₂ A₂`` as the ``(out, in_flat)`` matrix, computed in ``dtype`` (default: float32/64)."""
+    xp = xp or namespace(A, B, where="lora")
+    cd = dtype or compute_dtype(xp, A.dtype, B.dtype)
+    r = A.shape[0]
+    A2 = as_compute(xp, xp.reshape(A, (r, -1)), cd)
+    B2 = as_compute(xp, xp.reshape(B, (B.shape[0], -1)), cd)
+    return xp.matmul(B2, A2) * scaling
+
+
+def delta_weight(
+    A: Array,
+    B: Array,
+    *,
+    scaling: float,
+    layer: Layer | LayerKind | str | None = None,
+    peft_compat: bool = False,
+) -> Array:
+    """``ΔW`` in the base weight's stored layout.
+
+    The product is computed in float32 (float64 for float64 factors); the result has the factors'
+    dtype, so half-precision factors give a half-precision ΔW rounded once, as in PEFT on CPU.
+
+    >>> import numpy as np
+    >>> A = np.array([[1.0, 2.0, 3.0]])            # (r=1, in=3)
+    >>> B = np.array([[1.0], [-1.0]])              # (out=2, r=1)
+    >>> delta_weight(A, B, scaling=0.5)
+    array([[ 0.5,  1. ,  1.5],
+           [-0.5, -1. , -1.5]])
+    >>> delta_weight(A, B, scaling=0.5, layer="Conv1D").shape   # stored (in, out)
+    (3, 2)
+    """
+    xp = namespace(A, B, where="lora.delta_weight")
+    lay = _resolve_layer(layer, A, B)
+    _check_factors(lay, A, B, "lora.delta_weight")
+    if lay.kind.is_conv and lay.groups > 1:
+        raise UnsupportedError("lora.delta_weight: a conv with groups > 1 has no dense delta in PEFT's layout")
+    d = lay.from_matrix(delta_matrix(A, B, scaling=scaling, xp=xp), xp)
+    out_dtype = xp.result_type(A.dtype, B.dtype)
+    return as_compute(xp, d, out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+def forward(
+    x: Array,
+    W: Array,
+    A: Array,
+    B: Array,
+    *,
+    scaling: float,
+    bias: Array | None = None,
+    layer: Layer | LayerKind | str | None = None,
+    lora_bias: Array | None = None,
+    dropout: Callable[[Array], Array] | None = None,
+    embed_scale: float | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
+    peft_compat: bool = False,
+) -> Array:
+    """The unmerged adapted layer: ``base(x) + s · lora_B(lora_A(dropout(x)))``.
+
+    ========== ===========================================================================
+    Linear     ``x Wᵀ + b + s (d(x) Aᵀ Bᵀ + b_B)``, x ``(..., in)``
+    Conv1D     ``x W + b + s (d(x) Aᵀ Bᵀ + b_B)``
+    Embedding  ``W[ids] + s · embed_scale · Aᵀ[ids] Bᵀ`` (no dropout, as in PEFT)
+    ConvNd     ``conv(x, W, b) + s · conv(conv(d(x), A; stride, padding, dilation), B; groups)``
+    ========== ===========================================================================
+
+    ``dropout`` is any callable applied to the adapter's input (identity by default; PEFT's
+    ``lora_dropout`` is inverted dropout in training). The LoRA branch is computed in float32 (or
+    wider) and the result has the base output's dtype.
+
+    PEFT's conv ``lora_A`` does not copy the base layer's dilation (PEFT issue #3697), so its forward
+    fails on dilated convs; peftmath's default uses the base dilation (then the unmerged forward
+    equals the merged layer); ``peft_compat=True`` uses dilation 1 like PEFT.
+    """
+    xp = namespace(x, W, A, B, bias, lora_bias, where="lora.forward")
+    lay = _resolve_layer(layer, A, B, W)
+    _check_factors(lay, A, B, "lora.forward")
+    conv_kwargs = dict(stride=stride, padding=padding, dilation=dilation) if lay.kind.is_conv else {}
+    base = lay.base_forward(x, W, bias, xp, **conv_kwargs)
+    lo = adapter_output(x, A, B, scaling=scaling, layer=lay, lora_bias=lora_bias, dropout=dropout,
+                        embed_scale=embed_scale, peft_compat=peft_compat, **conv_kwargs)
+    if tuple(lo.shape) != tuple(base.shape):
+        raise ShapeError(f"lora.forward: adapter output {tuple(lo.shape)} does not match base output {tuple(base.shape)}")
+    return as_compute(xp, as_compute(xp, base, lo.dtype) + lo, base.dtype)
+
+
+def adapter_output(
+    x: Array,
+    A: Array,
+    B: Array,
+    *,
+    scaling: float,
+    layer: Layer,
+    lora_bias: Array | None = None,
+    dropout: Callable[[Array], Array] | None = None,
+    embed_scale: float | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
+    peft_compat: bool = False,
+) -> Array:
+    """The adapter's term alone, ``s · lora_B(lora_A(dropout(x)))``, in float32 or wider."""
+    xp = namespace(x, A, B, lora_bias, where="lora.adapter_output")
+    emb = layer.kind is LayerKind.EMBEDDING
+    cd = compute_dtype(xp, A.dtype, B.dtype, *(() if emb else (x.dtype,)))
+    Ac, Bc = as_compute(xp, A, cd), as_compute(xp, B, cd)
+    if emb:
+        h = embedding_lookup(x, xp.matrix_transpose(Ac), xp=xp)
+        lo = xp.matmul(h, xp.matrix_transpose(Bc)) * scaling
+        return lo * embed_scale if embed_scale is not None else lo
+    xin = as_compute(xp, x, cd)
+    if dropout is not None:
+        xin = dropout(xin)
+    if layer.kind.is_conv:
+        h = conv(xin, Ac, stride=stride, padding=padding, dilation=1 if peft_compat else dilation, xp=xp)
+        lo = conv(h, Bc, groups=layer.groups, xp=xp)
+        if lora_bias is not None:
+            lo = lo + xp.reshape(as_compute(xp, lora_bias, cd), (1, -1) + (1,) * len(layer.kernel_size))
+    else:
+        lo = xp.matmul(xp.matmul(xin, xp.matrix_transpose(Ac)), xp.matrix_transpose(Bc))
+        if lora_bias is not None:
+            lo = lo + as_compute(xp, lora_bias, cd)
+    return lo * scaling
+
+
+# --------------------------------------------------------------------------------------------------
+# Merge / unmerge
+# --------------------------------------------------------------------------------------------------
+def _compat_delta(xp: Any, A: Array, B: Array, delta: Array) -> Array:
+    """PEFT's CPU rule: half-precision factors give a delta rounded to their dtype."""
+    adapter_dtype = xp.result_type(A.dtype, B.dtype)
+    if is_low_precision(adapter_dtype):
+        return as_compute(xp, xp.astype(delta, adapter_dtype), delta.dtype)
+    return delta
+
+
+def _apply(
+    W: Array,
+    A: Array,
+    B: Array,
+    *,
+    scaling: float,
+    sign: int,
+    layer: Layer | LayerKind | str | None,
+    copy: bool,
+    safe: bool,
+    peft_compat: bool,
+    where: str,
+) -> Array:
+    xp = namespace(W, A, B, where=where)
+    lay = _resolve_layer(layer, A, B, W)
+    lay.check_weight(W)
+    _check_factors(lay, A, B, where)
+    if lay.kind.is_conv and lay.groups > 1:
+        raise UnsupportedError(
+            f"{where}: merging LoRA into a conv with groups={lay.groups} is not defined "
+            f"(PEFT raises NotImplementedError too); use the unmerged forward"
+        )
+    round_to = None
+    if peft_compat:
+        # PEFT: unsafe Linear/Conv merge adds the delta as computed; every other path
+        # (safe merge, Embedding, all unmerges) rounds the delta to W's dtype first.
+        if sign < 0 or safe or lay.kind is LayerKind.EMBEDDING:
+            round_to = W.dtype
+
+    def build() -> Array:
+        d = delta_matrix(A, B, scaling=scaling, xp=xp, dtype=compute_dtype(xp, A.dtype, B.dtype, W.dtype))
+        if peft_compat:
+            d = _compat_delta(xp, A, B, d)
+        return lay.from_matrix(d, xp)
+
+    def kernel() -> bool:
+        if peft_compat:
+            return False
+        r = A.shape[0]
+        return backend_for(xp).addmm_(
+            lay.as_matrix(W, xp), xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)), sign * scaling
+        )
+
+    return apply_delta(where, W, build, sign=sign, copy=copy, safe=safe, round_delta_to=round_to, inplace_kernel=kernel)
+
+
+def merge(
+    W: Array,
+    A: Array,
+    B: Array,
+    *,
+    scaling: float,
+    layer: Layer | LayerKind | str | None = None,
+    copy: bool = True,
+    safe: bool = False,
+    peft_compat: bool = False,
+) -> Array:
+    """``W + ΔW``.
+
+    ``copy=True`` (default) returns a new array. ``copy=False`` updates ``W`` in place and returns it:
+    on NumPy float32/float64 through BLAS gemm with ``beta=1`` (no temporary of W's size), on
+    NumPy float16/bfloat16 through float32 row tiles, elsewhere through the generic path; it raises
+    :class:`~peftmath.errors.UnsupportedError` for immutable arrays (JAX). ``safe=True`` refuses a
+    non-finite result (:class:`~peftmath.errors.NonFiniteError`) and leaves ``W`` untouched.
+
+    Rounding: ``W + ΔW`` is formed in float32 (float64 for float64) and rounded once to W's dtype.
+    ``peft_compat=True`` follows PEFT's order instead: half-precision factors round ΔW to their dtype,
+    and a safe merge or an Embedding rounds ΔW to W's dtype before the add.
+
+    >>> import numpy as np
+    >>> W = np.zeros((2, 3), dtype=np.float32)
+    >>> A = np.ones((1, 3), dtype=np.float32); B = np.full((2, 1), 2.0, dtype=np.float32)
+    >>> merge(W, A, B, scaling=0.25, copy=False) is W, W[0]
+    (True, array([0.5, 0.5, 0.5], dtype=float32))
+    """
+    return _apply(W, A, B, scaling=scaling, sign=1, layer=layer, copy=copy, safe=safe, peft_compat=peft_compat,
+                  where="lora.merge")
+
+
+def unmerge(
+    W: Array,
+    A: Array,
+    B: Array,
+    *,
+    scaling: float,
+    layer: Layer | LayerKind | str | None = None,
+    copy: bool = True,
+    peft_compat: bool = False,
+) -> Array:
+    """``W − ΔW``, the inverse of :func:`merge` (same keywords). ``peft_compat=True`` rounds ΔW to
+    W's dtype before the subtraction, as PEFT's unmerge does."""
+    return _apply(W, A, B, scaling=scaling, sign=-1, layer=layer, copy=copy, safe=False, peft_compat=peft_compat,
+                  where="lora.unmerge")
+
+
+def merge_bias(bias: Array | None, lora_bias: Array, *, scaling: float, peft_compat: bool = False) -> Array:
+    """``b + s · b_B`` for ``lora_bias=True`` (always a new array)."""
+    xp = namespace(lora_bias)
+    d = as_compute(xp, lora_bias, compute_dtype(xp, lora_bias.dtype)) * scaling
+    return bias_update("lora.merge_bias", bias, d, round_delta_to=bias.dtype if (peft_compat and bias is not None) else None)
+
+
+def unmerge_bias(bias: Array, lora_bias: Array, *, scaling: float, peft_compat: bool = False) -> Array:
+    """``b − s · b_B``."""
+    xp = namespace(lora_bias)
+    d = as_compute(xp, lora_bias, compute_dtype(xp, lora_bias.dtype)) * scaling
+    return bias_update("lora.unmerge_bias", bias, d, sign=-1, round_delta_to=bias.dtype if peft_compat else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Initialisation
+# --------------------------------------------------------------------------------------------------
+class LoraInit(NamedTuple):
+    """LoRA factors from an initialisation, and the new base weight where the init changes it."""
+
+    A: Array
+    B: Array
+    weight: Array | None = None
+    lora_bias: Array | None = None
+
+
+def init_weights(
+    layer: Layer,
+    r: int,
+    *,
+    init_lora_weights: bool | str = True,
+    scaling: float = 1.0,
+    weight: Array | None = None,
+    seed: int | np.random.Generator | None = 0,
+    xp: Any = None,
+    device: Any = None,
+    dtype: Any = None,
+    lora_bias: bool = False,
+) -> LoraInit:
+    """PEFT's initialisations of ``lora_A`` / ``lora_B`` (``init_lora_weights``).
+
+    Random draws are made on the host with ``numpy.random.default_rng(seed)`` and moved to ``xp`` /
+    ``device``, so one seed gives the same numbers on every backend (PEFT's torch RNG streams cannot
+    be reproduced; the distributions and the exact zeros are).
+
+    ================  ===========================================================================
+    ``True``          A ~ U(±1/sqrt(fan_in)) (kaiming-uniform a=√5), B = 0.  Embedding: A = 0, B ~ N(0, 1)
+    ``"gaussian"``    A ~ N(0, (1/r)²), B = 0.  Embedding: as True
+    ``False``         both as PyTorch's default layer init (the adapter is not a no-op)
+    ``"pissa"``       top-r SVD of W: A = √(S/s) Uh, B = V √(S/s); W ← W − s·BA  (Linear, Conv1D)
+    ``"pissa_niter_K"`` the same with a randomized SVD (K subspace iterations)
+    ``"olora"``       QR of W: A = R[:r], B = Q[:, :r]; W ← W − s·BA  (Linear)
+    ``"orthogonal"``  A, B from the even/odd rows of a random orthogonal matrix, so B A = 0 exactly (r even)
+    ================  ===========================================================================
+
+    Returns :class:`LoraInit` with ``weight`` set when the base weight changes (pissa, olora). The
+    factors have ``dtype`` (default float32; the base weight's dtype for "orthogonal", as PEFT).
+    """
+    if xp is None:
+        xp = namespace(weight) if weight is not None else _default_xp()
+    rng = host_rng(seed)
+    backend = backend_for(xp)
+    shapes = parameter_shapes(layer, r)
+    (a_key, a_shape), (b_key, b_shape) = shapes.items()
+    fan_in_a = math.prod(a_shape[1:])
+
+    def put(arr: np.ndarray, dt: Any = None) -> Array:
+        out = backend.from_host(np.ascontiguousarray(arr, dtype=np.float32), xp, device)
+        target = dt if dt is not None else (dtype if dtype is not None else xp.float32)
+        return out if out.dtype == target else xp.astype(out, target)
+
+    bias0 = put(np.zeros(layer.out_features)) if lora_bias else None
+    init = init_lora_weights
+    if isinstance(init, str) and init.lower() in ("eva", "corda", "loftq", "lora_ga", "mica"):
+        raise UnsupportedError(
+            f"init_lora_weights={init!r} needs data or a quantizer that this function does not take; "
+            f"peftmath implements True, False, 'gaussian', 'pissa', 'pissa_niter_K', 'olora' and 'orthogonal' here"
+        )
+    if layer.kind is LayerKind.EMBEDDING:
+        if init is False:
+            return LoraInit(put(rng.standard_normal(a_shape)), put(rng.standard_normal(b_shape)))
+        # PEFT: any truthy value resets an embedding to A = 0, B ~ N(0, 1)
+        return LoraInit(put(np.zeros(a_shape)), put(rng.standard_normal(b_shape)))
+    if init is True:
+        bound = kaiming_uniform_bound(fan_in_a)
+        return LoraInit(put(rng.uniform(-bound, bound, a_shape)), put(np.zeros(b_shape)), None, bias0)
+    if init is False:
+        bound_a = kaiming_uniform_bound(fan_in_a)
+        bound_b = kaiming_uniform_bound(math.prod(b_shape[1:]))
+        bias = put(rng.uniform(-bound_b, bound_b, layer.out_features)) if lora_bias else None
+        return LoraInit(put(rng.uniform(-bound_a, bound_a, a_shape)), put(rng.uniform(-bound_b, bound_b, b_shape)),
+                        None, bias)
+    if not isinstance(init, str):
+        raise ConfigError(f"unknown init_lora_weights {init!r}")
+    if init.lower() == "gaussian":
+        return LoraInit(put(rng.normal(0.0, 1.0 / r, a_shape)), put(np.zeros(b_shape)))
+    if layer.kind.is_conv:
+        raise ConfigError(f"init_lora_weights={init!r} is not defined for {layer.kind.value} (PEFT: 'Unknown initialization')")
+    if init == "orthogonal":
+        if r % 2:
+            raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}")
+        q, _ = np.linalg.qr(rng.standard_normal((r, r)))
+        A = (rng.standard_normal((layer.in_features, r // 2)) @ q[0::2]).T / 10.0
+        B = rng.standard_normal((r // 2, layer.out_features)).T @ q[1::2] / 10.0
+        wdt = weight.dtype if weight is not None else None
+        return LoraInit(put(A, wdt), put(B, wdt))
+    if weight is None:
+        raise ConfigError(f"init_lora_weights={init!r} needs the base weight")
+    layer.check_weight(weight)
+    if init == "olora":
+        return _olora(weight, layer, r, scaling, xp)
+    if init == "pissa" or re.fullmatch(r"pissa_niter_\d+", init):
+        niter = None if init == "pissa" else int(init.split("_niter_")[-1])
+        return _pissa(weight, layer, r, scaling, xp, niter, rng, backend, device)
+    raise ConfigError(f"unknown init_lora_weights {init!r}")
+
+
+def _default_xp() -> Any:
+    import array_api_compat.numpy as xp_np
+
+    return xp_np
+
+
+def _check_svd_rank(layer: Layer, r: int, init: str) -> None:
+    if r > min(layer.matrix_shape):
+        raise ConfigError(
+            f"init_lora_weights={init!r}: rank r={r} exceeds min(out, in) = {min(layer.matrix_shape)} "
+            f"of a {layer.kind.value} {layer.weight_shape}; use a smaller r"
+        )
+
+
+def _pissa(weight, layer, r, s, xp, niter, rng, backend, device) -> LoraInit:
+    _check_svd_rank(layer, r, "pissa")
+    Wm = as_compute(xp, layer.as_matrix(weight, xp), xp.float32)
+    if niter is None:
+        V, S, Uh = xp.linalg.svd(Wm, full_matrices=False)
+        Vr, Sr, Uhr = V[:, :r], S[:r], Uh[:r, :]
+    else:
+        Vr, Sr, Uhr = randomized_svd(Wm, r, niter=niter, rng=rng, backend=backend, device=device)
+    Sr = Sr / s
+    root = xp.sqrt(Sr)
+    A = root[:, None] * Uhr
+    B = Vr * root[None, :]
+    new = Wm - s * xp.matmul(B, A)
+    return LoraInit(A, B, layer.from_matrix(xp.astype(new, weight.dtype), xp))
+
+
+def _olora(weight, layer, r, s, xp) -> LoraInit:
+    if layer.kind is not LayerKind.LINEAR:
+        raise ConfigError(f"init_lora_weights='olora' is defined for Linear layers, not {layer.kind.value}")
+    _check_svd_rank(layer, r, "olora")
+    W32 = as_compute(xp, weight, xp.float32)
+    Q, R = xp.linalg.qr(W32)
+    A, B = R[:r, :], Q[:, :r]
+    new = W32 - s * xp.matmul(B, A)
+    return LoraInit(A, B, xp.astype(new, weight.dtype))
+
+
+def randomized_svd(M: Array, q: int, *, niter: int, rng: np.random.Generator, backend: Any = None,
+                   device: Any = None) -> tuple[Array, Array, Array]:
+    """Top-``q`` SVD by subspace iteration (Halko et al., the algorithm of ``torch.svd_lowrank``).
+
+    Returns ``(U (m, q), S (q,), Vh (q, n))``. The Gaussian test matrix is drawn on the host.
+    """
+    xp = namespace(M)
+    backend = backend or backend_for(xp)
+    m, n = M.shape
+    transposed = m < n
+    X = xp.matrix_transpose(M) if transposed else M
+    m, n = X.shape
+    G = backend.from_host(rng.standard_normal((n, q)).astype(np.float32), xp, device)
+    G = xp.astype(G, X.dtype)
+    Q, _ = xp.linalg.qr(xp.matmul(X, G))
+    for _ in range(niter):
+        Q, _ = xp.linalg.qr(xp.matmul(xp.matrix_transpose(X), Q))
+        Q, _ = xp.linalg.qr(xp.matmul(X, Q))
+    small = xp.matmul(xp.matrix_transpose(Q), X)
+    U, S, Vh = xp.linalg.svd(small, full_matrices=False)
+    U = xp.matmul(Q, U)
+    if transposed:
+        return xp.matrix_transpose(Vh), S, xp.matrix_transpose(U)
+    return U, S, Vh
+
+
+# --------------------------------------------------------------------------------------------------
+# One module of a checkpoint
+# --------------------------------------------------------------------------------------------------
+class LoraModule(ModuleAdapter):
+    """LoRA (and DoRA, when ``lora_magnitude_vector`` is present) on one base module."""
+
+    peft_type = "LORA"
+
+    @classmethod
+    def infer_layer(cls, name: str, config: LoraConfig, params: dict[str, Array],
+                    weight_shape: tuple[int, ...] | None = None, kind: Any = None) -> Layer:
+        """The layer of ``name`` from its factors, the base weight shape and an optional kind hint.
+
+        A 2-D base weight is a Linear when its shape is ``(out, in)`` and a transformers Conv1D when
+        it is ``(in, out)``; a square weight follows ``kind``, else the config's ``fan_in_fan_out``.
+        """
+        if "lora_embedding_A" in params:
+            A, B = params["lora_embedding_A"], params["lora_embedding_B"]
+            return Layer(LayerKind.EMBEDDING, tuple(weight_shape) if weight_shape else (A.shape[1], B.shape[0]))
+        A, B = params["lora_A.weight"], params["lora_B.weight"]
+        if A.ndim > 2:
+            if weight_shape is None:
+                return _resolve_layer(kind, A, B)
+            groups = (A.shape[1] // weight_shape[1]) if weight_shape[1] else 1
+            return Layer.of(tuple(weight_shape), kind, groups=max(groups, 1))
+        out, inn = B.shape[0], A.shape[1]
+        if kind is not None:
+            return Layer.of(tuple(weight_shape) if weight_shape else _guess_shape(kind, out, inn), kind)
+        if weight_shape is None:
+            k = LayerKind.CONV1D_TRANSPOSED if config.fan_in_fan_out else LayerKind.LINEAR
+            return Layer(k, _guess_shape(k, out, inn))
+        shape = tuple(weight_shape)
+        if shape == (out, inn) and shape != (inn, out):
+            return Layer(LayerKind.LINEAR, shape)
+        if shape == (inn, out) and shape != (out, inn):
+            return Layer(LayerKind.CONV1D_TRANSPOSED, shape)
+        if shape == (out, inn):  # square: the config's flag decides
+            return Layer(LayerKind.CONV1D_TRANSPOSED if config.fan_in_fan_out else LayerKind.LINEAR, shape)
+        raise ShapeError(
+            f"{name}: base weight {shape} fits neither (out, in) = {(out, inn)} nor (in, out) = {(inn, out)} "
+            f"of lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}; does the adapter belong to this model?"
+        )
+
+    def validate(self) -> None:
+        p = self.params
+        emb = self.layer.kind is LayerKind.EMBEDDING
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+        for key in (a_key, b_key):
+            if key not in p:
+                raise ShapeError(f"{self.name}: missing {key} for a {self.layer.kind.value} layer")
+        self.A, self.B = p[a_key], p[b_key]
+        self.r = int(self.A.shape[0])
+        expected = parameter_shapes(self.layer, self.r)
+        check_shape(self.name, a_key, self.A, expected[a_key])
+        check_shape(self.name, b_key, self.B, expected[b_key])
+        r_cfg, _ = self.config.rank_and_alpha(self.name)
+        if r_cfg != self.r:
+            raise ShapeError(
+                f"{self.name}: lora_A has rank {self.r} but the config gives r={r_cfg} for this module "
+                f"(check r / rank_pattern in adapter_config.json)"
+            )
+        self.scaling = self.config.scaling_for(self.name)
+        self.lora_bias = p.get("lora_B.bias")
+        if self.lora_bias is not None:
+            check_shape(self.name, "lora_B.bias", self.lora_bias, (self.layer.out_features,))
+        self.magnitude = p.get("lora_magnitude_vector")
+        if self.magnitude is not None:
+            from . import dora
+
+            if self.lora_bias is not None:
+                raise ConfigError(f"{self.name}: DoRA with lora_bias is not defined (PEFT refuses it too)")
+            check_shape(self.name, "lora_magnitude_vector", self.magnitude, dora.magnitude_shape(self.layer))
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def delta_weight(self, *, peft_compat: bool = False) -> Array:
+        xp = self.xp
+        d = delta_matrix(self.A, self.B, scaling=self.scaling, xp=xp)
+        if peft_compat:
+            d = _compat_delta(xp, self.A, self.B, d)
+        return self.layer.from_matrix(d, xp)
+
+    def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
+              peft_compat: bool = False) -> MergeResult:
+        if self.is_dora:
+            from . import dora
+
+            return dora.merge(weight, self.A, self.B, self.magnitude, scaling=self.scaling, layer=self.layer,
+                              copy=copy, safe=safe, peft_compat=peft_compat, where=self.name)
+        new_bias = bias
+        if self.lora_bias is not None:
+            new_bias = merge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
+            if safe and not all_finite(new_bias):
+                raise NonFiniteError(f"{self.name}: the merged bias would contain NaN or infinity; nothing changed")
+        new = _apply(weight, self.A, self.B, scaling=self.scaling, sign=1, layer=self.layer, copy=copy, safe=safe,
+                     peft_compat=peft_compat, where=self.name)
+        return MergeResult(new, new_bias)
+
+    def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
+                peft_compat: bool = False) -> MergeResult:
+        if self.is_dora:
+            from . import dora
+
+            return dora.unmerge(weight, self.A, self.B, self.magnitude, scaling=self.scaling, weight_norm=record,
+                                layer=self.layer, copy=copy, peft_compat=peft_compat, where=self.name)
+        new_bias = bias
+        if self.lora_bias is not None:
+            new_bias = unmerge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
+        new = _apply(weight, self.A, self.B, scaling=self.scaling, sign=-1, layer=self.layer, copy=copy, safe=False,
+                     peft_compat=peft_compat, where=self.name)
+        return MergeResult(new, new_bias)
+
+    def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
+        if self.is_dora:
+            from . import dora
+
+            return dora.forward(x, weight, self.A, self.B, self.magnitude, scaling=self.scaling, bias=bias,
+                                layer=self.layer, **layer_kwargs)
+        return forward(x, weight, self.A, self.B, scaling=self.scaling, bias=bias, layer=self.layer,
+                       lora_bias=self.lora_bias, **layer_kwargs)
+
+
+def _guess_shape(kind: Any, out: int, inn: int) -> tuple[int, int]:
+    k = LayerKind.parse(kind)
+    return (inn, out) if k in (LayerKind.CONV1D_TRANSPOSED, LayerKind.EMBEDDING) else (out, inn)
+
+
+#: checkpoint suffixes of this method's per-module tensors
+PARAMETER_SUFFIXES = (
+    "lora_A.weight",
+    "lora_B.weight",
+    "lora_B.bias",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+)
+Config = LoraConfig
+Module = LoraModule

@@ -1,0 +1,86 @@
+"""Shared fixtures: the backend matrix (``xp``), hypothesis profiles, seeded data helpers.
+
+Select backends with ``PEFTMATH_TEST_BACKENDS`` (comma-separated; default: every installed one of
+numpy, array_api_strict, torch, jax). Unknown names fail loudly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("dev", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", deadline=None, derandomize=True, database=None, max_examples=40,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
+
+
+def _selected() -> list[str]:
+    raw = os.environ.get("PEFTMATH_TEST_BACKENDS")
+    if not raw:
+        return list(ALL_BACKENDS)
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(ALL_BACKENDS) - {"cupy"})
+    if unknown:
+        raise pytest.UsageError(f"PEFTMATH_TEST_BACKENDS: unknown backends {unknown}; known: {ALL_BACKENDS + ('cupy',)}")
+    return names
+
+
+def _namespace(name: str):
+    if name == "numpy":
+        import array_api_compat.numpy as xp
+    elif name == "array_api_strict":
+        xp = pytest.importorskip("array_api_strict")
+    elif name == "torch":
+        pytest.importorskip("torch")
+        import array_api_compat.torch as xp
+    elif name == "jax":
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as xp
+    elif name == "cupy":
+        cupy = pytest.importorskip("cupy")
+        if not cupy.cuda.is_available():
+            pytest.skip("no CUDA device")
+        import array_api_compat.cupy as xp
+    else:  # pragma: no cover
+        raise ValueError(name)
+    return xp
+
+
+@pytest.fixture(params=_selected())
+def xp(request):
+    """An array namespace from the backend matrix."""
+    return _namespace(request.param)
+
+
+def to_xp(xp, a, dtype=None):
+    """A host NumPy array as an array of ``xp`` (same values, optionally cast)."""
+    from peftmath.backends import backend_for
+
+    out = backend_for(xp).from_host(np.asarray(a), xp)
+    return out if dtype is None else xp.astype(out, dtype)
+
+
+def to_np(x) -> np.ndarray:
+    """Any array as NumPy float64 (through the backend's host transfer)."""
+    from peftmath._array import namespace
+    from peftmath.backends import backend_for
+
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float64)
+    return np.asarray(backend_for(namespace(x)).to_host(x)).astype(np.float64)
+
+
+def assert_same_namespace(xp, *arrays):
+    """Every array is of namespace ``xp`` (the 'arrays in, same arrays out' contract)."""
+    import array_api_compat
+
+    for a in arrays:
+        got = array_api_compat.array_namespace(a)
+        assert got.__name__ == xp.__name__ or got is xp, f"{type(a)} is not of {xp.__name__}"
