@@ -622,6 +622,35 @@ class LoraModule(ModuleAdapter):
     """LoRA (and DoRA, when ``lora_magnitude_vector`` is present) on one base module."""
 
     peft_type = "LORA"
+    supported_kinds = (LayerKind.LINEAR, LayerKind.CONV1D_TRANSPOSED, LayerKind.EMBEDDING,
+                       LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.CONV3D)
+
+    @classmethod
+    def initialize(cls, name: str, config: LoraConfig, layer: Layer, *, weight: Array | None = None,
+                   seed: int | np.random.Generator | None = 0, xp: Any = None, device: Any = None,
+                   dtype: Any = None, init: Any = None) -> tuple[dict[str, Array], Array | None]:
+        """Fresh parameters for module ``name`` (``init`` overrides ``config.init_lora_weights``).
+
+        Returns ``(params by checkpoint suffix, new base weight or None)``. With ``use_dora`` the
+        magnitude is initialised to ``‖W + s·BA‖`` (``weight`` required).
+        """
+        r, _ = config.rank_and_alpha(name)
+        s = config.scaling_for(name)
+        res = init_weights(layer, r, init_lora_weights=config.init_lora_weights if init is None else init,
+                           scaling=s, weight=weight, seed=seed, xp=xp, device=device, dtype=dtype,
+                           lora_bias=config.lora_bias)
+        keys = list(parameter_shapes(layer, r))
+        params = {keys[0]: res.A, keys[1]: res.B}
+        if res.lora_bias is not None:
+            params["lora_B.bias"] = res.lora_bias
+        if config.use_dora:
+            from . import dora
+
+            if weight is None:
+                raise ConfigError(f"{name}: DoRA's magnitude is initialised from the base weight; pass weight=")
+            base = res.weight if res.weight is not None else weight
+            params["lora_magnitude_vector"] = dora.init_magnitude(base, res.A, res.B, scaling=s, layer=layer)
+        return params, res.weight
 
     @classmethod
     def infer_layer(cls, name: str, config: LoraConfig, params: dict[str, Array],
@@ -755,3 +784,9 @@ PARAMETER_SUFFIXES = (
 )
 Config = LoraConfig
 Module = LoraModule
+#: demo / documentation examples: row label -> config fields (non-trivial, alpha != r)
+EXAMPLES = {
+    "LoRA": dict(r=4, lora_alpha=12, init_lora_weights=False),
+    "rsLoRA": dict(r=4, lora_alpha=12, use_rslora=True, init_lora_weights=False),
+    "DoRA": dict(r=4, lora_alpha=12, use_dora=True, init_lora_weights=False),
+}
