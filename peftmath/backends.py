@@ -246,6 +246,7 @@ _LOAD_ERRORS: dict[str, str] = {}
 def register_backend(backend: Backend) -> None:
     """Register ``backend`` under ``backend.name`` (for plugins loaded without entry points)."""
     _load_registry()[backend.name] = backend
+    _BY_NAMESPACE.clear()
 
 
 def available_backends() -> list[str]:
@@ -266,12 +267,18 @@ def get_backend(name: str) -> Backend:
     )
 
 
+_BY_NAMESPACE: dict[int, Backend] = {}
+
+
 def backend_for(xp: Namespace) -> Backend:
     """The backend serving namespace ``xp`` (the generic fallback when none claims it)."""
-    for name, backend in _load_registry().items():
-        if name != "array_api" and backend.handles(xp):
-            return backend
-    return _load_registry()["array_api"]
+    cached = _BY_NAMESPACE.get(id(xp))
+    if cached is not None:
+        return cached
+    registry = _load_registry()
+    found = next((b for n, b in registry.items() if n != "array_api" and b.handles(xp)), registry["array_api"])
+    _BY_NAMESPACE[id(xp)] = found
+    return found
 
 
 def kaiming_uniform_bound(fan_in: int) -> float:

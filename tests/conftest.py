@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("dev", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+# The xp fixture is a stateless namespace, so reusing it across hypothesis examples is safe.
+_SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+settings.register_profile("dev", deadline=None, max_examples=40, suppress_health_check=_SUPPRESS)
 settings.register_profile("ci", deadline=None, derandomize=True, database=None, max_examples=40,
-                          suppress_health_check=[HealthCheck.too_slow])
+                          suppress_health_check=_SUPPRESS)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")

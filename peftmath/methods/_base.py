@@ -70,6 +70,7 @@ def apply_delta(
     safe: bool = False,
     round_delta_to: Any = None,
     inplace_kernel: Callable[[], bool] | None = None,
+    xp: Any = None,
 ) -> Array:
     """``weight + sign * delta`` with peftmath's rounding policy.
 
@@ -92,8 +93,10 @@ def apply_delta(
     inplace_kernel
         A backend fast path for ``copy=False`` that updates ``weight`` in place without a temporary
         of its size and returns True, or returns False (touching nothing) when it cannot.
+    xp
+        The namespace of ``weight`` when the caller already knows it.
     """
-    xp = namespace(weight, where=module)
+    xp = xp or namespace(weight, where=module)
     if not copy:
         require_writeable(module, weight)
         if not safe and round_delta_to is None and inplace_kernel is not None and inplace_kernel():

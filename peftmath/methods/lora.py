@@ -379,7 +379,8 @@ def _apply(
             lay.as_matrix(W, xp), xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)), sign * scaling
         )
 
-    return apply_delta(where, W, build, sign=sign, copy=copy, safe=safe, round_delta_to=round_to, inplace_kernel=kernel)
+    return apply_delta(where, W, build, sign=sign, copy=copy, safe=safe, round_delta_to=round_to, inplace_kernel=kernel,
+                       xp=xp)
 
 
 def merge(
@@ -435,14 +436,18 @@ def merge_bias(bias: Array | None, lora_bias: Array, *, scaling: float, peft_com
     """``b + s · b_B`` for ``lora_bias=True`` (always a new array)."""
     xp = namespace(lora_bias)
     d = as_compute(xp, lora_bias, compute_dtype(xp, lora_bias.dtype)) * scaling
-    return bias_update("lora.merge_bias", bias, d, round_delta_to=bias.dtype if (peft_compat and bias is not None) else None)
+    # PEFT adds ``b_B * s`` as computed: in the adapter's dtype (rounded there when half) and never
+    # rounded to the bias dtype first, on every path (safe, unsafe, unmerge)
+    rd = lora_bias.dtype if (peft_compat and is_low_precision(lora_bias.dtype)) else None
+    return bias_update("lora.merge_bias", bias, d, round_delta_to=rd)
 
 
 def unmerge_bias(bias: Array, lora_bias: Array, *, scaling: float, peft_compat: bool = False) -> Array:
     """``b − s · b_B``."""
     xp = namespace(lora_bias)
     d = as_compute(xp, lora_bias, compute_dtype(xp, lora_bias.dtype)) * scaling
-    return bias_update("lora.unmerge_bias", bias, d, sign=-1, round_delta_to=bias.dtype if peft_compat else None)
+    rd = lora_bias.dtype if (peft_compat and is_low_precision(lora_bias.dtype)) else None
+    return bias_update("lora.unmerge_bias", bias, d, sign=-1, round_delta_to=rd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,7 +654,9 @@ class LoraModule(ModuleAdapter):
             if weight is None:
                 raise ConfigError(f"{name}: DoRA's magnitude is initialised from the base weight; pass weight=")
             base = res.weight if res.weight is not None else weight
-            params["lora_magnitude_vector"] = dora.init_magnitude(base, res.A, res.B, scaling=s, layer=layer)
+            mag = dora.init_magnitude(base, res.A, res.B, scaling=s, layer=layer)
+            # in the factors' dtype, like every other tensor of the adapter (dtype=)
+            params["lora_magnitude_vector"] = as_compute(namespace(res.A), mag, res.A.dtype)
         return params, res.weight
 
     @classmethod
