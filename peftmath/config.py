@@ -91,6 +91,12 @@ class TunerConfig(PeftConfig):
 
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            check_names(source, name, getattr(self, name), allow_str=True)
+        check_names(source, "modules_to_save", self.modules_to_save, allow_str=False)
+        lt = self.layers_to_transform
+        if lt is not None and not (_is_int(lt) or (isinstance(lt, list) and all(_is_int(v) for v in lt))):
+            raise ConfigError(f"{source}: field 'layers_to_transform' must be an integer or a list of integers, got {lt!r}")
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise ConfigError(
                 f"{source}: layers_to_transform / layers_pattern need target_modules as a list, "
@@ -98,6 +104,26 @@ class TunerConfig(PeftConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError(f"{source}: layers_pattern is set but layers_to_transform is not")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_names(source: str, name: str, value: Any, *, allow_str: bool) -> None:
+    """A module-name field: None, a list of strings, or (``allow_str``) a regex string."""
+    if value is None or (allow_str and isinstance(value, str)):
+        return
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+        return
+    wanted = "a string (regex), a list of strings or null" if allow_str else "a list of strings or null"
+    raise ConfigError(f"{source}: field {name!r} must be {wanted}, got {value!r}")
+
+
+def check_pattern(source: str, name: str, value: Any) -> None:
+    """rank_pattern / alpha_pattern: an object mapping module-name patterns to values."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{source}: field {name!r} must be an object mapping module names to values, got {value!r}")
 
 
 def _check_type(source: str, name: str, value: Any, types: type | tuple[type, ...]) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 
 from .._array import all_finite, as_compute, compute_dtype, conv, embedding_lookup, is_low_precision, namespace
 from ..backends import backend_for, host_rng, kaiming_uniform_bound
-from ..config import TunerConfig, check_choice, check_number, check_positive_int, resolve_pattern
+from ..config import TunerConfig, check_choice, check_number, check_pattern, check_positive_int, resolve_pattern
 from ..errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._base import MergeResult, ModuleAdapter, apply_delta, bias_update, check_shape
@@ -112,6 +112,14 @@ class LoraConfig(TunerConfig):
             )
         if init == "loftq" and not self.loftq_config:
             raise ConfigError(f"{source}: init_lora_weights='loftq' needs a loftq_config")
+        if self.rank_pattern is None:
+            self.rank_pattern = {}
+        if self.alpha_pattern is None:
+            self.alpha_pattern = {}
+        check_pattern(source, "rank_pattern", self.rank_pattern)
+        check_pattern(source, "alpha_pattern", self.alpha_pattern)
+        if not isinstance(self.loftq_config, dict):
+            raise ConfigError(f"{source}: field 'loftq_config' must be an object, got {self.loftq_config!r}")
         for name, value in (self.rank_pattern or {}).items():
             check_positive_int(source, f"rank_pattern[{name!r}]", value)
         for name, value in (self.alpha_pattern or {}).items():
@@ -667,7 +675,12 @@ class LoraModule(ModuleAdapter):
         A 2-D base weight is a Linear when its shape is ``(out, in)`` and a transformers Conv1D when
         it is ``(in, out)``; a square weight follows ``kind``, else the config's ``fan_in_fan_out``.
         """
-        if "lora_embedding_A" in params:
+        emb = "lora_embedding_A" in params or "lora_embedding_B" in params
+        pair = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+        missing = [k for k in pair if k not in params]
+        if missing:
+            raise ShapeError(f"{name}: the adapter has no {' / '.join(missing)} for this module (found: {sorted(params)})")
+        if emb:
             A, B = params["lora_embedding_A"], params["lora_embedding_B"]
             return Layer(LayerKind.EMBEDDING, tuple(weight_shape) if weight_shape else (A.shape[1], B.shape[0]))
         A, B = params["lora_A.weight"], params["lora_B.weight"]
@@ -740,8 +753,9 @@ class LoraModule(ModuleAdapter):
         if self.is_dora:
             from . import dora
 
-            return dora.merge(weight, self.A, self.B, self.magnitude, scaling=self.scaling, layer=self.layer,
-                              copy=copy, safe=safe, peft_compat=peft_compat, where=self.name)
+            res = dora.merge(weight, self.A, self.B, self.magnitude, scaling=self.scaling, layer=self.layer,
+                             copy=copy, safe=safe, peft_compat=peft_compat, where=self.name)
+            return res._replace(bias=bias)  # DoRA does not change the bias: pass it through
         new_bias = bias
         if self.lora_bias is not None:
             new_bias = merge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
@@ -756,8 +770,9 @@ class LoraModule(ModuleAdapter):
         if self.is_dora:
             from . import dora
 
-            return dora.unmerge(weight, self.A, self.B, self.magnitude, scaling=self.scaling, weight_norm=record,
-                                layer=self.layer, copy=copy, peft_compat=peft_compat, where=self.name)
+            res = dora.unmerge(weight, self.A, self.B, self.magnitude, scaling=self.scaling, weight_norm=record,
+                               layer=self.layer, copy=copy, peft_compat=peft_compat, where=self.name)
+            return res._replace(bias=bias)
         new_bias = bias
         if self.lora_bias is not None:
             new_bias = unmerge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
