@@ -7,6 +7,7 @@
 
 from . import backends, errors, layers
 from .adapter import Adapter
+from .create import create_adapter
 from .errors import PeftMathError
 from .io import load_adapter, read_config, save_adapter
 from .layers import Layer, LayerKind
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "create_adapter",
     "Layer",
     "LayerKind",
     "LoraConfig",

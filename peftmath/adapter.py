@@ -35,6 +35,10 @@ class Adapter:
         Tensors not tied to one module (VeRA's ``vera_A`` / ``vera_B``), by their checkpoint key.
     other
         Base-model tensors the checkpoint replaces (``modules_to_save``, ``bias="all"``), by base key.
+    layer_kinds
+        Known layer kinds by module name (a square transformers Conv1D cannot be told from a Linear
+        by its shape). :func:`~peftmath.create_adapter` fills it, :func:`~peftmath.save_adapter` records it
+        in the safetensors metadata and :func:`~peftmath.load_adapter` reads it back.
     """
 
     def __init__(
@@ -44,12 +48,14 @@ class Adapter:
         *,
         shared: Mapping[str, Array] | None = None,
         other: Mapping[str, Array] | None = None,
+        layer_kinds: Mapping[str, LayerKind | str] | None = None,
     ) -> None:
         self.config = config
         self.method = get_method(config.peft_type)
         self.params: dict[str, dict[str, Array]] = {m: dict(p) for m, p in params.items()}
         self.shared: dict[str, Array] = dict(shared or {})
         self.other: dict[str, Array] = dict(other or {})
+        self.layer_kinds: dict[str, LayerKind] = {k: LayerKind.parse(v) for k, v in (layer_kinds or {}).items()}
 
     def __repr__(self) -> str:
         return f"Adapter({self.config.peft_type}, {len(self.params)} modules, {self.num_trainable_parameters()} parameters)"
@@ -80,6 +86,7 @@ class Adapter:
             raise ShapeError(f"{name}: not adapted by this {self.peft_type} adapter; adapted modules: {_some(self.modules)}")
         cls = self.method.Module
         params = dict(self.params[name])
+        kind = kind if kind is not None else self.layer_kinds.get(name)
         layer = cls.infer_layer(name, self.config, params, weight_shape, kind)
         return cls(name, self.config, params, layer, shared=self.shared)
 
@@ -174,14 +181,31 @@ class Adapter:
     # --- bookkeeping --------------------------------------------------------------------------
     def num_trainable_parameters(self) -> int:
         """Trainable scalars (shared frozen projections and replaced base tensors not counted)."""
-        total = 0
-        for p in self.params.values():
-            for a in p.values():
-                n = 1
-                for s in a.shape:
-                    n *= int(s)
-                total += n
-        return total
+        return sum(_numel(a) for p in self.params.values() for a in p.values())
+
+    def summary(self, base: Mapping[str, Array] | None = None) -> dict[str, Any]:
+        """Trainable parameters (and, given the base state, the total and the percentage, as PEFT's
+        ``print_trainable_parameters``), plus one row per module: kind, parameters and the resolved
+        hyper-parameters (r, alpha, scaling, ...)."""
+        rows = []
+        for name in self.modules:
+            shape = None
+            if base is not None and f"{name}.weight" in base:
+                shape = tuple(base[f"{name}.weight"].shape)
+            mod = self.module(name, weight_shape=shape)
+            rows.append({"module": name, "kind": mod.layer.kind.value, "parameters": mod.num_parameters(),
+                         **mod.describe()})
+        trainable = self.num_trainable_parameters()
+        out: dict[str, Any] = {"method": self.peft_type, "trainable": trainable, "modules": rows}
+        if base is not None:
+            total = trainable + sum(_numel(v) for v in base.values())
+            out.update(total=total, percent=100.0 * trainable / total if total else 0.0)
+        return out
+
+    def trainable_parameters_line(self, base: Mapping[str, Array]) -> str:
+        """PEFT's ``print_trainable_parameters`` line for this adapter on ``base``."""
+        s = self.summary(base)
+        return f"trainable params: {s['trainable']:,} || all params: {s['total']:,} || trainable%: {s['percent']:.4f}"
 
     def dtypes(self) -> list[str]:
         return sorted({dtype_name(a.dtype) for p in self.params.values() for a in p.values()})
@@ -192,6 +216,13 @@ class Adapter:
         out.update(self.shared)
         out.update({f"{prefix}{k}": v for k, v in self.other.items()})
         return out
+
+
+def _numel(a: Any) -> int:
+    n = 1
+    for s in a.shape:
+        n *= int(s)
+    return n
 
 
 def _closest(key: str, state: Mapping[str, Any], n: int = 3) -> list[str]:

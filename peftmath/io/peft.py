@@ -96,7 +96,7 @@ def load_adapter(
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     weights = p if p.is_file() else folder / WEIGHTS_NAME
-    if not folder.exists():
+    if not folder.exists() or not p.exists():
         raise CheckpointError(f"{p}: no such adapter folder")
     if not weights.exists():
         if (folder / PICKLE_NAME).exists():
@@ -131,7 +131,29 @@ def load_adapter(
         raise CheckpointError(
             f"{weights}: no {config.peft_type} parameters found (expected keys ending in {', '.join(suffixes)})"
         )
-    return Adapter(config, params, shared=shared, other=other)
+    kinds = _layer_kinds_from_metadata(tensors.metadata, weights)
+    return Adapter(config, params, shared=shared, other=other, layer_kinds=kinds)
+
+
+#: safetensors metadata key under which save_adapter records the layer kinds it knows
+LAYER_KINDS_KEY = "peftmath.layer_kinds"
+
+
+def _layer_kinds_from_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, str]:
+    raw = metadata.get(LAYER_KINDS_KEY)
+    if raw is None:
+        return {}
+    from ..layers import LayerKind
+
+    try:
+        kinds = json.loads(raw)
+        if not isinstance(kinds, dict):
+            raise ValueError("not an object")
+        for value in kinds.values():
+            LayerKind.parse(value)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: metadata {LAYER_KINDS_KEY!r} is not a valid layer-kind map ({exc})") from None
+    return kinds
 
 
 def _converter(xp: Any, device: Any, backend: str | None):
@@ -158,6 +180,8 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, *, metadata: Mapping
     for key, array in adapter.state_dict().items():
         tensors[key] = _to_host(array)
     meta = {"format": "pt", **(metadata or {})}
+    if adapter.layer_kinds:
+        meta[LAYER_KINDS_KEY] = json.dumps({k: v.value for k, v in sorted(adapter.layer_kinds.items())})
     save_file(tensors, folder / WEIGHTS_NAME, metadata=meta)
     data = adapter.config.to_dict()
     data.setdefault("peft_version", PEFT_VERSION)

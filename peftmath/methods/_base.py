@@ -190,6 +190,10 @@ class ModuleAdapter:
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Resolved per-module hyper-parameters for summaries (rank, alpha, scaling, ...)."""
+        return {}
+
     def num_parameters(self) -> int:
         """Number of trainable scalars held by this module's adapter."""
         total = 0

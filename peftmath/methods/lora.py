@@ -270,7 +270,7 @@ def forward(
     ========== ===========================================================================
     Linear     ``x Wᵀ + b + s (d(x) Aᵀ Bᵀ + b_B)``, x ``(..., in)``
     Conv1D     ``x W + b + s (d(x) Aᵀ Bᵀ + b_B)``
-    Embedding  ``W[ids] + s · embed_scale · Aᵀ[ids] Bᵀ`` (no dropout, as in PEFT)
+    Embedding  ``embed_scale · (W[ids] + s · Aᵀ[ids] Bᵀ)`` (no dropout, as in PEFT)
     ConvNd     ``conv(x, W, b) + s · conv(conv(d(x), A; stride, padding, dilation), B; groups)``
     ========== ===========================================================================
 
@@ -287,6 +287,8 @@ def forward(
     _check_factors(lay, A, B, "lora.forward")
     conv_kwargs = dict(stride=stride, padding=padding, dilation=dilation) if lay.kind.is_conv else {}
     base = lay.base_forward(x, W, bias, xp, **conv_kwargs)
+    if embed_scale is not None and lay.kind is LayerKind.EMBEDDING:
+        base = base * embed_scale  # a scaled embedding (Gemma) scales its own lookup too, as in PEFT
     lo = adapter_output(x, A, B, scaling=scaling, layer=lay, lora_bias=lora_bias, dropout=dropout,
                         embed_scale=embed_scale, peft_compat=peft_compat, **conv_kwargs)
     if tuple(lo.shape) != tuple(base.shape):
@@ -736,6 +738,10 @@ class LoraModule(ModuleAdapter):
             if self.lora_bias is not None:
                 raise ConfigError(f"{self.name}: DoRA with lora_bias is not defined (PEFT refuses it too)")
             check_shape(self.name, "lora_magnitude_vector", self.magnitude, dora.magnitude_shape(self.layer))
+
+    def describe(self) -> dict[str, Any]:
+        r, alpha = self.config.rank_and_alpha(self.name)
+        return {"r": r, "alpha": alpha, "scaling": self.scaling, "dora": self.is_dora}
 
     @property
     def is_dora(self) -> bool:

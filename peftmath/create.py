@@ -1,0 +1,145 @@
+"""``create_adapter``: start a new adapter for a base model, without PyTorch (PEFT's ``get_peft_model``).
+
+The base model is a state dict of arrays, or a ``.safetensors`` file, or a folder of them (with
+``model.safetensors.index.json`` for shards, and the transformers ``config.json`` whose ``model_type``
+selects PEFT's default targets and GPT-2's Conv1D layout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .adapter import Adapter
+from .errors import CheckpointError, ConfigError
+from .io import config_from_dict, read_config
+from .io.safetensors import SafeTensorsFile
+from .layers import Layer, LayerKind
+from .methods import get_method
+from .targets import module_kinds, select_targets
+
+__all__ = ["create_adapter", "open_state"]
+
+
+def open_state(path: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
+    """A read-only state dict (memory-mapped arrays) and the ``model_type`` of a safetensors model.
+
+    ``path`` is a ``.safetensors`` file or a folder with one, or with ``model.safetensors.index.json``
+    and its shards (shard names must stay inside the folder).
+    """
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    model_type = None
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        try:
+            model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise CheckpointError(f"{cfg}: not a valid transformers config.json ({exc})") from exc
+    if p.is_file():
+        files = [p]
+    else:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{index}: not a valid shard index ({exc})") from exc
+            files = []
+            for name in names:
+                if not isinstance(name, str) or os.path.isabs(name) or ".." in Path(name).parts or "/" in name or "\\" in name:
+                    raise CheckpointError(f"{index}: shard name {name!r} points outside its folder")
+                files.append(folder / name)
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{folder}: no .safetensors files and no model.safetensors.index.json")
+    state: dict[str, Any] = {}
+    for f in files:
+        st = SafeTensorsFile(f)
+        for k in st:
+            if k in state:
+                raise CheckpointError(f"{f}: tensor {k!r} also appears in another shard")
+            state[k] = st[k]
+    return state, model_type
+
+
+def _config(config: Any) -> Any:
+    if isinstance(config, (str, os.PathLike)):
+        return read_config(config)
+    if isinstance(config, Mapping):
+        return config_from_dict(config, source="config dict")
+    if not hasattr(config, "peft_type"):
+        raise ConfigError(f"config must be a peftmath config, a dict or a path, got {type(config).__name__}")
+    return config
+
+
+def create_adapter(
+    base: Mapping[str, Any] | str | os.PathLike,
+    config: Any,
+    *,
+    seed: int = 0,
+    layer_kinds: Mapping[str, LayerKind | str] | None = None,
+    model_type: str | None = None,
+    init: Any = None,
+    return_base: bool = False,
+    xp: Any = None,
+    device: Any = None,
+) -> Adapter | tuple[Adapter, dict[str, Any]]:
+    """A new adapter of ``config``'s method on the modules of ``base`` that PEFT would adapt.
+
+    Modules are selected with PEFT's rules (:mod:`peftmath.targets`); each is initialised by its
+    method's ``Module.initialize`` with PEFT's placement of the zeros (a default adapter is a no-op),
+    from random numbers drawn on the host: module ``i`` (in sorted order) uses
+    ``numpy.random.default_rng(SeedSequence(seed, spawn_key=(i,)))``.
+
+    Initialisations that change the base weight (PiSSA, OLoRA) need ``return_base=True``; the result is
+    then ``(adapter, updated_tensors)`` with the new base weights by state-dict key.
+    """
+    if isinstance(base, (str, os.PathLike)):
+        state, found_type = open_state(base)
+        model_type = model_type or found_type
+    else:
+        state = dict(base)
+    cfg = _config(config)
+    method = get_method(cfg.peft_type)
+    module_cls = getattr(method, "Module", None)
+    if module_cls is None or not hasattr(module_cls, "initialize"):
+        raise ConfigError(f"{cfg.peft_type}: create_adapter covers the per-module methods; this one has no module math")
+    kinds = module_kinds(state, layer_kinds=layer_kinds, model_type=model_type)
+    targets = select_targets(cfg, kinds, model_type=model_type, supported=module_cls.supported_kinds)
+    layers = {name: Layer.of(tuple(state[f"{name}.weight"].shape), kind) for name, kind in targets.items()}
+    shared: dict[str, Any] = {}
+    init_shared = getattr(method, "init_shared", None)
+    if init_shared is not None:
+        shared = init_shared(cfg, layers, seed=seed, xp=xp, device=device)
+    params: dict[str, dict[str, Any]] = {}
+    new_base: dict[str, Any] = {}
+    for i, (name, layer) in enumerate(layers.items()):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
+        weight = state[f"{name}.weight"]
+        kwargs = {"shared": shared} if shared else {}
+        p, w = module_cls.initialize(name, cfg, layer, weight=weight, seed=rng, xp=xp, device=device, init=init,
+                                     **kwargs)
+        params[name] = p
+        if w is not None:
+            new_base[f"{name}.weight"] = w
+    if new_base and not return_base:
+        raise ConfigError(
+            f"{cfg.peft_type}: this initialisation changes the base weights ({len(new_base)} tensors); "
+            f"call create_adapter(..., return_base=True) to receive them, or the adapter is wrong for the old base"
+        )
+    if cfg.target_modules is None:  # PEFT writes the default table's entry into the saved config
+        cfg = cfg.replace(target_modules=sorted({n.rsplit(".", 1)[-1] for n in layers}))
+    elif isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear":
+        cfg = cfg.replace(target_modules=sorted(layers))  # PEFT saves "all-linear" expanded to module names
+    if any(k is LayerKind.CONV1D_TRANSPOSED for k in targets.values()) and hasattr(cfg, "fan_in_fan_out"):
+        cfg = cfg.replace(fan_in_fan_out=True)  # as PEFT's saved config says once a Conv1D was adapted
+    adapter = Adapter(cfg, params, shared=shared, layer_kinds=targets)
+    return (adapter, new_base) if return_base else adapter
