@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._array import dtype_name
-from .errors import ShapeError
+from .errors import ShapeError, UnsupportedError
 from .layers import LayerKind
 from .methods import get_method
-from .methods._base import ModuleAdapter
+from .methods._base import ModuleAdapter, require_writeable
 
 Array = Any
 
@@ -69,6 +69,31 @@ class Adapter:
         """Adapted module names, sorted."""
         return sorted(self.params)
 
+    # --- prompt-learning methods ---------------------------------------------------------------
+    @property
+    def is_prompt_learning(self) -> bool:
+        """True for prompt tuning, P-tuning and prefix tuning (virtual tokens, no weight changes)."""
+        return bool(getattr(self.method, "PROMPT_LEARNING", False))
+
+    def prompt_embeddings(self) -> Array:
+        """The saved virtual-token table: ``(T·S, D)`` (prompt tuning, P-tuning) or ``(T, 2·L·D)`` (prefix)."""
+        if not self.is_prompt_learning:
+            raise UnsupportedError(f"{self.peft_type} has no prompt embeddings; it adapts module weights")
+        return self.shared["prompt_embeddings"]
+
+    def past_key_values(self, batch_size: int) -> list[tuple[Array, ...]]:
+        """Prefix tuning's per-layer keys and values, ``(batch_size, H, T, D / H)`` each."""
+        if self.peft_type != "PREFIX_TUNING":
+            raise UnsupportedError(f"past_key_values belongs to prefix tuning, not {self.peft_type}")
+        return self.method.past_key_values(self.prompt_embeddings(), self.config, batch_size)
+
+    def _require_modules(self, what: str) -> None:
+        if self.is_prompt_learning:
+            raise UnsupportedError(
+                f"{self.peft_type} adds virtual tokens and changes no weight, so it has no {what}; use "
+                f"prompt_embeddings(){' / past_key_values(batch_size)' if self.peft_type == 'PREFIX_TUNING' else ''}"
+            )
+
     # --- per module ---------------------------------------------------------------------------
     def module(
         self,
@@ -82,6 +107,7 @@ class Adapter:
         The layer geometry comes from the base weight's shape when given (and ``kind`` for a square
         transformers Conv1D or an explicit override), otherwise from the parameters and the config.
         """
+        self._require_modules("modules")
         if name not in self.params:
             raise ShapeError(f"{name}: not adapted by this {self.peft_type} adapter; adapted modules: {_some(self.modules)}")
         cls = self.method.Module
@@ -124,7 +150,11 @@ class Adapter:
         ``copy=False`` updates the adapted arrays in place. Every module is validated (shapes, layer
         kinds) before any array is computed, and with ``copy=True`` nothing is modified on an error.
         """
+        self._require_modules("merge")
         bound = self._bind_all(state, layer_kinds)
+        if not copy:  # refuse before the first in-place write, not half-way through the model
+            for name, (_, wkey, _) in bound.items():
+                require_writeable(name, state[wkey])
         out = dict(state)
         new_records: dict[str, Any] = {}
         for name, (mod, wkey, bkey) in bound.items():
@@ -150,7 +180,11 @@ class Adapter:
         copy: bool = True,
     ) -> dict[str, Array]:
         """The inverse of :meth:`merge` where it exists (``records`` from that merge where needed)."""
+        self._require_modules("unmerge")
         bound = self._bind_all(merged, layer_kinds)
+        if not copy:
+            for name, (_, wkey, _) in bound.items():
+                require_writeable(name, merged[wkey])
         out = dict(merged)
         for name, (mod, wkey, bkey) in bound.items():
             rec = (records or {}).get(name)

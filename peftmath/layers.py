@@ -183,12 +183,17 @@ class Layer:
         """The plain base layer: ``x W^T + b``, ``x W + b``, a lookup, or a convolution."""
         from ._array import conv, embedding_lookup
 
+        if self.kind is LayerKind.EMBEDDING:
+            return embedding_lookup(x, weight, xp=xp)
+        out_dtype = xp.result_type(x.dtype, weight.dtype)
         if self.kind is LayerKind.LINEAR:
             y = xp.matmul(x, xp.matrix_transpose(weight))
         elif self.kind is LayerKind.CONV1D_TRANSPOSED:
             y = xp.matmul(x, weight)
-        elif self.kind is LayerKind.EMBEDDING:
-            return embedding_lookup(x, weight, xp=xp)
         else:
-            return conv(x, weight, bias, groups=self.groups, xp=xp, **conv_kwargs)
-        return y if bias is None else y + bias
+            y = conv(x, weight, bias, groups=self.groups, xp=xp, **conv_kwargs)
+            bias = None
+        if bias is not None:
+            y = y + bias
+        # NumPy's bfloat16 matmul (ml_dtypes) answers in float32: keep the layer's dtype
+        return y if y.dtype == out_dtype else xp.astype(y, out_dtype)

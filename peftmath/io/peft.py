@@ -131,6 +131,8 @@ def load_adapter(
         raise CheckpointError(
             f"{weights}: no {config.peft_type} parameters found (expected keys ending in {', '.join(suffixes)})"
         )
+    if hasattr(method, "validate_checkpoint"):
+        method.validate_checkpoint(config, shared)
     kinds = _layer_kinds_from_metadata(tensors.metadata, weights)
     return Adapter(config, params, shared=shared, other=other, layer_kinds=kinds)
 
