@@ -185,15 +185,21 @@ class Layer:
 
         if self.kind is LayerKind.EMBEDDING:
             return embedding_lookup(x, weight, xp=xp)
+        from ._array import as_compute, compute_dtype
+
         out_dtype = xp.result_type(x.dtype, weight.dtype)
+        # half precision is multiplied in float32 and rounded once (NumPy's bfloat16 matmul would
+        # accumulate in bfloat16)
+        cd = compute_dtype(xp, out_dtype)
+        xc, wc = as_compute(xp, x, cd), as_compute(xp, weight, cd)
+        bc = None if bias is None else as_compute(xp, bias, cd)
         if self.kind is LayerKind.LINEAR:
-            y = xp.matmul(x, xp.matrix_transpose(weight))
+            y = xp.matmul(xc, xp.matrix_transpose(wc))
         elif self.kind is LayerKind.CONV1D_TRANSPOSED:
-            y = xp.matmul(x, weight)
+            y = xp.matmul(xc, wc)
         else:
-            y = conv(x, weight, bias, groups=self.groups, xp=xp, **conv_kwargs)
-            bias = None
-        if bias is not None:
-            y = y + bias
-        # NumPy's bfloat16 matmul (ml_dtypes) answers in float32: keep the layer's dtype
-        return y if y.dtype == out_dtype else xp.astype(y, out_dtype)
+            y = conv(xc, wc, bc, groups=self.groups, xp=xp, **conv_kwargs)
+            bc = None
+        if bc is not None:
+            y = y + bc
+        return as_compute(xp, y, out_dtype)
