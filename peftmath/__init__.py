@@ -7,7 +7,9 @@
 
 from . import backends, errors, layers
 from .adapter import Adapter
+from .combine import combine
 from .create import create_adapter
+from .multi import AdapterSet, mixed_batch_forward
 from .errors import PeftMathError
 from .io import load_adapter, read_config, save_adapter
 from .layers import Layer, LayerKind
@@ -17,7 +19,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "AdapterSet",
+    "combine",
     "create_adapter",
+    "mixed_batch_forward",
     "Layer",
     "LayerKind",
     "LoraConfig",

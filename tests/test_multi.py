@@ -1,0 +1,118 @@
+"""Several adapters over one base: stacked forward, sequential merge/unmerge, the mixed batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_same_namespace, to_np, to_xp
+from hypothesis import given
+from hypothesis import strategies as st
+
+import peftmath as pm
+from peftmath.adapter import Adapter
+from peftmath.errors import ConfigError, ShapeError, UnsupportedError
+from peftmath.multi import BASE, AdapterSet, mixed_batch_forward
+
+
+def _adapter(xp, rng, r, alpha, emb=False, dora=False):
+    if emb:
+        p = {"lora_embedding_A": rng.standard_normal((r, 13)), "lora_embedding_B": rng.standard_normal((6, r))}
+        name = "emb"
+    else:
+        p = {"lora_A.weight": rng.standard_normal((r, 10)), "lora_B.weight": rng.standard_normal((8, r))}
+        name = "lin"
+    if dora:
+        p["lora_magnitude_vector"] = rng.uniform(0.5, 2.0, 8)
+    cfg = pm.LoraConfig(r=r, lora_alpha=alpha, target_modules=[name], use_dora=dora)
+    return Adapter(cfg, {name: {k: to_xp(xp, v) for k, v in p.items()}})
+
+
+def _state(xp, rng):
+    return {"lin.weight": to_xp(xp, rng.standard_normal((8, 10))), "lin.bias": to_xp(xp, rng.standard_normal(8)),
+            "emb.weight": to_xp(xp, rng.standard_normal((13, 6)))}
+
+
+@given(seed=st.integers(0, 2**31 - 1), pattern=st.sampled_from(["identical", "distinct", "uniform", "skewed", "zipf"]))
+def test_mixed_batch_equals_each_row_with_its_own_adapter(xp, seed, pattern):
+    rng = np.random.default_rng(seed)
+    ads = {f"a{i}": _adapter(xp, rng, r=i + 1, alpha=2.0 + i) for i in range(4)}      # heterogeneous ranks
+    ads.update({f"e{i}": _adapter(xp, rng, r=2, alpha=3.0, emb=True) for i in range(2)})
+    state = _state(xp, rng)
+    choices = list(ads)[:4] + [BASE]
+    n = 8
+    names = {
+        "identical": ["a1"] * n,
+        "distinct": [choices[i % len(choices)] for i in range(n)],
+        "uniform": list(rng.choice(choices, n)),
+        "skewed": ["a0"] * (n - 2) + ["a3", BASE],
+        "zipf": [choices[min(int(z) - 1, len(choices) - 1)] for z in rng.zipf(2.0, n)],
+    }[pattern]
+    x = to_xp(xp, rng.standard_normal((n, 3, 10)))
+    y = mixed_batch_forward("lin", x, state, ads, names)
+    assert_same_namespace(xp, y)
+    for b, name in enumerate(names):
+        row = x[b:b + 1, ...]
+        ref = ads[name].forward("lin", row, state) if name != BASE else \
+            row @ xp.matrix_transpose(state["lin.weight"]) + state["lin.bias"]
+        np.testing.assert_allclose(to_np(y)[b], to_np(ref)[0], rtol=1e-12, atol=1e-12)
+    ids = to_xp(xp, rng.integers(0, 13, (3, 5)))
+    emb_names = ["e0", BASE, "e1"]
+    ye = mixed_batch_forward("emb", ids, state, ads, emb_names)
+    for b, name in enumerate(emb_names):
+        ref = ads[name].forward("emb", ids[b:b + 1, ...], state) if name != BASE else \
+            to_np(state["emb.weight"])[to_np(ids)[b].astype(int)][None]
+        np.testing.assert_allclose(to_np(ye)[b], to_np(ref)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_stacked_forward_and_sequential_merge(xp):
+    rng = np.random.default_rng(0)
+    s = AdapterSet({"a": _adapter(xp, rng, 2, 4.0), "b": _adapter(xp, rng, 3, 1.5)})
+    state = _state(xp, rng)
+    x = to_xp(xp, rng.standard_normal((4, 10)))
+    y = s.forward("lin", x, state)
+    base = to_np(x) @ to_np(state["lin.weight"]).T + to_np(state["lin.bias"])
+    expected = base + sum(to_np(s.adapters[n].forward("lin", x, state)) - base for n in ("a", "b"))
+    np.testing.assert_allclose(to_np(y), expected, rtol=1e-12, atol=1e-12)
+    records: dict = {}
+    merged = s.merge(state, records=records)
+    np.testing.assert_allclose(to_np(x) @ to_np(merged["lin.weight"]).T + to_np(merged["lin.bias"]), to_np(y),
+                               rtol=1e-10, atol=1e-10)
+    back = s.unmerge(merged, records=records)
+    np.testing.assert_allclose(to_np(back["lin.weight"]), to_np(state["lin.weight"]), rtol=1e-12, atol=1e-12)
+    s.set_active(["b"])
+    np.testing.assert_allclose(to_np(s.forward("lin", x, state)), to_np(s.adapters["b"].forward("lin", x, state)))
+
+
+def test_dora_merges_in_order_and_unmerges_in_reverse(xp):
+    rng = np.random.default_rng(1)
+    s = AdapterSet({"a": _adapter(xp, rng, 2, 4.0, dora=True), "b": _adapter(xp, rng, 2, 2.0, dora=True)})
+    state = _state(xp, rng)
+    records: dict = {}
+    merged = s.merge(state, records=records)
+    assert set(records) == {"a", "b"} and "lin" in records["a"]
+    back = s.unmerge(merged, records=records)
+    np.testing.assert_allclose(to_np(back["lin.weight"]), to_np(state["lin.weight"]), rtol=1e-10, atol=1e-10)
+    with pytest.raises(UnsupportedError, match="DoRA"):
+        s.forward("lin", to_xp(xp, np.ones((1, 10))), state)
+
+
+def test_bad_inputs():
+    import array_api_compat.numpy as xp
+
+    rng = np.random.default_rng(2)
+    ads = {"a": _adapter(xp, rng, 2, 2.0), "d": _adapter(xp, rng, 2, 2.0, dora=True)}
+    state = _state(xp, rng)
+    x = np.ones((2, 10))
+    with pytest.raises(ConfigError, match="not loaded"):
+        mixed_batch_forward("lin", x, state, ads, ["a", "zzz"])
+    with pytest.raises(ShapeError, match="2 rows but adapter_names has 3"):
+        mixed_batch_forward("lin", x, state, ads, ["a", "a", "a"])
+    with pytest.raises(UnsupportedError, match="DoRA"):
+        mixed_batch_forward("lin", x, state, ads, ["a", "d"])
+    s = AdapterSet(ads)
+    with pytest.raises(ConfigError, match="already loaded"):
+        s.add("a", ads["a"])
+    with pytest.raises(ConfigError, match="__base__"):
+        s.add(BASE, ads["a"])
+    s.delete("d")
+    assert s.active == ["a"]
