@@ -40,7 +40,7 @@ from ..backends import backend_for, host_rng, kaiming_uniform_bound
 from ..config import TunerConfig, check_choice, check_number, check_pattern, check_positive_int, resolve_pattern
 from ..errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, apply_delta, bias_update, check_shape
+from ._base import MergeResult, ModuleAdapter, apply_delta, bias_update, check_shape, require_writeable, write_back
 
 Array = Any
 
@@ -484,6 +484,7 @@ def init_weights(
     device: Any = None,
     dtype: Any = None,
     lora_bias: bool = False,
+    loftq_config: dict | None = None,
 ) -> LoraInit:
     """PEFT's initialisations of ``lora_A`` / ``lora_B`` (``init_lora_weights``).
 
@@ -519,10 +520,12 @@ def init_weights(
 
     bias0 = put(np.zeros(layer.out_features)) if lora_bias else None
     init = init_lora_weights
-    if isinstance(init, str) and init.lower() in ("eva", "corda", "loftq", "lora_ga", "mica"):
+    if init == "loftq":
+        return _loftq(weight, layer, r, loftq_config or {}, xp)
+    if isinstance(init, str) and init.lower() in ("eva", "corda", "lora_ga", "mica"):
         raise UnsupportedError(
             f"init_lora_weights={init!r} needs data or a quantizer that this function does not take; "
-            f"peftmath implements True, False, 'gaussian', 'pissa', 'pissa_niter_K', 'olora' and 'orthogonal' here"
+            f"peftmath implements True, False, 'gaussian', 'pissa', 'pissa_niter_K', 'olora', 'orthogonal' and 'loftq' here"
         )
     if layer.kind is LayerKind.EMBEDDING:
         if init is False:
@@ -593,6 +596,20 @@ def _pissa(weight, layer, r, s, xp, niter, rng, backend, device) -> LoraInit:
     return LoraInit(A, B, layer.from_matrix(xp.astype(new, weight.dtype), xp))
 
 
+def _loftq(weight, layer, r, loftq_config, xp) -> LoraInit:
+    """PEFT's LoftQ init (Linear only): ``W ← deq(quant(·))`` and the factors of the residual's SVD."""
+    from ..quant import loftq_init
+
+    if weight is None:
+        raise ConfigError("init_lora_weights='loftq' needs the base weight")
+    if layer.kind is not LayerKind.LINEAR:
+        raise ConfigError(f"init_lora_weights='loftq' is defined for Linear layers, not {layer.kind.value} "
+                          f"(PEFT raises TypeError there)")
+    res = loftq_init(weight, num_bits=int(loftq_config.get("loftq_bits", 4)), reduced_rank=r,
+                     num_iter=int(loftq_config.get("loftq_iter", 1)))
+    return LoraInit(res.lora_A, res.lora_B, xp.astype(res.dequantized, weight.dtype))
+
+
 def _olora(weight, layer, r, s, xp) -> LoraInit:
     if layer.kind is not LayerKind.LINEAR:
         raise ConfigError(f"init_lora_weights='olora' is defined for Linear layers, not {layer.kind.value}")
@@ -653,7 +670,7 @@ class LoraModule(ModuleAdapter):
         s = config.scaling_for(name)
         res = init_weights(layer, r, init_lora_weights=config.init_lora_weights if init is None else init,
                            scaling=s, weight=weight, seed=seed, xp=xp, device=device, dtype=dtype,
-                           lora_bias=config.lora_bias)
+                           lora_bias=config.lora_bias, loftq_config=config.loftq_config)
         keys = list(parameter_shapes(layer, r))
         params = {keys[0]: res.A, keys[1]: res.B}
         if res.lora_bias is not None:
@@ -767,8 +784,12 @@ class LoraModule(ModuleAdapter):
             new_bias = merge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
             if safe and not all_finite(new_bias):
                 raise NonFiniteError(f"{self.name}: the merged bias would contain NaN or infinity; nothing changed")
+            if not copy:  # copy=False updates the bias in place too (checked before W is touched)
+                require_writeable(self.name, bias)
         new = _apply(weight, self.A, self.B, scaling=self.scaling, sign=1, layer=self.layer, copy=copy, safe=safe,
                      peft_compat=peft_compat, where=self.name)
+        if not copy and self.lora_bias is not None:
+            new_bias = write_back(self.name, bias, new_bias)
         return MergeResult(new, new_bias)
 
     def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
@@ -782,8 +803,12 @@ class LoraModule(ModuleAdapter):
         new_bias = bias
         if self.lora_bias is not None:
             new_bias = unmerge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
+            if not copy:
+                require_writeable(self.name, bias)
         new = _apply(weight, self.A, self.B, scaling=self.scaling, sign=-1, layer=self.layer, copy=copy, safe=False,
                      peft_compat=peft_compat, where=self.name)
+        if not copy and self.lora_bias is not None:
+            new_bias = write_back(self.name, bias, new_bias)
         return MergeResult(new, new_bias)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
