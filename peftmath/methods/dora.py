@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .._array import all_finite, as_compute, compute_dtype, namespace
+from .._array import all_finite, as_compute, compute_dtype, is_low_precision, namespace
 from ..backends import backend_for
 from ..errors import NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
@@ -104,11 +104,13 @@ def forward(
     lay = _layer(layer, A, B, W)
     cd = compute_dtype(xp, A.dtype, B.dtype, magnitude.dtype, W.dtype)
     n = backend_for(xp).stop_gradient(weight_norm(W, A, B, scaling=scaling, layer=lay))
-    g = as_compute(xp, xp.reshape(magnitude, (-1,)), cd) / n  # (out,)
+    g = _ratio(xp, as_compute(xp, xp.reshape(magnitude, (-1,)), cd), n, peft_compat)  # (out,)
     conv_kwargs = dict(stride=stride, padding=padding, dilation=dilation) if lay.kind.is_conv else {}
     gv = xp.reshape(g, (1, -1) + (1,) * len(lay.kernel_size)) if lay.kind.is_conv else g
     if lay.kind is LayerKind.EMBEDDING:
         base = lay.base_forward(x, W, None, xp)
+        if embed_scale is not None:
+            base = base * embed_scale  # the scaled embedding's own output, as in PEFT
         lo = lora.adapter_output(x, A, B, scaling=scaling, layer=lay, embed_scale=embed_scale)
         return as_compute(xp, gv * (as_compute(xp, base, cd) + lo), base.dtype)
     base = lay.base_forward(x, W, None, xp, **conv_kwargs)  # without bias: DoRA does not scale it
@@ -124,6 +126,39 @@ def forward(
         b = as_compute(xp, bias, cd)
         y = y + (xp.reshape(b, (1, -1) + (1,) * len(lay.kernel_size)) if lay.kind.is_conv else b)
     return as_compute(xp, y, base.dtype)
+
+
+def _same(t: Array) -> Array:
+    return t
+
+
+def _round_to(xp: Any, t: Array, dtype: Any, cd: Any) -> Array:
+    """``t`` rounded to ``dtype`` when that is a half-precision dtype, returned in ``cd``."""
+    return as_compute(xp, xp.astype(t, dtype), cd) if is_low_precision(dtype) else t
+
+
+def _peft_rounding(xp: Any, W: Array, A: Array, B: Array, magnitude: Array, cd: Any):
+    """PEFT's rounding of DoRA's intermediates (``peft_compat``): every torch op rounds to the promoted
+    dtype of its operands. Returns three functions rounding ``V = W + ΔW`` and its norm (dtype
+    ``promote(W, A, B)``), ``g = m / n`` (``promote(m, V)``) and ``g ⊙ V`` (``promote(g, V)``); each is the
+    identity unless that dtype is half precision (a bf16 adapter on a bf16 base: every step rounds)."""
+    vd = xp.result_type(W.dtype, A.dtype, B.dtype)
+    gd = xp.result_type(magnitude.dtype, vd)
+    od = xp.result_type(gd, vd)
+    return tuple((lambda t, dt=dt: _round_to(xp, t, dt, cd)) for dt in (vd, gd, od))
+
+
+def _ratio(xp: Any, m: Array, n: Array, peft_compat: bool) -> Array:
+    """``g = m / n``, with ``g = 0`` on rows whose norm ``n`` is zero.
+
+    Such a row of ``W + ΔW`` is all zeros, so its direction is undefined; peftmath keeps it zero (and
+    :func:`unmerge` with the recorded ``n = 0`` returns ``W₀ = −ΔW`` for it, exactly). PEFT divides by
+    zero and produces NaN (``0 · inf``); ``peft_compat=True`` does the same.
+    """
+    if peft_compat:
+        return m / n
+    zero = n == 0
+    return xp.where(zero, xp.zeros_like(n), m / xp.where(zero, xp.ones_like(n), n))
 
 
 def merge(
@@ -163,15 +198,16 @@ def merge(
     if not copy and not safe and not peft_compat and base_weight is None and W.dtype == cd:
         M = lay.as_matrix(W, xp)
         if backend_for(xp).addmm_(M, xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)), scaling):
-            n = xp.linalg.vector_norm(M, axis=1)
-            M *= (m / n)[:, None]
+            n = xp.sqrt(xp.vecdot(M, M, axis=-1))  # row norms without a temporary of W's size
+            M *= _ratio(xp, m, n, False)[:, None]
             return MergeResult(W, None, n)
     d = lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
     if peft_compat:
         d = lora._compat_delta(xp, A, B, d)
     W0 = W if base_weight is None else base_weight
-    n = xp.linalg.vector_norm(as_compute(xp, lay.as_matrix(W0, xp), cd) + d, axis=1)
-    V = (m / n)[:, None] * (as_compute(xp, lay.as_matrix(W, xp), cd) + d)
+    rv, rg, ro = _peft_rounding(xp, W, A, B, magnitude, cd) if peft_compat else (_same, _same, _same)
+    n = rv(xp.linalg.vector_norm(rv(as_compute(xp, lay.as_matrix(W0, xp), cd) + d), axis=1))
+    V = ro(rg(_ratio(xp, m, n, peft_compat))[:, None] * rv(as_compute(xp, lay.as_matrix(W, xp), cd) + d))
     new = lay.from_matrix(as_compute(xp, V, W.dtype), xp)
     if safe and not all_finite(new, xp=xp):
         raise NonFiniteError(f"{where}: the merged DoRA weight would contain NaN or infinity; nothing changed")
@@ -227,6 +263,13 @@ def unmerge(
     d = lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
     if peft_compat:
         d = lora._compat_delta(xp, A, B, d)
-    V = as_compute(xp, lay.as_matrix(W, xp), cd) / (m / n)[:, None] - d
+    if peft_compat:  # PEFT: (W' / g) - ΔW, each op rounded to its torch-promoted dtype
+        _, rg, _ = _peft_rounding(xp, W, A, B, magnitude, cd)
+        gd = xp.result_type(magnitude.dtype, xp.result_type(W.dtype, A.dtype, B.dtype))
+        q = as_compute(xp, lay.as_matrix(W, xp), cd) / rg(m / n)[:, None]
+        q = _round_to(xp, q, xp.result_type(W.dtype, gd), cd)
+        V = _round_to(xp, q - d, xp.result_type(W.dtype, gd, A.dtype, B.dtype), cd)
+    else:
+        V = as_compute(xp, lay.as_matrix(W, xp), cd) * (n / m)[:, None] - d
     new = lay.from_matrix(as_compute(xp, V, W.dtype), xp)
     return MergeResult(new if copy else write_back(where, W, new), None, None)

@@ -1,0 +1,761 @@
+r"""OFT: orthogonal fine-tuning (Qiu et al., 2023), in PEFT's current (>= 0.15) form.
+
+A frozen weight is rotated on its *input* side by a block-diagonal orthogonal (or near-orthogonal)
+matrix ``R = diag(R_1, ..., R_r)`` of ``r`` blocks of size ``b`` (``n = r·b`` is the rotated
+dimension)::
+
+    y = (x R) Wᵀ + b                 Linear   (n = in_features)
+    y = conv(x, W_flat Rᵀ) + b       Conv2d   (n = in·kH·kW, flattened in (C, kH, kW) order)
+    y = W[ids] R                     Embedding (n = embedding_dim; rotation on the output)
+
+Each block comes from ``b(b-1)/2`` numbers ``q`` (the strict upper triangle, row-major, as
+``numpy.triu_indices(b, 1)``): ``S = U − Uᵀ`` with ``U[triu] = q``, then
+
+* ``use_cayley_neumann=True`` (PEFT's default), ``T = num_cayley_neumann_terms``:
+  ``R = I + 2 Σ_{k=1}^{T−2} S^k + S^{T−1}`` (T=1: I; T=2: I + 2S; T=3 and 4: I + 2S + 2S² + S³),
+  a truncation of ``(I + S)(I − S)⁻¹``;
+* ``use_cayley_neumann=False``: ``R = (I − S)(I + S)⁻¹`` (exactly orthogonal).
+
+The two are *mutually transposed* (the series approximates the transpose of the exact map); the
+config records which one a checkpoint was trained with, and peftmath follows it.
+
+Merge: ``W ← W Rᵀ`` (Linear, Conv2d on the ``(out, n)`` view), ``W ← W R`` (Embedding). Unmerge uses
+the exact inverse of every block (``R⁻¹`` per block, never ``Rᵀ``: the Neumann ``R`` is only
+approximately orthogonal). Nothing here builds the dense ``n × n`` matrix: every product is a
+reshape to ``(…, r, b)`` and one batched matmul with the ``(r, b, b)`` blocks.
+
+Checkpoint keys: ``<module>.oft_R.weight`` (Linear, Conv2d) and ``<module>.oft_embedding_R.weight``
+(Embedding), shape ``(r, b(b−1)/2)``, or ``(1, b(b−1)/2)`` with ``block_share``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import array_api_compat
+import array_api_extra as xpx
+import numpy as np
+
+from .._array import all_finite, as_compute, compute_dtype, conv, embedding_lookup, is_low_precision, namespace
+from ..backends import backend_for, host_rng
+from ..config import TunerConfig, check_choice, check_number, check_positive_int
+from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
+from ..layers import Layer, LayerKind
+from ._base import MergeResult, ModuleAdapter, check_shape, write_back
+
+Array = Any
+
+__all__ = [
+    "OFTConfig",
+    "adjust_oft_parameters",
+    "block_layout",
+    "rotated_dim",
+    "skew_blocks",
+    "coft_project",
+    "cayley_neumann",
+    "cayley_exact",
+    "rotation_blocks",
+    "apply_blocks",
+    "forward",
+    "merge",
+    "unmerge",
+    "init_weights",
+    "OFTModule",
+]
+
+PEFT_TYPE = "OFT"
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class OFTConfig(TunerConfig):
+    """PEFT's ``OFTConfig`` (``peft_type: "OFT"``), PEFT's field names and defaults.
+
+    Exactly one of ``r`` (number of blocks) and ``oft_block_size`` must be non-zero. ``module_dropout``
+    is kept for round trips; PEFT creates the dropout layer but never calls it, so it has no effect.
+    """
+
+    peft_type: ClassVar[str] = "OFT"
+
+    r: int = 0
+    oft_block_size: int = 32
+    module_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    init_weights: bool = True
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "config") -> "OFTConfig":
+        """As :meth:`PeftConfig.from_dict`; a config without ``oft_block_size`` (OFT before PEFT 0.14,
+        a different parametrisation) is refused, as PEFT refuses it."""
+        if hasattr(data, "keys") and "oft_block_size" not in data:
+            raise ConfigError(
+                f"{source}: no 'oft_block_size' field: this OFT adapter predates PEFT 0.14 and uses a different "
+                f"parametrisation (PEFT refuses it too); retrain it or convert it with PEFT <= 0.13"
+            )
+        config = super().from_dict(data, source=source)
+        # PEFT warns when peft_version is missing (written since 0.18) or older than 0.18; a null value
+        # (a config built in memory, not read from a PEFT file) is not a version
+        raw = data.get("peft_version", "0.0.0")
+        version = str(raw).partition("@")[0] if raw is not None else None
+        if config.use_cayley_neumann and version is not None and _version_tuple(version) < (0, 18):
+            warnings.warn(
+                f"{source}: a Cayley-Neumann OFT adapter from PEFT {version} (< 0.18) used a slightly different "
+                f"series; peftmath evaluates the >= 0.18 series, as PEFT does",
+                stacklevel=2,
+            )
+        return config
+
+    def validate(self, *, source: str = "config") -> None:
+        super().validate(source=source)
+        for name in ("r", "oft_block_size", "num_cayley_neumann_terms"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{source}: field {name!r} must be a non-negative integer, got {value!r}")
+        if (self.r != 0) == (self.oft_block_size != 0):
+            raise ConfigError(
+                f"{source}: set exactly one of r ({self.r}) and oft_block_size ({self.oft_block_size}) to a non-zero "
+                f"value (r x oft_block_size = the rotated dimension; PEFT refuses this too)"
+            )
+        check_positive_int(source, "num_cayley_neumann_terms", self.num_cayley_neumann_terms)
+        check_number(source, "eps", self.eps)
+        if self.eps < 0:
+            raise ConfigError(f"{source}: field 'eps' must be >= 0, got {self.eps!r}")
+        check_number(source, "module_dropout", self.module_dropout)
+        if not 0.0 <= self.module_dropout < 1.0:
+            raise ConfigError(f"{source}: field 'module_dropout' must be in [0, 1), got {self.module_dropout!r}")
+        check_choice(source, "bias", self.bias, ("none", "all", "oft_only"))
+        for flag in ("init_weights", "coft", "block_share", "use_cayley_neumann", "fan_in_fan_out"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{source}: field {flag!r} must be true or false, got {getattr(self, flag)!r}")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Block structure
+# --------------------------------------------------------------------------------------------------
+def rotated_dim(layer: Layer) -> int:
+    """``n``, the dimension OFT rotates: in_features, embedding_dim, or in·kH·kW for a Conv2d.
+
+    >>> rotated_dim(Layer.of((8, 3, 3, 2)))      # non-square kernels are handled (PEFT assumes k×k)
+    18
+    """
+    if layer.kind is LayerKind.EMBEDDING:
+        return layer.weight_shape[1]
+    if layer.kind is LayerKind.LINEAR:
+        return layer.weight_shape[1]
+    if layer.kind is LayerKind.CONV2D:
+        if layer.groups != 1:
+            raise UnsupportedError(
+                f"OFT on a Conv2d with groups={layer.groups} is not defined (PEFT's rotation spans all input "
+                f"channels while the weight holds in/groups); use groups=1"
+            )
+        return layer.matrix_shape[1]
+    raise UnsupportedError(
+        f"OFT supports Linear, Conv2d and Embedding layers, not {layer.kind.value} (PEFT raises TypeError too)"
+    )
+
+
+def adjust_oft_parameters(n: int, p: int) -> int:
+    """PEFT's ``OFTLayer.adjust_oft_parameters``: the divisor of ``n`` nearest to ``p`` (ties: smaller).
+
+    >>> adjust_oft_parameters(768, 20), adjust_oft_parameters(10, 4), adjust_oft_parameters(10, 64)
+    (16, 5, 10)
+    """
+    if p >= n:
+        return n
+    hi = p
+    while hi <= n and n % hi:
+        hi += 1
+    lo = p
+    while lo > 1 and n % lo:
+        lo -= 1
+    return lo if p - lo <= hi - p else hi
+
+
+def block_layout(n: int, *, r: int = 0, oft_block_size: int = 0, where: str = "oft") -> tuple[int, int]:
+    """``(r, b)`` for a rotated dimension ``n`` from ``r`` or ``oft_block_size`` (PEFT's rule).
+
+    A value that does not divide ``n`` (or exceeds it) is replaced by the nearest divisor
+    (:func:`adjust_oft_parameters`) with a warning, as PEFT does.
+
+    >>> block_layout(64, oft_block_size=32), block_layout(64, r=4)
+    ((2, 32), (4, 16))
+    """
+    if n <= 0:
+        raise ShapeError(f"{where}: the rotated dimension is {n}; OFT needs at least one feature")
+    if (r != 0) == (oft_block_size != 0) or r < 0 or oft_block_size < 0:
+        raise ConfigError(f"{where}: give exactly one of r ({r}) and oft_block_size ({oft_block_size}), positive")
+    if oft_block_size:
+        b = oft_block_size
+        if n % b or b > n:
+            b = adjust_oft_parameters(n, b)
+            warnings.warn(f"{where}: oft_block_size {oft_block_size} does not divide {n}; adjusted to {b} (as PEFT)",
+                          stacklevel=2)
+        return n // b, b
+    rr = r
+    if n % rr or rr > n:
+        rr = adjust_oft_parameters(n, rr)
+        warnings.warn(f"{where}: r {r} does not divide {n}; adjusted to {rr} (as PEFT)", stacklevel=2)
+    return rr, n // rr
+
+
+def parameter_shape(layer: Layer, config: OFTConfig, where: str = "oft") -> tuple[int, int]:
+    """Shape of ``oft_R.weight`` / ``oft_embedding_R.weight`` on ``layer``."""
+    r, b = block_layout(rotated_dim(layer), r=config.r, oft_block_size=config.oft_block_size, where=where)
+    return (1 if config.block_share else r, b * (b - 1) // 2)
+
+
+def block_size_of(n_elements: int) -> int:
+    """The ``b`` with ``b(b−1)/2 == n_elements`` (ShapeError when there is none).
+
+    >>> block_size_of(496), block_size_of(0)
+    (32, 1)
+    """
+    b = int((1 + math.isqrt(1 + 8 * n_elements)) // 2)
+    if b * (b - 1) // 2 != n_elements:
+        raise ShapeError(f"oft: {n_elements} parameters per block is not b(b-1)/2 for any block size b")
+    return b
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotation blocks
+# --------------------------------------------------------------------------------------------------
+def _index_array(xp: Any, values: list[int], like: Array) -> Array:
+    return xp.asarray(values, dtype=xp.int64, device=array_api_compat.device(like))
+
+
+def skew_blocks(q: Array, block_size: int) -> Array:
+    """Skew-symmetric blocks ``S = U − Uᵀ`` with ``U[triu_indices(b, 1)] = q``.
+
+    ``q`` is ``(k, b(b−1)/2)``; the result is ``(k, b, b)``. Built with one gather (no scatter).
+
+    >>> import numpy as np
+    >>> skew_blocks(np.array([[1.0, 2.0, 3.0]]), 3)[0]
+    array([[ 0.,  1.,  2.],
+           [-1.,  0.,  3.],
+           [-2., -3.,  0.]])
+    """
+    xp = namespace(q, where="oft.skew_blocks")
+    b = block_size
+    ne = b * (b - 1) // 2
+    if q.ndim != 2 or q.shape[1] != ne:
+        raise ShapeError(f"oft.skew_blocks: parameter of shape {tuple(q.shape)}, expected (k, {ne}) for block size {b}")
+    position = {}
+    for k, (i, j) in enumerate((i, j) for i in range(b) for j in range(i + 1, b)):
+        position[(i, j)] = k
+    index = [position.get((i, j), ne) for i in range(b) for j in range(b)]  # ne -> the appended zero
+    padded = xp.concat([q, xp.zeros((q.shape[0], 1), dtype=q.dtype, device=array_api_compat.device(q))], axis=1)
+    upper = xp.reshape(xp.take(padded, _index_array(xp, index, q), axis=1), (q.shape[0], b, b))
+    return upper - xp.matrix_transpose(upper)
+
+
+def coft_project(q: Array, *, eps: float) -> Array:
+    """COFT's projection: scale each block's ``q`` so that ``‖S‖_F ≤ eps / sqrt(k)``.
+
+    ``k = q.shape[0]`` (1 under block_share). A block with ``‖S‖_F ≤ ε'`` is unchanged. PEFT writes
+    the projected values back into the parameter on every forward and merge; this function returns
+    them and leaves ``q`` alone.
+    """
+    xp = namespace(q, where="oft.coft_project")
+    bound = eps / math.sqrt(q.shape[0])
+    norm = math.sqrt(2.0) * xp.sqrt(xp.sum(q * q, axis=1, keepdims=True))  # ‖S‖_F = √2 ‖q‖
+    safe = xp.where(norm > bound, norm, xp.ones_like(norm))
+    factor = xp.where(norm > bound, bound / safe, xp.ones_like(norm))
+    return q * factor
+
+
+def _eye(xp: Any, b: int, dtype: Any, like: Array) -> Array:
+    return xp.eye(b, dtype=dtype, device=array_api_compat.device(like))
+
+
+def cayley_neumann(S: Array, num_terms: int = 5) -> Array:
+    """PEFT's truncated Cayley–Neumann series for skew blocks ``S`` ``(k, b, b)``.
+
+    ``T = num_terms``: T=1 gives ``I``; T=2 ``I + 2S``; T ≥ 3 ``I + 2 Σ_{k=1}^{max(T−2, 2)} S^k + S^{max(T−1, 3)}``
+    (so T=3 and T=4 agree). The terms are added in PEFT's order.
+
+    >>> import numpy as np
+    >>> S = skew_blocks(np.array([[0.1]]), 2)
+    >>> cayley_neumann(S, 2)[0]
+    array([[ 1. ,  0.2],
+           [-0.2,  1. ]])
+    """
+    xp = namespace(S, where="oft.cayley_neumann")
+    b = S.shape[-1]
+    R = xp.broadcast_to(_eye(xp, b, S.dtype, S), S.shape)
+    if num_terms > 1:
+        R = R + 2.0 * S
+        if num_terms > 2:
+            power = xp.matmul(S, S)
+            R = R + 2.0 * power
+            for _ in range(3, num_terms - 1):
+                power = xp.matmul(power, S)
+                R = R + 2.0 * power
+            power = xp.matmul(power, S)
+            R = R + power
+    return R
+
+
+def cayley_exact(S: Array) -> Array:
+    """The Cayley map ``R = (I − S)(I + S)⁻¹`` of skew blocks ``S`` ``(k, b, b)`` (orthogonal).
+
+    Solved as ``(I + S)⁻¹ (I − S)`` (the factors commute), one batched solve.
+
+    >>> import numpy as np
+    >>> R = cayley_exact(skew_blocks(np.array([[0.3, -0.2, 0.5]]), 3))
+    >>> bool(np.allclose(R[0].T @ R[0], np.eye(3)))
+    True
+    """
+    xp = namespace(S, where="oft.cayley_exact")
+    eye = _eye(xp, S.shape[-1], S.dtype, S)
+    return xp.linalg.solve(eye + S, eye - S)
+
+
+def rotation_blocks(
+    q: Array,
+    *,
+    block_size: int | None = None,
+    use_cayley_neumann: bool = True,
+    num_cayley_neumann_terms: int = 5,
+    coft: bool = False,
+    eps: float = 6e-5,
+    dtype: Any = None,
+) -> Array:
+    """The rotation blocks ``R_i`` ``(k, b, b)`` from the parameter ``q`` ``(k, b(b−1)/2)``.
+
+    Computed in ``dtype`` (default: float64 for float64 ``q``, float32 otherwise): COFT projection
+    (when ``coft``), skew blocks, then the Neumann series or the exact Cayley map.
+
+    >>> import numpy as np
+    >>> q = np.zeros((2, 6), dtype=np.float32)
+    >>> rotation_blocks(q).shape, bool((rotation_blocks(q) == np.eye(4)).all())
+    ((2, 4, 4), True)
+    """
+    xp = namespace(q, where="oft.rotation_blocks")
+    b = block_size if block_size is not None else block_size_of(q.shape[-1])
+    cd = dtype or compute_dtype(xp, q.dtype)
+    qc = as_compute(xp, q, cd)
+    if coft:
+        qc = coft_project(qc, eps=eps)
+    S = skew_blocks(qc, b)
+    return cayley_neumann(S, num_cayley_neumann_terms) if use_cayley_neumann else cayley_exact(S)
+
+
+def apply_blocks(X: Array, blocks: Array, *, transpose: bool = False) -> Array:
+    """``X · diag(R_1..R_r)`` (or ``X · diag(R_i)ᵀ``) for ``X`` ``(..., n)`` and blocks ``(r|1, b, b)``.
+
+    Block-aware, one batched matmul and no copy of ``X``: with ``X`` flattened to ``(M, n)``,
+    ``Yᵀ = diag(R_i)ᵀ Xᵀ`` where ``Xᵀ`` (a transposed view) splits into ``r`` panels ``(b, M)``
+    (a view again), so ``(r, b, b) @ (r, b, M)`` gives ``Yᵀ`` as a contiguous ``(n, M)`` array and
+    ``Y`` is its transposed view. The result is therefore column-major (Fortran order) for a 2-D
+    ``X``; values and shape are what the formula says, and a caller needing row-major storage pays
+    one transposing copy (``numpy.ascontiguousarray``). A single shared block (block_share) is one
+    ``(M·r, b) @ (b, b)`` product on the row-major view instead. Costs ``2·M·n·b`` flops instead
+    of ``2·M·n²``.
+
+    >>> import numpy as np
+    >>> X = np.arange(8.0).reshape(2, 4)
+    >>> R = np.stack([np.eye(2), np.array([[0.0, 1.0], [1.0, 0.0]])])
+    >>> apply_blocks(X, R)
+    array([[0., 1., 3., 2.],
+           [4., 5., 7., 6.]])
+    """
+    xp = namespace(X, blocks, where="oft.apply_blocks")
+    b = blocks.shape[-1]
+    n = X.shape[-1]
+    if n % b:
+        raise ShapeError(f"oft: rotated dimension {n} is not a multiple of the block size {b}")
+    r = n // b
+    if blocks.shape[0] not in (1, r):
+        raise ShapeError(f"oft: {blocks.shape[0]} rotation blocks of size {b} do not cover dimension {n} (need {r} or 1)")
+    lead = tuple(X.shape[:-1])
+    m = math.prod(lead)
+    if blocks.shape[0] == 1 or r == 1:
+        # one (shared) block: a plain (M·r, b) @ (b, b) product on the row-major view
+        R = xp.matrix_transpose(blocks) if transpose else blocks
+        out = xp.matmul(xp.reshape(X, (m * r, b)), R[0, ...])
+        return xp.reshape(out, (*lead, n))
+    # X·diag(R) = (diag(R)ᵀ Xᵀ)ᵀ: left factors diag(R)ᵀ (or diag(R) for X·diag(R)ᵀ), small and copied
+    left = blocks if transpose else _dense_copy(xp, xp.matrix_transpose(blocks))
+    XT = xp.reshape(xp.matrix_transpose(xp.reshape(X, (m, n))), (r, b, m))  # views for strided arrays
+    YT = xp.reshape(xp.matmul(left, XT), (n, m))
+    return xp.reshape(xp.matrix_transpose(YT), (*lead, n))
+
+
+def _dense_copy(xp: Any, a: Array) -> Array:
+    """``a`` in C order (a flat reshape forces the copy; libraries with lazy layouts may skip it)."""
+    return xp.reshape(xp.reshape(a, (-1,)), a.shape)
+
+
+def _inverse_blocks(blocks: Array) -> Array:
+    """The exact inverse of every block (a batched ``linalg.inv`` of ``(k, b, b)``)."""
+    xp = namespace(blocks)
+    try:
+        inv = xp.linalg.inv(blocks)
+    except (ValueError, RuntimeError, ArithmeticError) as exc:  # numpy LinAlgError, torch linalg errors
+        raise NotInvertibleError(
+            f"oft.unmerge: a rotation block is singular and cannot be inverted ({exc}); the weight is unchanged"
+        ) from exc
+    if not all_finite(inv, xp=xp):  # backends that return inf/NaN instead of raising
+        raise NotInvertibleError("oft.unmerge: a rotation block is singular (its inverse is not finite); "
+                                 "the weight is unchanged")
+    return inv
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+def _layer_of(layer: Layer | LayerKind | str | None, weight: Array) -> Layer:
+    if isinstance(layer, Layer):
+        layer.check_weight(weight)
+        return layer
+    return Layer.of(tuple(weight.shape), layer)
+
+
+def _check_blocks(lay: Layer, blocks: Array, where: str) -> None:
+    n = rotated_dim(lay)
+    if blocks.ndim != 3 or blocks.shape[-1] != blocks.shape[-2]:
+        raise ShapeError(f"{where}: rotation blocks of shape {tuple(blocks.shape)}, expected (r, b, b)")
+    b = blocks.shape[-1]
+    if n % b or blocks.shape[0] not in (1, n // b):
+        raise ShapeError(
+            f"{where}: {blocks.shape[0]} blocks of size {b} do not fit the rotated dimension {n} of a "
+            f"{lay.kind.value} {lay.weight_shape} (need r x b = {n}, or one shared block)"
+        )
+
+
+def forward(
+    x: Array,
+    weight: Array,
+    blocks: Array,
+    *,
+    bias: Array | None = None,
+    layer: Layer | LayerKind | str | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
+    peft_compat: bool = False,
+) -> Array:
+    """The unmerged OFT layer with rotation ``blocks`` ``(r|1, b, b)`` (from :func:`rotation_blocks`).
+
+    ========== ================================================================================
+    Linear     ``(x R) Wᵀ + b``, x ``(..., in)``
+    Embedding  ``W[ids] R`` (the rotation acts on the embedding dimension)
+    Conv2d     ``conv(x, W_flat Rᵀ) + b``: the same as the merged layer (default), or, with
+               ``peft_compat=True``, PEFT's unfold / rotate / fold-with-overlapping-sums input
+               transform followed by the base conv (differs from the merged layer for k > 1)
+    ========== ================================================================================
+
+    Computed in float32 (float64 for float64 inputs) and rounded once to the output dtype (x's
+    dtype; the weight's for an Embedding). ``peft_compat=True`` rounds the rotated input to x's
+    dtype before the base layer, as PEFT does.
+    """
+    xp = namespace(x, weight, blocks, bias, where="oft.forward")
+    lay = _layer_of(layer, weight)
+    _check_blocks(lay, blocks, "oft.forward")
+    emb = lay.kind is LayerKind.EMBEDDING
+    out_dtype = weight.dtype if emb else x.dtype
+    cd = compute_dtype(xp, blocks.dtype, weight.dtype, *(() if emb else (x.dtype,)))
+    R = as_compute(xp, blocks, cd)
+    if emb:
+        rows = as_compute(xp, embedding_lookup(x, weight, xp=xp), cd)  # look up first: no full-table cast
+        return as_compute(xp, apply_blocks(rows, R), out_dtype)
+    if lay.kind is LayerKind.CONV2D:
+        if any(d != 1 for d in ((dilation,) * 2 if isinstance(dilation, int) else tuple(dilation))):
+            raise UnsupportedError(
+                f"oft.forward: Conv2d with dilation={dilation} is not supported by OFT (PEFT raises ValueError too)"
+            )
+        if peft_compat:
+            xr = _peft_fold_rotate(as_compute(xp, x, cd), R, lay.kernel_size)
+            xr = as_compute(xp, as_compute(xp, xr, x.dtype), cd)
+            Wc = as_compute(xp, weight, cd)
+        else:
+            xr = as_compute(xp, x, cd)
+            Wm = as_compute(xp, xp.reshape(weight, lay.matrix_shape), cd)
+            Wc = xp.reshape(apply_blocks(Wm, R, transpose=True), lay.weight_shape)
+        bc = None if bias is None else as_compute(xp, bias, cd)
+        return as_compute(xp, conv(xr, Wc, bc, stride=stride, padding=padding, dilation=dilation, xp=xp), out_dtype)
+    xr = apply_blocks(as_compute(xp, x, cd), R)
+    if peft_compat:
+        xr = as_compute(xp, as_compute(xp, xr, x.dtype), cd)
+    y = lay.base_forward(xr, as_compute(xp, weight, cd), None if bias is None else as_compute(xp, bias, cd), xp)
+    return as_compute(xp, y, out_dtype)
+
+
+def _peft_fold_rotate(x: Array, R: Array, kernel: tuple[int, ...]) -> Array:
+    """PEFT's Conv2d input transform (``OFTRotationModule._unfold`` / ``_fold``), reproduced.
+
+    Every ``kH×kW`` patch (stride 1, no padding) is flattened in ``(C, kH, kW)`` order and rotated;
+    the rotated patches are laid out as ``(B, C, H_out, W_out, kH, kW)``, that buffer is *read* as
+    ``(B, C·kH·kW, H_out·W_out)`` (PEFT's ``view`` after ``permute``, which reorders the values) and
+    summed back with ``fold`` (overlapping patches add up).
+    """
+    xp = namespace(x, R)
+    B, C, H, W = x.shape
+    kh, kw = kernel
+    ho, wo = H - kh + 1, W - kw + 1
+    if ho <= 0 or wo <= 0:
+        raise ShapeError(f"oft.forward: input {H}x{W} is smaller than the {kh}x{kw} kernel")
+    cols = [x[:, :, p:p + ho, q:q + wo] for p in range(kh) for q in range(kw)]
+    patches = xp.reshape(xp.stack(cols, axis=-1), (B, C, ho, wo, kh, kw))
+    patches = xp.reshape(xp.permute_dims(patches, (0, 2, 3, 1, 4, 5)), (B * ho * wo, C * kh * kw))
+    rotated = apply_blocks(patches, R)
+    t = xp.permute_dims(xp.reshape(rotated, (B, ho, wo, C, kh, kw)), (0, 3, 1, 2, 4, 5))
+    t = xp.reshape(t, (B, C, kh, kw, ho, wo))  # PEFT's view(B, C*kh*kw, L) read as (c, p, q) x (i, j)
+    out = None
+    for p in range(kh):
+        for q in range(kw):
+            part = xpx.pad(t[:, :, p, q, :, :], [(0, 0), (0, 0), (p, kh - 1 - p), (q, kw - 1 - q)], xp=xp)
+            out = part if out is None else out + part
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Merge / unmerge
+# --------------------------------------------------------------------------------------------------
+def _rotate_weight(weight: Array, blocks: Array, lay: Layer, *, inverse: bool, xp: Any, cd: Any) -> Array:
+    R = as_compute(xp, blocks, cd)
+    if inverse:
+        R = _inverse_blocks(R)
+    if lay.kind is LayerKind.EMBEDDING:  # W (V, D) -> W R
+        return apply_blocks(as_compute(xp, weight, cd), R)
+    Wm = as_compute(xp, xp.reshape(weight, lay.matrix_shape), cd)  # (out, n) -> W Rᵀ
+    return xp.reshape(apply_blocks(Wm, R, transpose=True), lay.weight_shape)
+
+
+def _finish(where: str, weight: Array, new: Array, *, copy: bool, safe: bool, xp: Any) -> Array:
+    result = as_compute(xp, new, weight.dtype)
+    if safe and not all_finite(result, xp=xp):
+        raise NonFiniteError(f"{where}: the merged weight would contain NaN or infinity; the base weight is unchanged")
+    return result if copy else write_back(where, weight, result)
+
+
+def merge(
+    weight: Array,
+    blocks: Array,
+    *,
+    layer: Layer | LayerKind | str | None = None,
+    copy: bool = True,
+    safe: bool = False,
+) -> Array:
+    """The merged weight: ``W Rᵀ`` on the ``(out, n)`` view (Linear, Conv2d), ``W R`` (Embedding).
+
+    Computed in float32 (float64 for float64) and rounded once to W's dtype. ``copy=False`` writes
+    into ``weight``; ``safe=True`` refuses a non-finite result before anything is written. A 2-D
+    result is returned in column-major storage (see :func:`apply_blocks`).
+
+    >>> import numpy as np
+    >>> W = np.arange(6.0).reshape(2, 3)
+    >>> R = np.array([[[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])
+    >>> merge(W, R)
+    array([[ 1.,  0.,  2.],
+           [ 4., -3.,  5.]])
+    """
+    xp = namespace(weight, blocks, where="oft.merge")
+    lay = _layer_of(layer, weight)
+    _check_blocks(lay, blocks, "oft.merge")
+    cd = compute_dtype(xp, weight.dtype, blocks.dtype)
+    new = _rotate_weight(weight, blocks, lay, inverse=False, xp=xp, cd=cd)
+    return _finish("oft.merge", weight, new, copy=copy, safe=safe, xp=xp)
+
+
+def unmerge(
+    weight: Array,
+    blocks: Array,
+    *,
+    layer: Layer | LayerKind | str | None = None,
+    copy: bool = True,
+) -> Array:
+    """The inverse of :func:`merge`: ``W R⁻ᵀ`` (Embedding ``W R⁻¹``) with the exact inverse of each block.
+
+    >>> import numpy as np
+    >>> W = np.arange(6.0).reshape(2, 3)
+    >>> R = cayley_neumann(skew_blocks(np.array([[0.2, -0.1, 0.3]]), 3), 5)
+    >>> bool(np.allclose(unmerge(merge(W, R), R), W))
+    True
+    """
+    xp = namespace(weight, blocks, where="oft.unmerge")
+    lay = _layer_of(layer, weight)
+    _check_blocks(lay, blocks, "oft.unmerge")
+    cd = compute_dtype(xp, weight.dtype, blocks.dtype)
+    new = _rotate_weight(weight, blocks, lay, inverse=True, xp=xp, cd=cd)
+    return _finish("oft.unmerge", weight, new, copy=copy, safe=False, xp=xp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Initialisation
+# --------------------------------------------------------------------------------------------------
+def init_weights(
+    shape: tuple[int, int],
+    *,
+    init_weights: bool = True,
+    seed: int | np.random.Generator | None = 0,
+    xp: Any = None,
+    device: Any = None,
+    dtype: Any = None,
+) -> Array:
+    """PEFT's init of the OFT parameter: ``True`` gives zeros (``R = I``), ``False`` ``N(0, 0.1²)``.
+
+    Drawn on the host with ``numpy.random.default_rng(seed)`` and moved to ``xp`` / ``device``.
+    """
+    if not isinstance(init_weights, bool):
+        raise ConfigError(f"OFT init_weights must be true or false, got {init_weights!r} (PEFT: 'Unknown initialization')")
+    if xp is None:
+        import array_api_compat.numpy as xp
+    host = np.zeros(shape) if init_weights else host_rng(seed).normal(0.0, 0.1, shape)
+    out = backend_for(xp).from_host(np.ascontiguousarray(host, dtype=np.float32), xp, device)
+    target = dtype if dtype is not None else xp.float32
+    return out if out.dtype == target else xp.astype(out, target)
+
+
+# --------------------------------------------------------------------------------------------------
+# One module of a checkpoint
+# --------------------------------------------------------------------------------------------------
+_KEY = "oft_R.weight"
+_EMB_KEY = "oft_embedding_R.weight"
+
+
+class OFTModule(ModuleAdapter):
+    """OFT on one base module (Linear, Conv2d or Embedding).
+
+    OFT is multiplicative (``additive = False``): there is no ``ΔW``; :meth:`rotation` gives the
+    blocks and :meth:`merge` / :meth:`unmerge` rotate the weight.
+    """
+
+    peft_type = "OFT"
+    additive = False
+    supported_kinds = (LayerKind.LINEAR, LayerKind.CONV2D, LayerKind.EMBEDDING)
+
+    @classmethod
+    def infer_layer(cls, name: str, config: OFTConfig, params: dict[str, Array],
+                    weight_shape: tuple[int, ...] | None = None, kind: Any = None) -> Layer:
+        """Embedding when the module holds ``oft_embedding_R.weight``; otherwise Linear / Conv2d by the
+        base weight's number of dimensions. Without ``weight_shape`` the output size is unknown (OFT's
+        parameters do not record it) and is set to 0."""
+        if kind is not None and LayerKind.parse(kind) not in cls.supported_kinds:
+            raise UnsupportedError(f"{name}: OFT does not support {LayerKind.parse(kind).value} layers "
+                                   f"(PEFT: Linear, Conv2d, Embedding)")
+        if _EMB_KEY in params:
+            if weight_shape is not None:
+                return Layer(LayerKind.EMBEDDING, tuple(weight_shape))
+            return Layer(LayerKind.EMBEDDING, (0, cls._dim_from_params(name, config, params[_EMB_KEY])))
+        if _KEY not in params:
+            raise ShapeError(f"{name}: no {_KEY} or {_EMB_KEY} among the module's tensors {sorted(params)}")
+        if weight_shape is not None:
+            return Layer.of(tuple(weight_shape), kind if kind is not None and len(weight_shape) == 2 else None)
+        return Layer(LayerKind.LINEAR, (0, cls._dim_from_params(name, config, params[_KEY])))
+
+    @staticmethod
+    def _dim_from_params(name: str, config: OFTConfig, q: Array) -> int:
+        if config.block_share:
+            raise ShapeError(f"{name}: with block_share the rotated dimension is not in the checkpoint; "
+                             f"pass the base weight shape")
+        return int(q.shape[0]) * block_size_of(int(q.shape[1]))
+
+    def validate(self) -> None:
+        lay = self.layer
+        if lay.kind not in self.supported_kinds:
+            raise UnsupportedError(f"{self.name}: OFT does not support {lay.kind.value} layers (PEFT: Linear, Conv2d, "
+                                   f"Embedding; it raises TypeError for others)")
+        key = _EMB_KEY if lay.kind is LayerKind.EMBEDDING else _KEY
+        if key not in self.params:
+            raise ShapeError(f"{self.name}: missing {key} for a {lay.kind.value} layer (found {sorted(self.params)})")
+        extra = sorted(set(self.params) - {key})
+        if extra:
+            raise ShapeError(f"{self.name}: unexpected OFT tensors {extra} for a {lay.kind.value} layer")
+        self.q = self.params[key]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.r, self.block_size = block_layout(rotated_dim(lay), r=self.config.r,
+                                                   oft_block_size=self.config.oft_block_size, where=self.name)
+        expected = (1 if self.config.block_share else self.r, self.block_size * (self.block_size - 1) // 2)
+        check_shape(self.name, key, self.q, expected)
+
+    def rotation(self, *, peft_compat: bool = False, dtype: Any = None) -> Array:
+        """The rotation blocks ``(r, b, b)`` (``(1, b, b)`` with block_share), float32 or float64.
+
+        ``peft_compat=True`` rounds them to the parameter's dtype first when that is float16/bfloat16
+        (PEFT's CPU rule: computed in float32, cast back).
+        """
+        xp = self.xp
+        c = self.config
+        R = rotation_blocks(self.q, block_size=self.block_size, use_cayley_neumann=c.use_cayley_neumann,
+                            num_cayley_neumann_terms=c.num_cayley_neumann_terms, coft=c.coft, eps=c.eps, dtype=dtype)
+        if peft_compat and is_low_precision(self.q.dtype):
+            R = as_compute(xp, xp.astype(R, self.q.dtype), R.dtype)
+        return R
+
+    def delta_weight(self, *, peft_compat: bool = False) -> Array:
+        raise UnsupportedError(
+            f"{self.name}: OFT is multiplicative (merge computes W Rᵀ), so it has no delta weight; "
+            f"use rotation() for the (r, b, b) blocks, or merge()"
+        )
+
+    def _blocks_for(self, weight: Array, peft_compat: bool) -> Array:
+        cd = compute_dtype(self.xp, weight.dtype, self.q.dtype)
+        return self.rotation(peft_compat=peft_compat, dtype=cd)
+
+    def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
+              peft_compat: bool = False) -> MergeResult:
+        self.layer.check_weight(weight)
+        new = merge(weight, self._blocks_for(weight, peft_compat), layer=self.layer, copy=copy, safe=safe)
+        return MergeResult(new, bias)
+
+    def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
+                peft_compat: bool = False) -> MergeResult:
+        self.layer.check_weight(weight)
+        new = unmerge(weight, self._blocks_for(weight, peft_compat), layer=self.layer, copy=copy)
+        return MergeResult(new, bias)
+
+    def forward(self, x: Array, weight: Array, bias: Array | None = None, *, peft_compat: bool = False,
+                **layer_kwargs: Any) -> Array:
+        self.layer.check_weight(weight)
+        return forward(x, weight, self._blocks_for(weight, peft_compat), bias=bias, layer=self.layer,
+                       peft_compat=peft_compat, **layer_kwargs)
+
+    @classmethod
+    def initialize(cls, name: str, config: OFTConfig, layer: Layer, *, weight: Array | None = None,
+                   seed: int | np.random.Generator | None = 0, xp: Any = None, device: Any = None,
+                   dtype: Any = None, init: Any = None) -> tuple[dict[str, Array], Array | None]:
+        """Fresh parameters for module ``name`` (``init`` overrides ``config.init_weights``); the base
+        weight is not changed, so the second item is ``None``."""
+        if layer.kind not in cls.supported_kinds:
+            raise UnsupportedError(f"{name}: OFT does not support {layer.kind.value} layers")
+        if xp is None and weight is not None:
+            xp = namespace(weight)
+        shape = parameter_shape(layer, config, where=name)
+        key = _EMB_KEY if layer.kind is LayerKind.EMBEDDING else _KEY
+        q = init_weights(shape, init_weights=config.init_weights if init is None else init, seed=seed, xp=xp,
+                         device=device, dtype=dtype)
+        return {key: q}, None
+
+
+#: checkpoint suffixes of this method's per-module tensors
+PARAMETER_SUFFIXES = (_KEY, _EMB_KEY)
+Config = OFTConfig
+Module = OFTModule
+#: demo / documentation examples: row label -> config fields (non-trivial: random init)
+EXAMPLES = {
+    "OFT": dict(oft_block_size=4, init_weights=False),
+    "OFT exact Cayley + COFT": dict(oft_block_size=4, use_cayley_neumann=False, coft=True, eps=0.05,
+                                    init_weights=False),
+    "OFT block_share": dict(r=2, oft_block_size=0, block_share=True, init_weights=False),
+}
