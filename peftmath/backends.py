@@ -116,6 +116,12 @@ class NumpyBackend(ArrayAPIBackend):
     def handles(self, xp: Namespace) -> bool:
         return array_api_compat.is_numpy_namespace(xp)
 
+    def namespace(self) -> Namespace:
+        """The namespace this backend serves (``load_adapter(backend="numpy")``)."""
+        import array_api_compat.numpy as xp
+
+        return xp
+
     def from_host(self, a: np.ndarray, xp: Namespace, device: Any = None) -> Array:
         return np.asarray(a)
 
@@ -151,11 +157,15 @@ class NumpyBackend(ArrayAPIBackend):
         a32 = np.asarray(a, dtype=np.float32)
         b32 = np.asarray(b, dtype=np.float32)
         rows = max(1, self.tile_bytes // (4 * max(1, m.shape[1])))
+        # one reused float32 buffer: a fresh tile per step costs page faults; copyto widens and
+        # rounds (round-to-nearest-even, as astype) without temporaries
+        buf = np.empty((min(rows, m.shape[0]), m.shape[1]), dtype=np.float32)
         for start in range(0, m.shape[0], rows):
             stop = min(start + rows, m.shape[0])
-            tile = np.array(m[start:stop], dtype=np.float32, order="C")
+            tile = buf[: stop - start]
+            np.copyto(tile, m[start:stop], casting="unsafe")
             blas.sgemm(alpha, a32.T, b32[start:stop].T, beta=1.0, c=tile.T, overwrite_c=True)
-            m[start:stop] = tile.astype(m.dtype)
+            np.copyto(m[start:stop], tile, casting="unsafe")
         return True
 
 
@@ -167,13 +177,21 @@ class TorchBackend(ArrayAPIBackend):
     def handles(self, xp: Namespace) -> bool:
         return array_api_compat.is_torch_namespace(xp)
 
+    def namespace(self) -> Namespace:
+        import array_api_compat.torch as xp
+
+        return xp
+
     def from_host(self, a: np.ndarray, xp: Namespace, device: Any = None) -> Array:
         import torch
 
+        a = np.ascontiguousarray(a)
+        if not a.flags.writeable:  # torch would share read-only memory (a memmap): writing to it segfaults
+            a = a.copy()
         if dtype_name(a.dtype) == "bfloat16":
-            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         else:
-            t = torch.from_numpy(np.ascontiguousarray(a))
+            t = torch.from_numpy(a)
         return t.to(device) if device is not None else t
 
     def to_host(self, x: Array) -> np.ndarray:
@@ -207,6 +225,11 @@ class JaxBackend(ArrayAPIBackend):
 
     def handles(self, xp: Namespace) -> bool:
         return array_api_compat.is_jax_namespace(xp)
+
+    def namespace(self) -> Namespace:
+        import jax.numpy as xp
+
+        return xp
 
     def stop_gradient(self, x: Array) -> Array:
         import jax

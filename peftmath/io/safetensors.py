@@ -193,6 +193,11 @@ class SafeTensorsFile(Mapping):
         _, _, b, e, _ = self._entries[name]
         return e - b
 
+    def span(self, name: str) -> tuple[int, int]:
+        """Absolute byte range ``[start, end)`` of tensor ``name``'s data in the file."""
+        _, _, b, e, _ = self._entries[name]
+        return self.data_offset + b, self.data_offset + e
+
     def close(self) -> None:
         self._map = None
 
@@ -229,7 +234,14 @@ def save_file(
     Tensors are written in sorted name order, as the safetensors library does.
     """
     target = Path(path)
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    arrays = {}
+    for k, v in tensors.items():
+        a = np.asarray(v)
+        if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d tensor into shape (1,))
+            a = np.ascontiguousarray(a)
+        if a.dtype.byteorder == ">":  # safetensors is little-endian
+            a = a.astype(a.dtype.newbyteorder("<"))
+        arrays[k] = a
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

@@ -1,0 +1,634 @@
+"""The ``peftmath`` command: demo, inspect, merge, unmerge and extract PEFT adapters without PyTorch.
+
+Data goes to stdout, logs and progress to stderr. Exit status: 0 success, 1 error (one line naming
+the file, tensor or field and what to do; ``-v`` adds the traceback), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import CheckpointError, ConfigError, PeftMathError, ShapeError
+
+EPILOG_MODELS = """\
+Models (BASE, TUNED, MERGED, OUT) are a .safetensors file or a folder of shards with
+model.safetensors.index.json (a folder holding one model.safetensors works too). An adapter is a
+PEFT adapter folder: adapter_config.json + adapter_model.safetensors (adapter_model.bin pickles are
+refused, never loaded).
+"""
+
+MERGE_EPILOG = EPILOG_MODELS + """
+The merge streams one tensor at a time: tensors the adapters do not touch are copied byte for byte,
+adapted weights are merged (in float32 for half-precision weights, rounded once) and written to OUT
+with the same shards, index and metadata; the other small files of a model folder (config.json,
+tokenizer files) are copied, other weight files (*.bin, *.safetensors not in the index) are not.
+OUT is written to a temporary sibling and renamed when complete; an existing OUT is refused unless
+--force. Inputs are never modified. Progress goes to stderr when it is a terminal.
+
+DoRA: unmerging needs the weight norms of merge time. They are written beside the result:
+OUT/peftmath_merge_records.safetensors for a folder, OUT.merge-records.safetensors for a file.
+`peftmath unmerge` reads them from there (or --records FILE).
+
+examples:
+  peftmath merge llama/ my-lora/ -o llama-merged/
+  peftmath merge model.safetensors a/ b/ -o merged.safetensors --dtype bfloat16 --safe
+  peftmath merge llama/ my-lora/ -o out/ --dry-run
+"""
+
+
+# --- helpers ----------------------------------------------------------------------------------
+class _Log:
+    def __init__(self, verbosity: int) -> None:
+        self.verbosity = verbosity
+
+    def info(self, msg: str) -> None:
+        if self.verbosity >= 1:
+            print(msg, file=sys.stderr)
+
+    def debug(self, msg: str) -> None:
+        if self.verbosity >= 2:
+            print(msg, file=sys.stderr)
+
+    def warn(self, msg: str) -> None:
+        if self.verbosity >= 0:
+            print(f"peftmath: warning: {msg}", file=sys.stderr)
+
+
+def _layer_kinds(items: Sequence[str] | None) -> dict[str, str]:
+    from .layers import LayerKind
+
+    out: dict[str, str] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError(f"--layer-kind {item!r}: expected MODULE=KIND, e.g. transformer.h.0.attn.c_attn=Conv1D")
+        m, k = item.split("=", 1)
+        LayerKind.parse(k)  # validate early
+        out[m] = k
+    return out
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    cols = [header, *rows]
+    widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _backend_namespace(name: str | None):
+    """(xp, to_xp, to_host) for backend ``name`` (None: NumPy, no conversion)."""
+    if name is None or name == "numpy":
+        return None, None, None
+    from .backends import get_backend
+    from .errors import BackendError
+
+    b = get_backend(name)
+    xp = getattr(b, "namespace", lambda: None)() if hasattr(b, "namespace") else None
+    if xp is None:
+        try:
+            if name == "torch":
+                import array_api_compat.torch as xp  # noqa: F811
+            elif name == "jax":
+                import jax.numpy as xp  # noqa: F811
+            elif name == "array_api":
+                import array_api_strict as xp  # noqa: F811
+        except ImportError as exc:
+            raise BackendError(f"backend {name!r}: {exc}; install it or leave out --backend") from exc
+    if xp is None:
+        raise BackendError(f"backend {name!r} does not name its array namespace; leave out --backend")
+    return xp, (lambda a: b.from_host(np.ascontiguousarray(a), xp)), b.to_host
+
+
+def _progress(total: int, quiet: bool, desc: str):
+    if quiet or not sys.stderr.isatty():
+        return None, (lambda: None)
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None, (lambda: None)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr, leave=False)
+    return bar.update, bar.close
+
+
+def _load_adapters(paths: Sequence[str], to_xp: Any = None):
+    from .io import load_adapter
+
+    adapters = [load_adapter(p) for p in paths]
+    if to_xp is not None:  # private writeable copies on the backend (the files stay memory-mapped read-only)
+        for ad in adapters:
+            ad.params = {m: {s: to_xp(np.array(a)) for s, a in p.items()} for m, p in ad.params.items()}
+            ad.shared = {k: to_xp(np.array(v)) for k, v in ad.shared.items()}
+            ad.other = {k: to_xp(np.array(v)) for k, v in ad.other.items()}
+    return adapters
+
+
+# --- inspect ----------------------------------------------------------------------------------
+def top_singular_values(M: np.ndarray, k: int, *, rank_hint: int | None = None) -> tuple[list[float], bool]:
+    """The ``k`` largest singular values of ``M`` and whether they are exact.
+
+    Full SVD up to 1024 rows/columns; above, subspace iteration with ``rank_hint + 10`` vectors
+    (exact for a delta of rank <= ``rank_hint``, as LoRA's is).
+    """
+    from .methods.lora import randomized_svd
+
+    m = min(M.shape)
+    k = min(k, m)
+    if m <= 1024:
+        return [float(s) for s in np.linalg.svd(M, compute_uv=False)[:k]], True
+    q = min(m, max(k, rank_hint or k) + 10)
+    _, S, _ = randomized_svd(M, q, niter=2, rng=np.random.default_rng(0))
+    return [float(s) for s in np.asarray(S)[:k]], bool(rank_hint is not None and rank_hint + 10 <= q)
+
+
+def inspect_adapter(path: str | os.PathLike, *, base: Any = None, layer_kinds: dict | None = None,
+                    top: int = 3, norms: bool = True) -> dict[str, Any]:
+    """Everything ``peftmath inspect`` reports, as a JSON-ready dict.
+
+    ``base`` is an opened :class:`~peftmath.io.stream.Model` (or None); every adapted module is then
+    checked against it (``modules[i]["base"]`` is ``"ok"`` or the problem).
+    """
+    from ._array import dtype_name
+    from .config import resolve_pattern
+    from .io import load_adapter
+
+    ad = load_adapter(path)
+    cfg = ad.config
+    layer_kinds = layer_kinds or {}
+    module_cls = getattr(ad.method, "Module", None)  # prompt-learning methods adapt no weights
+    additive = bool(getattr(module_cls, "additive", False))
+    trainable = ad.num_trainable_parameters()
+    dtypes = ad.dtypes()
+    if getattr(ad.method, "PROMPT_LEARNING", False):  # the virtual-token tensors are what was trained
+        trainable += sum(int(np.prod(v.shape)) for v in ad.shared.values())
+        dtypes = sorted(set(dtypes) | {dtype_name(v.dtype) for v in ad.shared.values()})
+    info: dict[str, Any] = {
+        "path": str(path),
+        "peft_type": ad.peft_type,
+        "additive": additive,
+        "target_modules": cfg.to_dict().get("target_modules"),
+        "num_modules": len(ad.modules),
+        "trainable_parameters": trainable,
+        "dtypes": dtypes,
+        "shared": {k: list(v.shape) for k, v in ad.shared.items()},
+        "replaced_base_tensors": {k: list(v.shape) for k, v in sorted(ad.other.items())},
+        "modules": [],
+        "problems": [],
+    }
+    for m in ad.modules:
+        p = ad.params[m]
+        entry: dict[str, Any] = {
+            "module": m,
+            "parameters": {s: {"shape": list(a.shape), "dtype": dtype_name(a.dtype)} for s, a in p.items()},
+            "num_parameters": int(sum(int(np.prod(a.shape)) for a in p.values())),
+        }
+        r = getattr(cfg, "r", None)
+        if isinstance(r, int) and not isinstance(r, bool) and r > 0:
+            entry["rank"] = resolve_pattern(getattr(cfg, "rank_pattern", None) or {}, m, r)
+        wshape = None
+        if base is not None:
+            wkey = f"{m}.weight"
+            if wkey not in base:
+                near = base.closest(wkey)
+                msg = f"no tensor {wkey!r} in the base" + (f" (closest: {', '.join(near)})" if near else "")
+                entry["base"] = msg
+                info["problems"].append(f"{m}: {msg}")
+            else:
+                wshape = base.shape(wkey)
+        try:
+            mod = ad.module(m, weight_shape=wshape, kind=layer_kinds.get(m))
+            known = wshape is not None or all(int(d) > 0 for d in mod.layer.weight_shape)
+            entry["layer"] = mod.layer.kind.value if known else None
+            entry["weight_shape"] = list(mod.layer.weight_shape) if known else None
+            if base is not None and "base" not in entry:
+                entry["base"] = "ok"
+        except PeftMathError as exc:
+            mod = None
+            entry["layer"] = None
+            if base is not None and "base" not in entry:
+                entry["base"] = str(exc)
+                info["problems"].append(str(exc))
+        entry["delta_norm"] = None
+        entry["top_singular_values"] = None
+        if norms and additive and mod is not None:
+            try:
+                d = np.asarray(mod.delta_weight(), dtype=np.float64)
+                M = mod.layer.as_matrix(d, np)
+                entry["delta_norm"] = float(np.linalg.norm(M))
+                sv, exact = top_singular_values(M, top, rank_hint=entry.get("rank"))
+                entry["top_singular_values"] = sv
+                entry["singular_values_exact"] = exact
+            except PeftMathError as exc:
+                entry["delta_norm_error"] = str(exc)
+        info["modules"].append(entry)
+    return info
+
+
+def _cmd_inspect(args: argparse.Namespace, log: _Log) -> int:
+    from .io.stream import open_model
+
+    base = open_model(args.base) if args.base else None
+    info = inspect_adapter(args.adapter, base=base, layer_kinds=_layer_kinds(args.layer_kind), top=args.top)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"adapter:     {info['path']}")
+        print(f"method:      {info['peft_type']} ({'additive: W + dW' if info['additive'] else 'not additive'})")
+        print(f"targets:     {info['target_modules']}")
+        print(f"modules:     {info['num_modules']}   trainable parameters: {info['trainable_parameters']:,}   "
+              f"dtypes: {', '.join(info['dtypes'])}")
+        if info["shared"]:
+            print(f"shared:      {info['shared']}")
+        if info["replaced_base_tensors"]:
+            print(f"other:       {info['replaced_base_tensors']}")
+        rows = []
+        for e in info["modules"]:
+            sv = e["top_singular_values"]
+            rows.append([
+                e["module"], e["layer"] or "?", "x".join(map(str, e.get("weight_shape") or [])) or "?",
+                str(e.get("rank", "-")), f"{e['num_parameters']:,}",
+                "n/a" if e["delta_norm"] is None else f"{e['delta_norm']:.4g}",
+                "n/a" if sv is None else ", ".join(f"{s:.4g}" for s in sv),
+                *([e["base"]] if base is not None else []),
+            ])
+        header = ["module", "layer", "weight", "rank", "params", "|dW|_F", "top singular values"]
+        print(_table(rows, header + (["base"] if base is not None else [])))
+    if info["problems"]:
+        n = len(info["problems"])
+        raise ShapeError(f"{args.adapter}: {n} adapted module(s) do not fit {args.base}: {info['problems'][0]}")
+    return 0
+
+
+# --- merge / unmerge --------------------------------------------------------------------------
+def _plan_table(pl: Any) -> str:
+    rows = []
+    copied = [op for op in pl.ops.values() if op.operation == "copy"]
+    for op in pl.ops.values():
+        if op.operation == "copy":
+            continue
+        path = op.src_dtype if op.src_dtype == op.dst_dtype == op.work_dtype else \
+            " -> ".join(dict.fromkeys([op.src_dtype, op.work_dtype, op.dst_dtype]))
+        if op.src_dtype == op.work_dtype and op.work_dtype != op.dst_dtype:
+            path = f"{op.src_dtype} -> {op.dst_dtype}"
+        rows.append([op.key, op.operation, "x".join(map(str, op.shape)), path, _fmt_bytes(op.nbytes),
+                     "; ".join(op.modules)])
+    table = _table(rows, ["tensor", "operation", "shape", "dtype path", "bytes", "adapters"])
+    total = pl.bytes_out()
+    tail = (f"\n{len(rows)} tensors computed, {len(copied)} copied unchanged "
+            f"({_fmt_bytes(sum(op.nbytes for op in copied))}); output {_fmt_bytes(total)}")
+    return table + tail
+
+
+def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
+    from .io import stream
+
+    src_path = args.base if direction == "merge" else args.merged
+    base = stream.open_model(src_path)
+    xp, to_xp, to_host = _backend_namespace(getattr(args, "backend", None))
+    adapters = _load_adapters(args.adapters, to_xp)
+    kinds = _layer_kinds(args.layer_kind)
+    dtype = None
+    if getattr(args, "dtype", "keep") not in (None, "keep"):
+        dtype = stream.OUTPUT_DTYPES[args.dtype]
+    pl = stream.plan(base, adapters, direction=direction, dtype=dtype, layer_kinds=kinds, names=args.adapters)
+    if args.dry_run:
+        print(_plan_table(pl))
+        out = Path(args.output)
+        if out.exists() and not args.force:
+            log.warn(f"{out} exists: the real run needs --force")
+        return 0
+    if direction == "unmerge" and args.records:
+        rpath = Path(args.records)
+        if not rpath.exists():
+            raise CheckpointError(f"{rpath}: no such records file")
+    else:
+        rpath = stream.records_path(src_path)  # an earlier merge's records travel with the model
+    records = stream.read_records(rpath)
+    update, close = _progress(pl.bytes_out(), args.quiet, direction)
+    t0 = time.perf_counter()
+    try:
+        rep = stream.transform(
+            base, adapters, args.output, direction=direction, dtype=dtype, safe=getattr(args, "safe", False),
+            peft_compat=args.peft_compat, layer_kinds=kinds, records=records, force=args.force, names=args.adapters,
+            inputs=[Path(a) for a in args.adapters], to_xp=to_xp, to_host=to_host, progress=update,
+            precomputed_plan=pl)
+    finally:
+        close()
+    dt = time.perf_counter() - t0
+    if not args.quiet:
+        msg = (f"{direction}d {rep.adapted} tensors, copied {rep.tensors - rep.adapted}; wrote {rep.out} "
+               f"({_fmt_bytes(rep.bytes_written)}) in {dt:.2f} s")
+        if rep.records_file:
+            msg += f"; merge records ({rep.records}) in {rep.records_file}"
+        print(msg, file=sys.stderr)
+    return 0
+
+
+def _cmd_merge(args, log):
+    return _run_transform(args, log, "merge")
+
+
+def _cmd_unmerge(args, log):
+    return _run_transform(args, log, "unmerge")
+
+
+# --- extract ----------------------------------------------------------------------------------
+_EMBED_RE = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|position_embeddings|tok_embeddings)$")
+
+
+def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy: float | None = None,
+                 include: str | None = None, exclude: str | None = None, randomized: bool = False,
+                 layer_kinds: dict | None = None, fan_in_fan_out: bool = False, force: bool = False,
+                 log: _Log | None = None) -> dict[str, dict[str, Any]]:
+    """Write a PEFT LoRA adapter approximating ``TUNED - BASE`` by a truncated SVD per module.
+
+    Returns ``{module: {"rank", "relative_error", "shape", "layer"}}``; the same numbers are stored in
+    the adapter's safetensors metadata under ``peftmath.extract``.
+    """
+    from .adapter import Adapter
+    from .io import save_adapter
+    from .io.stream import _check_output, _commit, open_model
+    from .layers import Layer, LayerKind
+    from .methods.lora import LoraConfig, parameter_shapes, randomized_svd
+
+    log = log or _Log(0)
+    if not isinstance(rank, int) or rank <= 0:
+        raise ConfigError(f"--rank must be a positive integer, got {rank!r}")
+    if energy is not None and not 0 < energy <= 1:
+        raise ConfigError(f"--energy must be in (0, 1], got {energy}")
+    inc = re.compile(include) if include else None
+    exc_re = re.compile(exclude) if exclude else None
+    layer_kinds = layer_kinds or {}
+    base = open_model(base_path)
+    tuned = open_model(tuned_path)
+    outp = Path(out)
+    _check_output(outp, [Path(base_path), Path(tuned_path)], force)
+    params: dict[str, dict[str, np.ndarray]] = {}
+    report: dict[str, dict[str, Any]] = {}
+    uncaptured: list[str] = []
+    for key in tuned.keys():
+        if key not in base:
+            log.warn(f"{key}: in TUNED but not in BASE; skipped")
+            continue
+        if tuned.shape(key) != base.shape(key):
+            log.warn(f"{key}: shape {tuned.shape(key)} in TUNED but {base.shape(key)} in BASE; skipped")
+            continue
+        shape = tuned.shape(key)
+        m = key[: -len(".weight")] if key.endswith(".weight") else None
+        wanted = (m is not None and len(shape) in (2, 3, 4, 5)
+                  and (inc is None or inc.search(m)) and not (exc_re is not None and exc_re.search(m)))
+        if tuned.dtype(key).kind != "f" and not str(tuned.dtype(key)).startswith(("bfloat", "float")):
+            continue
+        if not wanted:
+            if key in tuned and not np.array_equal(tuned.read(key), base.read(key)):
+                uncaptured.append(key)
+            continue
+        wide = np.float64 if np.float64 in (tuned.dtype(key), base.dtype(key)) else np.float32
+        D = tuned.read(key).astype(wide) - base.read(key).astype(wide)
+        if not np.any(D):
+            continue
+        kind = layer_kinds.get(m)
+        if kind is None and len(shape) == 2:
+            if _EMBED_RE.search(m):
+                kind = LayerKind.EMBEDDING
+            elif fan_in_fan_out:
+                kind = LayerKind.CONV1D_TRANSPOSED
+        layer = Layer.of(shape, kind)
+        M = layer.as_matrix(D, np)
+        full = min(M.shape)
+        if randomized and rank + 10 < full:
+            U, S, Vh = (np.asarray(x) for x in randomized_svd(M, rank + 10, niter=2, rng=np.random.default_rng(0)))
+        else:
+            U, S, Vh = np.linalg.svd(M, full_matrices=False)
+        k = min(rank, full, len(S))
+        total = float(np.sum(M.astype(np.float64) ** 2))
+        if energy is not None and total > 0:
+            cum = np.cumsum(S.astype(np.float64) ** 2) / total
+            k = min(k, int(np.searchsorted(cum, energy * (1 - 1e-12)) + 1))
+        k = max(1, k)
+        root = np.sqrt(S[:k])
+        Bm = (U[:, :k] * root).astype(wide)
+        Am = (root[:, None] * Vh[:k]).astype(wide)
+        resid = M.astype(np.float64) - Bm.astype(np.float64) @ Am.astype(np.float64)
+        err = float(np.linalg.norm(resid) / np.sqrt(total)) if total > 0 else 0.0
+        shapes = parameter_shapes(layer, k)
+        (ka, sa), (kb, sb) = list(shapes.items())
+        params[m] = {ka: np.ascontiguousarray(Am.reshape(sa)), kb: np.ascontiguousarray(Bm.reshape(sb))}
+        report[m] = {"rank": k, "relative_error": err, "shape": list(shape), "layer": layer.kind.value}
+    if not params:
+        raise CheckpointError(f"{tuned_path}: no adapted weight differs from {base_path} "
+                              f"(after --include/--exclude); nothing to extract")
+    if uncaptured:
+        log.warn(f"{len(uncaptured)} changed tensors are not captured by the LoRA adapter "
+                 f"(not 2-D..5-D weights, or filtered), e.g. {uncaptured[0]}")
+    rank_pattern = {re.escape(m): v["rank"] for m, v in report.items() if v["rank"] != rank}
+    kinds = {v["layer"] for v in report.values()}
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(params), rank_pattern=rank_pattern,
+                        alpha_pattern=dict(rank_pattern), init_lora_weights=True,
+                        fan_in_fan_out=(LayerKind.CONV1D_TRANSPOSED.value in kinds))
+    config.validate(source="extract")
+    ad = Adapter(config, params)
+    meta = {"peftmath.extract": json.dumps({m: {"rank": v["rank"], "relative_error": v["relative_error"]}
+                                            for m, v in report.items()}, sort_keys=True)}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{outp.name}.", suffix=".peftmath-tmp", dir=outp.parent))
+    try:
+        save_adapter(ad, tmp, metadata=meta)
+        _commit(tmp, outp, force, None)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _cmd_extract(args: argparse.Namespace, log: _Log) -> int:
+    t0 = time.perf_counter()
+    report = extract_lora(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy,
+                          include=args.include, exclude=args.exclude, randomized=args.randomized,
+                          layer_kinds=_layer_kinds(args.layer_kind), fan_in_fan_out=args.fan_in_fan_out,
+                          force=args.force, log=log)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        rows = [[m, v["layer"], "x".join(map(str, v["shape"])), str(v["rank"]), f"{v['relative_error']:.3e}"]
+                for m, v in report.items()]
+        print(_table(rows, ["module", "layer", "weight", "rank", "relative error"]))
+    if not args.quiet:
+        print(f"wrote LoRA adapter ({len(report)} modules) to {args.output} in {time.perf_counter() - t0:.2f} s",
+              file=sys.stderr)
+    return 0
+
+
+# --- demo -------------------------------------------------------------------------------------
+def _cmd_demo(args: argparse.Namespace, log: _Log) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.dir, force=args.force, quiet=args.quiet, log=log)
+
+
+# --- the parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    def verbosity_options(parser: argparse.ArgumentParser, default: Any) -> None:
+        parser.add_argument("-q", "--quiet", action="store_true", default=default if default is not None else False,
+                            help="print only data and errors")
+        parser.add_argument("-v", "--verbose", action="count", default=default if default is not None else 0,
+                            help="more logging; a traceback on errors")
+
+    common = argparse.ArgumentParser(add_help=False)
+    verbosity_options(common, argparse.SUPPRESS)  # given after the command, or before it
+
+    p = argparse.ArgumentParser(
+        prog="peftmath",
+        description="Inspect, merge, unmerge and extract PEFT adapters on safetensors models, without PyTorch. "
+                    "Start with `peftmath demo`.",
+        epilog=EPILOG_MODELS + "\nRun `peftmath COMMAND --help` for each command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbosity_options(p, None)
+    p.add_argument("--version", action="version", version=f"peftmath {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    d = sub.add_parser("demo", parents=[common], formatter_class=raw,
+                       help="build a small model and one adapter per method; inspect, merge, unmerge, verify",
+                       description="Build a small model (Linear with and without bias, Embedding, 3x3 and 1x1 "
+                                   "Conv2d, transformers Conv1D) and one PEFT-format adapter per example of every "
+                                   "method peftmath implements; inspect, merge (the same streaming code as "
+                                   "`peftmath merge`), unmerge, and verify against a float64 reference. Prints one "
+                                   "row per example; exits 1 if an error exceeds its bound.")
+    d.add_argument("dir", nargs="?", help="folder to write the model and adapters into (default: a temporary "
+                                          "folder, removed at the end)")
+    d.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")
+    d.set_defaults(func=_cmd_demo)
+
+    i = sub.add_parser("inspect", parents=[common], formatter_class=raw,
+                       help="describe an adapter: method, targets, ranks, parameters, delta norms",
+                       description="Describe a PEFT adapter folder: method, target modules, rank per module "
+                                   "(rank_pattern resolved), trainable parameters, dtypes, and for additive methods "
+                                   "the Frobenius norm and top singular values of each module's delta weight. "
+                                   "With --base, check that every adapted module exists in BASE with a "
+                                   "compatible shape (exit 1 if not).",
+                       epilog=EPILOG_MODELS)
+    i.add_argument("adapter", help="PEFT adapter folder")
+    i.add_argument("--base", help="base model to check the adapter against (headers only are read)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--top", type=int, default=3, help="number of singular values to show (default 3)")
+    i.add_argument("--layer-kind", action="append", metavar="MODULE=KIND",
+                   help="layer kind of a module whose weight shape is ambiguous (e.g. a square transformers "
+                        "Conv1D): Linear, Conv1D, Embedding, Conv1d, Conv2d, Conv3d")
+    i.set_defaults(func=_cmd_inspect)
+
+    for name, helptext in (("merge", "merge adapters into a model (streamed, one tensor at a time)"),
+                           ("unmerge", "remove merged adapters from a model (the inverse of merge)")):
+        s = sub.add_parser(name, parents=[common], help=helptext, formatter_class=raw,
+                           description=helptext[0].upper() + helptext[1:] + ".",
+                           epilog=MERGE_EPILOG if name == "merge" else EPILOG_MODELS + (
+                               "\nAdditive methods subtract their delta; IA3 divides; OFT/BOFT apply the inverse "
+                               "rotation. DoRA needs the weight norms recorded by `peftmath merge` (read from "
+                               "MERGED/peftmath_merge_records.safetensors or MERGED.merge-records.safetensors, "
+                               "or --records FILE). Several adapters are unmerged in reverse order.\n\n"
+                               "example:\n  peftmath unmerge llama-merged/ my-lora/ -o llama-restored/\n"))
+        s.add_argument("base" if name == "merge" else "merged", metavar="BASE" if name == "merge" else "MERGED",
+                       help="model (.safetensors file or shard folder)")
+        s.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter folder(s), merged in order")
+        s.add_argument("-o", "--output", required=True, metavar="OUT",
+                       help="output model: a file if the input is a file, a folder if it is a folder")
+        s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+        s.add_argument("--dry-run", action="store_true", help="print the plan (tensor, operation, shapes, dtype path, "
+                                                              "bytes) and write nothing")
+        s.add_argument("--peft-compat", action="store_true", help="reproduce PEFT's rounding order bit for bit")
+        s.add_argument("--backend", help="compute backend (numpy by default; torch, cupy, ... when installed)")
+        s.add_argument("--layer-kind", action="append", metavar="MODULE=KIND",
+                       help="layer kind of a module with an ambiguous (square) weight, e.g. h.0.attn.c_attn=Conv1D")
+        if name == "merge":
+            s.add_argument("--dtype", choices=["keep", "float32", "float16", "bfloat16"], default="keep",
+                           help="dtype of the floating-point tensors written (default keep); adapted tensors are "
+                                "merged in the wider of the two and rounded once")
+            s.add_argument("--safe", action="store_true", help="refuse (exit 1, nothing written) a result with NaN/inf")
+            s.set_defaults(func=_cmd_merge)
+        else:
+            s.add_argument("--records", metavar="FILE", help="merge records file (DoRA weight norms)")
+            s.set_defaults(func=_cmd_unmerge)
+
+    e = sub.add_parser("extract", parents=[common], formatter_class=raw,
+                       help="a LoRA adapter from a fine-tuned model (truncated SVD of TUNED - BASE)",
+                       description="Write a PEFT LoRA adapter approximating TUNED - BASE: for every weight "
+                                   "(2-D, or a conv) that differs, a truncated SVD of rank R (or less with "
+                                   "--energy). The per-module relative error |D - BA|_F / |D|_F is printed and "
+                                   "stored in the adapter's safetensors metadata (key peftmath.extract). "
+                                   "2-D weights named like embeddings (embed_tokens, wte, ...) are Embeddings; "
+                                   "use --fan-in-fan-out for GPT-2 style Conv1D models.",
+                       epilog=EPILOG_MODELS + "\nexample:\n  peftmath extract llama/ llama-ft/ --rank 16 "
+                                              "--exclude 'lm_head|embed' -o extracted-lora/\n")
+    e.add_argument("base", metavar="BASE")
+    e.add_argument("tuned", metavar="TUNED")
+    e.add_argument("--rank", type=int, required=True, metavar="R", help="LoRA rank (upper bound with --energy)")
+    e.add_argument("--energy", type=float, metavar="E",
+                   help="per module, the smallest rank <= R keeping this fraction of sum(sigma^2), e.g. 0.99")
+    e.add_argument("--include", metavar="REGEX", help="only modules whose name matches (re.search)")
+    e.add_argument("--exclude", metavar="REGEX", help="skip modules whose name matches (re.search)")
+    e.add_argument("--randomized", action="store_true", help="randomized SVD (faster for large weights, "
+                                                             "slightly less accurate)")
+    e.add_argument("--fan-in-fan-out", action="store_true", help="2-D weights are stored (in, out) (GPT-2 Conv1D)")
+    e.add_argument("--layer-kind", action="append", metavar="MODULE=KIND", help="layer kind of a module")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
+    e.add_argument("--force", action="store_true", help="replace ADAPTER_DIR if it exists")
+    e.set_defaults(func=_cmd_extract)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    verbosity = -1 if args.quiet else 1 + args.verbose
+    log = _Log(verbosity)
+    try:
+        return int(args.func(args, log) or 0)
+    except BrokenPipeError:  # `peftmath inspect ... | head`: the reader left; not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
+    except (PeftMathError, OSError) as exc:
+        if args.verbose:
+            traceback.print_exc()
+        msg = str(exc) if isinstance(exc, PeftMathError) else f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}"
+        print(f"peftmath: error: {' '.join(msg.split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("peftmath: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

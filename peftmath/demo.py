@@ -1,0 +1,223 @@
+"""``peftmath demo``: the built-in example, end to end.
+
+A small model (Linear with and without bias, an Embedding, a 3x3 and a 1x1 Conv2d, a transformers
+Conv1D whose weight is stored ``(in, out)``, and a LayerNorm that no method touches) is written as
+``model.safetensors`` from a fixed seed. For every implemented method and every row of its
+``EXAMPLES`` table, an adapter is initialised on the modules the method supports, written in PEFT's
+format, inspected, merged through the streaming code of ``peftmath merge``, unmerged through that of
+``peftmath unmerge``, and verified:
+
+- *merge error*: ``max |W_merged - W_ref| / max |W|`` over the adapted tensors, where ``W_ref`` is
+  the same adapter and base cast to float64 and merged with :meth:`~peftmath.Adapter.merge`;
+- *round trip*: ``max |unmerge(merge(W)) - W| / max |W|``.
+
+Both must stay below ``BOUND`` (1024 float32 epsilons); methods added later appear automatically.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MODEL", "LAYER_KINDS", "build_model", "run_demo", "BOUND"]
+
+#: relative error bound of the demo's float32 model (1024 float32 epsilons)
+BOUND = 1024 * float(np.finfo(np.float32).eps)
+SEED = 20240601
+
+#: module name -> (layer kind, weight shape, has bias)
+MODEL: dict[str, tuple[str, tuple[int, ...], bool]] = {
+    "embed": ("Embedding", (40, 24), False),
+    "fc_in": ("Linear", (32, 24), True),
+    "fc_out": ("Linear", (24, 32), False),
+    "conv3x3": ("Conv2d", (8, 4, 3, 3), True),
+    "conv1x1": ("Conv2d", (6, 8, 1, 1), False),
+    "attn.c_attn": ("Conv1D", (24, 72), True),  # transformers Conv1D: (in, out), not square
+}
+#: layer kinds passed to every merge (the Conv1D weight's layout cannot be told from its shape alone)
+LAYER_KINDS = {name: kind for name, (kind, _, _) in MODEL.items() if kind in ("Conv1D", "Embedding")}
+
+
+def build_model(seed: int = SEED) -> dict[str, np.ndarray]:
+    """The demo model's float32 state dict, drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    state: dict[str, np.ndarray] = {}
+    for name, (_, shape, bias) in MODEL.items():
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 2 else shape[1]
+        state[f"{name}.weight"] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+        if bias:
+            out = shape[1] if MODEL[name][0] == "Conv1D" else shape[0]
+            state[f"{name}.bias"] = (0.1 * rng.standard_normal(out)).astype(np.float32)
+    state["norm.weight"] = (1 + 0.1 * rng.standard_normal(24)).astype(np.float32)
+    return state
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower() or "example"
+
+
+def _build_adapter(method: Any, label: str, fields: dict, state: dict[str, np.ndarray], seed: int):
+    """``(Adapter, new base weights)`` of one EXAMPLES row on every supported module of the model."""
+    from .adapter import Adapter
+    from .layers import Layer, LayerKind
+
+    Module = method.Module
+    kinds = tuple(LayerKind.parse(k) for k in getattr(Module, "supported_kinds", ()))
+    targets = [n for n, (k, _, _) in MODEL.items() if LayerKind.parse(k) in kinds]
+    if not targets:
+        raise ValueError(f"supports none of the demo's layer kinds ({', '.join(k.value for k in kinds) or 'none'})")
+    config = method.Config(**fields, target_modules=targets)
+    if hasattr(config, "validate"):
+        config.validate(source=f"EXAMPLES[{label!r}]")
+    shared_keys = tuple(getattr(method, "SHARED_KEYS", ()))
+    params: dict[str, dict[str, Any]] = {}
+    shared: dict[str, Any] = {}
+    new_weights: dict[str, np.ndarray] = {}
+    layers = {name: Layer.of(MODEL[name][1], MODEL[name][0]) for name in targets}
+    extra: dict[str, Any] = {}
+    if shared_keys and hasattr(method, "init_shared"):  # tensors shared by all modules (VeRA's projections)
+        shared.update(method.init_shared(config, list(layers.values())))
+    if "shared" in inspect.signature(Module.initialize).parameters:
+        extra["shared"] = shared
+    for j, name in enumerate(targets):
+        layer = layers[name]
+        p, new_w = Module.initialize(name, config, layer, weight=state[f"{name}.weight"], seed=seed + j, **extra)
+        for k in list(p):
+            if k in shared_keys:
+                shared.setdefault(k, p.pop(k))
+        params[name] = p
+        if new_w is not None:
+            new_weights[f"{name}.weight"] = np.asarray(new_w)
+    return Adapter(config, params, shared=shared), new_weights
+
+
+def _to64(a: Any) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+def _verify(adapter: Any, base_state: dict, merged: dict, unmerged: dict) -> tuple[float, float, list[str]]:
+    """(merge error, round-trip error, adapted keys) relative to max |W| per tensor."""
+    from .adapter import Adapter
+
+    ad64 = Adapter(adapter.config, {m: {s: _to64(a) for s, a in p.items()} for m, p in adapter.params.items()},
+                   shared={k: _to64(v) for k, v in adapter.shared.items()},
+                   other={k: _to64(v) for k, v in adapter.other.items()})
+    state64 = {k: _to64(v) for k, v in base_state.items()}
+    ref = ad64.merge(state64, layer_kinds=LAYER_KINDS)
+    keys = sorted({k for m in adapter.modules for k in (f"{m}.weight", f"{m}.bias") if k in base_state})
+    merge_err = rt_err = 0.0
+    for k in keys:
+        scale = max(float(np.max(np.abs(state64[k]))), 1e-30)
+        merge_err = max(merge_err, float(np.max(np.abs(_to64(merged[k]) - ref[k]))) / scale)
+        rt_err = max(rt_err, float(np.max(np.abs(_to64(unmerged[k]) - state64[k]))) / scale)
+    for k in base_state:  # untouched tensors: bit for bit
+        if k not in keys and not np.array_equal(np.asarray(merged[k]), base_state[k]):
+            merge_err = float("inf")
+    return merge_err, rt_err, keys
+
+
+def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool = False, log: Any = None) -> int:
+    """Run the demo; print the table on stdout; return the exit status (1 if a bound is exceeded)."""
+    from .cli import _table, inspect_adapter
+    from .errors import PeftMathError, ShapeError
+    from .io import load_adapter, save_adapter
+    from .io.safetensors import load_file, save_file
+    from .io.stream import open_model, read_records, records_path, transform
+    from .methods import get_method, implemented_methods
+
+    tmp = directory is None
+    root = Path(tempfile.mkdtemp(prefix="peftmath-demo-")) if tmp else Path(directory)
+    if not tmp:
+        if root.exists() and any(root.iterdir()) and not force:
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"{root}: folder is not empty; pass --force to write the demo into it anyway")
+        root.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    rows: list[list[str]] = []
+    failed: list[str] = []
+    try:
+        state = build_model()
+        base_path = root / "model.safetensors"
+        save_file(state, base_path, metadata={"format": "pt", "source": "peftmath demo"})
+        if not quiet:
+            n = sum(v.size for v in state.values())
+            print(f"model: {base_path} ({len(MODEL)} layers, {n:,} parameters, float32)", file=sys.stderr)
+        row_seed = 0
+        for peft_type in implemented_methods():
+            try:
+                method = get_method(peft_type)
+            except Exception as exc:  # a method module that fails to import must not stop the demo
+                print(f"peftmath demo: skipping {peft_type}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            examples = getattr(method, "EXAMPLES", None)
+            if not examples or getattr(method, "Module", None) is None:
+                if not quiet:
+                    print(f"peftmath demo: {peft_type} has no weight-merging examples; skipped", file=sys.stderr)
+                continue
+            for label, fields in examples.items():
+                row_seed += 100
+                t0 = time.perf_counter()
+                try:
+                    adapter, new_weights = _build_adapter(method, label, dict(fields), state, SEED + row_seed)
+                except Exception as exc:
+                    print(f"peftmath demo: skipping {label} ({peft_type}): {type(exc).__name__}: {exc}",
+                          file=sys.stderr)
+                    continue
+                slug = _slug(label)
+                ex_base_path = base_path
+                ex_state = state
+                if new_weights:  # the init changed the base (PiSSA-like): this example gets its own base
+                    ex_state = {**state, **new_weights}
+                    ex_base_path = root / f"{slug}-base.safetensors"
+                    save_file(ex_state, ex_base_path, metadata={"format": "pt"})
+                adir = root / f"adapter-{slug}"
+                if adir.exists():
+                    shutil.rmtree(adir)
+                try:
+                    save_adapter(adapter, adir)
+                    info = inspect_adapter(adir, base=open_model(ex_base_path), layer_kinds=LAYER_KINDS)
+                    if info["problems"]:
+                        raise ShapeError("; ".join(info["problems"]))
+                    loaded = load_adapter(adir)
+                    merged_path = root / f"merged-{slug}.safetensors"
+                    unmerged_path = root / f"unmerged-{slug}.safetensors"
+                    transform(open_model(ex_base_path), [loaded], merged_path, layer_kinds=LAYER_KINDS, force=True,
+                              names=[str(adir)])
+                    transform(open_model(merged_path), [loaded], unmerged_path, direction="unmerge",
+                              layer_kinds=LAYER_KINDS, force=True, records=read_records(records_path(merged_path)),
+                              names=[str(adir)])
+                    merge_err, rt_err, _ = _verify(adapter, ex_state, load_file(merged_path),
+                                                   load_file(unmerged_path))
+                except PeftMathError as exc:  # a real failure of an implemented method: report it, go on
+                    print(f"peftmath demo: {label} ({peft_type}) failed: {exc}", file=sys.stderr)
+                    failed.append(label)
+                    rows.append([label, peft_type, "-", "-", "-", "-", f"{time.perf_counter() - t0:.2f} s", "ERROR"])
+                    continue
+                ok = merge_err <= BOUND and rt_err <= BOUND
+                if not ok:
+                    failed.append(label)
+                rows.append([label, peft_type, str(info["num_modules"]), f"{info['trainable_parameters']:,}",
+                             f"{merge_err:.2e}", f"{rt_err:.2e}", f"{time.perf_counter() - t0:.2f} s",
+                             "ok" if ok else "FAIL"])
+        print(_table(rows, ["example", "method", "modules", "trainable", "merge err", "round trip", "time",
+                            "check"]))
+        if not quiet:
+            print(f"errors: max |W - W_ref| / max |W| per tensor, W_ref = float64 merge; bound {BOUND:.1e}. "
+                  f"{len(rows)} examples in {time.perf_counter() - t_all:.2f} s"
+                  + ("" if tmp else f"; files in {root}"), file=sys.stderr)
+    finally:
+        if tmp:
+            shutil.rmtree(root, ignore_errors=True)
+    if failed:
+        print(f"peftmath: error: verification failed for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,263 @@
+"""`peftmath merge` / `peftmath unmerge` end to end on real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+import peftmath as pm
+from peftmath.io.safetensors import SafeTensorsFile, load_file
+from peftmath.io.stream import open_model, records_path
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _f64(a):
+    return np.asarray(a).astype(np.float64)
+
+
+def _ref_merge(adapters, state):
+    """The float64 reference: every adapter cast to float64, merged in order with Adapter.merge."""
+    st = {k: _f64(v) for k, v in state.items()}
+    for ad in adapters:
+        ad64 = pm.Adapter(ad.config, {m: {s: _f64(a) for s, a in p.items()} for m, p in ad.params.items()})
+        st = ad64.merge(st)
+    return st
+
+
+def _read_model(path):
+    m = open_model(path)
+    return {k: m.read(k) for k in m.keys()}
+
+
+def _check_close(out, ref, base, dtype_eps, n_roundings=1):
+    """|out - ref| <= n * eps * (|ref| + |base|) + (float32 compute slack)."""
+    for k, v in ref.items():
+        o = _f64(out[k])
+        bound = n_roundings * dtype_eps * (np.abs(v) + np.abs(_f64(base[k]))) + 64 * EPS32 * np.max(np.abs(v))
+        assert np.all(np.abs(o - v) <= bound), k
+
+
+def test_merge_single_file(cli, f32_model, tmp_path, lora_targets, h):
+    base, state = f32_model
+    ad = h.make_lora(tmp_path / "lora", state, lora_targets)
+    before = h.tree_digest(base, tmp_path / "lora")
+    out = tmp_path / "merged.safetensors"
+    rc, stdout, err = cli("merge", base, tmp_path / "lora", "-o", out)
+    assert rc == 0, err
+    assert h.tree_digest(base, tmp_path / "lora") == before
+    merged = load_file(out)
+    ref = _ref_merge([ad], state)
+    _check_close(merged, ref, state, EPS32)
+    for k in state:  # untouched tensors bit for bit, adapted ones changed
+        if not any(k.startswith(t + ".weight") for t in lora_targets):
+            assert merged[k].tobytes() == state[k].tobytes(), k
+        else:
+            assert not np.array_equal(merged[k], state[k])
+    assert SafeTensorsFile(out).metadata == SafeTensorsFile(base).metadata
+    assert list(SafeTensorsFile(out)) == list(SafeTensorsFile(base))  # same tensor order
+    assert not records_path(out).exists()  # LoRA needs no records
+
+
+def test_merge_sharded_bf16_and_unmerge(cli, tmp_path, lora_targets, h):
+    state = h.model_state(h.BF16)
+    base = h.write_model(tmp_path / "base", state, shards=3)
+    ad = h.make_lora(tmp_path / "lora", state, lora_targets + ["model.embed_tokens"])
+    out = tmp_path / "merged"
+    rc, _, err = cli("merge", base, tmp_path / "lora", "-o", out)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
+    idx_in = json.loads((base / "model.safetensors.index.json").read_text())
+    idx_out = json.loads((out / "model.safetensors.index.json").read_text())
+    assert idx_in == idx_out
+    assert (out / "config.json").read_text() == (base / "config.json").read_text()
+    (base / "config.json").write_text(json.dumps({"model_type": "tiny", "torch_dtype": "bfloat16"}))
+    rc, _, err = cli("merge", base, tmp_path / "lora", "-o", tmp_path / "m32", "--dtype", "float32")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "m32" / "config.json").read_text())["torch_dtype"] == "float32"
+    (base / "config.json").write_text(json.dumps({"model_type": "tiny"}))
+    for name in idx_in["weight_map"].values():
+        assert SafeTensorsFile(out / name).dtype(next(iter(SafeTensorsFile(out / name)))) is not None
+    merged = _read_model(out)
+    assert all(merged[k].dtype == state[k].dtype for k in state)
+    eps_bf16 = 2.0 ** -8
+    _check_close(merged, _ref_merge([ad], state), state, eps_bf16)
+    # unmerge: back to the base within one more bf16 rounding of |W| + |dW|
+    back = tmp_path / "restored"
+    rc, _, err = cli("unmerge", out, tmp_path / "lora", "-o", back)
+    assert rc == 0, err
+    restored = _read_model(back)
+    ref = _ref_merge([ad], state)
+    for k in state:
+        d = np.abs(_f64(restored[k]) - _f64(state[k]))
+        assert np.all(d <= 3 * eps_bf16 * (np.abs(_f64(state[k])) + np.abs(ref[k] - _f64(state[k])) + 1e-30)), k
+
+
+def test_several_adapters_in_order_and_dtype(cli, f32_model, tmp_path, lora_targets, h):
+    base, state = f32_model
+    a = h.make_lora(tmp_path / "a", state, lora_targets[:4], seed=1)
+    b = h.make_lora(tmp_path / "b", state, lora_targets[2:], seed=2, r=2, alpha=5)
+    out = tmp_path / "m.safetensors"
+    rc, _, err = cli("merge", base, tmp_path / "a", tmp_path / "b", "-o", out, "--dtype", "float16", "--safe")
+    assert rc == 0, err
+    merged = load_file(out)
+    assert merged["model.layers.0.q_proj.weight"].dtype == np.float16
+    assert merged["model.step"].dtype == np.int64  # integers are never cast
+    _check_close(merged, _ref_merge([a, b], state), state, 2.0 ** -11)
+    # float32 output: unmerge both (reverse order) gives back the base
+    out32 = tmp_path / "m32.safetensors"
+    assert cli("merge", base, tmp_path / "a", tmp_path / "b", "-o", out32)[0] == 0
+    back = tmp_path / "back.safetensors"
+    assert cli("unmerge", out32, tmp_path / "a", tmp_path / "b", "-o", back)[0] == 0
+    restored = load_file(back)
+    for k in state:
+        assert np.allclose(restored[k], state[k], rtol=0, atol=64 * EPS32 * (1 + np.max(np.abs(state[k]))))
+
+
+def test_dry_run_writes_nothing(cli, f32_model, tmp_path, lora_targets, h):
+    base, state = f32_model
+    h.make_lora(tmp_path / "lora", state, lora_targets)
+    out = tmp_path / "never.safetensors"
+    rc, stdout, _ = cli("merge", base, tmp_path / "lora", "-o", out, "--dry-run", "--dtype", "bfloat16")
+    assert rc == 0
+    assert not out.exists() and not list(tmp_path.glob(".never*"))
+    assert "model.layers.0.q_proj.weight" in stdout and "merge" in stdout
+    assert "float32 -> bfloat16" in stdout and "16x12" in stdout
+    assert "14 tensors computed, 1 copied unchanged" in stdout  # every float tensor is cast, not the int64 one
+
+
+def test_dora_records_and_unmerge(cli, f32_model, tmp_path, lora_targets, h):
+    base, state = f32_model
+    h.make_lora(tmp_path / "dora", state, lora_targets[:3], use_dora=True)
+    out = tmp_path / "dm.safetensors"
+    rc, _, err = cli("merge", base, tmp_path / "dora", "-o", out)
+    assert rc == 0, err
+    rec = records_path(out)
+    assert rec.name == "dm.safetensors.merge-records.safetensors" and rec.exists()
+    assert sorted(load_file(rec)) == [f"adapters.0.{m}" for m in sorted(lora_targets[:3])]
+    back = tmp_path / "back.safetensors"
+    rc, _, err = cli("unmerge", out, tmp_path / "dora", "-o", back)
+    assert rc == 0, err
+    restored = load_file(back)
+    for k in state:
+        assert np.allclose(restored[k], state[k], rtol=0, atol=1e-5), k
+    # without the records: a clear error, nothing written
+    rec.unlink()
+    rc, _, err = cli("unmerge", out, tmp_path / "dora", "-o", tmp_path / "x.safetensors")
+    assert rc == 1 and "weight norms recorded at merge time" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_dora_records_in_folder(cli, tmp_path, lora_targets, h):
+    state = h.model_state()
+    base = h.write_model(tmp_path / "base", state, shards=2)
+    h.make_lora(tmp_path / "dora", state, lora_targets[:2], use_dora=True)
+    out = tmp_path / "merged"
+    assert cli("merge", base, tmp_path / "dora", "-o", out)[0] == 0
+    assert (out / "peftmath_merge_records.safetensors").exists()
+    back = tmp_path / "back"
+    assert cli("unmerge", out, tmp_path / "dora", "-o", back)[0] == 0
+    assert not (back / "peftmath_merge_records.safetensors").exists()  # consumed
+    restored = _read_model(back)
+    for k in state:
+        assert np.allclose(restored[k], state[k], rtol=0, atol=1e-5), k
+
+
+def test_force_and_peft_compat(cli, f32_model, tmp_path, lora_targets, h):
+    base, state = f32_model
+    h.make_lora(tmp_path / "lora", state, lora_targets)
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"old")
+    rc, _, err = cli("merge", base, tmp_path / "lora", "-o", out)
+    assert rc == 1 and "--force" in err and out.read_bytes() == b"old"
+    rc, _, err = cli("merge", base, tmp_path / "lora", "-o", out, "--force", "--peft-compat", "-q")
+    assert rc == 0 and err == ""
+    assert set(load_file(out)) == set(state)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_backend_torch(cli, f32_model, tmp_path, lora_targets, h):
+    pytest.importorskip("torch")
+    base, state = f32_model
+    h.make_lora(tmp_path / "lora", state, lora_targets)
+    o1, o2 = tmp_path / "np.safetensors", tmp_path / "torch.safetensors"
+    assert cli("merge", base, tmp_path / "lora", "-o", o1)[0] == 0
+    rc, _, err = cli("merge", base, tmp_path / "lora", "-o", o2, "--backend", "torch")
+    assert rc == 0, err
+    a, b = load_file(o1), load_file(o2)
+    for k in a:
+        assert np.allclose(a[k], b[k], rtol=0, atol=16 * EPS32 * (1 + np.max(np.abs(a[k])))), k
+
+
+def test_subprocess_merge(f32_model, tmp_path, lora_targets, h):
+    base, state = f32_model
+    h.make_lora(tmp_path / "lora", state, lora_targets)
+    out = tmp_path / "m.safetensors"
+    p = subprocess.run([h.PYTHON, "-m", "peftmath.cli", "merge", str(base), str(tmp_path / "lora"), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "" and "merged 9 tensors" in p.stderr
+    assert out.exists()
+    p = subprocess.run([h.PYTHON, "-m", "peftmath.cli", "merge", str(base)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and "usage" in p.stderr
+
+
+def test_folder_with_single_file_and_progress(cli, tmp_path, lora_targets, h, monkeypatch):
+    """A folder holding one model.safetensors (no index) gives a folder; the tqdm bar runs on a 'terminal'."""
+    import sys
+
+    state = h.model_state()
+    folder = tmp_path / "base"
+    folder.mkdir()
+    h.write_model(folder / "model.safetensors", state)
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"not copied")
+    h.make_lora(tmp_path / "lora", state, lora_targets)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    rc, _, err = cli("merge", folder, tmp_path / "lora", "-o", tmp_path / "out")
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors", "tokenizer.json"]
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert merged["lm_head.weight"].tobytes() == state["lm_head.weight"].tobytes()
+
+
+def test_two_dora_adapters_on_one_module(cli, f32_model, tmp_path, lora_targets, h):
+    """Each DoRA adapter's record is kept apart (adapters.<i>.<module>) and unmerge uses the right one."""
+    base, state = f32_model
+    h.make_lora(tmp_path / "d1", state, lora_targets[:2], use_dora=True, seed=1)
+    h.make_lora(tmp_path / "d2", state, lora_targets[:2], use_dora=True, seed=2)
+    out = tmp_path / "m.safetensors"
+    assert cli("merge", base, tmp_path / "d1", tmp_path / "d2", "-o", out)[0] == 0
+    assert len(load_file(records_path(out))) == 4
+    back = tmp_path / "b.safetensors"
+    rc, _, err = cli("unmerge", out, tmp_path / "d1", tmp_path / "d2", "-o", back)
+    assert rc == 0, err
+    restored = load_file(back)
+    for k in state:
+        assert np.allclose(restored[k], state[k], rtol=0, atol=1e-5), k
+
+
+def test_records_travel_through_successive_merges(cli, tmp_path, lora_targets, h):
+    """merge d1, then merge d2 into the result, then unmerge d2 and d1 one at a time: back to the base."""
+    state = h.model_state()
+    base = h.write_model(tmp_path / "base", state, shards=2)
+    h.make_lora(tmp_path / "d1", state, lora_targets[:2], use_dora=True, seed=1)
+    h.make_lora(tmp_path / "d2", state, lora_targets[:2], use_dora=True, seed=2)
+    steps = [("merge", base, "d1", "m1"), ("merge", "m1", "d2", "m2"), ("unmerge", "m2", "d2", "u1"),
+             ("unmerge", "u1", "d1", "u0")]
+    for cmd, src, ad, out in steps:
+        src = src if isinstance(src, type(base)) else tmp_path / src
+        rc, _, err = cli(cmd, src, tmp_path / ad, "-o", tmp_path / out)
+        assert rc == 0, (cmd, out, err)
+    assert sorted(load_file(tmp_path / "m2" / "peftmath_merge_records.safetensors")) == sorted(
+        f"adapters.{i}.{m}" for i in (0, 1) for m in lora_targets[:2])
+    assert sorted(load_file(tmp_path / "u1" / "peftmath_merge_records.safetensors")) == sorted(
+        f"adapters.0.{m}" for m in lora_targets[:2])
+    assert not (tmp_path / "u0" / "peftmath_merge_records.safetensors").exists()
+    restored = _read_model(tmp_path / "u0")
+    for k in state:
+        assert np.allclose(restored[k], state[k], rtol=0, atol=1e-5), k
