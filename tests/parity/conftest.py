@@ -1,0 +1,335 @@
+"""Helpers for the PEFT parity tests: tiny torch models, PEFT <-> NumPy conversion, tolerances.
+
+Nothing here imports torch or peft at module level in a way that fails: the test modules start with
+``torch = pytest.importorskip("torch"); peft = pytest.importorskip("peft")`` and then call these
+helpers. Every model is built from a NumPy seed (no torch RNG, nothing downloaded).
+
+The top-level ``tests/conftest.py`` helpers (``to_xp``, ``to_np``, ``assert_same_namespace``) are
+re-exported: pytest imports every ``conftest.py`` under the module name ``conftest``, so after this
+file is imported ``from conftest import to_np`` finds this module.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import warnings
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+try:  # keep the parity suite on two cores, like the rest of the project
+    import torch as _torch
+
+    _torch.set_num_threads(2)
+except ImportError:  # pragma: no cover - parity tests skip themselves
+    _torch = None
+
+
+def _load_top_conftest():
+    path = Path(__file__).parent.parent / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_peftmath_top_conftest", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_top = _load_top_conftest()
+to_xp = _top.to_xp
+to_np = _top.to_np
+assert_same_namespace = _top.assert_same_namespace
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# imports
+# --------------------------------------------------------------------------------------------------
+def require_peft():
+    """``(torch, peft)`` or skip the calling test module."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    torch.set_num_threads(2)
+    return torch, peft
+
+
+def torch_xp():
+    """array-api-compat's torch namespace (peftmath computing with torch's own kernels)."""
+    import array_api_compat.torch as xp
+
+    return xp
+
+
+# --------------------------------------------------------------------------------------------------
+# conversions
+# --------------------------------------------------------------------------------------------------
+def t2n(t) -> np.ndarray:
+    """A torch tensor as a NumPy array of the same dtype (bfloat16 via ml_dtypes), copied."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(BF16).copy()
+    return t.numpy().copy()
+
+
+def n2t(a: np.ndarray):
+    """A NumPy array (bfloat16 included) as a torch tensor of the same dtype."""
+    import torch
+
+    a = np.ascontiguousarray(a)
+    if a.dtype == BF16:
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny models
+# --------------------------------------------------------------------------------------------------
+def layer_factory(kind: str, **kw):
+    """A torch base layer: ``kind`` in linear, linear_nobias, conv1d_t (transformers Conv1D), embedding,
+    conv1d, conv2d, conv3d (conv keywords: in_ch, out_ch, k, stride, padding, dilation, bias)."""
+    import torch.nn as nn
+
+    if kind == "linear":
+        return nn.Linear(kw.get("in_f", 24), kw.get("out_f", 40), bias=kw.get("bias", True))
+    if kind == "conv1d_t":
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D(kw.get("out_f", 40), kw.get("in_f", 24))  # Conv1D(nf=out, nx=in): weight (in, out)
+    if kind == "embedding":
+        return nn.Embedding(kw.get("vocab", 48), kw.get("dim", 20))
+    conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}[kind]
+    return conv(kw.get("in_ch", 6), kw.get("out_ch", 10), kw.get("k", 3), stride=kw.get("stride", 1),
+                padding=kw.get("padding", 0), dilation=kw.get("dilation", 1), bias=kw.get("bias", True))
+
+
+def build_model(layers: dict, *, seed: int = 0, dtype: str = "float32"):
+    """An ``nn.Module`` holding ``layers`` (``{"blocks.0.q": module, ...}``, dotted names nest),
+    every parameter redrawn from ``numpy.random.default_rng(seed)`` (weights N(0, 1/prod(shape[1:])),
+    biases N(0, 0.01))."""
+    import torch
+    import torch.nn as nn
+
+    root = nn.Module()
+    for name, module in layers.items():
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, module)
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for pname, p in root.named_parameters():
+            if pname.endswith("bias"):
+                value = rng.normal(0.0, 0.1, p.shape)
+            else:
+                fan = int(np.prod(p.shape[1:]))
+                value = rng.normal(0.0, 1.0 / np.sqrt(max(fan, 1)), p.shape)
+            p.copy_(torch.from_numpy(value.astype(np.float32)))
+    return root.to(torch_dtype(dtype))
+
+
+def base_state(model) -> dict[str, np.ndarray]:
+    """The base model's state dict as NumPy arrays (taken before PEFT wraps the model)."""
+    return {k: t2n(v) for k, v in model.state_dict().items()}
+
+
+def randomize_adapter(peft_model, *, seed: int = 1, scale: float = 0.3) -> None:
+    """Overwrite every LoRA/DoRA tensor of ``peft_model`` with values from a NumPy seed.
+
+    Factors get N(0, scale²) entries (non-trivial: B != 0); DoRA magnitudes are multiplied by
+    U(0.5, 1.5) so that g = m / ||W + sBA|| is far from 1. Dtypes are kept.
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.from_numpy(rng.uniform(0.5, 1.5, p.shape).astype(np.float32)).to(p.dtype))
+            elif "lora_" in name:
+                p.copy_(torch.from_numpy(rng.normal(0.0, scale, p.shape).astype(np.float32)).to(p.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT -> peftmath
+# --------------------------------------------------------------------------------------------------
+def _jsonable(obj):
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if hasattr(obj, "value"):
+        return obj.value
+    raise TypeError(type(obj))
+
+
+def peft_config_dict(peft_model, adapter: str = "default") -> dict:
+    """PEFT's config as adapter_config.json would hold it (sets as lists, enums as strings)."""
+    return json.loads(json.dumps(peft_model.peft_config[adapter].to_dict(), default=_jsonable))
+
+
+def to_adapter(peft_model, adapter: str = "default"):
+    """A :class:`peftmath.Adapter` holding exactly the tensors of ``peft_model``'s adapter (NumPy)."""
+    import peft
+
+    from peftmath import Adapter
+    from peftmath.io.peft import config_from_dict, split_key
+    from peftmath.methods import lora
+
+    config = config_from_dict(peft_config_dict(peft_model, adapter))
+    sd = peft.get_peft_model_state_dict(peft_model, adapter_name=adapter)
+    params: dict = {}
+    for key, value in sd.items():
+        parts = split_key(key, lora.PARAMETER_SUFFIXES)
+        assert parts is not None, key
+        params.setdefault(parts[0], {})[parts[1]] = t2n(value)
+    return Adapter(config, params)
+
+
+def peft_layer(peft_model, name: str):
+    """The PEFT tuner layer wrapping module ``name``."""
+    return peft_model.base_model.model.get_submodule(name)
+
+
+def peft_weights(peft_model, names) -> dict[str, np.ndarray]:
+    """Current base weights (and biases) of the adapted modules ``names``, as NumPy, by state-dict key."""
+    out = {}
+    for name in names:
+        base = peft_layer(peft_model, name).get_base_layer()
+        out[f"{name}.weight"] = t2n(base.weight)
+        if getattr(base, "bias", None) is not None:
+            out[f"{name}.bias"] = t2n(base.bias)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# comparisons
+# --------------------------------------------------------------------------------------------------
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
+
+
+def assert_close(got, want, *, atol: float, rtol: float, what: str = "") -> float:
+    """``|got - want| <= atol + rtol |want|`` elementwise; returns the max abs error."""
+    g = np.asarray(got, np.float64)
+    w = np.asarray(want, np.float64)
+    assert g.shape == w.shape, f"{what}: shape {g.shape} != {w.shape}"
+    bad = np.abs(g - w) > atol + rtol * np.abs(w)
+    assert not bad.any(), f"{what}: {int(bad.sum())}/{bad.size} elements off, max abs err {max_abs(g, w):.3g}"
+    return max_abs(g, w)
+
+
+def bf16_ulps(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """|got - want| in units of bf16 spacing at ``want`` (elementwise)."""
+    assert got.dtype == BF16 and want.dtype == BF16, (got.dtype, want.dtype)
+    sp = np.abs(np.spacing(want)).astype(np.float64)
+    sp = np.where(sp == 0, np.float64(ml_dtypes.finfo(BF16).smallest_subnormal), sp)
+    return np.abs(got.astype(np.float64) - want.astype(np.float64)) / sp
+
+
+def bits_differ(got: np.ndarray, want: np.ndarray) -> int:
+    """How many elements differ in their bit pattern (bfloat16 / float32)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, want.dtype, got.shape, want.shape)
+    view = np.int16 if got.dtype.itemsize == 2 else np.int32
+    return int(np.count_nonzero(np.ascontiguousarray(got).view(view) != np.ascontiguousarray(want).view(view)))
+
+
+@pytest.fixture
+def quiet_warnings():
+    """Silence PEFT's UserWarnings (e.g. fan_in_fan_out notices) inside a test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def module_names(peft_model) -> list[str]:
+    """Names of the modules PEFT adapted (relative to the base model)."""
+    from peft.tuners.lora import LoraLayer
+
+    return sorted(re.sub(r"^base_model\.model\.", "", n) for n, m in peft_model.named_modules()
+                  if isinstance(m, LoraLayer) and n.startswith("base_model.model."))
+
+
+# --------------------------------------------------------------------------------------------------
+# one PEFT model and its peftmath twin
+# --------------------------------------------------------------------------------------------------
+def make_peft(layers: dict, config: dict, *, dtype: str = "float32", seed: int = 0, adapter_seed: int = 1,
+              autocast_adapter_dtype: bool = True, randomize: bool = True, scale: float = 0.3):
+    """Build a tiny model, wrap it with ``peft.get_peft_model(LoraConfig(**config))`` and return
+    ``(peft_model, adapter, base_state)``.
+
+    ``layers`` maps module names to ``(kind, layer_factory keywords)``. ``config`` holds LoraConfig
+    fields (``init_lora_weights`` defaults to False). With ``randomize`` every adapter tensor is redrawn
+    from ``adapter_seed`` (:func:`randomize_adapter`); ``adapter`` is peftmath's :class:`Adapter`
+    holding PEFT's tensors, ``base_state`` the base state dict (NumPy), both taken from PEFT.
+    """
+    import peft
+
+    model = build_model({n: layer_factory(k, **kw) for n, (k, kw) in layers.items()}, seed=seed, dtype=dtype)
+    state = base_state(model)
+    cfg = dict(init_lora_weights=False)
+    cfg.update(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(model, peft.LoraConfig(**cfg), autocast_adapter_dtype=autocast_adapter_dtype)
+    if randomize:
+        randomize_adapter(pm, seed=adapter_seed, scale=scale)
+    pm.eval()
+    return pm, to_adapter(pm), state
+
+
+def layer_kwargs(peft_model, name: str) -> dict:
+    """The conv hyper-parameters of module ``name`` (empty for other layers)."""
+    import torch.nn as nn
+
+    base = peft_layer(peft_model, name).get_base_layer()
+    if isinstance(base, nn.modules.conv._ConvNd):
+        return dict(stride=tuple(base.stride), padding=tuple(base.padding), dilation=tuple(base.dilation))
+    return {}
+
+
+def make_input(peft_model, name: str, *, seed: int = 5, batch: int = 3, dtype: str = "float32") -> np.ndarray:
+    """A NumPy input for module ``name``: token ids for an Embedding, (batch, C, 7, ...) for a conv."""
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    base = peft_layer(peft_model, name).get_base_layer()
+    rng = np.random.default_rng(seed)
+    if isinstance(base, nn.Embedding):
+        return rng.integers(0, base.num_embeddings, size=(batch, 5))
+    if isinstance(base, nn.modules.conv._ConvNd):
+        nd = len(base.kernel_size)
+        shape = (batch, base.in_channels) + ((9, 8, 7)[:nd] if nd < 3 else (6, 5, 5))
+    elif isinstance(base, Conv1D):
+        shape = (batch, 4, base.weight.shape[0])
+    else:
+        shape = (batch, 4, base.in_features)
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x.astype(BF16) if dtype == "bfloat16" else x
+
+
+def peft_forward(peft_model, name: str, x: np.ndarray) -> np.ndarray:
+    """PEFT's (unmerged) adapted output of module ``name`` for input ``x``."""
+    import torch
+
+    with torch.no_grad():
+        return t2n(peft_layer(peft_model, name)(n2t(x)))
+
+
+def adapter_to_torch(adapter):
+    """The same adapter with its tensors as torch tensors (peftmath computing with torch kernels)."""
+    from peftmath import Adapter
+
+    params = {m: {s: n2t(np.asarray(a)) for s, a in p.items()} for m, p in adapter.params.items()}
+    return Adapter(adapter.config, params)

@@ -1,0 +1,222 @@
+"""Checkpoints both ways between PEFT 0.21.2 and peftmath (adapter_config.json + adapter_model.safetensors).
+
+* PEFT ``save_pretrained`` -> ``peftmath.load_adapter``: every config field PEFT wrote comes back (and is
+  written back unchanged by ``save_adapter``), every tensor is bit-identical with its dtype, and the
+  merged weights equal PEFT's (float32 within 1e-5; bf16 bit-identical with ``peft_compat=True``).
+* ``peftmath.save_adapter`` of an adapter that peftmath built (``LoraModule.initialize`` or plain
+  arrays) -> ``PeftModel.from_pretrained(fresh base, dir)``: no missing and no unexpected adapter
+  keys, PEFT holds exactly our tensors, and PEFT's forward equals peftmath's.
+
+Configs: LoRA, DoRA, rsLoRA, rank/alpha patterns, lora_bias, Embedding, Conv2d, transformers Conv1D
+(fan_in_fan_out), bf16 adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from conftest import (  # noqa: E402
+    BF16,
+    assert_close,
+    base_state,
+    bits_differ,
+    build_model,
+    layer_factory,
+    layer_kwargs,
+    make_input,
+    make_peft,
+    peft_config_dict,
+    peft_forward,
+    peft_layer,
+    peft_weights,
+    t2n,
+)
+
+import peftmath as pmath  # noqa: E402
+from peftmath.io.peft import split_key  # noqa: E402
+from peftmath.io.safetensors import load_file  # noqa: E402
+from peftmath.layers import Layer  # noqa: E402
+from peftmath.methods import lora  # noqa: E402
+
+pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+TOL_W = dict(atol=1e-5, rtol=1e-5)
+TOL_Y = dict(atol=1e-4, rtol=1e-4)
+
+_PAT_LAYERS = {"blocks.0.q": ("linear", {}), "blocks.0.v": ("linear", {}), "blocks.1.q": ("linear", {}),
+               "head": ("linear", dict(in_f=40, out_f=16))}
+
+#: case -> (layers, LoraConfig fields, base dtype, adapter dtype)
+CASES = {
+    "lora": ({"lin": ("linear", {})}, dict(r=4, lora_alpha=12, target_modules=["lin"]), "float32", "float32"),
+    "dora": ({"lin": ("linear", {})}, dict(r=4, lora_alpha=12, use_dora=True, target_modules=["lin"]),
+             "float32", "float32"),
+    "rslora": ({"lin": ("linear", {})}, dict(r=4, lora_alpha=12, use_rslora=True, target_modules=["lin"]),
+               "float32", "float32"),
+    "patterns": (_PAT_LAYERS, dict(r=4, lora_alpha=8, target_modules=["q", "v", "head"],
+                                   rank_pattern={r"blocks\.1\.q": 2, "v": 6}, alpha_pattern={"head": 20}),
+                 "float32", "float32"),
+    "lora_bias": ({"lin": ("linear", {}), "conv": ("conv2d", dict(k=3, padding=1))},
+                  dict(r=4, lora_alpha=12, lora_bias=True, target_modules=["lin", "conv"]), "float32", "float32"),
+    "embedding": ({"emb": ("embedding", {})}, dict(r=4, lora_alpha=12, target_modules=["emb"]), "float32", "float32"),
+    "conv2d": ({"conv": ("conv2d", dict(k=3, stride=2, padding=1))}, dict(r=4, lora_alpha=12, target_modules=["conv"]),
+               "float32", "float32"),
+    "conv1d_transformers": ({"attn.c_attn": ("conv1d_t", dict(in_f=24, out_f=40))},
+                            dict(r=4, lora_alpha=12, fan_in_fan_out=True, target_modules=["c_attn"]),
+                            "float32", "float32"),
+    "dora_embedding_conv": ({"emb": ("embedding", {}), "conv": ("conv2d", dict(k=3, padding=1))},
+                            dict(r=4, lora_alpha=12, use_dora=True, target_modules=["emb", "conv"]),
+                            "float32", "float32"),
+    "bf16_lora": ({"lin": ("linear", {}), "emb": ("embedding", {}), "attn.c_attn": ("conv1d_t", {})},
+                  dict(r=4, lora_alpha=12, target_modules=["lin", "emb", "c_attn"]), "bfloat16", "bfloat16"),
+    "bf16_dora": ({"lin": ("linear", {}), "conv": ("conv2d", dict(k=3, padding=1))},
+                  dict(r=4, lora_alpha=12, use_dora=True, target_modules=["lin", "conv"]), "bfloat16", "bfloat16"),
+    "bf16_base_fp32_adapter": ({"lin": ("linear", {}), "conv": ("conv2d", dict(k=3))},
+                               dict(r=4, lora_alpha=12, lora_bias=True, target_modules=["lin", "conv"]),
+                               "bfloat16", "float32"),
+}
+
+CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "lora_bias",
+                 "fan_in_fan_out", "rank_pattern", "alpha_pattern", "init_lora_weights", "bias")
+
+
+def _tensors_by_module(sd) -> dict:
+    out: dict = {}
+    for key, value in sd.items():
+        module, suffix = split_key(key, lora.PARAMETER_SUFFIXES)
+        out.setdefault(module, {})[suffix] = t2n(value) if hasattr(value, "detach") else np.asarray(value)
+    return out
+
+
+def _assert_same_tensors(ours: dict, theirs: dict) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for module in theirs:
+        assert sorted(ours[module]) == sorted(theirs[module]), module
+        for suffix, want in theirs[module].items():
+            got = np.asarray(ours[module][suffix])
+            assert got.dtype == want.dtype and got.shape == want.shape, (module, suffix, got.dtype, want.dtype)
+            assert bits_differ(got, want) == 0, (module, suffix)
+
+
+def _check_merge(pm, ad, state, names, *, low_precision: bool) -> None:
+    pm.merge_adapter()
+    want = peft_weights(pm, names)
+    pm.unmerge_adapter()
+    ours = ad.merge(state, peft_compat=low_precision)
+    for key, w in want.items():
+        if low_precision and w.dtype == BF16:
+            assert bits_differ(np.asarray(ours[key]), w) == 0, key
+        else:
+            assert_close(ours[key], w, **TOL_W, what=f"merge {key}")
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT -> peftmath
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_checkpoint_loads_in_peftmath(case, tmp_path):
+    layers, config, dtype, adapter_dtype = CASES[case]
+    pm, _, state = make_peft(layers, config, dtype=dtype, autocast_adapter_dtype=(adapter_dtype == "float32"))
+    pm.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    ad = pmath.load_adapter(tmp_path)
+    # config: the fields that define the math, and every field PEFT wrote survives a round trip
+    want = peft_config_dict(pm)
+    for f in CONFIG_FIELDS:
+        assert ad.config.to_dict()[f] == want[f] == raw[f], f
+    assert sorted(ad.config.target_modules) == sorted(raw["target_modules"])
+    # tensors: the same bits in the same dtype (bf16 adapters stay bf16)
+    theirs = _tensors_by_module(peft.get_peft_model_state_dict(pm))
+    _assert_same_tensors(ad.params, theirs)
+    assert all(np.asarray(a).dtype == np.dtype(BF16 if adapter_dtype == "bfloat16" else np.float32)
+               for p in ad.params.values() for a in p.values())
+    names = ad.modules
+    _check_merge(pm, ad, state, names, low_precision=(dtype == "bfloat16"))
+    if dtype == "float32":
+        for name in names:
+            x = make_input(pm, name)
+            assert_close(ad.forward(name, x, state, **layer_kwargs(pm, name)), peft_forward(pm, name, x), **TOL_Y,
+                         what=f"{name} forward")
+    # writing it back with peftmath reproduces PEFT's files: same config JSON, same tensors
+    out = pmath.save_adapter(ad, tmp_path / "again")
+    raw2 = json.loads((out / "adapter_config.json").read_text())
+    assert raw2 == raw
+    t1, t2 = load_file(tmp_path / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert sorted(t1) == sorted(t2)
+    for key in t1:
+        assert t1[key].dtype == t2[key].dtype and bits_differ(t1[key], t2[key]) == 0, key
+
+
+# --------------------------------------------------------------------------------------------------
+# peftmath -> PEFT
+# --------------------------------------------------------------------------------------------------
+def _kind(kind: str) -> str | None:
+    return {"conv1d_t": "Conv1D", "embedding": "Embedding"}.get(kind)
+
+
+def _peftmath_adapter(layers, config, state, adapter_dtype, *, from_arrays=False):
+    """An adapter built by peftmath: ``LoraModule.initialize`` (init False: both factors non-zero) or,
+    with ``from_arrays``, an :class:`Adapter` from plain NumPy arrays of the right shapes."""
+    cfg = lora.LoraConfig(**dict(config, init_lora_weights=False))
+    dt = BF16 if adapter_dtype == "bfloat16" else np.dtype(np.float32)
+    rng = np.random.default_rng(7)
+    params = {}
+    for i, (name, (kind, _)) in enumerate(layers.items()):
+        W = state[f"{name}.weight"]
+        geom = Layer.of(W.shape, _kind(kind))
+        if from_arrays:
+            r, _ = cfg.rank_and_alpha(name)
+            p = {k: rng.normal(0, 0.3, shape).astype(dt) for k, shape in lora.parameter_shapes(geom, r).items()}
+        else:
+            p, new_w = lora.LoraModule.initialize(name, cfg, geom, weight=W, seed=i, dtype=dt)
+            assert new_w is None
+            if "lora_magnitude_vector" in p:  # m = ‖W + sBA‖ makes g = 1; move it away from 1
+                m = np.asarray(p["lora_magnitude_vector"], np.float32)
+                p["lora_magnitude_vector"] = (m * rng.uniform(0.5, 1.5, m.shape)).astype(dt)
+            if "lora_B.bias" in p:  # initialised to zero
+                p["lora_B.bias"] = rng.normal(0, 0.3, p["lora_B.bias"].shape).astype(dt)
+        params[name] = p
+    return pmath.Adapter(cfg, params)
+
+
+FROM_PEFTMATH = [c for c in CASES] + ["patterns_from_arrays", "conv1d_transformers_from_arrays"]
+
+
+@pytest.mark.parametrize("case", FROM_PEFTMATH)
+def test_peftmath_checkpoint_loads_in_peft(case, tmp_path):
+    from_arrays = case.endswith("_from_arrays")
+    layers, config, dtype, adapter_dtype = CASES[case.removesuffix("_from_arrays")]
+    model = build_model({n: layer_factory(k, **kw) for n, (k, kw) in layers.items()}, seed=3, dtype=dtype)
+    state = base_state(model)
+    ad = _peftmath_adapter(layers, config, state, adapter_dtype, from_arrays=from_arrays)
+    pmath.save_adapter(ad, tmp_path)
+    autocast = adapter_dtype == "float32"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(model, tmp_path, autocast_adapter_dtype=autocast)
+    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    assert not missing, missing
+    # load it again under another name to see PEFT's load result: nothing missing, nothing unexpected
+    result = pm.load_adapter(tmp_path, adapter_name="again", autocast_adapter_dtype=autocast)
+    assert result.missing_keys == [] and result.unexpected_keys == [], result
+    pm.set_adapter("default")
+    pm.eval()
+    # PEFT holds exactly our tensors (dtypes included) and resolved the same ranks and scalings
+    _assert_same_tensors(ad.params, _tensors_by_module(peft.get_peft_model_state_dict(pm, adapter_name="default")))
+    names = ad.modules
+    for name in names:
+        mod = ad.module(name, weight_shape=state[f"{name}.weight"].shape)
+        assert peft_layer(pm, name).r["default"] == mod.r
+        assert peft_layer(pm, name).scaling["default"] == pytest.approx(mod.scaling, rel=1e-12)
+        if dtype == "float32":
+            x = make_input(pm, name)
+            assert_close(peft_forward(pm, name, x), ad.forward(name, x, state, **layer_kwargs(pm, name)), **TOL_Y,
+                         what=f"{name} forward")
+    _check_merge(pm, ad, state, names, low_precision=(dtype == "bfloat16"))
