@@ -450,17 +450,102 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
                         alpha_pattern=dict(rank_pattern), init_lora_weights=True,
                         fan_in_fan_out=(LayerKind.CONV1D_TRANSPOSED.value in kinds))
     config.validate(source="extract")
-    ad = Adapter(config, params)
+    ad = Adapter(config, params, layer_kinds={m: v["layer"] for m, v in report.items()})
     meta = {"peftmath.extract": json.dumps({m: {"rank": v["rank"], "relative_error": v["relative_error"]}
                                             for m, v in report.items()}, sort_keys=True)}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{outp.name}.", suffix=".peftmath-tmp", dir=outp.parent))
+    write_adapter(ad, outp, force=force, metadata=meta)
+    return report
+
+
+def write_adapter(ad: Any, out: Path, *, force: bool, metadata: dict | None = None) -> None:
+    """Save ``ad`` as a PEFT adapter folder at ``out`` atomically: a temporary sibling folder renamed into
+    place when complete (an existing ``out`` is replaced only with ``force``)."""
+    from .io import save_adapter
+    from .io.stream import _commit
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".peftmath-tmp", dir=out.parent))
     try:
-        save_adapter(ad, tmp, metadata=meta)
-        _commit(tmp, outp, force, None)
+        save_adapter(ad, tmp, metadata=metadata)
+        _commit(tmp, out, force, None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return report
+
+
+# --- combine ------------------------------------------------------------------------------------
+def _cmd_combine(args: argparse.Namespace, log: _Log) -> int:
+    from .combine import combine
+    from .io import load_adapter
+    from .io.stream import _check_output
+
+    out = Path(args.output)
+    _check_output(out, [Path(a) for a in args.adapters], args.force)
+    weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
+    adapters = [load_adapter(a) for a in args.adapters]
+    ad = combine(adapters, weights, combination_type=args.method, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
+                 density=args.density, majority_sign_method=args.majority_sign, seed=args.seed,
+                 peft_compat=args.peft_compat)
+    meta = {"peftmath.combine": json.dumps({"method": args.method, "weights": weights,
+                                            "truncation_error": ad.truncation_error}, sort_keys=True)}
+    write_adapter(ad, out, force=args.force, metadata=meta)
+    if ad.truncation_error:
+        rows = [[m, f"{e:.3e}"] for m, e in sorted(ad.truncation_error.items())]
+        print(_table(rows, ["module", "relative truncation error"]))
+    if not args.quiet:
+        print(f"wrote the {args.method} combination of {len(adapters)} adapters (r={ad.config.r}, "
+              f"{len(ad.modules)} modules) to {out}", file=sys.stderr)
+    return 0
+
+
+# --- init -----------------------------------------------------------------------------------------
+def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
+    from .create import create_adapter, open_state
+    from .io import read_config
+    from .io.stream import _check_output, open_model
+
+    out = Path(args.output)
+    _check_output(out, [Path(args.base)], args.force)
+    if args.config:
+        config = read_config(args.config)
+    else:
+        from .io import config_from_dict
+
+        fields: dict[str, Any] = {"peft_type": args.method.upper()}
+        if args.target:
+            fields["target_modules"] = args.target[0] if len(args.target) == 1 and (
+                args.target[0].lower() == "all-linear" or not re.fullmatch(r"[\w.]+", args.target[0])) else args.target
+        if args.r is not None:
+            fields["r"] = args.r
+        if args.alpha is not None:
+            alpha = int(args.alpha) if float(args.alpha).is_integer() else args.alpha
+            fields["lora_alpha" if args.method.upper() in ("LORA", "ADALORA") else "alpha"] = alpha
+        if args.init is not None:
+            value: Any = {"true": True, "false": False}.get(args.init.lower(), args.init)
+            key = {"LORA": "init_lora_weights", "ADALORA": "init_lora_weights", "IA3": "init_ia3_weights"}
+            fields[key.get(args.method.upper(), "init_weights")] = value
+        config = config_from_dict(fields, source="command line")
+    state, model_type = open_state(args.base)
+    result = create_adapter(state, config, seed=args.seed, layer_kinds=_layer_kinds(args.layer_kind),
+                            model_type=args.model_type or model_type, return_base=True)
+    ad, new_base = result
+    if new_base and not args.base_out:
+        raise ConfigError(f"init_lora_weights={getattr(config, 'init_lora_weights', None)!r} changes "
+                          f"{len(new_base)} base weights; pass --base-out NEW_BASE to write the new base model")
+    if new_base:
+        from .io.stream import write_with_replacements
+
+        base_out = Path(args.base_out)
+        _check_output(base_out, [Path(args.base)], args.force)
+        write_with_replacements(open_model(args.base), new_base, base_out, force=args.force)
+    write_adapter(ad, out, force=args.force)
+    if not args.quiet:
+        print(ad.trainable_parameters_line(state), file=sys.stderr)
+        rows = [[r["module"], r["kind"], str(r.get("r", "")), str(r.get("alpha", "")),
+                 f"{r['scaling']:.4g}" if "scaling" in r else "", str(r["parameters"])]
+                for r in ad.summary(state)["modules"]]
+        print(_table(rows, ["module", "kind", "r", "alpha", "scaling", "parameters"]))
+        print(f"wrote {ad.peft_type} adapter ({len(ad.modules)} modules) to {out}", file=sys.stderr)
+    return 0
 
 
 def _cmd_extract(args: argparse.Namespace, log: _Log) -> int:
@@ -596,6 +681,56 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
     e.add_argument("--force", action="store_true", help="replace ADAPTER_DIR if it exists")
     e.set_defaults(func=_cmd_extract)
+
+    c = sub.add_parser("combine", parents=[common], formatter_class=raw,
+                       help="a weighted combination of adapters (PEFT's add_weighted_adapter)",
+                       description="Combine LoRA (or IA3) adapters into one, as PEFT's add_weighted_adapter does: "
+                                   "cat is exact; linear/ties/dare_*/magnitude_prune combine the factors; the *svd "
+                                   "types combine the delta weights and truncate them to --svd-rank (their "
+                                   "relative truncation error is printed and stored in the adapter's metadata). "
+                                   "See specs/combine.md.",
+                       epilog="example:\n  peftmath combine lora-a/ lora-b/ --weights 0.7 0.3 --method ties "
+                              "--density 0.5 -o combined/\n")
+    c.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter folders")
+    c.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per adapter (default 1 each)")
+    c.add_argument("--method", default="svd", help="cat, linear, svd, ties, ties_svd, dare_linear, dare_ties, "
+                                                    "dare_linear_svd, dare_ties_svd, magnitude_prune, "
+                                                    "magnitude_prune_svd (default svd)")
+    c.add_argument("--svd-rank", type=int, help="rank of the *svd types (default: the largest source rank)")
+    c.add_argument("--svd-clamp", type=float, help="clamp the SVD factors at this quantile of their entries")
+    c.add_argument("--density", type=float, help="fraction kept by the pruning types, in (0, 1]")
+    c.add_argument("--majority-sign", default="total", choices=["total", "frequency"], help="ties sign election")
+    c.add_argument("--seed", type=int, default=0, help="seed of the DARE masks (default 0)")
+    c.add_argument("--peft-compat", action="store_true", help="reproduce PEFT 0.21.2's numbers where it departs "
+                                                              "from the consistent math (inherited rsLoRA)")
+    c.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
+    c.add_argument("--force", action="store_true", help="replace ADAPTER_DIR if it exists")
+    c.set_defaults(func=_cmd_combine)
+
+    n = sub.add_parser("init", parents=[common], formatter_class=raw,
+                       help="a new adapter for a model, selected and initialised as PEFT's get_peft_model would",
+                       description="Create a PEFT-format adapter for BASE: modules selected with PEFT's "
+                                   "target_modules rules (a list of names or suffixes, a regex, 'all-linear', or "
+                                   "PEFT's default for the model_type of BASE's config.json), initialised with "
+                                   "PEFT's placement of zeros from --seed. Give a full adapter_config.json with "
+                                   "--config, or the common fields as flags. Initialisations that change the base "
+                                   "(pissa, olora, loftq) need --base-out.",
+                       epilog="examples:\n  peftmath init llama/ --method lora --r 16 --alpha 32 --target all-linear "
+                              "-o my-lora/\n  peftmath init llama/ --config adapter_config.json -o my-adapter/\n")
+    n.add_argument("base", metavar="BASE", help="model (.safetensors file or folder)")
+    n.add_argument("--config", metavar="CONFIG_JSON", help="an adapter_config.json (any method)")
+    n.add_argument("--method", default="lora", help="peft_type when no --config is given (default lora)")
+    n.add_argument("--r", type=int, help="rank")
+    n.add_argument("--alpha", type=float, help="alpha (lora_alpha for LoRA)")
+    n.add_argument("--target", action="append", metavar="NAME", help="a target module (repeat), a regex, or all-linear")
+    n.add_argument("--init", help="initialisation: true, false, gaussian, pissa, olora, orthogonal, lycoris, ...")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--model-type", help="transformers model_type (default: from BASE's config.json)")
+    n.add_argument("--layer-kind", action="append", metavar="MODULE=KIND", help="layer kind of a module")
+    n.add_argument("--base-out", metavar="NEW_BASE", help="where to write the changed base model (pissa, olora, loftq)")
+    n.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
+    n.add_argument("--force", action="store_true", help="replace existing outputs")
+    n.set_defaults(func=_cmd_init)
     return p
 
 

@@ -18,7 +18,6 @@ import numpy as np
 from .adapter import Adapter
 from .errors import CheckpointError, ConfigError
 from .io import config_from_dict, read_config
-from .io.safetensors import SafeTensorsFile
 from .layers import Layer, LayerKind
 from .methods import get_method
 from .targets import module_kinds, select_targets
@@ -29,11 +28,13 @@ __all__ = ["create_adapter", "open_state"]
 def open_state(path: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
     """A read-only state dict (memory-mapped arrays) and the ``model_type`` of a safetensors model.
 
-    ``path`` is a ``.safetensors`` file or a folder with one, or with ``model.safetensors.index.json``
-    and its shards (shard names must stay inside the folder).
+    ``path`` is a ``.safetensors`` file or a model folder (``model.safetensors``, or shards with
+    ``model.safetensors.index.json``, read with :func:`peftmath.io.stream.open_model`'s checks).
     """
-    p = Path(path)
-    folder = p if p.is_dir() else p.parent
+    from .io.stream import open_model
+
+    model = open_model(path)
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
     model_type = None
     cfg = folder / "config.json"
     if cfg.is_file():
@@ -41,33 +42,7 @@ def open_state(path: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
             model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
             raise CheckpointError(f"{cfg}: not a valid transformers config.json ({exc})") from exc
-    if p.is_file():
-        files = [p]
-    else:
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                names = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
-                raise CheckpointError(f"{index}: not a valid shard index ({exc})") from exc
-            files = []
-            for name in names:
-                if not isinstance(name, str) or os.path.isabs(name) or ".." in Path(name).parts or "/" in name or "\\" in name:
-                    raise CheckpointError(f"{index}: shard name {name!r} points outside its folder")
-                files.append(folder / name)
-        else:
-            files = sorted(folder.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"{folder}: no .safetensors files and no model.safetensors.index.json")
-    state: dict[str, Any] = {}
-    for f in files:
-        st = SafeTensorsFile(f)
-        for k in st:
-            if k in state:
-                raise CheckpointError(f"{f}: tensor {k!r} also appears in another shard")
-            state[k] = st[k]
-    return state, model_type
+    return {k: model.file_of(k)[k] for k in model.keys()}, model_type
 
 
 def _config(config: Any) -> Any:

@@ -627,3 +627,38 @@ def _commit(tmp: Path, out: Path, force: bool, rec_tmp: Path | None) -> None:
         raise
     if old is not None:
         shutil.rmtree(old.parent, ignore_errors=True)
+
+
+def write_with_replacements(base: Model, replacements: Mapping[str, np.ndarray], out: str | os.PathLike, *,
+                            force: bool = False) -> None:
+    """A copy of ``base`` at ``out`` in which the tensors of ``replacements`` are replaced (same names,
+    shapes and dtypes required), with the same files, sharding, index and metadata; written atomically."""
+    out = Path(out)
+    _check_output(out, [base.path], force)
+    for key, value in replacements.items():
+        if key not in base:
+            raise CheckpointError(f"{base.path}: no tensor {key!r} to replace")
+        if tuple(value.shape) != base.shape(key):
+            raise ShapeError(f"{key}: replacement of shape {tuple(value.shape)} for a tensor of shape {base.shape(key)}")
+    if base.is_folder:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".peftmath-tmp", dir=out.parent))
+        target_dir = tmp
+    else:
+        tmp = None
+        target_dir = out.parent
+    try:
+        for name, f in base.files.items():
+            tensors = {}
+            for k in base.ordered(name):
+                v = replacements.get(k)
+                tensors[k] = np.asarray(v).astype(f.dtype(k), copy=False) if v is not None else f[k]
+            save_file(tensors, (target_dir / name) if base.is_folder else out, metadata=f.metadata)
+        if base.is_folder:
+            for item in base.folder.iterdir():
+                if item.is_file() and item.name not in base.files:
+                    shutil.copy2(item, tmp / item.name)
+            _commit(tmp, out, force, None)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise

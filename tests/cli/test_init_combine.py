@@ -1,0 +1,91 @@
+"""`peftmath init` (a new adapter for a model) and `peftmath combine` (add_weighted_adapter) end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import peftmath as pm
+from peftmath.cli import main
+from peftmath.io.safetensors import load_file, save_file
+
+
+@pytest.fixture()
+def model(tmp_path):
+    rng = np.random.default_rng(0)
+    state = {f"model.layers.{i}.{n}.weight": rng.standard_normal((8, 12)).astype(np.float32)
+             for i in range(2) for n in ("q_proj", "v_proj")}
+    state["model.embed_tokens.weight"] = rng.standard_normal((20, 12)).astype(np.float32)
+    path = tmp_path / "model.safetensors"
+    save_file(state, path)
+    return path, state
+
+
+def test_init_with_flags_selects_like_peft_and_is_a_no_op(tmp_path, model, capsys):
+    path, state = model
+    out = tmp_path / "lora"
+    assert main(["init", str(path), "--r", "4", "--alpha", "8", "--target", "all-linear", "-o", str(out)]) == 0
+    ad = pm.load_adapter(out)
+    assert ad.modules == sorted(k[:-7] for k in state if "proj" in k)
+    assert ad.config.r == 4 and ad.config.lora_alpha == 8
+    merged = ad.merge(state)
+    for k in state:
+        np.testing.assert_array_equal(merged[k], state[k])       # PEFT's zeros: a fresh adapter is a no-op
+    trainable = 4 * (4 * 12 + 8 * 4)                         # four modules, A (4, 12) and B (8, 4)
+    total = trainable + sum(v.size for v in state.values())
+    assert f"trainable params: {trainable:,} || all params: {total:,}" in capsys.readouterr().err
+
+
+def test_init_from_config_file_and_base_out(tmp_path, model):
+    path, state = model
+    cfg = tmp_path / "adapter_config.json"
+    cfg.write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["v_proj"],
+                               "init_lora_weights": "pissa"}))
+    assert main(["init", str(path), "--config", str(cfg), "-o", str(tmp_path / "a")]) == 1   # needs --base-out
+    assert not (tmp_path / "a").exists()
+    assert main(["init", str(path), "--config", str(cfg), "-o", str(tmp_path / "a"),
+                 "--base-out", str(tmp_path / "residual.safetensors")]) == 0
+    residual = load_file(tmp_path / "residual.safetensors")
+    merged = pm.load_adapter(tmp_path / "a").merge(residual)
+    for k in state:
+        np.testing.assert_allclose(merged[k], state[k], atol=2e-5)
+
+
+def test_init_bad_target_names_the_closest_module(tmp_path, model, capsys):
+    path, _ = model
+    assert main(["init", str(path), "--target", "q_prj", "-o", str(tmp_path / "x")]) == 1
+    assert "q_proj" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "ties"])
+def test_combine(tmp_path, model, capsys, method):
+    path, state = model
+    for i in (1, 2):
+        assert main(["init", str(path), "--r", "2", "--alpha", str(3 * i), "--target", "q_proj", "--init", "false",
+                     "--seed", str(i), "-o", str(tmp_path / f"a{i}")]) == 0
+    out = tmp_path / f"c-{method}"
+    args = ["combine", str(tmp_path / "a1"), str(tmp_path / "a2"), "--weights", "0.7", "-0.3", "--method", method,
+            "-o", str(out)]
+    if method == "ties":
+        args += ["--density", "0.5"]
+    if method == "svd":
+        args += ["--svd-rank", "4"]
+    assert main(args) == 0
+    a1, a2, c = (pm.load_adapter(p) for p in (tmp_path / "a1", tmp_path / "a2", out))
+    expected = pm.combine([a1, a2], [0.7, -0.3], combination_type=method, density=0.5 if method == "ties" else None,
+                          svd_rank=4 if method == "svd" else None)
+    for m in c.modules:
+        np.testing.assert_allclose(np.asarray(c.delta_weight(m)), np.asarray(expected.delta_weight(m)), atol=1e-6)
+    if method in ("cat", "svd"):
+        exact = 0.7 * np.asarray(a1.delta_weight(m)) - 0.3 * np.asarray(a2.delta_weight(m))
+        np.testing.assert_allclose(np.asarray(c.delta_weight(m)), exact, atol=1e-5)
+    assert main(args) == 1 and "already exists" in capsys.readouterr().err   # no --force
+
+
+def test_combine_refuses_mismatched_weights(tmp_path, model, capsys):
+    path, _ = model
+    assert main(["init", str(path), "--target", "q_proj", "-o", str(tmp_path / "a")]) == 0
+    assert main(["combine", str(tmp_path / "a"), str(tmp_path / "a"), "--weights", "1", "-o", str(tmp_path / "c")]) == 1
+    assert "1 weights for 2 adapters" in capsys.readouterr().err and not (tmp_path / "c").exists()
