@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.helpers import assert_same_namespace, to_np, to_xp  # noqa: F401  (re-exported for older imports)
+
 # The xp fixture is a stateless namespace, so reusing it across hypothesis examples is safe.
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 settings.register_profile("dev", deadline=None, max_examples=40, suppress_health_check=_SUPPRESS)
@@ -60,29 +62,3 @@ def xp(request):
     """An array namespace from the backend matrix."""
     return _namespace(request.param)
 
-
-def to_xp(xp, a, dtype=None):
-    """A host NumPy array as an array of ``xp`` (same values, optionally cast)."""
-    from peftmath.backends import backend_for
-
-    out = backend_for(xp).from_host(np.asarray(a), xp)
-    return out if dtype is None else xp.astype(out, dtype)
-
-
-def to_np(x) -> np.ndarray:
-    """Any array as NumPy float64 (through the backend's host transfer)."""
-    from peftmath._array import namespace
-    from peftmath.backends import backend_for
-
-    if isinstance(x, np.ndarray):
-        return x.astype(np.float64)
-    return np.asarray(backend_for(namespace(x)).to_host(x)).astype(np.float64)
-
-
-def assert_same_namespace(xp, *arrays):
-    """Every array is of namespace ``xp`` (the 'arrays in, same arrays out' contract)."""
-    import array_api_compat
-
-    for a in arrays:
-        got = array_api_compat.array_namespace(a)
-        assert got.__name__ == xp.__name__ or got is xp, f"{type(a)} is not of {xp.__name__}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import assert_same_namespace, to_np, to_xp
+from tests.helpers import assert_same_namespace, to_np, to_xp
 from peftmath import Adapter, LayerKind
 from peftmath.errors import NotInvertibleError, ShapeError
 from peftmath.methods.lora import LoraConfig

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_same_namespace, to_np, to_xp
+from tests.helpers import assert_same_namespace, to_np, to_xp
 from peftmath._array import conv, dtype_name, embedding_lookup, eps, namespace
 from peftmath.errors import NamespaceError, ShapeError
 

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_same_namespace, to_np, to_xp
+from tests.helpers import assert_same_namespace, to_np, to_xp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import assert_same_namespace, to_np
+from tests.helpers import assert_same_namespace, to_np
 from peftmath import Adapter, load_adapter, read_config, save_adapter
 from peftmath.errors import CheckpointError, ConfigError
 from peftmath.io.peft import split_key

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_same_namespace, to_np, to_xp
+from tests.helpers import assert_same_namespace, to_np, to_xp
 import peftmath as pm
 from peftmath._array import eps
 from peftmath.errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError

@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 from hypothesis import given, strategies as st
 
-from conftest import assert_same_namespace, to_np, to_xp
+from tests.helpers import assert_same_namespace, to_np, to_xp
 from peftmath import Adapter
 from peftmath.errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from peftmath.layers import Layer

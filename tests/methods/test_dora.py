@@ -17,14 +17,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import assert_same_namespace, to_np, to_xp
+from tests.helpers import assert_same_namespace, to_np, to_xp
 from peftmath._array import eps
 from peftmath.errors import NotInvertibleError, ShapeError, UnsupportedError
 from peftmath.layers import Layer
 from peftmath.methods import dora
 from peftmath.methods.lora import LoraConfig, LoraModule
-from test_array import ref_conv
-from test_lora import XP, Case, cases, f64, np_dtype, ratio, ref_delta
+from tests.test_array import ref_conv
+from tests.methods.test_lora import XP, Case, cases, f64, np_dtype, ratio, ref_delta
 
 DORA_KINDS = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d", "Conv3d")
 

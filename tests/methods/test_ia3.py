@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_same_namespace, to_np, to_xp
+from tests.helpers import assert_same_namespace, to_np, to_xp
 from peftmath import Adapter
 from peftmath._array import eps, is_writeable
 from peftmath.errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError

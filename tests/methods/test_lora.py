@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_same_namespace, to_np, to_xp
+from tests.helpers import assert_same_namespace, to_np, to_xp
 from peftmath._array import eps
 from peftmath.errors import ConfigError, NamespaceError, NonFiniteError, ShapeError, UnsupportedError
 from peftmath.layers import Layer

@@ -4,18 +4,15 @@ Nothing here imports torch or peft at module level in a way that fails: the test
 ``torch = pytest.importorskip("torch"); peft = pytest.importorskip("peft")`` and then call these
 helpers. Every model is built from a NumPy seed (no torch RNG, nothing downloaded).
 
-The top-level ``tests/conftest.py`` helpers (``to_xp``, ``to_np``, ``assert_same_namespace``) are
-re-exported: pytest imports every ``conftest.py`` under the module name ``conftest``, so after this
-file is imported ``from conftest import to_np`` finds this module.
+The array helpers of ``tests/helpers.py`` (``to_xp``, ``to_np``, ``assert_same_namespace``) are
+re-exported, so parity tests import everything with ``from tests.parity.conftest import ...``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import warnings
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -29,18 +26,7 @@ except ImportError:  # pragma: no cover - parity tests skip themselves
     _torch = None
 
 
-def _load_top_conftest():
-    path = Path(__file__).parent.parent / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_peftmath_top_conftest", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_top = _load_top_conftest()
-to_xp = _top.to_xp
-to_np = _top.to_np
-assert_same_namespace = _top.assert_same_namespace
+from tests.helpers import assert_same_namespace, to_np, to_xp  # noqa: E402,F401  (re-exported)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

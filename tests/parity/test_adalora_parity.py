@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from conftest import (  # noqa: E402  (the parity conftest)
+from tests.parity.conftest import (  # noqa: E402  (the parity conftest)
     BF16,
     assert_close,
     bits_differ,

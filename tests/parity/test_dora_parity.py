@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from conftest import (  # noqa: E402
+from tests.parity.conftest import (  # noqa: E402
     BF16,
     adapter_to_torch,
     assert_close,

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from conftest import (  # noqa: E402
+from tests.parity.conftest import (  # noqa: E402
     BF16,
     assert_close,
     bf16_ulps,

@@ -1,0 +1,295 @@
+"""LoHa against PEFT 0.21.2: delta, forward, merge, unmerge and checkpoints both ways.
+
+Layers: Linear, Conv1d and Conv2d in the matrix form and the effective-conv (CP) form, a 1×1 conv
+(PEFT drops the CP form there), a grouped conv, rank/alpha patterns; base models in float32 and
+bfloat16 (PEFT's default fp32 adapter), and a bf16 adapter (``autocast_adapter_dtype=False``) with
+``peft_compat=True``. PEFT's tensors are redrawn from a NumPy seed (non-zero ΔW).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from tests.parity.conftest import BF16, assert_close, base_state, bf16_ulps, build_model, layer_factory, n2t, t2n  # noqa: E402
+
+import peftmath as pmath  # noqa: E402
+from peftmath.io.peft import config_from_dict, split_key  # noqa: E402
+from peftmath.io.safetensors import load_file  # noqa: E402
+from peftmath.layers import Layer  # noqa: E402
+from peftmath.methods import loha  # noqa: E402
+
+pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+#: case -> (layers {name: (kind, keywords)}, LoHaConfig fields)
+CASES = {
+    "linear": ({"lin": ("linear", dict(in_f=24, out_f=40))}, dict(r=4, alpha=12)),
+    "conv1d": ({"c1": ("conv1d", dict(in_ch=6, out_ch=10, k=3, padding=1))}, dict(r=3, alpha=5)),
+    "conv1d_effective": ({"c1": ("conv1d", dict(in_ch=6, out_ch=10, k=3, stride=2))},
+                         dict(r=3, alpha=5, use_effective_conv2d=True)),
+    "conv2d": ({"c2": ("conv2d", dict(in_ch=6, out_ch=10, k=3, stride=2, padding=1))}, dict(r=3, alpha=5)),
+    "conv2d_effective": ({"c2": ("conv2d", dict(in_ch=6, out_ch=10, k=3, padding=1, dilation=2))},
+                         dict(r=3, alpha=7, use_effective_conv2d=True)),
+    "conv2d_1x1_effective": ({"c2": ("conv2d", dict(in_ch=6, out_ch=10, k=1))},
+                             dict(r=3, alpha=5, use_effective_conv2d=True)),
+    "conv2d_grouped": ({"g": ("conv2d_grouped", dict(in_ch=8, out_ch=12, k=3, groups=2))},
+                       dict(r=2, alpha=3, use_effective_conv2d=True)),
+    "patterns": ({"blk.0.q": ("linear", {}), "blk.0.v": ("linear", {}), "blk.1.q": ("linear", {}),
+                  "conv": ("conv2d", dict(k=3))},
+                 dict(r=4, alpha=8, rank_pattern={r"blk\.1\.q": 2, "conv": 5}, alpha_pattern={"v": 3})),
+}
+
+
+def _factory(kind, kw):
+    if kind == "conv2d_grouped":
+        return torch.nn.Conv2d(kw["in_ch"], kw["out_ch"], kw["k"], groups=kw["groups"], padding=1)
+    return layer_factory(kind, **kw)
+
+
+def _make(case, dtype="float32", *, autocast=True, seed=1):
+    """(peft model, peftmath Adapter from PEFT's own state dict, base state dict)."""
+    layers, fields = CASES[case]
+    model = build_model({n: _factory(k, kw) for n, (k, kw) in layers.items()}, seed=0, dtype=dtype)
+    state = base_state(model)
+    cfg = peft.LoHaConfig(**fields, target_modules=list(layers), init_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(model, cfg, autocast_adapter_dtype=autocast)
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "hada_" in name:
+                p.copy_(torch.from_numpy(rng.normal(0.0, 0.4, p.shape).astype(np.float32)).to(p.dtype))
+    pm.eval()
+    return pm, _to_adapter(pm), state
+
+
+def _config_dict(pm):
+    def default(o):
+        return sorted(o) if isinstance(o, (set, frozenset)) else getattr(o, "value", str(o))
+
+    return json.loads(json.dumps(pm.peft_config["default"].to_dict(), default=default))
+
+
+def _to_adapter(pm):
+    params = {}
+    for key, value in peft.get_peft_model_state_dict(pm).items():
+        module, suffix = split_key(key, loha.PARAMETER_SUFFIXES)
+        params.setdefault(module, {})[suffix] = t2n(value)
+    return pmath.Adapter(config_from_dict(_config_dict(pm)), params)
+
+
+def _layer(pm, name):
+    return pm.base_model.model.get_submodule(name)
+
+
+def _conv_kwargs(pm, name):
+    base = _layer(pm, name).get_base_layer()
+    if isinstance(base, torch.nn.modules.conv._ConvNd):
+        return dict(stride=tuple(base.stride), padding=tuple(base.padding), dilation=tuple(base.dilation),
+                    groups=base.groups)
+    return {}
+
+
+def _input(pm, name, dtype):
+    base = _layer(pm, name).get_base_layer()
+    rng = np.random.default_rng(5)
+    if isinstance(base, torch.nn.Conv2d):
+        shape = (2, base.in_channels, 9, 8)
+    elif isinstance(base, torch.nn.Conv1d):
+        shape = (2, base.in_channels, 11)
+    else:
+        shape = (3, 4, base.in_features)
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x.astype(BF16) if dtype == "bfloat16" else x
+
+
+def _magnitude(x, W, b, mod, kw):
+    """float64 ``|x|·(|W| + |ΔW|)ᵀ + |b|`` (or the conv of the absolute values): the scale of the
+    rounding errors of a bf16 forward."""
+    from peftmath._array import conv
+
+    absw = np.abs(np.asarray(W, np.float64)) + np.abs(np.asarray(mod.delta_weight(), np.float64))
+    ax = np.abs(np.asarray(x, np.float64))
+    ab = np.zeros(absw.shape[0]) if b is None else np.abs(np.asarray(b, np.float64))
+    if absw.ndim == 2:
+        return ax @ absw.T + ab
+    return conv(ax, absw, ab, **kw)
+
+
+def _torch_adapter(ad):
+    return pmath.Adapter(ad.config, {m: {k: n2t(np.asarray(v)) for k, v in p.items()} for m, p in ad.params.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# delta, forward, merge, unmerge
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_delta_forward_merge_unmerge(case, dtype):
+    pm, ad, state = _make(case, dtype)
+    tad = _torch_adapter(ad)
+    tstate = {k: n2t(v) for k, v in state.items()}
+    for name in ad.modules:
+        layer = _layer(pm, name)
+        W = state[f"{name}.weight"]
+        mod = ad.module(name, weight_shape=W.shape)
+        assert layer.r["default"] == mod.r and layer.scaling["default"] == pytest.approx(mod.scaling, rel=1e-15)
+        want_cp = case in ("conv1d_effective", "conv2d_effective", "conv2d_grouped")
+        assert ("hada_t1" in mod.params) == want_cp, sorted(mod.params)
+        # delta (fp32 adapter)
+        with torch.no_grad():
+            d_peft = t2n(layer.get_delta_weight("default"))
+        assert_close(mod.delta_weight(), d_peft, atol=1e-6, rtol=1e-5, what=f"{name} delta")
+        # forward, computed by peftmath with torch's kernels (the base layer bit-identical to PEFT's)
+        kw = _conv_kwargs(pm, name)
+        x = _input(pm, name, dtype)
+        with torch.no_grad():
+            y_peft = t2n(layer(n2t(x)))
+        y = t2n(tad.forward(name, n2t(x), tstate, **kw))
+        if dtype == "float32":
+            assert_close(y, y_peft, atol=1e-5, rtol=1e-5, what=f"{name} forward")
+        else:  # both round base(x) to bf16 (PEFT fuses the bias, Layer.base_forward adds it after)
+            mag = _magnitude(x, W, state.get(f"{name}.bias"), mod, kw)
+            err = np.abs(y.astype(np.float64) - y_peft.astype(np.float64))
+            assert np.all(err <= 2 * 2.0**-7 * mag), f"{name} forward: max err/mag {np.max(err / mag):.3g}"
+        # merge / unmerge (NumPy), against PEFT's merged and unmerged weights
+        merged = mod.merge(W).weight
+        with torch.no_grad():
+            layer.merge()
+            w_peft = t2n(layer.get_base_layer().weight)
+            layer.unmerge()
+            w_back = t2n(layer.get_base_layer().weight)
+        back = mod.unmerge(w_peft).weight  # the same input as PEFT's unmerge
+        if dtype == "float32":
+            assert_close(merged, w_peft, atol=1e-6, rtol=1e-6, what=f"{name} merge")
+            assert_close(back, w_back, atol=1e-6, rtol=1e-6, what=f"{name} unmerge")
+        else:
+            assert merged.dtype == BF16 and bf16_ulps(merged, w_peft).max() <= 1
+            assert np.mean(bf16_ulps(merged, w_peft) > 0) < 0.02, "more than 2% of merged bf16 weights differ"
+            assert bf16_ulps(back, w_back).max() <= 1
+
+
+def test_bf16_adapter_peft_compat():
+    """autocast_adapter_dtype=False keeps bf16 adapter tensors; PEFT then rounds every intermediate."""
+    pm, ad, state = _make("linear", "bfloat16", autocast=False)
+    name = "lin"
+    layer = _layer(pm, name)
+    assert layer.hada_w1_a["default"].dtype == torch.bfloat16
+    mod = ad.module(name, weight_shape=state[f"{name}.weight"].shape)
+    with torch.no_grad():
+        d_peft = t2n(layer.get_delta_weight("default")).astype(np.float32)
+        layer.merge()
+        w_peft = t2n(layer.get_base_layer().weight)
+    compat = np.asarray(mod.delta_weight(peft_compat=True))
+    plain = np.asarray(mod.delta_weight())
+    ulp = np.abs(np.spacing(d_peft.astype(BF16)).astype(np.float32))
+    assert np.max(np.abs(compat - d_peft) / np.maximum(ulp, 1e-30)) <= 1
+    assert np.max(np.abs(compat - d_peft)) <= np.max(np.abs(plain - d_peft))
+    merged = mod.merge(state[f"{name}.weight"], peft_compat=True).weight
+    assert bf16_ulps(merged, w_peft).max() <= 1
+
+
+def test_rank_dropout_matches_peft_with_the_same_draws():
+    """PEFT in train mode draws torch.rand(1) (module dropout) then torch.rand(out) (rows); replaying
+    those draws as ``row_mask`` gives PEFT's training forward."""
+    pm, ad, state = _make("conv2d")
+    name = "c2"
+    layer = _layer(pm, name)
+    for p in (0.3, 0.6):
+        layer.rank_dropout["default"] = p
+        layer.module_dropout["default"] = 0.2
+        x = _input(pm, name, "float32")
+        pm.train()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            y_peft = t2n(layer(n2t(x)))
+        torch.manual_seed(123)
+        keep_module = bool(torch.rand(1) > 0.2)
+        drop = (torch.rand(10) > p).float()
+        mask = (drop / drop.mean()).numpy()
+        mod = ad.module(name, weight_shape=state[f"{name}.weight"].shape)
+        W, b = state[f"{name}.weight"], state[f"{name}.bias"]
+        kw = _conv_kwargs(pm, name)
+        kw.pop("groups")
+        if keep_module:
+            y = loha.forward(x, W, mod.w1_a, mod.w1_b, mod.w2_a, mod.w2_b, scaling=mod.scaling, bias=b,
+                             layer=mod.layer, row_mask=mask, **kw)
+        else:
+            y = mod.layer.base_forward(x, W, b, np, **kw)
+        assert_close(y, y_peft, atol=1e-5, rtol=1e-5, what=f"train forward p={p}")
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints both ways
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["linear", "conv2d_effective", "conv1d_effective", "patterns"])
+def test_peft_checkpoint_loads_in_peftmath(case, tmp_path):
+    pm, _, state = _make(case)
+    pm.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    ad = pmath.load_adapter(tmp_path)
+    assert ad.config.peft_type == "LOHA"
+    for field in ("r", "alpha", "rank_pattern", "alpha_pattern", "use_effective_conv2d", "init_weights",
+                  "rank_dropout", "module_dropout"):
+        assert ad.config.to_dict()[field] == raw[field], field
+    theirs = {}
+    for key, value in peft.get_peft_model_state_dict(pm).items():
+        module, suffix = split_key(key, loha.PARAMETER_SUFFIXES)
+        theirs.setdefault(module, {})[suffix] = t2n(value)
+    assert sorted(ad.params) == sorted(theirs)
+    for m in theirs:
+        assert sorted(ad.params[m]) == sorted(theirs[m])
+        for k in theirs[m]:
+            np.testing.assert_array_equal(np.asarray(ad.params[m][k]), theirs[m][k])
+    merged = ad.merge(state)
+    for name in ad.modules:
+        with torch.no_grad():
+            _layer(pm, name).merge()
+            w_peft = t2n(_layer(pm, name).get_base_layer().weight)
+        assert_close(merged[f"{name}.weight"], w_peft, atol=1e-6, rtol=1e-6, what=f"{name} merge")
+    out = pmath.save_adapter(ad, tmp_path / "again")
+    assert json.loads((out / "adapter_config.json").read_text()) == raw
+    t1, t2 = load_file(tmp_path / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert sorted(t1) == sorted(t2) and all(np.array_equal(t1[k], t2[k]) for k in t1)
+
+
+@pytest.mark.parametrize("case", ["linear", "conv1d", "conv1d_effective", "conv2d_effective", "conv2d_grouped",
+                                  "patterns"])
+def test_peftmath_checkpoint_loads_in_peft(case, tmp_path):
+    layers, fields = CASES[case]
+    model = build_model({n: _factory(k, kw) for n, (k, kw) in layers.items()}, seed=3)
+    state = base_state(model)
+    cfg = loha.LoHaConfig(**fields, target_modules=list(layers), init_weights=False)
+    params = {}
+    for i, name in enumerate(layers):
+        W = state[f"{name}.weight"]
+        params[name], new_w = loha.LoHaModule.initialize(name, cfg, Layer.of(W.shape), seed=i)
+        assert new_w is None
+    ad = pmath.Adapter(cfg, params)
+    pmath.save_adapter(ad, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(model, tmp_path)
+    assert not [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    result = pm.load_adapter(tmp_path, adapter_name="again")
+    assert result.missing_keys == [] and result.unexpected_keys == [], result
+    pm.set_adapter("default")
+    pm.eval()
+    for name in layers:
+        layer = _layer(pm, name)
+        mod = ad.module(name, weight_shape=state[f"{name}.weight"].shape)
+        assert layer.r["default"] == mod.r and layer.scaling["default"] == pytest.approx(mod.scaling, rel=1e-15)
+        for key, value in params[name].items():
+            np.testing.assert_array_equal(t2n(getattr(layer, key)["default"]), value)
+        x = _input(pm, name, "float32")
+        with torch.no_grad():
+            y_peft = t2n(layer(n2t(x)))
+        assert_close(ad.forward(name, x, state, **_conv_kwargs(pm, name)), y_peft, atol=1e-4, rtol=1e-4,
+                     what=f"{name} forward")
