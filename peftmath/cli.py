@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -463,7 +462,10 @@ def write_adapter(ad: Any, out: Path, *, force: bool, metadata: dict | None = No
     from .io import save_adapter
     from .io.stream import _commit
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".peftmath-tmp", dir=out.parent))
+    from .io.atomic import clean_stale_siblings, temp_sibling
+
+    clean_stale_siblings(out)
+    tmp = temp_sibling(out, folder=True)
     try:
         save_adapter(ad, tmp, metadata=metadata)
         _commit(tmp, out, force, None)

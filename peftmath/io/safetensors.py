@@ -218,10 +218,12 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def atomic_path(target: Path) -> Path:
-    """A fresh temporary path beside ``target`` (same folder, so a rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    return Path(tmp)
+    """A fresh temporary path beside ``target`` (same folder, so a rename is atomic); the leftovers of
+    killed runs beside ``target`` are removed first."""
+    from .atomic import clean_stale_siblings, temp_sibling
+
+    clean_stale_siblings(Path(target))
+    return temp_sibling(Path(target))
 
 
 def save_file(

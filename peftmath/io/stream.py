@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 
 from .._array import all_finite, dtype_name
 from ..errors import CheckpointError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
+from .atomic import clean_stale_siblings, temp_sibling
 from .safetensors import DTYPES, SafeTensorsFile, dtype_code, save_file
 
 __all__ = ["Model", "Plan", "TensorOp", "open_model", "plan", "transform", "records_path", "read_records",
@@ -338,6 +338,8 @@ def _record_for(records: Mapping[str, Any], module: str, used: set[str] | frozen
 
 # --- writing ----------------------------------------------------------------------------------
 def _check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
+    if out.parent.exists():
+        clean_stale_siblings(out)  # leftovers of a killed run
     if not out.parent.exists():
         raise CheckpointError(f"{out}: the parent folder {out.parent} does not exist; create it first")
     ro = out.resolve()
@@ -492,12 +494,10 @@ def transform(
 
     is_folder = base.is_folder
     if is_folder:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".peftmath-tmp", dir=out.parent))
+        tmp = temp_sibling(out, folder=True)
         targets = {n: tmp / n for n in base.files}
     else:
-        fd_, tmpname = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".peftmath-tmp", dir=out.parent)
-        os.close(fd_)
-        tmp = Path(tmpname)
+        tmp = temp_sibling(out)
         targets = {n: tmp for n in base.files}
     rec_tmp: Path | None = None
     try:
@@ -611,7 +611,7 @@ def _commit(tmp: Path, out: Path, force: bool, rec_tmp: Path | None) -> None:
     if out.exists() or out.is_symlink():
         if not force:  # re-checked: someone may have created it meanwhile
             raise CheckpointError(f"{out}: already exists; pass --force to replace it")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".peftmath-old", dir=out.parent)) / "old"
+        old = temp_sibling(out, folder=True, kind="old") / "old"
         os.replace(out, old)
     sidecar = records_path(out, folder=False)
     if not tmp.is_dir():
@@ -641,7 +641,7 @@ def write_with_replacements(base: Model, replacements: Mapping[str, np.ndarray],
         if tuple(value.shape) != base.shape(key):
             raise ShapeError(f"{key}: replacement of shape {tuple(value.shape)} for a tensor of shape {base.shape(key)}")
     if base.is_folder:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".peftmath-tmp", dir=out.parent))
+        tmp = temp_sibling(out, folder=True)
         target_dir = tmp
     else:
         tmp = None
