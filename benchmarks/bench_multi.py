@@ -54,6 +54,10 @@ def main() -> None:
     ours = {nm: Adapter(pm.LoraConfig(r=rank, lora_alpha=32, target_modules=["lin"]),
                         {"lin": {"lora_A.weight": A, "lora_B.weight": B}}) for nm, (A, B) in factors.items()}
     state = {"lin.weight": W, "lin.bias": b}
+    # the same adapters on torch tensors: peftmath's array-API code running on PEFT's own library
+    ours_t = {nm: Adapter(a.config, {"lin": {k: torch.from_numpy(v) for k, v in a.params["lin"].items()}})
+              for nm, a in ours.items()}
+    state_t = {k: torch.from_numpy(v) for k, v in state.items()}
     batch_names = list(rng.choice(names + ["__base__"], rows))
 
     class Net(torch.nn.Module):
@@ -86,9 +90,10 @@ def main() -> None:
     lines = ["## Mixed-batch forward: 64 rows over 16 LoRA adapters (r = 16), Linear(4096, 4096) float32", "",
              f"Script: `benchmarks/bench_multi.py`. Machine: {machine_line()}; torch.set_num_threads(2), "
              "OPENBLAS_NUM_THREADS=2.", "",
-             "| tokens per row | PEFT `adapter_names` ms | peftmath gather-matmul ms | loop over adapters (NumPy) ms | "
-             "base layer alone ms | PEFT / peftmath (total) | PEFT / peftmath (adapter terms: total − base) |",
-             "|---|---|---|---|---|---|---|"]
+             "| tokens per row | PEFT `adapter_names` (torch) ms | peftmath gather-matmul on torch ms | base layer alone "
+             "(torch) ms | PEFT / peftmath (total) | PEFT / peftmath (adapter terms: total − base) | peftmath on NumPy ms "
+             "| loop over adapters (NumPy) ms | base layer alone (NumPy) ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for seq in (1, 16):
         x = rng.standard_normal((rows, seq, n)).astype(np.float32)
         xt = torch.from_numpy(x)
@@ -99,6 +104,14 @@ def main() -> None:
 
         def run_ours():
             return mixed_batch_forward("lin", x, state, ours, batch_names)
+
+        def run_ours_torch():
+            with torch.no_grad():
+                return mixed_batch_forward("lin", xt, state_t, ours_t, batch_names)
+
+        def run_base_torch():
+            with torch.no_grad():
+                return torch.nn.functional.linear(xt, state_t["lin.weight"], state_t["lin.bias"])
 
         def run_loop():
             y = x @ W.T + b
@@ -112,8 +125,11 @@ def main() -> None:
             return x @ W.T + b
 
         np.testing.assert_allclose(np.asarray(run_ours()), run_peft().numpy(), rtol=1e-3, atol=1e-3)
-        times: dict[str, list[float]] = {k: [] for k in ("peft", "ours", "loop", "base")}
-        fns = {"peft": run_peft, "ours": run_ours, "loop": run_loop, "base": run_base}
+        np.testing.assert_allclose(run_ours_torch().numpy(), run_peft().numpy(), rtol=1e-3, atol=1e-3)
+        names = ("peft", "ours_t", "base_t", "ours", "loop", "base")
+        times: dict[str, list[float]] = {k: [] for k in names}
+        fns = {"peft": run_peft, "ours_t": run_ours_torch, "base_t": run_base_torch, "ours": run_ours,
+               "loop": run_loop, "base": run_base}
         for f in fns.values():
             f()
         for _ in range(rounds):
@@ -122,11 +138,14 @@ def main() -> None:
                 f()
                 times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        ratio_total = med["peft"] / med["ours"]
-        ratio_terms = (med["peft"] - med["base"]) / max(med["ours"] - med["base"], 1e-6)
-        lines.append(f"| {seq} | {med['peft']:.2f} | {med['ours']:.2f} | {med['loop']:.2f} | {med['base']:.2f} | "
-                     f"{ratio_total:.2f}x | {ratio_terms:.2f}x |")
-    lines += ["", "Target: at least 2x faster than PEFT. See the note below the table for what was met."]
+        ratio_total = med["peft"] / med["ours_t"]
+        terms_peft, terms_ours = med["peft"] - med["base_t"], med["ours_t"] - med["base_t"]
+        ratio_terms = f"{terms_peft / terms_ours:.2f}x" if terms_ours > 0.05 * med["base_t"] else "n/a (within noise)"
+        lines.append(f"| {seq} | {med['peft']:.2f} | {med['ours_t']:.2f} | {med['base_t']:.2f} | {ratio_total:.2f}x | "
+                     f"{ratio_terms} | {med['ours']:.2f} | {med['loop']:.2f} | {med['base']:.2f} |")
+    lines += ["", "Target: at least 2x faster than PEFT's `adapter_names` path. The whole layer includes the base "
+              "matmul (64·L × 4096 × 4096), the same for both, which bounds the total ratio near 1; the adapter terms' "
+              "own cost (total − base) is the part a mixed-batch method can change."]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

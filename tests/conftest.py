@@ -52,9 +52,27 @@ def _namespace(name: str):
         if not cupy.cuda.is_available():
             pytest.skip("no CUDA device")
         import array_api_compat.cupy as xp
+
+        _register_cupy_plugin()
     else:  # pragma: no cover
         raise ValueError(name)
     return xp
+
+
+def _register_cupy_plugin() -> None:
+    """Use the CuPy backend plugin even when backends/cupy is not pip-installed (a source checkout)."""
+    import sys
+    from pathlib import Path
+
+    from peftmath import backends
+
+    try:
+        backends.get_backend("cupy")
+    except Exception:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends" / "cupy"))
+        from peftmath_cupy import CupyBackend
+
+        backends.register_backend(CupyBackend())
 
 
 @pytest.fixture(params=_selected())

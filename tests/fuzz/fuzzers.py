@@ -243,7 +243,59 @@ def fuzz_adapter(cases: int, seed: int = 0, limit: float = 2.0) -> Outcome:
     return out
 
 
-READERS = {"safetensors": fuzz_safetensors, "adapter_config.json": fuzz_config, "adapter folder + merge": fuzz_adapter}
+def _index_case(seed_index: dict, rnd: random.Random) -> bytes:
+    """A mutated model.safetensors.index.json: hostile shard names, wrong maps, random JSON, damaged bytes."""
+    idx = json.loads(json.dumps(seed_index))
+    wm = idx["weight_map"]
+    op = rnd.randrange(6)
+    if op == 0 and wm:
+        k = rnd.choice(list(wm))
+        wm[k] = rnd.choice(["/etc/passwd", "../outside.safetensors", "..", "", ".", "sub/dir.safetensors",
+                            "a\\b.safetensors", "missing.safetensors", "shard-2.safetensors", 7, None])
+    elif op == 1 and wm:
+        wm.pop(rnd.choice(list(wm)))
+    elif op == 2:
+        wm[rnd.choice(["x", "a", "\x1b[2J"])] = rnd.choice(["shard-1.safetensors", "shard-2.safetensors"])
+    elif op == 3:
+        idx["weight_map"] = random_json(rnd)
+    elif op == 4:
+        return json.dumps(random_json(rnd)).encode()
+    else:
+        return mutate(json.dumps(idx).encode(), rnd)
+    return json.dumps(idx).encode()
+
+
+def fuzz_index(cases: int, seed: int = 0, limit: float = 2.0) -> Outcome:
+    """Sharded model folders with a mutated index, opened and read tensor by tensor."""
+    from peftmath.io.stream import open_model
+
+    rnd = random.Random(seed)
+    out = Outcome()
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "model"
+        folder.mkdir()
+        save_file({"a": np.ones((2, 3), np.float32)}, folder / "shard-1.safetensors")
+        save_file({"b": np.zeros(4, np.float32), "c": np.arange(3.0)}, folder / "shard-2.safetensors")
+        seed_index = {"metadata": {"total_size": 52},
+                      "weight_map": {"a": "shard-1.safetensors", "b": "shard-2.safetensors", "c": "shard-2.safetensors"}}
+        index = folder / "model.safetensors.index.json"
+        for i in range(cases):
+            index.write_bytes(_index_case(seed_index, rnd))
+            before = _snapshot(Path(d))
+
+            def read() -> None:
+                m = open_model(folder)
+                for k in m.keys():
+                    np.asarray(m.read(k)).sum()
+
+            _run(read, out, f"index case {i}", limit)
+            if _snapshot(Path(d)) != before:
+                out.failures.append(f"index case {i}: opening the model wrote to its folder")
+    return out
+
+
+READERS = {"safetensors": fuzz_safetensors, "adapter_config.json": fuzz_config, "adapter folder + merge": fuzz_adapter,
+           "shard index": fuzz_index}
 
 
 def main(argv: list[str] | None = None) -> int:
