@@ -86,6 +86,8 @@ def _mutate_header(data: bytes, rnd: random.Random) -> bytes:
         return data
     k = rnd.choice(keys)
     entry = header[k]
+    if not isinstance(entry, dict):  # an earlier mutation already broke this entry
+        return data
     choice = rnd.randrange(8)
     if choice == 0:
         entry["dtype"] = rnd.choice(["F32", "BF16", "F8_E4M3", "X9", "", None, 3])
