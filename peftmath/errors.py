@@ -20,6 +20,7 @@ __all__ = [
     "NotInvertibleError",
     "UnsupportedError",
     "BackendError",
+    "PeftMathWarning",
 ]
 
 
@@ -57,3 +58,8 @@ class UnsupportedError(PeftMathError, NotImplementedError):
 
 class BackendError(PeftMathError, RuntimeError):
     """A backend that is unknown, not installed, or cannot run here."""
+
+
+class PeftMathWarning(UserWarning):
+    """Something peftmath did on purpose that the caller should know about (a skipped module, a
+    config value PEFT would have changed, a lossy conversion)."""

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._peft_tables import default_targets
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, PeftMathWarning, ShapeError
 from .layers import LayerKind
 
 __all__ = ["is_target", "select_targets", "module_kinds", "ALL_LINEAR", "CONV1D_MODEL_TYPES", "OUTPUT_LAYER_NAMES"]
@@ -162,11 +163,16 @@ def select_targets(
     supported = tuple(supported) if supported is not None else None
     if supported is not None:
         explicit = set(targets) if isinstance(targets, (list, set, tuple)) else set()
+        skipped = []
         for n, k in list(chosen.items()):
             if k not in supported:
                 if n in explicit:
                     raise ConfigError(f"{n}: {config.peft_type} does not support {k.value} layers (PEFT refuses it too)")
+                skipped.append(f"{n} ({k.value})")
                 del chosen[n]
+        if skipped:
+            warnings.warn(f"{config.peft_type} does not support these layer kinds; skipped as PEFT skips them: "
+                          f"{', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''}", PeftMathWarning, stacklevel=3)
     if not chosen:
         names = sorted(kinds)
         wanted = targets if isinstance(targets, str) else ", ".join(map(str, targets))
