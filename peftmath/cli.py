@@ -222,6 +222,7 @@ def inspect_adapter(path: str | os.PathLike, *, base: Any = None, layer_kinds: d
             known = wshape is not None or all(int(d) > 0 for d in mod.layer.weight_shape)
             entry["layer"] = mod.layer.kind.value if known else None
             entry["weight_shape"] = list(mod.layer.weight_shape) if known else None
+            entry.update({k: v for k, v in mod.describe().items() if k in ("alpha", "scaling")})
             if base is not None and "base" not in entry:
                 entry["base"] = "ok"
         except PeftMathError as exc:
@@ -268,12 +269,13 @@ def _cmd_inspect(args: argparse.Namespace, log: _Log) -> int:
             sv = e["top_singular_values"]
             rows.append([
                 e["module"], e["layer"] or "?", "x".join(map(str, e.get("weight_shape") or [])) or "?",
-                str(e.get("rank", "-")), f"{e['num_parameters']:,}",
+                str(e.get("rank", "-")), str(e.get("alpha", "-")),
+                f"{e['scaling']:.4g}" if "scaling" in e else "-", f"{e['num_parameters']:,}",
                 "n/a" if e["delta_norm"] is None else f"{e['delta_norm']:.4g}",
                 "n/a" if sv is None else ", ".join(f"{s:.4g}" for s in sv),
                 *([e["base"]] if base is not None else []),
             ])
-        header = ["module", "layer", "weight", "rank", "params", "|dW|_F", "top singular values"]
+        header = ["module", "layer", "weight", "rank", "alpha", "scaling", "params", "|dW|_F", "top singular values"]
         print(_table(rows, header + (["base"] if base is not None else [])))
     if info["problems"]:
         n = len(info["problems"])
