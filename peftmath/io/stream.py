@@ -171,6 +171,8 @@ def _read_index(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: 'weight_map' must be an object mapping tensor names to shard file names")
     folder = path.parent.resolve()
     for k, v in wm.items():
+        if any(ord(c) < 32 for c in v):
+            raise CheckpointError(f"{path}: weight_map entry {k!r} names a shard with control characters ({v!r})")
         q = Path(v)
         if q.is_absolute() or ".." in q.parts or "\\" in v or v in ("", ".") or len(q.parts) != 1:
             raise CheckpointError(
