@@ -8,6 +8,7 @@
 from . import backends, errors, layers
 from .adapter import Adapter
 from .combine import combine
+from .convert import convert
 from .create import create_adapter
 from .multi import AdapterSet, mixed_batch_forward
 from .errors import PeftMathError
@@ -21,6 +22,7 @@ __all__ = [
     "Adapter",
     "AdapterSet",
     "combine",
+    "convert",
     "create_adapter",
     "mixed_batch_forward",
     "Layer",

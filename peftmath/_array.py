@@ -61,6 +61,8 @@ def common_device(*arrays: Array, where: str = "") -> Any:
         if a is None or isinstance(a, (int, float, bool)):
             continue
         d = array_api_compat.device(a)
+        if d is None:  # a traced value (jax.grad / jit) has no concrete device: it cannot disagree
+            continue
         if not any(d == e for e in devices):  # devices need not be hashable (CuPy)
             devices.append(d)
     if len(devices) > 1:

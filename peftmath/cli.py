@@ -501,6 +501,38 @@ def _cmd_combine(args: argparse.Namespace, log: _Log) -> int:
     return 0
 
 
+# --- convert --------------------------------------------------------------------------------------
+def _cmd_convert(args: argparse.Namespace, log: _Log) -> int:
+    from .convert import convert_path
+
+    read: dict[str, Any] = {}
+    if args.modules_from:
+        from .io.stream import open_model
+
+        model = open_model(args.modules_from)
+        read["modules"] = sorted({k.rsplit(".", 1)[0] for k in model.keys() if k.endswith(".weight")})
+    if args.lora_alpha is not None:
+        read["lora_alpha"] = args.lora_alpha
+    if args.missing_alpha is not None:
+        read["missing_alpha"] = args.missing_alpha
+    write: dict[str, Any] = {}
+    if args.prefix is not None:
+        write["prefix"] = args.prefix
+    if args.typed:
+        write["typed"] = True
+    if args.dummy_embeddings:
+        write["add_dummy_embeddings"] = True
+    if args.lossy:
+        write["lossy"] = True
+    if args.num_layers is not None:
+        write["num_layers"] = args.num_layers
+    out = convert_path(args.adapter, args.output, args.to, from_=args.from_format, force=args.force,
+                       read_options=read, **write)
+    if not args.quiet:
+        print(f"wrote the {args.to} adapter to {out}", file=sys.stderr)
+    return 0
+
+
 # --- init -----------------------------------------------------------------------------------------
 def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
     from .create import create_adapter, open_state
@@ -710,6 +742,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
     c.add_argument("--force", action="store_true", help="replace ADAPTER_DIR if it exists")
     c.set_defaults(func=_cmd_combine)
+
+    v = sub.add_parser("convert", parents=[common], formatter_class=raw,
+                       help="convert an adapter between PEFT, kohya/LyCORIS, MLX and candle-lora",
+                       description="Convert an adapter between formats (the source format is detected from its "
+                                   "files unless --from is given). Delta weights are kept exactly (within one "
+                                   "ulp where a scale is folded); what the target cannot express is refused with "
+                                   "an error that says what would be lost, and nothing is written. See "
+                                   "specs/formats.md for each format's key grammar and scaling.",
+                       epilog="examples:\n  peftmath convert my-lora/ --to kohya -o my-lora.safetensors\n"
+                              "  peftmath convert adapters/ --to peft -o my-lora/          (an mlx-lm adapter)\n")
+    v.add_argument("adapter", metavar="ADAPTER", help="adapter folder or .safetensors file")
+    v.add_argument("--to", required=True, choices=["peft", "kohya", "mlx", "candle-lora"], help="target format")
+    v.add_argument("--from", dest="from_format", choices=["peft", "kohya", "mlx", "candle-lora"],
+                   help="source format (default: detected)")
+    v.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="a folder for peft and mlx, a .safetensors file for kohya and candle-lora")
+    v.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    v.add_argument("--prefix", help="key prefix of the written kohya / candle-lora file")
+    v.add_argument("--typed", action="store_true", help="candle-lora: the typed Llama layout")
+    v.add_argument("--dummy-embeddings", action="store_true", help="candle-lora: add the dummy embedding pair")
+    v.add_argument("--lossy", action="store_true", help="candle-lora: drop what it cannot hold, with a warning")
+    v.add_argument("--num-layers", type=int, help="mlx: num_layers of the written config (default -1: all)")
+    v.add_argument("--modules-from", metavar="BASE", help="module names from a base model (kohya / candle-lora "
+                                                           "files written by other tools)")
+    v.add_argument("--lora-alpha", type=float, help="candle-lora source: its alpha (the files do not hold it)")
+    v.add_argument("--missing-alpha", choices=["error", "rank"], help="kohya source: a module without alpha")
+    v.set_defaults(func=_cmd_convert)
 
     n = sub.add_parser("init", parents=[common], formatter_class=raw,
                        help="a new adapter for a model, selected and initialised as PEFT's get_peft_model would",

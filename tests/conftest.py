@@ -1,7 +1,9 @@
 """Shared fixtures: the backend matrix (``xp``), hypothesis profiles, seeded data helpers.
 
-Select backends with ``PEFTMATH_TEST_BACKENDS`` (comma-separated; default: every installed one of
-numpy, array_api_strict, torch, jax). Unknown names fail loudly.
+Select backends with ``PEFTMATH_TEST_BACKENDS`` (comma-separated: numpy, array_api_strict, torch, jax,
+cupy). By default the module tests run on numpy, array_api_strict and torch, and the cross-backend suite
+(``tests/test_cross_backend.py``, fixture ``xp_all``) on every installed library, JAX and CuPy (with a GPU)
+included. Unknown names fail loudly.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ settings.register_profile("ci", deadline=None, derandomize=True, database=None, 
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
+#: the module tests' default matrix; JAX and CuPy join it when named in PEFTMATH_TEST_BACKENDS, and the
+#: cross-backend parity suite (the ``xp_all`` fixture) always takes every installed library
+DEFAULT_BACKENDS = ("numpy", "array_api_strict", "torch")
 
 
-def _selected() -> list[str]:
+def _selected(default: tuple[str, ...] = DEFAULT_BACKENDS) -> list[str]:
     raw = os.environ.get("PEFTMATH_TEST_BACKENDS")
     if not raw:
-        return list(ALL_BACKENDS)
+        return list(default)
     names = [n.strip() for n in raw.split(",") if n.strip()]
     unknown = sorted(set(names) - set(ALL_BACKENDS) - {"cupy"})
     if unknown:
@@ -78,5 +83,11 @@ def _register_cupy_plugin() -> None:
 @pytest.fixture(params=_selected())
 def xp(request):
     """An array namespace from the backend matrix."""
+    return _namespace(request.param)
+
+
+@pytest.fixture(params=_selected(ALL_BACKENDS + ("cupy",)))
+def xp_all(request):
+    """Every installed array library (JAX CPU and CuPy with a GPU included), for the cross-backend suite."""
     return _namespace(request.param)
 

@@ -30,3 +30,13 @@ def assert_same_namespace(xp, *arrays):
     for a in arrays:
         got = array_api_compat.array_namespace(a)
         assert got.__name__ == xp.__name__ or got is xp, f"{type(a)} is not of {xp.__name__}"
+
+
+def skip_if_immutable(xp) -> None:
+    """Skip a ``copy=False`` check on a library whose arrays cannot be written (JAX): peftmath refuses
+    ``copy=False`` there with an UnsupportedError, which tests/methods/test_lora.py checks."""
+    import array_api_compat
+    import pytest
+
+    if array_api_compat.is_jax_namespace(xp):
+        pytest.skip("JAX arrays are immutable: copy=False is refused by design")

@@ -1,7 +1,7 @@
 """Cross-backend parity: every method's delta, forward, merge and unmerge on every installed backend.
 
 The inputs are generated once on the host (NumPy, from a hypothesis-drawn seed) and moved to each
-backend in the ``xp`` fixture (numpy, array-api-strict, torch CPU, JAX CPU when installed, CuPy when
+backend in the ``xp_all`` fixture (numpy, array-api-strict, torch CPU, JAX CPU when installed, CuPy when
 a GPU is present). Each backend computes in float32; the reference is the same call on NumPy in
 float64. Tolerances come from error analysis:
 
@@ -103,7 +103,8 @@ CASES = _cases()
 @pytest.mark.parametrize("peft_type,label,kind", CASES)
 @given(seed=st.integers(0, 2**31 - 1))
 @settings(max_examples=int(os.environ.get("PEFTMATH_XB_EXAMPLES", 5)))
-def test_backend_matches_float64_reference(xp, peft_type, label, kind, seed):
+def test_backend_matches_float64_reference(xp_all, peft_type, label, kind, seed):
+    xp = xp_all
     method, config, layer, W, bias, params, x = _build(peft_type, label, kind, seed)
     eps = float(np.finfo(np.float32).eps)
     contraction = math.prod(layer.matrix_shape[1:]) + 16
@@ -140,7 +141,8 @@ def test_backend_matches_float64_reference(xp, peft_type, label, kind, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_lora_delta_componentwise(xp, seed):
+def test_lora_delta_componentwise(xp_all, seed):
+    xp = xp_all
     """|BA_xp − BA_64| <= max(4, r)·eps·s·(|B| @ |A|): the bound of an r-term dot product."""
     from peftmath.methods import lora
 
