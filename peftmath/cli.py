@@ -370,8 +370,7 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
     the adapter's safetensors metadata under ``peftmath.extract``.
     """
     from .adapter import Adapter
-    from .io import save_adapter
-    from .io.stream import _check_output, _commit, open_model
+    from .io.stream import _check_output, open_model
     from .layers import Layer, LayerKind
     from .methods.lora import LoraConfig, parameter_shapes, randomized_svd
 

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
-
-from tests.helpers import assert_same_namespace, to_np, to_xp  # noqa: F401  (re-exported for older imports)
 
 # The xp fixture is a stateless namespace, so reusing it across hypothesis examples is safe.
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]

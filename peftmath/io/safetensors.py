@@ -19,7 +19,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any

@@ -20,7 +20,7 @@ from ..layers import Layer
 
 Array = Any
 
-__all__ = ["MergeResult", "ModuleAdapter", "apply_delta", "bias_update", "write_back", "require_writeable", "check_shape"]
+__all__ = ["MergeResult", "ModuleAdapter", "apply_delta", "finish", "bias_update", "write_back", "require_writeable", "check_shape"]
 
 
 class MergeResult(NamedTuple):
@@ -58,6 +58,21 @@ def write_back(module: str, target: Array, value: Array) -> Array:
     require_writeable(module, target)
     target[...] = value
     return target
+
+
+def finish(module: str, weight: Array, new: Array, *, copy: bool, safe: bool, xp: Any) -> Array:
+    """Round ``new`` (computed in a wider dtype) once to ``weight``'s dtype, refuse a non-finite result
+    when ``safe``, then return it (``copy=True``) or store it into ``weight`` (``copy=False``).
+
+    The last step of every merge and unmerge: nothing is written before the checks pass.
+    """
+    result = as_compute(xp, new, weight.dtype)
+    if safe and not all_finite(result, xp=xp):
+        raise NonFiniteError(
+            f"{module}: the merged weight would contain NaN or infinity (dtype {dtype_name(weight.dtype)}); "
+            f"the base weight is unchanged. Check the adapter for non-finite values or merge into a wider dtype"
+        )
+    return result if copy else write_back(module, weight, result)
 
 
 def apply_delta(
@@ -109,13 +124,7 @@ def apply_delta(
     if round_delta_to is not None:
         delta = as_compute(xp, xp.astype(delta, round_delta_to), cd)
     total = as_compute(xp, weight, cd) + delta if sign > 0 else as_compute(xp, weight, cd) - delta
-    result = as_compute(xp, total, weight.dtype)
-    if safe and not all_finite(result, xp=xp):
-        raise NonFiniteError(
-            f"{module}: the merged weight would contain NaN or infinity (dtype {dtype_name(weight.dtype)}); "
-            f"the base weight is unchanged. Check the adapter for non-finite values or merge into a wider dtype"
-        )
-    return result if copy else write_back(module, weight, result)
+    return finish(module, weight, total, copy=copy, safe=safe, xp=xp)
 
 
 def bias_update(

@@ -29,12 +29,12 @@ from typing import Any, ClassVar
 import array_api_compat
 import numpy as np
 
-from .._array import all_finite, as_compute, compute_dtype, conv, is_low_precision, namespace
+from .._array import as_compute, compute_dtype, conv, is_low_precision, namespace
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_number
-from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
+from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, check_shape, write_back
+from ._base import MergeResult, ModuleAdapter, check_shape, finish
 from .oft import apply_blocks
 
 Array = Any
@@ -326,13 +326,6 @@ def forward(
     return as_compute(xp, y, x.dtype)
 
 
-def _finish(where: str, weight: Array, new: Array, *, copy: bool, safe: bool, xp: Any) -> Array:
-    result = as_compute(xp, new, weight.dtype)
-    if safe and not all_finite(result, xp=xp):
-        raise NonFiniteError(f"{where}: the merged weight would contain NaN or infinity; the base weight is unchanged")
-    return result if copy else write_back(where, weight, result)
-
-
 def merge(
     weight: Array,
     boft_R: Array,
@@ -358,7 +351,7 @@ def merge(
     Wm = as_compute(xp, xp.reshape(weight, lay.matrix_shape), cd)
     new = apply_rotation(Wm, cayley(boft_R, dtype=cd), transpose=True)
     new *= as_compute(xp, s, cd)[:, None]  # in place on the fresh product (saves a weight-sized temporary)
-    return _finish("boft.merge", weight, xp.reshape(new, lay.weight_shape), copy=copy, safe=safe, xp=xp)
+    return finish("boft.merge", weight, xp.reshape(new, lay.weight_shape), copy=copy, safe=safe, xp=xp)
 
 
 def unmerge(
@@ -396,7 +389,7 @@ def unmerge(
     else:
         rotated /= sc[:, None]
     new = rotated
-    return _finish("boft.unmerge", weight, xp.reshape(new, lay.weight_shape), copy=copy, safe=False, xp=xp)
+    return finish("boft.unmerge", weight, xp.reshape(new, lay.weight_shape), copy=copy, safe=False, xp=xp)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,11 +30,11 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .._array import all_finite, as_compute, compute_dtype, dtype_name, is_writeable, namespace
+from .._array import all_finite, as_compute, compute_dtype, dtype_name, namespace
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig
 from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError

@@ -42,9 +42,9 @@ import numpy as np
 from .._array import all_finite, as_compute, compute_dtype, conv, embedding_lookup, is_low_precision, namespace
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_number, check_positive_int
-from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
+from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, check_shape, write_back
+from ._base import MergeResult, ModuleAdapter, check_shape, finish
 
 Array = Any
 
@@ -541,13 +541,6 @@ def _rotate_weight(weight: Array, blocks: Array, lay: Layer, *, inverse: bool, x
     return xp.reshape(apply_blocks(Wm, R, transpose=True), lay.weight_shape)
 
 
-def _finish(where: str, weight: Array, new: Array, *, copy: bool, safe: bool, xp: Any) -> Array:
-    result = as_compute(xp, new, weight.dtype)
-    if safe and not all_finite(result, xp=xp):
-        raise NonFiniteError(f"{where}: the merged weight would contain NaN or infinity; the base weight is unchanged")
-    return result if copy else write_back(where, weight, result)
-
-
 def merge(
     weight: Array,
     blocks: Array,
@@ -574,7 +567,7 @@ def merge(
     _check_blocks(lay, blocks, "oft.merge")
     cd = compute_dtype(xp, weight.dtype, blocks.dtype)
     new = _rotate_weight(weight, blocks, lay, inverse=False, xp=xp, cd=cd)
-    return _finish("oft.merge", weight, new, copy=copy, safe=safe, xp=xp)
+    return finish("oft.merge", weight, new, copy=copy, safe=safe, xp=xp)
 
 
 def unmerge(
@@ -597,7 +590,7 @@ def unmerge(
     _check_blocks(lay, blocks, "oft.unmerge")
     cd = compute_dtype(xp, weight.dtype, blocks.dtype)
     new = _rotate_weight(weight, blocks, lay, inverse=True, xp=xp, cd=cd)
-    return _finish("oft.unmerge", weight, new, copy=copy, safe=False, xp=xp)
+    return finish("oft.unmerge", weight, new, copy=copy, safe=False, xp=xp)
 
 
 # --------------------------------------------------------------------------------------------------

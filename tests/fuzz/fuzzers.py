@@ -10,7 +10,6 @@ A reader passes a case when it returns normally or raises an exception of peftma
 from __future__ import annotations
 
 import json
-import os
 import random
 import struct
 import tempfile
