@@ -8,7 +8,7 @@
 from . import backends, errors, layers
 from .adapter import Adapter
 from .combine import combine
-from .convert import convert
+from .formats import convert
 from .create import create_adapter
 from .multi import AdapterSet, mixed_batch_forward
 from .errors import PeftMathError

@@ -502,7 +502,7 @@ def _cmd_combine(args: argparse.Namespace, log: _Log) -> int:
 
 # --- convert --------------------------------------------------------------------------------------
 def _cmd_convert(args: argparse.Namespace, log: _Log) -> int:
-    from .convert import convert_path
+    from .formats import convert_path
 
     read: dict[str, Any] = {}
     if args.modules_from:

@@ -1,4 +1,4 @@
-"""Format conversion (peftmath.convert): PEFT <-> kohya/LyCORIS, MLX, candle-lora.
+"""Format conversion (peftmath.formats, pm.convert): PEFT <-> kohya/LyCORIS, MLX, candle-lora.
 
 Round trips PEFT -> X -> PEFT keep every tensor bit for bit and every delta identical (one rounding of
 the scale where one is folded); layouts are checked against each format's grammar; bad inputs raise an
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peftmath import convert as C
+from peftmath import formats as C
 from peftmath.adapter import Adapter
 from peftmath.create import create_adapter
 from peftmath.errors import CheckpointError, ConfigError, PeftMathError, ShapeError, UnsupportedError
@@ -243,7 +243,7 @@ def test_candle_plain_layout_is_candle_loras():
         assert _same_bits(out.tensors[f"lora_llama.b{i}.weight"], ad.params[m]["lora_B.weight"])   # (out, r)
 
 
-@pytest.mark.filterwarnings("ignore::peftmath.convert.ConversionWarning")
+@pytest.mark.filterwarnings("ignore::peftmath.formats.ConversionWarning")
 def test_candle_typed_layout_and_dummy_embedding():
     state, ad = _llama_adapter(np.random.default_rng(3))
     with pytest.warns(C.ConversionWarning, match="dummy embedding"):
@@ -270,7 +270,7 @@ def test_candle_typed_layout_and_dummy_embedding():
         _check_deltas(ad, b, state)
 
 
-@pytest.mark.filterwarnings("ignore::peftmath.convert.ConversionWarning")
+@pytest.mark.filterwarnings("ignore::peftmath.formats.ConversionWarning")
 def test_candle_drops_like_candle_lora_only_when_lossy():
     rng = np.random.default_rng(4)
     state = _base(rng)

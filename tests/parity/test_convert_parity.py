@@ -22,7 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from peftmath import convert as C  # noqa: E402
+from peftmath import formats as C  # noqa: E402
 from peftmath.create import create_adapter  # noqa: E402
 from peftmath.io import load_adapter  # noqa: E402
 from peftmath.methods.loha import LoHaConfig  # noqa: E402
