@@ -35,6 +35,9 @@ class Adapter:
         Tensors not tied to one module (VeRA's ``vera_A`` / ``vera_B``), by their checkpoint key.
     other
         Base-model tensors the checkpoint replaces (``modules_to_save``, ``bias="all"``), by base key.
+    model_type
+        The base model's transformers ``model_type`` (Dinov2 names its checkpoint tensors differently
+        from its modules; see :data:`peftmath.targets.CHECKPOINT_RENAMES`).
     layer_kinds
         Known layer kinds by module name (a square transformers Conv1D cannot be told from a Linear
         by its shape). :func:`~peftmath.create_adapter` fills it, :func:`~peftmath.save_adapter` records it
@@ -49,6 +52,7 @@ class Adapter:
         shared: Mapping[str, Array] | None = None,
         other: Mapping[str, Array] | None = None,
         layer_kinds: Mapping[str, LayerKind | str] | None = None,
+        model_type: str | None = None,
     ) -> None:
         self.config = config
         self.method = get_method(config.peft_type)
@@ -56,6 +60,9 @@ class Adapter:
         self.shared: dict[str, Array] = dict(shared or {})
         self.other: dict[str, Array] = dict(other or {})
         self.layer_kinds: dict[str, LayerKind] = {k: LayerKind.parse(v) for k, v in (layer_kinds or {}).items()}
+        #: the transformers ``model_type`` of the base, when known: it maps module names to checkpoint
+        #: names where transformers renames them (:data:`peftmath.targets.CHECKPOINT_RENAMES`)
+        self.model_type = model_type
 
     def __repr__(self) -> str:
         return f"Adapter({self.config.peft_type}, {len(self.params)} modules, {self.num_trainable_parameters()} parameters)"
@@ -194,22 +201,32 @@ class Adapter:
                 out[bkey] = res.bias
         return out
 
+    def base_key(self, name: str, state: Mapping[str, Array]) -> str:
+        """The state-dict prefix of module ``name``: the name itself, or its checkpoint name."""
+        if f"{name}.weight" in state:
+            return name
+        from .targets import module_to_checkpoint
+
+        return module_to_checkpoint(name, self.model_type)
+
     def _base_tensors(self, name: str, state: Mapping[str, Array]) -> tuple[Array, Array | None]:
-        wkey = f"{name}.weight"
+        key = self.base_key(name, state)
+        wkey = f"{key}.weight"
         if wkey not in state:
             raise ShapeError(
                 f"{name}: adapted module has no weight {wkey!r} in the base state dict "
                 f"(closest keys: {_some(_closest(wkey, state))})"
             )
-        return state[wkey], state.get(f"{name}.bias")
+        return state[wkey], state.get(f"{key}.bias")
 
     def _bind_all(self, state: Mapping[str, Array], layer_kinds: Mapping[str, Any] | None) -> dict:
         bound = {}
         for name in self.modules:
             weight, _ = self._base_tensors(name, state)
             kind = (layer_kinds or {}).get(name)
+            key = self.base_key(name, state)
             bound[name] = (self.module(name, weight_shape=tuple(weight.shape), kind=kind),
-                           f"{name}.weight", f"{name}.bias")
+                           f"{key}.weight", f"{key}.bias")
         return bound
 
     # --- bookkeeping --------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from .errors import CheckpointError, ConfigError
 from .io import config_from_dict, read_config
 from .layers import Layer, LayerKind
 from .methods import get_method
-from .targets import module_kinds, select_targets
+from .targets import checkpoint_to_module, module_kinds, module_to_checkpoint, select_targets
 
 __all__ = ["create_adapter", "open_state"]
 
@@ -87,9 +87,16 @@ def create_adapter(
     module_cls = getattr(method, "Module", None)
     if module_cls is None or not hasattr(module_cls, "initialize"):
         raise ConfigError(f"{cfg.peft_type}: create_adapter covers the per-module methods; this one has no module math")
-    kinds = module_kinds(state, layer_kinds=layer_kinds, model_type=model_type)
+    # module names as transformers (and PEFT) name them; the state dict keeps the checkpoint's names
+    hints = {module_to_checkpoint(k, model_type): v for k, v in (layer_kinds or {}).items()}
+    kinds = {checkpoint_to_module(n, model_type): k
+             for n, k in module_kinds(state, layer_kinds=hints, model_type=model_type).items()}
     targets = select_targets(cfg, kinds, model_type=model_type, supported=module_cls.supported_kinds)
-    layers = {name: Layer.of(tuple(state[f"{name}.weight"].shape), kind) for name, kind in targets.items()}
+
+    def weight_of(name: str) -> Any:
+        return state[f"{module_to_checkpoint(name, model_type)}.weight"]
+
+    layers = {name: Layer.of(tuple(weight_of(name).shape), kind) for name, kind in targets.items()}
     shared: dict[str, Any] = {}
     init_shared = getattr(method, "init_shared", None)
     if init_shared is not None:
@@ -98,13 +105,13 @@ def create_adapter(
     new_base: dict[str, Any] = {}
     for i, (name, layer) in enumerate(layers.items()):
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
-        weight = state[f"{name}.weight"]
+        weight = weight_of(name)
         kwargs = {"shared": shared} if shared else {}
         p, w = module_cls.initialize(name, cfg, layer, weight=weight, seed=rng, xp=xp, device=device, init=init,
                                      **kwargs)
         params[name] = p
         if w is not None:
-            new_base[f"{name}.weight"] = w
+            new_base[f"{module_to_checkpoint(name, model_type)}.weight"] = w
     if new_base and not return_base:
         raise ConfigError(
             f"{cfg.peft_type}: this initialisation changes the base weights ({len(new_base)} tensors); "
@@ -116,5 +123,5 @@ def create_adapter(
         cfg = cfg.replace(target_modules=sorted(layers))  # PEFT saves "all-linear" expanded to module names
     if any(k is LayerKind.CONV1D_TRANSPOSED for k in targets.values()) and hasattr(cfg, "fan_in_fan_out"):
         cfg = cfg.replace(fan_in_fan_out=True)  # as PEFT's saved config says once a Conv1D was adapted
-    adapter = Adapter(cfg, params, shared=shared, layer_kinds=targets)
+    adapter = Adapter(cfg, params, shared=shared, layer_kinds=targets, model_type=model_type)
     return (adapter, new_base) if return_base else adapter

@@ -28,7 +28,8 @@ from ._peft_tables import default_targets
 from .errors import ConfigError, PeftMathWarning, ShapeError
 from .layers import LayerKind
 
-__all__ = ["is_target", "select_targets", "module_kinds", "ALL_LINEAR", "CONV1D_MODEL_TYPES", "OUTPUT_LAYER_NAMES"]
+__all__ = ["is_target", "select_targets", "module_kinds", "checkpoint_to_module", "module_to_checkpoint",
+           "ALL_LINEAR", "CONV1D_MODEL_TYPES", "OUTPUT_LAYER_NAMES", "CHECKPOINT_RENAMES"]
 
 ALL_LINEAR = "all-linear"
 #: transformers architectures whose attention/MLP projections are ``Conv1D`` (weight stored (in, out))
@@ -39,6 +40,47 @@ EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_em
                    "embed_positions", "shared", "embed_in", "relative_attention_bias")
 #: output layers "all-linear" leaves out (PEFT excludes the model's output embedding / seq-cls head)
 OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "cls.predictions.decoder", "score", "classifier")
+
+
+#: transformers 5 loads some checkpoints under other module names (its ``conversion_mapping``): per
+#: model type, (checkpoint module suffix, in-memory module suffix). PEFT adapters use the in-memory names;
+#: the safetensors files keep the checkpoint names. Only plain renames are listed: a tensor that
+#: transformers splits on load (Dinov2's SwiGLU ``mlp.weights_in``) has no single module to adapt.
+CHECKPOINT_RENAMES: dict[str, list[tuple[str, str]]] = {
+    "dinov2": [
+        ("attention.attention.query", "attention.q_proj"),
+        ("attention.attention.key", "attention.k_proj"),
+        ("attention.attention.value", "attention.v_proj"),
+        ("attention.output.dense", "attention.o_proj"),
+    ],
+}
+
+
+def _rename(name: str, pairs: list[tuple[str, str]]) -> str:
+    for old, new in pairs:
+        if name == old:
+            return new
+        if name.endswith("." + old):
+            return name[: -len(old)] + new
+    return name
+
+
+def checkpoint_to_module(name: str, model_type: str | None) -> str:
+    """The module name transformers (and so PEFT) uses for checkpoint module ``name``.
+
+    >>> checkpoint_to_module("encoder.layer.0.attention.attention.query", "dinov2")
+    'encoder.layer.0.attention.q_proj'
+    """
+    return _rename(name, CHECKPOINT_RENAMES.get(model_type or "", []))
+
+
+def module_to_checkpoint(name: str, model_type: str | None) -> str:
+    """The checkpoint module name of in-memory module ``name`` (the inverse of :func:`checkpoint_to_module`).
+
+    >>> module_to_checkpoint("encoder.layer.3.attention.o_proj", "dinov2")
+    'encoder.layer.3.attention.output.dense'
+    """
+    return _rename(name, [(new, old) for old, new in CHECKPOINT_RENAMES.get(model_type or "", [])])
 
 
 def _leaf(key: str) -> str:

@@ -36,6 +36,7 @@ import numpy as np
 
 from .._array import all_finite, dtype_name
 from ..errors import CheckpointError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
+from ..targets import module_to_checkpoint
 from .atomic import clean_stale_siblings, temp_sibling
 from .safetensors import DTYPES, SafeTensorsFile, dtype_code, save_file
 
@@ -111,6 +112,16 @@ class Model:
     @property
     def is_folder(self) -> bool:
         return self.folder is not None
+
+    @property
+    def model_type(self) -> str | None:
+        """The ``model_type`` of the folder's transformers ``config.json`` (None when absent or unreadable)."""
+        cfg = (self.folder if self.folder is not None else self.path.parent) / "config.json"
+        try:
+            value = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
 
     def __contains__(self, key: str) -> bool:
         return key in self.key_file
@@ -253,7 +264,8 @@ def plan(
                 f"{names[i]}: {ad.peft_type} adapters add virtual tokens, not weights: there is nothing to "
                 f"{direction} into a model (use them with the model's forward instead)")
         for m in ad.modules:
-            wkey = f"{m}.weight"
+            key = m if f"{m}.weight" in base else module_to_checkpoint(m, base.model_type)
+            wkey = f"{key}.weight"
             if wkey not in base:
                 near = base.closest(wkey)
                 raise ShapeError(
@@ -264,7 +276,7 @@ def plan(
                 mod = ad.module(m, weight_shape=base.shape(wkey), kind=layer_kinds.get(m))
             except ShapeError as exc:
                 raise ShapeError(f"{names[i]}: {exc} (base tensor {wkey!r} is {base.shape(wkey)} in {base.path})") from None
-            bkey = f"{m}.bias"
+            bkey = f"{key}.bias"
             groups.setdefault(wkey, []).append((i, m, mod, bkey if bkey in base else None))
             key_group[wkey] = wkey
             if bkey in base:

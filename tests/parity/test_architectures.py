@@ -54,6 +54,11 @@ FAMILIES = {
                    ["q_proj", "v_proj", "c_fc"], "ids"),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=64, n_embd=16, n_layer=2, n_head=4, n_positions=32),
              None, "ids"),
+    # transformers 5 saves Dinov2's attention under other names (attention.attention.query is the module
+    # attention.q_proj): peftmath maps them (peftmath.targets.CHECKPOINT_RENAMES)
+    "dinov2": ("Dinov2Config", "Dinov2Model", dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                                   intermediate_size=32, image_size=28, patch_size=14),
+               ["q_proj", "v_proj", "o_proj", "fc1"], "dinov2"),
 }
 
 
@@ -78,6 +83,8 @@ def _inputs(kind: str):
     if kind == "blip":
         return {"input_ids": torch.randint(0, 64, (1, 7), generator=g),
                 "pixel_values": torch.randn(1, 3, 28, 28, generator=g)}
+    if kind == "dinov2":
+        return {"pixel_values": torch.randn(1, 3, 28, 28, generator=g)}
     return {"pixel_values": torch.randn(1, 3, 32, 32, generator=g)}
 
 
@@ -97,8 +104,17 @@ def _save(model, folder):
 
 
 def _load_merged(family: str, merged: dict) -> "torch.nn.Module":
+    """A fresh model with the merged checkpoint tensors (under the model's own module names)."""
+    from peftmath.targets import checkpoint_to_module
+
     model, _, _ = _build(family)
-    missing, unexpected = model.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in merged.items()},
+    model_type = model.config.model_type
+
+    def rename(key: str) -> str:
+        module, _, leaf = key.rpartition(".")
+        return f"{checkpoint_to_module(module, model_type)}.{leaf}"
+
+    missing, unexpected = model.load_state_dict({rename(k): torch.tensor(np.asarray(v)) for k, v in merged.items()},
                                                 strict=False)
     assert not unexpected, unexpected
     if hasattr(model, "tie_weights"):
@@ -142,8 +158,20 @@ def test_peft_adapter_merges_like_merge_and_unload(tmp_path, family, variant):
         from peftmath.targets import module_kinds
 
         kinds = {m: k for m, k in module_kinds(state, model_type=model_type).items() if m in ad.params}
+    ad.model_type = model_type  # checkpoint names where transformers renames modules (Dinov2)
     merged = ad.merge(state, layer_kinds=kinds)
     assert set(merged) == set(ref_state)
     for key, value in merged.items():
+        np.testing.assert_allclose(np.asarray(value, dtype=np.float64), np.asarray(ref_state[key], dtype=np.float64),
+                                   rtol=1e-5, atol=1e-5, err_msg=key)
+    # the same through the command line, streamed over the shards (the model type comes from config.json)
+    from peftmath.cli import main
+
+    layer_kind_args = [a for m, k in (kinds or {}).items() for a in ("--layer-kind", f"{m}={k.value}")]
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "-o", str(tmp_path / "merged"), "-q",
+                 *layer_kind_args]) == 0
+    streamed, _ = open_state(tmp_path / "merged")
+    assert set(streamed) == set(ref_state)
+    for key, value in streamed.items():
         np.testing.assert_allclose(np.asarray(value, dtype=np.float64), np.asarray(ref_state[key], dtype=np.float64),
                                    rtol=1e-5, atol=1e-5, err_msg=key)
