@@ -292,13 +292,13 @@ def _notes(res: dict[str, float], f: float) -> list[str]:
         "adds it to W (a third pass).",
         "* `copy=True` allocates and writes a new 64 MiB array: the first touch of every fresh page (a page fault, "
         "the kernel zeroing it) dominates, which is why it costs several times the floor rather than one more pass.",
-        "* DoRA's in-place merge is the floor plus one read pass for the row norms (`vecdot`, no temporary) and one "
-        "read-write pass for the row scaling `M *= g[:, None]`. The floor's `sgemm` runs on 2 BLAS threads, these two "
-        "NumPy passes on one, and NumPy's broadcast multiply costs about 1.8x a plain streaming pass: measured alone "
-        "on an idle machine the norm is 0.8x and the scaling 1.3-1.8x the floor, so DoRA lands at about 3x. Fusing "
-        "them per row tile (in cache) saved under 10% and made the path fragile under load; a real fix needs a "
-        "multi-threaded fused kernel in the backend. (Before this benchmark the row norms used `vector_norm`, which "
-        "in NumPy squares into a 64 MiB temporary: 3.8x the floor and 64 MiB extra; fixed in `dora.merge`.)",
+        "* DoRA's in-place merge is the floor plus the backend's `rescale_rows_`: per 256 KiB tile of rows, the row "
+        "norms and the row scaling while the tile is in cache (one read-write pass over W after the gemm). The floor's "
+        "`sgemm` runs on 2 BLAS threads, the rescale on one (`NumpyBackend.threads`, default 1: two threads made it "
+        "slower on this 2-core machine, where OpenBLAS's threads keep spinning after a gemm), so DoRA lands at about "
+        "3x. A multi-threaded or GPU kernel (the hook exists for backends) is what is left. (Before this benchmark the "
+        "row norms used `vector_norm`, which in NumPy squares into a 64 MiB temporary: 3.8x the floor and 64 MiB "
+        "extra; fixed.)",
         "* The forward is dominated by `x @ W.T` (2·1024·4096² flop for the full batch); the LoRA branch adds two "
         "thin matmuls, one scaling and one add over the (…, 4096) output, about 3-5% measured alone.",
         "* bfloat16: the weight is widened to float32 in 4 MiB row tiles (one reused buffer), updated with `sgemm` "

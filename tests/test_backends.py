@@ -246,3 +246,25 @@ def test_builtin_backends_name_their_namespace(name, module):
     b = get_backend(name)
     xp = b.namespace()
     assert b.handles(xp) and backend_for(xp) is b
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_numpy_rescale_rows_matches_the_generic_path(order, threads, monkeypatch):
+    """DoRA's fused norm-and-rescale (tiles over threads) equals the two-pass array-API version."""
+    from peftmath.backends import ArrayAPIBackend, NumpyBackend
+
+    rng = np.random.default_rng(0)
+    m = np.asfortranarray(rng.standard_normal((300, 200))) if order == "F" else rng.standard_normal((300, 200))
+    m[7] = 0.0                                           # a zero row keeps its zeros (g = 0, not NaN)
+    mag = rng.uniform(0.5, 2.0, 300)
+    backend = NumpyBackend()
+    monkeypatch.setattr(backend, "threads", threads)
+    a, b = m.copy(order="K"), m.copy(order="K")
+    n_fast = backend.rescale_rows_(a, mag)
+    n_ref = ArrayAPIBackend().rescale_rows_(b, mag)
+    np.testing.assert_allclose(n_fast, n_ref, rtol=1e-14)
+    np.testing.assert_allclose(a, b, rtol=1e-14, atol=0)
+    assert n_fast[7] == 0 and not a[7].any()
+    rows = np.arange(300) != 7
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1)[rows], mag[rows], rtol=1e-12)  # every row now has norm m

@@ -197,10 +197,10 @@ def merge(
     # Fast path: W += s·BA in place (BLAS beta=1), then the row norms of W are n, then scale rows.
     if not copy and not safe and not peft_compat and base_weight is None and W.dtype == cd:
         M = lay.as_matrix(W, xp)
-        if backend_for(xp).addmm_(M, xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)), scaling):
-            n = xp.sqrt(xp.vecdot(M, M, axis=-1))  # row norms without a temporary of W's size
-            M *= _ratio(xp, m, n, False)[:, None]
-            return MergeResult(W, None, n)
+        backend = backend_for(xp)
+        if backend.addmm_(M, xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)), scaling):
+            # the rows of W + s·BA now have norms n; scale each by m / n (no temporary of W's size)
+            return MergeResult(W, None, backend.rescale_rows_(M, m))
     d = lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
     if peft_compat:
         d = lora._compat_delta(xp, A, B, d)
