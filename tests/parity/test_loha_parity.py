@@ -17,10 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from tests.parity.conftest import BF16, assert_close, base_state, bf16_ulps, build_model, layer_factory, n2t, t2n  # noqa: E402
+from tests.parity import lycoris_harness as H  # noqa: E402
+from tests.parity.conftest import BF16, assert_close, base_state, bf16_ulps, build_model, n2t, t2n  # noqa: E402
 
 import peftmath as pmath  # noqa: E402
-from peftmath.io.peft import config_from_dict, split_key  # noqa: E402
+from peftmath.io.peft import split_key  # noqa: E402
 from peftmath.io.safetensors import load_file  # noqa: E402
 from peftmath.layers import Layer  # noqa: E402
 from peftmath.methods import loha  # noqa: E402
@@ -46,85 +47,17 @@ CASES = {
 }
 
 
-def _factory(kind, kw):
-    if kind == "conv2d_grouped":
-        return torch.nn.Conv2d(kw["in_ch"], kw["out_ch"], kw["k"], groups=kw["groups"], padding=1)
-    return layer_factory(kind, **kw)
-
-
 def _make(case, dtype="float32", *, autocast=True, seed=1):
     """(peft model, peftmath Adapter from PEFT's own state dict, base state dict)."""
-    layers, fields = CASES[case]
-    model = build_model({n: _factory(k, kw) for n, (k, kw) in layers.items()}, seed=0, dtype=dtype)
-    state = base_state(model)
-    cfg = peft.LoHaConfig(**fields, target_modules=list(layers), init_weights=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, cfg, autocast_adapter_dtype=autocast)
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "hada_" in name:
-                p.copy_(torch.from_numpy(rng.normal(0.0, 0.4, p.shape).astype(np.float32)).to(p.dtype))
-    pm.eval()
-    return pm, _to_adapter(pm), state
+    return H.make(CASES[case], peft.LoHaConfig, "hada_", loha.PARAMETER_SUFFIXES, dtype, autocast=autocast, seed=seed)
 
 
-def _config_dict(pm):
-    def default(o):
-        return sorted(o) if isinstance(o, (set, frozenset)) else getattr(o, "value", str(o))
-
-    return json.loads(json.dumps(pm.peft_config["default"].to_dict(), default=default))
+_factory, _layer, _conv_kwargs, _input = H.factory, H.layer, H.conv_kwargs, H.test_input
+_magnitude, _torch_adapter, _config_dict = H.magnitude, H.torch_adapter, H.config_dict
 
 
 def _to_adapter(pm):
-    params = {}
-    for key, value in peft.get_peft_model_state_dict(pm).items():
-        module, suffix = split_key(key, loha.PARAMETER_SUFFIXES)
-        params.setdefault(module, {})[suffix] = t2n(value)
-    return pmath.Adapter(config_from_dict(_config_dict(pm)), params)
-
-
-def _layer(pm, name):
-    return pm.base_model.model.get_submodule(name)
-
-
-def _conv_kwargs(pm, name):
-    base = _layer(pm, name).get_base_layer()
-    if isinstance(base, torch.nn.modules.conv._ConvNd):
-        return dict(stride=tuple(base.stride), padding=tuple(base.padding), dilation=tuple(base.dilation),
-                    groups=base.groups)
-    return {}
-
-
-def _input(pm, name, dtype):
-    base = _layer(pm, name).get_base_layer()
-    rng = np.random.default_rng(5)
-    if isinstance(base, torch.nn.Conv2d):
-        shape = (2, base.in_channels, 9, 8)
-    elif isinstance(base, torch.nn.Conv1d):
-        shape = (2, base.in_channels, 11)
-    else:
-        shape = (3, 4, base.in_features)
-    x = rng.standard_normal(shape).astype(np.float32)
-    return x.astype(BF16) if dtype == "bfloat16" else x
-
-
-def _magnitude(x, W, b, mod, kw):
-    """float64 ``|x|·(|W| + |ΔW|)ᵀ + |b|`` (or the conv of the absolute values): the scale of the
-    rounding errors of a bf16 forward."""
-    from peftmath._array import conv
-
-    absw = np.abs(np.asarray(W, np.float64)) + np.abs(np.asarray(mod.delta_weight(), np.float64))
-    ax = np.abs(np.asarray(x, np.float64))
-    ab = np.zeros(absw.shape[0]) if b is None else np.abs(np.asarray(b, np.float64))
-    if absw.ndim == 2:
-        return ax @ absw.T + ab
-    return conv(ax, absw, ab, **kw)
-
-
-def _torch_adapter(ad):
-    return pmath.Adapter(ad.config, {m: {k: n2t(np.asarray(v)) for k, v in p.items()} for m, p in ad.params.items()})
+    return H.to_adapter(pm, loha.PARAMETER_SUFFIXES)
 
 
 # --------------------------------------------------------------------------------------------------
