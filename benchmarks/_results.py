@@ -45,3 +45,73 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
+
+
+# --- shared by the benchmark scripts ---------------------------------------------------------------
+def limit_threads(threads: int) -> str:
+    """Limit NumPy/SciPy's BLAS to ``threads`` (call before NumPy is imported when threadpoolctl is absent,
+    since OpenBLAS reads its environment when it loads); returns the sentence RESULTS.md records."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("threadpoolctl") is None:
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads)
+        return (f"torch.set_num_threads({threads}); NumPy/SciPy BLAS limited through "
+                f"OPENBLAS_NUM_THREADS=OMP_NUM_THREADS={threads} set before importing numpy (threadpoolctl not installed)")
+    from threadpoolctl import threadpool_limits
+
+    _LIMITERS.append(threadpool_limits(threads))
+    return f"torch.set_num_threads({threads}); NumPy/SciPy BLAS limited with threadpoolctl.threadpool_limits({threads})"
+
+
+_LIMITERS: list = []
+
+
+def race(contestants: dict, *, repeats: int, warmup: int = 1) -> tuple[dict, list]:
+    """Run the contestants round-robin and return (median ms per name, the per-round times).
+
+    ``contestants`` maps a name to ``(fn, setup)``; ``setup`` (or None) runs untimed before each call.
+    Interleaving the calls (and rotating who goes first) exposes every contestant to the same machine
+    load, so the ratios stay meaningful on a busy machine; ratios are medians of per-round ratios.
+    """
+    import statistics
+    import time
+
+    names = list(contestants)
+    rounds: list[dict[str, float]] = []
+    for i in range(warmup + repeats):
+        k = i % len(names)
+        times = {}
+        for name in names[k:] + names[:k]:
+            fn, setup = contestants[name]
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            times[name] = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            rounds.append(times)
+    return {n: statistics.median(r[n] for r in rounds) for n in names}, rounds
+
+
+def paired_ratio(rounds: list, num: str, den: str) -> float:
+    """Median over rounds of ``t[num] / t[den]``."""
+    import statistics
+
+    return statistics.median(r[num] / r[den] for r in rounds)
+
+
+def peak_alloc(fn, setup=None) -> int:
+    """Peak bytes allocated (and traced) while ``fn()`` runs, beyond what was allocated before."""
+    import tracemalloc
+
+    if setup is not None:
+        setup()
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base, _ = tracemalloc.get_traced_memory()
+    fn()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak - base

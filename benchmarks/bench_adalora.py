@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
-import time
-import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -48,46 +45,13 @@ if importlib.util.find_spec("threadpoolctl") is not None:
     _limiter = threadpool_limits(THREADS)
 
 import _results  # noqa: E402
+from _results import paired_ratio as ratio, peak_alloc, race  # noqa: E402
 from peftmath.layers import Layer  # noqa: E402
 from peftmath.methods import adalora  # noqa: E402
 
 OUT = IN = 4096
 R = 12
 ALPHA = 32
-
-
-def race(contestants: dict, *, repeats: int, warmup: int = 1) -> tuple[dict, list]:
-    """Round-robin timing (rotating who goes first); returns (median ms per name, per-round times)."""
-    names = list(contestants)
-    rounds = []
-    for i in range(warmup + repeats):
-        k = i % len(names)
-        times = {}
-        for name in names[k:] + names[:k]:
-            fn, setup = contestants[name]
-            if setup is not None:
-                setup()
-            t0 = time.perf_counter()
-            fn()
-            times[name] = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            rounds.append(times)
-    return {n: statistics.median(r[n] for r in rounds) for n in names}, rounds
-
-
-def ratio(rounds: list, num: str, den: str) -> float:
-    return statistics.median(r[num] / r[den] for r in rounds)
-
-
-def peak_alloc(fn, setup=None) -> int:
-    if setup is not None:
-        setup()
-    tracemalloc.start()
-    base, _ = tracemalloc.get_traced_memory()
-    fn()
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return peak - base
 
 
 def build_peft(W0, A, E, B):

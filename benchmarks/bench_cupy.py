@@ -102,7 +102,6 @@ def main() -> None:
 
 def _mixed_batch(cp, rng) -> list[str]:
     """64 rows over 16 LoRA adapters (r = 16, 4096 features): gather-matmul vs a loop over the adapters."""
-    import array_api_compat.cupy as xp
 
     import peftmath as pm
     from peftmath.adapter import Adapter

@@ -25,7 +25,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -44,8 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import statistics  # noqa: E402
-import tracemalloc  # noqa: E402
 
 import numpy as np  # noqa: E402
 from scipy.linalg import blas  # noqa: E402
@@ -58,44 +55,10 @@ if _limits is not None:
 from peftmath.methods import ia3, vera  # noqa: E402
 
 import _results  # noqa: E402
+from _results import paired_ratio, peak_alloc, race  # noqa: E402
 
 OUT = IN = 4096
 R = 256
-
-
-def race(contestants: dict, *, repeats: int, warmup: int = 1) -> tuple[dict, list]:
-    """Round-robin timing (rotating who goes first); returns (median ms per name, per-round times)."""
-    names = list(contestants)
-    rounds: list[dict[str, float]] = []
-    for i in range(warmup + repeats):
-        k = i % len(names)
-        times = {}
-        for name in names[k:] + names[:k]:
-            fn, setup = contestants[name]
-            if setup is not None:
-                setup()
-            t0 = time.perf_counter()
-            fn()
-            times[name] = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            rounds.append(times)
-    return {n: statistics.median(r[n] for r in rounds) for n in names}, rounds
-
-
-def paired_ratio(rounds: list, num: str, den: str) -> float:
-    return statistics.median(r[num] / r[den] for r in rounds)
-
-
-def peak_alloc(fn, setup=None) -> int:
-    if setup is not None:
-        setup()
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    base, _ = tracemalloc.get_traced_memory()
-    fn()
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return peak - base
 
 
 def _one_linear():

@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import time
 from pathlib import Path
 
 THREADS = 2
@@ -47,8 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import statistics  # noqa: E402
-import tracemalloc  # noqa: E402
 
 import numpy as np  # noqa: E402
 from scipy.linalg import blas  # noqa: E402
@@ -61,53 +58,12 @@ if _limits is not None:
 from peftmath.methods import dora, lora  # noqa: E402
 
 import _results  # noqa: E402
+from _results import paired_ratio, peak_alloc, race  # noqa: E402
 
 OUT = IN = 4096
 R = 16
 ALPHA = 32
 S = ALPHA / R
-
-
-def race(contestants: dict, *, repeats: int, warmup: int = 1) -> tuple[dict, list]:
-    """Run the contestants round-robin and return (median ms per name, the per-round times).
-
-    ``contestants`` maps a name to ``(fn, setup)``; ``setup`` (or None) runs untimed before each call.
-    Interleaving the calls (and rotating who goes first) exposes every contestant to the same machine
-    load, so the ratios stay meaningful on a busy machine; ratios are medians of per-round ratios.
-    """
-    names = list(contestants)
-    rounds: list[dict[str, float]] = []
-    for i in range(warmup + repeats):
-        k = i % len(names)
-        times = {}
-        for name in names[k:] + names[:k]:
-            fn, setup = contestants[name]
-            if setup is not None:
-                setup()
-            t0 = time.perf_counter()
-            fn()
-            times[name] = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            rounds.append(times)
-    return {n: statistics.median(r[n] for r in rounds) for n in names}, rounds
-
-
-def paired_ratio(rounds: list, num: str, den: str) -> float:
-    """Median over rounds of ``t[num] / t[den]``."""
-    return statistics.median(r[num] / r[den] for r in rounds)
-
-
-def peak_alloc(fn, setup=None) -> int:
-    """Peak bytes allocated (and traced) while ``fn()`` runs, beyond what was allocated before."""
-    if setup is not None:
-        setup()
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    base, _ = tracemalloc.get_traced_memory()
-    fn()
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return peak - base
 
 
 def build_peft(W0, A, B, *, use_dora: bool):

@@ -76,11 +76,11 @@ def main() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for i, nm in enumerate(names):
-            cfg = peft.LoraConfig(r=rank, lora_alpha=32, target_modules=["lin"])
-            pmodel = peft.get_peft_model(net, cfg, adapter_name=nm) if i == 0 else pmodel
-            if i:
-                pmodel.add_adapter(nm, cfg)
+        pmodel = peft.get_peft_model(net, peft.LoraConfig(r=rank, lora_alpha=32, target_modules=["lin"]),
+                                     adapter_name=names[0])
+        for nm in names[1:]:
+            pmodel.add_adapter(nm, peft.LoraConfig(r=rank, lora_alpha=32, target_modules=["lin"]))
+        for nm in names:
             layer = pmodel.base_model.model.lin
             with torch.no_grad():
                 layer.lora_A[nm].weight.copy_(torch.from_numpy(factors[nm][0]))
