@@ -22,39 +22,23 @@ The results go to ``benchmarks/RESULTS.md``, section "ia3_vera" (``--no-write`` 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import warnings
 from pathlib import Path
 
-THREADS = 2
-if importlib.util.find_spec("threadpoolctl") is None:
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(THREADS)
-    THREAD_NOTE = (f"torch.set_num_threads({THREADS}); NumPy/SciPy BLAS limited through "
-                   f"OPENBLAS_NUM_THREADS=OMP_NUM_THREADS={THREADS} set before importing numpy")
-    _limits = None
-else:
-    THREAD_NOTE = f"torch.set_num_threads({THREADS}); NumPy/SciPy BLAS limited with threadpoolctl.threadpool_limits({THREADS})"
-    _limits = THREADS
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _results  # noqa: E402
+
+THREADS = 2
+THREAD_NOTE = _results.limit_threads(THREADS)  # before NumPy loads its BLAS
 
 import numpy as np  # noqa: E402
 from scipy.linalg import blas  # noqa: E402
 
-if _limits is not None:
-    from threadpoolctl import threadpool_limits
-
-    _limiter = threadpool_limits(_limits)
-
 from peftmath.methods import ia3, vera  # noqa: E402
-
-import _results  # noqa: E402
 from _results import paired_ratio, peak_alloc, race  # noqa: E402
 
 OUT = IN = 4096

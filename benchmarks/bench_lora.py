@@ -25,39 +25,22 @@ The results go to ``benchmarks/RESULTS.md``, section "lora" (``--no-write`` to s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
-THREADS = 2
-# NumPy's BLAS reads its thread count when it is loaded: limit it before numpy is imported.
-if importlib.util.find_spec("threadpoolctl") is None:
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(THREADS)
-    THREAD_NOTE = (f"torch.set_num_threads({THREADS}); NumPy/SciPy BLAS limited through "
-                   f"OPENBLAS_NUM_THREADS=OMP_NUM_THREADS={THREADS} set before importing numpy (threadpoolctl not installed)")
-    _limits = None
-else:
-    THREAD_NOTE = f"torch.set_num_threads({THREADS}); NumPy/SciPy BLAS limited with threadpoolctl.threadpool_limits({THREADS})"
-    _limits = THREADS
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _results  # noqa: E402
+
+THREADS = 2
+THREAD_NOTE = _results.limit_threads(THREADS)  # before NumPy loads its BLAS
 
 import numpy as np  # noqa: E402
 from scipy.linalg import blas  # noqa: E402
 
-if _limits is not None:
-    from threadpoolctl import threadpool_limits
-
-    _limiter = threadpool_limits(_limits)
-
 from peftmath.methods import dora, lora  # noqa: E402
-
-import _results  # noqa: E402
 from _results import paired_ratio, peak_alloc, race  # noqa: E402
 
 OUT = IN = 4096
@@ -200,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         f"All contestants run round-robin, {reps} rounds (forward: {freps}) after a warm-up round; "
         f"ms = median per contestant, ratio = median over rounds of peftmath time / reference time"
         + (" — **--quick run**" if args.quick else "") + ".",
-        f"Floor: `scipy.linalg.blas.sgemm(s, A.T, B.T, beta=1, c=W.T, overwrite_c=True)`.",
+        "Floor: `scipy.linalg.blas.sgemm(s, A.T, B.T, beta=1, c=W.T, overwrite_c=True)`.",
         "",
         f"Machine: {_results.machine_line()}.  ",
         f"Threads: {THREAD_NOTE}. Load average (1 min) before / after the run: "
