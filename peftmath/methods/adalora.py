@@ -34,7 +34,6 @@ state, the masks, the budget and the threshold; :func:`apply_masks`, :func:`resi
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, NamedTuple
 
@@ -43,11 +42,11 @@ import numpy as np
 
 from .._array import as_compute, compute_dtype, conv, is_low_precision, namespace
 from ..backends import backend_for, host_rng
-from ..config import TunerConfig, check_choice, check_number
+from ..config import TunerConfig, check_number
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape
-from .lora import _INIT_CHOICES, LoraConfig, LoraModule
+from .lora import LoraConfig, LoraModule
 
 Array = Any
 
@@ -114,18 +113,8 @@ class AdaLoraConfig(LoraConfig):
     rank_pattern: dict[str, list[bool]] | None = None
 
     def validate(self, *, source: str = "config") -> None:
-        TunerConfig.validate(self, source=source)
-        check_number(source, "lora_alpha", self.lora_alpha)
-        check_number(source, "lora_dropout", self.lora_dropout)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"{source}: field 'lora_dropout' must be in [0, 1), got {self.lora_dropout!r}")
-        check_choice(source, "bias", self.bias, ("none", "all", "lora_only"))
-        for flag in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"{source}: field {flag!r} must be true or false, got {getattr(self, flag)!r}")
-        init = self.init_lora_weights
-        if not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
-            check_choice(source, "init_lora_weights", init, _INIT_CHOICES)
+        TunerConfig.validate(self, source=source)   # not LoRA's: AdaLoRA ignores r and has other patterns
+        self.validate_lora_fields(source)
         if self.use_dora:
             raise ConfigError(f"{source}: AdaLoRA does not support DoRA (use_dora=true); PEFT refuses this too")
         if self.loftq_config:

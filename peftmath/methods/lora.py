@@ -94,17 +94,7 @@ class LoraConfig(TunerConfig):
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
         check_positive_int(source, "r", self.r)
-        check_number(source, "lora_alpha", self.lora_alpha)
-        check_number(source, "lora_dropout", self.lora_dropout)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"{source}: field 'lora_dropout' must be in [0, 1), got {self.lora_dropout!r}")
-        check_choice(source, "bias", self.bias, ("none", "all", "lora_only"))
-        for flag in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"{source}: field {flag!r} must be true or false, got {getattr(self, flag)!r}")
-        init = self.init_lora_weights
-        if not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
-            check_choice(source, "init_lora_weights", init, _INIT_CHOICES)
+        init = self.validate_lora_fields(source)
         if self.lora_bias and (self.use_dora or init not in (True, False)):
             raise ConfigError(
                 f"{source}: lora_bias=true needs init_lora_weights true/false and use_dora=false "
@@ -124,6 +114,22 @@ class LoraConfig(TunerConfig):
             check_positive_int(source, f"rank_pattern[{name!r}]", value)
         for name, value in (self.alpha_pattern or {}).items():
             check_number(source, f"alpha_pattern[{name!r}]", value)
+
+    def validate_lora_fields(self, source: str) -> bool | str:
+        """The checks LoRA shares with AdaLoRA (alpha, dropout, bias, the flags, the init option);
+        returns ``init_lora_weights``."""
+        check_number(source, "lora_alpha", self.lora_alpha)
+        check_number(source, "lora_dropout", self.lora_dropout)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"{source}: field 'lora_dropout' must be in [0, 1), got {self.lora_dropout!r}")
+        check_choice(source, "bias", self.bias, ("none", "all", "lora_only"))
+        for flag in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{source}: field {flag!r} must be true or false, got {getattr(self, flag)!r}")
+        init = self.init_lora_weights
+        if not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
+            check_choice(source, "init_lora_weights", init, _INIT_CHOICES)
+        return init
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """``(r, lora_alpha)`` for ``module_name`` after rank_pattern / alpha_pattern (PEFT's rule)."""
