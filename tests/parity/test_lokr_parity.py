@@ -92,37 +92,7 @@ def test_delta_forward_merge_unmerge(case, dtype):
         assert layer.r["default"] == mod.r and layer.scaling["default"] == pytest.approx(mod.scaling, rel=1e-15)
         if name == ad.modules[0]:
             assert sorted(mod.params) == CASES[case][2]
-        # delta (fp32 adapter)
-        with torch.no_grad():
-            d_peft = t2n(layer.get_delta_weight("default"))
-        assert_close(mod.delta_weight(), d_peft, atol=1e-6, rtol=1e-5, what=f"{name} delta")
-        # forward, computed by peftmath with torch's kernels (the base layer bit-identical to PEFT's)
-        kw = _conv_kwargs(pm, name)
-        x = _input(pm, name, dtype)
-        with torch.no_grad():
-            y_peft = t2n(layer(n2t(x)))
-        y = t2n(tad.forward(name, n2t(x), tstate, **kw))
-        if dtype == "float32":
-            assert_close(y, y_peft, atol=1e-5, rtol=1e-5, what=f"{name} forward")
-        else:  # both round base(x) to bf16 (PEFT fuses the bias, Layer.base_forward adds it after)
-            mag = _magnitude(x, W, state.get(f"{name}.bias"), mod, kw)
-            err = np.abs(y.astype(np.float64) - y_peft.astype(np.float64))
-            assert np.all(err <= 2 * 2.0**-7 * mag), f"{name} forward: max err/mag {np.max(err / mag):.3g}"
-        # merge / unmerge (NumPy), against PEFT's merged and unmerged weights
-        merged = mod.merge(W).weight
-        with torch.no_grad():
-            layer.merge()
-            w_peft = t2n(layer.get_base_layer().weight)
-            layer.unmerge()
-            w_back = t2n(layer.get_base_layer().weight)
-        back = mod.unmerge(w_peft).weight  # the same input as PEFT's unmerge
-        if dtype == "float32":
-            assert_close(merged, w_peft, atol=1e-6, rtol=1e-6, what=f"{name} merge")
-            assert_close(back, w_back, atol=1e-6, rtol=1e-6, what=f"{name} unmerge")
-        else:
-            assert merged.dtype == BF16 and bf16_ulps(merged, w_peft).max() <= 1
-            assert np.mean(bf16_ulps(merged, w_peft) > 0) < 0.02, "more than 2% of merged bf16 weights differ"
-            assert bf16_ulps(back, w_back).max() <= 1
+        H.check_delta_forward_merge_unmerge(pm, layer, mod, tad, tstate, state, name, dtype)
 
 
 def test_bf16_adapter_peft_compat():
