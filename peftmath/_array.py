@@ -13,6 +13,7 @@ from typing import Any
 
 import array_api_compat
 import array_api_extra as xpx
+import numpy as np
 
 from .errors import NamespaceError, ShapeError
 
@@ -42,6 +43,12 @@ def namespace(*arrays: Array, where: str = "") -> Namespace:
     live on different devices: peftmath never copies between them silently.
     """
     present = [a for a in arrays if a is not None and not isinstance(a, (int, float, bool))]
+    kind = type(present[0]) if present and all(type(a) is type(present[0]) for a in present) else None
+    xp = _NAMESPACE_OF_TYPE.get(kind) if kind is not None else None
+    if xp is not None:  # one array type whose namespace depends on the type alone
+        if kind is not np.ndarray:  # NumPy arrays all live on the CPU
+            common_device(*present, where=where)
+        return xp
     try:
         xp = array_api_compat.array_namespace(*present)
     except TypeError as exc:
@@ -51,7 +58,15 @@ def namespace(*arrays: Array, where: str = "") -> Namespace:
             f"({', '.join(kinds)}); convert them to one library first"
         ) from exc
     common_device(*present, where=where)
+    if kind is not None and kind.__module__.split(".")[0] in _CACHEABLE:
+        _NAMESPACE_OF_TYPE[kind] = xp
     return xp
+
+
+#: array types whose namespace array_api_compat derives from the type alone (not from per-array
+#: state, as array-api-strict's api_version is): cached, since the lookup dominates small calls
+_CACHEABLE = ("numpy", "cupy", "torch")
+_NAMESPACE_OF_TYPE: dict[type, Namespace] = {}
 
 
 def common_device(*arrays: Array, where: str = "") -> Any:

@@ -177,6 +177,23 @@ def test_namespace_mixed_libraries():
         namespace(np.ones(2), torch.ones(2), where="lora.merge")
 
 
+def test_namespace_cache_keeps_every_check():
+    """The per-type namespace cache (one lookup per array type) still refuses mixed libraries and
+    devices, and is the namespace array-api-compat gives."""
+    import array_api_compat
+
+    torch = pytest.importorskip("torch")
+    for _ in range(2):  # the second round is served from the cache
+        assert namespace(np.ones(2), np.ones(3)) is array_api_compat.array_namespace(np.ones(2))
+        assert namespace(torch.ones(2)) is array_api_compat.array_namespace(torch.ones(2))
+        with pytest.raises(NamespaceError, match="different array libraries"):
+            namespace(np.ones(2), torch.ones(2))
+    meta = torch.ones(2, device="meta")
+    namespace(meta, meta)
+    with pytest.raises(NamespaceError, match="different devices"):
+        namespace(torch.ones(2), meta)
+
+
 def test_namespace_different_devices_array_api_strict():
     xs = pytest.importorskip("array_api_strict")
     a = xs.asarray([1.0, 2.0])
