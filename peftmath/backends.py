@@ -10,7 +10,10 @@ only what the standard lacks:
   without a temporary of ``M``'s size; a backend that cannot returns ``False`` and the caller uses
   the generic array-API path, which gives the same result within rounding;
 * **host transfer** for I/O (:meth:`Backend.to_host`, :meth:`Backend.from_host`);
-* **stop_gradient** for the few places where PEFT detaches a value (DoRA's weight norm).
+* **stop_gradient** for the few places where PEFT detaches a value (DoRA's weight norm);
+* **fused in-place passes** for DoRA (:meth:`Backend.rescale_rows_`, :meth:`Backend.dora_merge_`,
+  :meth:`Backend.dora_unmerge_`) and IA3 (:meth:`Backend.scale_`), with the same contract as
+  ``addmm_``: do it in place and say so, or touch nothing and return False / None.
 
 Backends are found through the entry-point group ``peftmath.backends``. NumPy, PyTorch, JAX and the
 generic array-API fallback register there from peftmath's own ``pyproject.toml``; the CuPy backend
@@ -73,6 +76,19 @@ class Backend(Protocol):
         """DoRA's rescale, in place: ``n = ‖m_o‖`` per row, ``m_o *= magnitude_o / n_o`` (0 where
         ``n_o = 0``); returns ``n``."""
 
+    def dora_merge_(self, m: Array, b: Array, a: Array, alpha: float, magnitude: Array) -> Array | None:
+        """DoRA's merge in place: ``V = m + alpha·b@a``, ``n = ‖V_o‖`` per row, ``m ← (magnitude / n) ⊙ V``
+        (rows with ``n_o = 0`` become 0); returns ``n``, or None (touching nothing) when not possible.
+        ``magnitude`` is in the compute dtype."""
+
+    def dora_unmerge_(self, m: Array, b: Array, a: Array, alpha: float, q: Array) -> bool:
+        """DoRA's unmerge in place: ``m ← q ⊙ m + alpha·b@a`` row-wise (``q = n / magnitude``, ``alpha = −s``);
+        False (touching nothing) when not possible."""
+
+    def scale_(self, w: Array, s: Array, inverse: bool) -> bool:
+        """IA3 in place: ``w ← w ⊙ s`` (``w / s`` when ``inverse``), ``s`` in the compute dtype and
+        broadcast against ``w``, the product rounded once to ``w``'s dtype; False when not possible."""
+
 
 def host_rng(seed: int | np.random.Generator | None) -> np.random.Generator:
     """The host random generator for ``seed`` (a Generator is passed through)."""
@@ -112,6 +128,18 @@ class ArrayAPIBackend:
         g = xp.where(zero, xp.zeros_like(n), magnitude / xp.where(zero, xp.ones_like(n), n))
         m *= g[:, None]
         return n
+
+    def dora_merge_(self, m: Array, b: Array, a: Array, alpha: float, magnitude: Array) -> Array | None:
+        # W += alpha·BA in place (one pass), then the rows' norms and the rescale
+        if m.dtype != magnitude.dtype or not self.addmm_(m, b, a, alpha):
+            return None
+        return self.rescale_rows_(m, magnitude)
+
+    def dora_unmerge_(self, m: Array, b: Array, a: Array, alpha: float, q: Array) -> bool:
+        return False
+
+    def scale_(self, w: Array, s: Array, inverse: bool) -> bool:
+        return False
 
 
 def _blas_gemm(dtype: np.dtype):

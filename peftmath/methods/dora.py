@@ -194,13 +194,13 @@ def merge(
     if not copy:
         require_writeable(where, W)
     r = A.shape[0]
-    # Fast path: W += s·BA in place (BLAS beta=1), then the row norms of W are n, then scale rows.
-    if not copy and not safe and not peft_compat and base_weight is None and W.dtype == cd:
-        M = lay.as_matrix(W, xp)
-        backend = backend_for(xp)
-        if backend.addmm_(M, xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)), scaling):
-            # the rows of W + s·BA now have norms n; scale each by m / n (no temporary of W's size)
-            return MergeResult(W, None, backend.rescale_rows_(M, m))
+    # Fast path, no temporary of W's size: the backend's fused pass (NumPy: W += s·BA by BLAS beta=1,
+    # then the rows' norms n and the rescale by m / n; CuPy: one kernel for n, one for the result).
+    if not copy and not safe and not peft_compat and base_weight is None:
+        n = backend_for(xp).dora_merge_(lay.as_matrix(W, xp), xp.reshape(B, (B.shape[0], r)),
+                                        xp.reshape(A, (r, -1)), scaling, m)
+        if n is not None:
+            return MergeResult(W, None, n)
     d = lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
     if peft_compat:
         d = lora._compat_delta(xp, A, B, d)
@@ -252,6 +252,11 @@ def unmerge(
     if not copy:
         require_writeable(where, W)
     r = A.shape[0]
+    if not copy and not peft_compat:
+        M = lay.as_matrix(W, xp)
+        factors = (xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)))
+        if backend_for(xp).dora_unmerge_(M, *factors, -scaling, n / m):
+            return MergeResult(W, None, None)
     if not copy and not peft_compat and W.dtype == cd:
         M = lay.as_matrix(W, xp)
         factors = (xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)))

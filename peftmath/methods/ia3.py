@@ -400,7 +400,10 @@ def _apply(
         W[...] = new
         return W, new_bias
 
-    # copy=False: in place, row block by row block, no temporary of W's size
+    # copy=False: in place, no temporary of W's size: the backend's fused pass (CuPy: one kernel, any
+    # dtype), else row block by row block
+    if not grouped and backend_for(xp).scale_(W, blocks[0][2], inverse):
+        return W, new_bias
     if W.dtype == cd:
         for o0, o1, s in blocks:
             if o0 == 0 and o1 == W.shape[0]:

@@ -160,3 +160,47 @@ def test_host_transfer_round_trip(cp_backend):
         d = cp_backend.from_host(a, xp)
         back = cp_backend.to_host(d)
         assert back.dtype == a.dtype and np.array_equal(back.view(np.uint8), a.view(np.uint8))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_dora_and_ia3_match_the_generic_path(cp_backend, dtype):
+    """The methods' in-place paths on CuPy (the fused kernels) against their copy=True generic paths."""
+    import cupy as cp
+    import ml_dtypes
+
+    from peftmath.methods import dora, ia3
+
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+    ulp = float(ml_dtypes.finfo(np_dtype).eps)
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((96, 300)).astype(np_dtype)
+    A = (rng.standard_normal((8, 300)) / 4).astype(np.float32)
+    B = (rng.standard_normal((96, 8)) / 4).astype(np.float32)
+    m = (rng.random(96) + 0.5).astype(np.float32)
+    Wd, Ad, Bd, md = cp.asarray(W), cp.asarray(A), cp.asarray(B), cp.asarray(m)
+    want = dora.merge(Wd, Ad, Bd, md, scaling=0.5)
+    res = dora.merge(Wd, Ad, Bd, md, scaling=0.5, copy=False)
+    assert res.weight is Wd
+    np.testing.assert_allclose(cp.asnumpy(res.record), cp.asnumpy(want.record), rtol=40 * np.finfo(np.float32).eps)
+    ref = cp.asnumpy(want.weight).astype(np.float64)
+    assert np.all(np.abs(cp.asnumpy(Wd).astype(np.float64) - ref) <= ulp * np.abs(ref) + 1e-6)
+    dora.unmerge(Wd, Ad, Bd, md, scaling=0.5, weight_norm=res.record, copy=False)
+    np.testing.assert_allclose(cp.asnumpy(Wd).astype(np.float64), W.astype(np.float64), rtol=0, atol=16 * ulp)
+    l = cp.asarray((rng.random((1, 300)) + 0.5).astype(np.float32))
+    Wd = cp.asarray(W)
+    want, _ = ia3.merge(Wd, l)
+    got, _ = ia3.merge(Wd, l, copy=False)
+    assert got is Wd and np.array_equal(cp.asnumpy(Wd).view(np.uint8), cp.asnumpy(want).view(np.uint8))
+
+
+def test_gpu_benchmark_script_runs_dry(capsys):
+    """benchmarks/bench_cupy.py on NumPy at small sizes (no GPU, nothing written): the script cannot rot
+    between the sessions that have a GPU to run it."""
+    sys.path.insert(0, str(PLUGIN.parents[1]))
+    from benchmarks import bench_cupy
+
+    before = (PLUGIN.parents[1] / "benchmarks" / "RESULTS.md").read_text()
+    bench_cupy.main(["--dry-run"])
+    assert "| float32 |" in capsys.readouterr().out
+    assert (PLUGIN.parents[1] / "benchmarks" / "RESULTS.md").read_text() == before

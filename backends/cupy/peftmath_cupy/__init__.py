@@ -22,7 +22,10 @@ _INSTALL = "pip install -e backends/cupy[cuda12] (or [cuda13]) on a machine with
 
 class CupyBackend(ArrayAPIBackend):
     """CuPy arrays: in-place merges in one pass over W (a CUDA kernel for float32/bfloat16/float16 and
-    ranks up to 64; cuBLAS gemm with beta=1 for float64 and larger ranks), pinned host transfer."""
+    ranks up to 64; cuBLAS gemm with beta=1 for float64 and larger ranks), DoRA's merge and unmerge and
+    IA3's scaling as fused kernels (see :mod:`peftmath_cupy._kernels`), pinned host transfer. OFT/BOFT's
+    block rotations and the mixed-batch forward use the namespace's batched ``matmul`` (cuBLAS
+    strided-batched gemm)."""
 
     name = "cupy"
     def __init__(self) -> None:
@@ -37,6 +40,7 @@ class CupyBackend(ArrayAPIBackend):
         if not available:
             raise BackendError(f"the cupy backend needs a CUDA device, and CuPy sees none ({_INSTALL})")
         self._cupy = cupy
+        self._kernels: Any = None
 
     # --- namespace and random numbers -----------------------------------------------------------
     def namespace(self) -> Any:
@@ -76,28 +80,48 @@ class CupyBackend(ArrayAPIBackend):
         return np.array(out)  # leave the pinned pool's buffer to CuPy
 
     # --- in-place kernels -------------------------------------------------------------------------
+    @property
+    def kernels(self) -> Any:
+        """The CUDA kernels (:class:`peftmath_cupy._kernels.Kernels`), compiled per rank on first use."""
+        if self._kernels is None:
+            from ._kernels import Kernels
+
+            cp = self._cupy
+            self._kernels = Kernels(cp, lambda code, options: cp.RawModule(code=code, options=options))
+        return self._kernels
+
+    def _all_cupy(self, *arrays: Any) -> bool:
+        return all(isinstance(t, self._cupy.ndarray) for t in arrays)
+
     def addmm_(self, m: Any, b: Any, a: Any, alpha: float) -> bool:
-        cp = self._cupy
-        if not all(isinstance(t, cp.ndarray) for t in (m, a, b)) or m.ndim != 2:
+        if not self._all_cupy(m, a, b) or m.ndim != 2 or b.ndim != 2 or a.ndim != 2:
             return False
         if m.shape != (b.shape[0], a.shape[1]) or not (m.flags.c_contiguous or m.flags.f_contiguous):
             return False
-        from cupy import cublas
+        # one pass over W: float32 accumulation of the rank-r product, one rounding
+        c_order = (m, b, a) if m.flags.c_contiguous else (m.T, a.T, b.T)  # M = W.T of a C-ordered W
+        if self.kernels.lora_addmm_(*c_order, alpha):
+            return True
+        if dtype_name(m.dtype) in ("float32", "float64"):
+            from cupy import cublas
 
-        from ._kernels import lora_addmm_
-
-        name = dtype_name(m.dtype)
-        kind = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(name)
-        if kind is not None:
-            # one pass over W: float32 accumulation of the rank-r product, one rounding
-            c_order = (m, b, a) if m.flags.c_contiguous else (m.T, a.T, b.T)  # M = W.T of a C-ordered W
-            if lora_addmm_(*c_order, alpha, kind):
-                return True
-        if name in ("float32", "float64"):
             cublas.gemm("N", "N", b.astype(m.dtype, copy=False), a.astype(m.dtype, copy=False),
                         out=m, alpha=alpha, beta=1.0)
             return True
         return False
+
+    def dora_merge_(self, m: Any, b: Any, a: Any, alpha: float, magnitude: Any) -> Any:
+        if self._all_cupy(m, b, a, magnitude) and m.ndim == 2:
+            n = self.kernels.dora_merge_(m, b, a, alpha, magnitude)
+            if n is not None:
+                return n
+        return super().dora_merge_(m, b, a, alpha, magnitude)
+
+    def dora_unmerge_(self, m: Any, b: Any, a: Any, alpha: float, q: Any) -> bool:
+        return self._all_cupy(m, b, a, q) and m.ndim == 2 and self.kernels.dora_unmerge_(m, b, a, alpha, q)
+
+    def scale_(self, w: Any, s: Any, inverse: bool) -> bool:
+        return self._all_cupy(w, s) and self.kernels.ia3_scale_(w, s, inverse)
 
 
 def _pinned_like(cp: Any, a: np.ndarray) -> np.ndarray:

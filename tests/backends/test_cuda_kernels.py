@@ -1,0 +1,290 @@
+"""The CuPy backend's CUDA kernels (``peftmath_cupy._kernels``), on a GPU and on the CPU emulator.
+
+Each test runs twice: on the CPU through the emulator (tests/backends/cuda_emulator.py: the same
+kernel source and the same launch code, with NumPy arrays), and on a GPU through CuPy (marked ``gpu``,
+skipped without one). Index arithmetic over partial tiles, the float32 accumulation, the single
+rounding to bfloat16/float16, DoRA's norms and IA3's broadcasting are checked against float64
+references and against the generic array-API path.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from . import nvrtc
+from .cuda_emulator import EmulatedModule, _kernel_names, compiler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "backends" / "cupy"))
+from peftmath_cupy import CupyBackend, _kernels  # noqa: E402
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+EPS32 = float(np.finfo(np.float32).eps)
+# partial tiles in both directions, one element, a single full tile
+SHAPES = [(1, 1), (33, 257), (70, 300), (32, 256)]
+
+
+class Device:
+    """The kernels plus moves between the host (NumPy) and where the kernels run."""
+
+    def __init__(self, kernels, to_dev, to_host):
+        self.K, self.dev, self.host = kernels, to_dev, to_host
+
+
+def _cupy_usable() -> bool:
+    try:
+        import cupy
+
+        return bool(cupy.cuda.is_available())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module", params=["emulated", pytest.param("cupy", marks=pytest.mark.gpu)])
+def device(request) -> Device:
+    if request.param == "emulated":
+        if compiler() is None:
+            pytest.skip("no C++ compiler to emulate the CUDA kernels")
+        return Device(_kernels.Kernels(np, EmulatedModule), lambda a: a.copy(order="K"), lambda a: a)
+    if not _cupy_usable():
+        pytest.skip("needs CuPy and a CUDA device")
+    import cupy as cp
+
+    kernels = _kernels.Kernels(cp, lambda code, options: cp.RawModule(code=code, options=options))
+    return Device(kernels, lambda a: cp.array(a, order="K"), cp.asnumpy)
+
+
+def _ulp(dtype) -> float:
+    return float(ml_dtypes.finfo(dtype).eps)
+
+
+def _inputs(shape, r, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal(shape).astype(np.float32).astype(dtype)
+    A = (rng.standard_normal((r, shape[1])) / 3).astype(np.float32)
+    B = (rng.standard_normal((shape[0], r)) / 3).astype(np.float32)
+    return W, A, B
+
+
+def _assert_one_rounding(got, exact, dtype, slack):
+    """``got`` (dtype) is ``exact`` (float64) rounded once, up to float32 accumulation error ``slack``.
+
+    Everywhere: ``|got - exact| <= u·(|exact| + slack) + slack`` with ``u`` half of dtype's eps (the
+    standard model of one rounding). Where ``exact`` is farther than ``slack`` from every rounding
+    boundary of dtype, ``got`` is exactly the correctly rounded value (half precision only).
+    """
+    got64 = got.astype(np.float64)
+    eps = _ulp(dtype)
+    tiny = float(ml_dtypes.finfo(dtype).smallest_normal)
+    assert np.all(np.abs(got64 - exact) <= 0.5 * eps * (np.abs(exact) + slack) + slack + tiny * eps)
+    if dtype is np.float32:
+        return  # float32 accumulation error is itself of the order of a float32 ulp: the bound is the test
+    rounded = exact.astype(np.float32).astype(dtype).astype(np.float64)
+    # the spacing of dtype at exact (smaller by half just below a power of two): boundaries lie at
+    # least spacing / 4 from any representable value, so this margin keeps exact off every boundary
+    spacing = eps * np.ldexp(1.0, np.frexp(np.maximum(np.abs(exact), tiny))[1] - 1)
+    clear = np.abs(exact - rounded) + slack < 0.25 * spacing
+    # exact -> float32 -> dtype double-rounds; skip the rare entries where that could matter
+    clear &= np.abs(exact - exact.astype(np.float32)) < 1e-3 * spacing
+    assert clear.size < 100 or clear.mean() > 0.2
+    assert np.array_equal(got64[clear], rounded[clear])
+
+
+def test_emulator_sees_every_kernel():
+    names = _kernel_names(_kernels._SOURCE)
+    for stem in ("lora_addmm", "dora_sumsq", "dora_apply", "dora_unmerge", "ia3_scale"):
+        for kind in _kernels.KINDS.values():
+            assert f"{stem}_{kind}" in names
+    assert "dora_finalize" in names
+
+
+@pytest.mark.skipif(not nvrtc.available(), reason="needs the gpu-build extra (NVRTC and the CUDA headers)")
+@pytest.mark.parametrize("rank", [1, 16, _kernels.MAX_RANK])
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_nvrtc_compiles_the_kernels_with_A_in_registers(rank, arch):
+    """The source compiles as CuPy's RawModule compiles it (same options), without warnings, and each
+    thread's column of A stays in registers at every rank: the PTX has no local-memory array."""
+    opts = ("-std=c++14", f"-DRANK={rank}", f"-DTILE_ROWS={_kernels.ROWS}", f"-DTHREADS={_kernels.THREADS}")
+    ptx, log = nvrtc.compile_ptx(_kernels._SOURCE, opts, arch)
+    assert log == ""
+    for name in _kernel_names(_kernels._SOURCE):
+        assert f".entry {name}(" in ptx
+    assert ".local" not in ptx
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("r", [1, 5, 64])
+def test_lora_addmm_is_one_rounding_of_the_exact_update(device, dtype, shape, r):
+    dt = DTYPES[dtype]
+    W, A, B = _inputs(shape, r, dt, seed=r)
+    alpha = -0.75
+    exact = W.astype(np.float64) + alpha * (B.astype(np.float64) @ A.astype(np.float64))
+    slack = 2 * r * EPS32 * abs(alpha) * (np.abs(B.astype(np.float64)) @ np.abs(A.astype(np.float64)))
+    Wd = device.dev(W)
+    assert device.K.lora_addmm_(Wd, device.dev(B), device.dev(A), alpha) is True
+    _assert_one_rounding(device.host(Wd), exact, dt, slack)
+
+
+def test_kernels_refuse_what_they_do_not_cover(device):
+    K, dev = device.K, device.dev
+    W, A, B = _inputs((8, 300), 65, np.float32)
+    Wd = dev(W)
+    assert K.lora_addmm_(Wd, dev(B), dev(A), 1.0) is False  # rank above 64
+    assert K.dora_merge_(Wd, dev(B), dev(A), 1.0, dev(np.ones(8, np.float32))) is None
+    assert np.array_equal(device.host(Wd), W)
+    W, A, B = _inputs((8, 300), 5, np.float32)
+    Wd, Ad, Bd = dev(W), dev(A), dev(B)
+    assert K.lora_addmm_(dev(np.asfortranarray(W)), Bd, Ad, 1.0) is False  # not C-ordered
+    assert K.lora_addmm_(Wd, Bd[:5], Ad, 1.0) is False  # shapes disagree
+    assert K.lora_addmm_(dev(W.astype(np.float64)), Bd, Ad, 1.0) is False  # float64 goes to cuBLAS
+    assert K.dora_merge_(Wd, Bd, Ad, 1.0, dev(np.ones(8, np.float64))) is None  # magnitude not float32
+    assert K.dora_unmerge_(Wd, Bd, Ad, 1.0, dev(np.ones(7, np.float32))) is False
+    assert K.ia3_scale_(Wd, dev(np.ones((8, 300), np.float32)), False) is False  # two varying axes
+    assert K.ia3_scale_(Wd, dev(np.ones((1, 300), np.float64)), False) is False
+    assert np.array_equal(device.host(Wd), W)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", [(33, 257), (70, 300)])
+def test_dora_merge_norms_and_weights(device, dtype, shape):
+    dt = DTYPES[dtype]
+    r, alpha = 5, 0.5
+    W, A, B = _inputs(shape, r, dt, seed=3)
+    W[4] = 0  # with B[4] = 0 this row of W + s·BA is zero: its norm is 0 and it stays 0
+    B[4] = 0
+    magnitude = (np.random.default_rng(1).random(shape[0]) + 0.5).astype(np.float32)
+    V = W.astype(np.float64) + alpha * (B.astype(np.float64) @ A.astype(np.float64))
+    n_exact = np.linalg.norm(V, axis=1)
+    Wd = device.dev(W)
+    n = device.host(device.K.dora_merge_(Wd, device.dev(B), device.dev(A), alpha, device.dev(magnitude)))
+    W = device.host(Wd)
+    assert n.dtype == np.float32 and n.shape == (shape[0],)
+    assert n[4] == 0 and np.all(W[4].astype(np.float32) == 0)
+    # float32 sums of squares: relative error a few eps (log2(cols) pairwise levels + sequential parts)
+    assert np.allclose(n, n_exact, rtol=40 * EPS32, atol=0)
+    g = np.divide(magnitude, n_exact, out=np.zeros_like(n_exact), where=n_exact != 0)
+    exact = g[:, None] * V
+    slack = (2 * r * EPS32 * alpha * (np.abs(B.astype(np.float64)) @ np.abs(A.astype(np.float64))) + 50 * EPS32 * np.abs(V))
+    slack *= np.abs(g)[:, None]
+    _assert_one_rounding(W, exact, dt, slack)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_dora_unmerge_inverts_merge(device, dtype):
+    dt = DTYPES[dtype]
+    r, s = 5, 0.8
+    W, A, B = _inputs((40, 260), r, dt, seed=5)
+    W0 = W.astype(np.float64)
+    magnitude = (np.random.default_rng(2).random(40) + 0.5).astype(np.float32)
+    Wd, Ad, Bd = device.dev(W), device.dev(A), device.dev(B)
+    n = device.host(device.K.dora_merge_(Wd, Bd, Ad, s, device.dev(magnitude)))
+    merged = device.host(Wd).astype(np.float64)
+    q = (n / magnitude).astype(np.float32)
+    exact = q.astype(np.float64)[:, None] * merged - s * (B.astype(np.float64) @ A.astype(np.float64))
+    slack = 2 * r * EPS32 * s * (np.abs(B.astype(np.float64)) @ np.abs(A.astype(np.float64))) + 2 * EPS32 * np.abs(merged) * q[:, None]
+    assert device.K.dora_unmerge_(Wd, Bd, Ad, -s, device.dev(q)) is True
+    W = device.host(Wd)
+    _assert_one_rounding(W, exact, dt, slack)
+    # and back to the start, to within the two roundings to dtype
+    assert np.allclose(W.astype(np.float64), W0, rtol=0, atol=4 * _ulp(dt) * (np.abs(W0).max() + 1))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize(("wshape", "sshape"), [
+    ((70, 300), (1, 300)),          # Linear, feedforward: per column
+    ((70, 300), (70, 1)),           # Linear, output scaling: per row
+    ((300, 70), (300, 1)),          # transformers Conv1D (in, out), feedforward: per row of storage
+    ((12, 5, 3, 3), (1, 5, 1, 1)),  # Conv2d feedforward: per input channel, 9 elements each
+    ((12, 5, 3, 3), (12, 1, 1, 1)), # Conv2d output scaling
+    ((9, 4), (1, 1)),               # one scale for everything
+])
+def test_ia3_scale_is_bit_identical_to_numpy(device, dtype, inverse, wshape, sshape):
+    dt = DTYPES[dtype]
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal(wshape).astype(np.float32).astype(dt)
+    W.reshape(-1)[:3] = [np.nan, np.inf, -0.0]
+    s = (rng.random(sshape) * 2 + 0.25).astype(np.float32)
+    f32 = W.astype(np.float32)
+    want = (f32 / s if inverse else f32 * s).astype(dt)
+    Wd = device.dev(W)
+    assert device.K.ia3_scale_(Wd, device.dev(s), inverse) is True
+    W = device.host(Wd)
+    bits = np.uint16 if dt is not np.float32 else np.uint32
+    nan = np.isnan(want.astype(np.float32))
+    assert np.array_equal(np.isnan(W.astype(np.float32)), nan)
+    assert np.array_equal(W.view(bits)[~nan], want.view(bits)[~nan])
+
+
+# --- the backend itself, on NumPy arrays through the emulator ------------------------------------------
+
+
+@pytest.fixture
+def emulated_backend(monkeypatch):
+    """A CupyBackend whose 'CuPy' is NumPy and whose kernels run on the emulator, used by the methods
+    (on a GPU, tests/backends/test_cupy_backend.py runs the methods on the real backend)."""
+    if compiler() is None:
+        pytest.skip("no C++ compiler to emulate the CUDA kernels")
+    backend = object.__new__(CupyBackend)
+    backend._cupy = types.SimpleNamespace(ndarray=np.ndarray)
+    backend._kernels = _kernels.Kernels(np, EmulatedModule)
+    from peftmath.methods import dora, ia3, lora
+
+    for module in (dora, ia3, lora):
+        monkeypatch.setattr(module, "backend_for", lambda xp: backend)
+    return backend
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dora_through_the_public_api(emulated_backend, dtype):
+    from peftmath.methods import dora
+
+    dt = DTYPES[dtype]
+    W, A, B = _inputs((48, 280), 5, dt, seed=11)
+    magnitude = (np.random.default_rng(4).random(48) + 0.5).astype(np.float32)
+    reference = dora.merge(W, A, B, magnitude, scaling=0.25)  # copy=True: the generic array-API path
+    work = W.copy()
+    res = dora.merge(work, A, B, magnitude, scaling=0.25, copy=False)  # the fused kernels
+    assert res.weight is work
+    assert np.allclose(res.record, reference.record, rtol=40 * EPS32)
+    diff = np.abs(work.astype(np.float64) - reference.weight.astype(np.float64))
+    assert np.all(diff <= _ulp(dt) * np.abs(reference.weight.astype(np.float64)) + 1e-6)
+    back = dora.unmerge(work, A, B, magnitude, scaling=0.25, weight_norm=res.record, copy=False).weight
+    assert back is work
+    assert np.allclose(work.astype(np.float64), W.astype(np.float64), rtol=0, atol=4 * _ulp(dt) * 4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("layer", ["Linear", "Conv1D"])
+def test_ia3_through_the_public_api_is_bit_identical(emulated_backend, dtype, layer):
+    from peftmath.methods import ia3
+
+    dt = DTYPES[dtype]
+    rng = np.random.default_rng(12)
+    shape = (40, 24) if layer == "Linear" else (24, 40)  # Conv1D stores (in, out)
+    W = rng.standard_normal(shape).astype(np.float32).astype(dt)
+    for ff, lshape in ((True, (1, 24)), (False, (40, 1))):
+        l = (rng.random(lshape) + 0.5).astype(np.float32)
+        want, _ = ia3.merge(W, l, feedforward=ff, layer=layer)
+        work = W.copy()
+        got, _ = ia3.merge(work, l, feedforward=ff, layer=layer, copy=False)
+        assert got is work and np.array_equal(work, want)
+        back, _ = ia3.unmerge(work, l, feedforward=ff, layer=layer, copy=False)
+        assert np.array_equal(back, ia3.unmerge(want, l, feedforward=ff, layer=layer)[0])
+
+
+def test_lora_merge_through_the_public_api(emulated_backend):
+    from peftmath.methods import lora
+
+    W, A, B = _inputs((50, 270), 5, ml_dtypes.bfloat16, seed=13)
+    want = lora.merge(W, A, B, scaling=1.5)
+    work = W.copy()
+    assert lora.merge(work, A, B, scaling=1.5, copy=False) is work
+    diff = np.abs(work.astype(np.float64) - want.astype(np.float64))
+    assert np.all(diff <= _ulp(ml_dtypes.bfloat16) * np.abs(want.astype(np.float64)))
