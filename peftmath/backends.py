@@ -12,8 +12,9 @@ only what the standard lacks:
 * **host transfer** for I/O (:meth:`Backend.to_host`, :meth:`Backend.from_host`);
 * **stop_gradient** for the few places where PEFT detaches a value (DoRA's weight norm);
 * **fused in-place passes** for DoRA (:meth:`Backend.rescale_rows_`, :meth:`Backend.dora_merge_`,
-  :meth:`Backend.dora_unmerge_`) and IA3 (:meth:`Backend.scale_`), with the same contract as
-  ``addmm_``: do it in place and say so, or touch nothing and return False / None.
+  :meth:`Backend.dora_unmerge_`), IA3 (:meth:`Backend.scale_`) and the mixed-batch forward
+  (:meth:`Backend.lora_gather_`), with the same contract as ``addmm_``: do it in place and say so, or
+  touch nothing and return False / None.
 
 Backends are found through the entry-point group ``peftmath.backends``. NumPy, PyTorch, JAX and the
 generic array-API fallback register there from peftmath's own ``pyproject.toml``; the CuPy backend
@@ -85,6 +86,11 @@ class Backend(Protocol):
         """DoRA's unmerge in place: ``m ← q ⊙ m + alpha·b@a`` row-wise (``q = n / magnitude``, ``alpha = −s``);
         False (touching nothing) when not possible."""
 
+    def lora_gather_(self, y: Array, x: Array, a_stack: Array, b_stack: Array, idx: Array) -> bool:
+        """The mixed batch's adapter terms, in place: ``y[b, t] += b_stack[idx[b]] @ (a_stack[idx[b]] @ x[b, t])``
+        (``y`` (R, T, out), ``x`` (R, T, in), ``a_stack`` (N, r, in), ``b_stack`` (N, out, r)); False
+        (touching nothing) when not possible."""
+
     def scale_(self, w: Array, s: Array, inverse: bool) -> bool:
         """IA3 in place: ``w ← w ⊙ s`` (``w / s`` when ``inverse``), ``s`` in the compute dtype and
         broadcast against ``w``, the product rounded once to ``w``'s dtype; False when not possible."""
@@ -136,6 +142,9 @@ class ArrayAPIBackend:
         return self.rescale_rows_(m, magnitude)
 
     def dora_unmerge_(self, m: Array, b: Array, a: Array, alpha: float, q: Array) -> bool:
+        return False
+
+    def lora_gather_(self, y: Array, x: Array, a_stack: Array, b_stack: Array, idx: Array) -> bool:
         return False
 
     def scale_(self, w: Array, s: Array, inverse: bool) -> bool:

@@ -199,8 +199,8 @@ def mixed_batch_forward(
     zero = len(order)
     index = [order.index(n) if n in mods else zero for n in names]
     idx = backend_for(xp).from_host(_np_int(index), xp, x.device)
-    B_rows = xp.take(B_stack, idx, axis=0)                                                     # (B, out, r)
     if layer.kind is LayerKind.EMBEDDING:
+        B_rows = xp.take(B_stack, idx, axis=0)                                                 # (B, out, r)
         # row b, token t reads column ids[b, t] of its adapter's A: one flat gather
         ids = xp.reshape(x, (x.shape[0], -1))
         flat = xp.reshape(xp.permute_dims(A_stack, (0, 2, 1)), (-1, r_max))                     # ((N+1)·V, r)
@@ -211,8 +211,12 @@ def mixed_batch_forward(
         if embed_scale is not None:
             term = term * embed_scale
     else:
-        A_rows = xp.take(A_stack, idx, axis=0)                                                 # (B, r, in)
         xc = xp.reshape(as_compute(xp, x, cd), (x.shape[0], -1, inn))
+        y = xp.reshape(as_compute(xp, base, cd), (x.shape[0], -1, out))  # base is this call's own array
+        if backend_for(xp).lora_gather_(y, xc, A_stack, B_stack, idx):  # a kernel reading the factors in place
+            return as_compute(xp, xp.reshape(y, base.shape), base.dtype)
+        A_rows = xp.take(A_stack, idx, axis=0)                                                 # (B, r, in)
+        B_rows = xp.take(B_stack, idx, axis=0)                                                 # (B, out, r)
         term = xp.matmul(xp.matmul(xc, xp.matrix_transpose(A_rows)), xp.matrix_transpose(B_rows))
     term = xp.reshape(term, base.shape)
     return as_compute(xp, as_compute(xp, base, cd) + term, base.dtype)

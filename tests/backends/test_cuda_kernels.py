@@ -100,7 +100,8 @@ def test_emulator_sees_every_kernel():
     for stem in ("lora_addmm", "dora_sumsq", "dora_apply", "dora_unmerge", "ia3_scale"):
         for kind in _kernels.KINDS.values():
             assert f"{stem}_{kind}" in names
-    assert "dora_finalize" in names
+    for name in ("dora_finalize", "lora_shrink", "lora_expand"):
+        assert name in names
 
 
 @pytest.mark.skipif(not nvrtc.available(), reason="needs the gpu-build extra (NVRTC and the CUDA headers)")
@@ -222,6 +223,40 @@ def test_ia3_scale_is_bit_identical_to_numpy(device, dtype, inverse, wshape, ssh
     assert np.array_equal(W.view(bits)[~nan], want.view(bits)[~nan])
 
 
+@pytest.mark.parametrize("r", [1, 3, 64, 256])
+def test_mixed_batch_kernels_match_per_row_float64(device, r):
+    rng = np.random.default_rng(r)
+    R, T, inn, out, N = 5, 3, 300, 270, 4
+    x = rng.standard_normal((R, T, inn)).astype(np.float32)
+    A = (rng.standard_normal((N, r, inn)) / 8).astype(np.float32)
+    B = (rng.standard_normal((N, out, r)) / 8).astype(np.float32)
+    idx = np.array([2, 0, 3, 2, 1], dtype=np.int64)
+    y0 = rng.standard_normal((R, T, out)).astype(np.float32)
+    want = y0.astype(np.float64).copy()
+    bound = np.zeros_like(want)
+    for b in range(R):
+        a64, b64 = A[idx[b]].astype(np.float64), B[idx[b]].astype(np.float64)
+        want[b] += (x[b].astype(np.float64) @ a64.T) @ b64.T
+        bound[b] = (np.abs(x[b]).astype(np.float64) @ np.abs(a64).T) @ np.abs(b64).T
+    y = device.dev(y0)
+    dev = device.dev
+    assert device.K.lora_gather_(y, dev(x), dev(A), dev(B), dev(idx)) is True
+    got = device.host(y).astype(np.float64)
+    # float32 dot products of length in, then r: (in + r + 2) eps per term, and the final add
+    assert np.all(np.abs(got - want) <= (inn + r + 2) * EPS32 * bound + EPS32 * np.abs(want))
+
+
+def test_mixed_batch_kernels_refuse(device):
+    dev = device.dev
+    y = dev(np.zeros((2, 1, 8), np.float32))
+    x = dev(np.ones((2, 1, 6), np.float32))
+    A, B = dev(np.ones((3, 300, 6), np.float32)), dev(np.ones((3, 8, 300), np.float32))
+    assert device.K.lora_gather_(y, x, A, B, dev(np.zeros(2, np.int64))) is False  # r above a block's threads
+    A, B = dev(np.ones((3, 4, 6), np.float64)), dev(np.ones((3, 8, 4), np.float64))
+    assert device.K.lora_gather_(y, x, A, B, dev(np.zeros(2, np.int64))) is False  # float64
+    assert np.all(device.host(y) == 0)
+
+
 # --- the backend itself, on NumPy arrays through the emulator ------------------------------------------
 
 
@@ -234,9 +269,26 @@ def emulated_backend(monkeypatch):
     backend = object.__new__(CupyBackend)
     backend._cupy = types.SimpleNamespace(ndarray=np.ndarray)
     backend._kernels = _kernels.Kernels(np, EmulatedModule)
+    backend.from_host = lambda a, xp, device=None: xp.asarray(a)  # the pinned-memory transfer needs CuPy
+    backend.used = []  # the kernels that ran (did not decline), so a test knows it did not fall back
+
+    def spy(name):
+        method = getattr(backend._kernels, name)
+
+        def run(*args, **kwargs):
+            out = method(*args, **kwargs)
+            if out is not None and out is not False:
+                backend.used.append(name)
+            return out
+
+        return run
+
+    for name in ("lora_addmm_", "dora_merge_", "dora_unmerge_", "ia3_scale_", "lora_gather_"):
+        monkeypatch.setattr(backend._kernels, name, spy(name))
+    from peftmath import multi
     from peftmath.methods import dora, ia3, lora
 
-    for module in (dora, ia3, lora):
+    for module in (dora, ia3, lora, multi):
         monkeypatch.setattr(module, "backend_for", lambda xp: backend)
     return backend
 
@@ -251,12 +303,12 @@ def test_dora_through_the_public_api(emulated_backend, dtype):
     reference = dora.merge(W, A, B, magnitude, scaling=0.25)  # copy=True: the generic array-API path
     work = W.copy()
     res = dora.merge(work, A, B, magnitude, scaling=0.25, copy=False)  # the fused kernels
-    assert res.weight is work
+    assert res.weight is work and emulated_backend.used == ["dora_merge_"]
     assert np.allclose(res.record, reference.record, rtol=40 * EPS32)
     diff = np.abs(work.astype(np.float64) - reference.weight.astype(np.float64))
     assert np.all(diff <= _ulp(dt) * np.abs(reference.weight.astype(np.float64)) + 1e-6)
     back = dora.unmerge(work, A, B, magnitude, scaling=0.25, weight_norm=res.record, copy=False).weight
-    assert back is work
+    assert back is work and emulated_backend.used == ["dora_merge_", "dora_unmerge_"]
     assert np.allclose(work.astype(np.float64), W.astype(np.float64), rtol=0, atol=4 * _ulp(dt) * 4)
 
 
@@ -277,6 +329,7 @@ def test_ia3_through_the_public_api_is_bit_identical(emulated_backend, dtype, la
         assert got is work and np.array_equal(work, want)
         back, _ = ia3.unmerge(work, l, feedforward=ff, layer=layer, copy=False)
         assert np.array_equal(back, ia3.unmerge(want, l, feedforward=ff, layer=layer)[0])
+    assert emulated_backend.used == ["ia3_scale_"] * 4
 
 
 def test_lora_merge_through_the_public_api(emulated_backend):
@@ -286,5 +339,37 @@ def test_lora_merge_through_the_public_api(emulated_backend):
     want = lora.merge(W, A, B, scaling=1.5)
     work = W.copy()
     assert lora.merge(work, A, B, scaling=1.5, copy=False) is work
+    assert emulated_backend.used == ["lora_addmm_"]
     diff = np.abs(work.astype(np.float64) - want.astype(np.float64))
     assert np.all(diff <= _ulp(ml_dtypes.bfloat16) * np.abs(want.astype(np.float64)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mixed_batch_forward_through_the_kernels(emulated_backend, dtype, monkeypatch):
+    import peftmath as pm
+    from peftmath import backends, multi
+    from peftmath.adapter import Adapter
+
+    dt = DTYPES[dtype]
+    rng = np.random.default_rng(21)
+    n_in, n_out = 40, 36
+    W = (rng.standard_normal((n_out, n_in)) / 6).astype(dt)
+    ads = {}
+    for i, r in enumerate((2, 5, 3)):
+        ads[f"a{i}"] = Adapter(pm.LoraConfig(r=r, lora_alpha=2 * r + i, target_modules=["lin"]),
+                               {"lin": {"lora_A.weight": (rng.standard_normal((r, n_in)) / 4).astype(dt),
+                                        "lora_B.weight": (rng.standard_normal((n_out, r)) / 4).astype(dt)}})
+    names = ["a1", "__base__", "a0", "a2", "a1", "a0"]
+    x = rng.standard_normal((len(names), 4, n_in)).astype(dt)
+    state = {"lin.weight": W, "lin.bias": rng.standard_normal(n_out).astype(dt)}
+    got = multi.mixed_batch_forward("lin", x, state, ads, names)
+    assert emulated_backend.used == ["lora_gather_"]
+    monkeypatch.setattr(multi, "backend_for", backends.backend_for)  # the generic gather-matmul path
+    want = multi.mixed_batch_forward("lin", x, state, ads, names)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    scale = np.abs(want.astype(np.float64)) + 1
+    if dt is np.float32:
+        assert np.all(diff <= 1e-5 * scale)
+    else:  # both round a float32 value once to bfloat16: at most one ulp apart
+        assert np.all(diff <= _ulp(dt) * scale)

@@ -23,9 +23,9 @@ _INSTALL = "pip install -e backends/cupy[cuda12] (or [cuda13]) on a machine with
 class CupyBackend(ArrayAPIBackend):
     """CuPy arrays: in-place merges in one pass over W (a CUDA kernel for float32/bfloat16/float16 and
     ranks up to 64; cuBLAS gemm with beta=1 for float64 and larger ranks), DoRA's merge and unmerge and
-    IA3's scaling as fused kernels (see :mod:`peftmath_cupy._kernels`), pinned host transfer. OFT/BOFT's
-    block rotations and the mixed-batch forward use the namespace's batched ``matmul`` (cuBLAS
-    strided-batched gemm)."""
+    IA3's scaling and the mixed-batch forward's adapter terms as kernels (see
+    :mod:`peftmath_cupy._kernels`), pinned host transfer. OFT/BOFT's block rotations use the namespace's
+    batched ``matmul`` (cuBLAS strided-batched gemm)."""
 
     name = "cupy"
     def __init__(self) -> None:
@@ -119,6 +119,9 @@ class CupyBackend(ArrayAPIBackend):
 
     def dora_unmerge_(self, m: Any, b: Any, a: Any, alpha: float, q: Any) -> bool:
         return self._all_cupy(m, b, a, q) and m.ndim == 2 and self.kernels.dora_unmerge_(m, b, a, alpha, q)
+
+    def lora_gather_(self, y: Any, x: Any, a_stack: Any, b_stack: Any, idx: Any) -> bool:
+        return self._all_cupy(y, x, a_stack, b_stack, idx) and self.kernels.lora_gather_(y, x, a_stack, b_stack, idx)
 
     def scale_(self, w: Any, s: Any, inverse: bool) -> bool:
         return self._all_cupy(w, s) and self.kernels.ia3_scale_(w, s, inverse)

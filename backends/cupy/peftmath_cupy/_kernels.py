@@ -14,6 +14,8 @@ With ``acc = Σ_k B[i, k] · A[k, j]`` (float32, fixed order):
 * ``dora_apply``  ``W[i, j] ← round(g_i · fma(α, acc, W[i, j]))``                (W read and written once)
 * ``dora_unmerge`` ``W[i, j] ← round(fma(α, acc, q_i · W[i, j]))`` with ``q = n / m``, ``α = −s``
 * ``ia3_scale``   ``W[i, j] ← round(W[i, j] · s)`` or ``round(W[i, j] / s)``, ``s`` per row or per column
+* ``lora_shrink`` / ``lora_expand`` (mixed batch) ``h = A_{a(b)} x_{b,t}``, then ``y_{b,t} += B_{a(b)} h``,
+  reading each row's adapter factors where they are (no gathered copies), float32
 
 So a DoRA merge reads W twice and writes it once, with the norm and the result formed from the same
 float32 values (``dora_sumsq`` and ``dora_apply`` evaluate the same ``fma``), and a half-precision
@@ -152,6 +154,46 @@ __device__ __forceinline__ void ia3_scale(T* __restrict__ W, const float* __rest
             W[i] = from_float<T>(inverse ? w / f : w * f);
         }
     }
+}
+
+// Mixed batch, shrink: h[bt, k] = sum_i A[idx[bt / T], k, i] * x[bt, i] for one token row bt per block.
+// Thread tid sums the columns i = j (mod P) of row k = tid / P (P = blockDim.x / r threads per row of A,
+// so consecutive threads read consecutive columns); one shared-memory pass adds the P partial sums.
+extern "C" __global__ void lora_shrink(const float* __restrict__ x, const float* __restrict__ A,
+                                       const long long* __restrict__ idx, float* __restrict__ h,
+                                       const long long T, const long long in, const int r) {
+    __shared__ float partial[THREADS];
+    const long long bt = blockIdx.x;
+    const int P = THREADS / r;
+    const int k = threadIdx.x / P, j = threadIdx.x % P;
+    float acc = 0.0f;
+    if (k < r) {
+        const float* a = A + (idx[bt / T] * r + k) * in;
+        const float* xr = x + bt * in;
+        for (long long i = j; i < in; i += P) acc = fmaf(a[i], xr[i], acc);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < r) {
+        float s = 0.0f;
+        for (int q = 0; q < P; ++q) s += partial[threadIdx.x * P + q];
+        h[bt * r + threadIdx.x] = s;
+    }
+}
+
+// Mixed batch, expand: y[bt, o] += sum_k Bt[idx[bt / T], k, o] * h[bt, k] (Bt = B transposed to (r, out),
+// scaling folded in); the token row is blockIdx.x, the output column blockIdx.y * blockDim.x + threadIdx.x.
+extern "C" __global__ void lora_expand(const float* __restrict__ Bt, const float* __restrict__ h,
+                                       const long long* __restrict__ idx, float* __restrict__ y,
+                                       const long long T, const long long out, const int r) {
+    const long long bt = blockIdx.x;
+    const long long o = (long long)blockIdx.y * blockDim.x + threadIdx.x;
+    if (o >= out) return;
+    const float* b = Bt + idx[bt / T] * r * out + o;
+    const float* hr = h + bt * r;
+    float acc = 0.0f;
+    for (int k = 0; k < r; ++k) acc = fmaf(b[k * out], hr[k], acc);
+    y[bt * out + o] += acc;
 }
 
 extern "C" __global__ void dora_finalize(const float* __restrict__ part, const int nparts,
@@ -295,6 +337,33 @@ class Kernels:
         fn = self._function(f"dora_unmerge_{kind}", A.shape[0])
         fn(self._tile_grid(rows, cols), (THREADS, 1, 1),
            (W, B32, A32, np.float32(alpha), np.int64(rows), np.int64(cols), self.xp.ascontiguousarray(q)))
+        return True
+
+    def lora_gather_(self, y: Any, x: Any, A_stack: Any, B_stack: Any, idx: Any) -> bool:
+        """The mixed batch's adapter terms, added in place: ``y[b, t] += B_{idx[b]} @ (A_{idx[b]} @ x[b, t])``.
+
+        ``y`` (R, T, out) and ``x`` (R, T, in) float32, ``A_stack`` (N, r, in), ``B_stack`` (N, out, r)
+        with the scalings folded in, ``idx`` (R,) integers in ``[0, N)``. Two kernels (shrink to
+        ``h`` (R·T, r), expand into ``y``) read each row's factors in place: no gathered copies.
+        """
+        xp = self.xp
+        arrays = (y, x, A_stack, B_stack)
+        if any(self.kind(a.dtype) != "f32" for a in arrays) or y.ndim != 3 or x.ndim != 3 or not y.flags.c_contiguous:
+            return False
+        R, T, out = y.shape
+        N, r, inn = A_stack.shape
+        if x.shape != (R, T, inn) or B_stack.shape != (N, out, r) or tuple(idx.shape) != (R,) or not 1 <= r <= THREADS:
+            return False
+        if y.size == 0:
+            return True
+        xc = xp.ascontiguousarray(x)
+        A = xp.ascontiguousarray(A_stack)
+        Bt = xp.ascontiguousarray(xp.transpose(B_stack, (0, 2, 1)))
+        index = xp.ascontiguousarray(idx, dtype=xp.int64)
+        h = xp.empty((R * T, r), dtype=xp.float32)
+        self._function("lora_shrink")((R * T, 1, 1), (THREADS, 1, 1), (xc, A, index, h, np.int64(T), np.int64(inn), np.int32(r)))
+        self._function("lora_expand")((R * T, (out + THREADS - 1) // THREADS, 1), (THREADS, 1, 1),
+                                      (Bt, h, index, y, np.int64(T), np.int64(out), np.int32(r)))
         return True
 
     def ia3_scale_(self, W: Any, s: Any, inverse: bool) -> bool:
