@@ -194,3 +194,45 @@ class EmulatedFunction:
         g = (ctypes.c_uint * 3)(*dims[0])
         b = (ctypes.c_uint * 3)(*dims[1])
         self._fn(g, b, pointers)
+
+
+def emulated_cupy_backend(monkeypatch: Any) -> Any:
+    """peftmath_cupy's ``CupyBackend`` on NumPy arrays, its kernels on this emulator.
+
+    Its namespace is NumPy's and host transfer is a plain copy; the method modules (lora, dora, ia3,
+    multi) are patched (through pytest's ``monkeypatch``) to use it. ``backend.used`` lists the kernels
+    that ran (did not decline), so a test can tell them from the generic fallback.
+    """
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "backends" / "cupy"))
+    import array_api_compat.numpy as np_xp
+    from peftmath_cupy import CupyBackend, _kernels
+
+    from peftmath import multi
+    from peftmath.methods import dora, ia3, lora
+
+    backend = object.__new__(CupyBackend)
+    backend._cupy = type("FakeCupy", (), {"ndarray": np.ndarray})
+    backend._kernels = _kernels.Kernels(np, EmulatedModule)
+    backend.namespace = lambda: np_xp
+    backend.from_host = lambda a, xp, device=None: xp.asarray(a).copy()  # the pinned transfer needs CuPy
+    backend.to_host = lambda x: np.asarray(x)
+    backend.used = []
+
+    def spy(name: str) -> Any:
+        method = getattr(backend._kernels, name)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            out = method(*args, **kwargs)
+            if out is not None and out is not False:
+                backend.used.append(name)
+            return out
+
+        return run
+
+    for name in ("lora_addmm_", "dora_merge_", "dora_unmerge_", "ia3_scale_", "lora_gather_"):
+        monkeypatch.setattr(backend._kernels, name, spy(name))
+    for module in (dora, ia3, lora, multi):
+        monkeypatch.setattr(module, "backend_for", lambda xp: backend)
+    return backend

@@ -10,7 +10,6 @@ references and against the generic array-API path.
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
 
 import ml_dtypes
@@ -18,10 +17,10 @@ import numpy as np
 import pytest
 
 from . import nvrtc
-from .cuda_emulator import EmulatedModule, _kernel_names, compiler
+from .cuda_emulator import EmulatedModule, _kernel_names, compiler, emulated_cupy_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "backends" / "cupy"))
-from peftmath_cupy import CupyBackend, _kernels  # noqa: E402
+from peftmath_cupy import _kernels  # noqa: E402
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 EPS32 = float(np.finfo(np.float32).eps)
@@ -262,35 +261,11 @@ def test_mixed_batch_kernels_refuse(device):
 
 @pytest.fixture
 def emulated_backend(monkeypatch):
-    """A CupyBackend whose 'CuPy' is NumPy and whose kernels run on the emulator, used by the methods
-    (on a GPU, tests/backends/test_cupy_backend.py runs the methods on the real backend)."""
+    """The CuPy backend on NumPy arrays with its kernels on the emulator, serving the methods (on a GPU,
+    tests/backends/test_cupy_backend.py runs the methods on the real backend)."""
     if compiler() is None:
         pytest.skip("no C++ compiler to emulate the CUDA kernels")
-    backend = object.__new__(CupyBackend)
-    backend._cupy = types.SimpleNamespace(ndarray=np.ndarray)
-    backend._kernels = _kernels.Kernels(np, EmulatedModule)
-    backend.from_host = lambda a, xp, device=None: xp.asarray(a)  # the pinned-memory transfer needs CuPy
-    backend.used = []  # the kernels that ran (did not decline), so a test knows it did not fall back
-
-    def spy(name):
-        method = getattr(backend._kernels, name)
-
-        def run(*args, **kwargs):
-            out = method(*args, **kwargs)
-            if out is not None and out is not False:
-                backend.used.append(name)
-            return out
-
-        return run
-
-    for name in ("lora_addmm_", "dora_merge_", "dora_unmerge_", "ia3_scale_", "lora_gather_"):
-        monkeypatch.setattr(backend._kernels, name, spy(name))
-    from peftmath import multi
-    from peftmath.methods import dora, ia3, lora
-
-    for module in (dora, ia3, lora, multi):
-        monkeypatch.setattr(module, "backend_for", lambda xp: backend)
-    return backend
+    return emulated_cupy_backend(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -192,6 +192,38 @@ def test_backend_torch(cli, f32_model, tmp_path, lora_targets, h):
         assert np.allclose(a[k], b[k], rtol=0, atol=16 * EPS32 * (1 + np.max(np.abs(a[k])))), k
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_backend_cupy_through_its_kernels_on_the_emulator(cli, f32_model, tmp_path, lora_targets, h, monkeypatch,
+                                                         use_dora):
+    """``peftmath merge --backend cupy`` / ``unmerge``: the command's wiring (namespace, transfer, in-place
+    merge, DoRA records) with the CuPy backend's own kernels, run by the CPU emulator; on a GPU the same
+    kernels run in CUDA (tests/backends/test_cuda_kernels.py)."""
+    from peftmath import backends
+
+    from ..backends.cuda_emulator import compiler, emulated_cupy_backend
+
+    if compiler() is None:
+        pytest.skip("no C++ compiler to emulate the CUDA kernels")
+    base, state = f32_model
+    h.make_lora(tmp_path / "lora", state, lora_targets, use_dora=use_dora)
+    o1, o2 = tmp_path / "np", tmp_path / "cupy"
+    assert cli("merge", base, tmp_path / "lora", "-o", o1)[0] == 0
+    backend = emulated_cupy_backend(monkeypatch)
+    monkeypatch.setitem(backends._load_registry(), "cupy", backend)
+    rc, _, err = cli("merge", base, tmp_path / "lora", "-o", o2, "--backend", "cupy")
+    assert rc == 0, err
+    assert backend.used and set(backend.used) == {"dora_merge_" if use_dora else "lora_addmm_"}
+    a, b = _read_model(o1), _read_model(o2)
+    for k in a:
+        assert np.allclose(a[k], b[k], rtol=0, atol=16 * EPS32 * (1 + np.max(np.abs(a[k])))), k
+    back = tmp_path / "back"
+    assert cli("unmerge", o2, tmp_path / "lora", "-o", back, "--backend", "cupy")[0] == 0
+    assert backend.used[-1] == ("dora_unmerge_" if use_dora else "lora_addmm_")
+    restored = _read_model(back)
+    for k in state:
+        assert np.allclose(restored[k], state[k], rtol=0, atol=1e-5), k
+
+
 def test_subprocess_merge(f32_model, tmp_path, lora_targets, h):
     base, state = f32_model
     h.make_lora(tmp_path / "lora", state, lora_targets)
