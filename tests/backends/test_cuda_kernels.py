@@ -104,17 +104,21 @@ def test_emulator_sees_every_kernel():
 
 
 @pytest.mark.skipif(not nvrtc.available(), reason="needs the gpu-build extra (NVRTC and the CUDA headers)")
-@pytest.mark.parametrize("rank", [1, 16, _kernels.MAX_RANK])
-@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+@pytest.mark.parametrize(("rank", "arch"), [(1, "compute_80"), (16, "compute_90"), (_kernels.MAX_RANK, "compute_90")])
 def test_nvrtc_compiles_the_kernels_with_A_in_registers(rank, arch):
     """The source compiles as CuPy's RawModule compiles it (same options), without warnings, and each
     thread's column of A stays in registers at every rank: the PTX has no local-memory array."""
-    opts = ("-std=c++14", f"-DRANK={rank}", f"-DTILE_ROWS={_kernels.ROWS}", f"-DTHREADS={_kernels.THREADS}")
-    ptx, log = nvrtc.compile_ptx(_kernels._SOURCE, opts, arch)
+    ptx, log = nvrtc.compile_ptx(_kernels._SOURCE, _kernels.compile_options(rank), arch)
     assert log == ""
     for name in _kernel_names(_kernels._SOURCE):
         assert f".entry {name}(" in ptx
     assert ".local" not in ptx
+    # a thread issues a group's loads of W before its stores (memory-level parallelism)
+    body = ptx[ptx.index(".entry lora_addmm_bf16("):]
+    body = body[:body.find(".entry", 10)] if ".entry" in body[10:] else body
+    ops = "".join("L" if op.startswith("ld.global.") else "S" for op in
+                  (line.strip() for line in body.splitlines()) if op.startswith(("ld.global.", "st.global.")))
+    assert "L" * _kernels.GROUP + "S" * _kernels.GROUP in ops
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

@@ -6,6 +6,10 @@ to nearest even). The low-rank kernels share one tiling (``tile`` in the source 
 ``THREADS`` threads covers ``THREADS`` consecutive columns and ``ROWS`` rows of a C-contiguous ``W``;
 each thread keeps its column of ``A`` (``r`` floats) in registers and the tile's rows of ``B`` sit in
 shared memory, so ``A`` is read once per ``ROWS`` rows and the loads and stores of ``W`` are coalesced.
+A thread loads ``GROUP`` rows of its column before it stores any: the compiler cannot move a load of
+``W`` above a store to ``W``, so a one-row loop keeps a single load in flight per thread, too few
+bytes (2 per bfloat16) to cover the memory latency; ``GROUP`` loads at once give the memory system
+``GROUP`` times more to do (the PTX test checks the order and that nothing spills to local memory).
 With ``acc = Σ_k B[i, k] · A[k, j]`` (float32, fixed order):
 
 * ``lora_addmm``  ``W[i, j] ← round(fma(α, acc, W[i, j]))``                     (W read and written once)
@@ -37,6 +41,8 @@ from typing import Any, Callable
 import numpy as np
 
 ROWS = 32
+#: rows a thread loads together (so that many loads of W are in flight per thread); divides ROWS
+GROUP = 8
 THREADS = 256
 MAX_RANK = 64
 #: the grid's y dimension (row tiles) is capped at CUDA's limit; the IA3 kernel then steps over the rows
@@ -47,6 +53,9 @@ _SOURCE = r"""
 
 #ifndef RANK
 #define RANK 1
+#endif
+#ifndef GROUP
+#define GROUP 8
 #endif
 
 struct bf16 { unsigned short bits; };
@@ -70,12 +79,14 @@ template <> __device__ __forceinline__ bf16 from_float<bf16>(float f) {
     return out;
 }
 
-// The low-rank tile: rows [row0, row0 + TILE_ROWS) x columns [blockIdx.x * blockDim.x, + blockDim.x).
-// Calls body(rr, row, col, live, acc) for each of the tile's rows, acc = sum_k B[row, k] * A[k, col].
-// Every thread of the block runs the loop (live is false past the last column), so bodies may sync.
-template <typename Body>
+// The low-rank tile: rows [row0, row0 + TILE_ROWS) x columns [blockIdx.x * blockDim.x, + blockDim.x),
+// walked GROUP rows at a time. For each group: load(row, col, live, n) (the caller reads its n <= GROUP
+// values of W, so GROUP loads are in flight at once), then store(rr, row, col, live, acc, n) with
+// acc[u] = sum_k B[row + u, k] * A[k, col]. Every thread of the block runs the loop (live is false past
+// the last column), so the callbacks may sync.
+template <typename Load, typename Store>
 __device__ __forceinline__ void tile(const float* __restrict__ B, const float* __restrict__ A,
-                                     const long long rows, const long long cols, Body body) {
+                                     const long long rows, const long long cols, Load load, Store store) {
     __shared__ float sB[TILE_ROWS * RANK];
     const long long row0 = (long long)blockIdx.y * TILE_ROWS;
     for (int i = threadIdx.x; i < TILE_ROWS * RANK; i += blockDim.x) {
@@ -89,23 +100,42 @@ __device__ __forceinline__ void tile(const float* __restrict__ B, const float* _
 #pragma unroll
     for (int k = 0; k < RANK; ++k) a[k] = live ? A[(long long)k * cols + col] : 0.0f;
     const int nrows = (int)((rows - row0) < TILE_ROWS ? (rows - row0) : TILE_ROWS);
-    for (int rr = 0; rr < nrows; ++rr) {
-        float acc = 0.0f;
+    for (int rr = 0; rr < nrows; rr += GROUP) {
+        const int n = nrows - rr < GROUP ? nrows - rr : GROUP;
+        load(row0 + rr, col, live, n);
+        float acc[GROUP];
 #pragma unroll
-        for (int k = 0; k < RANK; ++k) acc = fmaf(sB[rr * RANK + k], a[k], acc);
-        body(rr, row0 + rr, col, live, acc);
+        for (int u = 0; u < GROUP; ++u) {  // rows past nrows read sB's zero padding: harmless
+            float s = 0.0f;
+#pragma unroll
+            for (int k = 0; k < RANK; ++k) s = fmaf(sB[(rr + u) * RANK + k], a[k], s);
+            acc[u] = s;
+        }
+        store(rr, row0 + rr, col, live, acc, n);
     }
+}
+
+// w[u] = float(W[row + u, col]) for u < n (0 past n or past the last column).
+template <typename T>
+__device__ __forceinline__ void load_group(const T* __restrict__ W, const long long row, const long long col,
+                                           const long long cols, const bool live, const int n, float* w) {
+#pragma unroll
+    for (int u = 0; u < GROUP; ++u) w[u] = (live && u < n) ? to_float(W[(row + u) * cols + col]) : 0.0f;
 }
 
 // W[i, j] <- round(f(float(W[i, j]), acc, i)) over the tile: the in-place low-rank updates.
 template <typename T, typename F>
 __device__ __forceinline__ void update(T* __restrict__ W, const float* __restrict__ B, const float* __restrict__ A,
                                        const long long rows, const long long cols, F f) {
-    tile(B, A, rows, cols, [&](int, long long row, long long col, bool live, float acc) {
-        if (!live) return;
-        const long long i = row * cols + col;
-        W[i] = from_float<T>(f(to_float(W[i]), acc, row));
-    });
+    float w[GROUP];
+    tile(B, A, rows, cols,
+         [&](long long row, long long col, bool live, int n) { load_group(W, row, col, cols, live, n, w); },
+         [&](int, long long row, long long col, bool live, const float* acc, int n) {
+             if (!live) return;
+#pragma unroll
+             for (int u = 0; u < GROUP; ++u)
+                 if (u < n) W[(row + u) * cols + col] = from_float<T>(f(w[u], acc[u], row + u));
+         });
 }
 
 // Sums of squares of W + alpha * B @ A over the block's columns, one per row: part[row, blockIdx.x].
@@ -117,10 +147,16 @@ __device__ __forceinline__ void dora_sumsq(const T* __restrict__ W, const float*
                                            float* __restrict__ part) {
     __shared__ float sq[TILE_ROWS][THREADS];
     __shared__ float sub[TILE_ROWS][THREADS / TILE_ROWS];
-    tile(B, A, rows, cols, [&](int rr, long long row, long long col, bool live, float acc) {
-        const float v = live ? fmaf(alpha, acc, to_float(W[row * cols + col])) : 0.0f;
-        sq[rr][threadIdx.x] = v * v;
-    });
+    float w[GROUP];
+    tile(B, A, rows, cols,
+         [&](long long row, long long col, bool live, int n) { load_group(W, row, col, cols, live, n, w); },
+         [&](int rr, long long, long long, bool live, const float* acc, int n) {
+#pragma unroll
+             for (int u = 0; u < GROUP; ++u) {
+                 const float v = live ? fmaf(alpha, acc[u], w[u]) : 0.0f;
+                 if (u < n) sq[rr + u][threadIdx.x] = v * v;
+             }
+         });
     __syncthreads();
     const int parts = THREADS / TILE_ROWS;
     const int rr = threadIdx.x / parts, p = threadIdx.x % parts;
@@ -147,11 +183,16 @@ __device__ __forceinline__ void ia3_scale(T* __restrict__ W, const float* __rest
     const float sc = per_row ? 0.0f : s[(col / inner) % period];
     for (long long row0 = (long long)blockIdx.y * TILE_ROWS; row0 < rows; row0 += (long long)gridDim.y * TILE_ROWS) {
         const long long stop = row0 + TILE_ROWS < rows ? row0 + TILE_ROWS : rows;
-        for (long long row = row0; row < stop; ++row) {
-            const float f = per_row ? s[row] : sc;
-            const long long i = row * cols + col;
-            const float w = to_float(W[i]);
-            W[i] = from_float<T>(inverse ? w / f : w * f);
+        for (long long row = row0; row < stop; row += GROUP) {
+            const int n = stop - row < GROUP ? (int)(stop - row) : GROUP;
+            float w[GROUP];
+            load_group(W, row, col, cols, true, n, w);  // GROUP loads in flight before the stores
+#pragma unroll
+            for (int u = 0; u < GROUP; ++u) {
+                if (u >= n) break;
+                const float f = per_row ? s[row + u] : sc;
+                W[(row + u) * cols + col] = from_float<T>(inverse ? w[u] / f : w[u] * f);
+            }
         }
     }
 }
@@ -242,6 +283,11 @@ LOW_RANK_KERNELS(bf16, bf16)
 LOW_RANK_KERNELS(f16, __half)
 """
 
+def compile_options(rank: int) -> tuple[str, ...]:
+    """The compiler options of the module for ``rank`` (the rank and the tiling are compile-time)."""
+    return ("-std=c++14", f"-DRANK={rank}", f"-DTILE_ROWS={ROWS}", f"-DTHREADS={THREADS}", f"-DGROUP={GROUP}")
+
+
 #: dtype name -> kernel suffix
 KINDS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
@@ -266,8 +312,7 @@ class Kernels:
         fn = self._functions.get((name, rank))
         if fn is None:
             if rank not in self._modules:
-                options = ("-std=c++14", f"-DRANK={rank}", f"-DTILE_ROWS={ROWS}", f"-DTHREADS={THREADS}")
-                self._modules[rank] = self._compile(_SOURCE, options)
+                self._modules[rank] = self._compile(_SOURCE, compile_options(rank))
             fn = self._functions[(name, rank)] = self._modules[rank].get_function(name)
         return fn
 
