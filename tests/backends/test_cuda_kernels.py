@@ -15,6 +15,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from . import nvrtc
 from .cuda_emulator import EmulatedModule, _kernel_names, compiler, emulated_cupy_backend
@@ -26,6 +28,16 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.f
 EPS32 = float(np.finfo(np.float32).eps)
 # partial tiles in both directions, one element, a single full tile
 SHAPES = [(1, 1), (33, 257), (70, 300), (32, 256)]
+
+
+_EMULATED: list = []
+
+
+def _emulated_kernels() -> _kernels.Kernels:
+    """One emulated Kernels for the session (its compiled modules are reused)."""
+    if not _EMULATED:
+        _EMULATED.append(_kernels.Kernels(np, EmulatedModule))
+    return _EMULATED[0]
 
 
 class Device:
@@ -49,7 +61,7 @@ def device(request) -> Device:
     if request.param == "emulated":
         if compiler() is None:
             pytest.skip("no C++ compiler to emulate the CUDA kernels")
-        return Device(_kernels.Kernels(np, EmulatedModule), lambda a: a.copy(order="K"), lambda a: a)
+        return Device(_emulated_kernels(), lambda a: a.copy(order="K"), lambda a: a)
     if not _cupy_usable():
         pytest.skip("needs CuPy and a CUDA device")
     import cupy as cp
@@ -311,16 +323,53 @@ def test_ia3_through_the_public_api_is_bit_identical(emulated_backend, dtype, la
     assert emulated_backend.used == ["ia3_scale_"] * 4
 
 
-def test_lora_merge_through_the_public_api(emulated_backend):
+@pytest.mark.parametrize("layer", ["Linear", "Conv1D"])
+def test_lora_merge_through_the_public_api(emulated_backend, layer):
+    """Conv1D stores W as (in, out): the matrix view is W.T, Fortran-ordered, which the backend hands
+    to the kernel as the C-ordered W with the factors swapped and transposed."""
     from peftmath.methods import lora
 
     W, A, B = _inputs((50, 270), 5, ml_dtypes.bfloat16, seed=13)
-    want = lora.merge(W, A, B, scaling=1.5)
+    if layer == "Conv1D":
+        W = np.ascontiguousarray(W.T)
+    want = lora.merge(W, A, B, scaling=1.5, layer=layer)
     work = W.copy()
-    assert lora.merge(work, A, B, scaling=1.5, copy=False) is work
+    assert lora.merge(work, A, B, scaling=1.5, layer=layer, copy=False) is work
     assert emulated_backend.used == ["lora_addmm_"]
     diff = np.abs(work.astype(np.float64) - want.astype(np.float64))
     assert np.all(diff <= _ulp(ml_dtypes.bfloat16) * np.abs(want.astype(np.float64)))
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 80), cols=st.integers(1, 600), r=st.sampled_from([1, 5, 64]),
+       dtype=st.sampled_from(list(DTYPES)), alpha=st.floats(-4, 4, allow_nan=False, width=32),
+       seed=st.integers(0, 2**16))
+def test_lora_addmm_any_shape_on_the_emulator(rows, cols, r, dtype, alpha, seed):
+    """Property: for any shape (partial tiles, partial row groups, one column), the emulated kernel is
+    one rounding of the exact update."""
+    if compiler() is None:
+        pytest.skip("no C++ compiler to emulate the CUDA kernels")
+    K = _emulated_kernels()
+    dt = DTYPES[dtype]
+    W, A, B = _inputs((rows, cols), r, dt, seed=seed)
+    exact = W.astype(np.float64) + alpha * (B.astype(np.float64) @ A.astype(np.float64))
+    slack = 2 * r * EPS32 * abs(alpha) * (np.abs(B.astype(np.float64)) @ np.abs(A.astype(np.float64)))
+    assert K.lora_addmm_(W, B, A, alpha) is True
+    _assert_one_rounding(W, exact, dt, slack)
+
+
+def test_ia3_scale_steps_over_rows_beyond_the_grid(monkeypatch):
+    """More row tiles than the grid's y dimension (CUDA's 65535; 2 here): each block steps over the rows."""
+    if compiler() is None:
+        pytest.skip("no C++ compiler to emulate the CUDA kernels")
+    monkeypatch.setattr(_kernels, "MAX_ROW_BLOCKS", 2)
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((200, 40)).astype(ml_dtypes.bfloat16)
+    for s in ((rng.random((200, 1)) + 0.5).astype(np.float32), (rng.random((1, 40)) + 0.5).astype(np.float32)):
+        want = (W.astype(np.float32) * s).astype(ml_dtypes.bfloat16)
+        got = W.copy()
+        assert _emulated_kernels().ia3_scale_(got, s, False) is True
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
