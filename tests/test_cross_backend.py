@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 
+import array_api_compat
 import numpy as np
 import pytest
 from tests.helpers import assert_same_namespace, to_np, to_xp
@@ -138,6 +139,17 @@ def test_backend_matches_float64_reference(xp_all, peft_type, label, kind, seed)
     assert _rowwise_ok(to_np(merged["m.weight"]), merged64["m.weight"], scale, c, eps)
     back = ad.unmerge(merged, layer_kinds=kinds, records=records)
     assert _rowwise_ok(to_np(back["m.weight"]), W, scale, c * 4, eps)
+
+    # in place (copy=False): the backend's fused paths (BLAS beta=1, DoRA/IA3 hooks, CUDA kernels on
+    # CuPy) give the same merge as the copy, and unmerge in place back to W
+    if not array_api_compat.is_jax_namespace(xp):  # JAX arrays are immutable: copy=False is refused
+        own = {k: to_xp(xp, v, xp.float32) for k, v in state64.items()}
+        in_records: dict = {}
+        inplace = ad.merge(own, layer_kinds=kinds, records=in_records, copy=False)
+        assert inplace["m.weight"] is own["m.weight"]
+        assert _rowwise_ok(to_np(inplace["m.weight"]), merged64["m.weight"], scale, c, eps)
+        back = ad.unmerge(inplace, layer_kinds=kinds, records=in_records, copy=False)
+        assert _rowwise_ok(to_np(back["m.weight"]), W, scale, c * 4, eps)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
