@@ -43,8 +43,8 @@ def _emulated_kernels() -> _kernels.Kernels:
 class Device:
     """The kernels plus moves between the host (NumPy) and where the kernels run."""
 
-    def __init__(self, kernels, to_dev, to_host):
-        self.K, self.dev, self.host = kernels, to_dev, to_host
+    def __init__(self, name, kernels, to_dev, to_host):
+        self.name, self.K, self.dev, self.host = name, kernels, to_dev, to_host
 
 
 def _cupy_usable() -> bool:
@@ -61,13 +61,13 @@ def device(request) -> Device:
     if request.param == "emulated":
         if compiler() is None:
             pytest.skip("no C++ compiler to emulate the CUDA kernels")
-        return Device(_emulated_kernels(), lambda a: a.copy(order="K"), lambda a: a)
+        return Device("emulated", _emulated_kernels(), lambda a: a.copy(order="K"), lambda a: a)
     if not _cupy_usable():
         pytest.skip("needs CuPy and a CUDA device")
     import cupy as cp
 
     kernels = _kernels.Kernels(cp, lambda code, options: cp.RawModule(code=code, options=options))
-    return Device(kernels, lambda a: cp.array(a, order="K"), cp.asnumpy)
+    return Device("cupy", kernels, lambda a: cp.array(a, order="K"), cp.asnumpy)
 
 
 def _ulp(dtype) -> float:
@@ -189,6 +189,21 @@ def test_dora_merge_norms_and_weights(device, dtype, shape):
     slack = (2 * r * EPS32 * alpha * (np.abs(B.astype(np.float64)) @ np.abs(A.astype(np.float64))) + 50 * EPS32 * np.abs(V))
     slack *= np.abs(g)[:, None]
     _assert_one_rounding(W, exact, dt, slack)
+
+
+def test_dora_norms_do_not_depend_on_scheduling(device):
+    """The row norms are per-block partial sums added in a fixed order (no atomics): two runs on the
+    same input give the same bits (on a GPU the blocks run in any order and concurrently)."""
+    if device.name == "emulated":
+        pytest.skip("the emulator runs the blocks one after another: only a GPU can reorder them")
+    W, A, B = _inputs((300, 1000), 16, ml_dtypes.bfloat16, seed=9)
+    magnitude = (np.random.default_rng(3).random(300) + 0.5).astype(np.float32)
+    runs = []
+    for _ in range(2):
+        Wd = device.dev(W)
+        n = device.host(device.K.dora_merge_(Wd, device.dev(B), device.dev(A), 0.3, device.dev(magnitude)))
+        runs.append((n.view(np.uint32), device.host(Wd).view(np.uint16)))
+    assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
