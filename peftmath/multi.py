@@ -146,9 +146,10 @@ def mixed_batch_forward(
     every row's adapter term. Linear, Conv1D and Embedding layers; LoRA adapters without DoRA (PEFT
     refuses DoRA here too).
     """
-    xp = namespace(x)
     weight = state[f"{module}.weight"]
     bias = state.get(f"{module}.bias")
+    where = f"mixed_batch_forward({module})"
+    xp = namespace(x, weight, bias, where=where)
     names = list(adapter_names)
     if x.shape[0] != len(names):
         raise ShapeError(f"{module}: the batch has {x.shape[0]} rows but adapter_names has {len(names)} entries")
@@ -170,6 +171,7 @@ def mixed_batch_forward(
             raise ShapeError(f"{module}: no loaded adapter adapts this module")
         layer = owner.module(module, weight_shape=tuple(weight.shape)).layer
         return layer.base_forward(x, weight, bias, xp, **(layer_kwargs if layer.kind.is_conv else {}))
+    namespace(x, *(t for m in mods.values() for t in (m.A, m.B)), where=where)  # one library, one device
     layer = next(iter(mods.values())).layer
     if layer.kind.is_conv:
         raise UnsupportedError(f"{module}: the mixed batch covers Linear, Conv1D and Embedding layers, not {layer.kind.value}")

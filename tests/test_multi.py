@@ -116,3 +116,24 @@ def test_bad_inputs():
         s.add(BASE, ads["a"])
     s.delete("d")
     assert s.active == ["a"]
+
+
+def test_mixed_batch_refuses_arrays_of_two_libraries():
+    """x, the weight and every adapter's factors must share one library and device (a raw
+    AttributeError from deep inside the stacking used to be the answer)."""
+    torch = pytest.importorskip("torch")
+    from peftmath.errors import NamespaceError
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((8, 6)).astype(np.float32)
+    x = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    cfg = pm.LoraConfig(r=2, lora_alpha=4, target_modules=["lin"])
+    torch_ad = Adapter(cfg, {"lin": {"lora_A.weight": torch.ones(2, 6), "lora_B.weight": torch.ones(8, 2)}})
+    numpy_ad = Adapter(cfg, {"lin": {"lora_A.weight": np.ones((2, 6), np.float32),
+                                     "lora_B.weight": np.ones((8, 2), np.float32)}})
+    with pytest.raises(NamespaceError, match=r"mixed_batch_forward\(lin\).*numpy.*torch"):
+        mixed_batch_forward("lin", x, {"lin.weight": W}, {"a": torch_ad}, ["a", BASE])
+    with pytest.raises(NamespaceError, match="different array libraries"):
+        mixed_batch_forward("lin", torch.from_numpy(x), {"lin.weight": W}, {"a": numpy_ad}, ["a", BASE])
+    with pytest.raises(NamespaceError, match="different array libraries"):
+        mixed_batch_forward("lin", x, {"lin.weight": W}, {"a": numpy_ad, "b": torch_ad}, ["a", "b"])
