@@ -228,6 +228,8 @@ def combine(
     if len(types) > 1:
         raise ConfigError(f"combine: adapters of different methods ({', '.join(sorted(types))}) cannot be combined")
     peft_type = types.pop()
+    for name in sorted({m for a in adapters for m in a.params}):  # one library and device, per module
+        namespace(*(t for a in adapters for t in a.params.get(name, {}).values()), where=f"combine: module {name}")
     if peft_type == "IA3":
         return _combine_ia3(adapters, weights)
     if peft_type != "LORA":

@@ -161,3 +161,15 @@ def test_bad_inputs():
                    {"lin": {**a.params["lin"], "lora_magnitude_vector": np.ones(7)}})
     with pytest.raises(UnsupportedError, match="DoRA"):
         combine([dora, a], [1.0, 1.0])
+
+
+@pytest.mark.parametrize("combination_type", ["linear", "cat", "svd"])
+def test_combine_refuses_adapters_of_two_libraries(combination_type):
+    torch = pytest.importorskip("torch")
+    from peftmath.errors import NamespaceError
+
+    cfg = pm.LoraConfig(r=2, lora_alpha=4, target_modules=["lin"])
+    t = Adapter(cfg, {"lin": {"lora_A.weight": torch.ones(2, 6), "lora_B.weight": torch.ones(8, 2)}})
+    n = Adapter(cfg, {"lin": {"lora_A.weight": np.ones((2, 6), np.float32), "lora_B.weight": np.ones((8, 2), np.float32)}})
+    with pytest.raises(NamespaceError, match="combine: module lin: arrays from different array libraries"):
+        pm.combine([n, t], [1.0, 0.5], combination_type=combination_type)
