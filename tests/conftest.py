@@ -13,6 +13,12 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
+# Full float32 products everywhere (the tolerances are error bounds for float32, not for TF32's 10-bit
+# mantissa): cuBLAS/cuDNN through the driver's override, CuPy's own switch; torch and JAX below. Set
+# before any GPU library initialises.
+os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
+os.environ.setdefault("CUPY_TF32", "0")
+
 # The xp fixture is a stateless namespace, so reusing it across hypothesis examples is safe.
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 settings.register_profile("dev", deadline=None, max_examples=40, suppress_health_check=_SUPPRESS)
@@ -43,11 +49,14 @@ def _namespace(name: str):
     elif name == "array_api_strict":
         xp = pytest.importorskip("array_api_strict")
     elif name == "torch":
-        pytest.importorskip("torch")
+        torch = pytest.importorskip("torch")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         import array_api_compat.torch as xp
     elif name == "jax":
         jax = pytest.importorskip("jax")
         jax.config.update("jax_enable_x64", True)
+        jax.config.update("jax_default_matmul_precision", "highest")  # no TF32 / bf16 passes on GPUs
         import jax.numpy as xp
     elif name == "cupy":
         cupy = pytest.importorskip("cupy")
