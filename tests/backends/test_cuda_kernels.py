@@ -168,6 +168,17 @@ def test_kernels_refuse_what_they_do_not_cover(device):
     assert np.array_equal(device.host(Wd), W)
 
 
+def test_tile_kernels_decline_more_rows_than_the_grid_holds(monkeypatch):
+    """More row tiles than CUDA's grid y dimension (65535; 2 here): decline, touching nothing."""
+    monkeypatch.setattr(_kernels, "MAX_ROW_BLOCKS", 2)
+    W, A, B = _inputs((2 * _kernels.ROWS + 1, 20), 5, np.float32)
+    before = W.copy()
+    K = _kernels.Kernels(np, lambda code, options: pytest.fail("nothing should be compiled"))
+    assert K.lora_addmm_(W, B, A, 1.0) is False
+    assert K.dora_merge_(W, B, A, 1.0, np.ones(W.shape[0], np.float32)) is None
+    assert np.array_equal(W, before)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", [(33, 257), (70, 300)])
 def test_dora_merge_norms_and_weights(device, dtype, shape):

@@ -1,8 +1,8 @@
 """CUDA kernels of the CuPy backend: the in-place LoRA merge, DoRA's fused merge and unmerge, IA3's
 scaling, for float32, bfloat16 and float16 weights.
 
-Every kernel reads ``W`` as float32, computes in float32 and rounds once back to ``W``'s dtype (round
-to nearest even). The low-rank kernels share one tiling (``tile`` in the source below): a block of
+Every kernel computes in float32; those that update ``W`` read it as float32 and round once back to
+``W``'s dtype (round to nearest even). The low-rank kernels share one tiling (``tile`` in the source below): a block of
 ``THREADS`` threads covers ``THREADS`` consecutive columns and ``ROWS`` rows of a C-contiguous ``W``;
 each thread keeps its column of ``A`` (``r`` floats) in registers and the tile's rows of ``B`` sit in
 shared memory, so ``A`` is read once per ``ROWS`` rows and the loads and stores of ``W`` are coalesced.
@@ -327,6 +327,8 @@ class Kernels:
         """float32 C-ordered copies (views when already so) of B (rows, r) and A (r, cols), or None."""
         r = A.shape[0]
         if W.ndim != 2 or not W.flags.c_contiguous or not 1 <= r <= MAX_RANK:
+            return None
+        if W.shape[0] > MAX_ROW_BLOCKS * ROWS:  # one row tile per grid row: beyond CUDA's grid, decline
             return None
         if B.shape != (W.shape[0], r) or A.shape != (r, W.shape[1]):
             return None
