@@ -609,6 +609,13 @@ def _cmd_demo(args: argparse.Namespace, log: _Log) -> int:
 
 
 # --- the parser -------------------------------------------------------------------------------
+def _add_output(parser: argparse.ArgumentParser, metavar: str, help: str | None = None, *,
+                force_help: str | None = None) -> None:
+    """The ``-o/--output`` (required) and ``--force`` options every writing command takes."""
+    parser.add_argument("-o", "--output", required=True, metavar=metavar, help=help)
+    parser.add_argument("--force", action="store_true", help=force_help or f"replace {metavar} if it exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     def verbosity_options(parser: argparse.ArgumentParser, default: Any) -> None:
         parser.add_argument("-q", "--quiet", action="store_true", default=default if default is not None else False,
@@ -672,9 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("base" if name == "merge" else "merged", metavar="BASE" if name == "merge" else "MERGED",
                        help="model (.safetensors file or shard folder)")
         s.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter folder(s), merged in order")
-        s.add_argument("-o", "--output", required=True, metavar="OUT",
-                       help="output model: a file if the input is a file, a folder if it is a folder")
-        s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+        _add_output(s, "OUT", "output model: a file if the input is a file, a folder if it is a folder")
         s.add_argument("--dry-run", action="store_true", help="print the plan (tensor, operation, shapes, dtype path, "
                                                               "bytes) and write nothing")
         s.add_argument("--peft-compat", action="store_true", help="reproduce PEFT's rounding order bit for bit")
@@ -713,8 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fan-in-fan-out", action="store_true", help="2-D weights are stored (in, out) (GPT-2 Conv1D)")
     e.add_argument("--layer-kind", action="append", metavar="MODULE=KIND", help="layer kind of a module")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    e.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
-    e.add_argument("--force", action="store_true", help="replace ADAPTER_DIR if it exists")
+    _add_output(e, "ADAPTER_DIR")
     e.set_defaults(func=_cmd_extract)
 
     c = sub.add_parser("combine", parents=[common], formatter_class=raw,
@@ -738,8 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the DARE masks (default 0)")
     c.add_argument("--peft-compat", action="store_true", help="reproduce PEFT 0.21.2's numbers where it departs "
                                                               "from the consistent math (inherited rsLoRA)")
-    c.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
-    c.add_argument("--force", action="store_true", help="replace ADAPTER_DIR if it exists")
+    _add_output(c, "ADAPTER_DIR")
     c.set_defaults(func=_cmd_combine)
 
     v = sub.add_parser("convert", parents=[common], formatter_class=raw,
@@ -755,9 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--to", required=True, choices=["peft", "kohya", "mlx", "candle-lora"], help="target format")
     v.add_argument("--from", dest="from_format", choices=["peft", "kohya", "mlx", "candle-lora"],
                    help="source format (default: detected)")
-    v.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="a folder for peft and mlx, a .safetensors file for kohya and candle-lora")
-    v.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _add_output(v, "OUT", "a folder for peft and mlx, a .safetensors file for kohya and candle-lora")
     v.add_argument("--prefix", help="key prefix of the written kohya / candle-lora file")
     v.add_argument("--typed", action="store_true", help="candle-lora: the typed Llama layout")
     v.add_argument("--dummy-embeddings", action="store_true", help="candle-lora: add the dummy embedding pair")
@@ -790,8 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--model-type", help="transformers model_type (default: from BASE's config.json)")
     n.add_argument("--layer-kind", action="append", metavar="MODULE=KIND", help="layer kind of a module")
     n.add_argument("--base-out", metavar="NEW_BASE", help="where to write the changed base model (pissa, olora, loftq)")
-    n.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
-    n.add_argument("--force", action="store_true", help="replace existing outputs")
+    _add_output(n, "ADAPTER_DIR", force_help="replace existing outputs")
     n.set_defaults(func=_cmd_init)
     return p
 

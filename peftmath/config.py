@@ -141,6 +141,26 @@ def check_positive_int(source: str, name: str, value: Any) -> None:
         raise ConfigError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
 
 
+def check_nonnegative_int(source: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{source}: field {name!r} must be a non-negative integer, got {value!r}")
+
+
+def check_fraction(source: str, name: str, value: Any, *, closed: bool = False) -> None:
+    """A probability field: a number in ``[0, 1)`` (dropouts), or ``[0, 1]`` with ``closed``."""
+    check_number(source, name, value)
+    if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+        raise ConfigError(f"{source}: field {name!r} must be in [0, 1{']' if closed else ')'}, got {value!r}")
+
+
+def check_flags(source: str, config: Any, *names: str) -> None:
+    """Boolean fields of ``config``: each must be true or false (not 0/1, not a string)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: field {name!r} must be true or false, got {value!r}")
+
+
 def check_number(source: str, name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ConfigError(f"{source}: field {name!r} must be a number, got {value!r}")

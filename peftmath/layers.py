@@ -171,6 +171,15 @@ class Layer:
             return xp.reshape(matrix, self.weight_shape)
         return matrix
 
+    @classmethod
+    def for_weight(cls, layer: "Layer | LayerKind | str | None", weight: Array) -> "Layer":
+        """``layer`` itself, checked against ``weight``'s shape, or the layer of ``weight``'s shape
+        (``layer`` then names its kind, or None for the default kind of that many dimensions)."""
+        if isinstance(layer, Layer):
+            layer.check_weight(weight)
+            return layer
+        return cls.of(tuple(weight.shape), layer)
+
     def check_weight(self, weight: Array, what: str = "base weight") -> None:
         if tuple(weight.shape) != self.weight_shape:
             raise ShapeError(f"{self.kind.value}: {what} has shape {tuple(weight.shape)}, expected {self.weight_shape}")

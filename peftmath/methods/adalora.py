@@ -42,7 +42,7 @@ import numpy as np
 
 from .._array import as_compute, compute_dtype, conv, is_low_precision, namespace
 from ..backends import backend_for, host_rng
-from ..config import TunerConfig, check_number
+from ..config import TunerConfig, check_nonnegative_int, check_number
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape
@@ -120,9 +120,7 @@ class AdaLoraConfig(LoraConfig):
         if self.loftq_config:
             raise ConfigError(f"{source}: AdaLoRA does not support LoftQ (loftq_config is set); PEFT refuses this too")
         for name in ("init_r", "target_r", "tinit", "tfinal"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{source}: field {name!r} must be a non-negative integer, got {value!r}")
+            check_nonnegative_int(source, name, getattr(self, name))
         for name in ("deltaT", "beta1", "beta2", "orth_reg_weight"):
             check_number(source, name, getattr(self, name))
         if self.orth_reg_weight < 0:

@@ -31,7 +31,7 @@ import numpy as np
 
 from .._array import as_compute, compute_dtype, conv, is_low_precision, namespace
 from ..backends import backend_for, host_rng
-from ..config import TunerConfig, check_choice, check_number
+from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_nonnegative_int
 from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._base import MergeResult, ModuleAdapter, check_shape, finish
@@ -79,9 +79,7 @@ class BOFTConfig(TunerConfig):
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
         for name in ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{source}: field {name!r} must be a non-negative integer, got {value!r}")
+            check_nonnegative_int(source, name, getattr(self, name))
         if (self.boft_block_size != 0) == (self.boft_block_num != 0):
             raise ConfigError(
                 f"{source}: set exactly one of boft_block_size ({self.boft_block_size}) and boft_block_num "
@@ -90,13 +88,9 @@ class BOFTConfig(TunerConfig):
         if self.boft_n_butterfly_factor < 1:
             raise ConfigError(f"{source}: boft_n_butterfly_factor must be a positive integer, got "
                               f"{self.boft_n_butterfly_factor} (PEFT refuses it when its CUDA extension is present)")
-        check_number(source, "boft_dropout", self.boft_dropout)
-        if not 0.0 <= self.boft_dropout < 1.0:
-            raise ConfigError(f"{source}: field 'boft_dropout' must be in [0, 1), got {self.boft_dropout!r}")
+        check_fraction(source, "boft_dropout", self.boft_dropout)
         check_choice(source, "bias", self.bias, ("none", "all", "boft_only"))
-        for flag in ("init_weights", "fan_in_fan_out"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"{source}: field {flag!r} must be true or false, got {getattr(self, flag)!r}")
+        check_flags(source, self, "init_weights", "fan_in_fan_out")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,13 +250,6 @@ def dense_rotation(blocks: Array) -> Array:
 # --------------------------------------------------------------------------------------------------
 # Forward, merge, unmerge
 # --------------------------------------------------------------------------------------------------
-def _layer_of(layer: Layer | LayerKind | str | None, weight: Array) -> Layer:
-    if isinstance(layer, Layer):
-        layer.check_weight(weight)
-        return layer
-    return Layer.of(tuple(weight.shape), layer)
-
-
 def _scale_vector(scale: Array, lay: Layer, where: str) -> Array:
     xp = namespace(scale)
     out = lay.out_features
@@ -299,7 +286,7 @@ def forward(
     ``peft_compat=True`` rounds ``M`` and ``x M`` to x's dtype as PEFT does.
     """
     xp = namespace(x, weight, boft_R, boft_s, bias, where="boft.forward")
-    lay = _layer_of(layer, weight)
+    lay = Layer.for_weight(layer, weight)
     _check(lay, boft_R, "boft.forward")
     s = _scale_vector(boft_s, lay, "boft.forward")
     cd = compute_dtype(xp, x.dtype, weight.dtype, boft_R.dtype, boft_s.dtype)
@@ -344,7 +331,7 @@ def merge(
            [ -8., -10., -12., -14.]])
     """
     xp = namespace(weight, boft_R, boft_s, where="boft.merge")
-    lay = _layer_of(layer, weight)
+    lay = Layer.for_weight(layer, weight)
     _check(lay, boft_R, "boft.merge")
     s = _scale_vector(boft_s, lay, "boft.merge")
     cd = compute_dtype(xp, weight.dtype, boft_R.dtype, boft_s.dtype)
@@ -370,7 +357,7 @@ def unmerge(
     ``1/s`` as PEFT does.
     """
     xp = namespace(weight, boft_R, boft_s, where="boft.unmerge")
-    lay = _layer_of(layer, weight)
+    lay = Layer.for_weight(layer, weight)
     _check(lay, boft_R, "boft.unmerge")
     s = _scale_vector(boft_s, lay, "boft.unmerge")
     bad = xp.logical_or(s == 0, xp.logical_not(xp.isfinite(s)))

@@ -57,6 +57,20 @@ def _layer(layer: Any, A: Array, B: Array, W: Array) -> Layer:
     return lay
 
 
+def _checked(W: Array, A: Array, B: Array, magnitude: Array, other: Array | None, layer: Any,
+             where: str) -> tuple[Any, Layer, Any, Array]:
+    """Merge's and unmerge's checks: ``(xp, layer, compute dtype, magnitude as an (out,) vector)``."""
+    xp = namespace(W, A, B, magnitude, other, where=where)
+    lay = _layer(layer, A, B, W)
+    lay.check_weight(W)
+    lora._check_factors(lay, A, B, where)
+    cd = compute_dtype(xp, W.dtype, A.dtype, B.dtype)
+    m = as_compute(xp, xp.reshape(magnitude, (-1,)), cd)
+    if m.shape[0] != lay.out_features:
+        raise ShapeError(f"{where}: lora_magnitude_vector has {m.shape[0]} entries, expected {lay.out_features}")
+    return xp, lay, cd, m
+
+
 def weight_norm(W: Array, A: Array, B: Array, *, scaling: float, layer: Any = None) -> Array:
     """``n = ‖W + s·BA‖`` per output (shape ``(out,)``), in float32 or wider."""
     xp = namespace(W, A, B, where="dora.weight_norm")
@@ -183,14 +197,7 @@ def merge(
     gemm with beta=1, then a row scaling). ``safe=True`` refuses a non-finite result and changes
     nothing.
     """
-    xp = namespace(W, A, B, magnitude, base_weight, where=where)
-    lay = _layer(layer, A, B, W)
-    lay.check_weight(W)
-    lora._check_factors(lay, A, B, where)
-    cd = compute_dtype(xp, W.dtype, A.dtype, B.dtype)
-    m = as_compute(xp, xp.reshape(magnitude, (-1,)), cd)
-    if m.shape[0] != lay.out_features:
-        raise ShapeError(f"{where}: lora_magnitude_vector has {m.shape[0]} entries, expected {lay.out_features}")
+    xp, lay, cd, m = _checked(W, A, B, magnitude, base_weight, layer, where)
     if not copy:
         require_writeable(where, W)
     r = A.shape[0]
@@ -238,12 +245,7 @@ def unmerge(
             f"MergeResult.record; Adapter.merge stores it when given records={{}}); it cannot be recovered "
             f"from the merged weight"
         )
-    xp = namespace(W, A, B, magnitude, weight_norm, where=where)
-    lay = _layer(layer, A, B, W)
-    lay.check_weight(W)
-    lora._check_factors(lay, A, B, where)
-    cd = compute_dtype(xp, W.dtype, A.dtype, B.dtype)
-    m = as_compute(xp, xp.reshape(magnitude, (-1,)), cd)
+    xp, lay, cd, m = _checked(W, A, B, magnitude, weight_norm, layer, where)
     n = as_compute(xp, xp.reshape(weight_norm, (-1,)), cd)
     if n.shape[0] != lay.out_features:
         raise ShapeError(f"{where}: weight_norm has {n.shape[0]} entries, expected {lay.out_features}")

@@ -36,7 +36,7 @@ import numpy as np
 
 from .._array import all_finite, as_compute, compute_dtype, dtype_name, namespace
 from ..backends import backend_for, host_rng
-from ..config import TunerConfig
+from ..config import TunerConfig, check_flags
 from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError
 from ..layers import Layer, LayerKind
 from ._base import MergeResult, ModuleAdapter, require_writeable
@@ -83,9 +83,7 @@ class IA3Config(TunerConfig):
 
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
-        for flag in ("fan_in_fan_out", "init_ia3_weights"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"{source}: field {flag!r} must be true or false, got {getattr(self, flag)!r}")
+        check_flags(source, self, "fan_in_fan_out", "init_ia3_weights")
         ff = self.feedforward_modules
         if ff is not None and not isinstance(ff, str):
             if not isinstance(ff, (list, tuple, set, frozenset)) or not all(isinstance(t, str) for t in ff):
@@ -223,8 +221,7 @@ def _check(layer: Layer, l: Array, feedforward: bool, where: str) -> None:
 
 def _resolve(layer: Layer | LayerKind | str | None, weight: Array, l: Array, feedforward: bool | None,
              where: str) -> tuple[Layer, bool]:
-    lay = layer if isinstance(layer, Layer) else Layer.of(tuple(weight.shape), layer)
-    lay.check_weight(weight)
+    lay = Layer.for_weight(layer, weight)
     if feedforward is None:
         feedforward = infer_feedforward(lay, tuple(l.shape))
         if feedforward is None:

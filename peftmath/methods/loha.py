@@ -45,7 +45,7 @@ from .._array import (
     all_finite, as_compute, common_device, compute_dtype, conv, is_low_precision, is_writeable, namespace,
 )
 from ..backends import backend_for, host_rng, kaiming_uniform_bound
-from ..config import TunerConfig, check_number, check_positive_int, resolve_pattern
+from ..config import TunerConfig, check_flags, check_fraction, check_number, check_positive_int, resolve_pattern
 from ..errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape, require_writeable, write_back
@@ -78,25 +78,21 @@ _SUPPORTED = (LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.CONV2D)
 # Config
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class LoHaConfig(TunerConfig):
-    """PEFT's ``LoHaConfig`` (``peft_type: "LOHA"``): fields, names and defaults as in PEFT 0.21.2."""
-
-    peft_type: ClassVar[str] = "LOHA"
+class LycorisConfig(TunerConfig):
+    """What PEFT's ``LycorisConfig`` gives LoHa and LoKr: rank, alpha, dropouts, the effective-conv
+    switch and the per-module patterns, with ``s = alpha / r`` per module."""
 
     r: int = 8
     alpha: float = 8
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     use_effective_conv2d: bool = False
-    init_weights: bool = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
         _validate_lycoris(self, source)
-        if not isinstance(self.init_weights, bool):
-            raise ConfigError(f"{source}: field 'init_weights' must be true or false, got {self.init_weights!r}")
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """``(r, alpha)`` for ``module_name`` after rank_pattern / alpha_pattern (PEFT's rule)."""
@@ -110,18 +106,26 @@ class LoHaConfig(TunerConfig):
         return scaling(alpha, r)
 
 
+@dataclass
+class LoHaConfig(LycorisConfig):
+    """PEFT's ``LoHaConfig`` (``peft_type: "LOHA"``): fields, names and defaults as in PEFT 0.21.2."""
+
+    peft_type: ClassVar[str] = "LOHA"
+
+    init_weights: bool = True
+
+    def validate(self, *, source: str = "config") -> None:
+        super().validate(source=source)
+        check_flags(source, self, "init_weights")
+
+
 def _validate_lycoris(config: Any, source: str) -> None:
     """Checks shared by LoHa and LoKr configs."""
     check_positive_int(source, "r", config.r)
     check_number(source, "alpha", config.alpha)
     for name in ("rank_dropout", "module_dropout"):
-        value = getattr(config, name)
-        check_number(source, name, value)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{source}: field {name!r} must be in [0, 1], got {value!r}")
-    if not isinstance(config.use_effective_conv2d, bool):
-        raise ConfigError(f"{source}: field 'use_effective_conv2d' must be true or false, "
-                          f"got {config.use_effective_conv2d!r}")
+        check_fraction(source, name, getattr(config, name), closed=True)
+    check_flags(source, config, "use_effective_conv2d")
     for pattern in ("rank_pattern", "alpha_pattern"):
         value = getattr(config, pattern)
         if value is not None and not isinstance(value, dict):

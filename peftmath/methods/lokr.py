@@ -32,20 +32,20 @@ block a broadcast outer product ``w1[:, None, :, None] · w2[None, :, None, :]``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 
 from .._array import as_compute, common_device, compute_dtype, kron, namespace
 from ..backends import host_rng
-from ..config import TunerConfig, check_choice, resolve_pattern
+from ..config import check_choice, check_flags
 from ..errors import ConfigError, ShapeError
 from ..layers import Layer, LayerKind
 from . import loha
 from ._base import MergeResult, ModuleAdapter, check_shape
 from .loha import (
-    _SUPPORTED, _round_to, _validate_lycoris, adapted_forward, apply_row_blocks, check_kind, cp_weight,
+    _SUPPORTED, _round_to, adapted_forward, apply_row_blocks, check_kind, cp_weight,
     default_xp, kaiming, put_host, rank_dropout_mask, scaling, with_groups,
 )
 
@@ -75,45 +75,24 @@ PEFT_TYPE = "LOKR"
 # Config
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class LoKrConfig(TunerConfig):
+class LoKrConfig(loha.LycorisConfig):
     """PEFT's ``LoKrConfig`` (``peft_type: "LOKR"``): fields, names and defaults as in PEFT 0.21.2."""
 
     peft_type: ClassVar[str] = "LOKR"
 
-    r: int = 8
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False
     decompose_both: bool = False
     decompose_factor: int = -1
     rank_dropout_scale: bool = False
     init_weights: bool | str = True
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
-        _validate_lycoris(self, source)
         check_choice(source, "init_weights", self.init_weights, (True, False, "lycoris"))
-        for flag in ("decompose_both", "rank_dropout_scale"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"{source}: field {flag!r} must be true or false, got {getattr(self, flag)!r}")
+        check_flags(source, self, "decompose_both", "rank_dropout_scale")
         f = self.decompose_factor
         if not isinstance(f, int) or isinstance(f, bool):
             raise ConfigError(f"{source}: field 'decompose_factor' must be an integer (-1: near the square root), "
                               f"got {f!r}")
-
-    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
-        """``(r, alpha)`` for ``module_name`` after rank_pattern / alpha_pattern (PEFT's rule)."""
-        r = resolve_pattern(self.rank_pattern or {}, module_name, self.r)
-        alpha = resolve_pattern(self.alpha_pattern or {}, module_name, self.alpha)
-        return r, alpha
-
-    def scaling_for(self, module_name: str) -> float:
-        """The scaling ``s = alpha / r`` of ``module_name``."""
-        r, alpha = self.rank_and_alpha(module_name)
-        return scaling(alpha, r)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,7 +37,16 @@ import numpy as np
 
 from .._array import all_finite, as_compute, compute_dtype, conv, embedding_lookup, is_low_precision, namespace
 from ..backends import backend_for, host_rng, kaiming_uniform_bound
-from ..config import TunerConfig, check_choice, check_number, check_pattern, check_positive_int, resolve_pattern
+from ..config import (
+    TunerConfig,
+    check_choice,
+    check_flags,
+    check_fraction,
+    check_number,
+    check_pattern,
+    check_positive_int,
+    resolve_pattern,
+)
 from ..errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._base import MergeResult, ModuleAdapter, apply_delta, bias_update, check_shape, require_writeable, write_back
@@ -119,13 +128,9 @@ class LoraConfig(TunerConfig):
         """The checks LoRA shares with AdaLoRA (alpha, dropout, bias, the flags, the init option);
         returns ``init_lora_weights``."""
         check_number(source, "lora_alpha", self.lora_alpha)
-        check_number(source, "lora_dropout", self.lora_dropout)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"{source}: field 'lora_dropout' must be in [0, 1), got {self.lora_dropout!r}")
+        check_fraction(source, "lora_dropout", self.lora_dropout)
         check_choice(source, "bias", self.bias, ("none", "all", "lora_only"))
-        for flag in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"{source}: field {flag!r} must be true or false, got {getattr(self, flag)!r}")
+        check_flags(source, self, "use_rslora", "use_dora", "lora_bias", "fan_in_fan_out")
         init = self.init_lora_weights
         if not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
             check_choice(source, "init_lora_weights", init, _INIT_CHOICES)

@@ -41,7 +41,15 @@ import numpy as np
 
 from .._array import all_finite, as_compute, compute_dtype, conv, embedding_lookup, is_low_precision, namespace
 from ..backends import backend_for, host_rng
-from ..config import TunerConfig, check_choice, check_number, check_positive_int
+from ..config import (
+    TunerConfig,
+    check_choice,
+    check_flags,
+    check_fraction,
+    check_nonnegative_int,
+    check_number,
+    check_positive_int,
+)
 from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._base import MergeResult, ModuleAdapter, check_shape, finish
@@ -119,9 +127,7 @@ class OFTConfig(TunerConfig):
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
         for name in ("r", "oft_block_size", "num_cayley_neumann_terms"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{source}: field {name!r} must be a non-negative integer, got {value!r}")
+            check_nonnegative_int(source, name, getattr(self, name))
         if (self.r != 0) == (self.oft_block_size != 0):
             raise ConfigError(
                 f"{source}: set exactly one of r ({self.r}) and oft_block_size ({self.oft_block_size}) to a non-zero "
@@ -131,13 +137,9 @@ class OFTConfig(TunerConfig):
         check_number(source, "eps", self.eps)
         if self.eps < 0:
             raise ConfigError(f"{source}: field 'eps' must be >= 0, got {self.eps!r}")
-        check_number(source, "module_dropout", self.module_dropout)
-        if not 0.0 <= self.module_dropout < 1.0:
-            raise ConfigError(f"{source}: field 'module_dropout' must be in [0, 1), got {self.module_dropout!r}")
+        check_fraction(source, "module_dropout", self.module_dropout)
         check_choice(source, "bias", self.bias, ("none", "all", "oft_only"))
-        for flag in ("init_weights", "coft", "block_share", "use_cayley_neumann", "fan_in_fan_out"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"{source}: field {flag!r} must be true or false, got {getattr(self, flag)!r}")
+        check_flags(source, self, "init_weights", "coft", "block_share", "use_cayley_neumann", "fan_in_fan_out")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -423,13 +425,6 @@ def _inverse_blocks(blocks: Array) -> Array:
 # --------------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------------
-def _layer_of(layer: Layer | LayerKind | str | None, weight: Array) -> Layer:
-    if isinstance(layer, Layer):
-        layer.check_weight(weight)
-        return layer
-    return Layer.of(tuple(weight.shape), layer)
-
-
 def _check_blocks(lay: Layer, blocks: Array, where: str) -> None:
     n = rotated_dim(lay)
     if blocks.ndim != 3 or blocks.shape[-1] != blocks.shape[-2]:
@@ -469,7 +464,7 @@ def forward(
     dtype before the base layer, as PEFT does.
     """
     xp = namespace(x, weight, blocks, bias, where="oft.forward")
-    lay = _layer_of(layer, weight)
+    lay = Layer.for_weight(layer, weight)
     _check_blocks(lay, blocks, "oft.forward")
     emb = lay.kind is LayerKind.EMBEDDING
     out_dtype = weight.dtype if emb else x.dtype
@@ -562,12 +557,7 @@ def merge(
     array([[ 1.,  0.,  2.],
            [ 4., -3.,  5.]])
     """
-    xp = namespace(weight, blocks, where="oft.merge")
-    lay = _layer_of(layer, weight)
-    _check_blocks(lay, blocks, "oft.merge")
-    cd = compute_dtype(xp, weight.dtype, blocks.dtype)
-    new = _rotate_weight(weight, blocks, lay, inverse=False, xp=xp, cd=cd)
-    return finish("oft.merge", weight, new, copy=copy, safe=safe, xp=xp)
+    return _merge_or_unmerge(weight, blocks, layer, inverse=False, copy=copy, safe=safe, where="oft.merge")
 
 
 def unmerge(
@@ -585,12 +575,17 @@ def unmerge(
     >>> bool(np.allclose(unmerge(merge(W, R), R), W))
     True
     """
-    xp = namespace(weight, blocks, where="oft.unmerge")
-    lay = _layer_of(layer, weight)
-    _check_blocks(lay, blocks, "oft.unmerge")
+    return _merge_or_unmerge(weight, blocks, layer, inverse=True, copy=copy, safe=False, where="oft.unmerge")
+
+
+def _merge_or_unmerge(weight: Array, blocks: Array, layer: Layer | LayerKind | str | None, *, inverse: bool,
+                      copy: bool, safe: bool, where: str) -> Array:
+    xp = namespace(weight, blocks, where=where)
+    lay = Layer.for_weight(layer, weight)
+    _check_blocks(lay, blocks, where)
     cd = compute_dtype(xp, weight.dtype, blocks.dtype)
-    new = _rotate_weight(weight, blocks, lay, inverse=True, xp=xp, cd=cd)
-    return finish("oft.unmerge", weight, new, copy=copy, safe=False, xp=xp)
+    new = _rotate_weight(weight, blocks, lay, inverse=inverse, xp=xp, cd=cd)
+    return finish(where, weight, new, copy=copy, safe=safe, xp=xp)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import numpy as np
 
 from .._array import as_compute, compute_dtype, is_low_precision, namespace
 from ..backends import backend_for, host_rng
-from ..config import TunerConfig, check_choice, check_number, check_positive_int
+from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_number, check_positive_int
 from ..errors import CheckpointError, ConfigError, ShapeError
 from ..layers import Layer, LayerKind
 from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape
@@ -83,12 +83,8 @@ class VeraConfig(TunerConfig):
         check_positive_int(source, "r", self.r)
         if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
             raise ConfigError(f"{source}: field 'projection_prng_key' must be an integer, got {self.projection_prng_key!r}")
-        for flag in ("save_projection", "fan_in_fan_out", "init_weights"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"{source}: field {flag!r} must be true or false, got {getattr(self, flag)!r}")
-        check_number(source, "vera_dropout", self.vera_dropout)
-        if not 0.0 <= self.vera_dropout < 1.0:
-            raise ConfigError(f"{source}: field 'vera_dropout' must be in [0, 1), got {self.vera_dropout!r}")
+        check_flags(source, self, "save_projection", "fan_in_fan_out", "init_weights")
+        check_fraction(source, "vera_dropout", self.vera_dropout)
         check_number(source, "d_initial", self.d_initial)
         check_choice(source, "bias", self.bias, ("none", "all", "vera_only"))
 
