@@ -49,20 +49,25 @@ def write_section(name: str, body: str) -> None:
 
 # --- shared by the benchmark scripts ---------------------------------------------------------------
 def limit_threads(threads: int) -> str:
-    """Limit NumPy/SciPy's BLAS to ``threads`` (call before NumPy is imported when threadpoolctl is absent,
-    since OpenBLAS reads its environment when it loads); returns the sentence RESULTS.md records."""
+    """Limit NumPy/SciPy's BLAS to ``threads``; returns the sentence RESULTS.md records.
+
+    Call it before NumPy is imported: OpenBLAS reads ``OPENBLAS_NUM_THREADS`` (etc.) when it loads, and
+    threadpoolctl's ``threadpool_limits`` (applied too when installed) only reaches the BLAS libraries
+    already loaded, so the environment variables are set in either case.
+    """
     import importlib.util
     import os
 
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    note = (f"torch.set_num_threads({threads}); NumPy/SciPy BLAS limited through "
+            f"OPENBLAS_NUM_THREADS=OMP_NUM_THREADS={threads} set before importing numpy")
     if importlib.util.find_spec("threadpoolctl") is None:
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(threads)
-        return (f"torch.set_num_threads({threads}); NumPy/SciPy BLAS limited through "
-                f"OPENBLAS_NUM_THREADS=OMP_NUM_THREADS={threads} set before importing numpy (threadpoolctl not installed)")
+        return note + " (threadpoolctl not installed)"
     from threadpoolctl import threadpool_limits
 
     _LIMITERS.append(threadpool_limits(threads))
-    return f"torch.set_num_threads({threads}); NumPy/SciPy BLAS limited with threadpoolctl.threadpool_limits({threads})"
+    return note + f" and threadpoolctl.threadpool_limits({threads})"
 
 
 _LIMITERS: list = []
@@ -93,6 +98,22 @@ def race(contestants: dict, *, repeats: int, warmup: int = 1) -> tuple[dict, lis
         if i >= warmup:
             rounds.append(times)
     return {n: statistics.median(r[n] for r in rounds) for n in names}, rounds
+
+
+def one_linear(in_features: int, out_features: int, *, bias: bool):
+    """A torch model whose only layer is ``nn.Linear(in_features, out_features, bias=bias)`` as ``.lin``
+    (PEFT's ``target_modules=["lin"]``); its forward is that layer."""
+    import torch
+
+    class One(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(in_features, out_features, bias=bias)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    return One()
 
 
 def paired_ratio(rounds: list, num: str, den: str) -> float:

@@ -21,31 +21,22 @@ The results go to ``benchmarks/RESULTS.md``, section "adalora" (``--no-write`` t
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
 import warnings
 from pathlib import Path
 
-THREADS = 2
-if importlib.util.find_spec("threadpoolctl") is None:  # BLAS reads this when numpy loads
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(THREADS)
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _results  # noqa: E402
+
+THREADS = 2
+_results.limit_threads(THREADS)  # before NumPy loads its BLAS
 
 import numpy as np  # noqa: E402
 from scipy.linalg import blas  # noqa: E402
 
-if importlib.util.find_spec("threadpoolctl") is not None:
-    from threadpoolctl import threadpool_limits
-
-    _limiter = threadpool_limits(THREADS)
-
-import _results  # noqa: E402
-from _results import paired_ratio as ratio, peak_alloc, race  # noqa: E402
+from _results import one_linear, paired_ratio as ratio, peak_alloc, race  # noqa: E402
 from peftmath.layers import Layer  # noqa: E402
 from peftmath.methods import adalora  # noqa: E402
 
@@ -58,16 +49,11 @@ def build_peft(W0, A, E, B):
     import peft
     import torch
 
-    class One(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = torch.nn.Linear(IN, OUT, bias=False)
-
     cfg = peft.AdaLoraConfig(init_r=R, lora_alpha=ALPHA, target_modules=["lin"], total_step=100,
                              init_lora_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.get_peft_model(One(), cfg)
+        model = peft.get_peft_model(one_linear(IN, OUT, bias=False), cfg)
     layer = model.base_model.model.lin
     with torch.no_grad():
         layer.base_layer.weight.copy_(torch.from_numpy(W0))

@@ -110,7 +110,7 @@ def merge_rows(dev: Device, n: int, r: int, layers: int) -> tuple[list[str], lis
         t_dora = dev.time(lambda: dora.merge(W, A, B, mag, scaling=s, copy=False))
         t_ia3 = dev.time(lambda: ia3.merge(W, l_ff, copy=False))
         rows.append((label, t_copy, t_kernel, t_merge, t_unmerge, t_queued, t_dora, t_ia3, 2 * W.nbytes))
-        del Ws
+        Ws.clear()  # free the layers before the next dtype allocates its own
     if not dev.dry_run:
         from cupy import cublas
 

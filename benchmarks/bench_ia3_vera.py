@@ -39,24 +39,10 @@ import numpy as np  # noqa: E402
 from scipy.linalg import blas  # noqa: E402
 
 from peftmath.methods import ia3, vera  # noqa: E402
-from _results import paired_ratio, peak_alloc, race  # noqa: E402
+from _results import one_linear, paired_ratio, peak_alloc, race  # noqa: E402
 
 OUT = IN = 4096
 R = 256
-
-
-def _one_linear():
-    import torch
-
-    class One(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = torch.nn.Linear(IN, OUT)
-
-        def forward(self, x):
-            return self.lin(x)
-
-    return One()
 
 
 def build_peft_ia3(W0, b0, l, *, feedforward: bool):
@@ -64,7 +50,7 @@ def build_peft_ia3(W0, b0, l, *, feedforward: bool):
     from peft import IA3Config, get_peft_model
 
     cfg = IA3Config(target_modules=["lin"], feedforward_modules=["lin"] if feedforward else [], init_ia3_weights=False)
-    model = get_peft_model(_one_linear(), cfg)
+    model = get_peft_model(one_linear(IN, OUT, bias=True), cfg)
     layer = model.base_model.model.lin
     with torch.no_grad():
         layer.base_layer.weight.copy_(torch.from_numpy(W0))
@@ -78,7 +64,7 @@ def build_peft_vera(W0, b0):
     import torch
     from peft import VeraConfig, get_peft_model
 
-    model = get_peft_model(_one_linear(), VeraConfig(r=R, target_modules=["lin"], init_weights=False))
+    model = get_peft_model(one_linear(IN, OUT, bias=True), VeraConfig(r=R, target_modules=["lin"], init_weights=False))
     layer = model.base_model.model.lin
     with torch.no_grad():
         layer.base_layer.weight.copy_(torch.from_numpy(W0))

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from scipy.linalg import blas  # noqa: E402
 
 from peftmath.methods import dora, lora  # noqa: E402
-from _results import paired_ratio, peak_alloc, race  # noqa: E402
+from _results import one_linear, paired_ratio, peak_alloc, race  # noqa: E402
 
 OUT = IN = 4096
 R = 16
@@ -53,16 +53,8 @@ def build_peft(W0, A, B, *, use_dora: bool):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    class One(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = torch.nn.Linear(IN, OUT, bias=False)
-
-        def forward(self, x):
-            return self.lin(x)
-
     cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["lin"], init_lora_weights=False, use_dora=use_dora)
-    model = get_peft_model(One(), cfg)
+    model = get_peft_model(one_linear(IN, OUT, bias=False), cfg)
     layer = model.base_model.model.lin
     with torch.no_grad():
         layer.base_layer.weight.copy_(torch.from_numpy(W0))

@@ -23,7 +23,6 @@ import argparse
 import statistics
 import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -31,22 +30,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _results import machine_line, write_section  # noqa: E402
+from _results import machine_line, peak_alloc, write_section  # noqa: E402
 
 from peftmath.layers import Layer  # noqa: E402
 from peftmath.methods import loha, lokr  # noqa: E402
 
 N, R, ALPHA = 4096, 16, 32
-
-
-def _peak_mib(fn) -> float:
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    base, _ = tracemalloc.get_traced_memory()
-    fn()
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return (peak - base) / 2**20
 
 
 def _peft_layer(method: str):
@@ -120,10 +109,10 @@ def run(repeat: int) -> str:
         ours = mod.merge(W0, copy=True).weight
         err = float(np.max(np.abs(ours - peft_merged)))
 
-        peak_inplace = _peak_mib(lambda: mod.merge(Wp, copy=False))
+        peak_inplace = peak_alloc(lambda: mod.merge(Wp, copy=False)) / 2**20
         mod.unmerge(Wp, copy=False)
-        peak_copy = _peak_mib(lambda: mod.merge(W0, copy=True))
-        peak_full = _peak_mib(lambda: mod.delta_weight())
+        peak_copy = peak_alloc(lambda: mod.merge(W0, copy=True)) / 2**20
+        peak_full = peak_alloc(lambda: mod.delta_weight()) / 2**20
 
         name = "LoHa" if method == "loha" else "LoKr"
         rows.append(f"| {name} | merge | {t_peft_merge:.1f} | {t_pm_merge:.1f} | {t_peft_merge / t_pm_merge:.1f}x |"

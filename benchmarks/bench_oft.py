@@ -20,7 +20,6 @@ import argparse  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import tracemalloc  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -34,6 +33,7 @@ from torch import nn  # noqa: E402
 
 import peft  # noqa: E402
 
+from _results import machine_line, peak_alloc, write_section  # noqa: E402
 from peftmath.layers import Layer  # noqa: E402
 from peftmath.methods import boft, oft  # noqa: E402
 
@@ -50,14 +50,6 @@ def timed(fn, repeats):
         out = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
-
-
-def peak_mib(fn):
-    tracemalloc.start()
-    fn()
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return peak / 2**20
 
 
 def peft_layer(method, config, rng):
@@ -143,7 +135,7 @@ def main() -> None:
         t_merge, t_unmerge, _, _ = bench_ours(mod, W, args.repeats, "torch")
         err = float(np.abs(o_merged - p_merged).max())
         rt = float(np.abs(o_back - W).max())
-        peak = peak_mib(lambda: mod.unmerge(mod.merge(W).weight))
+        peak = peak_alloc(lambda: mod.unmerge(mod.merge(W).weight)) / 2**20
         rows.append((label, p_merge, o_merge, t_merge, p_unmerge, o_unmerge, t_unmerge, err, rt, peak, o_merge_c))
         del lay
 
@@ -192,6 +184,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from _results import machine_line, write_section
-
     main()

@@ -159,7 +159,12 @@ class Outcome:
         self.slowest = 0.0
 
 
-def _run(fn: Callable[[], object], outcome: Outcome, label: str, limit: float) -> None:
+def _run(fn: Callable[[], object], outcome: Outcome, label: str, limit: float, *, watch: Path | None = None,
+         wrote: str = "") -> None:
+    """Run one case: count it as accepted or refused (a PeftMathError); any other exception, a run longer
+    than ``limit`` seconds, or (with ``watch``) a change to the files below that folder is a failure,
+    the last one reported as ``f"{label}: {wrote}"``."""
+    before = None if watch is None else _snapshot(watch)
     outcome.cases += 1
     start = time.perf_counter()
     try:
@@ -173,6 +178,8 @@ def _run(fn: Callable[[], object], outcome: Outcome, label: str, limit: float) -
     outcome.slowest = max(outcome.slowest, elapsed)
     if elapsed > limit:
         outcome.failures.append(f"{label}: took {elapsed:.2f} s")
+    if watch is not None and _snapshot(watch) != before:
+        outcome.failures.append(f"{label}: {wrote}")
 
 
 def fuzz_safetensors(cases: int, seed: int = 0, limit: float = 2.0) -> Outcome:
@@ -187,7 +194,6 @@ def fuzz_safetensors(cases: int, seed: int = 0, limit: float = 2.0) -> Outcome:
             for _ in range(rnd.randint(1, 3)):
                 data = mutate(data, rnd)
             target.write_bytes(data)
-            before = _snapshot(folder)
 
             def read() -> None:
                 f = SafeTensorsFile(target)
@@ -195,9 +201,7 @@ def fuzz_safetensors(cases: int, seed: int = 0, limit: float = 2.0) -> Outcome:
                     np.asarray(f[k]).sum()
                 f.close()
 
-            _run(read, out, f"safetensors case {i}", limit)
-            if _snapshot(folder) != before:
-                out.failures.append(f"safetensors case {i}: the reader wrote to its folder")
+            _run(read, out, f"safetensors case {i}", limit, watch=folder, wrote="the reader wrote to its folder")
     return out
 
 
@@ -237,10 +241,8 @@ def fuzz_adapter(cases: int, seed: int = 0, limit: float = 2.0) -> Outcome:
                 ad = load_adapter(case)
                 ad.merge(state)
 
-            before = _snapshot(case)
-            _run(load_and_merge, out, f"adapter case {i}", limit)
-            if _snapshot(case) != before:
-                out.failures.append(f"adapter case {i}: loading wrote to the adapter folder")
+            _run(load_and_merge, out, f"adapter case {i}", limit, watch=case,
+                 wrote="loading wrote to the adapter folder")
     return out
 
 
@@ -282,16 +284,13 @@ def fuzz_index(cases: int, seed: int = 0, limit: float = 2.0) -> Outcome:
         index = folder / "model.safetensors.index.json"
         for i in range(cases):
             index.write_bytes(_index_case(seed_index, rnd))
-            before = _snapshot(Path(d))
 
             def read() -> None:
                 m = open_model(folder)
                 for k in m.keys():
                     np.asarray(m.read(k)).sum()
 
-            _run(read, out, f"index case {i}", limit)
-            if _snapshot(Path(d)) != before:
-                out.failures.append(f"index case {i}: opening the model wrote to its folder")
+            _run(read, out, f"index case {i}", limit, watch=Path(d), wrote="opening the model wrote to its folder")
     return out
 
 

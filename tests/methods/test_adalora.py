@@ -14,13 +14,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import assert_same_namespace, skip_if_immutable, to_np, to_xp
+from tests.helpers import (BF16, XP, assert_same_namespace, f64, floor, np_dtype, ratio, skip_if_immutable, to_np,
+                           to_xp)
 import peftmath as pm
 from peftmath._array import eps
 from peftmath.errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
@@ -28,29 +28,8 @@ from peftmath.layers import Layer
 from peftmath.methods import adalora
 from peftmath.methods.adalora import AdaLoraConfig, AdaLoraModule
 
-XP = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-BF16 = np.dtype(ml_dtypes.bfloat16)
 KINDS = ("Linear", "Conv1D", "Conv2d")
 KERNELS = [(1, 1), (3, 3), (2, 3)]
-
-
-def np_dtype(name):
-    return BF16 if name == "bfloat16" else np.dtype(name)
-
-
-def f64(a):
-    return np.asarray(a).astype(np.float64)
-
-
-def ratio(err, unit):
-    unit = np.broadcast_to(unit, err.shape)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(unit > 0, err / unit, np.where(err > 0, np.inf, 0.0))
-    return float(np.max(q)) if q.size else 0.0
-
-
-def floor(dt):
-    return float(ml_dtypes.finfo(dt).smallest_subnormal)
 
 
 @dataclass

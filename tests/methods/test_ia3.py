@@ -12,16 +12,14 @@ Scales are drawn away from zero (|l| in [0.25, 4], random sign) so that division
 from __future__ import annotations
 
 import math
-import tracemalloc
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import assert_same_namespace, to_np, to_xp
+from tests.helpers import XP, assert_same_namespace, floor, np_dtype, to_np, to_xp, traced_peak
 from peftmath import Adapter
 from peftmath._array import eps, is_writeable
 from peftmath.errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
@@ -29,14 +27,8 @@ from peftmath.layers import Layer, LayerKind
 from peftmath.methods import ia3
 from peftmath.methods.ia3 import IA3Config, IA3Module
 
-XP = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-BF16 = np.dtype(ml_dtypes.bfloat16)
 KINDS = ("Linear", "Conv1D", "Conv2d", "Conv3d", "Conv2d_grouped")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
-
-
-def np_dtype(name):
-    return BF16 if name == "bfloat16" else np.dtype(name)
 
 
 @dataclass
@@ -168,7 +160,7 @@ def test_merge_unmerge_round_trip(case, dtype, copy):
     mod = module(case, l)
     u = eps(dtype)
     # subnormal results are rounded to an absolute grid: its spacing bounds their error
-    tiny = float(ml_dtypes.finfo(np.dtype(W.dtype)).smallest_subnormal)
+    tiny = floor(W.dtype)
     W1, b1, _ = mod.merge(W, b, copy=copy)
     assert W1.dtype == W0.dtype and (W1 is W) == (not copy)
     want = W0.astype(np.float64) * ref_scale(case, l)
@@ -238,11 +230,13 @@ def test_copy_false_no_temporary_of_weight_size():
     W = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)
     for ff, shape in ((False, (512, 1)), (True, (1, 512))):
         l = np.random.default_rng(1).uniform(0.5, 2.0, shape).astype(np.float32)
-        tracemalloc.start()
-        out, _ = ia3.merge(W, l, feedforward=ff, copy=False)
-        ia3.unmerge(W, l, feedforward=ff, copy=False)
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+
+        def merge_unmerge():
+            out, _ = ia3.merge(W, l, feedforward=ff, copy=False)
+            ia3.unmerge(W, l, feedforward=ff, copy=False)
+            return out
+
+        out, peak = traced_peak(merge_unmerge)
         assert out is W
         assert peak < W.nbytes // 8, peak
 

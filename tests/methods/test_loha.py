@@ -12,30 +12,23 @@ likewise with ``|t|``), the magnitude the float32 products are accurate to:
 from __future__ import annotations
 
 import math
-import tracemalloc
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import assert_same_namespace, skip_if_immutable, to_np, to_xp
+from tests.helpers import (BF16, XP, assert_same_namespace, np_dtype, ref_base_forward, skip_if_immutable, to_np,
+                           to_xp, traced_peak)
 from peftmath import Adapter
-from peftmath._array import conv, eps
+from peftmath._array import eps
 from peftmath.errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
 from peftmath.layers import Layer
 from peftmath.methods import loha
 from peftmath.methods.loha import LoHaConfig, LoHaModule
 
-XP = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-BF16 = np.dtype(ml_dtypes.bfloat16)
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-
-
-def np_dtype(name):
-    return BF16 if name == "bfloat16" else np.dtype(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,11 +267,7 @@ def test_merged_forward_equals_unmerged(xp, case, dtype):
     # float64 reference: the base layer with W + ΔW
     Wd = case.weight() + ref_delta(case, p)
     absw = np.abs(case.weight()) + ref_delta(case, p, absolute=True)
-    if case.kind == "Linear":
-        want, mag = x @ Wd.T + bias, np.abs(x) @ absw.T + np.abs(bias)
-    else:
-        want = conv(x, Wd, bias, groups=case.groups, **kw)
-        mag = conv(np.abs(x), absw, np.abs(bias), groups=case.groups, **kw)
+    want, mag = ref_base_forward(x, Wd, absw, bias, groups=case.groups, **kw)
     K = math.prod(case.shape[1:])
     tol = (K + 2 * n_terms(case) + 8) * eps(dtype) * mag + 1e-300
     assert np.all(np.abs(to_np(y) - want) <= tol)
@@ -345,15 +334,9 @@ def test_merge_memory(monkeypatch, shape, effective):
     W = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     four = [p[k] for k in KEYS[:4]]
     extra = dict(t1=p.get("hada_t1"), t2=p.get("hada_t2"))
-    tracemalloc.start()
-    loha.merge(W, *four, scaling=1.0, layer=layer, copy=False, **extra)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    _, peak = traced_peak(lambda: loha.merge(W, *four, scaling=1.0, layer=layer, copy=False, **extra))
     assert peak < W.nbytes / 4, f"in-place merge allocated {peak} bytes for a {W.nbytes}-byte weight"
-    tracemalloc.start()
-    loha.merge(W, *four, scaling=1.0, layer=layer, copy=True, **extra)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    _, peak = traced_peak(lambda: loha.merge(W, *four, scaling=1.0, layer=layer, copy=True, **extra))
     assert peak < 1.25 * W.nbytes
 
 

@@ -13,29 +13,22 @@ per product (r for a low-rank factor, r² for the CP core, 0 for a full one):
 from __future__ import annotations
 
 import math
-import tracemalloc
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import assert_same_namespace, skip_if_immutable, to_np, to_xp
+from tests.helpers import (XP, assert_same_namespace, np_dtype, ref_base_forward, skip_if_immutable, to_np, to_xp,
+                           traced_peak)
 from peftmath import Adapter
-from peftmath._array import conv, eps
+from peftmath._array import eps
 from peftmath.errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
 from peftmath.layers import Layer
 from peftmath.methods import lokr
 from peftmath.methods.lokr import LoKrConfig, LoKrModule
 
-XP = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def np_dtype(name):
-    return BF16 if name == "bfloat16" else np.dtype(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,7 +204,7 @@ def ref_delta(case: Case, p: dict, absolute: bool = False) -> np.ndarray:
     q = {k: np.abs(v) if absolute else v for k, v in p.items()}
     w1, w2, _ = ref_factors(q)
     s = abs(case.s) if absolute else case.s
-    (a, c), b, out = w1.shape, w2.shape[0], case.shape[0]
+    (a, _), b, out = w1.shape, w2.shape[0], case.shape[0]
     if case.kind == "Conv1d" and "lokr_w2" in p:  # PEFT's layout quirk
         d = np.einsum("ip,jqt->jiqpt", w1, w2).reshape(case.shape[0], -1)
     else:
@@ -310,11 +303,7 @@ def test_merged_forward_equals_unmerged(xp, case, dtype):
     y_merged = case.layer.base_forward(xx, lokr.merge(Wx, px, scaling=case.s, layer=case.layer), bx, xp, **kw)
     Wd = case.weight() + ref_delta(case, p)
     absw = np.abs(case.weight()) + ref_delta(case, p, absolute=True)
-    if case.kind == "Linear":
-        want, mag = x @ Wd.T + bias, np.abs(x) @ absw.T + np.abs(bias)
-    else:
-        want = conv(x, Wd, bias, groups=case.groups, **kw)
-        mag = conv(np.abs(x), absw, np.abs(bias), groups=case.groups, **kw)
+    want, mag = ref_base_forward(x, Wd, absw, bias, groups=case.groups, **kw)
     tol = (math.prod(case.shape[1:]) + n_terms(p) + 8) * eps(dtype) * mag + 1e-300
     assert np.all(np.abs(to_np(y) - want) <= tol)
     assert np.all(np.abs(to_np(y_merged) - want) <= tol)
@@ -346,16 +335,10 @@ def test_merge_without_kron_temporary(monkeypatch, shape, cfg):
     mod = LoKrModule("m", c, params, layer)
     W = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     want = W + mod.delta_weight()
-    tracemalloc.start()
-    mod.merge(W, copy=False)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    _, peak = traced_peak(lambda: mod.merge(W, copy=False))
     assert peak < W.nbytes / 4, f"in-place merge allocated {peak} bytes for a {W.nbytes}-byte weight"
     np.testing.assert_allclose(W, want, rtol=1e-6, atol=1e-6)
-    tracemalloc.start()
-    out = mod.unmerge(W, copy=True).weight
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    out, peak = traced_peak(lambda: mod.unmerge(W, copy=True).weight)
     assert peak < 1.25 * W.nbytes and out is not W
 
 

@@ -13,27 +13,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import assert_same_namespace, skip_if_immutable, to_np, to_xp
+from tests.helpers import XP, assert_same_namespace, f64, floor, np_dtype, ratio, skip_if_immutable, to_np, to_xp
 from peftmath._array import eps
 from peftmath.errors import ConfigError, NamespaceError, NonFiniteError, ShapeError, UnsupportedError
 from peftmath.layers import Layer
 from peftmath.methods import lora
 from peftmath.methods.lora import LoraConfig, LoraModule
 
-XP = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-BF16 = np.dtype(ml_dtypes.bfloat16)
 KINDS = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d", "Conv3d")
 KERNELS = {"Conv1d": [(1,), (3,), (2,)], "Conv2d": [(1, 1), (3, 3), (2, 3)], "Conv3d": [(1, 1, 1), (1, 1, 3), (2, 1, 2)]}
-
-
-def np_dtype(name):
-    return BF16 if name == "bfloat16" else np.dtype(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,23 +87,6 @@ def ref_delta(case, A, B, absolute=False):
         A2, B2 = np.abs(A2), np.abs(B2)
     M = case.s * B2 @ A2
     return M.T if case.kind in ("Conv1D", "Embedding") else M.reshape(case.weight_shape)
-
-
-def f64(a):
-    return np.asarray(a).astype(np.float64)
-
-
-def ratio(err, unit):
-    """max of err / unit where unit > 0 (the worst error in units of the bound)."""
-    unit = np.broadcast_to(unit, err.shape)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(unit > 0, err / unit, np.where(err > 0, np.inf, 0.0))
-    return float(np.max(q)) if q.size else 0.0
-
-
-def floor(dt):
-    """The smallest subnormal: the absolute error floor of rounding to ``dt``."""
-    return float(ml_dtypes.finfo(dt).smallest_subnormal)
 
 
 # --------------------------------------------------------------------------------------------------

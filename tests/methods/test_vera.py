@@ -12,16 +12,14 @@ The float64 reference builds ``ΔW = diag(λ_b) B_l diag(λ_d) A_l`` with explic
 
 from __future__ import annotations
 
-import tracemalloc
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import assert_same_namespace, to_np, to_xp
+from tests.helpers import BF16, XP, assert_same_namespace, np_dtype, to_np, to_xp, traced_peak
 import peftmath
 from peftmath import Adapter
 from peftmath._array import eps, is_writeable
@@ -30,14 +28,8 @@ from peftmath.layers import Layer, LayerKind
 from peftmath.methods import vera
 from peftmath.methods.vera import VeraConfig, VeraModule
 
-XP = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 U32 = 2.0**-23
-
-
-def np_dtype(name):
-    return BF16 if name == "bfloat16" else np.dtype(name)
 
 
 @dataclass
@@ -213,10 +205,7 @@ def test_copy_false_uses_gemm_without_temporary():
         c = Case(kind, 384, 256, 16, 400, 300, 1)
         W = np.ascontiguousarray(W if kind == "Linear" else W.T)
         mod = c.module(lb, ld, A, B)
-        tracemalloc.start()
-        out = mod.merge(W, copy=False).weight
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+        out, peak = traced_peak(lambda: mod.merge(W, copy=False).weight)
         assert out is W and peak < W.nbytes // 4, peak
         np.testing.assert_allclose(W if kind == "Linear" else W.T, want, rtol=1e-5, atol=1e-5)
         mod.unmerge(W, copy=False)
