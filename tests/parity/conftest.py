@@ -1,8 +1,9 @@
-"""Helpers for the PEFT parity tests: tiny torch models, PEFT <-> NumPy conversion, tolerances.
+"""Helpers for the PEFT parity tests: tiny torch models, PEFT <-> NumPy conversion, tolerances, and
+the checks every method's parity tests share (checkpoints both ways, peft_compat bit comparisons).
 
 Nothing here imports torch or peft at module level in a way that fails: the test modules start with
-``torch = pytest.importorskip("torch"); peft = pytest.importorskip("peft")`` and then call these
-helpers. Every model is built from a NumPy seed (no torch RNG, nothing downloaded).
+``torch, peft = require_peft()`` (``pytest.importorskip`` of both, two torch threads) and then call
+these helpers. Every model is built from a NumPy seed (no torch RNG, nothing downloaded).
 
 The array helpers of ``tests/helpers.py`` (``to_xp``, ``to_np``, ``assert_same_namespace``) are
 re-exported, so parity tests import everything with ``from tests.parity.conftest import ...``.
@@ -30,12 +31,15 @@ from tests.helpers import assert_same_namespace, to_np, to_xp  # noqa: E402,F401
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
+TOL_W = dict(atol=1e-5, rtol=1e-5)  # float32: ΔW, merged / unmerged weights
+TOL_Y = dict(atol=1e-4, rtol=1e-4)  # float32: forwards
+
 
 # --------------------------------------------------------------------------------------------------
 # imports
 # --------------------------------------------------------------------------------------------------
 def require_peft():
-    """``(torch, peft)`` or skip the calling test module."""
+    """``(torch, peft)`` or skip the calling test module (``torch, peft = require_peft()`` at its top)."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     torch.set_num_threads(2)
@@ -149,6 +153,23 @@ def randomize_adapter(peft_model, *, seed: int = 1, scale: float = 0.3) -> None:
                 p.copy_(torch.from_numpy(rng.normal(0.0, scale, p.shape).astype(np.float32)).to(p.dtype))
 
 
+def redraw(module, spec: dict | None = None, *, seed: int) -> None:
+    """Overwrite the parameters of ``module`` whose names contain a key of ``spec`` (``{substring:
+    (mean, std)}``, the first matching key decides; default: every parameter, N(0, 1)) with normal
+    draws from ``numpy.random.default_rng(seed)``, in parameter order, rounded to float32 and then to
+    the parameter's dtype."""
+    import torch
+
+    spec = {"": (0.0, 1.0)} if spec is None else spec
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            for key, (mean, std) in spec.items():
+                if key in name:
+                    p.copy_(torch.from_numpy(rng.normal(mean, std, tuple(p.shape)).astype(np.float32)).to(p.dtype))
+                    break
+
+
 # --------------------------------------------------------------------------------------------------
 # PEFT -> peftmath
 # --------------------------------------------------------------------------------------------------
@@ -165,22 +186,38 @@ def peft_config_dict(peft_model, adapter: str = "default") -> dict:
     return json.loads(json.dumps(peft_model.peft_config[adapter].to_dict(), default=_jsonable))
 
 
-def to_adapter(peft_model, adapter: str = "default"):
-    """A :class:`peftmath.Adapter` holding exactly the tensors of ``peft_model``'s adapter (NumPy)."""
+def peft_tensors(peft_model, adapter: str = "default", *, shared: dict | None = None) -> dict:
+    """PEFT's adapter state dict (``get_peft_model_state_dict``) as NumPy ``{module: {suffix: array}}``,
+    keys split by the method's ``PARAMETER_SUFFIXES``; the tensors of its ``SHARED_KEYS`` (VeRA's
+    projections) go to ``shared`` when a dict is given."""
     import peft
 
-    from peftmath import Adapter
-    from peftmath.io.peft import config_from_dict, split_key
-    from peftmath.methods import lora
+    from peftmath.io.peft import split_key
+    from peftmath.methods import get_method
 
-    config = config_from_dict(peft_config_dict(peft_model, adapter))
-    sd = peft.get_peft_model_state_dict(peft_model, adapter_name=adapter)
+    method = get_method(peft_config_dict(peft_model, adapter)["peft_type"])
+    shared_keys = getattr(method, "SHARED_KEYS", ())
     params: dict = {}
-    for key, value in sd.items():
-        parts = split_key(key, lora.PARAMETER_SUFFIXES)
+    for key, value in peft.get_peft_model_state_dict(peft_model, adapter_name=adapter).items():
+        if key in shared_keys:
+            if shared is not None:
+                shared[key] = t2n(value)
+            continue
+        parts = split_key(key, method.PARAMETER_SUFFIXES)
         assert parts is not None, key
         params.setdefault(parts[0], {})[parts[1]] = t2n(value)
-    return Adapter(config, params)
+    return params
+
+
+def to_adapter(peft_model, adapter: str = "default"):
+    """A :class:`peftmath.Adapter` holding exactly the tensors of ``peft_model``'s adapter (NumPy), for
+    any method (shared tensors included)."""
+    from peftmath import Adapter
+    from peftmath.io.peft import config_from_dict
+
+    shared: dict = {}
+    params = peft_tensors(peft_model, adapter, shared=shared)
+    return Adapter(config_from_dict(peft_config_dict(peft_model, adapter)), params, shared=shared)
 
 
 def peft_layer(peft_model, name: str):
@@ -275,13 +312,14 @@ def make_peft(layers: dict, config: dict, *, dtype: str = "float32", seed: int =
     return pm, to_adapter(pm), state
 
 
-def layer_kwargs(peft_model, name: str) -> dict:
-    """The conv hyper-parameters of module ``name`` (empty for other layers)."""
+def layer_kwargs(peft_model, name: str, *, groups: bool = False) -> dict:
+    """The conv hyper-parameters of module ``name`` (empty for other layers); ``groups`` too if asked."""
     import torch.nn as nn
 
     base = peft_layer(peft_model, name).get_base_layer()
     if isinstance(base, nn.modules.conv._ConvNd):
-        return dict(stride=tuple(base.stride), padding=tuple(base.padding), dilation=tuple(base.dilation))
+        kw = dict(stride=tuple(base.stride), padding=tuple(base.padding), dilation=tuple(base.dilation))
+        return dict(kw, groups=base.groups) if groups else kw
     return {}
 
 
@@ -314,8 +352,123 @@ def peft_forward(peft_model, name: str, x: np.ndarray) -> np.ndarray:
 
 
 def adapter_to_torch(adapter):
-    """The same adapter with its tensors as torch tensors (peftmath computing with torch kernels)."""
+    """The same adapter with its tensors (shared ones included) as torch tensors (peftmath computing
+    with torch kernels)."""
     from peftmath import Adapter
 
     params = {m: {s: n2t(np.asarray(a)) for s, a in p.items()} for m, p in adapter.params.items()}
-    return Adapter(adapter.config, params)
+    return Adapter(adapter.config, params, shared={k: n2t(np.asarray(v)) for k, v in adapter.shared.items()})
+
+
+def in_namespace(adapter, namespace: str):
+    """``(adapter, to_x, to_n)`` for computing in ``namespace`` ("numpy" or "torch"): the adapter with
+    its tensors in that library, and the conversions of a state dict into it and back to NumPy."""
+    if namespace == "torch":
+        return (adapter_to_torch(adapter), lambda d: {k: n2t(v) for k, v in d.items()},
+                lambda d: {k: t2n(v) for k, v in d.items()})
+    return adapter, (lambda d: d), (lambda d: d)
+
+
+def assert_compat_bits(got: dict, want: dict, *, namespace: str, what=()) -> None:
+    """``peft_compat=True`` results (bf16 state dicts by key) against PEFT's: bit-identical with torch's
+    kernels. NumPy's BLAS / reductions may sum in another order (measured: 0 differing elements): at
+    most 0.1% of the elements may differ there, by one bf16 ulp each."""
+    for key in want:
+        n_diff = bits_differ(got[key], want[key])
+        if namespace == "torch":
+            assert n_diff == 0, (*what, key, n_diff)
+        else:
+            assert n_diff <= max(1, want[key].size // 1000), (*what, key, n_diff)
+            assert np.all(bf16_ulps(got[key], want[key]) <= 1.0), (*what, key)
+
+
+def check_inplace_and_unmerge(pm, adapter, state, merged, *, records=None) -> None:
+    """After ``pm.merge_adapter()`` gave PEFT's merged weights ``merged`` (float32): peftmath's in-place
+    merge (``copy=False``) gives them too and its in-place unmerge the base ``state``; then PEFT
+    unmerges, and peftmath's unmerge of ``merged`` (with the ``records`` of its merge: DoRA's norms)
+    equals PEFT's unmerged weights and the base. All within TOL_W."""
+    inplace = {k: v.copy() for k, v in state.items()}
+    inplace_records: dict = {}
+    adapter.merge(inplace, copy=False, records=inplace_records)
+    for key, want in merged.items():
+        assert_close(inplace[key], want, **TOL_W, what=f"merge copy=False {key}")
+    adapter.unmerge(inplace, records=inplace_records, copy=False)
+    for key in merged:
+        assert_close(inplace[key], state[key], **TOL_W, what=f"unmerge copy=False {key}")
+    pm.unmerge_adapter()
+    unmerged = peft_weights(pm, adapter.modules)
+    back = adapter.unmerge(merged, records=records)
+    for key, want in unmerged.items():
+        assert_close(back[key], want, **TOL_W, what=f"unmerge {key}")
+        assert_close(back[key], state[key], **TOL_W, what=f"unmerge -> base {key}")
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints both ways
+# --------------------------------------------------------------------------------------------------
+def load_peft_checkpoint(peft_model, folder):
+    """PEFT's ``save_pretrained(folder)`` (its warnings silenced), read back by ``peftmath.load_adapter``."""
+    import peftmath
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(folder)
+    return peftmath.load_adapter(folder)
+
+
+def assert_same_tensors(ours: dict, theirs: dict) -> None:
+    """Two ``{module: {suffix: array}}`` dicts hold the same modules, suffixes, dtypes, shapes and bits."""
+    assert sorted(ours) == sorted(theirs)
+    for module in theirs:
+        assert sorted(ours[module]) == sorted(theirs[module]), module
+        for suffix, want in theirs[module].items():
+            got = np.asarray(ours[module][suffix])
+            assert got.dtype == want.dtype and got.shape == want.shape, (module, suffix, got.dtype, want.dtype)
+            assert bits_differ(got, want) == 0, (module, suffix)
+
+
+def assert_saves_back_identically(adapter, folder) -> None:
+    """``peftmath.save_adapter`` of ``adapter`` (loaded from the PEFT checkpoint in ``folder``) writes
+    PEFT's files again: the same adapter_config.json and the same tensors (names, dtypes, bits)."""
+    import peftmath
+    from peftmath.io.safetensors import load_file
+
+    out = peftmath.save_adapter(adapter, folder / "again")
+    assert json.loads((out / "adapter_config.json").read_text()) == \
+        json.loads((folder / "adapter_config.json").read_text())
+    t1, t2 = load_file(folder / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert sorted(t1) == sorted(t2)
+    for key in t1:
+        assert t1[key].dtype == t2[key].dtype and bits_differ(t1[key], t2[key]) == 0, key
+
+
+def check_reloaded_in_peft(peft_model, adapter, base, folder, inputs: dict, **tol) -> None:
+    """``peftmath.save_adapter(adapter, folder)``, loaded by ``PeftModel.from_pretrained(base, folder)``:
+    each module's output (``inputs`` by module name) equals ``peft_model``'s within ``tol``
+    (``np.testing.assert_allclose`` keywords)."""
+    import peft
+    import peftmath
+
+    peftmath.save_adapter(adapter, folder)
+    fresh = peft.PeftModel.from_pretrained(base, folder)
+    for name, x in inputs.items():
+        np.testing.assert_allclose(peft_forward(fresh, name, x), peft_forward(peft_model, name, x), **tol)
+
+
+def load_in_peft(model, folder, **kwargs):
+    """``peft.PeftModel.from_pretrained(model, folder, **kwargs)`` that must use every tensor of the
+    checkpoint: no warning about missing, unexpected or absent keys, and loading the folder a second
+    time (adapter "again") reports no missing and no unexpected keys. Returns the PEFT model in eval
+    mode with adapter "default" active."""
+    import peft
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(model, folder, **kwargs)
+    msgs = [str(w.message) for w in caught]
+    assert not [m for m in msgs if any(s in m.lower() for s in ("missing", "unexpected", "not present"))], msgs
+    result = pm.load_adapter(folder, adapter_name="again", **kwargs)
+    assert result.missing_keys == [] and result.unexpected_keys == [], result
+    pm.set_adapter("default")
+    pm.eval()
+    return pm

@@ -8,12 +8,10 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-
-from tests.parity.conftest import (  # noqa: E402  (the parity conftest)
+from tests.parity.conftest import (
     BF16,
     assert_close,
+    base_state,
     bits_differ,
     build_model,
     layer_factory,
@@ -23,16 +21,20 @@ from tests.parity.conftest import (  # noqa: E402  (the parity conftest)
     peft_config_dict,
     peft_forward,
     peft_layer,
+    redraw,
+    require_peft,
     t2n,
+    to_adapter,
 )
+
+torch, peft = require_peft()
 
 import peftmath as pm  # noqa: E402
 from peftmath import Adapter  # noqa: E402
-from peftmath.io.peft import config_from_dict, split_key  # noqa: E402
+from peftmath.io.peft import config_from_dict  # noqa: E402
 from peftmath.methods import adalora  # noqa: E402
 
 pytestmark = pytest.mark.parity
-torch.set_num_threads(2)
 
 LAYERS = {
     "blocks.0.lin": ("linear", dict(in_f=24, out_f=40)),
@@ -49,7 +51,7 @@ def _model(dtype="float32", seed=0, layers=LAYERS):
 def _peft(config: dict, *, dtype="float32", seed=0, adapter_seed=1, autocast=True, layers=LAYERS, randomize=True):
     """A PEFT AdaLoRA model whose lora_A/E/B are drawn from a NumPy seed (E non-zero), its base state."""
     model = _model(dtype, seed, layers)
-    state = {k: t2n(v) for k, v in model.state_dict().items()}
+    state = base_state(model)
     cfg = dict(target_modules=[n.split(".")[-1] for n in layers], init_r=6, target_r=3, lora_alpha=10,
                total_step=10, init_lora_weights=False)
     cfg.update(config)
@@ -57,22 +59,9 @@ def _peft(config: dict, *, dtype="float32", seed=0, adapter_seed=1, autocast=Tru
         warnings.simplefilter("ignore")
         pmodel = peft.get_peft_model(model, peft.AdaLoraConfig(**cfg), autocast_adapter_dtype=autocast)
     if randomize:
-        rng = np.random.default_rng(adapter_seed)
-        with torch.no_grad():
-            for name, p in pmodel.named_parameters():
-                if any(f"{s}." in name for s in ("lora_A", "lora_B", "lora_E")):
-                    p.copy_(torch.from_numpy(rng.normal(0.0, 0.5, p.shape).astype(np.float32)).to(p.dtype))
+        redraw(pmodel, {"lora_A.": (0.0, 0.5), "lora_B.": (0.0, 0.5), "lora_E.": (0.0, 0.5)}, seed=adapter_seed)
     pmodel.eval()
     return pmodel, state
-
-
-def _adapter(pmodel) -> Adapter:
-    config = config_from_dict(peft_config_dict(pmodel))
-    params: dict = {}
-    for key, value in peft.get_peft_model_state_dict(pmodel).items():
-        module, suffix = split_key(key, adalora.PARAMETER_SUFFIXES)
-        params.setdefault(module, {})[suffix] = t2n(value)
-    return Adapter(config, params)
 
 
 def _merged_weights(pmodel) -> dict:
@@ -90,7 +79,7 @@ def _tol(dtype):
 @pytest.mark.parametrize("name", NAMES)
 def test_delta_forward_merge_unmerge(dtype, name, quiet_warnings):
     pmodel, state = _peft({}, dtype=dtype)
-    ad = _adapter(pmodel)
+    ad = to_adapter(pmodel)
     layer = peft_layer(pmodel, name)
     W = state[f"{name}.weight"]
     with torch.no_grad():
@@ -136,7 +125,7 @@ def test_bf16_adapter_peft_compat_bits(quiet_warnings):
     """With bf16 adapter tensors (autocast_adapter_dtype=False) PEFT rounds after every step;
     peft_compat=True follows the same order."""
     pmodel, state = _peft({}, dtype="bfloat16", autocast=False)
-    ad = _adapter(pmodel)
+    ad = to_adapter(pmodel)
     for name in NAMES:
         layer = peft_layer(pmodel, name)
         with torch.no_grad():
@@ -321,7 +310,7 @@ def test_peftmath_saves_pruned_peft_loads(tmp_path, quiet_warnings):
                                    rank_pattern=adalora.rank_pattern_for_config(masks))
     config.validate()
     model = _model()
-    state = {k: t2n(v) for k, v in model.state_dict().items()}
+    state = base_state(model)
     params = {}
     for i, n in enumerate(NAMES):
         layer = pm.Layer.of(state[f"{n}.weight"].shape, "Conv1D" if n.endswith("c1d") else None)

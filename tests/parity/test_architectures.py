@@ -18,14 +18,13 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.parity.conftest import require_peft
+
+torch, peft = require_peft()
 transformers = pytest.importorskip("transformers")
 
 import peftmath as pm  # noqa: E402
 from peftmath.create import create_adapter, open_state  # noqa: E402
-
-torch.set_num_threads(2)
 
 _LM = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4)
 #: family -> (config class, model class, config fields, explicit targets when PEFT has no default, input kind)

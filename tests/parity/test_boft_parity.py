@@ -10,14 +10,24 @@ diagonal; everything else — validation, permutations, products, checkpoint sha
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.parity.conftest import (
+    check_reloaded_in_peft,
+    load_peft_checkpoint,
+    peft_forward,
+    peft_layer,
+    peft_weights,
+    redraw,
+    require_peft,
+    t2n,
+    to_adapter,
+)
+
+torch, peft = require_peft()
 
 from peft.tuners.boft import layer as boft_layer  # noqa: E402
 from torch import nn  # noqa: E402
@@ -25,7 +35,6 @@ from torch import nn  # noqa: E402
 import peftmath as pm  # noqa: E402
 from peftmath.methods import boft  # noqa: E402
 
-torch.set_num_threads(2)
 MODULES = ("lin", "conv1", "conv3")
 CONV_KW = {"conv1": dict(stride=1, padding=0), "conv3": dict(stride=2, padding=1)}
 
@@ -39,11 +48,8 @@ class Tiny(nn.Module):
 
 
 def base_model(seed=0):
-    rng = np.random.default_rng(seed)
     model = Tiny()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape))))
+    redraw(model, seed=seed)  # every weight and bias N(0, 1)
     return model
 
 
@@ -66,18 +72,8 @@ def make_peft(seed=1, base=None, **config):
         warnings.simplefilter("ignore")
         cfg = peft.BOFTConfig(target_modules=list(MODULES), **{"boft_block_size": 4, **config})
         pmodel = peft.get_peft_model(base if base is not None else base_model(), cfg)
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, p in pmodel.named_parameters():
-            if "boft_R" in name:
-                p.copy_(torch.from_numpy(rng.normal(0.0, 0.2, tuple(p.shape))))
-            elif "boft_s" in name:
-                p.copy_(torch.from_numpy(rng.normal(1.0, 0.2, tuple(p.shape))))
+    redraw(pmodel, {"boft_R": (0.0, 0.2), "boft_s": (1.0, 0.2)}, seed=seed)
     return pmodel
-
-
-def layer(pmodel, name):
-    return getattr(pmodel.base_model.model, name)
 
 
 def inputs(seed=5):
@@ -87,50 +83,29 @@ def inputs(seed=5):
             "conv3": rng.standard_normal((2, 4, 5, 6)).astype(np.float32)}
 
 
-def to_np(t):
-    return t.detach().numpy().copy()
-
-
-def adapter_of(pmodel):
-    d = pmodel.peft_config["default"].to_dict()
-    d = json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
-    params = {name: {"boft_R": to_np(layer(pmodel, name).boft_R["default"]),
-                     "boft_s": to_np(layer(pmodel, name).boft_s["default"])} for name in MODULES}
-    return pm.Adapter(boft.BOFTConfig.from_dict(d), params)
-
-
-def base_state(pmodel):
-    out = {}
-    for name in MODULES:
-        base = layer(pmodel, name).base_layer
-        out[f"{name}.weight"] = to_np(base.weight)
-        out[f"{name}.bias"] = to_np(base.bias)
-    return out
-
-
 def check_layers(pmodel, ad, tag):
-    state = base_state(pmodel)
+    state = peft_weights(pmodel, MODULES)
     xs = inputs()
     errors = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in MODULES:
-            want = to_np(layer(pmodel, name)(torch.from_numpy(xs[name])))
+            want = peft_forward(pmodel, name, xs[name])
             got = ad.forward(name, xs[name], state, **CONV_KW.get(name, {}))
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"{tag} {name} forward")
             errors[f"{name} forward"] = float(np.abs(got - want).max())
         merged = ad.merge(state)
         peft_merged = dict(state)
         for name in MODULES:
-            layer(pmodel, name).merge()
-            peft_merged[f"{name}.weight"] = to_np(layer(pmodel, name).base_layer.weight)
+            peft_layer(pmodel, name).merge()
+            peft_merged[f"{name}.weight"] = t2n(peft_layer(pmodel, name).base_layer.weight)
             np.testing.assert_allclose(merged[f"{name}.weight"], peft_merged[f"{name}.weight"], atol=1e-5, rtol=1e-5,
                                        err_msg=f"{tag} {name} merge")
             np.testing.assert_array_equal(merged[f"{name}.bias"], state[f"{name}.bias"])
         back = ad.unmerge(peft_merged)
         for name in MODULES:
-            layer(pmodel, name).unmerge()
-            np.testing.assert_allclose(back[f"{name}.weight"], to_np(layer(pmodel, name).base_layer.weight),
+            peft_layer(pmodel, name).unmerge()
+            np.testing.assert_allclose(back[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
                                        atol=1e-5, rtol=1e-5, err_msg=f"{tag} {name} unmerge")
     return errors
 
@@ -138,7 +113,7 @@ def check_layers(pmodel, ad, tag):
 @pytest.mark.parametrize("config", [dict(), dict(boft_block_size=0, boft_block_num=2), dict(boft_block_size=8)])
 def test_forward_merge_unmerge_m1(config):
     pmodel = make_peft(**config)
-    check_layers(pmodel, adapter_of(pmodel), str(config))
+    check_layers(pmodel, to_adapter(pmodel), str(config))
 
 
 @pytest.mark.parametrize("config", [dict(boft_block_size=2, boft_n_butterfly_factor=3),
@@ -146,8 +121,8 @@ def test_forward_merge_unmerge_m1(config):
                                     dict(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=3)])
 def test_butterfly_m_gt_1_against_peft_code_path(config, fake_cuda_extension):
     pmodel = make_peft(**config)
-    assert layer(pmodel, "lin").boft_R["default"].shape[0] == config["boft_n_butterfly_factor"]
-    check_layers(pmodel, adapter_of(pmodel), str(config))
+    assert peft_layer(pmodel, "lin").boft_R["default"].shape[0] == config["boft_n_butterfly_factor"]
+    check_layers(pmodel, to_adapter(pmodel), str(config))
 
 
 @pytest.mark.parametrize("n,b,m", [(16, 2, 3), (16, 4, 2), (32, 4, 3), (24, 2, 2)])
@@ -178,33 +153,22 @@ def test_butterfly_against_dense_peft_helpers(n, b, m):
 
 def test_checkpoints_both_ways(tmp_path):
     pmodel = make_peft()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pmodel.save_pretrained(tmp_path / "peft")
-    ad = pm.load_adapter(tmp_path / "peft")
+    ad = load_peft_checkpoint(pmodel, tmp_path / "peft")
     assert set(ad.params["conv3"]) == {"boft_R", "boft_s"} and ad.params["conv3"]["boft_s"].shape == (1, 5)
-    state = base_state(pmodel)
+    state = peft_weights(pmodel, MODULES)
     xs = inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in MODULES:
-            want = to_np(layer(pmodel, name)(torch.from_numpy(xs[name])))
+            want = peft_forward(pmodel, name, xs[name])
             np.testing.assert_allclose(ad.forward(name, xs[name], state, **CONV_KW.get(name, {})), want, atol=1e-5)
-        pm.save_adapter(ad, tmp_path / "ours")
-        fresh = peft.PeftModel.from_pretrained(base_model(), tmp_path / "ours")
-        for name in MODULES:
-            want = to_np(layer(pmodel, name)(torch.from_numpy(xs[name])))
-            got = to_np(getattr(fresh.base_model.model, name)(torch.from_numpy(xs[name])))
-            np.testing.assert_allclose(got, want, atol=1e-6)
+        check_reloaded_in_peft(pmodel, ad, base_model(), tmp_path / "ours", xs, atol=1e-6)
 
 
 def test_butterfly_checkpoint_saved_with_extension_loads(tmp_path, fake_cuda_extension):
     """An m=3 checkpoint (as PEFT writes it with its CUDA extension) loads and evaluates in peftmath."""
     pmodel = make_peft(boft_block_size=2, boft_n_butterfly_factor=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pmodel.save_pretrained(tmp_path)
-    ad = pm.load_adapter(tmp_path)
+    ad = load_peft_checkpoint(pmodel, tmp_path)
     assert ad.params["lin"]["boft_R"].shape == (3, 8, 2, 2)
     check_layers(pmodel, ad, "m=3 checkpoint")
 
@@ -212,11 +176,8 @@ def test_butterfly_checkpoint_saved_with_extension_loads(tmp_path, fake_cuda_ext
 def test_cpu_peft_forces_one_level_and_peftmath_reads_it(tmp_path):
     """Without the extension PEFT stores one level whatever the config says; peftmath accepts that file."""
     pmodel = make_peft(boft_block_size=2, boft_n_butterfly_factor=3)
-    assert layer(pmodel, "lin").boft_R["default"].shape[0] == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pmodel.save_pretrained(tmp_path)
-    ad = pm.load_adapter(tmp_path)
+    assert peft_layer(pmodel, "lin").boft_R["default"].shape[0] == 1
+    ad = load_peft_checkpoint(pmodel, tmp_path)
     assert ad.config.boft_n_butterfly_factor == 3
     with pytest.warns(UserWarning, match="butterfly"):
         assert ad.module("lin", weight_shape=(6, 16)).m == 1

@@ -14,41 +14,40 @@ Configs: LoRA, DoRA, rsLoRA, rank/alpha patterns, lora_bias, Embedding, Conv2d, 
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-
-from tests.parity.conftest import (  # noqa: E402
+from tests.parity.conftest import (
     BF16,
+    TOL_W,
+    TOL_Y,
     assert_close,
+    assert_same_tensors,
+    assert_saves_back_identically,
     base_state,
     bits_differ,
     build_model,
     layer_factory,
     layer_kwargs,
+    load_in_peft,
     make_input,
     make_peft,
     peft_config_dict,
     peft_forward,
     peft_layer,
+    peft_tensors,
     peft_weights,
-    t2n,
+    require_peft,
 )
 
+torch, peft = require_peft()
+
 import peftmath as pmath  # noqa: E402
-from peftmath.io.peft import split_key  # noqa: E402
-from peftmath.io.safetensors import load_file  # noqa: E402
 from peftmath.layers import Layer  # noqa: E402
 from peftmath.methods import lora  # noqa: E402
 
 pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-TOL_W = dict(atol=1e-5, rtol=1e-5)
-TOL_Y = dict(atol=1e-4, rtol=1e-4)
 
 _PAT_LAYERS = {"blocks.0.q": ("linear", {}), "blocks.0.v": ("linear", {}), "blocks.1.q": ("linear", {}),
                "head": ("linear", dict(in_f=40, out_f=16))}
@@ -87,24 +86,6 @@ CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "
                  "fan_in_fan_out", "rank_pattern", "alpha_pattern", "init_lora_weights", "bias")
 
 
-def _tensors_by_module(sd) -> dict:
-    out: dict = {}
-    for key, value in sd.items():
-        module, suffix = split_key(key, lora.PARAMETER_SUFFIXES)
-        out.setdefault(module, {})[suffix] = t2n(value) if hasattr(value, "detach") else np.asarray(value)
-    return out
-
-
-def _assert_same_tensors(ours: dict, theirs: dict) -> None:
-    assert sorted(ours) == sorted(theirs)
-    for module in theirs:
-        assert sorted(ours[module]) == sorted(theirs[module]), module
-        for suffix, want in theirs[module].items():
-            got = np.asarray(ours[module][suffix])
-            assert got.dtype == want.dtype and got.shape == want.shape, (module, suffix, got.dtype, want.dtype)
-            assert bits_differ(got, want) == 0, (module, suffix)
-
-
 def _check_merge(pm, ad, state, names, *, low_precision: bool) -> None:
     pm.merge_adapter()
     want = peft_weights(pm, names)
@@ -133,8 +114,7 @@ def test_peft_checkpoint_loads_in_peftmath(case, tmp_path):
         assert ad.config.to_dict()[f] == want[f] == raw[f], f
     assert sorted(ad.config.target_modules) == sorted(raw["target_modules"])
     # tensors: the same bits in the same dtype (bf16 adapters stay bf16)
-    theirs = _tensors_by_module(peft.get_peft_model_state_dict(pm))
-    _assert_same_tensors(ad.params, theirs)
+    assert_same_tensors(ad.params, peft_tensors(pm))
     assert all(np.asarray(a).dtype == np.dtype(BF16 if adapter_dtype == "bfloat16" else np.float32)
                for p in ad.params.values() for a in p.values())
     names = ad.modules
@@ -145,13 +125,7 @@ def test_peft_checkpoint_loads_in_peftmath(case, tmp_path):
             assert_close(ad.forward(name, x, state, **layer_kwargs(pm, name)), peft_forward(pm, name, x), **TOL_Y,
                          what=f"{name} forward")
     # writing it back with peftmath reproduces PEFT's files: same config JSON, same tensors
-    out = pmath.save_adapter(ad, tmp_path / "again")
-    raw2 = json.loads((out / "adapter_config.json").read_text())
-    assert raw2 == raw
-    t1, t2 = load_file(tmp_path / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
-    assert sorted(t1) == sorted(t2)
-    for key in t1:
-        assert t1[key].dtype == t2[key].dtype and bits_differ(t1[key], t2[key]) == 0, key
+    assert_saves_back_identically(ad, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,19 +171,10 @@ def test_peftmath_checkpoint_loads_in_peft(case, tmp_path):
     state = base_state(model)
     ad = _peftmath_adapter(layers, config, state, adapter_dtype, from_arrays=from_arrays)
     pmath.save_adapter(ad, tmp_path)
-    autocast = adapter_dtype == "float32"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pm = peft.PeftModel.from_pretrained(model, tmp_path, autocast_adapter_dtype=autocast)
-    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
-    assert not missing, missing
-    # load it again under another name to see PEFT's load result: nothing missing, nothing unexpected
-    result = pm.load_adapter(tmp_path, adapter_name="again", autocast_adapter_dtype=autocast)
-    assert result.missing_keys == [] and result.unexpected_keys == [], result
-    pm.set_adapter("default")
-    pm.eval()
+    # no missing and no unexpected keys (PEFT's warnings, and its result when loaded a second time)
+    pm = load_in_peft(model, tmp_path, autocast_adapter_dtype=(adapter_dtype == "float32"))
     # PEFT holds exactly our tensors (dtypes included) and resolved the same ranks and scalings
-    _assert_same_tensors(ad.params, _tensors_by_module(peft.get_peft_model_state_dict(pm, adapter_name="default")))
+    assert_same_tensors(ad.params, peft_tensors(pm))
     names = ad.modules
     for name in names:
         mod = ad.module(name, weight_shape=state[f"{name}.weight"].shape)

@@ -7,13 +7,12 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.parity.conftest import peft_layer, require_peft
+
+torch, peft = require_peft()
 
 import peftmath as pm  # noqa: E402
 from peftmath.combine import COMBINATION_TYPES, combine  # noqa: E402
-
-torch.set_num_threads(2)
 
 
 class Net(torch.nn.Module):
@@ -51,13 +50,9 @@ def _ours(pmodel, names, tmp_path):
     return out
 
 
-def _layer(pmodel, name):
-    return pmodel.base_model.model.get_submodule(name)
-
-
 def _compare(pmodel, ours, new_name, modules, rtol=1e-5, atol=1e-6):
     for m in modules:
-        layer = _layer(pmodel, m)
+        layer = peft_layer(pmodel, m)
         if new_name not in layer.lora_A and new_name not in layer.lora_embedding_A:
             continue
         expected = layer.get_delta_weight(new_name).detach().numpy()
@@ -114,9 +109,9 @@ def test_dare_types_match_peft_with_the_same_masks(tmp_path, ctype, monkeypatch)
         for cfg_name in ("a0", "a1"):  # the same factors as the source adapters
             for m in TARGETS:
                 for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
-                    src = getattr(_layer(pmodel, m), attr)
+                    src = getattr(peft_layer(pmodel, m), attr)
                     if cfg_name in src:
-                        dst = getattr(_layer(sub, m), attr)[cfg_name]
+                        dst = getattr(peft_layer(sub, m), attr)[cfg_name]
                         (dst.weight if hasattr(dst, "weight") else dst).data.copy_(
                             src[cfg_name].weight if hasattr(src[cfg_name], "weight") else src[cfg_name])
         for c in sub.peft_config.values():
@@ -153,7 +148,7 @@ def test_ia3_combination_matches_peft(tmp_path):
     ours = combine(ours_in, [0.3, 0.9])
     for m in ("lin", "conv"):
         np.testing.assert_allclose(np.asarray(ours.params[m]["ia3_l"]),
-                                   _layer(pmodel, m).ia3_l["new"].detach().numpy(), rtol=1e-6)
+                                   peft_layer(pmodel, m).ia3_l["new"].detach().numpy(), rtol=1e-6)
 
 
 def test_all_types_listed():

@@ -19,8 +19,9 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.parity.conftest import require_peft
+
+torch, peft = require_peft()
 
 from peftmath import formats as C  # noqa: E402
 from peftmath.create import create_adapter  # noqa: E402
@@ -29,7 +30,6 @@ from peftmath.methods.loha import LoHaConfig  # noqa: E402
 from peftmath.methods.lokr import LoKrConfig  # noqa: E402
 from peftmath.methods.lora import LoraConfig  # noqa: E402
 
-torch.set_num_threads(2)
 EPS64 = np.finfo(np.float64).eps
 
 

@@ -17,16 +17,16 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-
-from tests.parity.conftest import (  # noqa: E402
+from tests.parity.conftest import (
     BF16,
-    adapter_to_torch,
+    TOL_W,
+    TOL_Y,
     assert_close,
+    assert_compat_bits,
     bf16_ulps,
-    bits_differ,
     build_model,
+    check_inplace_and_unmerge,
+    in_namespace,
     layer_factory,
     layer_kwargs,
     make_input,
@@ -35,17 +35,17 @@ from tests.parity.conftest import (  # noqa: E402
     peft_forward,
     peft_layer,
     peft_weights,
+    require_peft,
     t2n,
 )
+
+torch, peft = require_peft()
 
 from peftmath.errors import NotInvertibleError  # noqa: E402
 from peftmath.io import load_file, save_file  # noqa: E402
 from peftmath.methods import dora  # noqa: E402
 
 pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-TOL_W = dict(atol=1e-5, rtol=1e-5)
-TOL_Y = dict(atol=1e-4, rtol=1e-4)
 
 CASES = {
     "linear": {"lin": ("linear", {})},
@@ -101,22 +101,9 @@ def test_forward_merge_unmerge_match_peft(case):
         x = make_input(pm, name)
         assert_close(peft_forward(pm, name, x), ad.forward(name, x, state, **layer_kwargs(pm, name)), **TOL_Y,
                      what=f"{name} merged PEFT forward vs unmerged peftmath forward")
-    # the in-place path (copy=False: gemm with beta=1, then a row scaling) agrees too, and so does
-    # the in-place unmerge
-    inplace = {k: v.copy() for k, v in state.items()}
-    rec2: dict = {}
-    ad.merge(inplace, copy=False, records=rec2)
-    for key, want in merged.items():
-        assert_close(inplace[key], want, **TOL_W, what=f"merge copy=False {key}")
-    ad.unmerge(inplace, records=rec2, copy=False)
-    for key in merged:
-        assert_close(inplace[key], state[key], **TOL_W, what=f"unmerge copy=False {key}")
-    pm.unmerge_adapter()
-    unmerged = peft_weights(pm, names)
-    back = ad.unmerge(merged, records=records)
-    for key, want in unmerged.items():
-        assert_close(back[key], want, **TOL_W, what=f"unmerge {key}")
-        assert_close(back[key], state[key], **TOL_W, what=f"unmerge -> base {key}")
+    # the in-place path (copy=False: gemm with beta=1, then a row scaling) agrees too, and so do the
+    # in-place unmerge and the unmerge of PEFT's merged weights with the recorded norms
+    check_inplace_and_unmerge(pm, ad, state, merged, records=records)
 
 
 @pytest.mark.parametrize("case", ["linear", "conv1d_transformers", "embedding", "conv2d_3x3"])
@@ -151,12 +138,7 @@ def test_bf16_peft_compat_is_bit_identical(case, autocast, namespace):
     """
     pm, ad, state = _setup(case, dtype="bfloat16", autocast_adapter_dtype=autocast)
     names = ad.modules
-    if namespace == "torch":
-        ad_x = adapter_to_torch(ad)
-        to_x = lambda d: {k: n2t(v) for k, v in d.items()}  # noqa: E731
-        to_n = lambda d: {k: t2n(v) for k, v in d.items()}  # noqa: E731
-    else:
-        ad_x, to_x, to_n = ad, (lambda d: d), (lambda d: d)
+    ad_x, to_x, to_n = in_namespace(ad, namespace)
     for safe in (False, True):
         state.update(peft_weights(pm, names))  # a bf16 merge / unmerge round trip moves W
         records: dict = {}
@@ -166,15 +148,8 @@ def test_bf16_peft_compat_is_bit_identical(case, autocast, namespace):
         pm.unmerge_adapter()
         unmerged = peft_weights(pm, names)
         back = to_n(ad_x.unmerge(to_x(merged), records=records, peft_compat=True))
-        for got, want, what in ((ours, merged, "merge"), (back, unmerged, "unmerge")):
-            for key in want:
-                n_diff = bits_differ(got[key], want[key])
-                if namespace == "torch":
-                    assert n_diff == 0, (what, key, safe, n_diff)
-                else:
-                    assert n_diff <= max(1, want[key].size // 1000), (what, key, safe, n_diff)
-                    if want[key].dtype == BF16:
-                        assert np.all(bf16_ulps(got[key], want[key]) <= 1.0), (what, key, safe)
+        assert_compat_bits(ours, merged, namespace=namespace, what=("merge", safe))
+        assert_compat_bits(back, unmerged, namespace=namespace, what=("unmerge", safe))
 
 
 def test_unmerge_across_processes_needs_the_recorded_norm(tmp_path):

@@ -16,33 +16,35 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-
-from tests.parity.conftest import (  # noqa: E402
+from tests.parity.conftest import (
     BF16,
+    TOL_Y,
     assert_close,
+    base_state,
     bf16_ulps,
     bits_differ,
     build_model,
     layer_factory,
+    layer_kwargs,
+    load_in_peft,
     make_input,
-    n2t,
-    peft_config_dict,
+    peft_forward,
     peft_layer,
+    peft_weights,
+    require_peft,
     t2n,
+    to_adapter,
 )
+
+torch, peft = require_peft()
 
 import peftmath  # noqa: E402
 from peftmath import Adapter  # noqa: E402
 from peftmath.errors import NotInvertibleError  # noqa: E402
-from peftmath.io.peft import config_from_dict, split_key  # noqa: E402
-from peftmath.methods import ia3  # noqa: E402
 from peftmath.layers import Layer  # noqa: E402
+from peftmath.methods import ia3  # noqa: E402
 
 pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-TOL_Y = dict(atol=1e-4, rtol=1e-4)  # forwards, float32
 
 
 def _grouped_conv(in_ch=6, out_ch=12, groups=3, k=3):
@@ -78,15 +80,6 @@ def _randomize(pm, seed: int, low: float = 0.25, high: float = 4.0) -> None:
                 p.copy_(torch.from_numpy(v.astype(np.float32)).to(p.dtype))
 
 
-def _adapter(pm) -> Adapter:
-    config = config_from_dict(peft_config_dict(pm))
-    params: dict = {}
-    for key, value in peft.get_peft_model_state_dict(pm).items():
-        module, suffix = split_key(key, ia3.PARAMETER_SUFFIXES)
-        params.setdefault(module, {})[suffix] = t2n(value)
-    return Adapter(config, params)
-
-
 def _targets(factories, ff):
     """PEFT wants a list feedforward_modules to be a subset of target_modules."""
     return list(factories) + ([t for t in ff if t not in factories] if isinstance(ff, list) else [])
@@ -95,32 +88,14 @@ def _targets(factories, ff):
 def make(case: str, *, dtype: str = "float32", seed: int = 0, adapter_seed: int = 3, low=0.25, high=4.0):
     factories, ff = CASES[case]
     model = build_model({n: f() for n, f in factories.items()}, seed=seed, dtype=dtype)
-    state = {k: t2n(v) for k, v in model.state_dict().items()}
+    state = base_state(model)
     cfg = peft.IA3Config(target_modules=_targets(factories, ff), feedforward_modules=ff, init_ia3_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(model, cfg)
     _randomize(pm, adapter_seed, low, high)
     pm.eval()
-    return pm, _adapter(pm), state, list(factories)
-
-
-def _peft_base(pm, names):
-    out = {}
-    for name in names:
-        base = peft_layer(pm, name).get_base_layer()
-        out[f"{name}.weight"] = t2n(base.weight)
-        if base.bias is not None:
-            out[f"{name}.bias"] = t2n(base.bias)
-    return out
-
-
-def _conv_kwargs(pm, name):
-    base = peft_layer(pm, name).get_base_layer()
-    if isinstance(base, torch.nn.modules.conv._ConvNd):
-        return dict(stride=tuple(base.stride), padding=tuple(base.padding), dilation=tuple(base.dilation),
-                    groups=base.groups)
-    return {}
+    return pm, to_adapter(pm), state, list(factories)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -131,13 +106,13 @@ def test_merge_unmerge_bit_identical(case, dtype):
         assert ad.module(name, weight_shape=state[f"{name}.weight"].shape).feedforward == peft_layer(pm, name).is_feedforward
     merged = ad.merge(state)
     pm.merge_adapter()
-    want = _peft_base(pm, names)
+    want = peft_weights(pm, names)
     for key, value in want.items():
         assert bits_differ(merged[key], value) == 0, key
     unmerged_compat = ad.unmerge(merged, peft_compat=True)
     unmerged = ad.unmerge(merged)
     pm.unmerge_adapter()
-    want = _peft_base(pm, names)
+    want = peft_weights(pm, names)
     for key, value in want.items():
         assert bits_differ(unmerged_compat[key], value) == 0, key
         # |l| >= 0.25: l + 1e-8 rounds back to l in float32, so the default agrees bit for bit too
@@ -149,12 +124,11 @@ def test_forward_float32(case):
     pm, ad, state, names = make(case)
     for name in names:
         x = make_input(pm, name)
-        with torch.no_grad():
-            want = t2n(peft_layer(pm, name)(n2t(x)))
-        got = ad.forward(name, x, state, **_conv_kwargs(pm, name))
+        want = peft_forward(pm, name, x)
+        got = ad.forward(name, x, state, **layer_kwargs(pm, name, groups=True))
         assert got.dtype == np.float32
         assert_close(got, want, what=f"{case}/{name}", **TOL_Y)
-        got_c = ad.forward(name, x, state, peft_compat=True, **_conv_kwargs(pm, name))
+        got_c = ad.forward(name, x, state, peft_compat=True, **layer_kwargs(pm, name, groups=True))
         assert_close(got_c, want, what=f"{case}/{name} compat", **TOL_Y)
 
 
@@ -168,9 +142,8 @@ def test_forward_bfloat16(case):
     eps = 2.0**-8  # bf16 unit roundoff
     for name in names:
         x = make_input(pm, name, dtype="bfloat16")
-        kw = _conv_kwargs(pm, name)
-        with torch.no_grad():
-            want = t2n(peft_layer(pm, name)(n2t(x)))
+        kw = layer_kwargs(pm, name, groups=True)
+        want = peft_forward(pm, name, x)
         got = ad.forward(name, x, state, peft_compat=True, **kw)
         assert got.dtype == BF16
         assert bf16_ulps(got, want).max() <= 1, (case, name)
@@ -193,8 +166,7 @@ def test_merged_forward_equals_peft_merged_forward():
     pm.merge_adapter()
     for name in names:
         x = make_input(pm, name)
-        with torch.no_grad():
-            want = t2n(peft_layer(pm, name)(n2t(x)))  # PEFT's merged layer
+        want = peft_forward(pm, name, x)  # PEFT's merged layer
         w, b = merged[f"{name}.weight"], merged[f"{name}.bias"]
         assert_close(x @ w + b, want, what=name, **TOL_Y)
 
@@ -206,7 +178,7 @@ def test_unmerge_small_scale_quirk():
     merged = ad.merge(state)
     pm.merge_adapter()
     pm.unmerge_adapter()
-    want = _peft_base(pm, names)
+    want = peft_weights(pm, names)
     compat = ad.unmerge(merged, peft_compat=True)
     default = ad.unmerge(merged)
     key = "lin.weight"
@@ -243,7 +215,7 @@ def test_peft_checkpoint_loads(tmp_path, case, dtype):
     assert loaded.modules == sorted(names)
     merged = loaded.merge(state)
     pm.merge_adapter()
-    for key, value in _peft_base(pm, names).items():
+    for key, value in peft_weights(pm, names).items():
         assert bits_differ(merged[key], value) == 0, key
 
 
@@ -259,7 +231,7 @@ def test_peftmath_checkpoint_loads_in_peft(tmp_path, case, dtype):
     factories, ff = CASES[case]
     names = list(factories)
     model, _ = _fresh(case, dtype)
-    state = {k: t2n(v) for k, v in model.state_dict().items()}
+    state = base_state(model)
     config = ia3.IA3Config(target_modules=_targets(factories, ff), feedforward_modules=ff, init_ia3_weights=False)
     params = {}
     for i, name in enumerate(names):
@@ -269,17 +241,13 @@ def test_peftmath_checkpoint_loads_in_peft(tmp_path, case, dtype):
     peftmath.save_adapter(ad, tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert "layers_pattern" not in data and data["peft_type"] == "IA3"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pm = peft.PeftModel.from_pretrained(model, tmp_path)
-    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
-    pm.eval()
+    pm = load_in_peft(model, tmp_path)
     for name in names:
         got = t2n(peft_layer(pm, name).ia3_l["default"])
         assert np.array_equal(got, params[name]["ia3_l"]), name
     merged = ad.merge(state)
     pm.merge_adapter()
-    for key, value in _peft_base(pm, names).items():
+    for key, value in peft_weights(pm, names).items():
         assert bits_differ(merged[key], value) == 0, key
 
 

@@ -8,22 +8,13 @@ adapter), and a bf16 adapter with ``peft_compat=True``. PEFT's tensors are redra
 
 from __future__ import annotations
 
-import json
-import warnings
-
-import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.parity import lycoris_harness as H
+from tests.parity.conftest import peft_layer, require_peft
 
-from tests.parity import lycoris_harness as H  # noqa: E402
-from tests.parity.conftest import BF16, assert_close, base_state, bf16_ulps, build_model, n2t, t2n  # noqa: E402
+torch, peft = require_peft()
 
-import peftmath as pmath  # noqa: E402
-from peftmath.io.peft import split_key  # noqa: E402
-from peftmath.io.safetensors import load_file  # noqa: E402
-from peftmath.layers import Layer  # noqa: E402
 from peftmath.methods import lokr  # noqa: E402
 
 pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -65,15 +56,7 @@ CASES = {
 
 def _make(case, dtype="float32", *, autocast=True, seed=1):
     """(peft model, peftmath Adapter from PEFT's own state dict, base state dict)."""
-    return H.make(CASES[case][:2], peft.LoKrConfig, "lokr_", lokr.PARAMETER_SUFFIXES, dtype, autocast=autocast, seed=seed)
-
-
-_factory, _layer, _conv_kwargs, _input = H.factory, H.layer, H.conv_kwargs, H.test_input
-_magnitude, _torch_adapter, _config_dict = H.magnitude, H.torch_adapter, H.config_dict
-
-
-def _to_adapter(pm):
-    return H.to_adapter(pm, lokr.PARAMETER_SUFFIXES)
+    return H.make(CASES[case][:2], peft.LoKrConfig, "lokr_", dtype, autocast=autocast, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,36 +66,16 @@ def _to_adapter(pm):
 @pytest.mark.parametrize("case", list(CASES))
 def test_delta_forward_merge_unmerge(case, dtype):
     pm, ad, state = _make(case, dtype)
-    tad = _torch_adapter(ad)
-    tstate = {k: n2t(v) for k, v in state.items()}
     for name in ad.modules:
-        layer = _layer(pm, name)
-        W = state[f"{name}.weight"]
-        mod = ad.module(name, weight_shape=W.shape)
-        assert layer.r["default"] == mod.r and layer.scaling["default"] == pytest.approx(mod.scaling, rel=1e-15)
+        mod = H.check_delta_forward_merge_unmerge(pm, ad, state, name, dtype)
         if name == ad.modules[0]:
             assert sorted(mod.params) == CASES[case][2]
-        H.check_delta_forward_merge_unmerge(pm, layer, mod, tad, tstate, state, name, dtype)
 
 
 def test_bf16_adapter_peft_compat():
     """autocast_adapter_dtype=False keeps bf16 adapter tensors; PEFT then rounds every intermediate."""
     pm, ad, state = _make("linear_decompose_both", "bfloat16", autocast=False)
-    name = "lin"
-    layer = _layer(pm, name)
-    assert layer.lokr_w1_a["default"].dtype == torch.bfloat16
-    mod = ad.module(name, weight_shape=state[f"{name}.weight"].shape)
-    with torch.no_grad():
-        d_peft = t2n(layer.get_delta_weight("default")).astype(np.float32)
-        layer.merge()
-        w_peft = t2n(layer.get_base_layer().weight)
-    compat = np.asarray(mod.delta_weight(peft_compat=True))
-    plain = np.asarray(mod.delta_weight())
-    ulp = np.abs(np.spacing(d_peft.astype(BF16)).astype(np.float32))
-    assert np.max(np.abs(compat - d_peft) / np.maximum(ulp, 1e-30)) <= 1
-    assert np.max(np.abs(compat - d_peft)) <= np.max(np.abs(plain - d_peft))
-    merged = mod.merge(state[f"{name}.weight"], peft_compat=True).weight
-    assert bf16_ulps(merged, w_peft).max() <= 1
+    H.check_bf16_adapter_peft_compat(pm, ad, state, "lin", "lokr_w1_a")
 
 
 def test_rank_dropout_matches_peft_with_the_same_draws():
@@ -121,29 +84,16 @@ def test_rank_dropout_matches_peft_with_the_same_draws():
     rank_dropout_scale)."""
     pm, ad, state = _make("conv2d_lowrank")
     name = "c2"
-    layer = _layer(pm, name)
+    layer = peft_layer(pm, name)
+
+    def forward(x, W, mod, **kw):
+        return lokr.forward(x, W, mod.params, scaling=mod.scaling, layer=mod.layer, **kw)
+
     for p, scale in ((0.3, False), (0.6, True)):
         layer.rank_dropout["default"] = p
         layer.module_dropout["default"] = 0.2
         layer.rank_dropout_scale["default"] = scale
-        x = _input(pm, name, "float32")
-        pm.train()
-        torch.manual_seed(321)
-        with torch.no_grad():
-            y_peft = t2n(layer(n2t(x)))
-        torch.manual_seed(321)
-        keep_module = bool(torch.rand(1) > 0.2)
-        drop = (torch.rand(48) > p).float()
-        mask = (drop / drop.mean() if scale else drop).numpy()
-        mod = ad.module(name, weight_shape=state[f"{name}.weight"].shape)
-        W, b = state[f"{name}.weight"], state[f"{name}.bias"]
-        kw = _conv_kwargs(pm, name)
-        kw.pop("groups")
-        if keep_module:
-            y = lokr.forward(x, W, mod.params, scaling=mod.scaling, bias=b, layer=mod.layer, row_mask=mask, **kw)
-        else:
-            y = mod.layer.base_forward(x, W, b, np, **kw)
-        assert_close(y, y_peft, atol=1e-5, rtol=1e-5, what=f"train forward p={p}")
+        H.check_train_forward(pm, ad, state, name, forward, seed=321, mean_scaled=scale, what=f"train forward p={p}")
 
 
 def test_factorization_matches_peft():
@@ -163,32 +113,10 @@ def test_factorization_matches_peft():
                                   "conv1d_effective", "patterns"])
 def test_peft_checkpoint_loads_in_peftmath(case, tmp_path):
     pm, _, state = _make(case)
-    pm.save_pretrained(tmp_path)
-    raw = json.loads((tmp_path / "adapter_config.json").read_text())
-    ad = pmath.load_adapter(tmp_path)
-    assert ad.config.peft_type == "LOKR"
-    for field in ("r", "alpha", "rank_pattern", "alpha_pattern", "use_effective_conv2d", "init_weights",
-                  "rank_dropout", "module_dropout", "decompose_both", "decompose_factor", "rank_dropout_scale"):
-        assert ad.config.to_dict()[field] == raw[field], field
-    theirs = {}
-    for key, value in peft.get_peft_model_state_dict(pm).items():
-        module, suffix = split_key(key, lokr.PARAMETER_SUFFIXES)
-        theirs.setdefault(module, {})[suffix] = t2n(value)
-    assert sorted(ad.params) == sorted(theirs)
-    for m in theirs:
-        assert sorted(ad.params[m]) == sorted(theirs[m])
-        for k in theirs[m]:
-            np.testing.assert_array_equal(np.asarray(ad.params[m][k]), theirs[m][k])
-    merged = ad.merge(state)
-    for name in ad.modules:
-        with torch.no_grad():
-            _layer(pm, name).merge()
-            w_peft = t2n(_layer(pm, name).get_base_layer().weight)
-        assert_close(merged[f"{name}.weight"], w_peft, atol=1e-6, rtol=1e-6, what=f"{name} merge")
-    out = pmath.save_adapter(ad, tmp_path / "again")
-    assert json.loads((out / "adapter_config.json").read_text()) == raw
-    t1, t2 = load_file(tmp_path / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
-    assert sorted(t1) == sorted(t2) and all(np.array_equal(t1[k], t2[k]) for k in t1)
+    H.check_peft_checkpoint_loads(pm, state, tmp_path, "LOKR",
+                                  ("r", "alpha", "rank_pattern", "alpha_pattern", "use_effective_conv2d",
+                                   "init_weights", "rank_dropout", "module_dropout", "decompose_both",
+                                   "decompose_factor", "rank_dropout_scale"))
 
 
 @pytest.mark.parametrize("init", [True, "lycoris"])
@@ -197,32 +125,5 @@ def test_peft_checkpoint_loads_in_peftmath(case, tmp_path):
                                   "patterns"])
 def test_peftmath_checkpoint_loads_in_peft(case, init, tmp_path):
     layers, fields, _ = CASES[case]
-    model = build_model({n: _factory(k, kw) for n, (k, kw) in layers.items()}, seed=3)
-    state = base_state(model)
     cfg = lokr.LoKrConfig(**fields, target_modules=list(layers), init_weights=init)
-    params = {}
-    for i, name in enumerate(layers):
-        W = state[f"{name}.weight"]
-        params[name], new_w = lokr.LoKrModule.initialize(name, cfg, Layer.of(W.shape), seed=i, init=False)
-        assert new_w is None
-    ad = pmath.Adapter(cfg, params)
-    pmath.save_adapter(ad, tmp_path)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pm = peft.PeftModel.from_pretrained(model, tmp_path)
-    assert not [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
-    result = pm.load_adapter(tmp_path, adapter_name="again")
-    assert result.missing_keys == [] and result.unexpected_keys == [], result
-    pm.set_adapter("default")
-    pm.eval()
-    for name in layers:
-        layer = _layer(pm, name)
-        mod = ad.module(name, weight_shape=state[f"{name}.weight"].shape)
-        assert layer.r["default"] == mod.r and layer.scaling["default"] == pytest.approx(mod.scaling, rel=1e-15)
-        for key, value in params[name].items():
-            np.testing.assert_array_equal(t2n(getattr(layer, key)["default"]), value)
-        x = _input(pm, name, "float32")
-        with torch.no_grad():
-            y_peft = t2n(layer(n2t(x)))
-        assert_close(ad.forward(name, x, state, **_conv_kwargs(pm, name)), y_peft, atol=1e-4, rtol=1e-4,
-                     what=f"{name} forward")
+    H.check_peftmath_checkpoint_loads(layers, cfg, lokr.LoKrModule, tmp_path, init=False)

@@ -18,33 +18,32 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-
-from tests.parity.conftest import (  # noqa: E402
+from tests.parity.conftest import (
     BF16,
-    adapter_to_torch,
+    TOL_W,
+    TOL_Y,
     assert_close,
+    assert_compat_bits,
     bf16_ulps,
     bits_differ,
+    check_inplace_and_unmerge,
+    in_namespace,
     layer_kwargs,
     make_input,
     make_peft,
-    n2t,
     peft_forward,
     peft_layer,
     peft_weights,
+    require_peft,
     t2n,
 )
+
+torch, peft = require_peft()
 
 from peftmath.layers import Layer, LayerKind  # noqa: E402
 from peftmath.methods import lora  # noqa: E402
 
 pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-TOL_W = dict(atol=1e-5, rtol=1e-5)  # merged / unmerged weights and ΔW, float32
-TOL_Y = dict(atol=1e-4, rtol=1e-4)  # forwards, float32
-
 
 def _lin(**kw):
     return ("linear", kw)
@@ -127,20 +126,9 @@ def test_float32_matches_peft(case):
     ours = ad.merge(state)
     for key, want in peft_merged.items():
         assert_close(ours[key], want, **TOL_W, what=f"merge {key}")
-    # the in-place path (copy=False: BLAS gemm with beta=1 on NumPy float32) gives the same weights
-    inplace = {k: v.copy() for k, v in state.items()}
-    ad.merge(inplace, copy=False)
-    for key, want in peft_merged.items():
-        assert_close(inplace[key], want, **TOL_W, what=f"merge copy=False {key}")
-    ad.unmerge(inplace, copy=False)  # weights and lora_bias-updated biases, in place
-    for key in peft_merged:
-        assert_close(inplace[key], state[key], **TOL_W, what=f"unmerge copy=False {key}")
-    pm.unmerge_adapter()
-    peft_unmerged = peft_weights(pm, names)
-    back = ad.unmerge(peft_merged)
-    for key, want in peft_unmerged.items():
-        assert_close(back[key], want, **TOL_W, what=f"unmerge {key}")
-        assert_close(back[key], state[key], **TOL_W, what=f"unmerge -> base {key}")
+    # the in-place path (copy=False: BLAS gemm with beta=1 on NumPy float32) gives the same weights,
+    # its unmerge restores weights and lora_bias-updated biases; so does the unmerge of PEFT's weights
+    check_inplace_and_unmerge(pm, ad, state, peft_merged)
     # merge_and_unload gives a plain model whose state dict is peftmath's merged state
     unloaded = {k: t2n(v) for k, v in pm.merge_and_unload().state_dict().items()}
     assert sorted(unloaded) == sorted(state)
@@ -261,24 +249,13 @@ def test_bf16_peft_compat_is_bit_identical(case, autocast, namespace):
     names = ad.modules
     if not autocast:
         assert all(a.dtype == BF16 for p in ad.params.values() for a in p.values())
-    if namespace == "torch":
-        ad_x = adapter_to_torch(ad)
-        to_x = lambda d: {k: n2t(v) for k, v in d.items()}  # noqa: E731
-        to_n = lambda d: {k: t2n(v) for k, v in d.items()}  # noqa: E731
-    else:
-        ad_x, to_x, to_n = ad, (lambda d: d), (lambda d: d)
+    ad_x, to_x, to_n = in_namespace(ad, namespace)
     for safe in (False, True):
         merged, unmerged = _peft_paths(pm, names, state, safe=safe)
         ours = to_n(ad_x.merge(to_x(state), safe=safe, peft_compat=True))
         back = to_n(ad_x.unmerge(to_x(merged), peft_compat=True))
-        for got, want, what in ((ours, merged, "merge"), (back, unmerged, "unmerge")):
-            for key in want:
-                n_diff = bits_differ(got[key], want[key])
-                if namespace == "torch":
-                    assert n_diff == 0, (what, key, safe, n_diff)
-                else:
-                    assert n_diff <= max(1, want[key].size // 1000), (what, key, safe, n_diff)
-                    assert np.all(bf16_ulps(got[key], want[key]) <= 1.0), (what, key, safe)
+        assert_compat_bits(ours, merged, namespace=namespace, what=("merge", safe))
+        assert_compat_bits(back, unmerged, namespace=namespace, what=("unmerge", safe))
 
 
 # --------------------------------------------------------------------------------------------------

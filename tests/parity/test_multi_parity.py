@@ -6,15 +6,13 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.parity.conftest import base_state, require_peft
+
+torch, peft = require_peft()
 
 import peftmath as pm  # noqa: E402
 from peftmath.multi import AdapterSet, mixed_batch_forward  # noqa: E402
-
-torch.set_num_threads(2)
 
 
 class Net(torch.nn.Module):
@@ -30,7 +28,7 @@ class Net(torch.nn.Module):
 def _setup(tmp_path, n=3):
     torch.manual_seed(0)
     model = Net().eval()
-    base = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    base = base_state(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i in range(n):

@@ -9,14 +9,25 @@ are a few float32 ulps (tolerance ``1e-5``).
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.parity.conftest import (
+    check_reloaded_in_peft,
+    load_peft_checkpoint,
+    n2t,
+    peft_forward,
+    peft_layer,
+    peft_weights,
+    redraw,
+    require_peft,
+    t2n,
+    to_adapter,
+)
+
+torch, peft = require_peft()
 
 from torch import nn  # noqa: E402
 
@@ -24,7 +35,6 @@ import peftmath as pm  # noqa: E402
 from peftmath.layers import Layer  # noqa: E402
 from peftmath.methods import oft  # noqa: E402
 
-torch.set_num_threads(2)
 MODULES = ("lin", "emb", "conv1", "conv3")
 CONV_KW = {"conv1": dict(stride=2, padding=1), "conv3": dict(stride=1, padding=1)}
 
@@ -39,11 +49,8 @@ class Tiny(nn.Module):
 
 
 def base_model(seed=0, dtype=torch.float32):
-    rng = np.random.default_rng(seed)
     model = Tiny()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape))))
+    redraw(model, seed=seed)  # every weight and bias N(0, 1)
     return model.to(dtype)
 
 
@@ -52,16 +59,8 @@ def make_peft(seed=1, dtype=torch.float32, **config):
         warnings.simplefilter("ignore")
         cfg = peft.OFTConfig(target_modules=list(MODULES), **{"oft_block_size": 4, **config})
         pmodel = peft.get_peft_model(base_model(dtype=dtype), cfg)
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, p in pmodel.named_parameters():
-            if "oft_" in name:
-                p.copy_(torch.from_numpy(rng.normal(0.0, 0.15, tuple(p.shape))))
+    redraw(pmodel, {"oft_": (0.0, 0.15)}, seed=seed)
     return pmodel
-
-
-def layer(pmodel, name):
-    return getattr(pmodel.base_model.model, name)
 
 
 def inputs(seed=5):
@@ -70,35 +69,6 @@ def inputs(seed=5):
             "emb": rng.integers(0, 10, (2, 5)),
             "conv1": rng.standard_normal((2, 4, 5, 5)).astype(np.float32),
             "conv3": rng.standard_normal((2, 2, 6, 7)).astype(np.float32)}
-
-
-def to_np(t):
-    return t.detach().float().numpy().copy() if t.dtype == torch.bfloat16 else t.detach().numpy().copy()
-
-
-def peft_config_dict(pmodel):
-    d = pmodel.peft_config["default"].to_dict()
-    return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
-
-
-def adapter_of(pmodel):
-    params = {}
-    for name in MODULES:
-        lay = layer(pmodel, name)
-        key = "oft_embedding_R" if name == "emb" else "oft_R"
-        params[name] = {f"{key}.weight": to_np(getattr(lay, key)["default"].weight)}
-    d = peft_config_dict(pmodel)
-    return pm.Adapter(oft.OFTConfig.from_dict(d), params)
-
-
-def base_state(pmodel):
-    out = {}
-    for name in MODULES:
-        base = layer(pmodel, name).base_layer
-        out[f"{name}.weight"] = to_np(base.weight)
-        if getattr(base, "bias", None) is not None:
-            out[f"{name}.bias"] = to_np(base.bias)
-    return out
 
 
 CONFIGS = {
@@ -113,15 +83,14 @@ CONFIGS = {
 @pytest.mark.parametrize("label", list(CONFIGS))
 def test_forward_merge_unmerge(label):
     pmodel = make_peft(**CONFIGS[label])
-    ad = adapter_of(pmodel)
-    state = base_state(pmodel)
+    ad = to_adapter(pmodel)
+    state = peft_weights(pmodel, MODULES)
     xs = inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in MODULES:
-            lay = layer(pmodel, name)
             x = xs[name]
-            want = to_np(lay(torch.from_numpy(x)))
+            want = peft_forward(pmodel, name, x)
             got = ad.forward(name, x, state, peft_compat=True, **CONV_KW.get(name, {}))
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"{label} {name} forward")
             if name != "conv3":  # the consistent forward equals PEFT's wherever PEFT's is consistent
@@ -129,20 +98,20 @@ def test_forward_merge_unmerge(label):
                 np.testing.assert_allclose(got2, want, atol=1e-5, rtol=1e-5)
         merged = ad.merge(state)
         for name in MODULES:
-            layer(pmodel, name).merge()
-            np.testing.assert_allclose(merged[f"{name}.weight"], to_np(layer(pmodel, name).base_layer.weight),
+            peft_layer(pmodel, name).merge()
+            np.testing.assert_allclose(merged[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
                                        atol=1e-5, rtol=1e-5, err_msg=f"{label} {name} merge")
         # the merged layers' output == peftmath's default (consistent) forward, conv3 included
         for name in MODULES:
-            want = to_np(layer(pmodel, name)(torch.from_numpy(xs[name])))
+            want = peft_forward(pmodel, name, xs[name])
             got = ad.forward(name, xs[name], state, **CONV_KW.get(name, {}))
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5, err_msg=f"{label} {name} merged forward")
-        peft_merged = {k: to_np(layer(pmodel, k.split(".")[0]).base_layer.weight) if k.endswith("weight") else v
+        peft_merged = {k: t2n(peft_layer(pmodel, k.split(".")[0]).base_layer.weight) if k.endswith("weight") else v
                        for k, v in state.items()}
         back = ad.unmerge(peft_merged)
         for name in MODULES:
-            layer(pmodel, name).unmerge()
-            np.testing.assert_allclose(back[f"{name}.weight"], to_np(layer(pmodel, name).base_layer.weight),
+            peft_layer(pmodel, name).unmerge()
+            np.testing.assert_allclose(back[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
                                        atol=1e-5, rtol=1e-5, err_msg=f"{label} {name} unmerge")
             np.testing.assert_allclose(back[f"{name}.weight"], state[f"{name}.weight"], atol=1e-5)
 
@@ -151,13 +120,13 @@ def test_conv_kxk_fold_quirk_at_identity():
     """PEFT's unmerged Conv2d kxk forward is not the base layer even at R = I; peftmath's default is."""
     pmodel = make_peft()
     with torch.no_grad():
-        for p in layer(pmodel, "conv3").oft_R.parameters():
+        for p in peft_layer(pmodel, "conv3").oft_R.parameters():
             p.zero_()
-    ad = adapter_of(pmodel)
-    state = base_state(pmodel)
+    ad = to_adapter(pmodel)
+    state = peft_weights(pmodel, MODULES)
     x = inputs()["conv3"]
-    peft_y = to_np(layer(pmodel, "conv3")(torch.from_numpy(x)))
-    base_y = to_np(layer(pmodel, "conv3").base_layer(torch.from_numpy(x)))
+    peft_y = peft_forward(pmodel, "conv3", x)
+    base_y = t2n(peft_layer(pmodel, "conv3").base_layer(torch.from_numpy(x)))
     assert np.abs(peft_y - base_y).max() > 1.0
     np.testing.assert_allclose(ad.forward("conv3", x, state, peft_compat=True, padding=1), peft_y, atol=1e-5)
     np.testing.assert_allclose(ad.forward("conv3", x, state, padding=1), base_y, atol=1e-5)
@@ -166,34 +135,26 @@ def test_conv_kxk_fold_quirk_at_identity():
 @pytest.mark.parametrize("label", ["neumann", "exact", "share"])
 def test_checkpoints_both_ways(label, tmp_path):
     pmodel = make_peft(**CONFIGS[label])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pmodel.save_pretrained(tmp_path / "peft")
-    ad = pm.load_adapter(tmp_path / "peft")
+    ad = load_peft_checkpoint(pmodel, tmp_path / "peft")
     assert ad.config.use_cayley_neumann == CONFIGS[label].get("use_cayley_neumann", True)
     assert set(ad.modules) == set(MODULES)
     assert "oft_embedding_R.weight" in ad.params["emb"]
-    state = base_state(pmodel)
+    state = peft_weights(pmodel, MODULES)
     xs = inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in MODULES:
-            want = to_np(layer(pmodel, name)(torch.from_numpy(xs[name])))
+            want = peft_forward(pmodel, name, xs[name])
             got = ad.forward(name, xs[name], state, peft_compat=True, **CONV_KW.get(name, {}))
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-        pm.save_adapter(ad, tmp_path / "ours")
-        fresh = peft.PeftModel.from_pretrained(base_model(), tmp_path / "ours")
-        for name in MODULES:
-            want = to_np(layer(pmodel, name)(torch.from_numpy(xs[name])))
-            got = to_np(getattr(fresh.base_model.model, name)(torch.from_numpy(xs[name])))
-            np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+        check_reloaded_in_peft(pmodel, ad, base_model(), tmp_path / "ours", xs, atol=1e-6, rtol=1e-6)
 
 
 def test_adapter_from_peftmath_init_loads_in_peft(tmp_path):
     """An adapter initialised by peftmath (shapes from its own block layout) loads into PEFT."""
     cfg = oft.OFTConfig(target_modules=list(MODULES), oft_block_size=4, init_weights=False,
                         use_cayley_neumann=False)
-    state = base_state(make_peft())
+    state = peft_weights(make_peft(), MODULES)
     params = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -205,27 +166,23 @@ def test_adapter_from_peftmath_init_loads_in_peft(tmp_path):
         fresh = peft.PeftModel.from_pretrained(base_model(), tmp_path)
         xs = inputs()
         for name in MODULES:
-            want = to_np(getattr(fresh.base_model.model, name)(torch.from_numpy(xs[name])))
+            want = peft_forward(fresh, name, xs[name])
             got = ad.forward(name, xs[name], state, peft_compat=True, **CONV_KW.get(name, {}))
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_bfloat16_base_merge():
     """bf16 base, fp32 adapter (PEFT's default autocast): both compute in float32 and round once."""
-    pmodel = make_peft(dtype=torch.bfloat16)
-    ad = adapter_of(pmodel)
-    state = {}
     import ml_dtypes
 
-    for name in MODULES:
-        w = layer(pmodel, name).base_layer.weight.detach()
-        state[f"{name}.weight"] = w.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    merged = ad.merge(state)
+    pmodel = make_peft(dtype=torch.bfloat16)
+    ad = to_adapter(pmodel)
+    merged = ad.merge(peft_weights(pmodel, MODULES))  # bf16 weights and biases
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in MODULES:
-            layer(pmodel, name).merge()
-            want = to_np(layer(pmodel, name).base_layer.weight)
+            peft_layer(pmodel, name).merge()
+            want = t2n(peft_layer(pmodel, name).base_layer.weight).astype(np.float32)
             got = merged[f"{name}.weight"].astype(np.float32)
             ulp = np.abs(np.spacing(want.astype(ml_dtypes.bfloat16)).astype(np.float32))
             assert (np.abs(got - want) <= ulp * 1.01).all(), name
@@ -249,22 +206,12 @@ def test_half_precision_forward(dtype):
     import ml_dtypes
 
     pmodel = make_peft(dtype=dtype)
-    ad = adapter_of(pmodel)
+    ad = to_adapter(pmodel)
     np_dtype = ml_dtypes.bfloat16 if dtype == torch.bfloat16 else np.float16
 
-    def host(t):
-        t = t.detach()
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy() if t.dtype == torch.bfloat16 else t.numpy().copy()
-
-    state = {}
-    for name in MODULES:
-        base = layer(pmodel, name).base_layer
-        state[f"{name}.weight"] = host(base.weight)
-        if getattr(base, "bias", None) is not None:
-            state[f"{name}.bias"] = host(base.bias)
+    state = peft_weights(pmodel, MODULES)  # half-precision weights and biases
     x = inputs()["lin"].astype(np_dtype)
-    xt = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if dtype == torch.bfloat16 else torch.from_numpy(x)
-    want = layer(pmodel, "lin")(xt).detach().float().numpy()
+    want = peft_layer(pmodel, "lin")(n2t(x)).detach().float().numpy()
     compat = ad.forward("lin", x, state, peft_compat=True)
     assert compat.dtype == np.dtype(np_dtype)
     # measured bit-identical here; allow one ulp for other BLAS summation orders

@@ -13,15 +13,14 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.parity.conftest import require_peft
+
+torch, peft = require_peft()
 transformers = pytest.importorskip("transformers")
 
 import peftmath as pm  # noqa: E402
 from peftmath.io import config_from_dict  # noqa: E402
 from peftmath.methods import p_tuning, prefix_tuning, prompt_tuning  # noqa: E402
-
-torch.set_num_threads(2)
 
 
 def _llama(seq2seq: bool = False):

@@ -9,20 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.parity.conftest import base_state, peft_layer, require_peft
+
+torch, peft = require_peft()
 transformers = pytest.importorskip("transformers")
 
 import peftmath as pm  # noqa: E402
 from peftmath import _peft_tables  # noqa: E402
 from peftmath.create import create_adapter  # noqa: E402
 from peftmath.io import save_adapter  # noqa: E402
-
-torch.set_num_threads(2)
-
-
-def _state(model) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def _llama():
@@ -65,21 +60,21 @@ CONFIGS = [
 @pytest.mark.parametrize("fields", CONFIGS, ids=[str(i) for i in range(len(CONFIGS))])
 def test_llama_selection_and_counts_match_peft(fields):
     model, model_type = _llama()
-    state = _state(model)
+    state = base_state(model)
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=5, **fields))
     expected = set(peft_model.targeted_module_names)
     ad = create_adapter(state, pm.LoraConfig(r=2, lora_alpha=5, **fields), model_type=model_type)
     assert set(ad.modules) == expected
     assert ad.num_trainable_parameters() == peft_model.get_nb_trainable_parameters()[0]
     for name in ad.modules:  # the resolved r and alpha per module
-        layer = peft_model.base_model.model.get_submodule(name)
+        layer = peft_layer(peft_model, name)
         assert ad.config.rank_and_alpha(name) == (layer.r["default"], layer.lora_alpha["default"])
         assert ad.config.scaling_for(name) == pytest.approx(layer.scaling["default"])
 
 
 def test_gpt2_conv1d_all_linear_matches_peft_and_loads():
     model, model_type = _gpt2()
-    state = _state(model)
+    state = base_state(model)
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=3, target_modules="all-linear"))
     ad = create_adapter(state, pm.LoraConfig(r=2, lora_alpha=3, target_modules="all-linear", init_lora_weights=False),
                         model_type=model_type)
@@ -90,7 +85,7 @@ def test_gpt2_conv1d_all_linear_matches_peft_and_loads():
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_created_adapter_loads_in_peft_with_same_outputs(tmp_path, builder, use_dora):
     model, model_type = builder()
-    state = _state(model)
+    state = base_state(model)
     cfg = pm.LoraConfig(r=4, lora_alpha=6, target_modules="all-linear", init_lora_weights=False, use_dora=use_dora,
                         use_rslora=not use_dora)
     ad = create_adapter(state, cfg, model_type=model_type, seed=3)
@@ -117,13 +112,13 @@ def test_created_adapter_loads_in_peft_with_same_outputs(tmp_path, builder, use_
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_weight_changing_inits_match_peft(init):
     model, model_type = _llama()
-    state = _state(model)
+    state = base_state(model)
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
                                                             init_lora_weights=init))
     ad, new_base = create_adapter(state, pm.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
                                                        init_lora_weights=init), return_base=True)
     for name in ad.modules:
-        layer = peft_model.base_model.model.get_submodule(name)
+        layer = peft_layer(peft_model, name)
         np.testing.assert_allclose(new_base[f"{name}.weight"], layer.base_layer.weight.detach().numpy(), atol=2e-5)
         ours = np.asarray(ad.delta_weight(name))
         np.testing.assert_allclose(ours, layer.get_delta_weight("default").detach().numpy(), atol=2e-5)
@@ -131,7 +126,7 @@ def test_weight_changing_inits_match_peft(init):
 
 def test_trainable_parameters_line_matches_peft():
     model, model_type = _llama()
-    state = _state(model)
+    state = base_state(model)
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=3, target_modules=["q_proj", "down_proj"]))
     trainable, total = peft_model.get_nb_trainable_parameters()
     ad = create_adapter(state, pm.LoraConfig(r=3, target_modules=["q_proj", "down_proj"]), model_type=model_type)

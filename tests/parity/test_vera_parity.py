@@ -15,34 +15,37 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-
-from tests.parity.conftest import (  # noqa: E402
+from tests.parity.conftest import (
     BF16,
+    TOL_W,
+    TOL_Y,
+    adapter_to_torch,
     assert_close,
+    base_state,
     bf16_ulps,
     bits_differ,
     build_model,
     layer_factory,
+    load_in_peft,
     make_input,
     n2t,
-    peft_config_dict,
+    peft_forward,
     peft_layer,
+    redraw,
+    require_peft,
     t2n,
+    to_adapter,
 )
+
+torch, peft = require_peft()
 
 import peftmath  # noqa: E402
 from peftmath import Adapter  # noqa: E402
 from peftmath.errors import CheckpointError, ShapeError  # noqa: E402
-from peftmath.io.peft import config_from_dict, split_key  # noqa: E402
 from peftmath.layers import Layer  # noqa: E402
 from peftmath.methods import vera  # noqa: E402
 
 pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-TOL_W = dict(atol=1e-5, rtol=1e-5)
-TOL_Y = dict(atol=1e-4, rtol=1e-4)
 
 #: several shapes sharing one pair of projections: max_in = 40, max_out = 48
 LAYERS = {
@@ -60,43 +63,33 @@ def _model(dtype: str = "float32"):
     return build_model({n: layer_factory(k, **kw) for n, (k, kw) in LAYERS.items()}, seed=0, dtype=dtype)
 
 
-def _adapter(pm) -> Adapter:
-    config = config_from_dict(peft_config_dict(pm))
-    params: dict = {}
-    shared: dict = {}
-    for key, value in peft.get_peft_model_state_dict(pm).items():
-        if key in vera.SHARED_KEYS:
-            shared[key] = t2n(value)
-            continue
-        module, suffix = split_key(key, vera.PARAMETER_SUFFIXES)
-        params.setdefault(module, {})[suffix] = t2n(value)
-    return Adapter(config, params, shared=shared)
-
-
 def make(dtype: str = "float32", *, autocast_adapter_dtype: bool = True, seed: int = 4):
     model = _model(dtype)
-    state = {k: t2n(v) for k, v in model.state_dict().items()}
+    state = base_state(model)
     cfg = peft.VeraConfig(r=R, target_modules=["q", "o", "up", "c_attn", "c_proj"], init_weights=False,
                           projection_prng_key=11)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(model, cfg, autocast_adapter_dtype=autocast_adapter_dtype)
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "vera_lambda" in name:
-                p.copy_(torch.from_numpy(rng.normal(0.0, 1.0, p.shape).astype(np.float32)).to(p.dtype))
+    redraw(pm, {"vera_lambda": (0.0, 1.0)}, seed=seed)
     pm.eval()
-    return pm, _adapter(pm), state
-
-
-def _torch_adapter(ad: Adapter) -> Adapter:
-    return Adapter(ad.config, {m: {s: n2t(a) for s, a in p.items()} for m, p in ad.params.items()},
-                   shared={k: n2t(v) for k, v in ad.shared.items()})
+    return pm, to_adapter(pm), state
 
 
 def _peft_weights(pm):
     return {f"{n}.weight": t2n(peft_layer(pm, n).get_base_layer().weight) for n in NAMES}
+
+
+def _assert_like_peft(got: dict, want: dict, dtype: str, backend: str = "numpy") -> None:
+    """peftmath's weights against PEFT's: bit-identical with torch's kernels; with NumPy's BLAS within
+    one bf16 ulp (bfloat16) or TOL_W (float32)."""
+    for key, value in want.items():
+        if backend == "torch":
+            assert bits_differ(t2n(got[key]), value) == 0, key
+        elif dtype == "bfloat16":
+            assert bf16_ulps(got[key], value).max() <= 1, key
+        else:
+            assert_close(got[key], value, what=key, **TOL_W)
 
 
 def test_projections_are_shared_and_sliced():
@@ -113,7 +106,7 @@ def test_projections_are_shared_and_sliced():
 def test_delta_weight_float32(backend):
     pm, ad, state = make()
     if backend == "torch":
-        ad = _torch_adapter(ad)
+        ad = adapter_to_torch(ad)
     for name in NAMES:
         with torch.no_grad():
             want = t2n(peft_layer(pm, name).get_delta_weight("default"))
@@ -131,29 +124,14 @@ def test_delta_weight_float32(backend):
 def test_merge_unmerge(dtype, backend):
     pm, ad, state = make(dtype)
     if backend == "torch":
-        ad = _torch_adapter(ad)
+        ad = adapter_to_torch(ad)
         state = {k: n2t(v) for k, v in state.items()}
     merged = ad.merge(state)
     pm.merge_adapter()
-    want = _peft_weights(pm)
-    for key, value in want.items():
-        got = t2n(merged[key]) if backend == "torch" else merged[key]
-        if backend == "torch":
-            assert bits_differ(got, value) == 0, key
-        elif dtype == "bfloat16":
-            assert bf16_ulps(got, value).max() <= 1, key
-        else:
-            assert_close(got, value, what=key, **TOL_W)
+    _assert_like_peft(merged, _peft_weights(pm), dtype, backend)
     unmerged = ad.unmerge(merged)
     pm.unmerge_adapter()
-    for key, value in _peft_weights(pm).items():
-        got = t2n(unmerged[key]) if backend == "torch" else unmerged[key]
-        if backend == "torch":
-            assert bits_differ(got, value) == 0, key
-        elif dtype == "bfloat16":
-            assert bf16_ulps(got, value).max() <= 1, key
-        else:
-            assert_close(got, value, what=key, **TOL_W)
+    _assert_like_peft(unmerged, _peft_weights(pm), dtype, backend)
 
 
 def test_bfloat16_adapter_peft_compat():
@@ -161,7 +139,7 @@ def test_bfloat16_adapter_peft_compat():
     peft_compat=True does the same (bit-identical with torch kernels)."""
     pm, ad, state = make("bfloat16", autocast_adapter_dtype=False)
     assert ad.shared[vera.VERA_B_KEY].dtype == BF16
-    tad = _torch_adapter(ad)
+    tad = adapter_to_torch(ad)
     merged = tad.merge({k: n2t(v) for k, v in state.items()}, peft_compat=True)
     merged_default = ad.merge(state)
     pm.merge_adapter()
@@ -179,8 +157,7 @@ def test_forward(dtype):
     pm, ad, state = make(dtype)
     for name in NAMES:
         x = make_input(pm, name, dtype=dtype)
-        with torch.no_grad():
-            want = t2n(peft_layer(pm, name)(n2t(x)))
+        want = peft_forward(pm, name, x)
         if dtype == "float32":
             assert_close(ad.forward(name, x, state), want, what=name, **TOL_Y)
         else:
@@ -195,8 +172,7 @@ def test_merged_forward_matches_peft_merged():
     pm.merge_adapter()
     name = "blocks.1.c_attn"
     x = make_input(pm, name)
-    with torch.no_grad():
-        want = t2n(peft_layer(pm, name)(n2t(x)))
+    want = peft_forward(pm, name, x)
     assert_close(x @ merged[f"{name}.weight"] + merged[f"{name}.bias"], want, what=name, **TOL_Y)
 
 
@@ -212,17 +188,13 @@ def test_peft_checkpoint_loads(tmp_path, dtype):
     assert loaded.modules == sorted(NAMES)
     merged = loaded.merge(state)
     pm.merge_adapter()
-    for key, value in _peft_weights(pm).items():
-        if dtype == "bfloat16":
-            assert bf16_ulps(merged[key], value).max() <= 1, key
-        else:
-            assert_close(merged[key], value, what=key, **TOL_W)
+    _assert_like_peft(merged, _peft_weights(pm), dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_peftmath_checkpoint_loads_in_peft(tmp_path, dtype):
     model = _model(dtype)
-    state = {k: t2n(v) for k, v in model.state_dict().items()}
+    state = base_state(model)
     config = vera.VeraConfig(r=R, target_modules=["q", "o", "up", "c_attn", "c_proj"], init_weights=False,
                              projection_prng_key=5)
     layers = {n: Layer.of(state[f"{n}.weight"].shape, "Conv1D" if k == "conv1d_t" else None)
@@ -232,12 +204,7 @@ def test_peftmath_checkpoint_loads_in_peft(tmp_path, dtype):
               for i, n in enumerate(NAMES)}
     ad = Adapter(config, params, shared=shared)
     peftmath.save_adapter(ad, tmp_path)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pm = peft.PeftModel.from_pretrained(model, tmp_path)
-    msgs = [str(w.message).lower() for w in caught]
-    assert not [m for m in msgs if "missing" in m or "unexpected" in m or "not present" in m], msgs
-    pm.eval()
+    pm = load_in_peft(model, tmp_path)
     # PEFT found base_model.vera_A / vera_B in our file: its buffers hold our projections, not its own draws
     assert np.array_equal(t2n(pm.base_model.vera_A["default"]), shared[vera.VERA_A_KEY])
     assert np.array_equal(t2n(pm.base_model.vera_B["default"]), shared[vera.VERA_B_KEY])
@@ -246,11 +213,7 @@ def test_peftmath_checkpoint_loads_in_peft(tmp_path, dtype):
         assert np.array_equal(t2n(peft_layer(pm, n).vera_lambda_d["default"]), params[n]["vera_lambda_d"])
     merged = ad.merge(state)
     pm.merge_adapter()
-    for key, value in _peft_weights(pm).items():
-        if dtype == "bfloat16":
-            assert bf16_ulps(merged[key], value).max() <= 1, key
-        else:
-            assert_close(merged[key], value, what=key, **TOL_W)
+    _assert_like_peft(merged, _peft_weights(pm), dtype)
 
 
 def test_checkpoint_without_projections_is_refused(tmp_path):
@@ -263,7 +226,7 @@ def test_checkpoint_without_projections_is_refused(tmp_path):
     ad = peftmath.load_adapter(tmp_path)
     assert ad.shared == {}
     with pytest.raises(CheckpointError, match="save_projection=false.*save_projection=True"):
-        ad.merge({k: t2n(v) for k, v in _model().state_dict().items()})
+        ad.merge(base_state(_model()))
 
 
 def test_layer_larger_than_projections():
