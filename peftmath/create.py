@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ._peft_tables import IA3_FEEDFORWARD, default_targets
 from .adapter import Adapter
 from .errors import CheckpointError, ConfigError
 from .io import config_from_dict, read_config
@@ -55,6 +56,37 @@ def _config(config: Any) -> Any:
     return config
 
 
+def _initialised(cfg: Any) -> Any:
+    """The config to save with factors that an initialisation changing the base (PiSSA, OLoRA, LoftQ)
+    produced: ``init_lora_weights=True`` (``init_weights=True`` for other methods), as PEFT's own
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)`` and its PiSSA / OLoRA / LoftQ
+    examples write. Saved as ``"pissa"``, PEFT would run PiSSA again when it loads the adapter onto the
+    new (residual) base and subtract the principal part a second time. LoftQ's ``loftq_config`` goes too
+    (PEFT warns that it is ignored otherwise)."""
+    field = "init_lora_weights" if hasattr(cfg, "init_lora_weights") else "init_weights"
+    changes: dict[str, Any] = {field: True}
+    if getattr(cfg, "loftq_config", None):
+        changes["loftq_config"] = {}
+    return cfg.replace(**changes)
+
+
+def _default_feedforward(cfg: Any, model_type: str | None) -> Any:
+    """IA3: a null ``feedforward_modules`` is filled from PEFT's table for the model type
+    (``TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING``), as ``get_peft_model`` does before it
+    saves the config; left null, the adapter would scale a Llama's ``down_proj`` output where PEFT scales
+    its input. With a list of targets only the entries in it are kept (PEFT refuses to load a config whose
+    feedforward modules are not a subset of its targets). Other model types keep null: no feedforward
+    module (PEFT asks for the field there)."""
+    if not hasattr(cfg, "feedforward_modules") or cfg.feedforward_modules is not None:
+        return cfg
+    table = IA3_FEEDFORWARD.get(model_type or "")
+    if table is None:
+        return cfg
+    tm = cfg.target_modules
+    listed = tm is not None and not isinstance(tm, str)
+    return cfg.replace(feedforward_modules=sorted(m for m in table if not listed or m in tm))
+
+
 def create_adapter(
     base: Mapping[str, Any] | str | os.PathLike,
     config: Any,
@@ -75,7 +107,9 @@ def create_adapter(
     ``numpy.random.default_rng(SeedSequence(seed, spawn_key=(i,)))``.
 
     Initialisations that change the base weight (PiSSA, OLoRA) need ``return_base=True``; the result is
-    then ``(adapter, updated_tensors)`` with the new base weights by state-dict key.
+    then ``(adapter, updated_tensors)`` with the new base weights by state-dict key, and the adapter's
+    config says ``init_lora_weights=True``: its factors belong to the new base and must not be
+    initialised again when PEFT loads them (see :func:`_initialised`).
     """
     if isinstance(base, (str, os.PathLike)):
         state, found_type = open_state(base)
@@ -92,6 +126,7 @@ def create_adapter(
     kinds = {checkpoint_to_module(n, model_type): k
              for n, k in module_kinds(state, layer_kinds=hints, model_type=model_type).items()}
     targets = select_targets(cfg, kinds, model_type=model_type, supported=module_cls.supported_kinds)
+    cfg = _default_feedforward(cfg, model_type)
 
     def weight_of(name: str) -> Any:
         return state[f"{module_to_checkpoint(name, model_type)}.weight"]
@@ -117,8 +152,11 @@ def create_adapter(
             f"{cfg.peft_type}: this initialisation changes the base weights ({len(new_base)} tensors); "
             f"call create_adapter(..., return_base=True) to receive them, or the adapter is wrong for the old base"
         )
+    if new_base:
+        cfg = _initialised(cfg)
     if cfg.target_modules is None:  # PEFT writes the default table's entry into the saved config
-        cfg = cfg.replace(target_modules=sorted({n.rsplit(".", 1)[-1] for n in layers}))
+        entry = default_targets(cfg.peft_type)[model_type]  # (select_targets refused an unknown type)
+        cfg = cfg.replace(target_modules=entry if isinstance(entry, str) else sorted(entry))
     elif isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear":
         cfg = cfg.replace(target_modules=sorted(layers))  # PEFT saves "all-linear" expanded to module names
     if any(k is LayerKind.CONV1D_TRANSPOSED for k in targets.values()) and hasattr(cfg, "fan_in_fan_out"):
