@@ -38,9 +38,15 @@ tokenizer files) are copied, other weight files (*.bin, *.safetensors not in the
 OUT is written to a temporary sibling and renamed when complete; an existing OUT is refused unless
 --force. Inputs are never modified. Progress goes to stderr when it is a terminal.
 
-DoRA: unmerging needs the weight norms of merge time. They are written beside the result:
-OUT/peftmath_merge_records.safetensors for a folder, OUT.merge-records.safetensors for a file.
+DoRA: unmerging needs the weight norms of merge time. They are written beside the result, never
+inside it: OUT.merge-records.safetensors (for a file and a folder alike), or --records FILE.
 `peftmath unmerge` reads them from there (or --records FILE).
+
+Provenance: every output shard's safetensors metadata lists, under "peftmath.merged", the adapters
+merged into the model (oldest first: folder name, peft_type, sha256 of adapter_config.json and of
+adapter_model.safetensors, the options, the peftmath version); `peftmath unmerge` checks it.
+Hugging Face hub cache snapshots (folders of symlinks into blobs/) are read through the links; the
+summary names the side files copied.
 
 examples:
   peftmath merge llama/ my-lora/ -o llama-merged/
@@ -315,35 +321,59 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
     if getattr(args, "dtype", "keep") not in (None, "keep"):
         dtype = stream.OUTPUT_DTYPES[args.dtype]
     pl = stream.plan(base, adapters, direction=direction, dtype=dtype, layer_kinds=kinds, names=args.adapters)
+    # provenance: which adapters the output holds (checked before anything is written, dry run included)
+    recorded = stream.read_provenance(base)
+    warnings: list[str] = []  # printed once the command has succeeded (an error stays one line)
+    if direction == "merge":
+        options = {"dtype": args.dtype, "safe": bool(args.safe), "peft_compat": bool(args.peft_compat),
+                   "layer_kinds": kinds, "backend": args.backend or "numpy"}
+        provenance = (recorded or []) + [stream.adapter_provenance(a, ad, options)
+                                         for a, ad in zip(args.adapters, adapters)]
+    else:
+        given = [stream.adapter_provenance(a, ad) for a, ad in zip(args.adapters, adapters)]
+        provenance, warnings = stream.unmerge_provenance(base, recorded, given, ignore=args.ignore_provenance)
     if args.dry_run:
         print(_plan_table(pl))
+        for w in warnings:
+            log.warn(w)
         out = Path(args.output)
         if out.exists() and not args.force:
             log.warn(f"{out} exists: the real run needs --force")
         return 0
+    records_out = None
     if direction == "unmerge" and args.records:
-        rpath = Path(args.records)
-        if not rpath.exists():
+        rpath: Path | None = Path(args.records)
+        if not rpath.is_file():
             raise CheckpointError(f"{rpath}: no such records file")
     else:
-        rpath = stream.records_path(src_path)  # an earlier merge's records travel with the model
+        rpath = stream.find_records(src_path)  # an earlier merge's records travel with the model
+        records_out = args.records if direction == "merge" else None
     records = stream.read_records(rpath)
     update, close = _progress(pl.bytes_out(), args.quiet, direction)
     t0 = time.perf_counter()
     try:
         rep = stream.transform(
             base, adapters, args.output, direction=direction, dtype=dtype, safe=getattr(args, "safe", False),
-            peft_compat=args.peft_compat, layer_kinds=kinds, records=records, force=args.force, names=args.adapters,
-            inputs=[Path(a) for a in args.adapters], to_xp=to_xp, to_host=to_host, progress=update,
-            precomputed_plan=pl)
+            peft_compat=args.peft_compat, layer_kinds=kinds, records=records, records_out=records_out,
+            provenance=provenance, force=args.force, names=args.adapters,
+            inputs=[Path(a) for a in args.adapters] + ([rpath] if rpath is not None else []), to_xp=to_xp,
+            to_host=to_host, progress=update, precomputed_plan=pl)
     finally:
         close()
     dt = time.perf_counter() - t0
+    for w in warnings:
+        log.warn(w)
     if not args.quiet:
         msg = (f"{direction}d {rep.adapted} tensors, copied {rep.tensors - rep.adapted}; wrote {rep.out} "
                f"({_fmt_bytes(rep.bytes_written)}) in {dt:.2f} s")
         if rep.records_file:
             msg += f"; merge records ({rep.records}) in {rep.records_file}"
+        elif records_out is not None:
+            msg += f"; no merge records needed, {records_out} not written"
+        if base.is_folder:
+            msg += f"; side files copied: {', '.join(rep.side_files) or 'none'}"
+            if rep.left_out:
+                msg += f"; not copied: {', '.join(rep.left_out)}"
         print(msg, file=sys.stderr)
     return 0
 
@@ -673,8 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=MERGE_EPILOG if name == "merge" else EPILOG_MODELS + (
                                "\nAdditive methods subtract their delta; IA3 divides; OFT/BOFT apply the inverse "
                                "rotation. DoRA needs the weight norms recorded by `peftmath merge` (read from "
-                               "MERGED/peftmath_merge_records.safetensors or MERGED.merge-records.safetensors, "
-                               "or --records FILE). Several adapters are unmerged in reverse order.\n\n"
+                               "MERGED.merge-records.safetensors, or --records FILE). Several adapters are unmerged "
+                               "in reverse order. The adapters given must be the last ones merged, as recorded in "
+                               "MERGED's safetensors metadata (peftmath.merged); anything else is refused unless "
+                               "--ignore-provenance. A model without that metadata (merged by another tool) is "
+                               "unmerged with a warning.\n\n"
                                "example:\n  peftmath unmerge llama-merged/ my-lora/ -o llama-restored/\n"))
         s.add_argument("base" if name == "merge" else "merged", metavar="BASE" if name == "merge" else "MERGED",
                        help="model (.safetensors file or shard folder)")
@@ -691,9 +724,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="dtype of the floating-point tensors written (default keep); adapted tensors are "
                                 "merged in the wider of the two and rounded once")
             s.add_argument("--safe", action="store_true", help="refuse (exit 1, nothing written) a result with NaN/inf")
+            s.add_argument("--records", metavar="FILE", help="where to write the merge records (DoRA weight norms); "
+                                                            "default OUT.merge-records.safetensors, beside OUT")
             s.set_defaults(func=_cmd_merge)
         else:
-            s.add_argument("--records", metavar="FILE", help="merge records file (DoRA weight norms)")
+            s.add_argument("--records", metavar="FILE", help="merge records file (DoRA weight norms); default "
+                                                            "MERGED.merge-records.safetensors")
+            s.add_argument("--ignore-provenance", action="store_true",
+                           help="unmerge even if MERGED's metadata says these adapters are not the last ones merged")
             s.set_defaults(func=_cmd_unmerge)
 
     e = sub.add_parser("extract", parents=[common], formatter_class=raw,

@@ -2,30 +2,50 @@
 
 A *model* is a ``.safetensors`` file or a folder of shards described by
 ``model.safetensors.index.json`` (a folder holding a single ``model.safetensors`` works too).
-:func:`transform` writes a merged (or unmerged) copy of a model:
+Files of a model folder may be symlinks to regular files anywhere (the Hugging Face hub cache keeps a
+snapshot as links into ``../../blobs/``); shard *names* in the index must still be plain file names of
+the folder (no ``..``, no absolute path, no separator). :func:`transform` writes a merged (or
+unmerged) copy of a model:
 
 - tensors no adapter touches are copied byte for byte (``os.copy_file_range``: no page of them
   enters this process unless ``--dtype`` converts them);
-- an adapted module's weight (and bias) is read into a private array, merged with each adapter in
-  turn (unmerged in reverse order), rounded to the output dtype and written; nothing else is held, so
-  peak memory is about one tensor plus the adapters;
-- the output has the same shards, the same tensor order, the same ``__metadata__`` and index as the
-  input; other small files of a model folder (``config.json``, tokenizer files) are copied;
+- an adapted module's weight and bias are read into private arrays and passed through each adapter in
+  turn by :meth:`peftmath.Adapter.merge` itself (unmerged in reverse order with
+  :meth:`~peftmath.Adapter.unmerge`), rounded to the output dtype and written; nothing else is held,
+  so peak memory is about one tensor plus the adapters. An adapter that replaces a tensor of the group
+  (a bias trained with ``bias="all"`` / ``"lora_only"``) replaces it *before* its module is merged,
+  as PEFT loads the bias into the base layer before ``merge_and_unload`` (which may then add
+  ``lora_bias``);
+- the output has the same shards, the same tensor order and index as the input, and the same
+  ``__metadata__`` plus :data:`PROVENANCE_KEY` (see below); the other small files of a model folder
+  (``config.json``, tokenizer files: :func:`side_files`) are copied as regular files, links followed;
 - writing is atomic: everything goes into a temporary sibling of ``out`` which is renamed into place
   when complete; an existing ``out`` is replaced only with ``force=True``; inputs are never modified.
 
-Merge records (DoRA's weight norms, which unmerge needs and cannot recompute) are written to
-:func:`records_path` ``(out)``: ``out/peftmath_merge_records.safetensors`` for a folder, the sibling
-``out + ".merge-records.safetensors"`` for a file. Keys are ``adapters.<i>.<module>`` where ``i`` is the
-adapter's position in the merge.
+Merge records (DoRA's weight norms, which unmerge needs and cannot recompute) never go inside the
+model: the rule, for a file and a folder alike, is the sibling :func:`records_path` ``(out)`` =
+``out + ".merge-records.safetensors"`` (``merged/`` -> ``merged.merge-records.safetensors``), or a
+path the caller chooses. They are renamed into place just before the model, so an existing model
+always has its records; a records file left without its model by an interrupted run is replaced by the
+next run. Records that earlier versions wrote inside a folder (``peftmath_merge_records.safetensors``)
+are still read (:func:`find_records`), never written. Keys are ``adapters.<i>.<module>`` where ``i``
+is the adapter's position in the merges that produced the model.
+
+Provenance: the ``__metadata__`` of every output shard holds, under :data:`PROVENANCE_KEY`, a JSON
+list of the adapters merged into the model, oldest first (:func:`adapter_provenance`: the adapter's
+folder name, ``peft_type``, sha256 of ``adapter_config.json`` and of ``adapter_model.safetensors``,
+the merge options and the peftmath version). A merge appends to the list of its input; an unmerge
+checks that the adapters given are the last ones merged (:func:`unmerge_provenance`) and removes them.
 """
 
 from __future__ import annotations
 
 import json
+import copy
 import math
 import os
 import shutil
+import stat
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,12 +60,16 @@ from ..targets import module_to_checkpoint
 from .atomic import clean_stale_siblings, temp_sibling
 from .safetensors import DTYPES, SafeTensorsFile, dtype_code, save_file
 
-__all__ = ["Model", "Plan", "TensorOp", "open_model", "plan", "transform", "records_path", "read_records",
-           "INDEX_NAME", "RECORDS_NAME"]
+__all__ = ["Model", "Plan", "Step", "TensorOp", "open_model", "plan", "transform", "records_path", "find_records",
+           "read_records", "side_files", "adapter_provenance", "read_provenance", "unmerge_provenance",
+           "INDEX_NAME", "RECORDS_NAME", "PROVENANCE_KEY"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+#: where earlier versions wrote the merge records of a folder (inside it): still read, never written
 RECORDS_NAME = "peftmath_merge_records.safetensors"
+#: safetensors ``__metadata__`` key of the merge provenance (a JSON list, oldest merge first)
+PROVENANCE_KEY = "peftmath.merged"
 RECORDS_SUFFIX = ".merge-records.safetensors"
 #: file name endings of weight files that are not copied beside a merged model (stale or pickles)
 _WEIGHT_ENDINGS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".gguf")
@@ -93,6 +117,7 @@ class Model:
         base = p if p.is_dir() else p.parent
         self.files: dict[str, SafeTensorsFile] = {}
         for n in names:
+            _require_regular(base / n)
             self.files[n] = SafeTensorsFile(base / n)
         self.key_file: dict[str, str] = {}
         for n, f in self.files.items():
@@ -180,7 +205,6 @@ def _read_index(path: Path) -> dict[str, Any]:
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise CheckpointError(f"{path}: 'weight_map' must be an object mapping tensor names to shard file names")
-    folder = path.parent.resolve()
     for k, v in wm.items():
         if any(ord(c) < 32 for c in v):
             raise CheckpointError(f"{path}: weight_map entry {k!r} names a shard with control characters ({v!r})")
@@ -189,9 +213,23 @@ def _read_index(path: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"{path}: weight_map entry {k!r} -> {v!r} points outside the model folder; shard names must be "
                 f"plain file names in {path.parent}")
-        if (folder / q).resolve().parent != folder:
-            raise CheckpointError(f"{path}: shard {v!r} resolves outside the model folder (a symlink?)")
+    # a shard may be a symlink to a regular file anywhere (the hub cache links snapshots to ../../blobs/):
+    # the name decides which files belong to the model, and the name cannot leave the folder
     return data
+
+
+def _require_regular(path: Path) -> None:
+    """Refuse a model file that is not (a symlink to) a regular file: a folder, a FIFO, a device, a broken link."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        what = f" (a broken symlink to {os.readlink(path)})" if path.is_symlink() else ""
+        raise CheckpointError(f"{path}: no such model file{what}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        target = f" (a symlink to {path.resolve()})" if path.is_symlink() else ""
+        raise CheckpointError(f"{path}{target}: not a regular file; a model file must be a file or a link to one")
 
 
 def open_model(path: str | os.PathLike) -> Model:
@@ -215,13 +253,26 @@ class TensorOp:
 
 
 @dataclass
+class Step:
+    """One adapter's part in computing one group (an adapted weight and its bias): first the tensors of
+    the group it replaces (``replaces``: base key -> array), then its module's merge (``module``, the
+    bound ``mod``; None when the adapter only replaces tensors of the group)."""
+
+    adapter: int
+    module: str | None = None
+    mod: Any = None
+    replaces: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Plan:
     """The per-tensor plan of :func:`transform`, and the bound modules it will run."""
 
     ops: dict[str, TensorOp]
-    groups: dict[str, list]  # weight key -> [(adapter index, module name, ModuleAdapter, bias key)]
+    groups: dict[str, list[Step]]  # weight key -> the steps, in the order they run
     key_group: dict[str, str]  # weight or bias key -> weight key of its group
-    replaced: dict[str, Any]  # base key -> replacement array (modules_to_save)
+    replaced: dict[str, Any]  # base key outside every group -> its replacement (modules_to_save; the last wins)
+    group_bias: dict[str, str | None] = field(default_factory=dict)  # weight key -> bias key (None: no bias)
 
     def adapted(self) -> list[TensorOp]:
         return [op for op in self.ops.values() if op.operation not in ("copy",)]
@@ -237,6 +288,14 @@ def _wider(a: np.dtype, b: np.dtype) -> np.dtype:
     if {a, b} == {DTYPES["F16"], DTYPES["BF16"]}:
         return np.dtype(np.float32)
     return max(a, b, key=order.index)
+
+
+def _base_key(base: Model, key: str) -> str:
+    """The base tensor a replacement named after a module (``<module>.<leaf>``) stands for."""
+    if key in base:
+        return key
+    module, _, leaf = key.rpartition(".")
+    return f"{module_to_checkpoint(module, base.model_type)}.{leaf}" if module else key
 
 
 def plan(
@@ -255,7 +314,8 @@ def plan(
     """
     names = list(names) if names is not None else [f"adapter {i}" for i in range(len(adapters))]
     layer_kinds = dict(layer_kinds or {})
-    groups: dict[str, list] = {}
+    groups: dict[str, list[Step]] = {}
+    group_bias: dict[str, str | None] = {}
     key_group: dict[str, str] = {}
     replaced: dict[str, Any] = {}
     for i, ad in enumerate(adapters):
@@ -277,20 +337,33 @@ def plan(
             except ShapeError as exc:
                 raise ShapeError(f"{names[i]}: {exc} (base tensor {wkey!r} is {base.shape(wkey)} in {base.path})") from None
             bkey = f"{key}.bias"
-            groups.setdefault(wkey, []).append((i, m, mod, bkey if bkey in base else None))
+            groups.setdefault(wkey, []).append(Step(i, m, mod))
+            group_bias[wkey] = bkey if bkey in base else None
             key_group[wkey] = wkey
             if bkey in base:
                 key_group[bkey] = wkey
+    for i, ad in enumerate(adapters):
         for k, v in ad.other.items():
-            if k not in base:
+            kb = _base_key(base, k)
+            if kb not in base:
                 raise ShapeError(f"{names[i]}: the adapter replaces {k!r} (modules_to_save), which {base.path} lacks")
-            if tuple(v.shape) != base.shape(k):
-                raise ShapeError(f"{names[i]}: replacement {k!r} has shape {tuple(v.shape)}, the base has {base.shape(k)}")
+            if tuple(v.shape) != base.shape(kb):
+                raise ShapeError(f"{names[i]}: replacement {k!r} has shape {tuple(v.shape)}, the base has {base.shape(kb)}")
             if direction != "merge":
                 raise NotInvertibleError(
-                    f"{names[i]}: the adapter replaces {k!r} (modules_to_save); the original tensor cannot be "
-                    f"recovered from the merged model. Take it from the base model instead")
-            replaced[k] = v
+                    f"{names[i]}: the adapter replaces {k!r} (modules_to_save or a trained bias); the original "
+                    f"tensor cannot be recovered from the merged model. Take it from the base model instead")
+            g = key_group.get(kb)
+            if g is None:
+                replaced[kb] = v
+                continue
+            steps = groups[g]
+            step = next((s for s in steps if s.adapter == i), None)
+            if step is None:
+                step = Step(i)
+                steps.append(step)
+                steps.sort(key=lambda s: s.adapter)
+            step.replaces[kb] = v
     if direction == "unmerge":
         for g in groups.values():
             g.reverse()
@@ -305,31 +378,52 @@ def plan(
             if key in key_group or key in replaced:
                 g = key_group.get(key)
                 work = _wider(src, dst)
-                mods = [f"{names[i]}:{m}" for i, m, _, _ in groups[g]] if g else []
+                mods = []
+                for s in groups.get(g, []):
+                    if key in s.replaces:
+                        mods.append(f"{names[s.adapter]}:replaces {key}")
+                    if s.module is not None:
+                        mods.append(f"{names[s.adapter]}:{s.module}")
                 op = direction if g else "replace"
                 ops[key] = TensorOp(key, op, shape, dtype_name(src), dtype_name(dst), dtype_name(work), nbytes, mods)
             else:
                 op = "copy" if dst == src else "cast"
                 ops[key] = TensorOp(key, op, shape, dtype_name(src), dtype_name(dst), dtype_name(src), nbytes)
-    return Plan(ops, groups, key_group, replaced)
+    return Plan(ops, groups, key_group, replaced, group_bias)
 
 
-# --- records ----------------------------------------------------------------------------------
+# --- records ---------------------------------------------------------------------------------
 def records_path(out: str | os.PathLike, *, folder: bool | None = None) -> Path:
-    """Where merge records of model ``out`` live (inside a folder; a sibling of a file).
+    """Where the merge records of model ``out`` are written: the sibling ``out + ".merge-records.safetensors"``,
+    for a file and a folder alike (never inside a model folder). ``folder`` is accepted for compatibility
+    and ignored.
 
-    >>> records_path("merged.safetensors", folder=False).name
+    >>> records_path("merged.safetensors").name
     'merged.safetensors.merge-records.safetensors'
-    >>> records_path("merged", folder=True).as_posix()
-    'merged/peftmath_merge_records.safetensors'
+    >>> records_path("out/merged/").as_posix()
+    'out/merged.merge-records.safetensors'
     """
     p = Path(out)
-    is_folder = p.is_dir() if folder is None else folder
-    return p / RECORDS_NAME if is_folder else Path(str(p) + RECORDS_SUFFIX)
+    if not p.name:  # "." or "/"
+        p = Path(os.path.abspath(p))
+    return p.with_name(p.name + RECORDS_SUFFIX)
 
 
-def read_records(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The records file's tensors (``adapters.<i>.<module>`` -> array), empty when it does not exist."""
+def find_records(model: str | os.PathLike) -> Path | None:
+    """The merge records of ``model``: its sibling :func:`records_path`, else (a folder merged by an
+    earlier version) ``model/peftmath_merge_records.safetensors``; None when neither exists."""
+    p = Path(model)
+    for q in (records_path(p), p / RECORDS_NAME if p.is_dir() else None):
+        if q is not None and q.is_file():
+            return q
+    return None
+
+
+def read_records(path: str | os.PathLike | None) -> dict[str, np.ndarray]:
+    """The records file's tensors (``adapters.<i>.<module>`` -> array), empty when ``path`` is None or does
+    not exist."""
+    if path is None:
+        return {}
     p = Path(path)
     if not p.exists():
         return {}
@@ -348,6 +442,168 @@ def _record_for(records: Mapping[str, Any], module: str, used: set[str] | frozen
             if best is None or i > best[0]:
                 best = (i, k)
     return (None, None) if best is None else (best[1], records[best[1]])
+
+
+# --- provenance --------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return h.hexdigest()
+
+
+def adapter_provenance(path: str | os.PathLike, adapter: Any, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The provenance entry of adapter folder ``path`` (or its ``adapter_model.safetensors``): its folder
+    name, ``peft_type`` (and ``use_dora``), the sha256 of ``adapter_config.json`` and of
+    ``adapter_model.safetensors``, the merge ``options`` and the peftmath version."""
+    from .. import __version__
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    weights = p if p.is_file() else folder / "adapter_model.safetensors"
+    entry: dict[str, Any] = {
+        "adapter": Path(os.path.abspath(folder)).name,
+        "peft_type": adapter.peft_type,
+    }
+    if getattr(adapter.config, "use_dora", False):
+        entry["use_dora"] = True
+    entry["adapter_config_sha256"] = _sha256(folder / "adapter_config.json")
+    entry["adapter_model_sha256"] = _sha256(weights)
+    if options:
+        entry["options"] = dict(options)
+    entry["peftmath"] = __version__
+    return entry
+
+
+def _describe(entry: Mapping[str, Any]) -> str:
+    kind = str(entry.get("peft_type", "?")) + (" with DoRA" if entry.get("use_dora") else "")
+    digest = str(entry.get("adapter_model_sha256", ""))[:12]
+    return f"{entry.get('adapter', '?')} ({kind}, adapter_model sha256 {digest}...)"
+
+
+def _same_adapter(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    keys = ("adapter_config_sha256", "adapter_model_sha256")
+    return all(a.get(k) is not None and a.get(k) == b.get(k) for k in keys)
+
+
+def read_provenance(model: Model) -> list[dict[str, Any]] | None:
+    """The :data:`PROVENANCE_KEY` list of ``model`` (None when no shard has one: not merged by peftmath).
+    Shards that disagree, or a value that is not a JSON list of objects, raise :class:`CheckpointError`."""
+    found: dict[str, str] = {}
+    for name, f in model.files.items():
+        if PROVENANCE_KEY in f.metadata:
+            found[name] = f.metadata[PROVENANCE_KEY]
+    if not found:
+        return None
+    values = set(found.values())
+    if len(values) > 1 or len(found) != len(model.files):
+        raise CheckpointError(
+            f"{model.path}: the shards disagree about which adapters were merged (metadata {PROVENANCE_KEY!r} "
+            f"differs or is missing in some of {', '.join(model.files)}); the model was edited by hand?")
+    raw = values.pop()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{model.path}: metadata {PROVENANCE_KEY!r} is not valid JSON ({exc})") from None
+    if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
+        raise CheckpointError(f"{model.path}: metadata {PROVENANCE_KEY!r} must be a JSON list of objects")
+    return data
+
+
+def unmerge_provenance(
+    merged: Model, recorded: list[dict[str, Any]] | None, given: Sequence[Mapping[str, Any]], *,
+    ignore: bool = False,
+) -> tuple[list[dict[str, Any]] | None, list[str]]:
+    """Check that ``given`` (provenance entries of the adapters to unmerge, in merge order) are the last
+    adapters merged into ``merged`` according to ``recorded``; return the provenance of the unmerged
+    model and warnings.
+
+    A mismatch (an adapter that is not the last one merged, e.g. the plain-LoRA twin of a DoRA adapter,
+    or one never merged) raises :class:`CheckpointError` naming both sides, unless ``ignore``: then
+    the entries of the given adapters are removed wherever they are, and a warning says what the
+    metadata cannot describe. A model without provenance (merged by another tool) passes with a warning.
+    """
+    names = ", ".join(_describe(g) for g in given)
+    if recorded is None:
+        return None, [f"{merged.path} has no peftmath provenance metadata (merged by another tool?): cannot check "
+                      f"that {names} {'was' if len(given) == 1 else 'were'} merged into it"]
+    rest = list(recorded)
+    problem = None
+    for g in reversed(given):  # unmerge order: the last merged first
+        if rest and _same_adapter(rest[-1], g):
+            rest.pop()
+            continue
+        listed = "; ".join(_describe(e) for e in recorded) or "nothing"
+        if any(_same_adapter(e, g) for e in rest):
+            problem = (f"{merged.path}: {_describe(g)} is not the last adapter merged into it: its metadata says "
+                       f"the last one is {_describe(rest[-1])} (merged, oldest first: {listed}); unmerge adapters in "
+                       f"the reverse order of merging")
+        else:
+            last = f"the last one merged is {_describe(rest[-1])}" if rest else "no adapter is left to unmerge"
+            problem = (f"{merged.path}: {_describe(g)} was never merged into it according to its metadata ({last}; "
+                       f"merged, oldest first: {listed})")
+        break
+    if problem is None:
+        return rest, []
+    if not ignore:
+        raise CheckpointError(f"{problem}. Pass --ignore-provenance to unmerge anyway")
+    rest = list(recorded)
+    for g in reversed(given):
+        hit = next((j for j in range(len(rest) - 1, -1, -1) if _same_adapter(rest[j], g)), None)
+        if hit is not None:
+            rest.pop(hit)
+    return rest, [f"{problem}; unmerging anyway (--ignore-provenance): the output's metadata may not describe it"]
+
+
+# --- side files --------------------------------------------------------------------------------
+def side_files(model: Model) -> tuple[list[Path], list[str]]:
+    """The small files of a model folder copied beside its shards, and what is left out (and why).
+
+    Copied: every file (or symlink to a regular file, as in the hub cache) that is not a shard, the
+    index, hidden, old merge records or another weight file (``.bin``, ``.pt``, ``.safetensors``
+    not in the index, ...). Left out, with the reason: subfolders, weight files, broken links and
+    what is not a regular file.
+    """
+    if model.folder is None:
+        return [], []
+    copied: list[Path] = []
+    left: list[str] = []
+    for q in sorted(model.folder.iterdir()):
+        name = q.name
+        if name in model.files or name == INDEX_NAME or name.startswith("."):
+            continue
+        if name == RECORDS_NAME:
+            left.append(f"{name} (merge records)")
+        elif name.endswith(_WEIGHT_ENDINGS):
+            left.append(f"{name} (weights not in the model)")
+        else:
+            try:
+                mode = os.stat(q).st_mode
+            except OSError:
+                left.append(f"{name} (broken symlink)")
+                continue
+            if stat.S_ISREG(mode):
+                copied.append(q)
+            else:
+                left.append(f"{name} ({'folder' if stat.S_ISDIR(mode) else 'not a regular file'})")
+    return copied, left
+
+
+def _copy_side_files(model: Model, dst: Path, dtype: np.dtype | None = None) -> tuple[list[str], list[str]]:
+    """Copy :func:`side_files` of ``model`` into folder ``dst`` (contents, not links); ``config.json``
+    retagged to ``dtype`` when given. Returns (copied names, left-out descriptions)."""
+    copied, left = side_files(model)
+    for q in copied:
+        if q.name == "config.json" and dtype is not None and _retag_config(q, dst / q.name, dtype):
+            continue
+        shutil.copyfile(q, dst / q.name)
+    return [q.name for q in copied], left
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -418,6 +674,69 @@ class Report:
     bytes_written: int = 0
     records: int = 0
     records_file: Path | None = None
+    side_files: list[str] = field(default_factory=list)  # names copied beside the shards
+    left_out: list[str] = field(default_factory=list)  # other entries of the folder, with the reason
+
+
+def _with_provenance(metadata: Mapping[str, str], provenance: Sequence[Mapping[str, Any]] | None) -> dict[str, str]:
+    """``metadata`` with :data:`PROVENANCE_KEY` set to ``provenance`` (removed when empty; unchanged when None).
+
+    Every other entry is kept; ``"format": "pt"`` is added when absent, because transformers 4.x refuses
+    safetensors metadata without a known format."""
+    meta = dict(metadata)
+    if provenance is None:
+        return meta
+    if provenance:
+        meta[PROVENANCE_KEY] = json.dumps(list(provenance), separators=(",", ":"), sort_keys=True)
+        meta.setdefault("format", "pt")
+    else:
+        meta.pop(PROVENANCE_KEY, None)
+    return meta
+
+
+def _check_records_dest(rec: Path, out: Path, inputs: Sequence[Path], force: bool, explicit: bool) -> None:
+    """The records destination must lie outside ``out`` and the inputs; a chosen one (``explicit``) that
+    exists needs ``force``; the default sibling belongs to ``out`` and is replaced with it."""
+    rr, ro = rec.resolve(), out.resolve()
+    if rr == ro or ro in rr.parents:
+        raise CheckpointError(f"{rec}: merge records never go inside the model {out}; choose a path outside it")
+    _check_output(rec, inputs, force or not explicit)
+
+
+def _part(adapter: Any, module: str | None, replaces: Mapping[str, Any], model_type: str | None) -> Any:
+    """``adapter`` restricted to ``module`` (none: only the replacements) and the replacements ``replaces``,
+    so that :meth:`Adapter.merge` / :meth:`Adapter.unmerge` compute one group of tensors of the model."""
+    part = copy.copy(adapter)
+    part.params = {module: adapter.params[module]} if module is not None else {}
+    part.other = dict(replaces)
+    if model_type is not None:
+        part.model_type = model_type
+    return part
+
+
+def _in_place(fn: Callable[..., dict], state: dict, **kwargs: Any) -> dict:
+    """``fn(state, copy=False)`` on private arrays, ``copy=True`` where the backend cannot write in place."""
+    try:
+        return fn(state, copy=False, **kwargs)
+    except UnsupportedError:
+        return fn(state, copy=True, **kwargs)
+
+
+def _write_tensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """Write a small safetensors file straight into ``path`` (already a temporary sibling), sorted by name."""
+    arrays = {k: np.asarray(v) for k, v in tensors.items()}
+    arrays = {k: (a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else np.ascontiguousarray(a))
+              for k, a in arrays.items()}
+    names = sorted(arrays)
+    head = _header_bytes([(k, dtype_code(arrays[k].dtype), arrays[k].shape, arrays[k].nbytes) for k in names], metadata)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # & ~umask
+    try:
+        _write_all(fd, memoryview(struct.pack("<Q", len(head)) + head))
+        for k in names:
+            _write_all(fd, memoryview(arrays[k].reshape(-1).view(np.uint8)))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def transform(
@@ -431,6 +750,8 @@ def transform(
     peft_compat: bool = False,
     layer_kinds: Mapping[str, Any] | None = None,
     records: Mapping[str, Any] | None = None,
+    records_out: str | os.PathLike | None = None,
+    provenance: Sequence[Mapping[str, Any]] | None = None,
     force: bool = False,
     names: Sequence[str] | None = None,
     inputs: Sequence[Path] = (),
@@ -441,23 +762,35 @@ def transform(
 ) -> Report:
     """Merge (``direction="merge"``) or unmerge ``adapters`` into a copy of ``base`` written at ``out``.
 
-    ``records`` holds the merge records of ``base``, e.g. :func:`read_records` of its
-    :func:`records_path`: unmerge takes what it needs from them and keeps the rest; merge keeps them
-    all and numbers its own records after them. ``to_xp``/``to_host`` move a tensor to the compute backend and back (NumPy
-    by default). ``progress(nbytes)`` is called after each tensor.
+    Each group of tensors (an adapted weight and its bias) goes through the adapters in order (in
+    reverse to unmerge); each adapter first replaces the tensors of the group it replaces, then its
+    module is merged by :meth:`~peftmath.Adapter.merge` (unmerged by :meth:`~peftmath.Adapter.unmerge`)
+    on that group alone, in place on private arrays.
+
+    ``records`` holds the merge records of ``base`` (:func:`read_records` of :func:`find_records`):
+    unmerge takes what it needs from them and keeps the rest; merge keeps them all and numbers its own
+    after them. The records of the output are written to ``records_out`` (default
+    :func:`records_path` ``(out)``; an existing ``records_out`` needs ``force``). ``provenance``, when
+    given, is the complete :data:`PROVENANCE_KEY` list written into every output shard (empty: the
+    key is removed); None leaves the metadata as it is. ``to_xp``/``to_host`` move a tensor to the
+    compute backend and back (NumPy by default). ``progress(nbytes)`` is called after each tensor.
     """
     out = Path(out)
-    _check_output(out, [base.path, *inputs], force)
+    inputs = [base.path, *(Path(q) for q in inputs)]
+    _check_output(out, inputs, force)
+    rec_dest = Path(records_out) if records_out is not None else records_path(out)
+    _check_records_dest(rec_dest, out, inputs, force, explicit=records_out is not None)
     pl = precomputed_plan or plan(base, adapters, direction=direction, dtype=dtype, layer_kinds=layer_kinds, names=names)
+    layer_kinds = dict(layer_kinds or {})
     records = dict(records or {})
     if direction == "unmerge":
         for g in pl.groups.values():
-            for i, m, mod, _ in g:
-                if getattr(mod, "is_dora", False) and _record_for(records, m)[0] is None:
+            for st in g:
+                if getattr(st.mod, "is_dora", False) and _record_for(records, st.module)[0] is None:
                     raise NotInvertibleError(
-                        f"{m}: unmerging DoRA needs the weight norms recorded at merge time, and no record for this "
-                        f"module was found (looked in {records_path(base.path)}); merge with `peftmath merge` keeps "
-                        f"them there, or pass --records FILE")
+                        f"{st.module}: unmerging DoRA needs the weight norms recorded at merge time, and no record for "
+                        f"this module was found (`peftmath merge` writes them to {records_path(base.path)}); pass "
+                        f"--records FILE if they are elsewhere")
     to_xp = to_xp or (lambda a: a)
     to_host = to_host or (lambda a: np.asarray(a))
     rep = Report(out)
@@ -467,44 +800,42 @@ def transform(
     # merging into a model that already carries records (an earlier merge): keep them, number after them
     offset = 1 + max((int(k.split(".", 2)[1]) for k in records if k.startswith("adapters.")), default=-1)
 
+    def read_work(key: str) -> Any:
+        a = base.read(key)
+        work = _np_dtype(pl.ops[key].work_dtype)
+        return to_xp(a if a.dtype == work else a.astype(work))
+
     def compute(wkey: str) -> None:
-        group = pl.groups[wkey]
-        bkey = group[0][3]
-        w_op = pl.ops[wkey]
-        work = _np_dtype(w_op.work_dtype)
-        W = base.read(wkey)
-        if W.dtype != work:
-            W = W.astype(work)
-        b = None
+        bkey = pl.group_bias.get(wkey)
+        state = {wkey: read_work(wkey)}
         if bkey is not None:
-            b = base.read(bkey)
-            bwork = _np_dtype(pl.ops[bkey].work_dtype)
-            if b.dtype != bwork:
-                b = b.astype(bwork)
-        Wx, bx = to_xp(W), (to_xp(b) if b is not None else None)
-        for i, m, mod, _ in group:
+            state[bkey] = read_work(bkey)
+        for st in pl.groups[wkey]:
+            ad = adapters[st.adapter]
+            if st.replaces:  # PEFT loads a trained bias into the base layer before merging the module
+                reps = {k: to_xp(np.asarray(to_host(v)).astype(_np_dtype(pl.ops[k].work_dtype)))
+                        for k, v in st.replaces.items()}
+                state = _part(ad, None, reps, base.model_type).merge(state)
+            if st.module is None:
+                continue
+            part = _part(ad, st.module, {}, base.model_type)
+            kinds = {st.module: layer_kinds[st.module]} if st.module in layer_kinds else None
             if direction == "merge":
-                try:
-                    res = mod.merge(Wx, bx, copy=False, safe=safe, peft_compat=peft_compat)
-                except UnsupportedError:
-                    res = mod.merge(Wx, bx, copy=True, safe=safe, peft_compat=peft_compat)
-                if res.record is not None:
-                    new_records[f"adapters.{i + offset}.{m}"] = np.ascontiguousarray(to_host(res.record))
+                rec: dict[str, Any] = {}
+                state = _in_place(part.merge, state, safe=safe, peft_compat=peft_compat, layer_kinds=kinds, records=rec)
+                if st.module in rec:
+                    new_records[f"adapters.{st.adapter + offset}.{st.module}"] = np.ascontiguousarray(to_host(rec[st.module]))
             else:
-                rkey, rec = _record_for(records, m, used_records) if getattr(mod, "is_dora", False) else (None, None)
-                if rec is not None and getattr(mod, "is_dora", False):
-                    used_records.add(rkey)
-                    rec = to_xp(np.asarray(rec))
-                else:
-                    rec = None
-                try:
-                    res = mod.unmerge(Wx, bx, record=rec, copy=False, peft_compat=peft_compat)
-                except UnsupportedError:
-                    res = mod.unmerge(Wx, bx, record=rec, copy=True, peft_compat=peft_compat)
-            Wx, bx = res.weight, (res.bias if res.bias is not None else bx)
-        pending[wkey] = to_host(Wx)
+                given = None
+                if getattr(st.mod, "is_dora", False):
+                    rkey, r = _record_for(records, st.module, used_records)
+                    if r is not None:
+                        used_records.add(rkey)
+                        given = {st.module: to_xp(np.asarray(r))}
+                state = _in_place(part.unmerge, state, peft_compat=peft_compat, layer_kinds=kinds, records=given)
+        pending[wkey] = to_host(state[wkey])
         if bkey is not None:
-            pending[bkey] = to_host(bx)
+            pending[bkey] = to_host(state[bkey])
 
     is_folder = base.is_folder
     if is_folder:
@@ -521,8 +852,8 @@ def transform(
             for k in keys:
                 op = pl.ops[k]
                 entries.append((k, dtype_code(_np_dtype(op.dst_dtype)), op.shape, op.nbytes))
-            head = _header_bytes(entries, f.metadata)
-            dst = os.open(targets[fname], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            head = _header_bytes(entries, _with_provenance(f.metadata, provenance))
+            dst = os.open(targets[fname], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # & ~umask
             src = os.open(f.path, os.O_RDONLY)
             try:
                 _write_all(dst, memoryview(struct.pack("<Q", len(head)) + head))
@@ -564,27 +895,18 @@ def transform(
                 if isinstance(meta, dict) and "total_size" in meta:
                     meta["total_size"] = pl.bytes_out()
                 (tmp / INDEX_NAME).write_text(json.dumps(idx, indent=2) + "\n", encoding="utf-8")
-            for q in sorted(base.folder.iterdir()):
-                if (q.is_file() and not q.is_symlink() and q.name not in base.files and q.name != INDEX_NAME
-                        and q.name != RECORDS_NAME and not q.name.endswith(_WEIGHT_ENDINGS) and not q.name.startswith(".")):
-                    if q.name == "config.json" and dtype is not None and _retag_config(q, tmp / q.name, dtype):
-                        continue
-                    shutil.copyfile(q, tmp / q.name)
+            rep.side_files, rep.left_out = _copy_side_files(base, tmp, dtype)
         keep = {k: v for k, v in records.items() if k not in used_records} if direction == "unmerge" else new_records
         if direction == "merge" and records:
             keep = {**records, **new_records}
         if keep:
-            meta = {"format": "peftmath-merge-records",
-                    "adapters": json.dumps([str(n) for n in (names or [])])}
-            if is_folder:
-                save_file(keep, tmp / RECORDS_NAME, metadata=meta)
-            else:
-                rec_tmp = Path(str(tmp) + ".records")
-                save_file(keep, rec_tmp, metadata=meta)
+            meta = {"format": "peftmath-merge-records", "adapters": json.dumps([str(n) for n in (names or [])])}
+            rec_tmp = temp_sibling(rec_dest)
+            _write_tensors(rec_tmp, keep, meta)
             rep.records = len(keep)
-        _commit(tmp, out, force, rec_tmp)
+        _commit(tmp, out, force, rec_tmp, rec_dest)
         if keep:
-            rep.records_file = records_path(out, folder=is_folder)
+            rep.records_file = rec_dest
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -619,28 +941,43 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def _commit(tmp: Path, out: Path, force: bool, rec_tmp: Path | None) -> None:
-    """Move the finished ``tmp`` into place as ``out`` (replacing it when ``force``)."""
-    old: Path | None = None
-    if out.exists() or out.is_symlink():
-        if not force:  # re-checked: someone may have created it meanwhile
-            raise CheckpointError(f"{out}: already exists; pass --force to replace it")
-        old = temp_sibling(out, folder=True, kind="old") / "old"
-        os.replace(out, old)
-    sidecar = records_path(out, folder=False)
-    if not tmp.is_dir():
-        if rec_tmp is not None:
-            os.replace(rec_tmp, sidecar)
-        elif force and sidecar.exists():
-            sidecar.unlink()  # a stale record of the replaced output would mislead unmerge
+def _commit(tmp: Path, out: Path, force: bool, rec_tmp: Path | None = None, rec_dest: Path | None = None) -> None:
+    """Move the finished ``tmp`` into place as ``out`` (replacing it when ``force``), and ``rec_tmp`` to
+    ``rec_dest`` just before it (so an existing ``out`` always has its records).
+
+    What is in the way (the replaced ``out``, the records at ``rec_dest`` and the default records
+    sibling of ``out``: stale records of the replaced output, or left by an interrupted run) is moved
+    aside first, deleted once everything is in place, and put back on an error."""
+    parked: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+
+    def park(p: Path) -> None:
+        spot = temp_sibling(p, folder=True, kind="old") / "old"
+        os.replace(p, spot)
+        parked.append((p, spot))
+
     try:
+        if out.exists() or out.is_symlink():
+            if not force:  # re-checked: someone may have created it meanwhile
+                raise CheckpointError(f"{out}: already exists; pass --force to replace it")
+            park(out)
+        stale = [records_path(out)] + ([rec_dest] if rec_tmp is not None and rec_dest is not None else [])
+        for r in dict.fromkeys(stale):
+            if r.exists() or r.is_symlink():
+                park(r)
+        if rec_tmp is not None and rec_dest is not None:
+            os.replace(rec_tmp, rec_dest)
+            placed.append(rec_dest)
         os.replace(tmp, out)
     except BaseException:
-        if old is not None:
-            os.replace(old, out)
+        for p in placed:
+            p.unlink(missing_ok=True)
+        for orig, spot in reversed(parked):
+            os.replace(spot, orig)
+            shutil.rmtree(spot.parent, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old.parent, ignore_errors=True)
+    for _, spot in parked:
+        shutil.rmtree(spot.parent, ignore_errors=True)
 
 
 def write_with_replacements(base: Model, replacements: Mapping[str, np.ndarray], out: str | os.PathLike, *,
@@ -668,10 +1005,10 @@ def write_with_replacements(base: Model, replacements: Mapping[str, np.ndarray],
                 tensors[k] = np.asarray(v).astype(f.dtype(k), copy=False) if v is not None else f[k]
             save_file(tensors, (target_dir / name) if base.is_folder else out, metadata=f.metadata)
         if base.is_folder:
-            for item in base.folder.iterdir():
-                if item.is_file() and item.name not in base.files:
-                    shutil.copy2(item, tmp / item.name)
-            _commit(tmp, out, force, None)
+            if base.index is not None:
+                shutil.copyfile(base.folder / INDEX_NAME, tmp / INDEX_NAME)
+            _copy_side_files(base, tmp)
+            _commit(tmp, out, force)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,7 @@ import pytest
 
 import peftmath as pm
 from peftmath.io.safetensors import SafeTensorsFile, load_file
-from peftmath.io.stream import open_model, records_path
+from peftmath.io.stream import PROVENANCE_KEY, RECORDS_NAME, open_model, records_path
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -57,7 +57,9 @@ def test_merge_single_file(cli, f32_model, tmp_path, lora_targets, h):
             assert merged[k].tobytes() == state[k].tobytes(), k
         else:
             assert not np.array_equal(merged[k], state[k])
-    assert SafeTensorsFile(out).metadata == SafeTensorsFile(base).metadata
+    meta = dict(SafeTensorsFile(out).metadata)
+    assert json.loads(meta.pop(PROVENANCE_KEY))[0]["adapter"] == "lora"  # provenance: tests/cli/test_provenance.py
+    assert meta == SafeTensorsFile(base).metadata  # every original entry kept
     assert list(SafeTensorsFile(out)) == list(SafeTensorsFile(base))  # same tensor order
     assert not records_path(out).exists()  # LoRA needs no records
 
@@ -156,11 +158,15 @@ def test_dora_records_in_folder(cli, tmp_path, lora_targets, h):
     base = h.write_model(tmp_path / "base", state, shards=2)
     h.make_lora(tmp_path / "dora", state, lora_targets[:2], use_dora=True)
     out = tmp_path / "merged"
-    assert cli("merge", base, tmp_path / "dora", "-o", out)[0] == 0
-    assert (out / "peftmath_merge_records.safetensors").exists()
+    rc, _, err = cli("merge", base, tmp_path / "dora", "-o", out)
+    assert rc == 0, err
+    # the records lie beside the folder, never in it: OUT holds exactly what the base folder holds
+    assert records_path(out) == tmp_path / "merged.merge-records.safetensors" and records_path(out).is_file()
+    assert f"merge records (2) in {records_path(out)}" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
     back = tmp_path / "back"
     assert cli("unmerge", out, tmp_path / "dora", "-o", back)[0] == 0
-    assert not (back / "peftmath_merge_records.safetensors").exists()  # consumed
+    assert not records_path(back).exists() and not (back / RECORDS_NAME).exists()  # consumed
     restored = _read_model(back)
     for k in state:
         assert np.allclose(restored[k], state[k], rtol=0, atol=1e-5), k
@@ -285,11 +291,11 @@ def test_records_travel_through_successive_merges(cli, tmp_path, lora_targets, h
         src = src if isinstance(src, type(base)) else tmp_path / src
         rc, _, err = cli(cmd, src, tmp_path / ad, "-o", tmp_path / out)
         assert rc == 0, (cmd, out, err)
-    assert sorted(load_file(tmp_path / "m2" / "peftmath_merge_records.safetensors")) == sorted(
+    assert sorted(load_file(records_path(tmp_path / "m2"))) == sorted(
         f"adapters.{i}.{m}" for i in (0, 1) for m in lora_targets[:2])
-    assert sorted(load_file(tmp_path / "u1" / "peftmath_merge_records.safetensors")) == sorted(
-        f"adapters.0.{m}" for m in lora_targets[:2])
-    assert not (tmp_path / "u0" / "peftmath_merge_records.safetensors").exists()
+    assert sorted(load_file(records_path(tmp_path / "u1"))) == sorted(f"adapters.0.{m}" for m in lora_targets[:2])
+    assert not records_path(tmp_path / "u0").exists()
+    assert not [p for p in tmp_path.rglob(RECORDS_NAME)]  # never written inside a model folder
     restored = _read_model(tmp_path / "u0")
     for k in state:
         assert np.allclose(restored[k], state[k], rtol=0, atol=1e-5), k
