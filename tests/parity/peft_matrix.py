@@ -5,9 +5,9 @@
 order, extracted once from that file (with ``ast``; nothing here reads PEFT's tests). Config classes
 are NAMES (strings), resolved against the installed ``peft`` at run time; a nested config object
 (``kasa_config=KasaConfig()``, ``use_bdlora=BdLoraConfig(...)``, ...) is written as a dict with the
-key ``"__config__"`` naming its class. PEFT's file repeats a few test names (``"Vanilla MLP 1 WaveFT"``
-three times, ``"transformers Conv1D 1 IA3"`` twice, ...); the second and later copies get ``" #2"``,
-``" #3"`` appended, so every row id is unique and can be a pytest id.
+key ``"__config__"`` naming its class. PEFT's file repeats 15 test names (its ten WaveFT rows twice, word
+for word; three MiSS names, ``"transformers Conv1D 1 IA3"`` and ``"Conv2d2 1 BOFT"`` with other
+keywords); the second copy gets ``" #2"`` appended, so every row id is unique and can be a pytest id.
 
 The models (``MODELS``) are re-implemented for this test, not imported: each is the list of named
 layers of PEFT's model class of the same id, with the same layer names, types and shapes (so that
@@ -16,7 +16,8 @@ every parameter drawn from a NumPy seed. They have no whole-model ``forward``: t
 merged state dicts and per-layer forwards, never the model's output.
 
 ``MAY_REFUSE`` lists the rows of claimed methods (``CLAIMED``) that peftmath may answer with a refusal
-instead of PEFT's numbers, each with the reason; every row of another config class must be refused.
+instead of PEFT's numbers, each with the reason; a row of another config class must be refused (or, once
+peftmath implements that method, give PEFT's numbers).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ CLAIMED = frozenset({
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
-#: the math or add tensors (issue 15, item 3) and combinations PEFT cannot merge either
+#: the math or add tensors (issue 15, item 3) and DoRA on grouped convs. (LoRA on a grouped conv is not
+#: here: PEFT cannot merge it, so a refused merge with PEFT's forward is a pass.)
 MAY_REFUSE: dict[str, str] = {
     "Vanilla MLP 1 LoRA with KaSA": "KaSA (lora_diag) is a LoRA variant peftmath does not implement",
     "Vanilla MLP 10 LoRA with VeLoRA random": "VeLoRA is a LoRA variant peftmath does not implement",
@@ -44,8 +46,6 @@ MAY_REFUSE: dict[str, str] = {
     "MHA 2 LoRA": "nn.MultiheadAttention targets",
     "MLP 1 using nn.Parameter LoRA": "target_parameters",
     "MLP 2 using nn.Parameter LoRA": "target_parameters",
-    "Conv2d Groups LoRA": "LoRA on a grouped conv: forward only, PEFT cannot merge it either",
-    "Conv2d Groups2 LoRA": "LoRA on a grouped conv: forward only, PEFT cannot merge it either",
     "Conv2d Groups LoRA with DoRA": "DoRA on a grouped conv (PEFT's norm mixes output channels)",
     "Conv2d Groups2 LoRA with DoRA": "DoRA on a grouped conv (PEFT's norm mixes output channels)",
 }
