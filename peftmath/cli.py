@@ -1,7 +1,10 @@
 """The ``peftmath`` command: demo, inspect, merge, unmerge and extract PEFT adapters without PyTorch.
 
 Data goes to stdout, logs and progress to stderr. Exit status: 0 success, 1 error (one line naming
-the file, tensor or field and what to do; ``-v`` adds the traceback), 2 usage error.
+the file, tensor or field and what to do; ``-v`` adds the traceback), 2 usage error (an unknown
+option, a missing argument, or a value malformed or out of range on its own: argparse reports it).
+Warnings, the library's included, are one line each (``peftmath: warning: ...``); ``--strict`` makes
+every :class:`~peftmath.errors.PeftMathWarning` an error (exit 1).
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, PeftMathError, ShapeError
+from .errors import CheckpointError, ConfigError, PeftMathError, PeftMathWarning, ShapeError
 
 EPILOG_MODELS = """\
 Models (BASE, TUNED, MERGED, OUT) are a .safetensors file or a folder of shards with
@@ -69,21 +73,72 @@ class _Log:
             print(msg, file=sys.stderr)
 
     def warn(self, msg: str) -> None:
-        if self.verbosity >= 0:
-            print(f"peftmath: warning: {msg}", file=sys.stderr)
+        """A warning of the command: a :class:`PeftMathWarning`, like the library's (shown by :meth:`show`,
+        an error with --strict)."""
+        warnings.warn(msg, PeftMathWarning, stacklevel=2)
+
+    def show(self, message: Any, category: type, filename: str, lineno: int, file: Any = None,
+             line: Any = None) -> None:
+        """``warnings.showwarning`` while a command runs: one plain line, no source path (none with -q)."""
+        if self.verbosity < 0:
+            return
+        text = " ".join(str(message).split())
+        if not issubclass(category, PeftMathWarning):
+            text = f"{category.__name__}: {text}"
+        print(f"peftmath: warning: {text}", file=sys.stderr)
 
 
-def _layer_kinds(items: Sequence[str] | None) -> dict[str, str]:
+# --- option values: checked by argparse (a usage error, exit 2, names the option) ----------------
+def _value_type(name: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Callable:
+    """An argparse ``type=``: ``convert`` the text, then require ``ok`` (``what`` says what is expected)."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+_POSITIVE_INT = _value_type("positive_int", int, lambda v: v > 0, "a positive integer")
+_COUNT = _value_type("count", int, lambda v: v >= 0, "an integer >= 0")
+_FINITE = _value_type("finite_float", float, np.isfinite, "a finite number")
+_POSITIVE = _value_type("positive_float", float, lambda v: np.isfinite(v) and v > 0, "a finite number > 0")
+_FRACTION = _value_type("fraction", float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+_QUANTILE = _value_type("quantile", float, lambda v: 0 <= v <= 1, "a quantile in [0, 1]")
+_LAYERS = _value_type("num_layers", int, lambda v: v == -1 or v > 0, "a positive integer, or -1 for all")
+
+
+def _regex(text: str) -> str:
+    """An argparse ``type=`` for a regular expression (re.search / re.fullmatch later)."""
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({exc})") from None
+    return text
+
+
+def _layer_kind_item(text: str) -> tuple[str, str]:
+    """An argparse ``type=`` for ``--layer-kind MODULE=KIND``."""
     from .layers import LayerKind
 
-    out: dict[str, str] = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ConfigError(f"--layer-kind {item!r}: expected MODULE=KIND, e.g. transformer.h.0.attn.c_attn=Conv1D")
-        m, k = item.split("=", 1)
-        LayerKind.parse(k)  # validate early
-        out[m] = k
-    return out
+    module, sep, kind = text.partition("=")
+    if not sep or not module.strip():
+        raise argparse.ArgumentTypeError(f"expected MODULE=KIND, e.g. transformer.h.0.attn.c_attn=Conv1D, got {text!r}")
+    try:
+        LayerKind.parse(kind)
+    except PeftMathError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return module.strip(), kind
+
+
+def _layer_kinds(items: Sequence[tuple[str, str]] | None) -> dict[str, str]:
+    """``{module: kind}`` from the ``--layer-kind`` values (parsed by :func:`_layer_kind_item`)."""
+    return dict(items or ())
 
 
 def _fmt_bytes(n: float) -> str:
@@ -180,6 +235,8 @@ def inspect_adapter(path: str | os.PathLike, *, base: Any = None, layer_kinds: d
     from .config import resolve_pattern
     from .io import load_adapter
 
+    if not isinstance(top, int) or isinstance(top, bool) or top < 0:
+        raise ConfigError(f"inspect: top must be an integer >= 0 (the number of singular values), got {top!r}")
     ad = load_adapter(path)
     cfg = ad.config
     layer_kinds = layer_kinds or {}
@@ -409,8 +466,7 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
         raise ConfigError(f"--rank must be a positive integer, got {rank!r}")
     if energy is not None and not 0 < energy <= 1:
         raise ConfigError(f"--energy must be in (0, 1], got {energy}")
-    inc = re.compile(include) if include else None
-    exc_re = re.compile(exclude) if exclude else None
+    inc, exc_re = (_compiled(f"--{name}", rx) for name, rx in (("include", include), ("exclude", exclude)))
     layer_kinds = layer_kinds or {}
     base = open_model(base_path)
     tuned = open_model(tuned_path)
@@ -485,6 +541,16 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
                                             for m, v in report.items()}, sort_keys=True)}
     write_adapter(ad, outp, force=force, metadata=meta)
     return report
+
+
+def _compiled(option: str, pattern: str | None) -> re.Pattern | None:
+    """``pattern`` compiled (None for none); an invalid one is a ConfigError naming ``option``."""
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{option} {pattern!r} is not a valid regular expression ({exc})") from exc
 
 
 def write_adapter(ad: Any, out: Path, *, force: bool, metadata: dict | None = None) -> None:
@@ -570,39 +636,35 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
 
     out = Path(args.output)
     _check_output(out, [Path(args.base)], args.force)
-    if args.config:
-        config = read_config(args.config)
-    else:
-        from .io import config_from_dict
-
-        fields: dict[str, Any] = {"peft_type": args.method.upper()}
-        if args.target:
-            fields["target_modules"] = args.target[0] if len(args.target) == 1 and (
-                args.target[0].lower() == "all-linear" or not re.fullmatch(r"[\w.]+", args.target[0])) else args.target
-        if args.r is not None:
-            fields["r"] = args.r
-        if args.alpha is not None:
-            alpha = int(args.alpha) if float(args.alpha).is_integer() else args.alpha
-            fields["lora_alpha" if args.method.upper() in ("LORA", "ADALORA") else "alpha"] = alpha
-        if args.init is not None:
-            value: Any = {"true": True, "false": False}.get(args.init.lower(), args.init)
-            key = {"LORA": "init_lora_weights", "ADALORA": "init_lora_weights", "IA3": "init_ia3_weights"}
-            fields[key.get(args.method.upper(), "init_weights")] = value
-        config = config_from_dict(fields, source="command line")
+    base_out = Path(args.base_out) if args.base_out else None
+    if base_out is not None:
+        if base_out.absolute() == out.absolute():
+            raise ConfigError(f"--base-out {base_out} and -o {out} are the same path; the new base model and the "
+                              f"adapter need one each")
+        _check_output(base_out, [Path(args.base)], args.force)
+    config = read_config(args.config) if args.config else _config_from_flags(args)
     state, model_type = open_state(args.base)
     result = create_adapter(state, config, seed=args.seed, layer_kinds=_layer_kinds(args.layer_kind),
                             model_type=args.model_type or model_type, return_base=True)
     ad, new_base = result
-    if new_base and not args.base_out:
+    if new_base and base_out is None:
         raise ConfigError(f"init_lora_weights={getattr(config, 'init_lora_weights', None)!r} changes "
                           f"{len(new_base)} base weights; pass --base-out NEW_BASE to write the new base model")
+    if base_out is not None and not new_base:
+        log.warn(f"--base-out {base_out}: this initialisation leaves the base model unchanged; not written")
+    fresh_base = base_out is not None and new_base and not base_out.exists()
     if new_base:
         from .io.stream import write_with_replacements
 
-        base_out = Path(args.base_out)
-        _check_output(base_out, [Path(args.base)], args.force)
         write_with_replacements(open_model(args.base), new_base, base_out, force=args.force)
-    write_adapter(ad, out, force=args.force)
+    try:
+        write_adapter(ad, out, force=args.force)
+    except BaseException:
+        if fresh_base and base_out.is_dir():  # no new base without its adapter
+            shutil.rmtree(base_out, ignore_errors=True)
+        elif fresh_base:
+            base_out.unlink(missing_ok=True)
+        raise
     if not args.quiet:
         print(ad.trainable_parameters_line(state), file=sys.stderr)
         rows = [[r["module"], r["kind"], str(r.get("r", "")), str(r.get("alpha", "")),
@@ -611,6 +673,47 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
         print(_table(rows, ["module", "kind", "r", "alpha", "scaling", "parameters"]))
         print(f"wrote {ad.peft_type} adapter ({len(ad.modules)} modules) to {out}", file=sys.stderr)
     return 0
+
+
+def _config_from_flags(args: argparse.Namespace) -> Any:
+    """The config that ``init``'s flags describe: the method's defaults, then --r, --alpha, --target, --init.
+
+    A flag the method has no field for is an error (IA3 has no rank, OFT no alpha, ...). OFT's
+    ``--r`` sets ``oft_block_size`` to 0, as PEFT wants exactly one of them.
+    """
+    import dataclasses
+
+    from .io import config_from_dict
+    from .methods import get_method
+
+    peft_type = args.method.upper()
+    cls = get_method(peft_type).Config
+    known = {f.name for f in dataclasses.fields(cls)}
+    given: dict[str, tuple[str, Any]] = {}
+    if args.target:
+        given["target_modules"] = ("--target", args.target[0] if len(args.target) == 1 and (
+            args.target[0].lower() == "all-linear" or not re.fullmatch(r"[\w.]+", args.target[0])) else args.target)
+    if args.r is not None:
+        given["r"] = ("--r", args.r)
+    if args.alpha is not None:
+        alpha = int(args.alpha) if float(args.alpha).is_integer() else args.alpha
+        given["lora_alpha" if "lora_alpha" in known else "alpha"] = ("--alpha", alpha)
+    if args.init is not None:
+        value: Any = {"true": True, "false": False}.get(args.init.lower(), args.init)
+        field = next((f for f in ("init_lora_weights", "init_ia3_weights", "init_weights") if f in known), "init_weights")
+        given[field] = ("--init", value)
+    for field, (option, _) in given.items():
+        if field not in known:
+            raise ConfigError(f"{option}: {peft_type} has no field {field!r}; give this method's fields in an "
+                              f"adapter_config.json with --config")
+    fields = {**cls().to_dict(), **{f: v for f, (_, v) in given.items()}, "peft_type": peft_type}
+    if peft_type == "OFT" and "r" in given:
+        fields["oft_block_size"] = 0
+    try:
+        return config_from_dict(fields, source="command line")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (the flags set r, alpha, target_modules and the init field; give the other "
+                          f"fields in an adapter_config.json with --config)") from exc
 
 
 def _cmd_extract(args: argparse.Namespace, log: _Log) -> int:
@@ -652,6 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="print only data and errors")
         parser.add_argument("-v", "--verbose", action="count", default=default if default is not None else 0,
                             help="more logging; a traceback on errors")
+        parser.add_argument("--strict", action="store_true", default=default if default is not None else False,
+                            help="every warning is an error (exit 1, nothing written): unknown config fields, "
+                                 "lossy conversions, skipped modules, ...")
 
     common = argparse.ArgumentParser(add_help=False)
     verbosity_options(common, argparse.SUPPRESS)  # given after the command, or before it
@@ -690,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("adapter", help="PEFT adapter folder")
     i.add_argument("--base", help="base model to check the adapter against (headers only are read)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
-    i.add_argument("--top", type=int, default=3, help="number of singular values to show (default 3)")
+    i.add_argument("--top", type=_COUNT, default=3, help="number of singular values to show (default 3)")
     i.add_argument("--layer-kind", action="append", metavar="MODULE=KIND",
                    help="layer kind of a module whose weight shape is ambiguous (e.g. a square transformers "
                         "Conv1D): Linear, Conv1D, Embedding, Conv1d, Conv2d, Conv3d")
@@ -746,11 +852,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "--exclude 'lm_head|embed' -o extracted-lora/\n")
     e.add_argument("base", metavar="BASE")
     e.add_argument("tuned", metavar="TUNED")
-    e.add_argument("--rank", type=int, required=True, metavar="R", help="LoRA rank (upper bound with --energy)")
-    e.add_argument("--energy", type=float, metavar="E",
+    e.add_argument("--rank", type=_POSITIVE_INT, required=True, metavar="R",
+                   help="LoRA rank (upper bound with --energy)")
+    e.add_argument("--energy", type=_FRACTION, metavar="E",
                    help="per module, the smallest rank <= R keeping this fraction of sum(sigma^2), e.g. 0.99")
-    e.add_argument("--include", metavar="REGEX", help="only modules whose name matches (re.search)")
-    e.add_argument("--exclude", metavar="REGEX", help="skip modules whose name matches (re.search)")
+    e.add_argument("--include", type=_regex, metavar="REGEX", help="only modules whose name matches (re.search)")
+    e.add_argument("--exclude", type=_regex, metavar="REGEX", help="skip modules whose name matches (re.search)")
     e.add_argument("--randomized", action="store_true", help="randomized SVD (faster for large weights, "
                                                              "slightly less accurate)")
     e.add_argument("--fan-in-fan-out", action="store_true", help="2-D weights are stored (in, out) (GPT-2 Conv1D)")
@@ -769,15 +876,17 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  peftmath combine lora-a/ lora-b/ --weights 0.7 0.3 --method ties "
                               "--density 0.5 -o combined/\n")
     c.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter folders")
-    c.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per adapter (default 1 each)")
+    c.add_argument("--weights", type=_FINITE, nargs="+", metavar="W", help="one weight per adapter (default 1 each)")
     c.add_argument("--method", default="svd", help="cat, linear, svd, ties, ties_svd, dare_linear, dare_ties, "
                                                     "dare_linear_svd, dare_ties_svd, magnitude_prune, "
                                                     "magnitude_prune_svd (default svd)")
-    c.add_argument("--svd-rank", type=int, help="rank of the *svd types (default: the largest source rank)")
-    c.add_argument("--svd-clamp", type=float, help="clamp the SVD factors at this quantile of their entries")
-    c.add_argument("--density", type=float, help="fraction kept by the pruning types, in (0, 1]")
+    c.add_argument("--svd-rank", type=_POSITIVE_INT,
+                   help="rank of the *svd types (default: the largest source rank)")
+    c.add_argument("--svd-clamp", type=_QUANTILE,
+                   help="clamp the SVD factors at this quantile of their entries, in [0, 1]")
+    c.add_argument("--density", type=_FRACTION, help="fraction kept by the pruning types, in (0, 1]")
     c.add_argument("--majority-sign", default="total", choices=["total", "frequency"], help="ties sign election")
-    c.add_argument("--seed", type=int, default=0, help="seed of the DARE masks (default 0)")
+    c.add_argument("--seed", type=_COUNT, default=0, help="seed of the DARE masks (default 0)")
     c.add_argument("--peft-compat", action="store_true", help="reproduce PEFT 0.21.2's numbers where it departs "
                                                               "from the consistent math (inherited rsLoRA)")
     _add_output(c, "ADAPTER_DIR")
@@ -801,10 +910,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--typed", action="store_true", help="candle-lora: the typed Llama layout")
     v.add_argument("--dummy-embeddings", action="store_true", help="candle-lora: add the dummy embedding pair")
     v.add_argument("--lossy", action="store_true", help="candle-lora: drop what it cannot hold, with a warning")
-    v.add_argument("--num-layers", type=int, help="mlx: num_layers of the written config (default -1: all)")
+    v.add_argument("--num-layers", type=_LAYERS, help="mlx: num_layers of the written config (default -1: all)")
     v.add_argument("--modules-from", metavar="BASE", help="module names from a base model (kohya / candle-lora "
                                                            "files written by other tools)")
-    v.add_argument("--lora-alpha", type=float, help="candle-lora source: its alpha (the files do not hold it)")
+    v.add_argument("--lora-alpha", type=_POSITIVE, help="candle-lora source: its alpha (the files do not hold it)")
     v.add_argument("--missing-alpha", choices=["error", "rank"], help="kohya source: a module without alpha")
     v.set_defaults(func=_cmd_convert)
 
@@ -821,16 +930,23 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("base", metavar="BASE", help="model (.safetensors file or folder)")
     n.add_argument("--config", metavar="CONFIG_JSON", help="an adapter_config.json (any method)")
     n.add_argument("--method", default="lora", help="peft_type when no --config is given (default lora)")
-    n.add_argument("--r", type=int, help="rank")
-    n.add_argument("--alpha", type=float, help="alpha (lora_alpha for LoRA)")
-    n.add_argument("--target", action="append", metavar="NAME", help="a target module (repeat), a regex, or all-linear")
+    n.add_argument("--r", type=_POSITIVE_INT, help="rank")
+    n.add_argument("--alpha", type=_FINITE, help="alpha (lora_alpha for LoRA and AdaLoRA)")
+    n.add_argument("--target", type=_regex, action="append", metavar="NAME",
+                   help="a target module (repeat), a regex, or all-linear")
     n.add_argument("--init", help="initialisation: true, false, gaussian, pissa, olora, orthogonal, lycoris, ...")
-    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--seed", type=_COUNT, default=0, help="seed of the random initialisations (default 0)")
     n.add_argument("--model-type", help="transformers model_type (default: from BASE's config.json)")
     n.add_argument("--layer-kind", action="append", metavar="MODULE=KIND", help="layer kind of a module")
     n.add_argument("--base-out", metavar="NEW_BASE", help="where to write the changed base model (pissa, olora, loftq)")
     _add_output(n, "ADAPTER_DIR", force_help="replace existing outputs")
     n.set_defaults(func=_cmd_init)
+
+    # every command's --layer-kind MODULE=KIND is parsed in one place (a malformed one is a usage error)
+    for command in sub.choices.values():
+        for action in command._actions:
+            if "--layer-kind" in action.option_strings:
+                action.type = _layer_kind_item
     return p
 
 
@@ -846,6 +962,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     verbosity = -1 if args.quiet else 1 + args.verbose
     log = _Log(verbosity)
+    with warnings.catch_warnings():  # restores the caller's filters and showwarning
+        warnings.showwarning = log.show
+        if args.strict:
+            warnings.simplefilter("error", PeftMathWarning)
+        return _run(args, log)
+
+
+def _run(args: argparse.Namespace, log: _Log) -> int:
+    """Run the command; an error becomes one line on stderr and exit status 1."""
     try:
         return int(args.func(args, log) or 0)
     except BrokenPipeError:  # `peftmath inspect ... | head`: the reader left; not an error of ours
@@ -854,10 +979,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return 1
-    except (PeftMathError, OSError) as exc:
+    except (PeftMathError, PeftMathWarning, OSError, re.error) as exc:
         if args.verbose:
             traceback.print_exc()
-        msg = str(exc) if isinstance(exc, PeftMathError) else f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}"
+        if isinstance(exc, PeftMathError):
+            msg = str(exc)
+        elif isinstance(exc, PeftMathWarning):  # raised as an error by --strict
+            msg = f"{exc} (a warning; --strict makes it an error)"
+        elif isinstance(exc, re.error):  # a regular expression of an adapter config (rank_pattern, target_modules)
+            msg = f"invalid regular expression {exc.pattern!r}: {exc.msg}" + (
+                f" at position {exc.pos}" if exc.pos is not None else "")
+        else:
+            msg = f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}"
         print(f"peftmath: error: {' '.join(msg.split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

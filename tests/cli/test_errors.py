@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import struct
 
@@ -161,8 +162,63 @@ def case_unmerge_missing_records(tmp, base, state, h):
     return ["unmerge", base, tmp / "dora"], "weight norms recorded at merge time"
 
 
-def case_extract_rank(tmp, base, state, h):
-    return ["extract", base, base, "--rank", "0"], "--rank must be a positive integer"
+def _write_config(tmp, name, **fields):
+    d = tmp / name
+    d.mkdir()
+    (d / "adapter_model.safetensors").write_bytes((tmp / "lora" / "adapter_model.safetensors").read_bytes())
+    cfg = json.loads((tmp / "lora" / "adapter_config.json").read_text())
+    cfg.update(fields)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def case_inspect_bad_rank_pattern_regex(tmp, base, state, h):
+    return ["inspect", _write_config(tmp, "badre", rank_pattern={"(q_proj": 2})], "invalid regular expression"
+
+
+def case_merge_bad_alpha_pattern_regex(tmp, base, state, h):
+    return ["merge", base, _write_config(tmp, "badre", alpha_pattern={"[v": 2})], "invalid regular expression"
+
+
+def case_init_flag_the_method_lacks(tmp, base, state, h):
+    return ["init", base, "--method", "ia3", "--alpha", "3"], "--alpha: IA3 has no field 'alpha'"
+
+
+def case_init_needs_config_fields(tmp, base, state, h):
+    return ["init", base, "--method", "adalora", "--target", "q_proj"], "total_step"
+
+
+def case_init_base_out_is_output(tmp, base, state, h):
+    return ["init", base, "--init", "pissa", "--target", "q_proj", "--base-out", tmp / "out.safetensors"], \
+        "are the same path"
+
+
+def case_init_unsupported_init(tmp, base, state, h):
+    return ["init", base, "--init", "eva", "--target", "q_proj", "--base-out", tmp / "nb.safetensors"], "'eva'"
+
+
+def case_init_config_is_missing(tmp, base, state, h):
+    return ["init", base, "--config", tmp / "nope.json"], "nope.json: no such file"
+
+
+def case_init_config_bad_target_regex(tmp, base, state, h):
+    (tmp / "cfg.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ".*(q_proj"}))
+    return ["init", base, "--config", tmp / "cfg.json"], "invalid regular expression"
+
+
+def case_combine_adapter_is_a_file(tmp, base, state, h):
+    return ["combine", tmp / "lora", base], "no such file"
+
+
+def case_convert_missing_source(tmp, base, state, h):
+    return ["convert", tmp / "nope", "--to", "kohya"], "nope: no such file"
+
+
+def case_strict_skipped_module(tmp, base, state, h):
+    # LoHa has no Embedding: PEFT skips model.embed_tokens with a warning, --strict refuses it
+    return ["init", base, "--method", "loha", "--target", ".*(embed_tokens|q_proj)", "--strict"], \
+        "LOHA does not support these layer kinds; skipped as PEFT skips them: model.embed_tokens (Embedding) " \
+        "(a warning; --strict makes it an error)"
 
 
 CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
@@ -202,8 +258,112 @@ def test_usage_errors(cli, tmp_path):
     assert cli("merge", tmp_path)[0] == 2  # no adapter, no -o
     assert cli("frobnicate")[0] == 2
     assert cli("merge", "a", "b", "-o", "c", "--dtype", "int8")[0] == 2
-    assert cli("merge", "a", "b", "-o", "c", "--layer-kind", "nokind")[0] == 1
     assert cli("--help")[0] == 0
+
+
+# a value malformed or out of range on its own is a usage error: exit 2, argparse's message naming the
+# option, before anything is read or written. Each case: (argv, the option named, what the message says)
+_A, _B, _M = "lora", "lora2", "base.safetensors"
+USAGE = {
+    "merge-layer-kind-no-equals": (["merge", _M, _A, "--layer-kind", "nokind"], "--layer-kind", "MODULE=KIND"),
+    "merge-layer-kind-unknown": (["merge", _M, _A, "--layer-kind", "m=Conv4d"], "--layer-kind", "Conv4d"),
+    "unmerge-layer-kind": (["unmerge", _M, _A, "--layer-kind", "foo"], "--layer-kind", "MODULE=KIND"),
+    "inspect-layer-kind-no-module": (["inspect", _A, "--layer-kind", "=Linear"], "--layer-kind", "MODULE=KIND"),
+    "init-layer-kind": (["init", _M, "--layer-kind", "q=Nope"], "--layer-kind", "Nope"),
+    "extract-layer-kind": (["extract", _M, _M, "--rank", "2", "--layer-kind", "q"], "--layer-kind", "MODULE=KIND"),
+    "inspect-top-negative": (["inspect", _A, "--top", "-1"], "--top", "integer >= 0"),
+    "inspect-top-text": (["inspect", _A, "--top", "three"], "--top", "'three'"),
+    "extract-rank-zero": (["extract", _M, _M, "--rank", "0"], "--rank", "positive integer"),
+    "extract-rank-negative": (["extract", _M, _M, "--rank", "-4"], "--rank", "positive integer"),
+    "extract-energy-above-1": (["extract", _M, _M, "--rank", "2", "--energy", "1.5"], "--energy", "(0, 1]"),
+    "extract-energy-zero": (["extract", _M, _M, "--rank", "2", "--energy", "0"], "--energy", "(0, 1]"),
+    "extract-energy-nan": (["extract", _M, _M, "--rank", "2", "--energy", "nan"], "--energy", "(0, 1]"),
+    "extract-include-regex": (["extract", _M, _M, "--rank", "2", "--include", "(q_proj"], "--include",
+                              "not a valid regular expression"),
+    "extract-exclude-regex": (["extract", _M, _M, "--rank", "2", "--exclude", "[lm"], "--exclude",
+                              "not a valid regular expression"),
+    "combine-weight-nan": (["combine", _A, _B, "--weights", "nan", "1"], "--weights", "finite number"),
+    "combine-weight-inf": (["combine", _A, _B, "--weights", "1", "inf"], "--weights", "finite number"),
+    "combine-svd-rank-zero": (["combine", _A, _B, "--svd-rank", "0"], "--svd-rank", "positive integer"),
+    "combine-svd-clamp-above-1": (["combine", _A, _B, "--svd-clamp", "2"], "--svd-clamp", "[0, 1]"),
+    "combine-svd-clamp-negative": (["combine", _A, _B, "--svd-clamp", "-0.5"], "--svd-clamp", "[0, 1]"),
+    "combine-density-zero": (["combine", _A, _B, "--method", "ties", "--density", "0"], "--density", "(0, 1]"),
+    "combine-density-above-1": (["combine", _A, _B, "--method", "ties", "--density", "1.5"], "--density", "(0, 1]"),
+    "combine-seed-negative": (["combine", _A, _B, "--seed", "-1"], "--seed", "integer >= 0"),
+    "convert-num-layers-zero": (["convert", _A, "--to", "mlx", "--num-layers", "0"], "--num-layers", "-1 for all"),
+    "convert-num-layers-negative": (["convert", _A, "--to", "mlx", "--num-layers", "-5"], "--num-layers",
+                                    "-1 for all"),
+    "convert-lora-alpha-nan": (["convert", _A, "--to", "peft", "--lora-alpha", "nan"], "--lora-alpha", "> 0"),
+    "init-r-zero": (["init", _M, "--r", "0"], "--r", "positive integer"),
+    "init-r-negative": (["init", _M, "--r", "-8"], "--r", "positive integer"),
+    "init-alpha-nan": (["init", _M, "--alpha", "nan"], "--alpha", "finite number"),
+    "init-seed-negative": (["init", _M, "--seed", "-1"], "--seed", "integer >= 0"),
+    "init-target-regex": (["init", _M, "--target", "(q_proj"], "--target", "not a valid regular expression"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(USAGE))
+def test_bad_option_value_is_a_usage_error(name, setup, cli, h):
+    tmp, base, state = setup
+    h.make_lora(tmp / "lora2", state, TARGETS, seed=2)
+    argv, option, expected = USAGE[name]
+    argv = [tmp / a if a in (_A, _B, _M) else a for a in argv]
+    if argv[0] != "inspect":
+        argv += ["-o", tmp / "out"]
+    before = h.tree_digest(tmp)
+    rc, stdout, err = cli(*argv)
+    assert rc == 2, (stdout, err)
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith(f"peftmath {argv[0]}: error: argument {option}"), err
+    assert expected in last, last
+    assert "Traceback" not in err and stdout == ""
+    assert h.tree_digest(tmp) == before
+
+
+def test_every_command_takes_strict_and_layer_kind_is_parsed_once():
+    from peftmath.cli import _layer_kind_item, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        options = {o: a for a in parser._actions for o in a.option_strings}
+        assert "--strict" in options, name
+        if "--layer-kind" in options:
+            assert options["--layer-kind"].type is _layer_kind_item, name
+
+
+def test_warnings_are_one_plain_line(setup, cli):
+    tmp, base, state = setup
+    argv = ["init", base, "--method", "loha", "--target", ".*(embed_tokens|q_proj)"]
+    rc, out, err = cli(*argv, "-o", tmp / "a")
+    assert rc == 0, err
+    warned = [ln for ln in err.splitlines() if ln.startswith("peftmath: warning")]
+    assert warned == ["peftmath: warning: LOHA does not support these layer kinds; skipped as PEFT skips them: "
+                      "model.embed_tokens (Embedding)"], err
+    assert ".py" not in err and "PeftMathWarning" not in err
+    rc, out, err = cli(*argv, "-o", tmp / "b", "-q")  # -q: data and errors only
+    assert rc == 0 and "warning" not in err
+    rc, out, err = cli("--strict", *argv, "-o", tmp / "c")  # --strict before the command works too
+    assert rc == 1 and err.startswith("peftmath: error: LOHA does not support") and not (tmp / "c").exists()
+
+
+def test_foreign_warnings_are_one_line_too(setup, cli, monkeypatch):
+    """A warning from another library during a command (NumPy, a plugin) is one line naming its category,
+    and --strict leaves it a warning (it is not peftmath's)."""
+    import warnings
+
+    from peftmath import cli as cli_module
+
+    tmp, base, state = setup
+    real = cli_module._cmd_inspect
+
+    def noisy(args, log):
+        warnings.warn("overflow encountered in multiply\n  (second line)", RuntimeWarning)
+        return real(args, log)
+
+    monkeypatch.setattr(cli_module, "_cmd_inspect", noisy)
+    for strict in ([], ["--strict"]):
+        rc, out, err = cli("inspect", tmp / "lora", *strict)
+        assert rc == 0 and err == "peftmath: warning: RuntimeWarning: overflow encountered in multiply (second line)\n"
 
 
 @pytest.mark.parametrize("shards", [1, 3])
