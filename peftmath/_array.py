@@ -32,6 +32,12 @@ __all__ = [
     "embedding_lookup",
     "all_finite",
     "is_writeable",
+    "why_not_writeable",
+    "data_address",
+    "is_view_of",
+    "reshape_view",
+    "transpose_view",
+    "contiguous_copy",
     "dtype_name",
 ]
 
@@ -150,8 +156,99 @@ def all_finite(x: Array, *, xp: Namespace | None = None) -> bool:
 
 
 def is_writeable(x: Array) -> bool:
-    """True when ``x`` can be updated in place (False for JAX arrays and read-only NumPy views)."""
-    return bool(array_api_compat.is_writeable_array(x))
+    """True when ``x`` can be updated in place (see :func:`why_not_writeable`)."""
+    return why_not_writeable(x) is None
+
+
+def why_not_writeable(x: Array) -> str | None:
+    """Why an in-place write into ``x`` cannot happen (a phrase naming the layout), or None when it can.
+
+    Refused: a read-only NumPy array (a read-only memory map, a broadcast view), a JAX array
+    (immutable), a lazy dask array (``x[...] = v`` rebuilds its task graph instead of writing memory),
+    a PyTorch leaf tensor that requires grad while autograd is on (PyTorch itself refuses the write),
+    and any other array that array-api-compat reports as not writeable.
+    """
+    if isinstance(x, np.ndarray):
+        return None if x.flags.writeable else "a read-only numpy.ndarray (a read-only memory map or a broadcast view)"
+    if array_api_compat.is_torch_array(x):
+        import torch
+
+        if x.requires_grad and x.is_leaf and torch.is_grad_enabled():
+            return ("a torch leaf tensor that requires grad (PyTorch refuses in-place writes to it; merge under "
+                    "torch.no_grad() or pass weight.detach())")
+        return None
+    if array_api_compat.is_jax_array(x):
+        return "a JAX array (JAX arrays are immutable)"
+    if array_api_compat.is_dask_array(x):
+        return "a lazy dask array (an assignment rebuilds its task graph instead of writing memory)"
+    if not array_api_compat.is_writeable_array(x):
+        return f"an immutable {type(x).__module__}.{type(x).__name__}"
+    return None
+
+
+def data_address(x: Array) -> int | None:
+    """The memory address of ``x``'s first element, or None where the library does not expose one.
+
+    NumPy: ``__array_interface__``; PyTorch: ``data_ptr()`` (storage offset included); CuPy:
+    ``data.ptr``; any other library through a zero-copy DLPack view on the host, when it has one.
+    """
+    if isinstance(x, np.ndarray):
+        return int(x.__array_interface__["data"][0])
+    if array_api_compat.is_torch_array(x):
+        return int(x.data_ptr())
+    if array_api_compat.is_cupy_array(x):
+        return int(x.data.ptr)
+    if array_api_compat.is_jax_array(x) or array_api_compat.is_dask_array(x):
+        return None
+    try:
+        return int(np.from_dlpack(x).__array_interface__["data"][0])
+    except Exception:  # no host DLPack view (another device, no __dlpack__): the address is unknown
+        return None
+
+
+def is_view_of(view: Array, x: Array) -> bool:
+    """True when ``view`` is proven to alias ``x``: writing ``view`` writes ``x``'s memory.
+
+    For a reshape or a transpose of ``x`` (which keep element 0 first), equal first-element addresses
+    are the proof: a copy is a fresh allocation and cannot start inside ``x``'s live memory. False when
+    the library exposes no address (the caller then writes ``x[...] = result`` instead).
+    """
+    if math.prod(x.shape) == 0:
+        return True
+    a, b = data_address(x), data_address(view)
+    return a is not None and a == b
+
+
+def reshape_view(x: Array, shape: tuple[int, ...], *, xp: Namespace | None = None) -> Array | None:
+    """``x`` reshaped to ``shape`` as a proven view of ``x`` (see :func:`is_view_of`), or None when that
+    shape needs a copy: a Fortran-ordered, permuted or column-sliced conv weight, a torch
+    ``channels_last`` tensor.
+
+    Uses the standard's ``reshape(copy=False)`` (never copies; NumPy raises ValueError, array-api-strict
+    AttributeError, PyTorch RuntimeError through ``view``) and checks the address on top.
+    """
+    if tuple(x.shape) == tuple(shape):
+        return x
+    xp = xp or namespace(x)
+    try:
+        v = xp.reshape(x, tuple(shape), copy=False)
+    except (ValueError, AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return None
+    return v if is_view_of(v, x) else None
+
+
+def transpose_view(x: Array, *, xp: Namespace | None = None) -> Array | None:
+    """``matrix_transpose(x)`` as a proven view of ``x``, or None (the standard does not promise a view)."""
+    xp = xp or namespace(x)
+    v = xp.matrix_transpose(x)
+    return v if is_view_of(v, x) else None
+
+
+def contiguous_copy(x: Array, *, xp: Namespace | None = None) -> Array:
+    """A new C-ordered array equal to ``x`` (any layout in), so that its matrix views are views: the
+    standard's ``reshape(copy=True)`` of the flattened array, reshaped back."""
+    xp = xp or namespace(x)
+    return xp.reshape(xp.reshape(x, (-1,), copy=True), tuple(x.shape))
 
 
 def _ntuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:

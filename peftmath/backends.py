@@ -16,6 +16,14 @@ only what the standard lacks:
   (:meth:`Backend.lora_gather_`), with the same contract as ``addmm_``: do it in place and say so, or
   touch nothing and return False / None.
 
+**The kernels' side of the in-place contract** (design §3.9, :mod:`peftmath.methods._base`): the
+caller gives an in-place kernel only arrays that alias the caller's memory (the weight itself, or a
+matrix view proven to be a view by :meth:`peftmath.layers.Layer.matrix_view`), never a copy made by a
+reshape. A kernel therefore writes its result through the array it was given, whatever its strides,
+or declines (False / None) without touching it: it must not copy its target (``ascontiguousarray``,
+an f2py copy) and report success. A layout a kernel cannot handle (NumPy's BLAS path takes C- or
+F-contiguous matrices only) is declined, and the caller computes out of place and stores the result.
+
 Backends are found through the entry-point group ``peftmath.backends``. NumPy, PyTorch, JAX and the
 generic array-API fallback register there from peftmath's own ``pyproject.toml``; the CuPy backend
 lives in its own distribution (``backends/cupy``) and registers the same way.
@@ -68,7 +76,8 @@ class Backend(Protocol):
         """An array of this backend as a NumPy array (bfloat16 through ml_dtypes)."""
 
     def addmm_(self, m: Array, b: Array, a: Array, alpha: float) -> bool:
-        """``m += alpha * b @ a`` in place; return False (touching nothing) when not possible."""
+        """``m += alpha * b @ a`` in place into ``m``'s own memory (``m`` aliases the caller's weight);
+        return False (touching nothing) when not possible."""
 
     def stop_gradient(self, x: Array) -> Array:
         """``x`` with gradients blocked (identity for libraries without autodiff)."""

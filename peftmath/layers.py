@@ -15,6 +15,30 @@ kind                          weight as stored            matrix view           
 ``Conv1D`` is what PEFT calls ``fan_in_fan_out=True``. For the Embedding the "input" is the vocabulary
 (size V) and the "output" is the embedding dimension D: that is how LoRA (``lora_embedding_A`` is
 ``(r, V)``) and DoRA (one norm per embedding dimension) see it.
+
+.. _conv-keywords:
+
+Conv keywords (every method's ``forward``)
+------------------------------------------
+Every method's functional ``forward`` and ``Module.forward`` (hence ``Adapter.forward``) take the base
+convolution's hyper-parameters as keywords, with PyTorch's meaning and defaults:
+
+``stride=1``, ``padding=0`` (a number, one per spatial axis, ``"valid"`` or ``"same"``), ``dilation=1``
+    passed to the base convolution and to the adapter's own convolutions (see each method's spec
+    for where PEFT differs);
+``groups=None``
+    inferred from the shapes, ``g = x.shape[1] // W.shape[1]`` (input channels over the weight's
+    channels per group), because a checkpoint does not record it. A given ``groups`` must agree with
+    that; an input whose channels are not a multiple of ``W.shape[1]``, or a ``g`` that does not
+    divide the output channels, is a :class:`~peftmath.errors.ShapeError`. Methods whose tensors fix
+    the input channels (LoRA/DoRA's ``lora_A``, a feedforward IA3 vector) check the input against
+    them; methods that do not define grouped convolutions (DoRA, AdaLoRA, OFT, BOFT) raise
+    :class:`~peftmath.errors.UnsupportedError` for ``g > 1``.
+
+On a Linear, transformers Conv1D or Embedding these keywords must keep their defaults (they have no
+meaning there; a non-default value is a ShapeError). An input of the wrong width for any layer is a
+:class:`~peftmath.errors.ShapeError` naming the module and both shapes. :meth:`Layer.for_input` is the
+one place that does all of this.
 """
 
 from __future__ import annotations
@@ -24,6 +48,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from ._array import reshape_view, transpose_view
 from .errors import ShapeError
 
 Array = Any
@@ -161,6 +186,21 @@ class Layer:
             return xp.reshape(weight, self.matrix_shape)
         return weight
 
+    def matrix_view(self, weight: Array, xp: Any) -> Array | None:
+        """The ``(out, in_flat)`` matrix of ``weight`` as a view that writes through to ``weight``'s
+        memory, or None when only a copy has that shape (a Fortran-ordered, permuted or column-sliced
+        conv weight, a torch ``channels_last`` tensor; see :func:`peftmath._array.reshape_view`).
+
+        In-place kernels are only ever given this view (:func:`peftmath.methods._base.write_weight`);
+        :meth:`as_matrix` is for reading and may copy.
+        """
+        self.check_weight(weight)
+        if self.fan_in_fan_out:
+            return transpose_view(weight, xp=xp)
+        if self.kind.is_conv:
+            return reshape_view(weight, self.matrix_shape, xp=xp)
+        return weight
+
     def from_matrix(self, matrix: Array, xp: Any) -> Array:
         """Inverse of :meth:`as_matrix`: a ``(out, in_flat)`` array in the stored layout."""
         if tuple(matrix.shape) != self.matrix_shape:
@@ -188,6 +228,65 @@ class Layer:
         if bias is not None and tuple(bias.shape) != (self.out_features,) and self.kind is not LayerKind.EMBEDDING:
             raise ShapeError(f"{self.kind.value}: bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
 
+    def for_input(
+        self,
+        x: Array,
+        where: str,
+        *,
+        groups: int | None = None,
+        channels: int | None = None,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+    ) -> tuple["Layer", dict[str, Any]]:
+        """Check the input ``x`` against this layer and resolve the conv keywords (see the module's
+        "Conv keywords" section, the one description every method's ``forward`` refers to).
+
+        Returns ``(layer, conv_kwargs)``: this layer with the groups of ``x`` (``x.shape[1] //
+        W.shape[1]``) and the ``stride`` / ``padding`` / ``dilation`` keywords for
+        :meth:`base_forward` (empty for a layer that is not a convolution). ``channels`` is the number
+        of input channels the adapter's own tensors fix (LoRA's ``lora_A.shape[1]``), None when only
+        the base weight constrains them. Raises :class:`ShapeError` naming ``where`` and both shapes for
+        an input of the wrong width, rank or channel count, a ``groups`` that contradicts the shapes,
+        or a conv keyword on a layer that is not a convolution.
+        """
+        xs, ws = tuple(x.shape), self.weight_shape
+        head = f"{where}: input of shape {xs} does not fit the {self.kind.value} base weight {ws}"
+        if not self.kind.is_conv:
+            extra = {k: v for k, v in (("stride", stride), ("padding", padding), ("dilation", dilation))
+                     if not _is_default(k, v)}
+            if groups not in (None, 1):
+                extra["groups"] = groups
+            if extra:
+                raise ShapeError(f"{where}: {', '.join(f'{k}={v!r}' for k, v in extra.items())} only apply to "
+                                 f"convolutions, not to a {self.kind.value} layer (weight {ws}); leave them out")
+            if self.kind is not LayerKind.EMBEDDING:
+                if len(xs) < 1 or xs[-1] != self.in_features:
+                    raise ShapeError(f"{head}: its last axis must be the {self.in_features} input features, "
+                                     f"shape (..., {self.in_features})")
+            return self, {}
+        nd = self.kind.conv_dims
+        if len(xs) != nd + 2:
+            raise ShapeError(f"{head}: a {self.kind.value} takes (N, C_in, {', '.join(['L', 'H, W', 'D, H, W'][nd - 1:nd])}), "
+                             f"{nd + 2} axes")
+        c_in, per_group = xs[1], ws[1]
+        if channels is not None and c_in != channels:
+            raise ShapeError(f"{head}: the adapter's tensors take {channels} input channels, the input has {c_in}")
+        if per_group == 0 or c_in % per_group:
+            raise ShapeError(f"{head}: its {c_in} channels are not a multiple of the weight's {per_group} "
+                             f"channels per group (weight shape[1])")
+        g = c_in // per_group
+        if groups is not None and int(groups) != g:
+            raise ShapeError(f"{where}: groups={groups} contradicts the input {xs} and the weight {ws}, which give "
+                             f"groups = {c_in} // {per_group} = {g}; leave groups out or fix the input")
+        if ws[0] % g:
+            raise ShapeError(f"{head}: groups = {c_in} // {per_group} = {g} does not divide the {ws[0]} output channels")
+        if self.groups != 1 and self.groups != g:
+            raise ShapeError(f"{head}: the layer has groups={self.groups} (input channels "
+                             f"{self.in_features}), the input gives groups={g}")
+        layer = self if g == self.groups else Layer(self.kind, ws, g)
+        return layer, dict(stride=stride, padding=padding, dilation=dilation)
+
     def base_forward(self, x: Array, weight: Array, bias: Array | None, xp: Any, **conv_kwargs: Any) -> Array:
         """The plain base layer: ``x W^T + b``, ``x W + b``, a lookup, or a convolution."""
         from ._array import conv, embedding_lookup
@@ -212,3 +311,13 @@ class Layer:
         if bc is not None:
             y = y + bc
         return as_compute(xp, y, out_dtype)
+
+
+def _is_default(name: str, value: Any) -> bool:
+    """True when conv keyword ``name`` has its default (1 for stride/dilation, 0 or "valid" for padding)."""
+    default = 0 if name == "padding" else 1
+    if isinstance(value, str):
+        return name == "padding" and value == "valid"
+    if isinstance(value, (tuple, list)):
+        return all(v == default for v in value)
+    return value == default

@@ -1,26 +1,43 @@
-"""What every method shares: binding parameters to a module, and the additive merge.
+"""What every method shares: binding parameters to a module, and the one write path of every merge.
 
 A :class:`ModuleAdapter` is one adapter's parameters on one base module plus that method's math.
 :class:`~peftmath.adapter.Adapter` holds one per adapted module and calls these methods; nothing
 here reads files or knows about checkpoints beyond the parameter names.
 
-:func:`apply_delta` is the one place where ``W ± ΔW`` is computed for every additive method
-(LoRA, AdaLoRA, LoHa, LoKr, VeRA): the rounding policy, the safe-merge check and the in-place
-(``copy=False``) contract live here.
+The in-place contract (design §3.9) lives here, in :func:`write_weight`, and every merge and unmerge
+of every method (LoRA, DoRA, AdaLoRA, IA3, LoHa, LoKr, VeRA, OFT, BOFT) writes through it:
+
+* ``copy=False`` writes the result into the caller's array and returns that array, or raises
+  :class:`~peftmath.errors.UnsupportedError` (naming the module and the layout, saying "use
+  copy=True") before anything is written: a read-only NumPy array, a JAX array, a lazy dask array, a
+  torch leaf tensor that requires grad. Nothing else: never a result computed into a copy and
+  returned as if written.
+* A backend's in-place kernel (``addmm_``, ``dora_merge_``, ``scale_``, ...) is only ever given the
+  weight's matrix view when :meth:`~peftmath.layers.Layer.matrix_view` proves that view aliases the
+  caller's memory. A layout whose matrix view would be a copy (a Fortran-ordered, permuted or
+  column-sliced conv weight, torch ``channels_last``) is computed out of place and stored with
+  ``weight[...] = result``, which writes into the caller's memory whatever its strides.
+* ``copy=True`` never touches ``weight`` and returns the same numbers on every layout.
+
+:func:`apply_delta` is the additive form of it (``W ± ΔW``, LoRA, AdaLoRA, LoHa, LoKr, VeRA) with
+the rounding policy and the safe-merge check.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, NamedTuple
 
-from .._array import all_finite, as_compute, compute_dtype, dtype_name, is_low_precision, is_writeable, namespace
+from .._array import (
+    all_finite, as_compute, compute_dtype, contiguous_copy, dtype_name, is_low_precision, namespace, why_not_writeable,
+)
 from ..backends import backend_for
 from ..errors import NonFiniteError, ShapeError, UnsupportedError
 from ..layers import Layer
 
 Array = Any
 
-__all__ = ["MergeResult", "ModuleAdapter", "apply_delta", "finish", "bias_update", "write_back", "require_writeable", "check_shape"]
+__all__ = ["MergeResult", "ModuleAdapter", "apply_delta", "write_weight", "finish", "bias_update", "write_back",
+           "require_writeable", "check_shape"]
 
 
 class MergeResult(NamedTuple):
@@ -44,17 +61,22 @@ def check_shape(module: str, what: str, array: Array, expected: tuple[int, ...])
         )
 
 
-def require_writeable(module: str, target: Array) -> None:
-    """Raise :class:`UnsupportedError` when ``copy=False`` cannot write into ``target``."""
-    if not is_writeable(target):
+def require_writeable(module: str, target: Array, what: str = "base weight") -> None:
+    """Raise :class:`UnsupportedError` when ``copy=False`` cannot write into ``target`` (see
+    :func:`peftmath._array.why_not_writeable`), naming the module and the layout."""
+    reason = why_not_writeable(target)
+    if reason is not None:
         raise UnsupportedError(
-            f"{module}: copy=False needs a writeable array, got a read-only {type(target).__name__}; "
-            f"use copy=True (JAX arrays are immutable)"
+            f"{module}: copy=False writes into the caller's array, but the {what} is not writeable: it is "
+            f"{reason}; nothing was written, use copy=True"
         )
 
 
 def write_back(module: str, target: Array, value: Array) -> Array:
-    """Store ``value`` into ``target``'s memory (the ``copy=False`` contract) and return ``target``."""
+    """Store ``value`` into ``target``'s memory (the ``copy=False`` contract) and return ``target``.
+
+    ``target[...] = value`` writes through any strides (Fortran order, permuted and sliced views,
+    torch ``channels_last``)."""
     require_writeable(module, target)
     target[...] = value
     return target
@@ -75,6 +97,59 @@ def finish(module: str, weight: Array, new: Array, *, copy: bool, safe: bool, xp
     return result if copy else write_back(module, weight, result)
 
 
+def write_weight(
+    module: str,
+    weight: Array,
+    compute: Callable[[], Array],
+    *,
+    layer: Layer | None = None,
+    kernel: Callable[[Array], bool] | None = None,
+    copy: bool = True,
+    safe: bool = False,
+    kernel_on_copy: bool = False,
+    xp: Any = None,
+) -> Array:
+    """The one write path of every merge and unmerge (the module docstring states the contract).
+
+    Parameters
+    ----------
+    weight
+        The base weight in its stored layout and dtype.
+    compute
+        Builds the new weight in the stored layout, as a fresh array in ``weight``'s dtype or wider
+        (rounded once to ``weight.dtype`` here).
+    layer
+        The weight's layer: ``kernel`` then receives its ``(out, in_flat)`` matrix view
+        (:meth:`~peftmath.layers.Layer.matrix_view`); None gives ``kernel`` the array itself.
+    kernel
+        An in-place fast path: updates the array it is given (always a proven view of the target's
+        memory) and returns True, or returns False touching nothing. Skipped with ``safe``.
+    copy
+        False: write into ``weight`` and return it (kernel on its proven matrix view, else ``compute``
+        and ``weight[...] = result``), or raise :class:`UnsupportedError` before writing anything.
+        True: return a new array; ``weight`` is never touched.
+    safe
+        Refuse (:class:`NonFiniteError`) a non-finite result before anything is written.
+    kernel_on_copy
+        With ``copy=True`` (or ``safe``), run ``kernel`` on a C-ordered copy of ``weight`` instead of
+        calling ``compute`` (one allocation of the weight's size, no temporary of it besides).
+    """
+    xp = xp or namespace(weight, where=module)
+    if not copy:
+        require_writeable(module, weight)
+        if kernel is not None and not safe:
+            view = weight if layer is None else layer.matrix_view(weight, xp)
+            if view is not None and kernel(view):
+                return weight
+    if kernel is not None and kernel_on_copy:
+        out = contiguous_copy(weight, xp=xp)
+        if why_not_writeable(out) is None:
+            view = out if layer is None else layer.matrix_view(out, xp)
+            if view is not None and kernel(view):
+                return finish(module, weight, out, copy=copy, safe=safe, xp=xp)
+    return finish(module, weight, compute(), copy=copy, safe=safe, xp=xp)
+
+
 def apply_delta(
     module: str,
     weight: Array,
@@ -84,47 +159,35 @@ def apply_delta(
     copy: bool = True,
     safe: bool = False,
     round_delta_to: Any = None,
-    inplace_kernel: Callable[[], bool] | None = None,
+    layer: Layer | None = None,
+    inplace_kernel: Callable[[Array], bool] | None = None,
+    kernel_on_copy: bool = False,
     xp: Any = None,
 ) -> Array:
-    """``weight + sign * delta`` with peftmath's rounding policy.
+    """``weight + sign * delta`` with peftmath's rounding policy, written by :func:`write_weight` (whose
+    parameters ``weight``, ``copy``, ``safe``, ``layer``, ``kernel_on_copy`` and ``xp`` it shares).
 
-    Parameters
-    ----------
-    weight
-        The base weight in its stored layout and dtype.
-    delta
-        ``ΔW`` in the same layout, in a compute dtype (float32 or float64), or a zero-argument
-        callable producing it (so that the in-place kernel can skip building it).
-    round_delta_to
-        ``None`` (the default policy): the sum is formed in float32 (float64 for float64 inputs) and
-        rounded once to ``weight.dtype``. A dtype: ``delta`` is first rounded to it, as PEFT does
-        (``W ± Δ.to(W.dtype)``); used by ``peft_compat=True``.
-    copy
-        True returns a new array. False writes into ``weight`` and returns it, or raises
-        :class:`UnsupportedError` for an immutable array; nothing is written when an error is raised.
-    safe
-        Refuse (:class:`NonFiniteError`) a result with NaN or infinity; ``weight`` is untouched.
-    inplace_kernel
-        A backend fast path for ``copy=False`` that updates ``weight`` in place without a temporary
-        of its size and returns True, or returns False (touching nothing) when it cannot.
-    xp
-        The namespace of ``weight`` when the caller already knows it.
+    ``delta`` is ``ΔW`` in the stored layout, in a compute dtype (float32 or float64), or a zero-argument
+    callable producing it (so that the in-place kernel can skip building it). ``round_delta_to``:
+    ``None`` (the default policy) forms the sum in float32 (float64 for float64 inputs) and rounds it
+    once to ``weight.dtype``; a dtype first rounds ``delta`` to it, as PEFT does (``W ± Δ.to(W.dtype)``,
+    ``peft_compat=True``; no kernel then). ``inplace_kernel`` is the backend fast path
+    ``kernel(M) -> bool`` on ``M``, the proven matrix view of the target, with no temporary of its size.
     """
     xp = xp or namespace(weight, where=module)
-    if not copy:
-        require_writeable(module, weight)
-        if not safe and round_delta_to is None and inplace_kernel is not None and inplace_kernel():
-            return weight
-    if callable(delta):
-        delta = delta()
-    if tuple(delta.shape) != tuple(weight.shape):
-        raise ShapeError(f"{module}: delta weight {tuple(delta.shape)} does not match base weight {tuple(weight.shape)}")
-    cd = compute_dtype(xp, weight.dtype, delta.dtype)
-    if round_delta_to is not None:
-        delta = as_compute(xp, xp.astype(delta, round_delta_to), cd)
-    total = as_compute(xp, weight, cd) + delta if sign > 0 else as_compute(xp, weight, cd) - delta
-    return finish(module, weight, total, copy=copy, safe=safe, xp=xp)
+
+    def compute() -> Array:
+        d = delta() if callable(delta) else delta
+        if tuple(d.shape) != tuple(weight.shape):
+            raise ShapeError(f"{module}: delta weight {tuple(d.shape)} does not match base weight {tuple(weight.shape)}")
+        cd = compute_dtype(xp, weight.dtype, d.dtype)
+        if round_delta_to is not None:
+            d = as_compute(xp, xp.astype(d, round_delta_to), cd)
+        return as_compute(xp, weight, cd) + d if sign > 0 else as_compute(xp, weight, cd) - d
+
+    kernel = inplace_kernel if round_delta_to is None else None
+    return write_weight(module, weight, compute, layer=layer, kernel=kernel, copy=copy, safe=safe,
+                        kernel_on_copy=kernel_on_copy, xp=xp)
 
 
 def bias_update(
@@ -195,8 +258,24 @@ class ModuleAdapter:
         return MergeResult(new, bias)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
-        """The unmerged adapted forward of this module."""
+        """The unmerged adapted forward of this module; the conv keywords (``stride``, ``padding``,
+        ``dilation``, ``groups``) are described once in :mod:`peftmath.layers` ("Conv keywords")."""
         raise NotImplementedError
+
+    #: input channels of a conv fixed by the adapter's own tensors (None: only the base weight fixes them)
+    input_channels: int | None = None
+
+    def input_layer(self, x: Array, weight: Array, layer_kwargs: dict[str, Any]) -> tuple[Layer, dict[str, Any]]:
+        """The shared input check of every ``Module.forward``: ``weight`` against the module's layer, then
+        ``x`` and the conv keywords in ``layer_kwargs`` (:meth:`~peftmath.layers.Layer.for_input`), the
+        errors naming this module. Returns the layer with the groups of ``x`` and ``layer_kwargs``
+        without ``groups`` (the functional forward receives the layer, which carries them)."""
+        check_shape(self.name, "base weight", weight, self.layer.weight_shape)
+        kw = dict(layer_kwargs)
+        groups = kw.pop("groups", None)
+        conv = {k: kw[k] for k in ("stride", "padding", "dilation") if k in kw}
+        layer, _ = self.layer.for_input(x, self.name, groups=groups, channels=self.input_channels, **conv)
+        return layer, kw
 
     # --- shared -------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

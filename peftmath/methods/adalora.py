@@ -364,6 +364,7 @@ def forward(
     stride: int | tuple[int, ...] = 1,
     padding: int | tuple[int, ...] | str = 0,
     dilation: int | tuple[int, ...] = 1,
+    groups: int | None = None,
     peft_compat: bool = False,
 ) -> Array:
     """The unmerged adapted layer.
@@ -378,12 +379,16 @@ def forward(
     (identity by default). The adapter's term is computed in float32 (or wider) and added to the base
     output, which is rounded once to its dtype. ``peft_compat=True`` builds the Conv2d kernel in
     PEFT's rounding order (:func:`delta_weight`).
+
+    ``stride``, ``padding``, ``dilation``, ``groups``: the base conv's, described once in
+    :mod:`peftmath.layers` ("Conv keywords"); a grouped conv (``groups > 1``, inferred from ``x``) is
+    refused with :class:`~peftmath.errors.UnsupportedError`.
     """
     xp = namespace(x, W, A, E, B, bias, where="adalora.forward")
-    lay = _resolve_layer(layer, A, B, W)
+    lay, conv_kwargs = _resolve_layer(layer, A, B, W).for_input(
+        x, "adalora.forward", groups=groups, stride=stride, padding=padding, dilation=dilation)
     r = _check_factors(lay, A, E, B, "adalora.forward")
     rn = float(r) if ranknum is None else float(ranknum)
-    conv_kwargs = dict(stride=stride, padding=padding, dilation=dilation) if lay.kind.is_conv else {}
     base = lay.base_forward(x, W, bias, xp, **conv_kwargs)
     cd = compute_dtype(xp, A.dtype, E.dtype, B.dtype, x.dtype)
     xin = as_compute(xp, x, cd)
@@ -425,20 +430,14 @@ def _apply(W: Array, A: Array, E: Array, B: Array, *, scaling: float, ranknum: f
             return lay.from_matrix(_compat_delta_matrix(xp, A, E, B, scaling, rn, cd), xp)
         return lay.from_matrix(delta_matrix(A, E, B, scale=c, xp=xp, dtype=cd), xp)
 
-    def kernel(target: Array = W) -> bool:
-        if peft_compat:
-            return False
-        return backend_for(xp).addmm_(lay.as_matrix(target, xp), as_compute(xp, B, cd), _scaled_rows(xp, A, E, cd),
-                                      sign * c)
+    def kernel(M: Array) -> bool:
+        return backend_for(xp).addmm_(M, as_compute(xp, B, cd), _scaled_rows(xp, A, E, cd), sign * c)
 
-    if copy and not safe and not peft_compat:
-        # a copy of W updated in place by the backend's gemm (beta=1) needs no temporary of W's size
-        # besides the result; where the backend has no such kernel, the generic path below runs
-        target = xp.asarray(W, copy=True)
-        if kernel(target):
-            return target
     # PEFT adds (subtracts) the delta as computed, without rounding it to W's dtype first (W.data += Δ).
-    return apply_delta(where, W, build, sign=sign, copy=copy, safe=safe, inplace_kernel=kernel)
+    # copy=True runs the backend's gemm (beta=1) on a C-ordered copy of W: no temporary of W's size besides
+    # the result; where the backend has no such kernel, the generic path runs.
+    return apply_delta(where, W, build, sign=sign, copy=copy, safe=safe, layer=lay,
+                       inplace_kernel=None if peft_compat else kernel, kernel_on_copy=True, xp=xp)
 
 
 def merge(
@@ -458,7 +457,7 @@ def merge(
 
     ``copy=False`` updates ``W`` in place and returns it (on NumPy float32/float64 one BLAS gemm with
     ``beta=1`` on the factors ``B`` and ``A ⊙ E``: no temporary of W's size; ``copy=True`` runs the same
-    kernel on a copy of W where the backend has it); ``safe=True`` refuses a
+    kernel on a C-ordered copy of W where the backend has it); ``safe=True`` refuses a
     non-finite result and leaves ``W`` untouched. The sum is formed in float32 (float64 for float64)
     and rounded once to W's dtype, which is also what PEFT's ``W.data += Δ`` does.
 
@@ -923,8 +922,9 @@ class AdaLoraModule(ModuleAdapter):
         return MergeResult(new, bias)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
+        layer, kw = self.input_layer(x, weight, layer_kwargs)
         return forward(x, weight, self.A, self.E, self.B, scaling=self.scaling, ranknum=self.ranknum, bias=bias,
-                       layer=self.layer, **layer_kwargs)
+                       layer=layer, **kw)
 
 
 def _check_mask(name: str, mask: Any, init_r: int, r: int | None) -> None:

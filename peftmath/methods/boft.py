@@ -34,7 +34,7 @@ from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_nonnegative_int
 from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, check_shape, finish
+from ._base import MergeResult, ModuleAdapter, check_shape, write_weight
 from .oft import apply_blocks
 
 Array = Any
@@ -276,6 +276,7 @@ def forward(
     stride: int | tuple[int, ...] = 1,
     padding: int | tuple[int, ...] | str = 0,
     dilation: int | tuple[int, ...] = 1,
+    groups: int | None = None,
     peft_compat: bool = False,
 ) -> Array:
     """The unmerged BOFT layer: ``((x M) Wᵀ) ⊙ s + bias`` (Conv2d: ``conv(x, diag(s) W_flat Mᵀ) + bias``).
@@ -284,9 +285,14 @@ def forward(
     ignores the base dilation (and uses only the first stride / padding entry); peftmath uses the
     base layer's geometry, ``peft_compat=True`` reproduces PEFT's choice. For Linear,
     ``peft_compat=True`` rounds ``M`` and ``x M`` to x's dtype as PEFT does.
+
+    ``stride``, ``padding``, ``dilation``, ``groups``: the base conv's, described once in
+    :mod:`peftmath.layers` ("Conv keywords"); a grouped conv (``groups > 1``, inferred from ``x``) is
+    refused with :class:`~peftmath.errors.UnsupportedError`.
     """
     xp = namespace(x, weight, boft_R, boft_s, bias, where="boft.forward")
-    lay = Layer.for_weight(layer, weight)
+    lay, _ = Layer.for_weight(layer, weight).for_input(x, "boft.forward", groups=groups, stride=stride,
+                                                        padding=padding, dilation=dilation)
     _check(lay, boft_R, "boft.forward")
     s = _scale_vector(boft_s, lay, "boft.forward")
     cd = compute_dtype(xp, x.dtype, weight.dtype, boft_R.dtype, boft_s.dtype)
@@ -335,10 +341,14 @@ def merge(
     _check(lay, boft_R, "boft.merge")
     s = _scale_vector(boft_s, lay, "boft.merge")
     cd = compute_dtype(xp, weight.dtype, boft_R.dtype, boft_s.dtype)
-    Wm = as_compute(xp, xp.reshape(weight, lay.matrix_shape), cd)
-    new = apply_rotation(Wm, cayley(boft_R, dtype=cd), transpose=True)
-    new *= as_compute(xp, s, cd)[:, None]  # in place on the fresh product (saves a weight-sized temporary)
-    return finish("boft.merge", weight, xp.reshape(new, lay.weight_shape), copy=copy, safe=safe, xp=xp)
+
+    def compute() -> Array:
+        Wm = as_compute(xp, xp.reshape(weight, lay.matrix_shape), cd)
+        new = apply_rotation(Wm, cayley(boft_R, dtype=cd), transpose=True)
+        new *= as_compute(xp, s, cd)[:, None]  # in place on the fresh product (saves a weight-sized temporary)
+        return xp.reshape(new, lay.weight_shape)
+
+    return write_weight("boft.merge", weight, compute, copy=copy, safe=safe, xp=xp)
 
 
 def unmerge(
@@ -368,15 +378,18 @@ def unmerge(
             f"{lay.out_features}); the merged rows cannot be unscaled. The weight is unchanged"
         )
     cd = compute_dtype(xp, weight.dtype, boft_R.dtype, boft_s.dtype)
-    Wm = as_compute(xp, xp.reshape(weight, lay.matrix_shape), cd)
-    rotated = apply_rotation(Wm, cayley(boft_R, dtype=cd))
-    sc = as_compute(xp, s, cd)
-    if peft_compat:
-        rotated *= (1.0 / sc)[:, None]
-    else:
-        rotated /= sc[:, None]
-    new = rotated
-    return finish("boft.unmerge", weight, xp.reshape(new, lay.weight_shape), copy=copy, safe=False, xp=xp)
+
+    def compute() -> Array:
+        Wm = as_compute(xp, xp.reshape(weight, lay.matrix_shape), cd)
+        rotated = apply_rotation(Wm, cayley(boft_R, dtype=cd))
+        sc = as_compute(xp, s, cd)
+        if peft_compat:
+            rotated *= (1.0 / sc)[:, None]
+        else:
+            rotated /= sc[:, None]
+        return xp.reshape(rotated, lay.weight_shape)
+
+    return write_weight("boft.unmerge", weight, compute, copy=copy, xp=xp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,9 +506,8 @@ class BOFTModule(ModuleAdapter):
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, *, peft_compat: bool = False,
                 **layer_kwargs: Any) -> Array:
-        self.layer.check_weight(weight)
-        return forward(x, weight, self.R, self.s, bias=bias, layer=self.layer, peft_compat=peft_compat,
-                       **layer_kwargs)
+        layer, kw = self.input_layer(x, weight, layer_kwargs)
+        return forward(x, weight, self.R, self.s, bias=bias, layer=layer, peft_compat=peft_compat, **kw)
 
     @classmethod
     def initialize(cls, name: str, config: BOFTConfig, layer: Layer, *, weight: Array | None = None,

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .._array import all_finite, as_compute, compute_dtype, is_low_precision, namespace
+from .._array import as_compute, compute_dtype, is_low_precision, namespace
 from ..backends import backend_for
-from ..errors import NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
+from ..errors import NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from . import lora
-from ._base import MergeResult, require_writeable, write_back
+from ._base import MergeResult, write_weight
 
 Array = Any
 
@@ -51,9 +51,18 @@ def magnitude_shape(layer: Layer) -> tuple[int, ...]:
 
 
 def _layer(layer: Any, A: Array, B: Array, W: Array) -> Layer:
-    lay = lora._resolve_layer(layer, A, B, W)
+    return _ungrouped(lora._resolve_layer(layer, A, B, W))
+
+
+def _ungrouped(lay: Layer) -> Layer:
+    """``lay``, refused for a grouped conv: PEFT's DoRA norm of a grouped conv mixes output channels of
+    different groups (see specs/dora.md), so peftmath does not define it."""
     if lay.kind.is_conv and lay.groups > 1:
-        raise UnsupportedError(f"DoRA on a conv with groups={lay.groups} is not defined (PEFT cannot merge it either)")
+        raise UnsupportedError(
+            f"DoRA on a conv with groups={lay.groups} (weight {lay.weight_shape}) is not defined: PEFT's weight "
+            f"norm there mixes the output channels of different groups and it cannot merge it either; use LoRA "
+            f"without DoRA on grouped convolutions"
+        )
     return lay
 
 
@@ -105,6 +114,7 @@ def forward(
     stride: int | tuple[int, ...] = 1,
     padding: int | tuple[int, ...] | str = 0,
     dilation: int | tuple[int, ...] = 1,
+    groups: int | None = None,
     peft_compat: bool = False,
 ) -> Array:
     """The unmerged DoRA layer: ``g ⊙ (base(x) − b) + b + g ⊙ s·lora(x)`` with ``g = m / ‖W + s·BA‖``.
@@ -113,13 +123,20 @@ def forward(
     (training), PEFT's form is used: ``base(x) + (g − 1) ⊙ (d(x) Wᵀ) + g ⊙ s·lora(d(x))``.
     The norm is passed through the backend's ``stop_gradient`` (``detach`` in torch,
     ``lax.stop_gradient`` in JAX), as PEFT detaches it.
+
+    ``stride``, ``padding``, ``dilation``, ``groups``: the base conv's, described once in
+    :mod:`peftmath.layers` ("Conv keywords"). A grouped conv (``groups > 1``, inferred from ``x``) is
+    refused with :class:`~peftmath.errors.UnsupportedError`.
     """
     xp = namespace(x, W, A, B, magnitude, bias, where="dora.forward")
-    lay = _layer(layer, A, B, W)
+    lay, conv_kwargs = lora._resolve_layer(layer, A, B, W).for_input(
+        x, "dora.forward", groups=groups, channels=A.shape[1] if A.ndim > 2 else None, stride=stride,
+        padding=padding, dilation=dilation)
+    lay = _ungrouped(lay)
+    lora._check_factors(lay, A, B, "dora.forward")
     cd = compute_dtype(xp, A.dtype, B.dtype, magnitude.dtype, W.dtype)
     n = backend_for(xp).stop_gradient(weight_norm(W, A, B, scaling=scaling, layer=lay))
     g = _ratio(xp, as_compute(xp, xp.reshape(magnitude, (-1,)), cd), n, peft_compat)  # (out,)
-    conv_kwargs = dict(stride=stride, padding=padding, dilation=dilation) if lay.kind.is_conv else {}
     gv = xp.reshape(g, (1, -1) + (1,) * len(lay.kernel_size)) if lay.kind.is_conv else g
     if lay.kind is LayerKind.EMBEDDING:
         base = lay.base_forward(x, W, None, xp)
@@ -198,27 +215,33 @@ def merge(
     nothing.
     """
     xp, lay, cd, m = _checked(W, A, B, magnitude, base_weight, layer, where)
-    if not copy:
-        require_writeable(where, W)
     r = A.shape[0]
-    # Fast path, no temporary of W's size: the backend's fused pass (NumPy: W += s·BA by BLAS beta=1,
-    # then the rows' norms n and the rescale by m / n; CuPy: one kernel for n, one for the result).
-    if not copy and not safe and not peft_compat and base_weight is None:
-        n = backend_for(xp).dora_merge_(lay.as_matrix(W, xp), xp.reshape(B, (B.shape[0], r)),
-                                        xp.reshape(A, (r, -1)), scaling, m)
-        if n is not None:
-            return MergeResult(W, None, n)
-    d = lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
-    if peft_compat:
-        d = lora._compat_delta(xp, A, B, d)
-    W0 = W if base_weight is None else base_weight
-    rv, rg, ro = _peft_rounding(xp, W, A, B, magnitude, cd) if peft_compat else (_same, _same, _same)
-    n = rv(xp.linalg.vector_norm(rv(as_compute(xp, lay.as_matrix(W0, xp), cd) + d), axis=1))
-    V = ro(rg(_ratio(xp, m, n, peft_compat))[:, None] * rv(as_compute(xp, lay.as_matrix(W, xp), cd) + d))
-    new = lay.from_matrix(as_compute(xp, V, W.dtype), xp)
-    if safe and not all_finite(new, xp=xp):
-        raise NonFiniteError(f"{where}: the merged DoRA weight would contain NaN or infinity; nothing changed")
-    return MergeResult(new if copy else write_back(where, W, new), None, n)
+    factors = (xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)))
+    norm: list[Array] = []  # n, from whichever path ran
+
+    def kernel(M: Array) -> bool:
+        # no temporary of W's size: the backend's fused pass on W's proven matrix view (NumPy: W += s·BA by
+        # BLAS beta=1, then the rows' norms n and the rescale by m / n; CuPy: one kernel for n, one for W')
+        n = backend_for(xp).dora_merge_(M, *factors, scaling, m)
+        if n is None:
+            return False
+        norm.append(n)
+        return True
+
+    def compute() -> Array:
+        d = lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
+        if peft_compat:
+            d = lora._compat_delta(xp, A, B, d)
+        W0 = W if base_weight is None else base_weight
+        rv, rg, ro = _peft_rounding(xp, W, A, B, magnitude, cd) if peft_compat else (_same, _same, _same)
+        n = rv(xp.linalg.vector_norm(rv(as_compute(xp, lay.as_matrix(W0, xp), cd) + d), axis=1))
+        norm.append(n)
+        V = ro(rg(_ratio(xp, m, n, peft_compat))[:, None] * rv(as_compute(xp, lay.as_matrix(W, xp), cd) + d))
+        return lay.from_matrix(V, xp)
+
+    fast = not peft_compat and base_weight is None
+    new = write_weight(where, W, compute, layer=lay, kernel=kernel if fast else None, copy=copy, safe=safe, xp=xp)
+    return MergeResult(new, None, norm[-1])
 
 
 def unmerge(
@@ -251,32 +274,34 @@ def unmerge(
         raise ShapeError(f"{where}: weight_norm has {n.shape[0]} entries, expected {lay.out_features}")
     if bool(xp.any(m == 0)):
         raise NotInvertibleError(f"{where}: lora_magnitude_vector has zeros; the merged rows are zero and W is lost")
-    if not copy:
-        require_writeable(where, W)
     r = A.shape[0]
-    if not copy and not peft_compat:
-        M = lay.as_matrix(W, xp)
-        factors = (xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)))
-        if backend_for(xp).dora_unmerge_(M, *factors, -scaling, n / m):
-            return MergeResult(W, None, None)
-    if not copy and not peft_compat and W.dtype == cd:
-        M = lay.as_matrix(W, xp)
-        factors = (xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)))
-        M *= (n / m)[:, None]
-        if backend_for(xp).addmm_(M, *factors, -scaling):
-            return MergeResult(W, None, None)
-        M -= lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
-        return MergeResult(W, None, None)
-    d = lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
-    if peft_compat:
-        d = lora._compat_delta(xp, A, B, d)
-    if peft_compat:  # PEFT: (W' / g) - ΔW, each op rounded to its torch-promoted dtype
-        _, rg, _ = _peft_rounding(xp, W, A, B, magnitude, cd)
-        gd = xp.result_type(magnitude.dtype, xp.result_type(W.dtype, A.dtype, B.dtype))
-        q = as_compute(xp, lay.as_matrix(W, xp), cd) / rg(m / n)[:, None]
-        q = _round_to(xp, q, xp.result_type(W.dtype, gd), cd)
-        V = _round_to(xp, q - d, xp.result_type(W.dtype, gd, A.dtype, B.dtype), cd)
-    else:
-        V = as_compute(xp, lay.as_matrix(W, xp), cd) * (n / m)[:, None] - d
-    new = lay.from_matrix(as_compute(xp, V, W.dtype), xp)
-    return MergeResult(new if copy else write_back(where, W, new), None, None)
+    factors = (xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)))
+    q = n / m
+
+    def kernel(M: Array) -> bool:
+        # in place on W's proven matrix view: the backend's fused pass, else M ← q ⊙ M − s·BA in two passes
+        backend = backend_for(xp)
+        if backend.dora_unmerge_(M, *factors, -scaling, q):
+            return True
+        if M.dtype != cd:
+            return False
+        M *= q[:, None]
+        if not backend.addmm_(M, *factors, -scaling):
+            M -= lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
+        return True
+
+    def compute() -> Array:
+        d = lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
+        if peft_compat:  # PEFT: (W' / g) - ΔW, each op rounded to its torch-promoted dtype
+            d = lora._compat_delta(xp, A, B, d)
+            _, rg, _ = _peft_rounding(xp, W, A, B, magnitude, cd)
+            gd = xp.result_type(magnitude.dtype, xp.result_type(W.dtype, A.dtype, B.dtype))
+            q_ = as_compute(xp, lay.as_matrix(W, xp), cd) / rg(m / n)[:, None]
+            q_ = _round_to(xp, q_, xp.result_type(W.dtype, gd), cd)
+            V = _round_to(xp, q_ - d, xp.result_type(W.dtype, gd, A.dtype, B.dtype), cd)
+        else:
+            V = as_compute(xp, lay.as_matrix(W, xp), cd) * q[:, None] - d
+        return lay.from_matrix(V, xp)
+
+    new = write_weight(where, W, compute, layer=lay, kernel=None if peft_compat else kernel, copy=copy, xp=xp)
+    return MergeResult(new, None, None)

@@ -34,12 +34,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._array import all_finite, as_compute, compute_dtype, dtype_name, namespace
+from .._array import all_finite, as_compute, compute_dtype, namespace
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_flags
 from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, require_writeable
+from ._base import MergeResult, ModuleAdapter, require_writeable, write_back, write_weight
 
 Array = Any
 
@@ -268,6 +268,7 @@ def forward(
     stride: int | tuple[int, ...] = 1,
     padding: int | tuple[int, ...] | str = 0,
     dilation: int | tuple[int, ...] = 1,
+    groups: int | None = None,
     peft_compat: bool = False,
 ) -> Array:
     """The unmerged adapted layer.
@@ -282,6 +283,10 @@ def forward(
     is rounded to ``x``'s dtype before the base layer (feedforward), or the base output is computed
     in the storage dtype and then scaled. ``feedforward=None`` infers it from ``l``'s shape.
 
+    ``stride``, ``padding``, ``dilation``, ``groups``: the base conv's, described once in
+    :mod:`peftmath.layers` ("Conv keywords"); ``groups`` is inferred from ``x`` (a feedforward
+    ``ia3_l`` spans all input channels of a grouped conv).
+
     >>> import numpy as np
     >>> W = np.eye(2, dtype=np.float32); b = np.ones(2, dtype=np.float32)
     >>> l = np.array([[2.0], [3.0]], dtype=np.float32)           # (out, 1): output scaling
@@ -289,9 +294,12 @@ def forward(
     array([[4., 6.]], dtype=float32)
     """
     xp = namespace(x, W, l, bias, where="ia3.forward")
-    lay, ff = _resolve(layer, W, l, feedforward, "ia3.forward")
+    lay = Layer.for_weight(layer, W)
+    channels = int(l.shape[1]) if feedforward and lay.kind.is_conv and l.ndim > 1 else None
+    lay, conv_kwargs = lay.for_input(x, "ia3.forward", groups=groups, channels=channels, stride=stride,
+                                     padding=padding, dilation=dilation)
+    lay, ff = _resolve(lay, W, l, feedforward, "ia3.forward")
     lay.check_bias(bias)
-    conv_kwargs = dict(stride=stride, padding=padding, dilation=dilation) if lay.kind.is_conv else {}
     out_dtype = xp.result_type(x.dtype, W.dtype)
     cd = compute_dtype(xp, x.dtype, W.dtype, l.dtype)
     if lay.kind.is_conv:
@@ -348,8 +356,11 @@ def _apply(
     where: str,
 ) -> tuple[Array, Array | None]:
     xp = namespace(W, l, bias, where=where)
-    if not copy:
+    scales_bias = not feedforward and bias is not None
+    if not copy:  # both arrays checked before either is written
         require_writeable(where, W)
+        if scales_bias:
+            require_writeable(where, bias, "bias")
     cd = compute_dtype(xp, W.dtype, l.dtype)
     if inverse:
         if peft_compat:  # PEFT: W / (l + 1e-8), the sum formed in l's own dtype
@@ -362,7 +373,7 @@ def _apply(
         return block / s if inverse else block * s
 
     new_bias = bias
-    if not feedforward and bias is not None:
+    if scales_bias:
         b = op(as_compute(xp, bias, compute_dtype(xp, bias.dtype, l.dtype)), xp.reshape(
             as_compute(xp, l, compute_dtype(xp, bias.dtype, l.dtype)), (-1,)))
         new_bias = as_compute(xp, b, bias.dtype)
@@ -381,43 +392,38 @@ def _apply(
             return s
         return s[o0:o1, ...]
 
-    if copy or safe:
+    def compute() -> Array:
         if grouped:
-            parts = [op(as_compute(xp, W[o0:o1, ...], cd), s) for o0, o1, s in blocks]
-            new = as_compute(xp, xp.concat(parts, axis=0), W.dtype)
-        else:
-            new = as_compute(xp, op(as_compute(xp, W, cd), blocks[0][2]), W.dtype)
-        if safe and not all_finite(new, xp=xp):
-            raise NonFiniteError(
-                f"{where}: the merged weight would contain NaN or infinity (dtype {dtype_name(W.dtype)}); "
-                f"the base weight is unchanged"
-            )
-        if copy:
-            return new, new_bias
-        W[...] = new
-        return W, new_bias
+            return xp.concat([op(as_compute(xp, W[o0:o1, ...], cd), s) for o0, o1, s in blocks], axis=0)
+        return op(as_compute(xp, W, cd), blocks[0][2])
 
-    # copy=False: in place, no temporary of W's size: the backend's fused pass (CuPy: one kernel, any
-    # dtype), else row block by row block
-    if not grouped and backend_for(xp).scale_(W, blocks[0][2], inverse):
-        return W, new_bias
-    if W.dtype == cd:
-        for o0, o1, s in blocks:
-            if o0 == 0 and o1 == W.shape[0]:
-                if inverse:
-                    W /= s
+    def kernel(Wt: Array) -> bool:
+        # in place on the caller's array (elementwise: any layout), no temporary of W's size: the
+        # backend's fused pass (CuPy: one kernel, any dtype), else row block by row block
+        if not grouped and backend_for(xp).scale_(Wt, blocks[0][2], inverse):
+            return True
+        if Wt.dtype == cd:
+            for o0, o1, s in blocks:
+                if o0 == 0 and o1 == Wt.shape[0]:
+                    if inverse:
+                        Wt /= s
+                    else:
+                        Wt *= s
                 else:
-                    W *= s
-            else:
-                W[o0:o1, ...] = op(W[o0:o1, ...], s)
-        return W, new_bias
-    rows = max(1, (4 << 20) // max(1, 4 * math.prod(layer.weight_shape[1:])))  # ~4 MiB float32 tiles
-    for o0, o1, s in blocks:
-        for r0 in range(o0, o1, rows):
-            r1 = min(r0 + rows, o1)
-            tile = as_compute(xp, W[r0:r1, ...], cd)
-            W[r0:r1, ...] = as_compute(xp, op(tile, scale_rows(s, r0, r1)), W.dtype)
-    return W, new_bias
+                    Wt[o0:o1, ...] = op(Wt[o0:o1, ...], s)
+            return True
+        rows = max(1, (4 << 20) // max(1, 4 * math.prod(layer.weight_shape[1:])))  # ~4 MiB float32 tiles
+        for o0, o1, s in blocks:
+            for r0 in range(o0, o1, rows):
+                r1 = min(r0 + rows, o1)
+                tile = as_compute(xp, Wt[r0:r1, ...], cd)
+                Wt[r0:r1, ...] = as_compute(xp, op(tile, scale_rows(s, r0, r1)), Wt.dtype)
+        return True
+
+    new = write_weight(where, W, compute, kernel=kernel, copy=copy, safe=safe, xp=xp)
+    if not copy and scales_bias:
+        new_bias = write_back(where, bias, new_bias)
+    return new, new_bias
 
 
 def merge(
@@ -435,8 +441,8 @@ def merge(
     The product is formed in float32 (float64 for float64) and rounded once to W's dtype, which is
     also what PEFT computes (``peft_compat`` has nothing to change here). ``copy=False`` multiplies
     ``W`` in place without a temporary of its size (half-precision weights go through float32 row
-    tiles); the bias is always a new array. ``safe=True`` refuses a non-finite result and changes
-    nothing.
+    tiles) and writes the scaled bias into ``bias`` (both are checked before either is written, see
+    :mod:`peftmath.methods._base`). ``safe=True`` refuses a non-finite result and changes nothing.
 
     >>> import numpy as np
     >>> W = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -573,6 +579,8 @@ class IA3Module(ModuleAdapter):
             )
         self.feedforward = by_config if by_shape is None else by_shape
         _check(self.layer, self.l, self.feedforward, self.name)
+        if self.feedforward and self.layer.kind.is_conv:
+            self.input_channels = int(self.l.shape[1])  # a feedforward vector spans every input channel
 
     def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
               peft_compat: bool = False) -> MergeResult:
@@ -591,13 +599,10 @@ class IA3Module(ModuleAdapter):
         return MergeResult(w, b)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
-        """The unmerged forward; ``groups=`` gives a grouped conv's groups where ``ia3_l`` cannot tell
-        them (an output scaling: the weight shape alone does not carry the groups)."""
-        groups = layer_kwargs.pop("groups", None)
-        layer = self.layer
-        if groups is not None and groups != layer.groups:
-            layer = Layer(layer.kind, layer.weight_shape, groups)
-        return forward(x, weight, self.l, bias=bias, feedforward=self.feedforward, layer=layer, **layer_kwargs)
+        """The unmerged forward; the conv keywords (``groups`` inferred from ``x``, which an output scaling
+        cannot tell) are described in :mod:`peftmath.layers`."""
+        layer, kw = self.input_layer(x, weight, layer_kwargs)
+        return forward(x, weight, self.l, bias=bias, feedforward=self.feedforward, layer=layer, **kw)
 
 
 #: checkpoint suffixes of this method's per-module tensors (a ParameterDict entry: no ".weight")

@@ -41,14 +41,12 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 
-from .._array import (
-    all_finite, as_compute, common_device, compute_dtype, conv, is_low_precision, is_writeable, namespace,
-)
+from .._array import as_compute, common_device, compute_dtype, conv, is_low_precision, namespace
 from ..backends import backend_for, host_rng, kaiming_uniform_bound
 from ..config import TunerConfig, check_flags, check_fraction, check_number, check_positive_int, resolve_pattern
-from ..errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
+from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape, require_writeable, write_back
+from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape
 
 Array = Any
 
@@ -408,7 +406,7 @@ def forward(
     t2: Array | None = None,
     bias: Array | None = None,
     layer: Layer | LayerKind | str | None = None,
-    groups: int = 1,
+    groups: int | None = None,
     rank_dropout: float = 0.0,
     module_dropout: float = 0.0,
     seed: int | np.random.Generator | None = None,
@@ -420,9 +418,10 @@ def forward(
 ) -> Array:
     """The unmerged adapted layer ``base(x) + x ΔWᵀ`` (Linear) or ``base(x) + conv(x, ΔW)`` (Conv).
 
-    ``x`` is ``(..., in)`` for a Linear and ``(N, C_in, *spatial)`` for a conv (``groups`` as the base
-    layer). The adapter term is computed in float32 (float64 for float64) and the sum is rounded once to
-    the base output's dtype.
+    ``x`` is ``(..., in)`` for a Linear and ``(N, C_in, *spatial)`` for a conv; ``stride``, ``padding``,
+    ``dilation``, ``groups`` are the base conv's, described once in :mod:`peftmath.layers` ("Conv
+    keywords"): ``groups`` is inferred from ``x`` (a checkpoint does not record it). The adapter term
+    is computed in float32 (float64 for float64) and the sum is rounded once to the base output's dtype.
 
     Training-time dropout (off by default; PEFT applies it in ``train()`` mode only): with probability
     ``module_dropout`` the adapter is skipped; ``rank_dropout`` multiplies each output row of ΔW by
@@ -430,18 +429,19 @@ def forward(
     PEFT); ``row_mask`` (shape ``(out,)``) supplies the row factors instead.
     """
     xp = namespace(x, W, w1_a, w1_b, w2_a, w2_b, t1, t2, bias, where="loha.forward")
-    lay = _resolve_layer(layer, w1_a, w1_b, t1, W, groups)
+    lay = _resolve_layer(layer, w1_a, w1_b, t1, W)
     lay.check_weight(W)
+    lay, conv_kwargs = lay.for_input(x, "loha.forward", groups=groups, stride=stride, padding=padding,
+                                     dilation=dilation)
     _check_params("loha.forward", lay, w1_a, w1_b, w2_a, w2_b, t1, t2)
     keep, mask = _draw_dropout(lay.out_features, rank_dropout, module_dropout, seed, True, xp, common_device(W))
     if not keep:
-        conv_kwargs = dict(stride=stride, padding=padding, dilation=dilation) if lay.kind.is_conv else {}
         return as_compute(xp, lay.base_forward(x, W, bias, xp, **conv_kwargs), x.dtype)
     mask = row_mask if row_mask is not None else mask
     cd = compute_dtype(xp, x.dtype, w1_a.dtype, w1_b.dtype, w2_a.dtype, w2_b.dtype)
     d = delta_matrix(w1_a, w1_b, w2_a, w2_b, scaling=scaling, t1=t1, t2=t2, dtype=cd, peft_compat=peft_compat)
     d = _masked(xp, lay.from_matrix(d, xp), mask)
-    return adapted_forward(x, W, bias, d, lay, xp, stride=stride, padding=padding, dilation=dilation)
+    return adapted_forward(x, W, bias, d, lay, xp, **conv_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,17 +452,9 @@ def forward(
 BLOCK_ELEMENTS = 1 << 18
 
 
-def _update_rows(xp: Any, target: Array, layer: Layer, blocks: Callable[[Any], Iterator], cd: Any,
-                 sign: int) -> bool:
-    """``target ± ΔW`` in place, one row block at a time; False (nothing touched) when ``target``'s
-    matrix view cannot be written through."""
-    if target.ndim == 2:
-        M = target
-    else:
-        try:
-            M = xp.reshape(target, layer.matrix_shape, copy=False)
-        except Exception:  # a layout that needs a copy: use the generic path
-            return False
+def _update_rows(xp: Any, M: Array, blocks: Callable[[Any], Iterator], cd: Any, sign: int) -> bool:
+    """``M ± ΔW`` in place, one row block at a time; ``M`` is the target's proven ``(out, in_flat)``
+    matrix view (given by :func:`~peftmath.methods._base.write_weight`)."""
     for start, stop, block in blocks(cd):
         if M.dtype == cd:  # augmented assignment: in place where getitem is a view, written back otherwise
             if sign > 0:
@@ -495,33 +487,24 @@ def apply_row_blocks(
     ``blocks(cd)`` yields ``(start, stop, block)`` with ``block`` the rows ``start:stop`` of ``ΔW`` in
     compute dtype ``cd``; ``full_delta()`` builds the whole ``ΔW`` (stored layout) for the generic path.
     Each element is formed in float32 (float64 with float64 inputs) and rounded once to W's dtype, as
-    :func:`~peftmath.methods._base.apply_delta` does.
+    :func:`~peftmath.methods._base.apply_delta` does, and written by its one write path:
 
-    * ``copy=False``: updates ``W`` in place with no temporary of W's size (through ``apply_delta``'s
-      in-place kernel hook); immutable arrays raise :class:`UnsupportedError`.
-    * ``copy=True``: one allocation of W's size, the result.
+    * ``copy=False``: updates ``W``'s proven matrix view in place with no temporary of W's size; a
+      layout whose matrix view would be a copy is computed and stored into ``W``; arrays that cannot be
+      written raise :class:`UnsupportedError`.
+    * ``copy=True``: one allocation of W's size (a C-ordered copy updated block by block), the result.
     * ``safe=True``: the result is formed in a copy and checked before anything is written.
-    * ``peft_compat=True``: the whole ``ΔW`` is built (``full_delta``) and added by ``apply_delta``.
+    * ``peft_compat=True``: the whole ``ΔW`` is built (``full_delta``) and added.
     """
     xp = namespace(weight, where=where)
     layer.check_weight(weight)
     cd = compute_dtype(xp, weight.dtype, *param_dtypes)
-    if peft_compat:
-        return apply_delta(where, weight, full_delta, sign=sign, copy=copy, safe=safe)
-    if not copy:
-        require_writeable(where, weight)
-        if not safe:
-            return apply_delta(where, weight, full_delta, sign=sign, copy=False,
-                               inplace_kernel=lambda: _update_rows(xp, weight, layer, blocks, cd, sign))
-    out = xp.asarray(weight, copy=True)
-    if not is_writeable(out) or not _update_rows(xp, out, layer, blocks, cd, sign):
-        return apply_delta(where, weight, full_delta, sign=sign, copy=copy, safe=safe)
-    if safe and not all_finite(out, xp=xp):
-        raise NonFiniteError(
-            f"{where}: the merged weight would contain NaN or infinity; the base weight is unchanged. "
-            f"Check the adapter for non-finite values or merge into a wider dtype"
-        )
-    return out if copy else write_back(where, weight, out)
+
+    def kernel(M: Array) -> bool:
+        return _update_rows(xp, M, blocks, cd, sign)
+
+    return apply_delta(where, weight, full_delta, sign=sign, copy=copy, safe=safe, layer=layer,
+                       inplace_kernel=None if peft_compat else kernel, kernel_on_copy=True, xp=xp)
 
 
 def _block_rows(in_flat: int) -> int:
@@ -691,13 +674,6 @@ def init_weights(
 _KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
-def with_groups(layer: Layer, groups: int | None) -> Layer:
-    """``layer`` with the base conv's ``groups`` (checkpoints do not record it)."""
-    if groups is None or groups == layer.groups:
-        return layer
-    return Layer(layer.kind, layer.weight_shape, int(groups))
-
-
 class LoHaModule(ModuleAdapter):
     """LoHa on one base module (Linear, Conv1d or Conv2d; matrix or effective-conv form)."""
 
@@ -787,12 +763,14 @@ class LoHaModule(ModuleAdapter):
         return MergeResult(new, bias)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, *, training: bool = False,
-                seed: int | np.random.Generator | None = None, groups: int | None = None,
-                peft_compat: bool = False, **layer_kwargs: Any) -> Array:
-        """The unmerged forward; ``training=True`` applies the config's rank/module dropout from ``seed``."""
+                seed: int | np.random.Generator | None = None, peft_compat: bool = False,
+                **layer_kwargs: Any) -> Array:
+        """The unmerged forward; ``training=True`` applies the config's rank/module dropout from ``seed``.
+        The conv keywords (``groups`` inferred from ``x``) are described in :mod:`peftmath.layers`."""
         cfg = self.config
+        layer, layer_kwargs = self.input_layer(x, weight, layer_kwargs)
         return forward(x, weight, *self._tensors(), scaling=self.scaling, t1=self.t1, t2=self.t2, bias=bias,
-                       layer=with_groups(self.layer, groups),
+                       layer=layer,
                        rank_dropout=cfg.rank_dropout if training else 0.0,
                        module_dropout=cfg.module_dropout if training else 0.0, seed=seed, peft_compat=peft_compat,
                        **layer_kwargs)

@@ -46,7 +46,7 @@ from . import loha
 from ._base import MergeResult, ModuleAdapter, check_shape
 from .loha import (
     _SUPPORTED, _round_to, adapted_forward, apply_row_blocks, check_kind, cp_weight,
-    default_xp, kaiming, put_host, rank_dropout_mask, scaling, with_groups,
+    default_xp, kaiming, put_host, rank_dropout_mask, scaling,
 )
 
 Array = Any
@@ -345,7 +345,7 @@ def forward(
     scaling: float,
     bias: Array | None = None,
     layer: Layer | LayerKind | str | None = None,
-    groups: int = 1,
+    groups: int | None = None,
     rank_dropout: float = 0.0,
     module_dropout: float = 0.0,
     rank_dropout_scale: bool = False,
@@ -358,25 +358,30 @@ def forward(
 ) -> Array:
     """The unmerged adapted layer ``base(x) + x ΔWᵀ`` (Linear) or ``base(x) + conv(x, ΔW)`` (Conv).
 
+    ``stride``, ``padding``, ``dilation``, ``groups``: the base conv's, described once in
+    :mod:`peftmath.layers` ("Conv keywords"); ``groups`` is inferred from ``x`` (a checkpoint does not
+    record it).
+
     Training-time dropout (off by default): with probability ``module_dropout`` the adapter is
     skipped; ``rank_dropout`` multiplies output row ``o`` of ΔW by the float32 ``1[u_o > p]``, divided by
     its mean only when ``rank_dropout_scale`` (PEFT's default is not to). Drawn from ``seed`` on the host
     (module first, then rows); ``row_mask`` (shape ``(out,)``) supplies the row factors instead.
     """
     xp = namespace(x, W, bias, *params.values(), where="lokr.forward")
-    lay = _resolve_layer(layer, params, W, groups)
+    lay = _resolve_layer(layer, params, W)
     lay.check_weight(W)
+    lay, conv_kwargs = lay.for_input(x, "lokr.forward", groups=groups, stride=stride, padding=padding,
+                                     dilation=dilation)
     g = _geometry_from_params("lokr.forward", lay, params)
     _check_params("lokr.forward", lay, params, g)
     keep, mask = loha._draw_dropout(lay.out_features, rank_dropout, module_dropout, seed, rank_dropout_scale,
                                     xp, common_device(W))
     if not keep:
-        conv_kwargs = dict(stride=stride, padding=padding, dilation=dilation) if lay.kind.is_conv else {}
         return as_compute(xp, lay.base_forward(x, W, bias, xp, **conv_kwargs), x.dtype)
     mask = row_mask if row_mask is not None else mask
     cd = compute_dtype(xp, x.dtype, *(a.dtype for a in params.values()))
     d = loha._masked(xp, _delta(params, lay, scaling, dtype=cd, peft_compat=peft_compat), mask)
-    return adapted_forward(x, W, bias, d, lay, xp, stride=stride, padding=padding, dilation=dilation)
+    return adapted_forward(x, W, bias, d, lay, xp, **conv_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -576,12 +581,14 @@ class LoKrModule(ModuleAdapter):
         return MergeResult(new, bias)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, *, training: bool = False,
-                seed: int | np.random.Generator | None = None, groups: int | None = None,
-                peft_compat: bool = False, **layer_kwargs: Any) -> Array:
-        """The unmerged forward; ``training=True`` applies the config's rank/module dropout from ``seed``."""
+                seed: int | np.random.Generator | None = None, peft_compat: bool = False,
+                **layer_kwargs: Any) -> Array:
+        """The unmerged forward; ``training=True`` applies the config's rank/module dropout from ``seed``.
+        The conv keywords (``groups`` inferred from ``x``) are described in :mod:`peftmath.layers`."""
         cfg = self.config
+        layer, layer_kwargs = self.input_layer(x, weight, layer_kwargs)
         return forward(x, weight, self.params, scaling=self.scaling, bias=bias,
-                       layer=with_groups(self.layer, groups),
+                       layer=layer,
                        rank_dropout=cfg.rank_dropout if training else 0.0,
                        module_dropout=cfg.module_dropout if training else 0.0,
                        rank_dropout_scale=cfg.rank_dropout_scale, seed=seed, peft_compat=peft_compat,

@@ -274,6 +274,7 @@ def forward(
     stride: int | tuple[int, ...] = 1,
     padding: int | tuple[int, ...] | str = 0,
     dilation: int | tuple[int, ...] = 1,
+    groups: int | None = None,
     peft_compat: bool = False,
 ) -> Array:
     """The unmerged adapted layer: ``base(x) + s · lora_B(lora_A(dropout(x)))``.
@@ -292,11 +293,16 @@ def forward(
     PEFT's conv ``lora_A`` does not copy the base layer's dilation (PEFT issue #3697), so its forward
     fails on dilated convs; peftmath's default uses the base dilation (then the unmerged forward
     equals the merged layer); ``peft_compat=True`` uses dilation 1 like PEFT.
+
+    ``stride``, ``padding``, ``dilation``, ``groups``: the base conv's, described once in
+    :mod:`peftmath.layers` ("Conv keywords"); ``groups`` follows from ``x`` and ``lora_A`` (which spans
+    all input channels). An input of the wrong width is a :class:`~peftmath.errors.ShapeError`.
     """
     xp = namespace(x, W, A, B, bias, lora_bias, where="lora.forward")
-    lay = _resolve_layer(layer, A, B, W)
+    lay, conv_kwargs = _resolve_layer(layer, A, B, W).for_input(
+        x, "lora.forward", groups=groups, channels=A.shape[1] if A.ndim > 2 else None, stride=stride,
+        padding=padding, dilation=dilation)
     _check_factors(lay, A, B, "lora.forward")
-    conv_kwargs = dict(stride=stride, padding=padding, dilation=dilation) if lay.kind.is_conv else {}
     base = lay.base_forward(x, W, bias, xp, **conv_kwargs)
     if embed_scale is not None and lay.kind is LayerKind.EMBEDDING:
         base = base * embed_scale  # a scaled embedding (Gemma) scales its own lookup too, as in PEFT
@@ -392,16 +398,12 @@ def _apply(
             d = _compat_delta(xp, A, B, d)
         return lay.from_matrix(d, xp)
 
-    def kernel() -> bool:
-        if peft_compat:
-            return False
+    def kernel(M: Array) -> bool:
         r = A.shape[0]
-        return backend_for(xp).addmm_(
-            lay.as_matrix(W, xp), xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)), sign * scaling
-        )
+        return backend_for(xp).addmm_(M, xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)), sign * scaling)
 
-    return apply_delta(where, W, build, sign=sign, copy=copy, safe=safe, round_delta_to=round_to, inplace_kernel=kernel,
-                       xp=xp)
+    return apply_delta(where, W, build, sign=sign, copy=copy, safe=safe, round_delta_to=round_to, layer=lay,
+                       inplace_kernel=None if peft_compat else kernel, xp=xp)
 
 
 def merge(
@@ -419,9 +421,12 @@ def merge(
 
     ``copy=True`` (default) returns a new array. ``copy=False`` updates ``W`` in place and returns it:
     on NumPy float32/float64 through BLAS gemm with ``beta=1`` (no temporary of W's size), on
-    NumPy float16/bfloat16 through float32 row tiles, elsewhere through the generic path; it raises
-    :class:`~peftmath.errors.UnsupportedError` for immutable arrays (JAX). ``safe=True`` refuses a
-    non-finite result (:class:`~peftmath.errors.NonFiniteError`) and leaves ``W`` untouched.
+    NumPy float16/bfloat16 through float32 row tiles, elsewhere (and for any layout whose matrix view
+    would be a copy: a permuted or Fortran-ordered conv weight, torch ``channels_last``) by computing
+    ``W + ΔW`` and storing it into W; it raises :class:`~peftmath.errors.UnsupportedError` for arrays
+    it cannot write (JAX, read-only NumPy), writing nothing (the contract of
+    :mod:`peftmath.methods._base`). ``safe=True`` refuses a non-finite result
+    (:class:`~peftmath.errors.NonFiniteError`) and leaves ``W`` untouched.
 
     Rounding: ``W + ΔW`` is formed in float32 (float64 for float64) and rounded once to W's dtype.
     ``peft_compat=True`` follows PEFT's order instead: half-precision factors round ΔW to their dtype,
@@ -756,6 +761,7 @@ class LoraModule(ModuleAdapter):
                 f"(check r / rank_pattern in adapter_config.json)"
             )
         self.scaling = self.config.scaling_for(self.name)
+        self.input_channels = int(self.A.shape[1]) if self.layer.kind.is_conv else None
         self.lora_bias = p.get("lora_B.bias")
         if self.lora_bias is not None:
             check_shape(self.name, "lora_B.bias", self.lora_bias, (self.layer.out_features,))
@@ -796,7 +802,7 @@ class LoraModule(ModuleAdapter):
             if safe and not all_finite(new_bias):
                 raise NonFiniteError(f"{self.name}: the merged bias would contain NaN or infinity; nothing changed")
             if not copy:  # copy=False updates the bias in place too (checked before W is touched)
-                require_writeable(self.name, bias)
+                require_writeable(self.name, bias, "bias")
         new = _apply(weight, self.A, self.B, scaling=self.scaling, sign=1, layer=self.layer, copy=copy, safe=safe,
                      peft_compat=peft_compat, where=self.name)
         if not copy and self.lora_bias is not None:
@@ -815,7 +821,7 @@ class LoraModule(ModuleAdapter):
         if self.lora_bias is not None:
             new_bias = unmerge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
             if not copy:
-                require_writeable(self.name, bias)
+                require_writeable(self.name, bias, "bias")
         new = _apply(weight, self.A, self.B, scaling=self.scaling, sign=-1, layer=self.layer, copy=copy, safe=False,
                      peft_compat=peft_compat, where=self.name)
         if not copy and self.lora_bias is not None:
@@ -823,13 +829,14 @@ class LoraModule(ModuleAdapter):
         return MergeResult(new, new_bias)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
+        layer, kw = self.input_layer(x, weight, layer_kwargs)
         if self.is_dora:
             from . import dora
 
             return dora.forward(x, weight, self.A, self.B, self.magnitude, scaling=self.scaling, bias=bias,
-                                layer=self.layer, **layer_kwargs)
-        return forward(x, weight, self.A, self.B, scaling=self.scaling, bias=bias, layer=self.layer,
-                       lora_bias=self.lora_bias, **layer_kwargs)
+                                layer=layer, **kw)
+        return forward(x, weight, self.A, self.B, scaling=self.scaling, bias=bias, layer=layer,
+                       lora_bias=self.lora_bias, **kw)
 
 
 def _guess_shape(kind: Any, out: int, inn: int) -> tuple[int, int]:

@@ -52,7 +52,7 @@ from ..config import (
 )
 from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, check_shape, finish
+from ._base import MergeResult, ModuleAdapter, check_shape, write_weight
 
 Array = Any
 
@@ -447,6 +447,7 @@ def forward(
     stride: int | tuple[int, ...] = 1,
     padding: int | tuple[int, ...] | str = 0,
     dilation: int | tuple[int, ...] = 1,
+    groups: int | None = None,
     peft_compat: bool = False,
 ) -> Array:
     """The unmerged OFT layer with rotation ``blocks`` ``(r|1, b, b)`` (from :func:`rotation_blocks`).
@@ -462,9 +463,14 @@ def forward(
     Computed in float32 (float64 for float64 inputs) and rounded once to the output dtype (x's
     dtype; the weight's for an Embedding). ``peft_compat=True`` rounds the rotated input to x's
     dtype before the base layer, as PEFT does.
+
+    ``stride``, ``padding``, ``dilation``, ``groups``: the base conv's, described once in
+    :mod:`peftmath.layers` ("Conv keywords"); a grouped conv (``groups > 1``, inferred from ``x``) is
+    refused with :class:`~peftmath.errors.UnsupportedError`.
     """
     xp = namespace(x, weight, blocks, bias, where="oft.forward")
-    lay = Layer.for_weight(layer, weight)
+    lay, _ = Layer.for_weight(layer, weight).for_input(x, "oft.forward", groups=groups, stride=stride,
+                                                        padding=padding, dilation=dilation)
     _check_blocks(lay, blocks, "oft.forward")
     emb = lay.kind is LayerKind.EMBEDDING
     out_dtype = weight.dtype if emb else x.dtype
@@ -584,8 +590,8 @@ def _merge_or_unmerge(weight: Array, blocks: Array, layer: Layer | LayerKind | s
     lay = Layer.for_weight(layer, weight)
     _check_blocks(lay, blocks, where)
     cd = compute_dtype(xp, weight.dtype, blocks.dtype)
-    new = _rotate_weight(weight, blocks, lay, inverse=inverse, xp=xp, cd=cd)
-    return finish(where, weight, new, copy=copy, safe=safe, xp=xp)
+    return write_weight(where, weight, lambda: _rotate_weight(weight, blocks, lay, inverse=inverse, xp=xp, cd=cd),
+                        copy=copy, safe=safe, xp=xp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -715,9 +721,9 @@ class OFTModule(ModuleAdapter):
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, *, peft_compat: bool = False,
                 **layer_kwargs: Any) -> Array:
-        self.layer.check_weight(weight)
-        return forward(x, weight, self._blocks_for(weight, peft_compat), bias=bias, layer=self.layer,
-                       peft_compat=peft_compat, **layer_kwargs)
+        layer, kw = self.input_layer(x, weight, layer_kwargs)
+        return forward(x, weight, self._blocks_for(weight, peft_compat), bias=bias, layer=layer,
+                       peft_compat=peft_compat, **kw)
 
     @classmethod
     def initialize(cls, name: str, config: OFTConfig, layer: Layer, *, weight: Array | None = None,

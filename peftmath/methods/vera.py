@@ -297,6 +297,10 @@ def forward(
     bias: Array | None = None,
     layer: Layer | LayerKind | str | None = None,
     dropout: Callable[[Array], Array] | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int | None = None,
     peft_compat: bool = False,
 ) -> Array:
     """The unmerged adapted layer: ``base(x) + λ_b ⊙ ((λ_d ⊙ (d(x) A_lᵀ)) B_lᵀ)``; x ``(..., in)``.
@@ -307,6 +311,10 @@ def forward(
     adapter term and rounds again, as PEFT does (the same numbers for float32, within one ulp for
     float16/bfloat16).
 
+    ``stride``, ``padding``, ``dilation``, ``groups``: the conv keywords every method accepts (see
+    :mod:`peftmath.layers`, "Conv keywords"); VeRA adapts no convolution, so they must keep their
+    defaults. An input of the wrong width is a :class:`~peftmath.errors.ShapeError`.
+
     >>> import numpy as np
     >>> A = np.ones((1, 2)); B = np.ones((2, 1)); W = np.zeros((2, 2))
     >>> forward(np.array([[1.0, 2.0]]), W, np.array([1.0, 2.0]), np.array([0.5]), A, B)
@@ -316,6 +324,7 @@ def forward(
     lay = _resolve_layer(layer, lambda_b, vera_A, W, None)
     lay.check_weight(W)
     lay.check_bias(bias)
+    lay.for_input(x, "vera.forward", groups=groups, stride=stride, padding=padding, dilation=dilation)
     A_l, B_l = slice_projections(vera_A, vera_B, lay.in_features, lay.out_features, where="vera.forward")
     _check_lambdas(lambda_b, lambda_d, vera_A, lay.out_features, "vera.forward")
     lo = adapter_output(x, lambda_b, lambda_d, A_l, B_l, dropout=dropout)
@@ -345,14 +354,14 @@ def _apply(W: Array, lambda_b: Array, lambda_d: Array, vera_A: Array, vera_B: Ar
             d = _compat_round(xp, vera_B, d)
         return layer.from_matrix(d, xp)
 
-    def kernel() -> bool:
-        if peft_compat and is_low_precision(vera_B.dtype):
-            return False
+    def kernel(M: Array) -> bool:
         cd = compute_dtype(xp, W.dtype, lambda_b.dtype, lambda_d.dtype, vera_A.dtype, vera_B.dtype)
         Bs, As = _factors(lambda_b, lambda_d, A_l, B_l, cd)  # O(r (in + out)) each
-        return backend_for(xp).addmm_(layer.as_matrix(W, xp), Bs, As, float(sign))
+        return backend_for(xp).addmm_(M, Bs, As, float(sign))
 
-    return apply_delta(where, W, build, sign=sign, copy=copy, safe=safe, inplace_kernel=kernel)
+    use_kernel = not (peft_compat and is_low_precision(vera_B.dtype))
+    return apply_delta(where, W, build, sign=sign, copy=copy, safe=safe, layer=layer,
+                       inplace_kernel=kernel if use_kernel else None, xp=xp)
 
 
 def merge(W: Array, lambda_b: Array, lambda_d: Array, vera_A: Array, vera_B: Array, *,
@@ -514,8 +523,9 @@ class VeraModule(ModuleAdapter):
         return MergeResult(new, bias)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
+        layer, kw = self.input_layer(x, weight, layer_kwargs)
         return forward(x, weight, self.lambda_b, self.lambda_d, self.vera_A, self.vera_B, bias=bias,
-                       layer=self.layer, **layer_kwargs)
+                       layer=layer, **kw)
 
     def num_parameters(self) -> int:
         """Trainable scalars: ``out + r`` (the shared projections are frozen and not counted)."""

@@ -25,7 +25,12 @@ class CupyBackend(ArrayAPIBackend):
     ranks up to 64; cuBLAS gemm with beta=1 for float64 and larger ranks), DoRA's merge and unmerge and
     IA3's scaling and the mixed-batch forward's adapter terms as kernels (see
     :mod:`peftmath_cupy._kernels`), pinned host transfer. OFT/BOFT's block rotations use the namespace's
-    batched ``matmul`` (cuBLAS strided-batched gemm)."""
+    batched ``matmul`` (cuBLAS strided-batched gemm).
+
+    The in-place contract (:mod:`peftmath.backends`): every hook receives arrays that alias the
+    caller's weight (never a reshape copy) and writes through them or declines touching nothing. The
+    CUDA kernels take C-contiguous matrices (an F-contiguous ``m`` is its C-contiguous transpose);
+    any other strides are declined here and the caller computes out of place and stores the result."""
 
     name = "cupy"
     def __init__(self) -> None:
