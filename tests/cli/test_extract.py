@@ -123,3 +123,15 @@ def test_extract_loads_in_peft(cli, pair, tmp_path):
     got = {k: v.detach().numpy() for k, v in merged.items()}
     for m, v in report.items():
         assert _rel(tuned, got, state, f"{m}.weight") <= v["relative_error"] + 1e-5, m
+
+
+@pytest.mark.parametrize("option", ["include", "exclude"])
+def test_extract_lora_refuses_a_bad_regex_before_reading(pair, tmp_path, option):
+    """The library function (not only the command's argparse type) names the option and the pattern."""
+    from peftmath.cli import extract_lora
+    from peftmath.errors import ConfigError
+
+    base, tp, _, _ = pair
+    with pytest.raises(ConfigError, match=rf"--{option} '\(q_proj' is not a valid regular expression"):
+        extract_lora(str(base), str(tp), str(tmp_path / "out"), rank=2, **{option: "(q_proj"})
+    assert not (tmp_path / "out").exists()

@@ -51,6 +51,67 @@ def test_init_from_config_file_and_base_out(tmp_path, model):
     merged = pm.load_adapter(tmp_path / "a").merge(residual)
     for k in state:
         np.testing.assert_allclose(merged[k], state[k], atol=2e-5)
+    # the factors belong to the residual base: PEFT must not run PiSSA again when it loads them there
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True and saved["r"] == 2
+
+
+def test_init_base_out_is_not_written_for_an_init_that_keeps_the_base(tmp_path, model, capsys):
+    path, _ = model
+    rc = main(["init", str(path), "--target", "q_proj", "--base-out", str(tmp_path / "nb.safetensors"),
+               "-o", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 0 and (tmp_path / "a").is_dir() and not (tmp_path / "nb.safetensors").exists()
+    assert "peftmath: warning: --base-out" in err and "leaves the base model unchanged; not written" in err
+
+
+def test_init_writes_no_new_base_without_its_adapter(tmp_path, model, capsys, monkeypatch):
+    from peftmath import cli
+    from peftmath.errors import CheckpointError
+
+    def fail(*args, **kwargs):
+        raise CheckpointError("disk full (simulated)")
+
+    monkeypatch.setattr(cli, "write_adapter", fail)
+    path, _ = model
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc = main(["init", str(path), "--target", "q_proj", "--init", "olora", "--base-out", str(tmp_path / "nb"),
+               "-o", str(tmp_path / "a")])
+    assert rc == 1 and "disk full (simulated)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_init_flags_fill_the_method_defaults(tmp_path, model):
+    """OFT from flags: PEFT's default oft_block_size, or --r with oft_block_size 0 (PEFT wants one of them)."""
+    path, state = model
+    for extra, want in (([], (0, 32)), (["--r", "4"], (4, 0))):
+        out = tmp_path / f"oft{len(extra)}"
+        assert main(["init", str(path), "--method", "oft", "--target", "v_proj", *extra, "-o", str(out), "-q"]) == 0
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert (cfg["r"], cfg["oft_block_size"]) == want
+        merged = pm.load_adapter(out).merge(state)
+        for k in state:                                          # a default OFT is the identity rotation
+            np.testing.assert_allclose(merged[k], state[k], atol=1e-6)
+
+
+def test_ia3_feedforward_modules_from_the_model_type(tmp_path):
+    """PEFT fills a null feedforward_modules from its table (Llama: down_proj) before saving; the saved list
+    keeps only entries of an explicit target list (PEFT refuses to load a non-subset)."""
+    from peftmath.create import create_adapter
+    from peftmath.methods.ia3 import IA3Config
+
+    rng = np.random.default_rng(0)
+    state = {f"model.layers.0.{n}.weight": rng.standard_normal(s).astype(np.float32)
+             for n, s in (("self_attn.k_proj", (8, 16)), ("self_attn.v_proj", (8, 16)), ("mlp.down_proj", (16, 32)))}
+    ad = create_adapter(state, IA3Config(init_ia3_weights=False), model_type="llama")
+    assert ad.config.feedforward_modules == ["down_proj"]
+    assert ad.config.target_modules == ["down_proj", "k_proj", "v_proj"]   # PEFT's table entry, saved as a list
+    assert ad.params["model.layers.0.mlp.down_proj"]["ia3_l"].shape == (1, 32)   # scales the input
+    assert ad.params["model.layers.0.self_attn.k_proj"]["ia3_l"].shape == (8, 1)
+    ad = create_adapter(state, IA3Config(target_modules=["k_proj", "v_proj"]), model_type="llama")
+    assert ad.config.feedforward_modules == []
+    ad = create_adapter(state, IA3Config(target_modules=["k_proj", "v_proj"]))   # no model type: left null
+    assert ad.config.feedforward_modules is None
 
 
 def test_init_bad_target_names_the_closest_module(tmp_path, model, capsys):

@@ -90,3 +90,25 @@ def test_inspect_non_additive(cli, tmp_path):
         info = json.loads(out)
         for e in info["modules"]:
             assert (e["delta_norm"] is None) == (not info["additive"]), folder
+
+
+def test_inspect_top_zero_and_negative(cli, f32_model, tmp_path, lora_targets, h):
+    """--top 0 lists no singular value (the norms stay); a negative count is refused, by argparse in the
+    command (exit 2) and by ``inspect_adapter`` itself (ConfigError)."""
+    import pytest
+
+    from peftmath.cli import inspect_adapter
+    from peftmath.errors import ConfigError
+
+    base, state = f32_model
+    ad = h.make_lora(tmp_path / "lora", state, lora_targets)
+    rc, out, err = cli("inspect", tmp_path / "lora", "--json", "--top", "0")
+    assert rc == 0, err
+    for e in json.loads(out)["modules"]:
+        p = ad.params[e["module"]]
+        d = 2.0 * p["lora_B.weight"].astype(np.float64) @ p["lora_A.weight"].astype(np.float64)
+        assert e["top_singular_values"] == [] and abs(e["delta_norm"] - np.linalg.norm(d)) <= 1e-5 * np.linalg.norm(d)
+    assert cli("inspect", tmp_path / "lora", "--top", "-1")[0] == 2
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError, match="top must be an integer >= 0"):
+            inspect_adapter(tmp_path / "lora", top=bad)
