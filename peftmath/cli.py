@@ -83,7 +83,7 @@ class _Log:
         if self.verbosity < 0:
             return
         text = " ".join(str(message).split())
-        if not issubclass(category, PeftMathWarning):
+        if not issubclass(category, _strict_categories()):  # another library's: say which kind
             text = f"{category.__name__}: {text}"
         print(f"peftmath: warning: {text}", file=sys.stderr)
 
@@ -965,8 +965,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():  # restores the caller's filters and showwarning
         warnings.showwarning = log.show
         if args.strict:
-            warnings.simplefilter("error", PeftMathWarning)
+            for category in _strict_categories():
+                warnings.simplefilter("error", category)
         return _run(args, log)
+
+
+def _strict_categories() -> tuple[type[Warning], ...]:
+    """The warnings ``--strict`` turns into errors: peftmath's own. (``formats.ConversionWarning``, a lossy
+    or incomplete conversion, is named too while it is not a PeftMathWarning subclass.)"""
+    from .formats import ConversionWarning
+
+    return (PeftMathWarning, ConversionWarning)
 
 
 def _run(args: argparse.Namespace, log: _Log) -> int:
@@ -979,13 +988,14 @@ def _run(args: argparse.Namespace, log: _Log) -> int:
         except OSError:
             pass
         return 1
-    except (PeftMathError, PeftMathWarning, OSError, re.error) as exc:
+    except (PeftMathError, Warning, OSError, re.error) as exc:
         if args.verbose:
             traceback.print_exc()
         if isinstance(exc, PeftMathError):
             msg = str(exc)
-        elif isinstance(exc, PeftMathWarning):  # raised as an error by --strict
-            msg = f"{exc} (a warning; --strict makes it an error)"
+        elif isinstance(exc, Warning):  # raised as an error by --strict (or by python -W error)
+            msg = (f"{exc} (a warning; --strict makes it an error)" if isinstance(exc, _strict_categories())
+                   else f"{type(exc).__name__}: {exc} (a warning that the warnings filter raises as an error)")
         elif isinstance(exc, re.error):  # a regular expression of an adapter config (rank_pattern, target_modules)
             msg = f"invalid regular expression {exc.pattern!r}: {exc.msg}" + (
                 f" at position {exc.pos}" if exc.pos is not None else "")

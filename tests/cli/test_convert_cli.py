@@ -40,3 +40,20 @@ def test_what_the_target_cannot_hold_is_refused(tmp_path, capsys):
     rc = main(["convert", str(tmp_path / "d"), "--to", "kohya", "-o", str(tmp_path / "k.safetensors")])
     assert rc == 1 and "DoRA" in capsys.readouterr().err
     assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_conversion_warnings_are_one_line_and_strict_refuses_them(tmp_path, adapter, capsys):
+    """candle-lora stores no module names and no alpha: a ConversionWarning, one plain line; --strict makes
+    it an error and writes nothing."""
+    out = tmp_path / "c.safetensors"
+    assert main(["convert", str(adapter), "--to", "candle-lora", "-o", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    warned = [ln for ln in err if ln.startswith("peftmath: warning: ")]
+    assert len(warned) == 1 and warned[0].startswith("peftmath: warning: candle-lora files store no module names "
+                                                     "and no alpha"), err
+    assert not any(".py:" in ln or ln.startswith("  ") for ln in err), err
+    out.unlink()
+    assert main(["convert", str(adapter), "--to", "candle-lora", "-o", str(out), "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("peftmath: error: candle-lora files store no module names") and err.count("\n") == 1
+    assert "(a warning; --strict makes it an error)" in err and not out.exists()

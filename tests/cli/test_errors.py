@@ -364,6 +364,11 @@ def test_foreign_warnings_are_one_line_too(setup, cli, monkeypatch):
     for strict in ([], ["--strict"]):
         rc, out, err = cli("inspect", tmp / "lora", *strict)
         assert rc == 0 and err == "peftmath: warning: RuntimeWarning: overflow encountered in multiply (second line)\n"
+    with warnings.catch_warnings():  # python -W error::RuntimeWarning: the caller's filters still apply
+        warnings.simplefilter("error", RuntimeWarning)
+        rc, out, err = cli("inspect", tmp / "lora")
+    assert rc == 1 and out == "" and err == ("peftmath: error: RuntimeWarning: overflow encountered in multiply "
+                                             "(second line) (a warning that the warnings filter raises as an error)\n")
 
 
 @pytest.mark.parametrize("shards", [1, 3])
