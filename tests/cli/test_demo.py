@@ -49,3 +49,12 @@ def test_demo_skips_a_broken_method(cli, monkeypatch):
     rc, out, err = cli("demo")
     assert rc == 0, err
     assert "skipping Broken (LORA)" in err and "Broken" not in out
+
+
+def test_demo_is_warning_free_under_strict(cli, tmp_path):
+    """The demo's own adapters raise no warning at all: --strict (every peftmath warning an error) passes,
+    and nothing on stderr looks like a warning."""
+    rc, out, err = cli("demo", tmp_path / "d", "--strict")
+    assert rc == 0, err
+    assert not [ln for ln in err.splitlines() if "warning:" in ln.lower()] and "Traceback" not in err
+    assert all(ln.rstrip().endswith("ok") for ln in out.splitlines()[2:] if ln.strip())
