@@ -679,18 +679,17 @@ class Report:
 
 
 def _with_provenance(metadata: Mapping[str, str], provenance: Sequence[Mapping[str, Any]] | None) -> dict[str, str]:
-    """``metadata`` with :data:`PROVENANCE_KEY` set to ``provenance`` (removed when empty; unchanged when None).
+    """``metadata`` with :data:`PROVENANCE_KEY` set to ``provenance`` (unchanged when None). An empty list
+    is kept: it says that every adapter peftmath merged was unmerged again (a model without the key was
+    never merged by peftmath, or by another tool).
 
     Every other entry is kept; ``"format": "pt"`` is added when absent, because transformers 4.x refuses
     safetensors metadata without a known format."""
     meta = dict(metadata)
     if provenance is None:
         return meta
-    if provenance:
-        meta[PROVENANCE_KEY] = json.dumps(list(provenance), separators=(",", ":"), sort_keys=True)
-        meta.setdefault("format", "pt")
-    else:
-        meta.pop(PROVENANCE_KEY, None)
+    meta[PROVENANCE_KEY] = json.dumps(list(provenance), separators=(",", ":"), sort_keys=True)
+    meta.setdefault("format", "pt")
     return meta
 
 
@@ -771,8 +770,8 @@ def transform(
     unmerge takes what it needs from them and keeps the rest; merge keeps them all and numbers its own
     after them. The records of the output are written to ``records_out`` (default
     :func:`records_path` ``(out)``; an existing ``records_out`` needs ``force``). ``provenance``, when
-    given, is the complete :data:`PROVENANCE_KEY` list written into every output shard (empty: the
-    key is removed); None leaves the metadata as it is. ``to_xp``/``to_host`` move a tensor to the
+    given, is the complete :data:`PROVENANCE_KEY` list written into every output shard (an empty list
+    too: nothing merged any more); None leaves the metadata as it is. ``to_xp``/``to_host`` move a tensor to the
     compute backend and back (NumPy by default). ``progress(nbytes)`` is called after each tensor.
     """
     out = Path(out)
