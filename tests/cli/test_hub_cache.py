@@ -23,7 +23,8 @@ TARGETS = ["model.layers.0.q_proj", "model.layers.1.v_proj"]
 
 
 def hub_snapshot(src: Path, cache: Path, repo: str = "org/name", revision: str = "0123abcd" * 5) -> Path:
-    """Move the files of folder ``src`` into a hub-cache repo under ``cache``; return the snapshot folder."""
+    """Copy the files of folder ``src`` into a hub-cache repo under ``cache`` (content-addressed blobs,
+    relative links); return the snapshot folder."""
     root = cache / ("models--" + repo.replace("/", "--"))
     (root / "blobs").mkdir(parents=True)
     snap = root / "snapshots" / revision
