@@ -336,10 +336,14 @@ def merge(
     array([[  0.,   1.,   2.,   3.],
            [ -8., -10., -12., -14.]])
     """
-    xp = namespace(weight, boft_R, boft_s, where="boft.merge")
+    return _merge(weight, boft_R, boft_s, layer=layer, copy=copy, safe=safe, where="boft.merge")
+
+
+def _merge(weight: Array, boft_R: Array, boft_s: Array, *, layer: Any, copy: bool, safe: bool, where: str) -> Array:
+    xp = namespace(weight, boft_R, boft_s, where=where)
     lay = Layer.for_weight(layer, weight)
-    _check(lay, boft_R, "boft.merge")
-    s = _scale_vector(boft_s, lay, "boft.merge")
+    _check(lay, boft_R, where)
+    s = _scale_vector(boft_s, lay, where)
     cd = compute_dtype(xp, weight.dtype, boft_R.dtype, boft_s.dtype)
 
     def compute() -> Array:
@@ -348,7 +352,7 @@ def merge(
         new *= as_compute(xp, s, cd)[:, None]  # in place on the fresh product (saves a weight-sized temporary)
         return xp.reshape(new, lay.weight_shape)
 
-    return write_weight("boft.merge", weight, compute, copy=copy, safe=safe, xp=xp)
+    return write_weight(where, weight, compute, copy=copy, safe=safe, xp=xp)
 
 
 def unmerge(
@@ -366,15 +370,20 @@ def unmerge(
     (PEFT silently produces infinities). peftmath divides by ``s``; ``peft_compat=True`` multiplies by
     ``1/s`` as PEFT does.
     """
-    xp = namespace(weight, boft_R, boft_s, where="boft.unmerge")
+    return _unmerge(weight, boft_R, boft_s, layer=layer, copy=copy, peft_compat=peft_compat, where="boft.unmerge")
+
+
+def _unmerge(weight: Array, boft_R: Array, boft_s: Array, *, layer: Any, copy: bool, peft_compat: bool,
+             where: str) -> Array:
+    xp = namespace(weight, boft_R, boft_s, where=where)
     lay = Layer.for_weight(layer, weight)
-    _check(lay, boft_R, "boft.unmerge")
-    s = _scale_vector(boft_s, lay, "boft.unmerge")
+    _check(lay, boft_R, where)
+    s = _scale_vector(boft_s, lay, where)
     bad = xp.logical_or(s == 0, xp.logical_not(xp.isfinite(s)))
     if bool(xp.any(bad)):
         count = int(xp.sum(xp.astype(bad, xp.int64)))
         raise NotInvertibleError(
-            f"boft.unmerge: boft_s has {count} zero or non-finite entr{'y' if count == 1 else 'ies'} (of "
+            f"{where}: boft_s has {count} zero or non-finite entr{'y' if count == 1 else 'ies'} (of "
             f"{lay.out_features}); the merged rows cannot be unscaled. The weight is unchanged"
         )
     cd = compute_dtype(xp, weight.dtype, boft_R.dtype, boft_s.dtype)
@@ -389,7 +398,7 @@ def unmerge(
             rotated /= sc[:, None]
         return xp.reshape(rotated, lay.weight_shape)
 
-    return write_weight("boft.unmerge", weight, compute, copy=copy, xp=xp)
+    return write_weight(where, weight, compute, copy=copy, xp=xp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,13 +505,13 @@ class BOFTModule(ModuleAdapter):
     def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
               peft_compat: bool = False) -> MergeResult:
         self.layer.check_weight(weight)
-        return MergeResult(merge(weight, self.R, self.s, layer=self.layer, copy=copy, safe=safe), bias)
+        return MergeResult(_merge(weight, self.R, self.s, layer=self.layer, copy=copy, safe=safe, where=self.name), bias)
 
     def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
                 peft_compat: bool = False) -> MergeResult:
         self.layer.check_weight(weight)
-        return MergeResult(unmerge(weight, self.R, self.s, layer=self.layer, copy=copy, peft_compat=peft_compat),
-                           bias)
+        return MergeResult(_unmerge(weight, self.R, self.s, layer=self.layer, copy=copy, peft_compat=peft_compat,
+                                    where=self.name), bias)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, *, peft_compat: bool = False,
                 **layer_kwargs: Any) -> Array:

@@ -710,13 +710,15 @@ class OFTModule(ModuleAdapter):
     def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
               peft_compat: bool = False) -> MergeResult:
         self.layer.check_weight(weight)
-        new = merge(weight, self._blocks_for(weight, peft_compat), layer=self.layer, copy=copy, safe=safe)
+        new = _merge_or_unmerge(weight, self._blocks_for(weight, peft_compat), self.layer, inverse=False, copy=copy,
+                                safe=safe, where=self.name)
         return MergeResult(new, bias)
 
     def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
                 peft_compat: bool = False) -> MergeResult:
         self.layer.check_weight(weight)
-        new = unmerge(weight, self._blocks_for(weight, peft_compat), layer=self.layer, copy=copy)
+        new = _merge_or_unmerge(weight, self._blocks_for(weight, peft_compat), self.layer, inverse=True, copy=copy,
+                                safe=False, where=self.name)
         return MergeResult(new, bias)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, *, peft_compat: bool = False,
