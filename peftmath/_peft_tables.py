@@ -6,6 +6,8 @@ tables against the installed PEFT."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 #: LoRA, LoHa, LoKr, OFT and BOFT share this table
 LORA_FAMILY: dict[str, list[str] | str] = {'t5': ['q', 'v'],
  'mt5': ['q', 'v'],
@@ -139,3 +141,132 @@ def default_targets(peft_type: str) -> dict[str, list[str] | str]:
     if peft_type == "VERA":
         return {**LORA_FAMILY, **VERA_CHANGES}
     return {"ADALORA": ADALORA, "IA3": IA3}.get(peft_type, {})
+
+
+# --------------------------------------------------------------------------------------------------
+# What every field of PEFT 0.21.2's config dataclasses means to peftmath
+# --------------------------------------------------------------------------------------------------
+#: the field changes nothing peftmath computes from a checkpoint or the field's math is implemented
+IMPLEMENTED = "implemented"
+#: bookkeeping, training-only (dropouts, the AdaLoRA allocator) or the initialisation of tensors the
+#: checkpoint holds: no effect on merge, unmerge or forward
+IRRELEVANT = "irrelevant"
+
+
+class Refused(NamedTuple):
+    """A field that changes the math and that peftmath does not implement: refused (UnsupportedError)
+    when its value is not one of ``allowed`` (PEFT's default first). ``variant`` names the PEFT 0.21.2
+    variant it switches on, ``why`` says what it would change."""
+
+    variant: str
+    allowed: tuple
+    why: str
+
+    def allows(self, value: object) -> bool:
+        return any(value is a or (type(value) is type(a) and value == a) for a in self.allowed)
+
+
+_BOOKKEEPING = dict.fromkeys(("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                              "revision", "inference_mode"), IRRELEVANT)
+_TARGETS = dict.fromkeys(("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform",
+                          "layers_pattern"), IMPLEMENTED)
+_NONE = (None,)
+
+#: LoRA's fields (AdaLoRA inherits them)
+_LORA_FIELDS: dict[str, object] = {
+    **_BOOKKEEPING, **_TARGETS,
+    **dict.fromkeys(("r", "lora_alpha", "fan_in_fan_out", "bias", "use_rslora", "rank_pattern", "alpha_pattern",
+                     "use_dora", "lora_bias"), IMPLEMENTED),
+    # training-only / settings of initialisations whose result the checkpoint holds
+    **dict.fromkeys(("lora_dropout", "megatron_core", "loftq_config", "eva_config", "corda_config",
+                     "lora_ga_config", "qalora_group_size", "runtime_config"), IRRELEVANT),
+    "init_lora_weights": Refused(
+        "PiSSA / OLoRA / CorDA / LoftQ / LoRA-GA initialisation", (True, False, "gaussian", "eva", "orthogonal", "mica"),
+        "PEFT runs this initialisation again when it loads the adapter, and it changes the base weights "
+        "(W <- W - s*B0*A0, or a quantised W); peftmath merges into the base as given. If your base already is "
+        "the initialised (residual) model, set init_lora_weights to true in adapter_config.json; PEFT's "
+        "save_pretrained(..., path_initial_model_for_weight_conversion=...) converts such an adapter into a plain "
+        "LoRA of the original base"),
+    "megatron_config": Refused("Megatron tensor-parallel LoRA", _NONE,
+                               "its layers are Megatron's parallel linears, saved per rank"),
+    "trainable_token_indices": Refused("trainable tokens (trainable_token_indices)", _NONE,
+                                       "it trains rows of the token embedding (token_adapter.trainable_tokens_delta)"),
+    "velora_config": Refused("VeLoRA", _NONE, "it adds compressed-activation state (lora_velora_embed)"),
+    "alora_invocation_tokens": Refused("aLoRA (activated LoRA)", _NONE,
+                                       "the adapter acts only on the tokens after its invocation sequence, so it "
+                                       "cannot be merged, and its forward depends on the token ids"),
+    "use_qalora": Refused("QALoRA", (False,), "lora_A acts on the input pooled in groups of qalora_group_size"),
+    "monteclora_config": Refused("MonteCLoRA", _NONE, "it samples the LoRA factors from learned distributions"),
+    "layer_replication": Refused("layer replication", _NONE,
+                                 "it stacks copies of base layers, so the adapted modules are not the base's"),
+    "target_parameters": Refused("LoRA on nn.Parameter (target_parameters)", (None, []),
+                                 "it adapts parameters (e.g. mixture-of-experts weights) rather than modules"),
+    "use_bdlora": Refused("BD-LoRA (block-diagonal LoRA)", _NONE, "lora_A or lora_B is block-diagonal"),
+    "arrow_config": Refused("Arrow routing", _NONE, "it routes each token among several LoRA experts"),
+    "kasa_config": Refused("KaSA", _NONE,
+                           "it truncates the base weight's smallest singular components and scales BA by a "
+                           "learned diagonal (lora_diag)"),
+    "ensure_weight_tying": Refused("tied adapters (ensure_weight_tying)", (False,),
+                                   "PEFT ties an adapter on the output layer to the embedding's"),
+}
+
+#: peft_type -> {field: IMPLEMENTED | IRRELEVANT | Refused(...)} for every field of PEFT 0.21.2's config
+#: dataclass of that method (``tests/parity/test_refusals_parity.py`` checks it covers them all)
+CONFIG_FIELDS: dict[str, dict[str, object]] = {
+    "LORA": _LORA_FIELDS,
+    # AdaLoRA's layers read init_lora_weights as a flag only (any true value: the default init)
+    "ADALORA": {**_LORA_FIELDS, "rank_pattern": IMPLEMENTED, "init_lora_weights": IRRELEVANT,
+                **dict.fromkeys(("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                                 "orth_reg_weight", "total_step"), IRRELEVANT)},
+    "IA3": {**_BOOKKEEPING, **_TARGETS, "feedforward_modules": IMPLEMENTED, "fan_in_fan_out": IMPLEMENTED,
+            "init_ia3_weights": IRRELEVANT},
+    "LOHA": {**_BOOKKEEPING, **_TARGETS,
+             **dict.fromkeys(("rank_pattern", "alpha_pattern", "r", "alpha", "use_effective_conv2d"), IMPLEMENTED),
+             **dict.fromkeys(("rank_dropout", "module_dropout", "init_weights"), IRRELEVANT)},
+    "LOKR": {**_BOOKKEEPING, **_TARGETS,
+             **dict.fromkeys(("rank_pattern", "alpha_pattern", "r", "alpha", "use_effective_conv2d", "decompose_both",
+                              "decompose_factor"), IMPLEMENTED),
+             **dict.fromkeys(("rank_dropout", "module_dropout", "rank_dropout_scale", "init_weights"), IRRELEVANT)},
+    "OFT": {**_BOOKKEEPING, **_TARGETS,
+            **dict.fromkeys(("r", "oft_block_size", "fan_in_fan_out", "bias", "coft", "eps", "block_share",
+                             "use_cayley_neumann", "num_cayley_neumann_terms"), IMPLEMENTED),
+            **dict.fromkeys(("module_dropout", "init_weights"), IRRELEVANT)},
+    "BOFT": {**_BOOKKEEPING, **_TARGETS,
+             **dict.fromkeys(("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "fan_in_fan_out",
+                              "bias"), IMPLEMENTED),
+             **dict.fromkeys(("boft_dropout", "init_weights"), IRRELEVANT)},
+    # projection_prng_key only regenerates projections a checkpoint did not save, which peftmath refuses
+    # (VeRA's validate_checkpoint: vera_A / vera_B must be in the checkpoint)
+    "VERA": {**_BOOKKEEPING, **_TARGETS,
+             **dict.fromkeys(("r", "save_projection", "fan_in_fan_out", "bias"), IMPLEMENTED),
+             **dict.fromkeys(("projection_prng_key", "vera_dropout", "d_initial", "init_weights"), IRRELEVANT)},
+    "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
+                      **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                                       "num_attention_heads", "num_layers"), IMPLEMENTED),
+                      **dict.fromkeys(("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                                       "tokenizer_kwargs"), IRRELEVANT)},
+    "P_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
+                 **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                                  "num_attention_heads", "num_layers", "encoder_reparameterization_type",
+                                  "encoder_hidden_size", "encoder_num_layers"), IMPLEMENTED),
+                 "encoder_dropout": IRRELEVANT},
+    "PREFIX_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
+                      **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                                       "num_attention_heads", "num_layers", "encoder_hidden_size",
+                                       "prefix_projection"), IMPLEMENTED),
+                      "init_weights": IRRELEVANT},
+}
+
+#: what tensors of unsupported PEFT variants look like in a checkpoint (a regex on the key without
+#: ``base_model.model.``, and what it is), for the error that lists the tensors a load does not understand
+UNKNOWN_TENSORS: list[tuple[str, str]] = [
+    (r"(^|\.)lora_diag$", "KaSA's lora_diag (kasa_config)"),
+    (r"(^|\.)token_adapter\.trainable_tokens_delta$", "trainable tokens (trainable_token_indices)"),
+    (r"(^|\.)lora_velora_", "VeLoRA state (velora_config)"),
+    (r"(^|\.)lora_monteclora_sampler\.", "MonteCLoRA's sampler (monteclora_config)"),
+    (r"(^|\.)base_layer\..*\.lora_", "a LoRA inside a wrapped layer (PEFT's nn.MultiheadAttention support "
+                                     "adapts out_proj inside its base_layer)"),
+    (r"(^|\.)lora_arrow", "Arrow routing state (arrow_config)"),
+    (r"(^|\.)(lora|hada|lokr|oft|boft|vera|ia3)_", "a tensor named like an adapter parameter of another method "
+                                                   "or variant"),
+]

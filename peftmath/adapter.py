@@ -10,15 +10,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import warnings
+
 from ._array import dtype_name
-from .errors import ShapeError, UnsupportedError
+from .config import check_supported
+from .errors import (CheckpointError, NotInvertibleError, PeftMathError, PeftMathWarning, ShapeError,
+                     UnsupportedError)
+from .kinds import TWO_D, Evidence, decide, resolve
 from .layers import LayerKind
 from .methods import get_method
 from .methods._base import ModuleAdapter, require_writeable
+from .targets import OUTPUT_EMBEDDING_NAMES, WORD_EMBEDDING_NAMES
 
 Array = Any
 
-__all__ = ["Adapter"]
+__all__ = ["Adapter", "not_invertible_replacements"]
+
+#: :meth:`Adapter._evidence` for a module whose kind is not a Linear-or-Conv1D question (conv, embedding)
+_NOT_2D = object()
+
+
+def not_invertible_replacements(keys: list[str], who: str = "") -> NotInvertibleError:
+    """The error of an unmerge that would have to restore base tensors the adapter replaced
+    (``modules_to_save`` copies, trained biases, saved embeddings): the merged model no longer holds them."""
+    return NotInvertibleError(
+        f"{who + ': ' if who else ''}the adapter replaces {_some(sorted(keys))} (modules_to_save, trained biases or "
+        f"saved embedding layers); the original tensors cannot be recovered from the merged model. Take them from "
+        f"the base model instead (Adapter.unmerge(..., originals=base_state_dict))")
 
 
 class Adapter:
@@ -34,14 +52,22 @@ class Adapter:
     shared
         Tensors not tied to one module (VeRA's ``vera_A`` / ``vera_B``), by their checkpoint key.
     other
-        Base-model tensors the checkpoint replaces (``modules_to_save``, ``bias="all"``), by base key.
+        Base-model tensors the checkpoint replaces (``modules_to_save``, ``bias="all"`` / ``"lora_only"``,
+        saved embedding layers), by base key. :meth:`merge` puts them in place before it merges (each must
+        exist in the base); :meth:`unmerge` needs the originals back (``originals=``).
     model_type
         The base model's transformers ``model_type`` (Dinov2 names its checkpoint tensors differently
         from its modules; see :data:`peftmath.targets.CHECKPOINT_RENAMES`).
     layer_kinds
         Known layer kinds by module name (a square transformers Conv1D cannot be told from a Linear
         by its shape). :func:`~peftmath.create_adapter` fills it, :func:`~peftmath.save_adapter` records it
-        in the safetensors metadata and :func:`~peftmath.load_adapter` reads it back.
+        in the safetensors metadata and :func:`~peftmath.load_adapter` reads it back. The rule for a 2-D
+        module without one is in :mod:`peftmath.kinds`.
+
+    A config that switches on a PEFT variant peftmath does not implement (``kasa_config``,
+    ``use_bdlora``, ``init_lora_weights="pissa"``, ...) is refused by every operation on its modules
+    (binding, merge, unmerge, forward, delta; :func:`peftmath.config.check_supported`), and by
+    :func:`~peftmath.load_adapter`.
     """
 
     def __init__(
@@ -108,35 +134,67 @@ class Adapter:
         *,
         weight_shape: tuple[int, ...] | None = None,
         kind: LayerKind | str | None = None,
+        model_type: str | None = None,
     ) -> ModuleAdapter:
         """The bound :class:`~peftmath.methods._base.ModuleAdapter` of module ``name``.
 
-        The layer geometry comes from the base weight's shape when given (and ``kind`` for a square
-        transformers Conv1D or an explicit override), otherwise from the parameters and the config.
+        The layer geometry comes from the base weight's shape when given, otherwise from the parameters
+        and the config. Whether a 2-D weight is an ``nn.Linear`` or a transformers ``Conv1D`` is decided
+        by :mod:`peftmath.kinds`: ``kind``, then the kinds recorded in the adapter, then ``model_type``
+        (default :attr:`model_type`), then the shape, then the config's ``fan_in_fan_out`` where no other
+        module contradicts it (here only the other modules' recorded kinds and ``model_type`` are known;
+        :meth:`resolve_layer_kinds` and the whole-model operations also use their base shapes).
         """
         self._require_modules("modules")
-        if name not in self.params:
-            raise ShapeError(f"{name}: not adapted by this {self.peft_type} adapter; adapted modules: {_some(self.modules)}")
-        cls = self.method.Module
-        params = dict(self.params[name])
-        kind = kind if kind is not None else self.layer_kinds.get(name)
-        layer = cls.infer_layer(name, self.config, params, weight_shape, kind)
-        return cls(name, self.config, params, layer, shared=self.shared)
+        self._require_module(name)
+        if kind is None:
+            kind = self._kind_for(name, weight_shape, None, model_type or self.model_type)
+        return self._bind(name, weight_shape, kind)
+
+    def resolve_layer_kinds(
+        self,
+        shapes: Mapping[str, tuple[int, ...] | None],
+        *,
+        layer_kinds: Mapping[str, LayerKind | str] | None = None,
+        model_type: str | None = None,
+    ) -> dict[str, LayerKind | None]:
+        """The layer kind of every adapted module (the rule of :mod:`peftmath.kinds`), from their base
+        weight shapes ``shapes`` (by module name; a missing one is unknown), the explicit ``layer_kinds``
+        and ``model_type`` (default :attr:`model_type`). None where the shape decides alone (convs,
+        embeddings). Pass each to :meth:`module` as ``kind``. Raises
+        :class:`~peftmath.errors.ConfigError` naming a module whose kind the evidence leaves ambiguous.
+        """
+        self._require_modules("layer kinds")
+        model_type = model_type or self.model_type
+        layer_kinds = dict(layer_kinds or {})
+        return {m: self._kind_for(m, shapes.get(m), layer_kinds.get(m), model_type, shapes=shapes,
+                                  explicit_all=layer_kinds) for m in self.modules}
 
     def delta_weight(self, name: str, *, weight_shape: tuple[int, ...] | None = None,
-                     kind: LayerKind | str | None = None, peft_compat: bool = False) -> Array:
+                     kind: LayerKind | str | None = None, model_type: str | None = None,
+                     peft_compat: bool = False) -> Array:
         """``ΔW`` of module ``name`` in the base weight's stored layout (additive methods)."""
-        return self.module(name, weight_shape=weight_shape, kind=kind).delta_weight(peft_compat=peft_compat)
+        mod = self.module(name, weight_shape=weight_shape, kind=kind, model_type=model_type)
+        return mod.delta_weight(peft_compat=peft_compat)
 
     def forward(self, name: str, x: Array, state: Mapping[str, Array], *, kind: LayerKind | str | None = None,
-                **layer_kwargs: Any) -> Array:
-        """One module's unmerged adapted forward, the base bias included.
+                model_type: str | None = None, **layer_kwargs: Any) -> Array:
+        """One module's unmerged adapted forward, the base bias included (a bias the adapter replaces,
+        ``bias="all"`` / ``"lora_only"``, is the replacement, as in PEFT's loaded model).
 
         ``layer_kwargs`` are the base layer's hyper-parameters (conv ``stride``, ``padding``,
         ``dilation``; ``embed_scale`` for scaled embeddings).
         """
-        weight, bias = self._base_tensors(name, state)
-        mod = self.module(name, weight_shape=tuple(weight.shape), kind=kind)
+        self._require_modules("forward")
+        self._require_module(name)
+        model_type = model_type or self.model_type
+        weight, bias = self._base_tensors(name, state, model_type=model_type)
+        key = self.base_key(name, state, model_type=model_type)
+        weight = self._replacement(f"{key}.weight", weight)
+        bias = self._replacement(f"{key}.bias", bias)
+        if kind is None:
+            kind = self._kind_for(name, tuple(weight.shape), None, model_type, shapes=self._module_shapes(state, model_type))
+        mod = self._bind(name, tuple(weight.shape), kind)
         return mod.forward(x, weight, bias, **layer_kwargs)
 
     # --- whole model --------------------------------------------------------------------------
@@ -149,30 +207,59 @@ class Adapter:
         layer_kinds: Mapping[str, LayerKind | str] | None = None,
         records: dict[str, Any] | None = None,
         copy: bool = True,
+        model_type: str | None = None,
+        model_config: Mapping[str, Any] | None = None,
     ) -> dict[str, Array]:
         """The merged state dict: a new dict in which adapted weights (and biases) are replaced.
 
         Tensors the adapter does not touch are passed through as the same objects. ``records``, when
         a dict is given, receives what :meth:`unmerge` needs per module (DoRA's weight norms).
         ``copy=False`` updates the adapted arrays in place. Every module is validated (shapes, layer
-        kinds) before any array is computed, and with ``copy=True`` nothing is modified on an error.
+        kinds, the base tensors the adapter replaces) before any array is computed, and with
+        ``copy=True`` nothing is modified on an error.
+
+        Tensors the adapter replaces (:attr:`other`: ``modules_to_save`` copies, biases trained with
+        ``bias="all"`` / ``"lora_only"``, saved embedding layers) replace their base tensors first, in the
+        base tensor's dtype, as PEFT's loader copies them into the model, and a module adapted on top of
+        a replaced tensor merges into the replacement (``copy=False`` copies the replacement into the
+        caller's array, then merges there; the adapter's own tensors are never written). Every replaced
+        tensor must exist in ``state`` with the same shape (:class:`~peftmath.errors.CheckpointError` /
+        :class:`~peftmath.errors.ShapeError` otherwise).
+
+        ``model_config`` is the base model's ``config.json`` (a dict): its ``model_type`` (unless
+        ``model_type`` is given) helps decide layer kinds, and its ``tie_word_embeddings`` tells when an
+        adapted input embedding is also the output layer (a :class:`~peftmath.errors.PeftMathWarning`
+        says so; an output layer tied to the embedding and so absent from ``state`` is refused with an
+        error naming both tensors). A tensor of ``state`` that shares its storage with an adapted
+        embedding (a tied torch state dict) is kept tied: it refers to the merged array too.
         """
         self._require_modules("merge")
-        bound = self._bind_all(state, layer_kinds)
+        model_type = self._model_type(model_type, model_config)
+        self.check_base({k: tuple(v.shape) for k, v in state.items()}, model_config=model_config,
+                        model_type=model_type)
+        replaced = self._replacements(state, model_type)
+        bound = self._bind_all({**state, **replaced}, layer_kinds, model_type)
         if not copy:  # refuse before the first in-place write, not half-way through the model
+            for kb in replaced:
+                require_writeable(f"replaced tensor {kb}", state[kb])
             for name, (_, wkey, _) in bound.items():
                 require_writeable(name, state[wkey])
-        out = dict(state)
+        base = dict(state)
+        for kb, value in replaced.items():  # PEFT copies them into the model's tensors (its dtype)
+            if copy:
+                base[kb] = _like(value, state[kb])
+            else:
+                state[kb][...] = _like(value, state[kb])
+        out = dict(base)
         new_records: dict[str, Any] = {}
         for name, (mod, wkey, bkey) in bound.items():
-            res = mod.merge(state[wkey], state.get(bkey), copy=copy, safe=safe, peft_compat=peft_compat)
+            res = mod.merge(base[wkey], base.get(bkey), copy=copy, safe=safe, peft_compat=peft_compat)
             out[wkey] = res.weight
             if res.bias is not None:
                 out[bkey] = res.bias
             if res.record is not None:
                 new_records[name] = res.record
-        for key, value in self.other.items():
-            out[key] = value
+        self._keep_ties(state, out, bound, model_config)
         if records is not None:
             records.update(new_records)
         return out
@@ -185,49 +272,270 @@ class Adapter:
         layer_kinds: Mapping[str, LayerKind | str] | None = None,
         records: Mapping[str, Any] | None = None,
         copy: bool = True,
+        model_type: str | None = None,
+        originals: Mapping[str, Array] | None = None,
     ) -> dict[str, Array]:
-        """The inverse of :meth:`merge` where it exists (``records`` from that merge where needed)."""
+        """The inverse of :meth:`merge` where it exists (``records`` from that merge where needed).
+
+        A tensor the adapter replaced (:attr:`other`) cannot be recovered from the merged model: unless
+        ``originals`` holds it (the base model's tensors by key, e.g. the original state dict), this
+        raises :class:`~peftmath.errors.NotInvertibleError` naming the replaced tensors, as ``peftmath
+        unmerge`` does. With ``originals``, those tensors are taken from it (the same objects).
+        """
         self._require_modules("unmerge")
-        bound = self._bind_all(merged, layer_kinds)
+        model_type = model_type or self.model_type
+        replaced = {k: self._replaced_key(k, merged, model_type) or k for k in self.other}
+        missing = sorted(k for k in replaced.values() if originals is None or k not in originals)
+        if missing:
+            raise not_invertible_replacements(missing)
+        for k in replaced.values():
+            if k in merged and tuple(originals[k].shape) != tuple(merged[k].shape):
+                raise ShapeError(f"originals[{k!r}] has shape {tuple(originals[k].shape)}, the merged model's "
+                                 f"tensor has {tuple(merged[k].shape)}")
+        bound = self._bind_all(merged, layer_kinds, model_type)
+        restored = set(replaced.values())
+        todo = {n: b for n, b in bound.items() if b[1] not in restored}
         if not copy:
-            for name, (_, wkey, _) in bound.items():
+            for name, (_, wkey, _) in todo.items():
                 require_writeable(name, merged[wkey])
         out = dict(merged)
-        for name, (mod, wkey, bkey) in bound.items():
+        for name, (mod, wkey, bkey) in todo.items():
             rec = (records or {}).get(name)
             res = mod.unmerge(merged[wkey], merged.get(bkey), record=rec, copy=copy, peft_compat=peft_compat)
             out[wkey] = res.weight
             if res.bias is not None:
                 out[bkey] = res.bias
+        for k in restored:
+            out[k] = originals[k]
         return out
 
-    def base_key(self, name: str, state: Mapping[str, Array]) -> str:
+    def check_base(
+        self,
+        shapes: Mapping[str, tuple[int, ...]],
+        *,
+        model_config: Mapping[str, Any] | None = None,
+        model_type: str | None = None,
+        source: str = "the base state dict",
+    ) -> None:
+        """Check that this adapter fits a base model whose tensors have ``shapes`` (by state-dict key)
+        before anything is merged, as :meth:`merge` does (the streamed merge calls it too):
+
+        * every adapted module has its weight; one missing because the model ties it to its input
+          embedding (``lm_head`` with ``tie_word_embeddings=true`` in ``model_config``) is an
+          :class:`~peftmath.errors.UnsupportedError` saying what is tied to what and what to do,
+          any other a :class:`~peftmath.errors.ShapeError` listing the closest keys;
+        * every tensor the adapter replaces exists (:class:`~peftmath.errors.CheckpointError` listing
+          those that do not) with the same shape (:class:`~peftmath.errors.ShapeError`);
+        * an adapted input embedding that the model ties to its output layer is reported with a
+          :class:`~peftmath.errors.PeftMathWarning`: the merged embedding is the output layer too.
+        """
+        if self.is_prompt_learning:
+            return
+        model_type = self._model_type(model_type, model_config)
+        tied = _ties_embeddings(model_config)
+        for name in self.modules:
+            key = self.base_key(name, shapes, model_type=model_type)
+            if f"{key}.weight" not in shapes:
+                raise self._missing_weight(name, f"{key}.weight", shapes, tied, source)
+        missing = [k for k in self.other if self._replaced_key(k, shapes, model_type) is None]
+        if missing:
+            raise CheckpointError(
+                f"the adapter replaces base tensors that {source} lacks: {_some(sorted(missing))} "
+                f"(modules_to_save copies / trained biases / saved embeddings of another model?); "
+                f"is this the adapter's base model?")
+        for k, v in self.other.items():
+            kb = self._replaced_key(k, shapes, model_type)
+            if tuple(v.shape) != tuple(shapes[kb]):
+                raise ShapeError(f"the adapter's replacement for {kb!r} has shape {tuple(v.shape)}, "
+                                 f"{source} has {tuple(shapes[kb])}; is this the adapter's base model?")
+        if tied:
+            for name in self.modules:
+                if _leaf_in(name, WORD_EMBEDDING_NAMES):
+                    outputs = [k for k in shapes if _leaf_in(k[: -len(".weight")], OUTPUT_EMBEDDING_NAMES)
+                               and k.endswith(".weight")]
+                    where = (f"the checkpoint also holds {_some(outputs)}, which transformers ties to it on load"
+                             if outputs else "the checkpoint holds no separate output-layer tensor such as "
+                                             "lm_head.weight")
+                    warnings.warn(
+                        f"{name}: the model ties its input embedding to its output layer (tie_word_embeddings=true "
+                        f"in its config.json; {where}), so the merged {name}.weight is also the output layer's "
+                        f"weight: this adapter changes the output logits too, as PEFT's merge_and_unload does "
+                        f"(PEFT warns about it as well). To change the input embedding only, untie the model "
+                        f"first: give the output layer its own copy of the embedding and set "
+                        f"tie_word_embeddings=false in config.json", PeftMathWarning, stacklevel=3)
+
+    def base_key(self, name: str, state: Mapping[str, Any], *, model_type: str | None = None) -> str:
         """The state-dict prefix of module ``name``: the name itself, or its checkpoint name."""
         if f"{name}.weight" in state:
             return name
         from .targets import module_to_checkpoint
 
-        return module_to_checkpoint(name, self.model_type)
+        return module_to_checkpoint(name, model_type or self.model_type)
 
-    def _base_tensors(self, name: str, state: Mapping[str, Array]) -> tuple[Array, Array | None]:
-        key = self.base_key(name, state)
+    # --- helpers --------------------------------------------------------------------------------
+    def _require_module(self, name: str) -> None:
+        if name not in self.params:
+            raise ShapeError(f"{name}: not adapted by this {self.peft_type} adapter; adapted modules: {_some(self.modules)}")
+
+    def _model_type(self, model_type: str | None, model_config: Mapping[str, Any] | None) -> str | None:
+        if model_type:
+            return model_type
+        found = model_config.get("model_type") if isinstance(model_config, Mapping) else None
+        return found if isinstance(found, str) else self.model_type
+
+    def _bind(self, name: str, weight_shape: tuple[int, ...] | None, kind: Any) -> ModuleAdapter:
+        check_supported(self.config, source=f"{self.peft_type} adapter config")
+        cls = self.method.Module
+        params = dict(self.params[name])
+        layer = cls.infer_layer(name, self.config, params, weight_shape, kind)
+        return cls(name, self.config, params, layer, shared=self.shared)
+
+    def _two_kinds(self) -> bool:
+        """True when the method adapts both nn.Linear and transformers Conv1D layers."""
+        supported = getattr(self.method.Module, "supported_kinds", TWO_D)
+        return all(k in supported for k in TWO_D)
+
+    def _evidence(self, name: str, weight_shape: tuple[int, ...] | None, explicit: Any, model_type: str | None,
+                  *, quiet: bool = False) -> Evidence | None | object:
+        """The evidence for module ``name``'s kind (:func:`peftmath.kinds.decide`), None when only the
+        config's flag is left, or :data:`_NOT_2D` when its kind is not a Linear/Conv1D question."""
+        recorded = self.layer_kinds.get(name)
+        shape = tuple(int(s) for s in weight_shape) if weight_shape is not None else None
+        if explicit is None and recorded is None and shape is not None and len(shape) != 2:
+            return _NOT_2D
+        try:
+            default = self.method.Module.infer_layer(name, self.config, dict(self.params[name]), shape, None)
+        except PeftMathError:
+            if not quiet and explicit is None and recorded is None:
+                raise
+            default = None
+        if explicit is None and recorded is None and default is not None and default.kind not in TWO_D:
+            return _NOT_2D
+        square = shape is not None and len(shape) == 2 and shape[0] == shape[1]
+        shape_kind = default.kind if (default is not None and shape is not None and len(shape) == 2 and not square
+                                      and default.kind in TWO_D) else None
+        ev = decide(name, explicit=explicit, recorded=recorded,
+                    model_type=model_type if (default is None or default.kind in TWO_D) else None,
+                    shape_kind=shape_kind, weight_shape=shape)
+        if (not quiet and ev is not None and shape_kind is not None and ev.kind in TWO_D and ev.kind is not shape_kind
+                and self._two_kinds()):
+            raise ShapeError(
+                f"{name}: {ev.source} makes it a {ev.kind.value}, but its base weight {shape} fits the adapter only "
+                f"as a {shape_kind.value} (weight stored {'(out, in)' if shape_kind is LayerKind.LINEAR else '(in, out)'}); "
+                f"is this the adapter's base model? Otherwise pass layer_kinds={{{name!r}: {shape_kind.value!r}}}")
+        return ev
+
+    def _kind_for(self, name: str, weight_shape: tuple[int, ...] | None, explicit: Any, model_type: str | None, *,
+                  shapes: Mapping[str, Any] | None = None, explicit_all: Mapping[str, Any] | None = None) -> Any:
+        """The kind to bind module ``name`` with (None: the geometry alone decides)."""
+        ev = self._evidence(name, weight_shape, explicit, model_type)
+        if ev is _NOT_2D:
+            return None
+        if ev is not None:
+            return ev.kind
+        if not self._two_kinds():
+            return LayerKind.LINEAR
+        others = {m: self._evidence(m, (shapes or {}).get(m), (explicit_all or {}).get(m), model_type, quiet=True)
+                  for m in self.modules if m != name}
+        return resolve(name, fan_in_fan_out=bool(getattr(self.config, "fan_in_fan_out", False)),
+                       others={m: e for m, e in others.items() if isinstance(e, Evidence)},
+                       weight_shape=weight_shape, peft_type=self.peft_type)
+
+    def _module_shapes(self, state: Mapping[str, Any], model_type: str | None) -> dict[str, tuple[int, ...]]:
+        """Base weight shapes of the adapted modules present in ``state``."""
+        out = {}
+        for m in self.modules:
+            wkey = f"{self.base_key(m, state, model_type=model_type)}.weight"
+            if wkey in state:
+                out[m] = tuple(state[wkey].shape)
+        return out
+
+    def _base_tensors(self, name: str, state: Mapping[str, Array], *,
+                      model_type: str | None = None) -> tuple[Array, Array | None]:
+        key = self.base_key(name, state, model_type=model_type)
         wkey = f"{key}.weight"
         if wkey not in state:
-            raise ShapeError(
-                f"{name}: adapted module has no weight {wkey!r} in the base state dict "
-                f"(closest keys: {_some(_closest(wkey, state))})"
-            )
+            raise self._missing_weight(name, wkey, state, None, "the base state dict")
         return state[wkey], state.get(f"{key}.bias")
 
-    def _bind_all(self, state: Mapping[str, Array], layer_kinds: Mapping[str, Any] | None) -> dict:
+    def _missing_weight(self, name: str, wkey: str, keys: Mapping[str, Any], tied: bool | None,
+                        source: str) -> Exception:
+        """The error for module ``name`` whose weight ``wkey`` is not among ``keys``."""
+        partners = []
+        if _leaf_in(name, OUTPUT_EMBEDDING_NAMES + WORD_EMBEDDING_NAMES):
+            partners = sorted(k for k in keys if k.endswith(".weight") and k != wkey
+                              and _leaf_in(k[: -len(".weight")], WORD_EMBEDDING_NAMES))
+        if tied and partners:
+            table = partners[0] if len(partners) == 1 else " / ".join(partners)
+            shape = getattr(keys[partners[0]], "shape", keys[partners[0]])
+            return UnsupportedError(
+                f"{name}: this model ties {wkey} to {table} (tie_word_embeddings=true in its config.json), so the "
+                f"checkpoint stores only {table}, a {tuple(shape)} table that is both the input embedding and "
+                f"the output layer. Merging this adapter's {name} would change that shared table, and so the input "
+                f"embedding as well (PEFT's merge_and_unload does exactly that). peftmath does not do it silently: "
+                f"to change the output layer only, untie the model first (add {wkey} as a copy of {table} to the "
+                f"base and set tie_word_embeddings=false in its config.json), then merge again")
+        hint = ""
+        if partners:
+            hint = (f"; if this model ties {wkey} to {partners[0]} (tie_word_embeddings in its config.json), "
+                    f"pass the model's config (model_config=) to be told what merging it would do")
+        return ShapeError(
+            f"{name}: adapted module has no weight {wkey!r} in {source} "
+            f"(closest keys: {_some(_closest(wkey, keys))}){hint}; is this the adapter's base model?")
+
+    def _replaced_key(self, key: str, keys: Mapping[str, Any], model_type: str | None) -> str | None:
+        """The base key replacement ``key`` stands for in ``keys`` (checkpoint renames applied), or None."""
+        if key in keys:
+            return key
+        from .targets import module_to_checkpoint
+
+        module, _, leaf = key.rpartition(".")
+        mapped = f"{module_to_checkpoint(module, model_type or self.model_type)}.{leaf}" if module else key
+        return mapped if mapped in keys else None
+
+    def _replacement_keys(self, state: Mapping[str, Any], model_type: str | None) -> dict[str, str]:
+        """``{replacement key: base key}`` for every tensor the adapter replaces that ``state`` holds."""
+        out = {}
+        for k in self.other:
+            kb = self._replaced_key(k, state, model_type)
+            if kb is not None:
+                out[k] = kb
+        return out
+
+    def _replacements(self, state: Mapping[str, Any], model_type: str | None) -> dict[str, Array]:
+        return {kb: self.other[k] for k, kb in self._replacement_keys(state, model_type).items()}
+
+    def _replacement(self, key: str, value: Array | None) -> Array | None:
+        return self.other.get(key, value)
+
+    def _bind_all(self, state: Mapping[str, Array], layer_kinds: Mapping[str, Any] | None,
+                  model_type: str | None = None) -> dict:
+        model_type = model_type or self.model_type
+        shapes = {}
+        for name in self.modules:
+            weight, _ = self._base_tensors(name, state, model_type=model_type)
+            shapes[name] = tuple(weight.shape)
+        kinds = self.resolve_layer_kinds(shapes, layer_kinds=layer_kinds, model_type=model_type)
         bound = {}
         for name in self.modules:
-            weight, _ = self._base_tensors(name, state)
-            kind = (layer_kinds or {}).get(name)
-            key = self.base_key(name, state)
-            bound[name] = (self.module(name, weight_shape=tuple(weight.shape), kind=kind),
-                           f"{key}.weight", f"{key}.bias")
+            key = self.base_key(name, state, model_type=model_type)
+            bound[name] = (self._bind(name, shapes[name], kinds[name]), f"{key}.weight", f"{key}.bias")
         return bound
+
+    def _keep_ties(self, state: Mapping[str, Array], out: dict[str, Array], bound: dict,
+                   model_config: Mapping[str, Any] | None) -> None:
+        """Tensors of ``state`` sharing storage with a merged input embedding refer to the merged array."""
+        for name, (_, wkey, _) in bound.items():
+            if not _leaf_in(name, WORD_EMBEDDING_NAMES) or out[wkey] is state[wkey]:
+                continue
+            for k, v in state.items():
+                if k != wkey and k.endswith(".weight") and _same_storage(v, state[wkey]):
+                    out[k] = out[wkey]
+                    if not _ties_embeddings(model_config):
+                        warnings.warn(
+                            f"{name}: {k} shares its storage with {wkey} in the given state dict (tied weights), so "
+                            f"it is the merged embedding too: the adapter changes that tensor as well, as PEFT's "
+                            f"merge_and_unload does", PeftMathWarning, stacklevel=3)
 
     # --- bookkeeping --------------------------------------------------------------------------
     def num_trainable_parameters(self) -> int:
@@ -239,11 +547,10 @@ class Adapter:
         ``print_trainable_parameters``), plus one row per module: kind, parameters and the resolved
         hyper-parameters (r, alpha, scaling, ...)."""
         rows = []
+        shapes = self._module_shapes(base, self.model_type) if base is not None else {}
+        kinds = self.resolve_layer_kinds(shapes)
         for name in self.modules:
-            shape = None
-            if base is not None and f"{name}.weight" in base:
-                shape = tuple(base[f"{name}.weight"].shape)
-            mod = self.module(name, weight_shape=shape)
+            mod = self._bind(name, shapes.get(name), kinds[name])
             rows.append({"module": name, "kind": mod.layer.kind.value, "parameters": mod.num_parameters(),
                          **mod.describe()})
         trainable = self.num_trainable_parameters()
@@ -262,10 +569,14 @@ class Adapter:
         return sorted({dtype_name(a.dtype) for p in self.params.values() for a in p.values()})
 
     def state_dict(self, *, prefix: str = "base_model.model.") -> dict[str, Array]:
-        """Tensors under PEFT's checkpoint keys (``base_model.model.<module>.<suffix>``)."""
+        """Tensors under PEFT's checkpoint keys (``base_model.model.<module>.<suffix>``); a replaced base
+        tensor of an adapted module as ``<module>.base_layer.<name>``, where PEFT saves and loads it."""
         out = {f"{prefix}{m}.{s}": a for m, p in self.params.items() for s, a in p.items()}
         out.update(self.shared)
-        out.update({f"{prefix}{k}": v for k, v in self.other.items()})
+        for k, v in self.other.items():
+            module, _, leaf = k.rpartition(".")
+            # a base tensor of an adapted module lives on its wrapped base layer, as PEFT saves it
+            out[f"{prefix}{module}.base_layer.{leaf}" if module in self.params else f"{prefix}{k}"] = v
         return out
 
 
@@ -274,6 +585,55 @@ def _numel(a: Any) -> int:
     for s in a.shape:
         n *= int(s)
     return n
+
+
+def _like(value: Any, target: Any) -> Any:
+    """``value`` in ``target``'s dtype (itself when it has it, or when the two are of different libraries)."""
+    if value.dtype == target.dtype:
+        return value
+    from ._array import namespace
+    from .errors import NamespaceError
+
+    try:
+        xp = namespace(value, target)
+    except NamespaceError:
+        return value
+    return xp.astype(value, target.dtype)
+
+
+def _leaf_in(module: str, names: tuple[str, ...]) -> bool:
+    """True when ``module`` is one of ``names`` or ends with ``"." + name`` (names may be dotted)."""
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+def _ties_embeddings(model_config: Mapping[str, Any] | None) -> bool:
+    """``tie_word_embeddings`` of a transformers config.json (top level, else its text_config): True only
+    when the file says true."""
+    if not isinstance(model_config, Mapping):
+        return False
+    value = model_config.get("tie_word_embeddings")
+    if value is None and isinstance(model_config.get("text_config"), Mapping):
+        value = model_config["text_config"].get("tie_word_embeddings")
+    return value is True
+
+
+def _same_storage(a: Any, b: Any) -> bool:
+    """True when arrays ``a`` and ``b`` are views of the same memory (tied weights)."""
+    if a is b:
+        return True
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    try:
+        import numpy as np
+
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+            return bool(np.shares_memory(a, b))
+    except ImportError:  # pragma: no cover
+        pass
+    ptr_a, ptr_b = getattr(a, "data_ptr", None), getattr(b, "data_ptr", None)
+    if callable(ptr_a) and callable(ptr_b) and type(a) is type(b):
+        return ptr_a() == ptr_b()
+    return False
 
 
 def _closest(key: str, state: Mapping[str, Any], n: int = 3) -> list[str]:

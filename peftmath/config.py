@@ -8,15 +8,109 @@ does not use (in :attr:`PeftConfig.extra`), and writes them back unchanged; an i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import difflib
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import ConfigError
+from .errors import ConfigError, PeftMathWarning, UnsupportedError
 
-__all__ = ["PeftConfig", "TunerConfig", "get_pattern_key", "resolve_pattern"]
+__all__ = ["PeftConfig", "TunerConfig", "get_pattern_key", "resolve_pattern", "known_fields", "field_status",
+           "unsupported_fields", "check_supported", "strict_fields"]
+
+#: set by :func:`strict_fields`: unknown fields are errors instead of warnings
+_STRICT: contextvars.ContextVar[bool] = contextvars.ContextVar("peftmath_strict_fields", default=False)
+
+
+@contextlib.contextmanager
+def strict_fields(strict: bool = True) -> Iterator[None]:
+    """Within this block, :meth:`PeftConfig.from_dict` raises :class:`ConfigError` for an unknown field
+    instead of warning (how ``config_from_dict(..., strict=True)`` reaches every config class)."""
+    token = _STRICT.set(bool(strict))
+    try:
+        yield
+    finally:
+        _STRICT.reset(token)
+
+
+def known_fields(cls: type) -> set[str]:
+    """The fields a config of class ``cls`` may hold: its own and every field of PEFT 0.21.2's config
+    dataclass of the same ``peft_type`` (written by PEFT, not all of them needed by peftmath)."""
+    from ._peft_tables import CONFIG_FIELDS
+
+    return set(cls.field_names()) | set(CONFIG_FIELDS.get(cls.peft_type, {})) | {"peft_type"}
+
+
+def check_unknown_fields(cls: type, data: Mapping[str, Any], *, source: str, strict: bool | None = None) -> None:
+    """Warn (:class:`PeftMathWarning`) about each field of ``data`` that neither ``cls`` nor PEFT 0.21.2
+    knows, naming the closest known field; ``strict`` (default: :func:`strict_fields`) raises
+    :class:`ConfigError` instead. A misspelt field (``lora_alfa``) would otherwise be ignored silently."""
+    known = known_fields(cls)
+    unknown = [k for k in data if k not in known]
+    if not unknown:
+        return
+    what = f"PEFT 0.21.2's {cls.__name__}" if cls.peft_type else cls.__name__
+    notes = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else "not a field of " + what
+        notes.append(f"unknown field {name!r} ({hint})")
+    if _STRICT.get() if strict is None else strict:
+        raise ConfigError(f"{source}: {'; '.join(notes)} (strict: unknown fields are errors)")
+    for note in notes:
+        warnings.warn(f"{source}: {note}; it has no effect (kept and written back as read)", PeftMathWarning,
+                      stacklevel=4)
+
+
+def field_status(peft_type: str, name: str) -> Any:
+    """What field ``name`` of ``peft_type`` means to peftmath: ``"implemented"``, ``"irrelevant"`` or a
+    :class:`~peftmath._peft_tables.Refused` (``None`` for a field PEFT 0.21.2 does not have)."""
+    from ._peft_tables import CONFIG_FIELDS
+
+    return CONFIG_FIELDS.get(peft_type, {}).get(name)
+
+
+def unsupported_fields(config: "PeftConfig") -> list[tuple[str, Any, Any]]:
+    """``(field, value, Refused rule)`` for every field of ``config`` that switches on a PEFT variant
+    peftmath does not implement (a value the table of :mod:`peftmath._peft_tables` does not allow)."""
+    from ._peft_tables import CONFIG_FIELDS, Refused
+
+    own = set(config.field_names())
+    out = []
+    for name, rule in CONFIG_FIELDS.get(config.peft_type, {}).items():
+        if not isinstance(rule, Refused):
+            continue
+        if name in own:
+            value = getattr(config, name)
+        elif name in config.extra:
+            value = config.extra[name]
+        else:
+            continue
+        if not rule.allows(value):
+            out.append((name, value, rule))
+    return out
+
+
+def check_supported(config: "PeftConfig", *, source: str = "config") -> None:
+    """Raise :class:`UnsupportedError` naming every field of ``config`` that changes the math in a way
+    peftmath does not implement (:func:`unsupported_fields`): applied as the plain method, such an
+    adapter would give wrong numbers."""
+    bad = unsupported_fields(config)
+    if not bad:
+        return
+    parts = []
+    for name, value, rule in bad:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        parts.append(f"{name}={shown} switches on PEFT 0.21.2's {rule.variant}, which peftmath does not implement: "
+                     f"{rule.why}")
+    raise UnsupportedError(f"{source}: {'; '.join(parts)}. Merged or run as a plain {config.peft_type} adapter it "
+                           f"would give wrong numbers, so it is refused")
 
 
 @dataclass
@@ -39,10 +133,14 @@ class PeftConfig:
         return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "PeftConfig":
-        """Build from a dict as read from adapter_config.json; unknown fields go to ``extra``."""
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config", strict: bool | None = None) -> "PeftConfig":
+        """Build from a dict as read from adapter_config.json. Fields this class does not model go to
+        ``extra`` (written back as read); those that PEFT 0.21.2 does not know either (a misspelling) warn
+        with the closest known name, or raise :class:`ConfigError` with ``strict`` (default: the
+        :func:`strict_fields` setting)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        check_unknown_fields(cls, data, source=source, strict=strict)
         peft_type = data.get("peft_type", cls.peft_type)
         if cls.peft_type and peft_type != cls.peft_type:
             raise ConfigError(f"{source}: peft_type is {peft_type!r}, expected {cls.peft_type!r}")

@@ -26,20 +26,23 @@ from typing import Any
 
 from ._peft_tables import default_targets
 from .errors import ConfigError, PeftMathWarning, ShapeError
+from .kinds import CONV1D_MODEL_TYPES, kind_from_model_type
 from .layers import LayerKind
 
 __all__ = ["is_target", "select_targets", "module_kinds", "checkpoint_to_module", "module_to_checkpoint",
-           "ALL_LINEAR", "CONV1D_MODEL_TYPES", "OUTPUT_LAYER_NAMES", "CHECKPOINT_RENAMES"]
+           "ALL_LINEAR", "CONV1D_MODEL_TYPES", "OUTPUT_LAYER_NAMES", "CHECKPOINT_RENAMES", "WORD_EMBEDDING_NAMES",
+           "OUTPUT_EMBEDDING_NAMES"]
 
 ALL_LINEAR = "all-linear"
-#: transformers architectures whose attention/MLP projections are ``Conv1D`` (weight stored (in, out))
-CONV1D_MODEL_TYPES = {"gpt2": ("c_attn", "c_proj", "c_fc", "q_attn"), "openai-gpt": ("c_attn", "c_proj", "c_fc"),
-                      "imagegpt": ("c_attn", "c_proj", "c_fc"), "decision_transformer": ("c_attn", "c_proj", "c_fc")}
 #: names transformers gives to embedding tables (a 2-D weight there is an Embedding, not a Linear)
 EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
                    "embed_positions", "shared", "embed_in", "relative_attention_bias")
+#: the token-embedding tables among them: the ones a model may tie to its output layer (tie_word_embeddings)
+WORD_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "shared", "embed_in")
 #: output layers "all-linear" leaves out (PEFT excludes the model's output embedding / seq-cls head)
 OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "cls.predictions.decoder", "score", "classifier")
+#: the output embeddings among them: the ones tie_word_embeddings ties to the token embedding
+OUTPUT_EMBEDDING_NAMES = ("lm_head", "embed_out", "cls.predictions.decoder")
 
 
 #: transformers 5 loads some checkpoints under other module names (its ``conversion_mapping``): per
@@ -148,16 +151,13 @@ def module_kinds(
     ``layer_kinds`` overrides any of them (a module name -> kind).
     """
     shapes = {k[: -len(".weight")]: tuple(_shape(v)) for k, v in state.items() if k.endswith(".weight")}
-    conv1d_leaves = CONV1D_MODEL_TYPES.get(model_type or "", ())
     out: dict[str, LayerKind] = {}
     for name, shape in shapes.items():
         if len(shape) == 2:
             if _leaf(name) in EMBEDDING_NAMES:
                 kind = LayerKind.EMBEDDING
-            elif _leaf(name) in conv1d_leaves:
-                kind = LayerKind.CONV1D_TRANSPOSED
-            else:
-                kind = LayerKind.LINEAR
+            else:  # the rule of peftmath.kinds: the model type's Conv1D layers, else a Linear
+                kind = kind_from_model_type(name, model_type) or LayerKind.LINEAR
         elif len(shape) in (3, 4, 5):
             kind = {3: LayerKind.CONV1D, 4: LayerKind.CONV2D, 5: LayerKind.CONV3D}[len(shape)]
         else:

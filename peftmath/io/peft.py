@@ -1,25 +1,42 @@
-"""PEFT's on-disk adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+r"""PEFT's on-disk adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Checkpoint keys are ``base_model.model.<module>.<suffix>`` where ``<module>`` is the module path in
 the base model and ``<suffix>`` a parameter of the method (``lora_A.weight``, ``lora_embedding_A``,
 ``lora_magnitude_vector``, ``hada_w1_a``, ...); the adapter name (``default``) is not in the file.
 A checkpoint written by ``inject_adapter_in_model`` has no ``base_model.model.`` prefix; both load.
-Keys that are not adapter parameters (``modules_to_save`` copies, trained biases) are kept as
-base-model tensors that the adapter replaces on merge.
+Every tensor of the checkpoint must be understood (design rule 9): a parameter of the method (its
+``PARAMETER_SUFFIXES``), a tensor the method shares (``SHARED_KEYS``), or a base-model tensor the adapter
+replaces, as PEFT saves them:
+
+* ``<module>.<name>`` under a ``modules_to_save`` module (PEFT's rule ``(^|.*\.)m($|\..*)``);
+* ``<adapted module>.base_layer.<name>``: the base layer's bias with ``bias="lora_only"`` / ``"all"``, or a
+  targeted embedding layer saved with ``save_embedding_layers``;
+* ``<module>.weight`` / ``<module>.bias`` of a module that is not adapted: a bias trained with
+  ``bias="all"``, an embedding layer PEFT saved because it was resized, or any base parameter PEFT's
+  loader would copy into the model (``load_state_dict`` of the wrapped model). The base tensors of an
+  adapted module are ``<module>.base_layer.*``; PEFT ignores ``<module>.weight`` there, and so is it refused.
+
+Anything else fails the load with a :class:`~peftmath.errors.CheckpointError` listing the keys and what
+they look like (KaSA's ``lora_diag``, trainable tokens, ...); a replacement whose base tensor does not
+exist is refused when merging (:meth:`~peftmath.Adapter.merge`). A config field that switches on a PEFT
+variant peftmath does not implement is refused by name (:func:`peftmath.config.check_supported`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._peft_tables import UNKNOWN_TENSORS
 from ..adapter import Adapter
 from ..backends import backend_for, get_backend
+from ..config import check_supported, strict_fields
 from ..errors import CheckpointError, ConfigError
 from ..methods import get_method
 from .safetensors import SafeTensorsFile, atomic_path, save_file
@@ -34,8 +51,12 @@ PICKLE_NAME = "adapter_model.bin"
 PEFT_VERSION = "0.21.2"
 
 
-def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> Any:
-    """A typed config from an adapter_config.json dict (its ``peft_type`` picks the class)."""
+def config_from_dict(data: Mapping[str, Any], *, source: str = "config", strict: bool = False) -> Any:
+    """A typed config from an adapter_config.json dict (its ``peft_type`` picks the class).
+
+    A field that neither peftmath's config class nor PEFT 0.21.2 knows (``lora_alfa``) warns with the
+    closest known field (:class:`~peftmath.errors.PeftMathWarning`); ``strict=True`` makes it a
+    :class:`~peftmath.errors.ConfigError`."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
     if "peft_type" not in data:
@@ -44,11 +65,13 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> Any:
         method = get_method(data["peft_type"])
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    return method.Config.from_dict(data, source=source)
+    with strict_fields(strict):
+        return method.Config.from_dict(data, source=source)
 
 
-def read_config(path: str | os.PathLike) -> Any:
-    """Read an ``adapter_config.json`` (or the folder holding it) into a typed config."""
+def read_config(path: str | os.PathLike, *, strict: bool = False) -> Any:
+    """Read an ``adapter_config.json`` (or the folder holding it) into a typed config (``strict``: as
+    :func:`config_from_dict`)."""
     p = Path(path)
     if p.is_dir():
         p = p / CONFIG_NAME
@@ -64,7 +87,7 @@ def read_config(path: str | os.PathLike) -> Any:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{p}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from exc
-    return config_from_dict(data, source=str(p))
+    return config_from_dict(data, source=str(p), strict=strict)
 
 
 def split_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
@@ -86,11 +109,17 @@ def load_adapter(
     xp: Any = None,
     device: Any = None,
     backend: str | None = None,
+    strict: bool = False,
 ) -> Adapter:
     """Load a PEFT adapter folder (or its ``adapter_model.safetensors``).
 
     Arrays are memory-mapped NumPy arrays by default (read-only, no copy); pass ``xp`` (an array
     namespace) and ``device``, or ``backend="cupy"``, to get them in another library.
+
+    Refused: a tensor that is neither the method's, nor shared, nor a base tensor the adapter replaces
+    (:class:`~peftmath.errors.CheckpointError` listing them), and a config field that switches on a PEFT
+    variant peftmath does not implement (:class:`~peftmath.errors.UnsupportedError`). An unknown config
+    field warns, or with ``strict=True`` raises :class:`~peftmath.errors.ConfigError`.
     """
     p = Path(path)
     folder = p if p.is_dir() else p.parent
@@ -105,27 +134,38 @@ def load_adapter(
                 f"PeftModel.from_pretrained(model, dir).save_pretrained(out, safe_serialization=True)"
             )
         raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} in the adapter folder")
-    config = read_config(folder / CONFIG_NAME)
+    config = read_config(folder / CONFIG_NAME, strict=strict)
+    check_supported(config, source=str(folder / CONFIG_NAME))
     method = get_method(config.peft_type)
     tensors = SafeTensorsFile(weights)
     suffixes = tuple(method.PARAMETER_SUFFIXES)
     shared_keys = tuple(getattr(method, "SHARED_KEYS", ()))
+    found: dict[str, tuple[str, str]] = {}
+    rest: list[str] = []
+    for key in tensors:
+        parts = None if key in shared_keys else split_key(key, suffixes)
+        if parts is not None and "base_layer" not in parts[0].split("."):
+            found[key] = parts
+        elif key not in shared_keys:
+            rest.append(key)
+    modules = {m for m, _ in found.values()}
+    replaced = _replacements(rest, config, modules)
+    unknown = [k for k in rest if k not in replaced]
+    if unknown:
+        raise CheckpointError(_unknown_tensors_message(weights, unknown, config, suffixes, modules))
     params: dict[str, dict[str, Any]] = {}
     shared: dict[str, Any] = {}
     other: dict[str, Any] = {}
     convert = _converter(xp, device, backend)
     for key in tensors:
         array = convert(tensors[key])
-        if key in shared_keys:
-            shared[key] = array
-            continue
-        parts = split_key(key, suffixes)
-        if parts is not None:
-            module, suffix = parts
+        if key in found:
+            module, suffix = found[key]
             params.setdefault(module, {})[suffix] = array
-            continue
-        base_key = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        other[base_key.replace(".base_layer.", ".")] = array
+        elif key in replaced:
+            other[replaced[key]] = array
+        else:
+            shared[key] = array
     if not params and not getattr(method, "ALLOWS_NO_MODULES", False):
         raise CheckpointError(
             f"{weights}: no {config.peft_type} parameters found (expected keys ending in {', '.join(suffixes)})"
@@ -134,6 +174,61 @@ def load_adapter(
         method.validate_checkpoint(config, shared)
     kinds = _layer_kinds_from_metadata(tensors.metadata, weights)
     return Adapter(config, params, shared=shared, other=other, layer_kinds=kinds)
+
+
+def _replacements(keys: list[str], config: Any, modules: set[str]) -> dict[str, str]:
+    """``{checkpoint key: base key}`` for the keys of ``keys`` that are base tensors the adapter replaces,
+    as PEFT's loader applies them (``load_state_dict`` of the wrapped model; see the module docstring);
+    the others are not understood. ``modules``: the adapted modules."""
+    out = {}
+    to_save = list(getattr(config, "modules_to_save", None) or [])
+    for key in keys:
+        body = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        module, _, leaf = body.rpartition(".")
+        if ".base_layer." in body:
+            owner, _, inner = body.partition(".base_layer.")
+            if owner in modules and "." not in inner:  # the wrapped layer's own weight / bias
+                out[key] = f"{owner}.{inner}"
+        elif any(_under(body, m) for m in to_save):
+            out[key] = body  # a modules_to_save copy: any of its tensors (weight, bias, buffers)
+        elif module and module not in modules and leaf in ("weight", "bias"):
+            # a bias trained with bias="all", a saved embedding layer, or any base parameter PEFT's
+            # loader would copy into the model; Adapter.merge checks that the base has it. (The
+            # base tensors of an adapted module live under <module>.base_layer: PEFT ignores <module>.weight.)
+            out[key] = body
+    return out
+
+
+def _under(body: str, module: str) -> bool:
+    r"""True when tensor ``body`` belongs to module ``module`` or a submodule of it (PEFT's
+    ``modules_to_save`` rule ``(^|.*\.)m($|\..*)`` on module names)."""
+    try:
+        return re.match(rf"(^|.*\.){module}\..+", body) is not None
+    except re.error:
+        return re.match(rf"(^|.*\.){re.escape(module)}\..+", body) is not None
+
+
+def _unknown_tensors_message(weights: Path, unknown: list[str], config: Any, suffixes: tuple[str, ...],
+                             modules: set[str]) -> str:
+    def looks(key: str) -> str:
+        body = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for pattern, what in UNKNOWN_TENSORS:
+            if re.search(pattern, body):
+                return f"{what}: not implemented in peftmath"
+        module, _, leaf = body.rpartition(".")
+        if module in modules and leaf in ("weight", "bias"):
+            return (f"a base tensor of the adapted module {module}, which PEFT saves and loads as "
+                    f"{module}.base_layer.{leaf}: PEFT would ignore it")
+        return "neither a parameter of this method nor a base-model parameter (weight / bias) it could replace"
+
+    shown = "; ".join(f"{k!r} ({looks(k)})" for k in unknown[:5])
+    more = f"; and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+    to_save = getattr(config, "modules_to_save", None)
+    return (f"{weights}: {len(unknown)} tensor(s) that this {config.peft_type} adapter cannot account for: {shown}{more}. "
+            f"Every tensor must be a {config.peft_type} parameter ({', '.join(suffixes) or 'none'}), a shared tensor, or "
+            f"a base-model tensor the adapter replaces (under modules_to_save={to_save!r}, <module>.base_layer.* of "
+            f"an adapted module, or another module's weight / bias); peftmath refuses the adapter rather than merge "
+            f"it without them")
 
 
 #: safetensors metadata key under which save_adapter records the layer kinds it knows

@@ -21,7 +21,7 @@ def _adapter(dtype=np.float32, dora=False):
     cfg = LoraConfig.from_dict({
         "peft_type": "LORA", "r": 2, "lora_alpha": 6, "target_modules": ["q_proj", "c_attn", "embed_tokens"],
         "rank_pattern": {"c_attn": 4}, "use_dora": dora, "task_type": "CAUSAL_LM",
-        "some_future_field": {"nested": [1, 2.5, None]}, "megatron_core": "megatron.core",
+        "eva_config": {"rho": 2.0, "nested": [1, 2.5, None]}, "megatron_core": "megatron.core",
     })
     params = {
         "model.layers.0.self_attn.q_proj": {"lora_A.weight": rng.standard_normal((2, 8)).astype(dtype),
@@ -47,7 +47,7 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype, dora):
     folder = save_adapter(ad, tmp_path / "out")
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     raw = json.loads((folder / "adapter_config.json").read_text())
-    assert raw["some_future_field"] == {"nested": [1, 2.5, None]} and raw["megatron_core"] == "megatron.core"
+    assert raw["eva_config"] == {"rho": 2.0, "nested": [1, 2.5, None]} and raw["megatron_core"] == "megatron.core"
     assert raw["peft_type"] == "LORA" and raw["inference_mode"] is True and raw["peft_version"]
     keys = set(SafeTensorsFile(folder / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
@@ -55,7 +55,7 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype, dora):
     back = load_adapter(folder)
     assert back.config.to_dict() == {**ad.config.to_dict(), "inference_mode": True,
                                      "peft_version": raw["peft_version"]}
-    assert back.config.extra["some_future_field"] == {"nested": [1, 2.5, None]}
+    assert back.config.extra["eva_config"] == {"rho": 2.0, "nested": [1, 2.5, None]}
     assert back.modules == ad.modules
     for m in ad.modules:
         assert set(back.params[m]) == set(ad.params[m])
