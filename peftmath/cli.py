@@ -194,10 +194,11 @@ def _progress(total: int, quiet: bool, desc: str):
     return bar.update, bar.close
 
 
-def _load_adapters(paths: Sequence[str], to_xp: Any = None):
+def _load_adapters(paths: Sequence[str], to_xp: Any = None, *, strict: bool = False):
+    """The adapters at ``paths`` (``strict``: an unknown config field is an error), on the backend of ``to_xp``."""
     from .io import load_adapter
 
-    adapters = [load_adapter(p) for p in paths]
+    adapters = [load_adapter(p, strict=strict) for p in paths]
     if to_xp is not None:  # private writeable copies on the backend (the files stay memory-mapped read-only)
         for ad in adapters:
             ad.params = {m: {s: to_xp(np.array(a)) for s, a in p.items()} for m, p in ad.params.items()}
@@ -225,7 +226,7 @@ def top_singular_values(M: np.ndarray, k: int, *, rank_hint: int | None = None) 
 
 
 def inspect_adapter(path: str | os.PathLike, *, base: Any = None, layer_kinds: dict | None = None,
-                    top: int = 3, norms: bool = True) -> dict[str, Any]:
+                    top: int = 3, norms: bool = True, strict: bool = False) -> dict[str, Any]:
     """Everything ``peftmath inspect`` reports, as a JSON-ready dict.
 
     ``base`` is an opened :class:`~peftmath.io.stream.Model` (or None); every adapted module is then
@@ -237,7 +238,7 @@ def inspect_adapter(path: str | os.PathLike, *, base: Any = None, layer_kinds: d
 
     if not isinstance(top, int) or isinstance(top, bool) or top < 0:
         raise ConfigError(f"inspect: top must be an integer >= 0 (the number of singular values), got {top!r}")
-    ad = load_adapter(path)
+    ad = load_adapter(path, strict=strict)
     cfg = ad.config
     layer_kinds = layer_kinds or {}
     module_cls = getattr(ad.method, "Module", None)  # prompt-learning methods adapt no weights
@@ -314,7 +315,8 @@ def _cmd_inspect(args: argparse.Namespace, log: _Log) -> int:
     from .io.stream import open_model
 
     base = open_model(args.base) if args.base else None
-    info = inspect_adapter(args.adapter, base=base, layer_kinds=_layer_kinds(args.layer_kind), top=args.top)
+    info = inspect_adapter(args.adapter, base=base, layer_kinds=_layer_kinds(args.layer_kind), top=args.top,
+                           strict=args.strict)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -574,13 +576,12 @@ def write_adapter(ad: Any, out: Path, *, force: bool, metadata: dict | None = No
 # --- combine ------------------------------------------------------------------------------------
 def _cmd_combine(args: argparse.Namespace, log: _Log) -> int:
     from .combine import combine
-    from .io import load_adapter
     from .io.stream import _check_output
 
     out = Path(args.output)
     _check_output(out, [Path(a) for a in args.adapters], args.force)
     weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
-    adapters = [load_adapter(a) for a in args.adapters]
+    adapters = _load_adapters(args.adapters, strict=args.strict)
     ad = combine(adapters, weights, combination_type=args.method, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
                  density=args.density, majority_sign_method=args.majority_sign, seed=args.seed,
                  peft_compat=args.peft_compat)
@@ -642,7 +643,7 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
             raise ConfigError(f"--base-out {base_out} and -o {out} are the same path; the new base model and the "
                               f"adapter need one each")
         _check_output(base_out, [Path(args.base)], args.force)
-    config = read_config(args.config) if args.config else _config_from_flags(args)
+    config = read_config(args.config, strict=args.strict) if args.config else _config_from_flags(args)
     state, model_type = open_state(args.base)
     result = create_adapter(state, config, seed=args.seed, layer_kinds=_layer_kinds(args.layer_kind),
                             model_type=args.model_type or model_type, return_base=True)
@@ -710,7 +711,7 @@ def _config_from_flags(args: argparse.Namespace) -> Any:
     if peft_type == "OFT" and "r" in given:
         fields["oft_block_size"] = 0
     try:
-        return config_from_dict(fields, source="command line")
+        return config_from_dict(fields, source="command line", strict=args.strict)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (the flags set r, alpha, target_modules and the init field; give the other "
                           f"fields in an adapter_config.json with --config)") from exc

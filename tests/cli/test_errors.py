@@ -396,3 +396,32 @@ def test_interrupted_run_leaves_nothing(setup, cli, h, monkeypatch, shards):
     assert not out.exists()
     assert h.tree_digest(tmp) == before
     assert not [p for p in tmp.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("command", ["inspect", "merge", "unmerge", "combine", "init", "convert"])
+def test_strict_refuses_an_unknown_config_field_in_every_command(setup, cli, h, command):
+    """`lora_alfa` for `lora_alpha`: a one-line warning naming the closest field; with --strict an error,
+    exit 1, nothing written."""
+    tmp, base, state = setup
+    alfa = tmp / "alfa"
+    alfa.mkdir()
+    (alfa / "adapter_model.safetensors").write_bytes((tmp / "lora" / "adapter_model.safetensors").read_bytes())
+    cfg = json.loads((tmp / "lora" / "adapter_config.json").read_text())
+    cfg["lora_alfa"] = cfg.pop("lora_alpha")
+    (alfa / "adapter_config.json").write_text(json.dumps(cfg))
+    out = tmp / "out"
+    argv = {"inspect": ["inspect", alfa], "merge": ["merge", base, alfa, "-o", out],
+            "unmerge": ["unmerge", base, alfa, "-o", out, "--ignore-provenance"],
+            "combine": ["combine", alfa, tmp / "lora", "-o", out],
+            "init": ["init", base, "--config", alfa / "adapter_config.json", "-o", out],
+            "convert": ["convert", alfa, "--to", "peft", "-o", out]}[command]
+    before = h.tree_digest(tmp)
+    rc, stdout, err = cli(*argv, "--strict")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 1 and len(lines) == 1, err
+    assert lines[0].startswith("peftmath: error: ") and "'lora_alfa'" in lines[0] and "lora_alpha" in lines[0]
+    assert h.tree_digest(tmp) == before and not out.exists()
+    rc, stdout, err = cli(*argv)
+    assert rc == 0, err
+    warned = [ln for ln in err.splitlines() if ln.startswith("peftmath: warning: ")]
+    assert any("unknown field 'lora_alfa' (did you mean 'lora_alpha'?)" in ln for ln in warned), err
