@@ -382,7 +382,7 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
     pl = stream.plan(base, adapters, direction=direction, dtype=dtype, layer_kinds=kinds, names=args.adapters)
     # provenance: which adapters the output holds (checked before anything is written, dry run included)
     recorded = stream.read_provenance(base)
-    warnings: list[str] = []  # printed once the command has succeeded (an error stays one line)
+    notes: list[str] = []  # warnings, given once every check has passed (an error stays one line)
     if direction == "merge":
         options = {"dtype": args.dtype, "safe": bool(args.safe), "peft_compat": bool(args.peft_compat),
                    "layer_kinds": kinds, "backend": args.backend or "numpy"}
@@ -390,11 +390,11 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
                                          for a, ad in zip(args.adapters, adapters)]
     else:
         given = [stream.adapter_provenance(a, ad) for a, ad in zip(args.adapters, adapters)]
-        provenance, warnings = stream.unmerge_provenance(base, recorded, given, ignore=args.ignore_provenance)
+        provenance, notes = stream.unmerge_provenance(base, recorded, given, ignore=args.ignore_provenance)
     if args.dry_run:
         print(_plan_table(pl))
-        for w in warnings:
-            log.warn(w)
+        for note in notes:
+            log.warn(note)
         out = Path(args.output)
         if out.exists() and not args.force:
             log.warn(f"{out} exists: the real run needs --force")
@@ -408,20 +408,28 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
         rpath = stream.find_records(src_path)  # an earlier merge's records travel with the model
         records_out = args.records if direction == "merge" else None
     records = stream.read_records(rpath)
+    inputs = [Path(a) for a in args.adapters] + ([rpath] if rpath is not None else [])
+    if direction == "merge" and rpath is None and any(e.get("use_dora") for e in recorded or []):
+        notes.append(f"{src_path} holds DoRA merges but no merge records were found beside it "
+                     f"({stream.records_path(src_path)}); unmerging those will need --records FILE")
+    # the checks transform makes first, made here so that a warning never precedes an error (and a
+    # warning that --strict turns into an error comes before anything is written)
+    stream._check_output(Path(args.output), [base.path, *inputs], args.force)
+    if direction == "unmerge":
+        stream.check_records(pl, records, base.path)
+    for note in notes:
+        log.warn(note)
     update, close = _progress(pl.bytes_out(), args.quiet, direction)
     t0 = time.perf_counter()
     try:
         rep = stream.transform(
             base, adapters, args.output, direction=direction, dtype=dtype, safe=getattr(args, "safe", False),
             peft_compat=args.peft_compat, layer_kinds=kinds, records=records, records_out=records_out,
-            provenance=provenance, force=args.force, names=args.adapters,
-            inputs=[Path(a) for a in args.adapters] + ([rpath] if rpath is not None else []), to_xp=to_xp,
+            provenance=provenance, force=args.force, names=args.adapters, inputs=inputs, to_xp=to_xp,
             to_host=to_host, progress=update, precomputed_plan=pl)
     finally:
         close()
     dt = time.perf_counter() - t0
-    for w in warnings:
-        log.warn(w)
     if not args.quiet:
         msg = (f"{direction}d {rep.adapted} tensors, copied {rep.tensors - rep.adapted}; wrote {rep.out} "
                f"({_fmt_bytes(rep.bytes_written)}) in {dt:.2f} s")

@@ -55,14 +55,15 @@ from typing import Any
 import numpy as np
 
 from .._array import all_finite, dtype_name
-from ..errors import CheckpointError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
+from ..errors import (CheckpointError, NonFiniteError, NotInvertibleError, PeftMathError, ShapeError,
+                      UnsupportedError)
 from ..targets import module_to_checkpoint
 from .atomic import clean_stale_siblings, temp_sibling
 from .safetensors import DTYPES, SafeTensorsFile, dtype_code, save_file
 
 __all__ = ["Model", "Plan", "Step", "TensorOp", "open_model", "plan", "transform", "records_path", "find_records",
-           "read_records", "side_files", "adapter_provenance", "read_provenance", "unmerge_provenance",
-           "INDEX_NAME", "RECORDS_NAME", "PROVENANCE_KEY"]
+           "read_records", "check_records", "side_files", "adapter_provenance", "read_provenance",
+           "unmerge_provenance", "INDEX_NAME", "RECORDS_NAME", "PROVENANCE_KEY"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -139,13 +140,19 @@ class Model:
         return self.folder is not None
 
     @property
-    def model_type(self) -> str | None:
-        """The ``model_type`` of the folder's transformers ``config.json`` (None when absent or unreadable)."""
+    def config(self) -> dict[str, Any] | None:
+        """The transformers ``config.json`` beside the model (None when absent or not a JSON object)."""
         cfg = (self.folder if self.folder is not None else self.path.parent) / "config.json"
         try:
-            value = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            value = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
+        return value if isinstance(value, dict) else None
+
+    @property
+    def model_type(self) -> str | None:
+        """The ``model_type`` of the folder's transformers ``config.json`` (None when absent or unreadable)."""
+        value = (self.config or {}).get("model_type")
         return value if isinstance(value, str) else None
 
     def __contains__(self, key: str) -> bool:
@@ -262,6 +269,7 @@ class Step:
     module: str | None = None
     mod: Any = None
     replaces: dict[str, Any] = field(default_factory=dict)
+    kind: Any = None  # the module's layer kind, decided on the whole model (None: its shape decides)
 
 
 @dataclass
@@ -309,11 +317,16 @@ def plan(
 ) -> Plan:
     """Bind every adapter module to the base tensors and decide each tensor's operation.
 
-    Raises :class:`ShapeError` (naming the adapter, module and tensor) for a module missing from the
-    base or whose shapes disagree, before anything is read or written.
+    Each adapter is first checked against the whole base (:meth:`Adapter.check_base`: every adapted
+    weight and replaced tensor present with its shape, tied embeddings) and its modules' layer kinds are
+    decided on the whole model (:meth:`Adapter.resolve_layer_kinds`), as :meth:`Adapter.merge` would on
+    the full state dict. Raises :class:`ShapeError` (naming the adapter, module and tensor) for a module
+    missing from the base or whose shapes disagree, before anything is read or written.
     """
     names = list(names) if names is not None else [f"adapter {i}" for i in range(len(adapters))]
     layer_kinds = dict(layer_kinds or {})
+    shapes = {k: base.shape(k) for k in base.keys()}
+    model_config, model_type = base.config, base.model_type
     groups: dict[str, list[Step]] = {}
     group_bias: dict[str, str | None] = {}
     key_group: dict[str, str] = {}
@@ -323,21 +336,34 @@ def plan(
             raise UnsupportedError(
                 f"{names[i]}: {ad.peft_type} adapters add virtual tokens, not weights: there is nothing to "
                 f"{direction} into a model (use them with the model's forward instead)")
+        try:
+            ad.check_base(shapes, model_config=model_config, model_type=model_type, source=str(base.path))
+        except PeftMathError as exc:
+            raise type(exc)(f"{names[i]}: {exc}") from None
+        wkeys = {}
         for m in ad.modules:
-            key = m if f"{m}.weight" in base else module_to_checkpoint(m, base.model_type)
-            wkey = f"{key}.weight"
-            if wkey not in base:
-                near = base.closest(wkey)
+            key = m if f"{m}.weight" in base else module_to_checkpoint(m, model_type)
+            wkeys[m] = f"{key}.weight"
+            if wkeys[m] not in base:
+                near = base.closest(wkeys[m])
                 raise ShapeError(
-                    f"{names[i]}: adapted module {m!r} has no tensor {wkey!r} in {base.path}"
+                    f"{names[i]}: adapted module {m!r} has no tensor {wkeys[m]!r} in {base.path}"
                     + (f" (closest: {', '.join(near)})" if near else "")
                     + "; is this the adapter's base model?")
+        try:
+            kinds = ad.resolve_layer_kinds({m: base.shape(w) for m, w in wkeys.items()}, layer_kinds=layer_kinds,
+                                           model_type=model_type)
+        except PeftMathError as exc:
+            raise type(exc)(f"{names[i]}: {exc}") from None
+        for m in ad.modules:
+            wkey = wkeys[m]
+            key = wkey[: -len(".weight")]
             try:
-                mod = ad.module(m, weight_shape=base.shape(wkey), kind=layer_kinds.get(m))
+                mod = ad.module(m, weight_shape=base.shape(wkey), kind=kinds[m], model_type=model_type)
             except ShapeError as exc:
                 raise ShapeError(f"{names[i]}: {exc} (base tensor {wkey!r} is {base.shape(wkey)} in {base.path})") from None
             bkey = f"{key}.bias"
-            groups.setdefault(wkey, []).append(Step(i, m, mod))
+            groups.setdefault(wkey, []).append(Step(i, m, mod, kind=kinds[m]))
             group_bias[wkey] = bkey if bkey in base else None
             key_group[wkey] = wkey
             if bkey in base:
@@ -348,7 +374,8 @@ def plan(
             if kb not in base:
                 raise ShapeError(f"{names[i]}: the adapter replaces {k!r} (modules_to_save), which {base.path} lacks")
             if tuple(v.shape) != base.shape(kb):
-                raise ShapeError(f"{names[i]}: replacement {k!r} has shape {tuple(v.shape)}, the base has {base.shape(kb)}")
+                raise ShapeError(
+                    f"{names[i]}: replacement {k!r} has shape {tuple(v.shape)}, the base has {base.shape(kb)}")
             if direction != "merge":
                 raise NotInvertibleError(
                     f"{names[i]}: the adapter replaces {k!r} (modules_to_save or a trained bias); the original "
@@ -431,6 +458,17 @@ def read_records(path: str | os.PathLike | None) -> dict[str, np.ndarray]:
     return {k: np.array(f[k]) for k in f}
 
 
+def check_records(pl: Plan, records: Mapping[str, Any], merged: str | os.PathLike) -> None:
+    """Refuse (:class:`NotInvertibleError`) an unmerge of a DoRA module without a record in ``records``."""
+    for g in pl.groups.values():
+        for st in g:
+            if getattr(st.mod, "is_dora", False) and _record_for(records, st.module)[0] is None:
+                raise NotInvertibleError(
+                    f"{st.module}: unmerging DoRA needs the weight norms recorded at merge time, and no record for "
+                    f"this module was found (`peftmath merge` writes them to {records_path(merged)}); pass "
+                    f"--records FILE if they are elsewhere")
+
+
 def _record_for(records: Mapping[str, Any], module: str, used: set[str] | frozenset = frozenset()) -> tuple[str | None, Any]:
     """The record of ``module`` from the latest merged adapter whose record is not ``used`` yet."""
     best = None
@@ -458,7 +496,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def adapter_provenance(path: str | os.PathLike, adapter: Any, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def adapter_provenance(path: str | os.PathLike, adapter: Any,
+                       options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The provenance entry of adapter folder ``path`` (or its ``adapter_model.safetensors``): its folder
     name, ``peft_type`` (and ``use_dora``), the sha256 of ``adapter_config.json`` and of
     ``adapter_model.safetensors``, the merge ``options`` and the peftmath version."""
@@ -608,6 +647,8 @@ def _copy_side_files(model: Model, dst: Path, dtype: np.dtype | None = None) -> 
 
 # --- writing ----------------------------------------------------------------------------------
 def _check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
+    """Refuse an output whose parent is missing, that would replace or lie inside an input, or that exists
+    (unless ``force``); remove the temporary leftovers of killed runs beside it."""
     if out.parent.exists():
         clean_stale_siblings(out)  # leftovers of a killed run
     if not out.parent.exists():
@@ -780,16 +821,9 @@ def transform(
     rec_dest = Path(records_out) if records_out is not None else records_path(out)
     _check_records_dest(rec_dest, out, inputs, force, explicit=records_out is not None)
     pl = precomputed_plan or plan(base, adapters, direction=direction, dtype=dtype, layer_kinds=layer_kinds, names=names)
-    layer_kinds = dict(layer_kinds or {})
     records = dict(records or {})
     if direction == "unmerge":
-        for g in pl.groups.values():
-            for st in g:
-                if getattr(st.mod, "is_dora", False) and _record_for(records, st.module)[0] is None:
-                    raise NotInvertibleError(
-                        f"{st.module}: unmerging DoRA needs the weight norms recorded at merge time, and no record for "
-                        f"this module was found (`peftmath merge` writes them to {records_path(base.path)}); pass "
-                        f"--records FILE if they are elsewhere")
+        check_records(pl, records, base.path)
     to_xp = to_xp or (lambda a: a)
     to_host = to_host or (lambda a: np.asarray(a))
     rep = Report(out)
@@ -810,20 +844,21 @@ def transform(
         if bkey is not None:
             state[bkey] = read_work(bkey)
         for st in pl.groups[wkey]:
-            ad = adapters[st.adapter]
-            if st.replaces:  # PEFT loads a trained bias into the base layer before merging the module
-                reps = {k: to_xp(np.asarray(to_host(v)).astype(_np_dtype(pl.ops[k].work_dtype)))
-                        for k, v in st.replaces.items()}
-                state = _part(ad, None, reps, base.model_type).merge(state)
+            # Adapter.merge replaces the tensors the adapter replaces (a trained bias) before merging its
+            # module into them, as PEFT loads the bias into the base layer before merge_and_unload
+            reps = {k: to_xp(np.asarray(to_host(v)).astype(_np_dtype(pl.ops[k].work_dtype)))
+                    for k, v in st.replaces.items()}
+            part = _part(adapters[st.adapter], st.module, reps, base.model_type)
             if st.module is None:
+                state = part.merge(state)
                 continue
-            part = _part(ad, st.module, {}, base.model_type)
-            kinds = {st.module: layer_kinds[st.module]} if st.module in layer_kinds else None
+            kinds = {st.module: st.kind} if st.kind is not None else None
             if direction == "merge":
                 rec: dict[str, Any] = {}
                 state = _in_place(part.merge, state, safe=safe, peft_compat=peft_compat, layer_kinds=kinds, records=rec)
                 if st.module in rec:
-                    new_records[f"adapters.{st.adapter + offset}.{st.module}"] = np.ascontiguousarray(to_host(rec[st.module]))
+                    key = f"adapters.{st.adapter + offset}.{st.module}"
+                    new_records[key] = np.ascontiguousarray(to_host(rec[st.module]))
             else:
                 given = None
                 if getattr(st.mod, "is_dora", False):

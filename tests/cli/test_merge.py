@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -299,3 +301,221 @@ def test_records_travel_through_successive_merges(cli, tmp_path, lora_targets, h
     restored = _read_model(tmp_path / "u0")
     for k in state:
         assert np.allclose(restored[k], state[k], rtol=0, atol=1e-5), k
+
+
+# --- the streamed merge is Adapter.merge -----------------------------------------------------------
+def _stream_cases():
+    """Every method and EXAMPLES row of the demo (on all the layer kinds of its model that the method
+    supports), plain, with replacements (a trained bias of every adapted module that has one, and a
+    modules_to_save tensor), and, where the config has it, with lora_bias on top of the replaced bias."""
+    from peftmath.methods import get_method, implemented_methods
+
+    cases = []
+    for peft_type in implemented_methods():
+        method = get_method(peft_type)
+        if getattr(method, "Module", None) is None:
+            continue
+        for label, fields in getattr(method, "EXAMPLES", {}).items():
+            variants = ["plain", "replacements"]
+            if "lora_bias" in getattr(method.Config, "__dataclass_fields__", {}) and not fields.get("use_dora"):
+                variants.append("lora_bias+replacements")
+            cases += [pytest.param(peft_type, label, v, id=f"{label}-{v}") for v in variants]
+    return cases
+
+
+def _demo_adapter(peft_type, label, variant, seed=7):
+    """(adapter, base state) of one demo example, with the variant's extra tensors."""
+    from peftmath import demo
+    from peftmath.methods import get_method
+
+    method = get_method(peft_type)
+    fields = dict(method.EXAMPLES[label])
+    if "lora_bias" in variant:
+        fields["lora_bias"] = True
+    state = demo.build_model()
+    ad, new_weights = demo._build_adapter(method, label, fields, state, seed)
+    state = {**state, **new_weights}
+    if "lora_bias" in variant:  # lora_bias needs a base bias (PEFT cannot merge it either otherwise)
+        ad = pm.Adapter(ad.config, {m: p for m, p in ad.params.items() if f"{m}.bias" in state}, shared=ad.shared)
+    if "replacements" in variant:
+        rng = np.random.default_rng(seed)
+        other = {k: (0.3 * rng.standard_normal(state[k].shape)).astype(np.float32)
+                 for k in [f"{m}.bias" for m in ad.modules] + ["norm.weight"] if k in state}
+        ad = pm.Adapter(ad.config, ad.params, shared=ad.shared, other=other, layer_kinds=ad.layer_kinds)
+    return ad, state
+
+
+def _kind_args():
+    from peftmath.demo import LAYER_KINDS
+
+    return [a for m, k in LAYER_KINDS.items() for a in ("--layer-kind", f"{m}={k}")]
+
+
+def _private(state):
+    return {k: np.array(v) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("peft_type,label,variant", _stream_cases())
+def test_streamed_merge_is_adapter_merge(cli, tmp_path, peft_type, label, variant):
+    """`peftmath merge` == Adapter.merge of the loaded adapter, bit for bit (weights, biases, replaced
+    tensors, untouched tensors, DoRA records); `peftmath unmerge` == Adapter.unmerge likewise. The
+    command merges in place (``copy=False``) on private arrays, so the reference does too."""
+    from peftmath.demo import LAYER_KINDS
+    from peftmath.io.safetensors import save_file
+
+    ad, state = _demo_adapter(peft_type, label, variant)
+    save_file(state, tmp_path / "base.safetensors", metadata={"format": "pt"})
+    pm.save_adapter(ad, tmp_path / "adapter")
+    loaded = pm.load_adapter(tmp_path / "adapter")
+    out = tmp_path / "merged.safetensors"
+    rc, _, err = cli("merge", tmp_path / "base.safetensors", tmp_path / "adapter", "-o", out, *_kind_args())
+    assert rc == 0, err
+    streamed = load_file(out)
+    records: dict = {}
+    ref = loaded.merge(_private(state), layer_kinds=LAYER_KINDS, records=records, copy=False)
+    assert set(streamed) == set(ref)
+    for k in ref:
+        want = np.asarray(ref[k])
+        assert streamed[k].dtype == want.dtype and streamed[k].tobytes() == want.tobytes(), k
+    assert any(streamed[f"{m}.weight"].tobytes() != state[f"{m}.weight"].tobytes() for m in ad.modules)
+    if records:
+        assert {k: v.tobytes() for k, v in load_file(records_path(out)).items()} == {
+            f"adapters.0.{m}": np.asarray(v).tobytes() for m, v in records.items()}
+    else:
+        assert not records_path(out).exists()
+    # independent of Adapter.merge: a replaced bias is the replacement (plus s * lora_B.bias with lora_bias)
+    for key, value in ad.other.items():
+        m = key.rsplit(".", 1)[0]
+        expected = _f64(value)
+        if key.endswith(".bias") and "lora_B.bias" in ad.params.get(m, {}):
+            expected = expected + ad.module(m, kind=LAYER_KINDS.get(m)).scaling * _f64(ad.params[m]["lora_B.bias"])
+        if key.endswith(".bias") and peft_type == "IA3" and m in ad.modules and not ad.config.is_feedforward(m):
+            expected = expected * _f64(ad.params[m]["ia3_l"]).reshape(-1)  # IA3 scales the layer's output
+        assert np.allclose(_f64(streamed[key]), expected, rtol=2 * EPS32, atol=0), key
+    if not ad.other:  # unmerge (replacements cannot be unmerged: refused, tested in test_errors)
+        back = tmp_path / "back.safetensors"
+        rc, _, err = cli("unmerge", out, tmp_path / "adapter", "-o", back, *_kind_args())
+        assert rc == 0, err
+        ref_back = loaded.unmerge(_private(ref), layer_kinds=LAYER_KINDS, records=records, copy=False)
+        restored = load_file(back)
+        for k in ref_back:
+            assert restored[k].tobytes() == np.asarray(ref_back[k]).tobytes(), k
+
+
+def test_streamed_stack_is_adapter_merge_in_turn(cli, tmp_path):
+    """Three adapters merged by one command == Adapter.merge of each in turn, bit for bit: a LoRA with
+    lora_bias that also replaces the biases (bias="all"), a DoRA, and an IA3 that scales the biases."""
+    from peftmath.demo import LAYER_KINDS
+    from peftmath.io.safetensors import save_file
+
+    a, state = _demo_adapter("LORA", "LoRA", "lora_bias+replacements", seed=1)
+    b, _ = _demo_adapter("LORA", "DoRA", "plain", seed=2)
+    c, _ = _demo_adapter("IA3", "IA3", "plain", seed=3)
+    save_file(state, tmp_path / "base.safetensors", metadata={"format": "pt"})
+    dirs = []
+    for name, ad in zip("abc", (a, b, c)):
+        pm.save_adapter(ad, tmp_path / name)
+        dirs.append(tmp_path / name)
+    out = tmp_path / "m.safetensors"
+    rc, _, err = cli("merge", tmp_path / "base.safetensors", *dirs, "-o", out, *_kind_args())
+    assert rc == 0, err
+    ref, records = state, {}
+    for i, d in enumerate(dirs):
+        rec: dict = {}
+        ref = pm.load_adapter(d).merge(_private(ref), layer_kinds=LAYER_KINDS, records=rec, copy=False)
+        records.update({f"adapters.{i}.{m}": v for m, v in rec.items()})
+    streamed = load_file(out)
+    for k in ref:
+        assert streamed[k].tobytes() == np.asarray(ref[k]).tobytes(), k
+    assert {k: v.tobytes() for k, v in load_file(records_path(out)).items()} == {
+        k: np.asarray(v).tobytes() for k, v in records.items()}
+    # the second and third can be unmerged (in reverse order) and give Adapter.unmerge's result
+    back = tmp_path / "back.safetensors"
+    rc, _, err = cli("unmerge", out, dirs[1], dirs[2], "-o", back, *_kind_args())
+    assert rc == 0, err
+    ref_back = pm.load_adapter(dirs[2]).unmerge(_private(ref), layer_kinds=LAYER_KINDS, copy=False)
+    ref_back = pm.load_adapter(dirs[1]).unmerge(ref_back, layer_kinds=LAYER_KINDS, copy=False,
+                                                records={k.split(".", 2)[2]: v for k, v in records.items()})
+    restored = load_file(back)
+    for k in ref_back:
+        assert restored[k].tobytes() == np.asarray(ref_back[k]).tobytes(), k
+
+
+# --- where the merge records go ----------------------------------------------------------------------
+def test_records_option(cli, tmp_path, lora_targets, h):
+    state = h.model_state()
+    base = h.write_model(tmp_path / "base", state, shards=2)
+    h.make_lora(tmp_path / "dora", state, lora_targets[:2], use_dora=True)
+    h.make_lora(tmp_path / "lora", state, lora_targets[:2])
+    (tmp_path / "keep").mkdir()
+    rec = tmp_path / "keep" / "norms.safetensors"
+    out = tmp_path / "m"
+    rc, _, err = cli("merge", base, tmp_path / "dora", "-o", out, "--records", rec)
+    assert rc == 0, err
+    assert rec.is_file() and not records_path(out).exists() and f"merge records (2) in {rec}" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
+    rc, _, err = cli("unmerge", out, tmp_path / "dora", "-o", tmp_path / "x")  # not at the default place
+    assert rc == 1 and "weight norms recorded at merge time" in err and not (tmp_path / "x").exists()
+    rc, _, err = cli("unmerge", out, tmp_path / "dora", "-o", tmp_path / "u", "--records", rec)
+    assert rc == 0, err
+    restored = _read_model(tmp_path / "u")
+    for k in state:
+        assert np.allclose(restored[k], state[k], rtol=0, atol=1e-5), k
+    # a chosen records file that exists needs --force; inside OUT it is refused whatever the flags
+    rc, _, err = cli("merge", base, tmp_path / "dora", "-o", tmp_path / "m2", "--records", rec)
+    assert rc == 1 and "already exists" in err and not (tmp_path / "m2").exists()
+    stamp = rec.read_bytes()
+    rc, _, err = cli("merge", base, tmp_path / "dora", "-o", tmp_path / "m2", "--records", rec, "--force")
+    assert rc == 0, err
+    assert rec.read_bytes() == stamp  # the same merge: the same records, rewritten
+    rc, _, err = cli("merge", base, tmp_path / "dora", "-o", tmp_path / "m3", "--records", tmp_path / "m3" / "r.st",
+                     "--force")
+    assert rc == 1 and "never go inside the model" in err and not (tmp_path / "m3").exists()
+    # nothing to record: the summary says so and writes nothing
+    rc, _, err = cli("merge", base, tmp_path / "lora", "-o", tmp_path / "m4", "--records", tmp_path / "none.st")
+    assert rc == 0 and "no merge records needed" in err and not (tmp_path / "none.st").exists()
+
+
+def test_records_inside_a_folder_from_earlier_versions_are_read_never_written(cli, tmp_path, lora_targets, h):
+    state = h.model_state()
+    base = h.write_model(tmp_path / "base", state, shards=2)
+    h.make_lora(tmp_path / "d1", state, lora_targets[:2], use_dora=True, seed=1)
+    h.make_lora(tmp_path / "d2", state, lora_targets[:2], use_dora=True, seed=2)
+    assert cli("merge", base, tmp_path / "d1", "-o", tmp_path / "m1")[0] == 0
+    os.replace(records_path(tmp_path / "m1"), tmp_path / "m1" / RECORDS_NAME)  # the old layout
+    # stacked on the old layout: the old records are carried to the new place; the old file is not copied
+    rc, _, err = cli("merge", tmp_path / "m1", tmp_path / "d2", "-o", tmp_path / "m2")
+    assert rc == 0, err
+    assert f"not copied: {RECORDS_NAME} (merge records)" in err
+    assert not (tmp_path / "m2" / RECORDS_NAME).exists()
+    assert sorted(load_file(records_path(tmp_path / "m2"))) == sorted(
+        f"adapters.{i}.{m}" for i in (0, 1) for m in lora_targets[:2])
+    rc, _, err = cli("unmerge", tmp_path / "m1", tmp_path / "d1", "-o", tmp_path / "u")
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "u").iterdir()) == sorted(p.name for p in base.iterdir())
+    restored = _read_model(tmp_path / "u")
+    for k in state:
+        assert np.allclose(restored[k], state[k], rtol=0, atol=1e-5), k
+
+
+def test_stale_records_never_outlive_their_model(cli, tmp_path, lora_targets, h):
+    """A records sibling left without its model (an interrupted run) or by a replaced output is removed
+    or replaced when OUT is written, so unmerge never reads the records of another model."""
+    state = h.model_state()
+    base = h.write_model(tmp_path / "base", state, shards=2)
+    h.make_lora(tmp_path / "dora", state, lora_targets[:2], use_dora=True)
+    h.make_lora(tmp_path / "lora", state, lora_targets[:2])
+    out = tmp_path / "m"
+    records_path(out).write_bytes(b"orphan")
+    assert cli("merge", base, tmp_path / "lora", "-o", out)[0] == 0
+    assert not records_path(out).exists()
+    assert cli("merge", base, tmp_path / "dora", "-o", out, "--force")[0] == 0
+    fresh = load_file(records_path(out))
+    assert cli("merge", base, tmp_path / "lora", "-o", out, "--force")[0] == 0  # replaced by a LoRA merge
+    assert not records_path(out).exists()
+    records_path(out).write_bytes(b"orphan")
+    shutil.rmtree(out)
+    assert cli("merge", base, tmp_path / "dora", "-o", out)[0] == 0
+    again = load_file(records_path(out))
+    assert {k: v.tobytes() for k, v in again.items()} == {k: v.tobytes() for k, v in fresh.items()}
+    assert not [p for p in tmp_path.iterdir() if ".peftmath-" in p.name]

@@ -12,8 +12,9 @@ Tolerance (float32): each merged weight differs from PEFT's by a few roundings o
 (another summation order of a rank-4 product), ``<= 8·eps·max|W|`` per entry. Through a 2-layer model
 of width 16 (fan-in <= 32 per product, a handful of products per layer, softmax and RMSNorm being
 1-Lipschitz-like at these scales) that gives a logit error well under ``1e-5·(1 + max|logit|)``; measured: 0
-(bit-identical logits) for LoRA with trained biases and lora_bias, and for GPT-2; 7e-8 for DoRA. The non-vacuity check asserts that dropping the trained biases moves
-the logits by more than 100 times that tolerance.
+(bit-identical logits) for LoRA with trained biases and lora_bias, and for GPT-2; 7e-8 for DoRA. The
+non-vacuity check asserts that dropping the trained biases moves the logits by more than 100 times that
+tolerance.
 """
 
 from __future__ import annotations
