@@ -232,3 +232,57 @@ def test_dtype_name():
     ]
     for dtype, name in cases:
         assert dtype_name(dtype) == name, dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Views and writeability: what the in-place contract rests on
+# --------------------------------------------------------------------------------------------------
+def test_reshape_view_is_a_proven_view_or_none():
+    from peftmath._array import contiguous_copy, is_view_of, reshape_view
+
+    import array_api_compat.numpy as xnp
+
+    W = np.arange(24.0).reshape(2, 3, 4)
+    v = reshape_view(W, (2, 12), xp=xnp)
+    assert v is not None and np.shares_memory(v, W) and is_view_of(v, W)
+    assert reshape_view(np.asfortranarray(W), (2, 12), xp=xnp) is None
+    assert reshape_view(np.transpose(W.copy().reshape(4, 3, 2), (2, 1, 0)), (2, 12), xp=xnp) is None
+    assert reshape_view(W, W.shape, xp=xnp) is W
+    assert not is_view_of(W.reshape(2, 12).copy(), W)  # a copy is never taken for a view
+    c = contiguous_copy(np.asfortranarray(W), xp=xnp)
+    assert c.flags.c_contiguous and not np.shares_memory(c, W) and np.array_equal(c, W)
+
+
+def test_reshape_view_torch_and_array_api_strict():
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xt
+    import array_api_strict as xs
+
+    from peftmath._array import contiguous_copy, reshape_view, transpose_view
+
+    t = torch.arange(24.0).reshape(2, 3, 2, 2)
+    assert reshape_view(t, (2, 12), xp=xt).data_ptr() == t.data_ptr()
+    assert reshape_view(t.to(memory_format=torch.channels_last), (2, 12), xp=xt) is None
+    assert contiguous_copy(t.to(memory_format=torch.channels_last), xp=xt).is_contiguous()
+    s = xs.asarray(np.arange(24.0).reshape(2, 3, 4))
+    assert reshape_view(s, (2, 12), xp=xs) is not None
+    assert reshape_view(xs.permute_dims(s, (0, 2, 1)), (2, 12), xp=xs) is None
+    assert transpose_view(xs.asarray(np.zeros((2, 3))), xp=xs) is not None
+
+
+def test_why_not_writeable_names_the_layout():
+    from peftmath._array import is_writeable, why_not_writeable
+
+    ro = np.zeros(3)
+    ro.flags.writeable = False
+    assert "read-only numpy.ndarray" in why_not_writeable(ro) and not is_writeable(ro)
+    assert why_not_writeable(np.zeros(3)) is None
+    assert "read-only" in why_not_writeable(np.broadcast_to(np.zeros(3), (2, 3)))
+    torch = pytest.importorskip("torch")
+    leaf = torch.zeros(3, requires_grad=True)
+    assert "requires grad" in why_not_writeable(leaf)
+    with torch.no_grad():
+        assert why_not_writeable(leaf) is None
+    assert why_not_writeable(leaf * 2) is None  # not a leaf: PyTorch records the in-place op
+    jnp = pytest.importorskip("jax.numpy")
+    assert "JAX" in why_not_writeable(jnp.zeros(3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -163,3 +164,93 @@ def test_base_forward_conv(torch, nd, kw):
     bound = 2 * (k + 2) * 2.0**-52 * magnitude
     assert got.shape == want.shape
     assert np.all(np.abs(got - want) <= bound)
+
+
+# --------------------------------------------------------------------------------------------------
+# matrix_view: the writable view the in-place kernels get (or None), on every layout
+# --------------------------------------------------------------------------------------------------
+def _layouts(W: np.ndarray):
+    """(name, array equal to W, True when its matrix view can alias it) for a conv weight."""
+    yield "C", W.copy(), True
+    yield "Fortran", np.asfortranarray(W), False
+    big = np.zeros((W.shape[0], 2 * W.shape[1], *W.shape[2:]))
+    big[:, ::2] = W
+    yield "col-slice", big[:, ::2], False
+    tall = np.zeros((2 * W.shape[0], *W.shape[1:]))
+    tall[::2] = W
+    yield "row-slice", tall[::2], True  # rows strided, each row contiguous: still a view
+
+
+@pytest.mark.parametrize("kind,shape,groups,out_in,matrix", GEOMETRY)
+def test_matrix_view_aliases_or_is_none(kind, shape, groups, out_in, matrix):
+    layer = Layer.of(shape, kind, groups=groups)
+    W = np.random.default_rng(1).standard_normal(shape)
+    for name, Wl, aliasable in _layouts(W):
+        M = layer.matrix_view(Wl, np)
+        if not layer.kind.is_conv or aliasable:
+            assert M is not None and np.shares_memory(M, Wl), name
+            np.testing.assert_array_equal(M, W.T if kind in ("Conv1D", "Embedding") else W.reshape(matrix))
+            M[0, 0] = 42.0  # the write lands in the caller's array
+            assert Wl[(0,) * Wl.ndim] == 42.0, name
+        else:
+            assert M is None, name  # only a copy has the matrix shape: the kernels never see it
+
+
+def test_matrix_view_torch_channels_last_and_views(torch):
+    W = torch.randn(6, 4, 3, 3)
+    layer = Layer.of(tuple(W.shape))
+    import array_api_compat.torch as xpt
+
+    M = layer.matrix_view(W, xpt)
+    assert M is not None and M.data_ptr() == W.data_ptr()
+    assert layer.matrix_view(W.to(memory_format=torch.channels_last), xpt) is None
+    assert layer.matrix_view(torch.randn(3, 3, 6, 4).permute(2, 3, 0, 1), xpt) is None
+    lin = Layer.of((4, 6), "Conv1D")
+    Wt = torch.randn(4, 6)
+    Mt = lin.matrix_view(Wt, xpt)
+    Mt[1, 2] = 7.0
+    assert Wt[2, 1] == 7.0
+
+
+# --------------------------------------------------------------------------------------------------
+# for_input: the input check and the conv keywords of every method's forward
+# --------------------------------------------------------------------------------------------------
+def test_for_input_linear_and_conv1d_transposed():
+    for kind, shape, inn in (("Linear", (5, 3), 3), ("Conv1D", (3, 5), 3)):
+        layer = Layer.of(shape, kind)
+        assert layer.for_input(np.zeros((2, 7, inn)), "m") == (layer, {})
+        with pytest.raises(ShapeError, match=re.escape(f"m: input of shape (2, 4) does not fit the {kind} base "
+                                                       f"weight {shape}: its last axis must be the {inn} input")):
+            layer.for_input(np.zeros((2, 4)), "m")
+        with pytest.raises(ShapeError, match=r"m: padding=1, dilation=2, groups=3 only apply to convolutions"):
+            layer.for_input(np.zeros((2, inn)), "m", padding=1, dilation=2, groups=3)
+        # the defaults, spelled out, are fine
+        layer.for_input(np.zeros((2, inn)), "m", stride=(1,), padding="valid", dilation=1, groups=1)
+
+
+def test_for_input_embedding_takes_ids():
+    layer = Layer.of((11, 4), "Embedding")
+    assert layer.for_input(np.zeros((2, 9), dtype=np.int64), "m") == (layer, {})
+
+
+def test_for_input_conv_infers_groups():
+    layer = Layer.of((6, 2, 3, 3))
+    kw = dict(stride=2, padding=1, dilation=1)
+    same, conv_kw = layer.for_input(np.zeros((1, 2, 5, 5)), "m", **kw)
+    assert same is layer and conv_kw == kw
+    grouped, _ = layer.for_input(np.zeros((1, 6, 5, 5)), "m")
+    assert grouped.groups == 3 and grouped.weight_shape == layer.weight_shape and grouped.in_features == 6
+    assert layer.for_input(np.zeros((1, 6, 5, 5)), "m", groups=3)[0] == grouped
+    with pytest.raises(ShapeError, match=r"m: groups=2 contradicts the input \(1, 6, 5, 5\) and the weight "
+                                         r"\(6, 2, 3, 3\), which give groups = 6 // 2 = 3"):
+        layer.for_input(np.zeros((1, 6, 5, 5)), "m", groups=2)
+    with pytest.raises(ShapeError, match=r"its 5 channels are not a multiple of the weight's 2"):
+        layer.for_input(np.zeros((1, 5, 5, 5)), "m")
+    with pytest.raises(ShapeError, match=r"groups = 8 // 2 = 4 does not divide the 6 output channels"):
+        layer.for_input(np.zeros((1, 8, 5, 5)), "m")
+    with pytest.raises(ShapeError, match=r"a Conv2d takes \(N, C_in, H, W\), 4 axes"):
+        layer.for_input(np.zeros((2, 5, 5)), "m")
+    with pytest.raises(ShapeError, match=r"the adapter's tensors take 4 input channels, the input has 6"):
+        layer.for_input(np.zeros((1, 6, 5, 5)), "m", channels=4)
+    with pytest.raises(ShapeError, match=r"the layer has groups=3 \(input channels 6\), the input gives groups=2"):
+        grouped.for_input(np.zeros((1, 4, 5, 5)), "m")
