@@ -374,7 +374,7 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
     src_path = args.base if direction == "merge" else args.merged
     base = stream.open_model(src_path)
     xp, to_xp, to_host = _backend_namespace(getattr(args, "backend", None))
-    adapters = _load_adapters(args.adapters, to_xp)
+    adapters = _load_adapters(args.adapters, to_xp, strict=args.strict)
     kinds = _layer_kinds(args.layer_kind)
     dtype = None
     if getattr(args, "dtype", "keep") not in (None, "keep"):

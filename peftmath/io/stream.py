@@ -506,10 +506,7 @@ def adapter_provenance(path: str | os.PathLike, adapter: Any,
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     weights = p if p.is_file() else folder / "adapter_model.safetensors"
-    entry: dict[str, Any] = {
-        "adapter": Path(os.path.abspath(folder)).name,
-        "peft_type": adapter.peft_type,
-    }
+    entry: dict[str, Any] = {"adapter": _adapter_name(folder), "peft_type": adapter.peft_type}
     if getattr(adapter.config, "use_dora", False):
         entry["use_dora"] = True
     entry["adapter_config_sha256"] = _sha256(folder / "adapter_config.json")
@@ -518,6 +515,20 @@ def adapter_provenance(path: str | os.PathLike, adapter: Any,
         entry["options"] = dict(options)
     entry["peftmath"] = __version__
     return entry
+
+
+def _adapter_name(folder: Path) -> str:
+    """The folder's name; ``org/name@revision`` for a snapshot of the hub cache
+    (``.../models--org--name/snapshots/<revision>``), whose folder name is only the revision.
+
+    >>> _adapter_name(Path("/cache/models--org--my-lora/snapshots/0123abcd"))
+    'org/my-lora@0123abcd'
+    """
+    p = Path(os.path.abspath(folder))
+    repo = p.parent.parent.name
+    if p.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo[len("models--"):].replace("--", "/") + "@" + p.name
+    return p.name
 
 
 def _describe(entry: Mapping[str, Any]) -> str:

@@ -214,3 +214,31 @@ def test_shards_that_disagree_are_refused(cli, setup, h):
     save_file(tensors, first, metadata=meta)
     rc, _, err = cli("unmerge", out, tmp / "a", "-o", tmp / "x")
     assert rc == 1 and "shards disagree" in _one_error_line(err)
+
+
+def test_a_warning_never_precedes_an_error_and_strict_refuses_before_writing(cli, tmp_path, h):
+    state = h.model_state()
+    ad = h.make_lora(tmp_path / "a", state, TARGETS)
+    save_file({k: np.asarray(v) for k, v in ad.merge(state).items()}, tmp_path / "merged.safetensors")
+    (tmp_path / "u.safetensors").write_bytes(b"taken")
+    rc, _, err = cli("unmerge", tmp_path / "merged.safetensors", tmp_path / "a", "-o", tmp_path / "u.safetensors")
+    assert rc == 1 and "already exists" in _one_error_line(err)  # the provenance warning is not printed
+    # --strict: the warning is the error, and nothing is written
+    rc, _, err = cli("unmerge", tmp_path / "merged.safetensors", tmp_path / "a", "-o", tmp_path / "v.safetensors",
+                     "--strict")
+    assert rc == 1 and "no peftmath provenance metadata" in _one_error_line(err)
+    assert not (tmp_path / "v.safetensors").exists()
+
+
+def test_an_adapter_from_the_hub_cache_is_named_by_its_repo(cli, tmp_path, h):
+    from tests.cli.test_hub_cache import hub_snapshot
+
+    state = h.model_state()
+    base = h.write_model(tmp_path / "base", state, shards=2)
+    h.make_lora(tmp_path / "lora", state, TARGETS)
+    snap = hub_snapshot(tmp_path / "lora", tmp_path / "hub", repo="someone/my-lora", revision="c0ffee" * 6)
+    rc, _, err = cli("merge", base, snap, "-o", tmp_path / "m")
+    assert rc == 0, err
+    [entry] = _provenance(tmp_path / "m")
+    assert entry["adapter"] == "someone/my-lora@" + "c0ffee" * 6
+    assert entry["adapter_model_sha256"] == _sha(tmp_path / "lora" / "adapter_model.safetensors")
