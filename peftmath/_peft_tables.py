@@ -218,8 +218,8 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     "ADALORA": {**_LORA_FIELDS, "rank_pattern": IMPLEMENTED, "init_lora_weights": IRRELEVANT,
                 **dict.fromkeys(("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
                                  "orth_reg_weight", "total_step"), IRRELEVANT)},
-    "IA3": {**_BOOKKEEPING, **_TARGETS, "feedforward_modules": IMPLEMENTED, "fan_in_fan_out": IMPLEMENTED,
-            "init_ia3_weights": IRRELEVANT},
+    "IA3": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "exclude_modules", "modules_to_save"), IMPLEMENTED),
+            "feedforward_modules": IMPLEMENTED, "fan_in_fan_out": IMPLEMENTED, "init_ia3_weights": IRRELEVANT},
     "LOHA": {**_BOOKKEEPING, **_TARGETS,
              **dict.fromkeys(("rank_pattern", "alpha_pattern", "r", "alpha", "use_effective_conv2d"), IMPLEMENTED),
              **dict.fromkeys(("rank_dropout", "module_dropout", "init_weights"), IRRELEVANT)},
@@ -237,7 +237,7 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
              **dict.fromkeys(("boft_dropout", "init_weights"), IRRELEVANT)},
     # projection_prng_key only regenerates projections a checkpoint did not save, which peftmath refuses
     # (VeRA's validate_checkpoint: vera_A / vera_B must be in the checkpoint)
-    "VERA": {**_BOOKKEEPING, **_TARGETS,
+    "VERA": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
              **dict.fromkeys(("r", "save_projection", "fan_in_fan_out", "bias"), IMPLEMENTED),
              **dict.fromkeys(("projection_prng_key", "vera_dropout", "d_initial", "init_weights"), IRRELEVANT)},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,

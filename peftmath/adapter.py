@@ -167,8 +167,18 @@ class Adapter:
         self._require_modules("layer kinds")
         model_type = model_type or self.model_type
         layer_kinds = dict(layer_kinds or {})
-        return {m: self._kind_for(m, shapes.get(m), layer_kinds.get(m), model_type, shapes=shapes,
-                                  explicit_all=layer_kinds) for m in self.modules}
+        out: dict[str, LayerKind | None] = {}
+        ambiguous = []
+        for m in self.modules:
+            ev = self._evidence(m, shapes.get(m), layer_kinds.get(m), model_type)
+            if ev is None:
+                ambiguous.append(m)
+            else:
+                out[m] = None if ev is _NOT_2D else ev.kind
+        if ambiguous:  # one error naming every module the evidence leaves open
+            kind = self._flag_kind(ambiguous, model_type, shapes, layer_kinds)
+            out.update(dict.fromkeys(ambiguous, kind))
+        return {m: out[m] for m in self.modules}
 
     def delta_weight(self, name: str, *, weight_shape: tuple[int, ...] | None = None,
                      kind: LayerKind | str | None = None, model_type: str | None = None,
@@ -433,13 +443,19 @@ class Adapter:
             return None
         if ev is not None:
             return ev.kind
+        return self._flag_kind([name], model_type, shapes or {name: weight_shape}, explicit_all)
+
+    def _flag_kind(self, names: list[str], model_type: str | None, shapes: Mapping[str, Any],
+                   explicit_all: Mapping[str, Any] | None) -> LayerKind:
+        """The kind of the ambiguous 2-D modules ``names``: the config's flag where nothing contradicts it
+        (:func:`peftmath.kinds.resolve`); a method without Conv1D layers has the Linear only."""
         if not self._two_kinds():
             return LayerKind.LINEAR
-        others = {m: self._evidence(m, (shapes or {}).get(m), (explicit_all or {}).get(m), model_type, quiet=True)
-                  for m in self.modules if m != name}
-        return resolve(name, fan_in_fan_out=bool(getattr(self.config, "fan_in_fan_out", False)),
+        others = {m: self._evidence(m, shapes.get(m), (explicit_all or {}).get(m), model_type, quiet=True)
+                  for m in self.modules if m not in names}
+        return resolve(names, fan_in_fan_out=bool(getattr(self.config, "fan_in_fan_out", False)),
                        others={m: e for m, e in others.items() if isinstance(e, Evidence)},
-                       weight_shape=weight_shape, peft_type=self.peft_type)
+                       weight_shapes=shapes, peft_type=self.peft_type)
 
     def _module_shapes(self, state: Mapping[str, Any], model_type: str | None) -> dict[str, tuple[int, ...]]:
         """Base weight shapes of the adapted modules present in ``state``."""

@@ -32,7 +32,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from .errors import ConfigError
@@ -97,15 +97,16 @@ def decide(
 
 
 def resolve(
-    module: str,
+    modules: str | Sequence[str],
     *,
     fan_in_fan_out: bool,
     others: Mapping[str, Evidence | None],
-    weight_shape: tuple[int, ...] | None = None,
+    weight_shapes: Mapping[str, tuple[int, ...] | None] | None = None,
     peft_type: str = "LORA",
 ) -> LayerKind:
-    """Step 5: the kind of an ambiguous 2-D ``module`` from the config's ``fan_in_fan_out``, unless a
-    module of ``others`` (their evidence from :func:`decide`) has the other kind.
+    """Step 5: the kind of the ambiguous 2-D ``modules`` from the config's ``fan_in_fan_out``, unless a
+    module of ``others`` (their evidence from :func:`decide`) has the other kind; then a
+    :class:`~peftmath.errors.ConfigError` names every ambiguous module and the fix.
 
     >>> from peftmath.layers import LayerKind
     >>> resolve("a", fan_in_fan_out=True, others={"b": Evidence(LayerKind.CONV1D_TRANSPOSED, "shape")}).value
@@ -115,18 +116,29 @@ def resolve(
     ...
     peftmath.errors.ConfigError: a: ...
     """
+    names = [modules] if isinstance(modules, str) else sorted(modules)
     flag_kind = LayerKind.CONV1D_TRANSPOSED if fan_in_fan_out else LayerKind.LINEAR
-    against = sorted((m, ev) for m, ev in others.items() if ev is not None and ev.kind in TWO_D and ev.kind is not flag_kind)
+    against = sorted((m, ev) for m, ev in others.items()
+                     if m not in names and ev is not None and ev.kind in TWO_D and ev.kind is not flag_kind)
     if not against:
         return flag_kind
     shown = "; ".join(f"{m} is a {ev.kind.value} by {ev.source}" for m, ev in against[:3])
     more = f" (and {len(against) - 3} more)" if len(against) > 3 else ""
-    what = f"its base weight {tuple(weight_shape)} is square" if weight_shape else "no base weight shape was given"
+    shapes = [(weight_shapes or {}).get(m) for m in names]
+    if all(shapes):
+        what = (f"its base weight {tuple(shapes[0])} is square" if len(names) == 1 else
+                f"their base weights ({', '.join(str(tuple(x)) for x in shapes)}) are square")
+    else:
+        what = "no base weight shape was given"
+    which = ("this module is an nn.Linear or a transformers Conv1D" if len(names) == 1 else
+             "these modules are nn.Linear or transformers Conv1D layers")
+    kinds = ", ".join(f"{m!r}: 'Linear'" for m in names)
+    flags = " ".join(f"--layer-kind {m}=Linear" for m in names)
     raise ConfigError(
-        f"{module}: cannot tell whether this module is an nn.Linear or a transformers Conv1D: {what}, so both "
-        f"layouts fit the adapter, and the config's fan_in_fan_out={str(fan_in_fan_out).lower()} cannot decide, "
-        f"because PEFT rewrites that flag for every module it wraps (it is the kind of the last one) and this "
-        f"{peft_type} adapter has modules of the other kind: {shown}{more}. Say which it is: "
-        f"layer_kinds={{{module!r}: 'Linear'}} (or 'Conv1D'), --layer-kind {module}=Linear on the command line, "
-        f"or give the base model's model_type when it is a transformers architecture"
+        f"{', '.join(names)}: cannot tell whether {which}: {what}, so both layouts fit the adapter, and the "
+        f"config's fan_in_fan_out={str(fan_in_fan_out).lower()} cannot decide, because PEFT rewrites that flag "
+        f"for every module it wraps (it is the kind of the last one) and this {peft_type} adapter has modules "
+        f"of the other kind: {shown}{more}. Say which {'it is' if len(names) == 1 else 'each is'}: "
+        f"layer_kinds={{{kinds}}} ('Linear' or 'Conv1D'), {flags} on the command line, or give the base "
+        f"model's model_type when it is a transformers architecture"
     )
