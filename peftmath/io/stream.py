@@ -26,8 +26,8 @@ Merge records (DoRA's weight norms, which unmerge needs and cannot recompute) ne
 model: the rule, for a file and a folder alike, is the sibling :func:`records_path` ``(out)`` =
 ``out + ".merge-records.safetensors"`` (``merged/`` -> ``merged.merge-records.safetensors``), or a
 path the caller chooses. They are renamed into place just before the model, so an existing model
-always has its records; a records file left without its model by an interrupted run is replaced by the
-next run. Records that earlier versions wrote inside a folder (``peftmath_merge_records.safetensors``)
+always has its records; a records file left without its model by an interrupted run is replaced (or
+removed) by the next run that writes that model. Records that earlier versions wrote inside a folder (``peftmath_merge_records.safetensors``)
 are still read (:func:`find_records`), never written. Keys are ``adapters.<i>.<module>`` where ``i``
 is the adapter's position in the merges that produced the model.
 
