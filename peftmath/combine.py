@@ -219,9 +219,20 @@ def combine(
     the masks of another implementation).
     """
     adapters = list(adapters)
-    weights = [float(w) for w in weights]
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ConfigError(f"combine: weights must be numbers, got {list(weights)!r}") from None
     if not adapters:
         raise ConfigError("combine: no adapters given")
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"combine: weights must be finite numbers, got {weights}")
+    if svd_clamp is not None and not 0 <= svd_clamp <= 1:
+        raise ConfigError(f"combine: svd_clamp is a quantile in [0, 1], got {svd_clamp!r}")
+    if svd_rank is not None and (not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or svd_rank <= 0):
+        raise ConfigError(f"combine: svd_rank must be a positive integer, got {svd_rank!r}")
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed < 0:
+        raise ConfigError(f"combine: seed must be a non-negative integer, got {seed}")
     if len(weights) != len(adapters):
         raise ConfigError(f"combine: {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
     types = {a.peft_type for a in adapters}

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .adapter import Adapter
-from .errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
+from .errors import CheckpointError, ConfigError, PeftMathWarning, ShapeError, UnsupportedError
 from .io.safetensors import SafeTensorsFile, atomic_path, save_file
 
 __all__ = [
@@ -77,7 +77,7 @@ KOHYA_UNSUPPORTED = ("lora_mid.weight", "dora_scale", "diff", "diff_b", "bias_in
                      "b1.weight", "b2.weight")
 
 
-class ConversionWarning(UserWarning):
+class ConversionWarning(PeftMathWarning):
     """Something the target format does not store (alpha, module names) or a tool's own drop rule."""
 
 

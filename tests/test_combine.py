@@ -157,6 +157,14 @@ def test_bad_inputs():
         combine([a, b], [1.0, 1.0], combination_type="svd", svd_rank=10)
     with pytest.raises(ConfigError, match="unknown combination_type"):
         combine([a, b], [1.0, 1.0], combination_type="average")
+    with pytest.raises(ConfigError, match="svd_clamp is a quantile"):  # an IndexError deep in the SVD before
+        combine([a, b], [1.0, 1.0], combination_type="svd", svd_clamp=1.5)
+    with pytest.raises(ConfigError, match="finite"):  # a LinAlgError before
+        combine([a, b], [float("nan"), 1.0], combination_type="svd")
+    with pytest.raises(ConfigError, match="seed must be a non-negative"):
+        combine([a, a], [1.0, 1.0], combination_type="dare_linear", density=0.5, seed=-1)
+    with pytest.raises(ConfigError, match="svd_rank must be a positive"):
+        combine([a, b], [1.0, 1.0], combination_type="svd", svd_rank=0)
     dora = Adapter(pm.LoraConfig(r=2, use_dora=True, target_modules=["lin"]),
                    {"lin": {**a.params["lin"], "lora_magnitude_vector": np.ones(7)}})
     with pytest.raises(UnsupportedError, match="DoRA"):

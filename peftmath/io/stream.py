@@ -664,6 +664,8 @@ def _check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
         clean_stale_siblings(out)  # leftovers of a killed run
     if not out.parent.exists():
         raise CheckpointError(f"{out}: the parent folder {out.parent} does not exist; create it first")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"{out}: the parent {out.parent} is not a folder; choose an output path inside a folder")
     ro = out.resolve()
     for p in inputs:
         rp = Path(p).resolve()

@@ -221,6 +221,11 @@ def case_strict_skipped_module(tmp, base, state, h):
         "(a warning; --strict makes it an error)"
 
 
+def case_out_parent_is_a_file(tmp, base, state, h):
+    (tmp / "afile").write_bytes(b"x")
+    return ["merge", base, tmp / "lora", "-o", tmp / "afile" / "out.safetensors"], "is not a folder"
+
+
 CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 
 
