@@ -265,6 +265,18 @@ class ModuleAdapter:
     #: input channels of a conv fixed by the adapter's own tensors (None: only the base weight fixes them)
     input_channels: int | None = None
 
+    def changes_bias(self) -> bool:
+        """True when this module's merge changes the base bias (LoRA's ``lora_bias``, IA3's output scaling)."""
+        return False
+
+    def require_inplace(self, weight: Array, bias: Array | None = None) -> None:
+        """Raise :class:`UnsupportedError` (writing nothing) unless ``copy=False`` can write every array
+        this module's merge and unmerge change: the weight, and the bias when :meth:`changes_bias`. A
+        caller merging many modules in place checks them all first (no half-merged model)."""
+        require_writeable(self.name, weight)
+        if bias is not None and self.changes_bias():
+            require_writeable(self.name, bias, "bias")
+
     def input_layer(self, x: Array, weight: Array, layer_kwargs: dict[str, Any]) -> tuple[Layer, dict[str, Any]]:
         """The shared input check of every ``Module.forward``: ``weight`` against the module's layer, then
         ``x`` and the conv keywords in ``layer_kwargs`` (:meth:`~peftmath.layers.Layer.for_input`), the

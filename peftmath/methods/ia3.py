@@ -582,6 +582,9 @@ class IA3Module(ModuleAdapter):
         if self.feedforward and self.layer.kind.is_conv:
             self.input_channels = int(self.l.shape[1])  # a feedforward vector spans every input channel
 
+    def changes_bias(self) -> bool:
+        return not self.feedforward
+
     def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
               peft_compat: bool = False) -> MergeResult:
         self.layer.check_weight(weight)

@@ -49,7 +49,7 @@ from ..config import (
 )
 from ..errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, apply_delta, bias_update, check_shape, require_writeable, write_back
+from ._base import MergeResult, ModuleAdapter, apply_delta, bias_update, check_shape, write_back
 
 Array = Any
 
@@ -781,6 +781,9 @@ class LoraModule(ModuleAdapter):
     def is_dora(self) -> bool:
         return self.magnitude is not None
 
+    def changes_bias(self) -> bool:
+        return self.lora_bias is not None
+
     def delta_weight(self, *, peft_compat: bool = False) -> Array:
         xp = self.xp
         d = delta_matrix(self.A, self.B, scaling=self.scaling, xp=xp)
@@ -801,8 +804,8 @@ class LoraModule(ModuleAdapter):
             new_bias = merge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
             if safe and not all_finite(new_bias):
                 raise NonFiniteError(f"{self.name}: the merged bias would contain NaN or infinity; nothing changed")
-            if not copy:  # copy=False updates the bias in place too (checked before W is touched)
-                require_writeable(self.name, bias, "bias")
+        if not copy:  # copy=False updates the bias in place too (both checked before W is touched)
+            self.require_inplace(weight, bias)
         new = _apply(weight, self.A, self.B, scaling=self.scaling, sign=1, layer=self.layer, copy=copy, safe=safe,
                      peft_compat=peft_compat, where=self.name)
         if not copy and self.lora_bias is not None:
@@ -820,8 +823,8 @@ class LoraModule(ModuleAdapter):
         new_bias = bias
         if self.lora_bias is not None:
             new_bias = unmerge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
-            if not copy:
-                require_writeable(self.name, bias, "bias")
+        if not copy:
+            self.require_inplace(weight, bias)
         new = _apply(weight, self.A, self.B, scaling=self.scaling, sign=-1, layer=self.layer, copy=copy, safe=False,
                      peft_compat=peft_compat, where=self.name)
         if not copy and self.lora_bias is not None:

@@ -402,3 +402,42 @@ def test_read_only_and_grad_refusals_name_module_and_layout(kind, shape):
     with torch.no_grad():  # PyTorch allows the write here, and so does peftmath
         assert lora.merge(t, torch.from_numpy(A), torch.from_numpy(B), scaling=1.0, copy=False) is t
     assert np.max(np.abs(_host(t) - _lora_ref(W, A, B, 1.0))) <= _bound(_lora_ref(W, A, B, 1.0), W)
+
+
+@pytest.mark.parametrize("peft_type,fields,changes_bias", [
+    ("LORA", dict(r=2, lora_alpha=2, lora_bias=True, init_lora_weights=False), True),
+    ("LORA", dict(r=2, lora_alpha=2, init_lora_weights=False), False),
+    ("IA3", dict(init_ia3_weights=False), True),
+    ("IA3", dict(init_ia3_weights=False, feedforward_modules=["m"]), False),
+])
+def test_a_bias_the_merge_changes_is_written_in_place_too(peft_type, fields, changes_bias):
+    """copy=False writes every array the merge changes; ``require_inplace`` checks them all first."""
+    from peftmath.layers import Layer
+    from peftmath.methods import get_method
+
+    method = get_method(peft_type)
+    rng = np.random.default_rng(24)
+    layer = Layer.of((5, 3))
+    W, b = rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    config = method.Config(target_modules=["m"], **fields)
+    params, _ = method.Module.initialize("m", config, layer, weight=W, seed=1)
+    mod = method.Module("m", config, params, layer)
+    assert mod.changes_bias() is changes_bias
+    want = mod.merge(W, b, copy=True)
+    b_ro = _np_readonly(b)
+    W0 = W.copy()
+    if changes_bias:
+        with pytest.raises(UnsupportedError, match=r"m: copy=False .* the bias is not writeable"):
+            mod.require_inplace(W, b_ro)
+        with pytest.raises(UnsupportedError, match=r"m: copy=False .* the bias is not writeable"):
+            mod.merge(W, b_ro, copy=False)
+        assert np.array_equal(W, W0)  # nothing written: the weight is untouched too
+        bw = b.copy()
+        res = mod.merge(W, bw, copy=False)
+        assert res.weight is W and res.bias is bw
+        assert np.allclose(bw, want.bias, rtol=1e-6, atol=1e-6) and not np.allclose(bw, b)
+    else:
+        mod.require_inplace(W, b_ro)  # the bias is not touched: a read-only one is fine
+        res = mod.merge(W, b_ro, copy=False)
+        assert res.weight is W and np.array_equal(b_ro, b)
+    assert np.allclose(W, want.weight, rtol=1e-6, atol=1e-6)
