@@ -33,6 +33,7 @@ __all__ = [
     "all_finite",
     "is_writeable",
     "why_not_writeable",
+    "is_immutable",
     "data_address",
     "is_view_of",
     "reshape_view",
@@ -166,17 +167,20 @@ def why_not_writeable(x: Array) -> str | None:
     Refused: a read-only NumPy array (a read-only memory map, a broadcast view), a JAX array
     (immutable), a lazy dask array (``x[...] = v`` rebuilds its task graph instead of writing memory),
     a PyTorch leaf tensor that requires grad while autograd is on (PyTorch itself refuses the write),
-    and any other array that array-api-compat reports as not writeable.
+    an expanded NumPy or torch view (a zero stride: one location holds several elements), and any
+    other array that array-api-compat reports as not writeable.
     """
     if isinstance(x, np.ndarray):
-        return None if x.flags.writeable else "a read-only numpy.ndarray (a read-only memory map or a broadcast view)"
+        if not x.flags.writeable:
+            return "a read-only numpy.ndarray (a read-only memory map or a broadcast view)"
+        return _overlap(x.shape, x.strides, "numpy.ndarray")
     if array_api_compat.is_torch_array(x):
         import torch
 
         if x.requires_grad and x.is_leaf and torch.is_grad_enabled():
             return ("a torch leaf tensor that requires grad (PyTorch refuses in-place writes to it; merge under "
                     "torch.no_grad() or pass weight.detach())")
-        return None
+        return _overlap(tuple(x.shape), x.stride(), "torch tensor")
     if array_api_compat.is_jax_array(x):
         return "a JAX array (JAX arrays are immutable)"
     if array_api_compat.is_dask_array(x):
@@ -184,6 +188,19 @@ def why_not_writeable(x: Array) -> str | None:
     if not array_api_compat.is_writeable_array(x):
         return f"an immutable {type(x).__module__}.{type(x).__name__}"
     return None
+
+
+def _overlap(shape: Sequence[int], strides: Sequence[int], what: str) -> str | None:
+    """The reason a strided array cannot be written element by element: a zero stride over an axis of
+    more than one element (an expanded / broadcast view) makes several elements share one location."""
+    if any(st == 0 and n > 1 for n, st in zip(shape, strides)):
+        return f"an expanded {what} (a stride of 0: several elements share one memory location)"
+    return None
+
+
+def is_immutable(x: Array) -> bool:
+    """True for arrays of libraries that never write in place, copies included (JAX, dask)."""
+    return bool(array_api_compat.is_jax_array(x) or array_api_compat.is_dask_array(x))
 
 
 def data_address(x: Array) -> int | None:
@@ -198,7 +215,7 @@ def data_address(x: Array) -> int | None:
         return int(x.data_ptr())
     if array_api_compat.is_cupy_array(x):
         return int(x.data.ptr)
-    if array_api_compat.is_jax_array(x) or array_api_compat.is_dask_array(x):
+    if is_immutable(x):
         return None
     try:
         return int(np.from_dlpack(x).__array_interface__["data"][0])

@@ -284,5 +284,8 @@ def test_why_not_writeable_names_the_layout():
     with torch.no_grad():
         assert why_not_writeable(leaf) is None
     assert why_not_writeable(leaf * 2) is None  # not a leaf: PyTorch records the in-place op
+    assert "stride of 0" in why_not_writeable(torch.zeros(3, 1).expand(3, 4))
+    shared = np.lib.stride_tricks.as_strided(np.zeros(4), (3, 4), (0, 8), writeable=True)
+    assert "stride of 0" in why_not_writeable(shared)
     jnp = pytest.importorskip("jax.numpy")
     assert "JAX" in why_not_writeable(jnp.zeros(3))

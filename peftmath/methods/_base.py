@@ -28,7 +28,8 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar, NamedTuple
 
 from .._array import (
-    all_finite, as_compute, compute_dtype, contiguous_copy, dtype_name, is_low_precision, namespace, why_not_writeable,
+    all_finite, as_compute, compute_dtype, contiguous_copy, dtype_name, is_immutable, is_low_precision, namespace,
+    why_not_writeable,
 )
 from ..backends import backend_for
 from ..errors import NonFiniteError, ShapeError, UnsupportedError
@@ -131,8 +132,10 @@ def write_weight(
     safe
         Refuse (:class:`NonFiniteError`) a non-finite result before anything is written.
     kernel_on_copy
-        With ``copy=True`` (or ``safe``), run ``kernel`` on a C-ordered copy of ``weight`` instead of
-        calling ``compute`` (one allocation of the weight's size, no temporary of it besides).
+        Where ``kernel`` did not run on ``weight`` itself (``copy=True``, ``safe``, or a layout whose
+        matrix view would be a copy), run it on a private C-ordered copy of ``weight`` instead of calling
+        ``compute`` (one allocation of the weight's size, no temporary of it besides); that copy is the
+        result, or is stored into ``weight`` for ``copy=False``.
     """
     xp = xp or namespace(weight, where=module)
     if not copy:
@@ -141,7 +144,7 @@ def write_weight(
             view = weight if layer is None else layer.matrix_view(weight, xp)
             if view is not None and kernel(view):
                 return weight
-    if kernel is not None and kernel_on_copy:
+    if kernel is not None and kernel_on_copy and not is_immutable(weight):
         out = contiguous_copy(weight, xp=xp)
         if why_not_writeable(out) is None:
             view = out if layer is None else layer.matrix_view(out, xp)
