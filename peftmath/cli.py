@@ -113,6 +113,21 @@ _QUANTILE = _value_type("quantile", float, lambda v: 0 <= v <= 1, "a quantile in
 _LAYERS = _value_type("num_layers", int, lambda v: v == -1 or v > 0, "a positive integer, or -1 for all")
 
 
+#: dtype spellings accepted wherever a dtype is taken (canonical name -> accepted names)
+DTYPE_ALIASES = {"float32": ("float32", "fp32", "f32"), "float16": ("float16", "fp16", "f16", "half"),
+                 "bfloat16": ("bfloat16", "bf16"), "keep": ("keep",)}
+
+
+def _dtype_choice(text: str) -> str:
+    """An argparse ``type=`` for a dtype: the canonical name of ``text`` (``bf16`` -> ``bfloat16``, ...)."""
+    low = text.strip().lower()
+    for name, spellings in DTYPE_ALIASES.items():
+        if low in spellings:
+            return name
+    accepted = ", ".join(s for names in DTYPE_ALIASES.values() for s in names)
+    raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; expected one of {accepted}")
+
+
 def _regex(text: str) -> str:
     """An argparse ``type=`` for a regular expression (re.search / re.fullmatch later)."""
     try:
@@ -451,6 +466,89 @@ def _cmd_merge(args, log):
 
 def _cmd_unmerge(args, log):
     return _run_transform(args, log, "unmerge")
+
+
+# --- verify / diff -----------------------------------------------------------------------------
+def _fmt_num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _check_rows(checks: Sequence[Any], show_all: bool) -> tuple[list[list[str]], int]:
+    """Table rows (every changed, adapted or failing tensor; every tensor with ``show_all``) and how many
+    identical untouched tensors were left out."""
+    rows, hidden = [], 0
+    for c in checks:
+        if not show_all and c.ok and c.kind in ("untouched", "-"):
+            hidden += 1
+            continue
+        rows.append([c.key, c.kind, c.dtype, "x".join(map(str, c.shape)), _fmt_num(c.max_abs), _fmt_num(c.max_rel),
+                     _fmt_num(c.bound), "-" if c.ratio is None else f"{c.ratio:.3g}", c.status
+                     + (f": {c.detail}" if c.detail and not c.ok else "")])
+    return rows, hidden
+
+
+def _print_report(rep: Any, args: argparse.Namespace, what: str) -> None:
+    if args.json:
+        print(json.dumps(rep.to_json(), indent=2, allow_nan=False))
+        return
+    rows, hidden = _check_rows(rep.checks, args.all)
+    print(_table(rows, ["tensor", "kind", "dtype", "shape", "max abs", "max rel", "bound", "err/bound", "status"]))
+    if hidden:
+        print(f"({hidden} {what} tensors not shown; --all lists them)")
+
+
+def _cmd_verify(args: argparse.Namespace, log: _Log) -> int:
+    from .io.stream import OUTPUT_DTYPES, open_model
+    from .verify import verify
+
+    if len(args.paths) < 3:
+        print("peftmath verify: error: expected BASE ADAPTER [ADAPTER ...] MERGED (at least three paths)",
+              file=sys.stderr)
+        return 2
+    base_path, adapter_paths, merged_path = args.paths[0], args.paths[1:-1], args.paths[-1]
+    base, merged = open_model(base_path), open_model(merged_path)
+    adapters = _load_adapters(adapter_paths, strict=args.strict)
+    dtype = None if args.dtype in (None, "keep") else OUTPUT_DTYPES[args.dtype]
+    rep = verify(base, adapters, merged, peft_compat=args.peft_compat, layer_kinds=_layer_kinds(args.layer_kind),
+                 dtype=dtype, names=adapter_paths)
+    _print_report(rep, args, "untouched bit-identical")
+    merged_checks = [c for c in rep.checks if c.kind in ("merged", "replaced") and c.ratio is not None]
+    worst = max(merged_checks, key=lambda c: c.ratio, default=None)
+    if rep.ok:
+        if not args.quiet:
+            tail = f" (worst {worst.ratio:.3g} of its bound: {worst.key})" if worst is not None else ""
+            print(f"peftmath: verify: ok: {len(merged_checks)} adapted tensors within bound{tail}, "
+                  f"{sum(c.kind == 'untouched' for c in rep.checks)} untouched tensors bit-identical", file=sys.stderr)
+        return 0
+    bad = rep.failures()
+    first = bad[0]
+    print(f"peftmath: verify: {len(bad)} of {len(rep.checks)} tensors fail: {first.key}: {first.status}"
+          + (f" ({first.detail})" if first.detail else "")
+          + (f"; also {', '.join(c.key for c in bad[1:4])}" + (" ..." if len(bad) > 4 else "") if len(bad) > 1 else ""),
+          file=sys.stderr)
+    return 1
+
+
+def _cmd_diff(args: argparse.Namespace, log: _Log) -> int:
+    from .io.stream import open_model
+    from .verify import diff
+
+    rep = diff(open_model(args.model_a), open_model(args.model_b))
+    _print_report(rep, args, "identical")
+    bad = rep.failures()
+    if not bad:
+        if not args.quiet:
+            print(f"peftmath: diff: identical ({len(rep.checks)} tensors, same names, dtypes, shapes and bytes)",
+                  file=sys.stderr)
+        return 0
+    worst = max((c for c in bad if c.max_abs is not None), key=lambda c: c.max_abs, default=None)
+    counts: dict[str, int] = {}
+    for c in bad:
+        counts[c.status] = counts.get(c.status, 0) + 1
+    print(f"peftmath: diff: {len(bad)} of {len(rep.checks)} tensors differ ("
+          + ", ".join(f"{n} {k}" for k, n in counts.items()) + ")"
+          + (f"; largest: {worst.key} max abs {worst.max_abs:.3g}" if worst is not None else ""), file=sys.stderr)
+    return 1
 
 
 # --- extract ----------------------------------------------------------------------------------
@@ -793,6 +891,44 @@ def build_parser() -> argparse.ArgumentParser:
                                           "folder, removed at the end)")
     d.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")
     d.set_defaults(func=_cmd_demo)
+
+    vf = sub.add_parser("verify", parents=[common], formatter_class=raw,
+                        help="is MERGED what BASE plus these adapters should be? (per tensor, against the error bound)",
+                        description="Check a merged model against the exact merge of BASE with the adapters (in "
+                                    "order), streamed one tensor at a time. Per adapted tensor: the max absolute and "
+                                    "relative error of MERGED against the merge computed in float64, and the bound of "
+                                    "peftmath's error analysis for MERGED's dtype (one rounding to the dtype plus the "
+                                    "float32 compute error; --peft-compat adds PEFT's extra rounding of the delta; "
+                                    "see peftmath/verify.py). Tensors no adapter touches must be bit-identical to "
+                                    "BASE; missing tensors, extra tensors, dtype and shape changes are failures. "
+                                    "The table goes to stdout (adapted and failing tensors; --all: every tensor), "
+                                    "one summary line to stderr. Exit 0: everything within bound; 1: something "
+                                    "is not (or an error); 2: usage.",
+                        epilog=EPILOG_MODELS + "\nexamples:\n  peftmath verify llama/ my-lora/ llama-merged/\n"
+                                               "  peftmath verify model.safetensors a/ b/ merged.safetensors --json\n")
+    vf.add_argument("paths", nargs="+", metavar="PATH", help="BASE ADAPTER [ADAPTER ...] MERGED")
+    vf.add_argument("--peft-compat", action="store_true",
+                    help="judge against PEFT's rounding order (ΔW rounded to the half-precision dtype first)")
+    vf.add_argument("--dtype", default="keep", type=_dtype_choice,
+                    help="the dtype MERGED was written in (merge --dtype); default keep: BASE's")
+    vf.add_argument("--layer-kind", action="append", metavar="MODULE=KIND", help="layer kind of a module")
+    vf.set_defaults(func=_cmd_verify)
+
+    df = sub.add_parser("diff", parents=[common], formatter_class=raw,
+                        help="per-tensor differences between two models",
+                        description="Compare two models tensor by tensor (streamed): the max absolute and relative "
+                                    "difference (relative to MODEL_A), tensors only in one, dtype and shape changes. "
+                                    "The table goes to stdout (differing tensors; --all: every tensor), one summary "
+                                    "line to stderr. Exit 0: identical (same tensor names, dtypes, shapes and bytes; "
+                                    "metadata and side files are not compared); 1: they differ (or an error); "
+                                    "2: usage.",
+                        epilog=EPILOG_MODELS + "\nexample:\n  peftmath diff merged-by-peft/ merged-by-peftmath/ --json\n")
+    df.add_argument("model_a", metavar="MODEL_A")
+    df.add_argument("model_b", metavar="MODEL_B")
+    df.set_defaults(func=_cmd_diff)
+    for parser, hidden in ((vf, "untouched"), (df, "identical")):
+        parser.add_argument("--json", action="store_true", help="machine-readable output: every tensor's numbers")
+        parser.add_argument("--all", action="store_true", help=f"list every tensor, {hidden} ones too")
 
     i = sub.add_parser("inspect", parents=[common], formatter_class=raw,
                        help="describe an adapter: method, targets, ranks, parameters, delta norms",

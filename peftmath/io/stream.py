@@ -61,7 +61,7 @@ from ..targets import module_to_checkpoint
 from .atomic import clean_stale_siblings, temp_sibling
 from .safetensors import DTYPES, SafeTensorsFile, dtype_code, save_file
 
-__all__ = ["Model", "Plan", "Step", "TensorOp", "open_model", "plan", "transform", "records_path", "find_records",
+__all__ = ["Model", "Plan", "Step", "TensorOp", "open_model", "plan", "compute_group", "transform", "records_path", "find_records",
            "read_records", "check_records", "side_files", "adapter_provenance", "read_provenance",
            "unmerge_provenance", "INDEX_NAME", "RECORDS_NAME", "PROVENANCE_KEY"]
 
@@ -792,6 +792,70 @@ def _write_tensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapp
         os.close(fd)
 
 
+def compute_group(
+    base: Model,
+    pl: Plan,
+    adapters: Sequence[Any],
+    wkey: str,
+    *,
+    direction: str = "merge",
+    work: np.dtype | None = None,
+    safe: bool = False,
+    peft_compat: bool = False,
+    to_xp: Callable[[np.ndarray], Any] | None = None,
+    to_host: Callable[[Any], np.ndarray] | None = None,
+    on_record: Callable[[Step, Any], None] | None = None,
+    record_for: Callable[[Step], Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """The tensors of group ``wkey`` of plan ``pl`` (the adapted weight and its bias, if any) after every
+    adapter's step, as host arrays in the compute dtype (not yet rounded to the output dtype).
+
+    The group is read from ``base`` in ``work`` (default: the plan's work dtype, the wider of the stored
+    and the output dtype); each step first replaces the tensors its adapter replaces (a trained bias: PEFT
+    loads it into the base layer before ``merge_and_unload``), then merges (unmerges) its module with
+    :meth:`Adapter.merge` (:meth:`~Adapter.unmerge`) on that group alone, in place on private arrays.
+    This is the one per-tensor computation of :func:`transform` and of :mod:`peftmath.verify`.
+    ``on_record(step, record)`` receives a merge's record (DoRA's weight norms); ``record_for(step)`` gives
+    the record a DoRA unmerge needs (None: none).
+    """
+    to_xp = to_xp or (lambda a: a)
+    to_host = to_host or (lambda a: np.asarray(a))
+
+    def dtype_of(key: str) -> np.dtype:
+        return work if work is not None else _np_dtype(pl.ops[key].work_dtype)
+
+    def read_work(key: str) -> Any:
+        a = base.read(key)
+        return to_xp(a if a.dtype == dtype_of(key) else a.astype(dtype_of(key)))
+
+    bkey = pl.group_bias.get(wkey)
+    state = {wkey: read_work(wkey)}
+    if bkey is not None:
+        state[bkey] = read_work(bkey)
+    for st in pl.groups[wkey]:
+        reps = {k: to_xp(np.asarray(to_host(v)).astype(dtype_of(k))) for k, v in st.replaces.items()}
+        part = _part(adapters[st.adapter], st.module, reps, base.model_type)
+        if st.module is None:
+            state = part.merge(state)
+            continue
+        kinds = {st.module: st.kind} if st.kind is not None else None
+        if direction == "merge":
+            rec: dict[str, Any] = {}
+            state = _in_place(part.merge, state, safe=safe, peft_compat=peft_compat, layer_kinds=kinds, records=rec)
+            if st.module in rec and on_record is not None:
+                on_record(st, rec[st.module])
+        else:
+            given = None
+            if getattr(st.mod, "is_dora", False) and record_for is not None:
+                r = record_for(st)
+                given = {st.module: r} if r is not None else None
+            state = _in_place(part.unmerge, state, peft_compat=peft_compat, layer_kinds=kinds, records=given)
+    out = {wkey: to_host(state[wkey])}
+    if bkey is not None:
+        out[bkey] = to_host(state[bkey])
+    return out
+
+
 def transform(
     base: Model,
     adapters: Sequence[Any],
@@ -846,43 +910,20 @@ def transform(
     # merging into a model that already carries records (an earlier merge): keep them, number after them
     offset = 1 + max((int(k.split(".", 2)[1]) for k in records if k.startswith("adapters.")), default=-1)
 
-    def read_work(key: str) -> Any:
-        a = base.read(key)
-        work = _np_dtype(pl.ops[key].work_dtype)
-        return to_xp(a if a.dtype == work else a.astype(work))
+    def on_record(st: Step, value: Any) -> None:
+        new_records[f"adapters.{st.adapter + offset}.{st.module}"] = np.ascontiguousarray(to_host(value))
+
+    def record_for(st: Step) -> Any:
+        rkey, r = _record_for(records, st.module, used_records)
+        if r is None:
+            return None
+        used_records.add(rkey)
+        return to_xp(np.asarray(r))
 
     def compute(wkey: str) -> None:
-        bkey = pl.group_bias.get(wkey)
-        state = {wkey: read_work(wkey)}
-        if bkey is not None:
-            state[bkey] = read_work(bkey)
-        for st in pl.groups[wkey]:
-            # Adapter.merge replaces the tensors the adapter replaces (a trained bias) before merging its
-            # module into them, as PEFT loads the bias into the base layer before merge_and_unload
-            reps = {k: to_xp(np.asarray(to_host(v)).astype(_np_dtype(pl.ops[k].work_dtype)))
-                    for k, v in st.replaces.items()}
-            part = _part(adapters[st.adapter], st.module, reps, base.model_type)
-            if st.module is None:
-                state = part.merge(state)
-                continue
-            kinds = {st.module: st.kind} if st.kind is not None else None
-            if direction == "merge":
-                rec: dict[str, Any] = {}
-                state = _in_place(part.merge, state, safe=safe, peft_compat=peft_compat, layer_kinds=kinds, records=rec)
-                if st.module in rec:
-                    key = f"adapters.{st.adapter + offset}.{st.module}"
-                    new_records[key] = np.ascontiguousarray(to_host(rec[st.module]))
-            else:
-                given = None
-                if getattr(st.mod, "is_dora", False):
-                    rkey, r = _record_for(records, st.module, used_records)
-                    if r is not None:
-                        used_records.add(rkey)
-                        given = {st.module: to_xp(np.asarray(r))}
-                state = _in_place(part.unmerge, state, peft_compat=peft_compat, layer_kinds=kinds, records=given)
-        pending[wkey] = to_host(state[wkey])
-        if bkey is not None:
-            pending[bkey] = to_host(state[bkey])
+        pending.update(compute_group(base, pl, adapters, wkey, direction=direction, safe=safe,
+                                     peft_compat=peft_compat, to_xp=to_xp, to_host=to_host,
+                                     on_record=on_record, record_for=record_for))
 
     is_folder = base.is_folder
     if is_folder:
