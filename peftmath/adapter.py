@@ -200,8 +200,8 @@ class Adapter:
         model_type = model_type or self.model_type
         weight, bias = self._base_tensors(name, state, model_type=model_type)
         key = self.base_key(name, state, model_type=model_type)
-        weight = self._replacement(f"{key}.weight", weight)
-        bias = self._replacement(f"{key}.bias", bias)
+        weight = self._replacement(name, key, "weight", weight)
+        bias = self._replacement(name, key, "bias", bias)
         if kind is None:
             kind = self._kind_for(name, tuple(weight.shape), None, model_type, shapes=self._module_shapes(state, model_type))
         mod = self._bind(name, tuple(weight.shape), kind)
@@ -521,8 +521,13 @@ class Adapter:
     def _replacements(self, state: Mapping[str, Any], model_type: str | None) -> dict[str, Array]:
         return {kb: self.other[k] for k, kb in self._replacement_keys(state, model_type).items()}
 
-    def _replacement(self, key: str, value: Array | None) -> Array | None:
-        return self.other.get(key, value)
+    def _replacement(self, name: str, key: str, leaf: str, value: Array | None) -> Array | None:
+        """The base tensor ``leaf`` of module ``name`` (state-dict prefix ``key``) as the adapter replaces
+        it (in the base tensor's dtype), else ``value``."""
+        new = self.other.get(f"{name}.{leaf}", self.other.get(f"{key}.{leaf}"))
+        if new is None:
+            return value
+        return new if value is None else _like(new, value)
 
     def _bind_all(self, state: Mapping[str, Array], layer_kinds: Mapping[str, Any] | None,
                   model_type: str | None = None) -> dict:
