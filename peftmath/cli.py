@@ -971,9 +971,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--layer-kind", action="append", metavar="MODULE=KIND",
                        help="layer kind of a module with an ambiguous (square) weight, e.g. h.0.attn.c_attn=Conv1D")
         if name == "merge":
-            s.add_argument("--dtype", choices=["keep", "float32", "float16", "bfloat16"], default="keep",
-                           help="dtype of the floating-point tensors written (default keep); adapted tensors are "
-                                "merged in the wider of the two and rounded once")
+            s.add_argument("--dtype", type=_dtype_choice, default="keep", metavar="{keep,float32,float16,bfloat16}",
+                           help="dtype of the floating-point tensors written (default keep; also f32/fp32, f16/fp16, "
+                                "bf16); adapted tensors are merged in the wider of the two and rounded once")
             s.add_argument("--safe", action="store_true", help="refuse (exit 1, nothing written) a result with NaN/inf")
             s.add_argument("--records", metavar="FILE", help="where to write the merge records (DoRA weight norms); "
                                                             "default OUT.merge-records.safetensors, beside OUT")

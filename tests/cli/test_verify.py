@@ -240,3 +240,18 @@ def test_diff(cli, tmp_path, h):
     assert rep["lm_head.weight"]["shape"] == [30, 12]
     assert all(t["status"] == "identical" for k, t in rep.items()
                if k not in ("lm_head.weight", "model.step", "new.bias", "model.layers.0.norm.weight"))
+
+
+@pytest.mark.parametrize("spelling,name", [("bf16", "bfloat16"), ("fp16", "float16"), ("f16", "float16"),
+                                           ("f32", "float32"), ("fp32", "float32"), ("BFloat16", "bfloat16")])
+def test_short_dtype_names(cli, f32_model, tmp_path, lora_targets, h, spelling, name):
+    base, state = f32_model
+    h.make_lora(tmp_path / "lora", state, lora_targets)
+    out = tmp_path / "m.safetensors"
+    assert cli("merge", base, tmp_path / "lora", "-o", out, "--dtype", spelling, "-q")[0] == 0
+    m = open_model(out)
+    assert str(m.dtype("lm_head.weight")) == name and m.read("lm_head.weight").tobytes() == \
+        state["lm_head.weight"].astype(m.dtype("lm_head.weight")).tobytes()
+    assert cli("verify", base, tmp_path / "lora", out, "--dtype", spelling)[0] == 0
+    rc, _, err = cli("merge", base, tmp_path / "lora", "-o", tmp_path / "x.safetensors", "--dtype", "f8")
+    assert rc == 2 and "unknown dtype 'f8'" in err
