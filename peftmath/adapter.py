@@ -30,13 +30,15 @@ __all__ = ["Adapter", "not_invertible_replacements"]
 _NOT_2D = object()
 
 
-def not_invertible_replacements(keys: list[str], who: str = "") -> NotInvertibleError:
+def not_invertible_replacements(keys: list[str], who: str = "", *,
+                                how: str = "Adapter.unmerge(..., originals=base_state_dict)") -> NotInvertibleError:
     """The error of an unmerge that would have to restore base tensors the adapter replaced
-    (``modules_to_save`` copies, trained biases, saved embeddings): the merged model no longer holds them."""
+    (``modules_to_save`` copies, trained biases, saved embeddings): the merged model no longer holds them.
+    ``who`` names the adapter, ``how`` says how to give the originals (the command says its own way)."""
     return NotInvertibleError(
         f"{who + ': ' if who else ''}the adapter replaces {_some(sorted(keys))} (modules_to_save, trained biases or "
         f"saved embedding layers); the original tensors cannot be recovered from the merged model. Take them from "
-        f"the base model instead (Adapter.unmerge(..., originals=base_state_dict))")
+        f"the base model instead ({how})")
 
 
 class Adapter:

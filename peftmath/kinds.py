@@ -23,6 +23,11 @@ The rule (:func:`decide`), for one module, the first evidence that speaks decide
 
 A method without ``fan_in_fan_out`` (LoHa, LoKr; OFT and BOFT support no Conv1D) has one 2-D kind, the Linear.
 
+The limit of the evidence: when every module that steps 1-4 decide agrees with the flag, a square module
+of the other kind cannot be seen (a PEFT checkpoint does not record it). Adapters written by peftmath
+record every kind, and a transformers ``model_type`` settles every module of its architecture; for
+other models, pass ``layer_kinds`` (``tests/test_kinds.py`` has a property test of exactly this limit).
+
 >>> from peftmath.layers import LayerKind
 >>> kind_from_model_type("transformer.h.0.attn.c_proj", "gpt2").value, kind_from_model_type("lm_head", "gpt2").value
 ('Conv1D', 'Linear')
