@@ -377,9 +377,10 @@ def plan(
                 raise ShapeError(
                     f"{names[i]}: replacement {k!r} has shape {tuple(v.shape)}, the base has {base.shape(kb)}")
             if direction != "merge":
-                raise NotInvertibleError(
-                    f"{names[i]}: the adapter replaces {k!r} (modules_to_save or a trained bias); the original "
-                    f"tensor cannot be recovered from the merged model. Take it from the base model instead")
+                from ..adapter import not_invertible_replacements
+
+                raise not_invertible_replacements(list(ad.other), who=names[i],
+                                                  how="`peftmath unmerge` cannot restore them")
             g = key_group.get(kb)
             if g is None:
                 replaced[kb] = v
