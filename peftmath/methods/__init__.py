@@ -5,6 +5,11 @@ Each method module reads top to bottom: its config, the parameter shapes, initia
 :class:`~peftmath.methods._base.ModuleAdapter` that binds them to one module of a checkpoint.
 
 :func:`get_method` maps a PEFT ``peft_type`` to its module; methods are imported on first use.
+:func:`describe_method` gives its :class:`Method` description (``get_method(t).METHOD``): what the
+adapter, the checkpoint reader, the streamer, the command, ``combine``, ``multi``, the demo and
+``create_adapter`` ask about a method (design §3 rule 10). A ``peft_type`` that PEFT 0.21.2 defines but
+peftmath does not implement is an :class:`~peftmath.errors.UnsupportedError`; any other string is a
+:class:`~peftmath.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import importlib
 from types import ModuleType
 
 from ..errors import ConfigError, UnsupportedError
+from ._contract import PEFT_TYPES_0_21_2, Method
 
-__all__ = ["get_method", "METHOD_MODULES", "implemented_methods"]
+__all__ = ["get_method", "describe_method", "Method", "METHOD_MODULES", "PEFT_TYPES_0_21_2", "implemented_methods"]
 
 #: PEFT's ``peft_type`` -> the module that implements it
 METHOD_MODULES: dict[str, str] = {
@@ -33,17 +39,32 @@ METHOD_MODULES: dict[str, str] = {
 
 
 def get_method(peft_type: str) -> ModuleType:
-    """The method module for ``peft_type`` (``"LORA"``, ``"LOHA"``, ...)."""
-    if not isinstance(peft_type, str) or peft_type.upper() not in METHOD_MODULES:
+    """The method module for ``peft_type`` (``"LORA"``, ``"LOHA"``, ...); its ``METHOD`` is the
+    description (:func:`describe_method`).
+
+    Raises :class:`UnsupportedError` for a type of PEFT 0.21.2 that peftmath does not implement yet
+    (``"HRA"``, ``"GLORA"``, ...) and :class:`ConfigError` for a string that is no PEFT type.
+    """
+    key = peft_type.upper() if isinstance(peft_type, str) else None
+    if key not in METHOD_MODULES:
         known = ", ".join(sorted(METHOD_MODULES))
-        raise ConfigError(f"unknown peft_type {peft_type!r}; peftmath knows {known}")
-    name = METHOD_MODULES[peft_type.upper()]
+        if key in PEFT_TYPES_0_21_2:
+            raise UnsupportedError(
+                f"peft_type {peft_type!r} is a PEFT 0.21.2 method peftmath does not implement yet; peftmath "
+                f"implements {known}")
+        raise ConfigError(f"unknown peft_type {peft_type!r}: not a PEFT 0.21.2 method type; peftmath knows {known}")
+    name = METHOD_MODULES[key]
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name != name:
             raise
         raise UnsupportedError(f"peft_type {peft_type!r} is not implemented in this version of peftmath") from exc
+
+
+def describe_method(peft_type: str) -> Method:
+    """The :class:`Method` description of ``peft_type`` (errors as :func:`get_method`)."""
+    return get_method(peft_type).METHOD
 
 
 def implemented_methods() -> list[str]:

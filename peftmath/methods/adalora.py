@@ -45,6 +45,7 @@ from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_nonnegative_int, check_number
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
+from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape
 from .lora import LoraConfig, LoraModule
 
@@ -950,3 +951,10 @@ EXAMPLES = {
     "AdaLoRA": dict(init_r=6, target_r=4, lora_alpha=12, total_step=100, tinit=10, tfinal=20,
                     init_lora_weights=False),
 }
+
+#: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
+METHOD = Method(
+    peft_type=PEFT_TYPE, config=AdaLoraConfig, module=AdaLoraModule, spec="specs/adalora.md",
+    parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=AdaLoraModule.supported_kinds, additive=True,
+    init_field="init_lora_weights", examples=EXAMPLES,
+)

@@ -34,6 +34,7 @@ from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_nonnegative_int
 from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
+from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, check_shape, write_weight
 from .oft import apply_blocks
 
@@ -544,3 +545,10 @@ EXAMPLES = {
     "BOFT": dict(boft_block_size=4, init_weights=False),
     "BOFT butterfly m=2": dict(boft_block_size=2, boft_n_butterfly_factor=2, init_weights=False),
 }
+
+#: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
+METHOD = Method(
+    peft_type=PEFT_TYPE, config=BOFTConfig, module=BOFTModule, spec="specs/boft.md",
+    parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=BOFTModule.supported_kinds, rotation=True,
+    init_field="init_weights", examples=EXAMPLES,
+)

@@ -39,6 +39,7 @@ from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_flags
 from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError
 from ..layers import Layer, LayerKind
+from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, require_writeable, write_back, write_weight
 
 Array = Any
@@ -617,3 +618,10 @@ EXAMPLES = {
     "IA3": dict(init_ia3_weights=False),
     "IA3 (feedforward)": dict(init_ia3_weights=False, feedforward_modules=["fc_out", "conv1x1"]),
 }
+
+#: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
+METHOD = Method(
+    peft_type=PEFT_TYPE, config=IA3Config, module=IA3Module, spec="specs/ia3.md",
+    parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=IA3Module.supported_kinds, scale=True,
+    init_field="init_ia3_weights", examples=EXAMPLES, combine="scale",
+)

@@ -46,6 +46,7 @@ from ..backends import backend_for, host_rng, kaiming_uniform_bound
 from ..config import TunerConfig, check_flags, check_fraction, check_number, check_positive_int, resolve_pattern
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
+from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape
 
 Array = Any
@@ -785,3 +786,10 @@ EXAMPLES = {
     "LoHa": dict(r=4, alpha=12, init_weights=False),
     "LoHa (effective conv)": dict(r=4, alpha=6, init_weights=False, use_effective_conv2d=True),
 }
+
+#: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
+METHOD = Method(
+    peft_type=PEFT_TYPE, config=LoHaConfig, module=LoHaModule, spec="specs/loha.md",
+    parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=LoHaModule.supported_kinds, additive=True,
+    init_field="init_weights", examples=EXAMPLES,
+)

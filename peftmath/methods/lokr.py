@@ -43,6 +43,7 @@ from ..config import check_choice, check_flags
 from ..errors import ConfigError, ShapeError
 from ..layers import Layer, LayerKind
 from . import loha
+from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, check_shape
 from .loha import (
     _SUPPORTED, _round_to, adapted_forward, apply_row_blocks, check_kind, cp_weight,
@@ -605,3 +606,10 @@ EXAMPLES = {
     "LoKr (decompose both)": dict(r=2, alpha=6, init_weights=False, decompose_both=True, decompose_factor=4),
     "LoKr (effective conv)": dict(r=2, alpha=5, init_weights=False, use_effective_conv2d=True),
 }
+
+#: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
+METHOD = Method(
+    peft_type=PEFT_TYPE, config=LoKrConfig, module=LoKrModule, spec="specs/lokr.md",
+    parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=LoKrModule.supported_kinds, additive=True,
+    init_field="init_weights", examples=EXAMPLES,
+)

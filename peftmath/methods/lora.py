@@ -49,6 +49,7 @@ from ..config import (
 )
 from ..errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
+from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, apply_delta, bias_update, check_shape, write_back
 
 Array = Any
@@ -864,3 +865,11 @@ EXAMPLES = {
     "rsLoRA": dict(r=4, lora_alpha=12, use_rslora=True, init_lora_weights=False),
     "DoRA": dict(r=4, lora_alpha=12, use_dora=True, init_lora_weights=False),
 }
+
+#: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
+METHOD = Method(
+    peft_type=PEFT_TYPE, config=LoraConfig, module=LoraModule, spec="specs/lora.md",
+    parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=LoraModule.supported_kinds, additive=True,
+    init_field="init_lora_weights", examples=EXAMPLES, combine="low_rank", mixed_batch=True,
+    needs_record_for=lambda config: bool(config.use_dora),  # DoRA: merge returns the weight norm
+)

@@ -52,6 +52,7 @@ from ..config import (
 )
 from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
+from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, check_shape, write_weight
 
 Array = Any
@@ -755,3 +756,10 @@ EXAMPLES = {
                                     init_weights=False),
     "OFT block_share": dict(r=2, oft_block_size=0, block_share=True, init_weights=False),
 }
+
+#: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
+METHOD = Method(
+    peft_type=PEFT_TYPE, config=OFTConfig, module=OFTModule, spec="specs/oft.md",
+    parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=OFTModule.supported_kinds, rotation=True,
+    init_field="init_weights", examples=EXAMPLES,
+)

@@ -31,6 +31,7 @@ import numpy as np
 from .._array import as_compute, compute_dtype, namespace
 from ..backends import backend_for, host_rng
 from ..errors import ConfigError, ShapeError
+from ._contract import Method
 from ._prompt import PromptLearningConfig, check_prompt_embeddings
 
 Array = Any
@@ -203,3 +204,9 @@ def validate_checkpoint(config: PrefixTuningConfig, shared: dict[str, Array]) ->
     if "prompt_embeddings" not in shared:
         raise ShapeError(f"{config.peft_type}: the checkpoint has no prompt_embeddings tensor")
     check_prompt_embeddings(config, shared["prompt_embeddings"], expected_shape(config))
+
+#: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
+METHOD = Method(
+    peft_type=PEFT_TYPE, config=PrefixTuningConfig, module=None, spec="specs/prefix_tuning.md",
+    shared_keys=SHARED_KEYS, prompt_learning=True, init_field=None, validate_checkpoint=validate_checkpoint,
+)

@@ -25,6 +25,7 @@ from .._array import namespace
 from ..backends import backend_for, host_rng
 from ..config import check_choice
 from ..errors import ConfigError, ShapeError
+from ._contract import Method
 from ._prompt import PromptLearningConfig, check_prompt_embeddings
 
 Array = Any
@@ -177,3 +178,10 @@ def validate_checkpoint(config: PromptTuningConfig, shared: dict[str, Array]) ->
     if "prompt_embeddings" not in shared:
         raise ShapeError(f"{config.peft_type}: the checkpoint has no prompt_embeddings tensor")
     check_prompt_embeddings(config, shared["prompt_embeddings"], expected_shape(config))
+
+#: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
+METHOD = Method(
+    peft_type=PEFT_TYPE, config=PromptTuningConfig, module=None, spec="specs/prompt_tuning.md",
+    shared_keys=SHARED_KEYS, prompt_learning=True, init_field="prompt_tuning_init",
+    validate_checkpoint=validate_checkpoint,
+)

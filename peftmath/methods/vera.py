@@ -33,6 +33,7 @@ from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_number, check_positive_int
 from ..errors import CheckpointError, ConfigError, ShapeError
 from ..layers import Layer, LayerKind
+from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape
 
 Array = Any
@@ -540,3 +541,10 @@ Module = VeraModule
 EXAMPLES = {
     "VeRA": dict(r=16, init_weights=False, projection_prng_key=7),
 }
+
+#: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
+METHOD = Method(
+    peft_type=PEFT_TYPE, config=VeraConfig, module=VeraModule, spec="specs/vera.md",
+    parameter_suffixes=PARAMETER_SUFFIXES, shared_keys=SHARED_KEYS, layer_kinds=VeraModule.supported_kinds,
+    additive=True, init_field="init_weights", examples=EXAMPLES, init_shared=init_shared,
+)

@@ -1,0 +1,152 @@
+"""The method contract: what every method module declares about itself (design §3 rule 10).
+
+Each method module ends with ``METHOD = Method(...)``. The adapter, the checkpoint reader, the
+streamer, the command, ``combine``, ``multi``, the demo and ``create_adapter`` read this description;
+they never probe a method module with ``getattr`` and never compare a ``peft_type`` against a method
+name. Adding a method is one module (with its ``METHOD``), one spec, and one line in
+:data:`peftmath.methods.METHOD_MODULES`; the contract tests (tests/methods/test_method_contract.py)
+then run on it without further edits.
+
+Nothing here imports a method module: the description is plain data plus a few callables that the
+method module fills in.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ..layers import LayerKind
+
+__all__ = ["Method", "PEFT_TYPES_0_21_2"]
+
+#: Every ``peft.utils.peft_types.PeftType`` value of PEFT 0.21.2, written down as data (peft is never
+#: imported at run time). A type here that peftmath does not implement is refused with
+#: :class:`~peftmath.errors.UnsupportedError`; a string that is not here is a :class:`ConfigError`.
+PEFT_TYPES_0_21_2: tuple[str, ...] = (
+    "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "LORA", "ADALORA", "ADAMSS", "BOFT",
+    "ADAPTION_PROMPT", "IA3", "BEFT", "LILY", "LOHA", "LOKR", "OFT", "POLY", "LN_TUNING", "VERA", "FROD", "PVERA",
+    "FOURIERFT", "GLORA", "XLORA", "HRA", "VBLORA", "UNILORA", "CPT", "MISS", "RANDLORA", "ROAD", "TRAINABLE_TOKENS",
+    "HIRA", "SHIRA", "C3A", "WAVEFT", "OSF", "DELORA", "GRALORA", "CARTRIDGE", "TINYLORA", "PSOFT", "PEANUT",
+    "SHADOW", "SUPERTUNING", "DEFT",
+)
+
+
+def _never(config: Any) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Method:
+    """The description of one PEFT method, as the rest of peftmath sees it.
+
+    Attributes
+    ----------
+    peft_type
+        PEFT's ``peft_type`` (``"LORA"``, ``"LOHA"``, ...).
+    config
+        The config dataclass (``LoraConfig``, ...).
+    module
+        The :class:`~peftmath.methods._base.ModuleAdapter` subclass binding the method to one base
+        module; None for prompt-learning methods, which change no weight.
+    spec
+        The spec file, relative to the repository root (``"specs/lora.md"``).
+    parameter_suffixes
+        Checkpoint key suffixes of the per-module parameters (``"lora_A.weight"``, ...).
+    shared_keys
+        Checkpoint keys of tensors shared by all modules (VeRA's projections, a prompt table).
+    layer_kinds
+        The base layer kinds the method adapts.
+    additive, rotation, scale, prompt_learning
+        What merging does: adds ``ΔW`` (LoRA, LoHa, LoKr, AdaLoRA, VeRA), multiplies by a rotation
+        (OFT, BOFT), scales rows or columns (IA3); or nothing to merge (prompt learning).
+    inplace
+        ``merge(copy=False)`` / ``unmerge(copy=False)`` write into the caller's array (through
+        :func:`~peftmath.methods._base.write_weight`) or refuse the layout.
+    init_field
+        The config field saying how to initialise (``init_lora_weights``, ``init_ia3_weights``,
+        ``init_weights``); None where the method has none.
+    examples
+        Demo / documentation rows: label -> config fields (non-trivial: random init, alpha != r).
+    combine
+        How :func:`peftmath.combine` combines adapters of this method: ``"low_rank"`` (LoRA's
+        factors), ``"scale"`` (IA3's vectors), or None (PEFT does not combine them).
+    mixed_batch
+        Whether :func:`peftmath.multi.mixed_batch_forward` serves this method (PEFT: LoRA only).
+    init_shared
+        ``init_shared(config, layers, *, seed, xp, device) -> {shared key: array}`` for methods with
+        shared tensors drawn once (VeRA), else None.
+    validate_checkpoint
+        ``validate_checkpoint(config, shared)``: checks a loaded checkpoint's shared tensors, or None.
+    needs_record_for
+        ``config -> bool``: whether merge returns a record unmerge needs (DoRA's weight norm: LoRA
+        with ``use_dora``). Ask it through :meth:`needs_record`.
+    """
+
+    peft_type: str
+    config: type
+    module: type | None
+    spec: str
+    parameter_suffixes: tuple[str, ...] = ()
+    shared_keys: tuple[str, ...] = ()
+    layer_kinds: tuple[LayerKind, ...] = ()
+    additive: bool = False
+    rotation: bool = False
+    scale: bool = False
+    prompt_learning: bool = False
+    inplace: bool = True
+    init_field: str | None = "init_weights"
+    examples: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    combine: str | None = None
+    mixed_batch: bool = False
+    init_shared: Callable[..., dict[str, Any]] | None = None
+    validate_checkpoint: Callable[[Any, dict[str, Any]], None] | None = None
+    needs_record_for: Callable[[Any], bool] = _never
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "examples", MappingProxyType({k: MappingProxyType(dict(v))
+                                                               for k, v in self.examples.items()}))
+        object.__setattr__(self, "layer_kinds", tuple(LayerKind.parse(k) for k in self.layer_kinds))
+        if self.prompt_learning != (self.module is None):
+            raise TypeError(f"Method {self.peft_type}: a prompt-learning method has no module, every other one has one")
+        if sum((self.additive, self.rotation, self.scale, self.prompt_learning)) != 1:
+            raise TypeError(f"Method {self.peft_type}: exactly one of additive, rotation, scale, prompt_learning")
+
+    # --- questions the rest of peftmath asks ---------------------------------------------------
+    @property
+    def allows_no_modules(self) -> bool:
+        """A checkpoint of this method may have no per-module tensors (prompt learning)."""
+        return self.prompt_learning
+
+    @property
+    def merges_weights(self) -> bool:
+        """The method changes base weights (it has a module), so merge / unmerge / forward exist."""
+        return self.module is not None
+
+    def needs_record(self, config_or_module: Any) -> bool:
+        """Whether merging with this config (or a bound module's config) returns a record that
+        unmerge needs (DoRA's weight norm)."""
+        config = config_or_module if isinstance(config_or_module, self.config) else config_or_module.config
+        return bool(self.needs_record_for(config))
+
+    def stacks(self, config_or_module: Any) -> bool:
+        """Whether several adapters of this method can be summed in one forward (additive, no record)."""
+        return self.additive and not self.needs_record(config_or_module)
+
+    def supports(self, kind: LayerKind | str) -> bool:
+        return LayerKind.parse(kind) in self.layer_kinds
+
+    def initialize(self, name: str, config: Any, layer: Any, *, weight: Any = None, seed: Any = 0,
+                   shared: Any = None, **kwargs: Any) -> tuple[dict[str, Any], Any]:
+        """``module.initialize(...)``: ``(params by checkpoint suffix, new base weight or None)``; the
+        ``shared`` tensors are passed to methods that take them."""
+        if self.module is None:
+            from ..errors import UnsupportedError
+
+            raise UnsupportedError(f"{self.peft_type} adapts no module weights; it has no per-module initialisation")
+        if shared is not None and "shared" in inspect.signature(self.module.initialize).parameters:
+            kwargs["shared"] = shared
+        return self.module.initialize(name, config, layer, weight=weight, seed=seed, **kwargs)
