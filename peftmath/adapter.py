@@ -18,7 +18,7 @@ from .errors import (CheckpointError, NotInvertibleError, PeftMathError, PeftMat
                      UnsupportedError)
 from .kinds import TWO_D, Evidence, decide, resolve
 from .layers import LayerKind
-from .methods import get_method
+from .methods import Method, get_method
 from .methods._base import ModuleAdapter, require_writeable
 from .targets import OUTPUT_EMBEDDING_NAMES, WORD_EMBEDDING_NAMES
 
@@ -84,6 +84,8 @@ class Adapter:
     ) -> None:
         self.config = config
         self.method = get_method(config.peft_type)
+        #: the method's :class:`~peftmath.methods.Method` description: what this adapter asks of its method
+        self.description: Method = self.method.METHOD
         self.params: dict[str, dict[str, Array]] = {m: dict(p) for m, p in params.items()}
         self.shared: dict[str, Array] = dict(shared or {})
         self.other: dict[str, Array] = dict(other or {})
@@ -108,7 +110,7 @@ class Adapter:
     @property
     def is_prompt_learning(self) -> bool:
         """True for prompt tuning, P-tuning and prefix tuning (virtual tokens, no weight changes)."""
-        return bool(getattr(self.method, "PROMPT_LEARNING", False))
+        return self.description.prompt_learning
 
     def prompt_embeddings(self) -> Array:
         """The saved virtual-token table: ``(T·S, D)`` (prompt tuning, P-tuning) or ``(T, 2·L·D)`` (prefix)."""
@@ -118,15 +120,16 @@ class Adapter:
 
     def past_key_values(self, batch_size: int) -> list[tuple[Array, ...]]:
         """Prefix tuning's per-layer keys and values, ``(batch_size, H, T, D / H)`` each."""
-        if self.peft_type != "PREFIX_TUNING":
+        pkv = self.description.past_key_values
+        if pkv is None:
             raise UnsupportedError(f"past_key_values belongs to prefix tuning, not {self.peft_type}")
-        return self.method.past_key_values(self.prompt_embeddings(), self.config, batch_size)
+        return pkv(self.prompt_embeddings(), self.config, batch_size)
 
     def _require_modules(self, what: str) -> None:
         if self.is_prompt_learning:
             raise UnsupportedError(
                 f"{self.peft_type} adds virtual tokens and changes no weight, so it has no {what}; use "
-                f"prompt_embeddings(){' / past_key_values(batch_size)' if self.peft_type == 'PREFIX_TUNING' else ''}"
+                f"prompt_embeddings(){' / past_key_values(batch_size)' if self.description.past_key_values else ''}"
             )
 
     # --- per module ---------------------------------------------------------------------------
@@ -397,15 +400,14 @@ class Adapter:
 
     def _bind(self, name: str, weight_shape: tuple[int, ...] | None, kind: Any) -> ModuleAdapter:
         check_supported(self.config, source=f"{self.peft_type} adapter config")
-        cls = self.method.Module
+        cls = self.description.module
         params = dict(self.params[name])
         layer = cls.infer_layer(name, self.config, params, weight_shape, kind)
         return cls(name, self.config, params, layer, shared=self.shared)
 
     def _two_kinds(self) -> bool:
         """True when the method adapts both nn.Linear and transformers Conv1D layers."""
-        supported = getattr(self.method.Module, "supported_kinds", TWO_D)
-        return all(k in supported for k in TWO_D)
+        return all(self.description.supports(k) for k in TWO_D)
 
     def _evidence(self, name: str, weight_shape: tuple[int, ...] | None, explicit: Any, model_type: str | None,
                   *, quiet: bool = False) -> Evidence | None | object:
@@ -416,7 +418,7 @@ class Adapter:
         if explicit is None and recorded is None and shape is not None and len(shape) != 2:
             return _NOT_2D
         try:
-            default = self.method.Module.infer_layer(name, self.config, dict(self.params[name]), shape, None)
+            default = self.description.module.infer_layer(name, self.config, dict(self.params[name]), shape, None)
         except PeftMathError:
             if not quiet and explicit is None and recorded is None:
                 raise

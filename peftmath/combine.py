@@ -241,12 +241,13 @@ def combine(
     peft_type = types.pop()
     for name in sorted({m for a in adapters for m in a.params}):  # one library and device, per module
         namespace(*(t for a in adapters for t in a.params.get(name, {}).values()), where=f"combine: module {name}")
-    if peft_type == "IA3":
+    how = adapters[0].description.combine  # the method's description says how (or that PEFT does not)
+    if how == "scale":
         return _combine_ia3(adapters, weights)
-    if peft_type != "LORA":
+    if how != "low_rank":
         raise UnsupportedError(f"combine: {peft_type} adapters cannot be combined (PEFT combines LoRA and IA3 only)")
     for a in adapters:
-        if a.config.use_dora or a.config.lora_bias:
+        if a.description.needs_record(a.config) or a.config.lora_bias:
             raise UnsupportedError(
                 "combine: DoRA and lora_bias adapters cannot be combined: a combined magnitude or bias is not "
                 "defined, and PEFT 0.21.2's result for them is wrong (PEFT issue #3761)"

@@ -20,7 +20,7 @@ from .adapter import Adapter
 from .errors import CheckpointError, ConfigError
 from .io import config_from_dict, read_config
 from .layers import Layer, LayerKind
-from .methods import get_method
+from .methods import Method, describe_method
 from .targets import checkpoint_to_module, module_kinds, module_to_checkpoint, select_targets
 
 __all__ = ["create_adapter", "open_state"]
@@ -56,15 +56,14 @@ def _config(config: Any) -> Any:
     return config
 
 
-def _initialised(cfg: Any) -> Any:
+def _initialised(cfg: Any, method: Method) -> Any:
     """The config to save with factors that an initialisation changing the base (PiSSA, OLoRA, LoftQ)
-    produced: ``init_lora_weights=True`` (``init_weights=True`` for other methods), as PEFT's own
+    produced: the method's init field (``init_lora_weights``, ``init_weights``, ...) set to True, as PEFT's own
     ``save_pretrained(path_initial_model_for_weight_conversion=...)`` and its PiSSA / OLoRA / LoftQ
     examples write. Saved as ``"pissa"``, PEFT would run PiSSA again when it loads the adapter onto the
     new (residual) base and subtract the principal part a second time. LoftQ's ``loftq_config`` goes too
     (PEFT warns that it is ignored otherwise)."""
-    field = "init_lora_weights" if hasattr(cfg, "init_lora_weights") else "init_weights"
-    changes: dict[str, Any] = {field: True}
+    changes: dict[str, Any] = {method.init_field: True}
     if getattr(cfg, "loftq_config", None):
         changes["loftq_config"] = {}
     return cfg.replace(**changes)
@@ -117,9 +116,9 @@ def create_adapter(
     else:
         state = dict(base)
     cfg = _config(config)
-    method = get_method(cfg.peft_type)
-    module_cls = getattr(method, "Module", None)
-    if module_cls is None or not hasattr(module_cls, "initialize"):
+    method = describe_method(cfg.peft_type)
+    module_cls = method.module
+    if module_cls is None:
         raise ConfigError(f"{cfg.peft_type}: create_adapter covers the per-module methods; this one has no module math")
     # module names as transformers (and PEFT) name them; the state dict keeps the checkpoint's names
     hints = {module_to_checkpoint(k, model_type): v for k, v in (layer_kinds or {}).items()}
@@ -133,17 +132,15 @@ def create_adapter(
 
     layers = {name: Layer.of(tuple(weight_of(name).shape), kind) for name, kind in targets.items()}
     shared: dict[str, Any] = {}
-    init_shared = getattr(method, "init_shared", None)
-    if init_shared is not None:
-        shared = init_shared(cfg, layers, seed=seed, xp=xp, device=device)
+    if method.init_shared is not None:
+        shared = method.init_shared(cfg, layers, seed=seed, xp=xp, device=device)
     params: dict[str, dict[str, Any]] = {}
     new_base: dict[str, Any] = {}
     for i, (name, layer) in enumerate(layers.items()):
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
         weight = weight_of(name)
-        kwargs = {"shared": shared} if shared else {}
-        p, w = module_cls.initialize(name, cfg, layer, weight=weight, seed=rng, xp=xp, device=device, init=init,
-                                     **kwargs)
+        p, w = method.initialize(name, cfg, layer, weight=weight, seed=rng, xp=xp, device=device, init=init,
+                                 shared=shared or None)
         params[name] = p
         if w is not None:
             new_base[f"{module_to_checkpoint(name, model_type)}.weight"] = w
@@ -153,7 +150,7 @@ def create_adapter(
             f"call create_adapter(..., return_base=True) to receive them, or the adapter is wrong for the old base"
         )
     if new_base:
-        cfg = _initialised(cfg)
+        cfg = _initialised(cfg, method)
     if cfg.target_modules is None:  # PEFT writes the default table's entry into the saved config
         entry = default_targets(cfg.peft_type)[model_type]  # (select_targets refused an unknown type)
         cfg = cfg.replace(target_modules=entry if isinstance(entry, str) else sorted(entry))

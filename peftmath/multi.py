@@ -87,9 +87,9 @@ class AdapterSet:
         if len(mods) == 1:
             return mods[0].forward(x, weight, bias, **layer_kwargs)
         for m in mods:
-            if not m.additive or getattr(m, "is_dora", False):
+            if not m.description.stacks(m):
                 raise UnsupportedError(
-                    f"{module}: stacking {m.peft_type}{' (DoRA)' if getattr(m, 'is_dora', False) else ''} with other "
+                    f"{module}: stacking {m.peft_type}{' (DoRA)' if m.needs_record() else ''} with other "
                     f"adapters is not supported; merge them one after another with AdapterSet.merge instead"
                 )
         layer = mods[0].layer
@@ -159,10 +159,10 @@ def mixed_batch_forward(
     used = [n for n in dict.fromkeys(names) if n != BASE and module in adapters[n].params]
     mods = {}
     for n in used:
-        if adapters[n].peft_type != "LORA":
+        if not adapters[n].description.mixed_batch:
             raise UnsupportedError(f"{module}: the mixed batch supports LoRA adapters, not {adapters[n].peft_type}")
         m = adapters[n].module(module, weight_shape=tuple(weight.shape))
-        if m.is_dora:
+        if m.needs_record():
             raise UnsupportedError(f"{module}: adapter {n!r} uses DoRA, which the mixed batch cannot serve (as in PEFT)")
         mods[n] = m
     if not mods:

@@ -5,7 +5,7 @@ the base model and ``<suffix>`` a parameter of the method (``lora_A.weight``, ``
 ``lora_magnitude_vector``, ``hada_w1_a``, ...); the adapter name (``default``) is not in the file.
 A checkpoint written by ``inject_adapter_in_model`` has no ``base_model.model.`` prefix; both load.
 Every tensor of the checkpoint must be understood (design rule 9): a parameter of the method (its
-``PARAMETER_SUFFIXES``), a tensor the method shares (``SHARED_KEYS``), or a base-model tensor the adapter
+``Method.parameter_suffixes``), a tensor the method shares (``Method.shared_keys``), or a base-model tensor the adapter
 replaces, as PEFT saves them:
 
 * ``<module>.<name>`` under a ``modules_to_save`` module (PEFT's rule ``(^|.*\.)m($|\..*)``);
@@ -37,8 +37,8 @@ from .._peft_tables import UNKNOWN_TENSORS
 from ..adapter import Adapter
 from ..backends import backend_for, get_backend
 from ..config import check_supported, strict_fields
-from ..errors import CheckpointError, ConfigError
-from ..methods import get_method
+from ..errors import CheckpointError, ConfigError, UnsupportedError
+from ..methods import describe_method
 from .safetensors import SafeTensorsFile, atomic_path, save_file
 
 __all__ = ["load_adapter", "save_adapter", "read_config", "config_from_dict", "split_key", "PREFIX"]
@@ -62,11 +62,11 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config", strict:
     if "peft_type" not in data:
         raise ConfigError(f"{source}: no 'peft_type' field; is this a PEFT adapter_config.json?")
     try:
-        method = get_method(data["peft_type"])
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        method = describe_method(data["peft_type"])
+    except (ConfigError, UnsupportedError) as exc:  # unknown, or a PEFT method peftmath lacks
+        raise type(exc)(f"{source}: {exc}") from None
     with strict_fields(strict):
-        return method.Config.from_dict(data, source=source)
+        return method.config.from_dict(data, source=source)
 
 
 def read_config(path: str | os.PathLike, *, strict: bool = False) -> Any:
@@ -136,10 +136,10 @@ def load_adapter(
         raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} in the adapter folder")
     config = read_config(folder / CONFIG_NAME, strict=strict)
     check_supported(config, source=str(folder / CONFIG_NAME))
-    method = get_method(config.peft_type)
+    method = describe_method(config.peft_type)
     tensors = SafeTensorsFile(weights)
-    suffixes = tuple(method.PARAMETER_SUFFIXES)
-    shared_keys = tuple(getattr(method, "SHARED_KEYS", ()))
+    suffixes = method.parameter_suffixes
+    shared_keys = method.shared_keys
     found: dict[str, tuple[str, str]] = {}
     rest: list[str] = []
     for key in tensors:
@@ -166,11 +166,11 @@ def load_adapter(
             other[replaced[key]] = array
         else:
             shared[key] = array
-    if not params and not getattr(method, "ALLOWS_NO_MODULES", False):
+    if not params and not method.allows_no_modules:
         raise CheckpointError(
             f"{weights}: no {config.peft_type} parameters found (expected keys ending in {', '.join(suffixes)})"
         )
-    if hasattr(method, "validate_checkpoint"):
+    if method.validate_checkpoint is not None:
         method.validate_checkpoint(config, shared)
     kinds = _layer_kinds_from_metadata(tensors.metadata, weights)
     return Adapter(config, params, shared=shared, other=other, layer_kinds=kinds)

@@ -332,7 +332,7 @@ def plan(
     key_group: dict[str, str] = {}
     replaced: dict[str, Any] = {}
     for i, ad in enumerate(adapters):
-        if getattr(ad.method, "Module", None) is None:
+        if not ad.description.merges_weights:
             raise UnsupportedError(
                 f"{names[i]}: {ad.peft_type} adapters add virtual tokens, not weights: there is nothing to "
                 f"{direction} into a model (use them with the model's forward instead)")
@@ -463,7 +463,7 @@ def check_records(pl: Plan, records: Mapping[str, Any], merged: str | os.PathLik
     """Refuse (:class:`NotInvertibleError`) an unmerge of a DoRA module without a record in ``records``."""
     for g in pl.groups.values():
         for st in g:
-            if getattr(st.mod, "is_dora", False) and _record_for(records, st.module)[0] is None:
+            if st.mod is not None and st.mod.needs_record() and _record_for(records, st.module)[0] is None:
                 raise NotInvertibleError(
                     f"{st.module}: unmerging DoRA needs the weight norms recorded at merge time, and no record for "
                     f"this module was found (`peftmath merge` writes them to {records_path(merged)}); pass "
@@ -847,7 +847,7 @@ def compute_group(
                 on_record(st, rec[st.module])
         else:
             given = None
-            if getattr(st.mod, "is_dora", False) and record_for is not None:
+            if record_for is not None and st.mod.needs_record():
                 r = record_for(st)
                 given = {st.module: r} if r is not None else None
             state = _in_place(part.unmerge, state, peft_compat=peft_compat, layer_kinds=kinds, records=given)

@@ -226,6 +226,8 @@ class ModuleAdapter:
     peft_type: ClassVar[str] = ""
     #: True when merging adds a delta weight (so :meth:`delta_weight` exists)
     additive: ClassVar[bool] = True
+    #: True when merge returns a record that unmerge needs (DoRA's weight norm)
+    merge_record: ClassVar[bool] = False
 
     def __init__(self, name: str, config: Any, params: dict[str, Array], layer: Layer, *,
                  shared: dict[str, Array] | None = None) -> None:
@@ -293,6 +295,17 @@ class ModuleAdapter:
         return layer, kw
 
     # --- shared -------------------------------------------------------------------------------
+    @property
+    def description(self) -> Any:
+        """The :class:`~peftmath.methods.Method` description of this module's method."""
+        from . import describe_method  # the registry imports the method modules; not at import time
+
+        return describe_method(self.peft_type)
+
+    def needs_record(self) -> bool:
+        """Whether this module's merge returns a record its unmerge needs (DoRA's weight norm)."""
+        return self.merge_record
+
     def describe(self) -> dict[str, Any]:
         """Resolved per-module hyper-parameters for summaries (rank, alpha, scaling, ...)."""
         return {}

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..layers import LayerKind
+from ._base import ModuleAdapter
 
 __all__ = ["Method", "PEFT_TYPES_0_21_2"]
 
@@ -81,6 +82,9 @@ class Method:
         shared tensors drawn once (VeRA), else None.
     validate_checkpoint
         ``validate_checkpoint(config, shared)``: checks a loaded checkpoint's shared tensors, or None.
+    past_key_values
+        ``past_key_values(table, config, batch_size)``: the per-layer keys and values of a prefix
+        method (prefix tuning), else None.
     needs_record_for
         ``config -> bool``: whether merge returns a record unmerge needs (DoRA's weight norm: LoRA
         with ``use_dora``). Ask it through :meth:`needs_record`.
@@ -104,6 +108,7 @@ class Method:
     mixed_batch: bool = False
     init_shared: Callable[..., dict[str, Any]] | None = None
     validate_checkpoint: Callable[[Any, dict[str, Any]], None] | None = None
+    past_key_values: Callable[[Any, Any, int], list] | None = None
     needs_record_for: Callable[[Any], bool] = _never
 
     def __post_init__(self) -> None:
@@ -129,8 +134,9 @@ class Method:
     def needs_record(self, config_or_module: Any) -> bool:
         """Whether merging with this config (or a bound module's config) returns a record that
         unmerge needs (DoRA's weight norm)."""
-        config = config_or_module if isinstance(config_or_module, self.config) else config_or_module.config
-        return bool(self.needs_record_for(config))
+        if isinstance(config_or_module, ModuleAdapter):  # a bound module knows from its tensors
+            return config_or_module.needs_record()
+        return bool(self.needs_record_for(config_or_module))
 
     def stacks(self, config_or_module: Any) -> bool:
         """Whether several adapters of this method can be summed in one forward (additive, no record)."""

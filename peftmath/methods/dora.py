@@ -33,14 +33,14 @@ from typing import Any, Callable
 
 from .._array import as_compute, compute_dtype, is_low_precision, namespace
 from ..backends import backend_for
-from ..errors import NotInvertibleError, ShapeError, UnsupportedError
+from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from . import lora
-from ._base import MergeResult, write_weight
+from ._base import MergeResult, check_shape, write_weight
 
 Array = Any
 
-__all__ = ["magnitude_shape", "weight_norm", "init_magnitude", "forward", "merge", "unmerge"]
+__all__ = ["magnitude_shape", "weight_norm", "init_magnitude", "forward", "merge", "unmerge", "DoraModule"]
 
 
 def magnitude_shape(layer: Layer) -> tuple[int, ...]:
@@ -51,7 +51,7 @@ def magnitude_shape(layer: Layer) -> tuple[int, ...]:
 
 
 def _layer(layer: Any, A: Array, B: Array, W: Array) -> Layer:
-    return _ungrouped(lora._resolve_layer(layer, A, B, W))
+    return _ungrouped(lora.resolve_layer(layer, A, B, W))
 
 
 def _ungrouped(lay: Layer) -> Layer:
@@ -72,7 +72,7 @@ def _checked(W: Array, A: Array, B: Array, magnitude: Array, other: Array | None
     xp = namespace(W, A, B, magnitude, other, where=where)
     lay = _layer(layer, A, B, W)
     lay.check_weight(W)
-    lora._check_factors(lay, A, B, where)
+    lora.check_factors(lay, A, B, where)
     cd = compute_dtype(xp, W.dtype, A.dtype, B.dtype)
     m = as_compute(xp, xp.reshape(magnitude, (-1,)), cd)
     if m.shape[0] != lay.out_features:
@@ -129,11 +129,11 @@ def forward(
     refused with :class:`~peftmath.errors.UnsupportedError`.
     """
     xp = namespace(x, W, A, B, magnitude, bias, where="dora.forward")
-    lay, conv_kwargs = lora._resolve_layer(layer, A, B, W).for_input(
+    lay, conv_kwargs = lora.resolve_layer(layer, A, B, W).for_input(
         x, "dora.forward", groups=groups, channels=A.shape[1] if A.ndim > 2 else None, stride=stride,
         padding=padding, dilation=dilation)
     lay = _ungrouped(lay)
-    lora._check_factors(lay, A, B, "dora.forward")
+    lora.check_factors(lay, A, B, "dora.forward")
     cd = compute_dtype(xp, A.dtype, B.dtype, magnitude.dtype, W.dtype)
     n = backend_for(xp).stop_gradient(weight_norm(W, A, B, scaling=scaling, layer=lay))
     g = _ratio(xp, as_compute(xp, xp.reshape(magnitude, (-1,)), cd), n, peft_compat)  # (out,)
@@ -231,7 +231,7 @@ def merge(
     def compute() -> Array:
         d = lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
         if peft_compat:
-            d = lora._compat_delta(xp, A, B, d)
+            d = lora.compat_delta(xp, A, B, d)
         W0 = W if base_weight is None else base_weight
         rv, rg, ro = _peft_rounding(xp, W, A, B, magnitude, cd) if peft_compat else (_same, _same, _same)
         n = rv(xp.linalg.vector_norm(rv(as_compute(xp, lay.as_matrix(W0, xp), cd) + d), axis=1))
@@ -293,7 +293,7 @@ def unmerge(
     def compute() -> Array:
         d = lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
         if peft_compat:  # PEFT: (W' / g) - ΔW, each op rounded to its torch-promoted dtype
-            d = lora._compat_delta(xp, A, B, d)
+            d = lora.compat_delta(xp, A, B, d)
             _, rg, _ = _peft_rounding(xp, W, A, B, magnitude, cd)
             gd = xp.result_type(magnitude.dtype, xp.result_type(W.dtype, A.dtype, B.dtype))
             q_ = as_compute(xp, lay.as_matrix(W, xp), cd) / rg(m / n)[:, None]
@@ -305,3 +305,53 @@ def unmerge(
 
     new = write_weight(where, W, compute, layer=lay, kernel=None if peft_compat else kernel, copy=copy, xp=xp)
     return MergeResult(new, None, None)
+
+
+# --- One module of a checkpoint (specs/dora.md) ------------------------------------------------------
+class DoraModule(lora.LoraModule):
+    """DoRA on one base module: LoRA's factors plus ``lora_magnitude_vector`` (PEFT saves it in a LORA
+    checkpoint with ``use_dora``). ``LoraModule(...)`` with a magnitude among the parameters builds one.
+
+    Merge returns the weight norm as its record; unmerge needs it back (``record=``)."""
+
+    merge_record = True
+
+    @classmethod
+    def initialize(cls, name: str, config: Any, layer: Layer, *, weight: Array | None = None, seed: Any = 0,
+                   xp: Any = None, device: Any = None, dtype: Any = None,
+                   init: Any = None) -> tuple[dict[str, Array], Array | None]:
+        """LoRA's factors, then the magnitude ``‖W + s·BA‖`` (``weight`` required)."""
+        if weight is None:
+            raise ConfigError(f"{name}: DoRA's magnitude is initialised from the base weight; pass weight=")
+        params, res = cls._init_factors(name, config, layer, weight=weight, seed=seed, xp=xp, device=device,
+                                        dtype=dtype, init=init)
+        base = res.weight if res.weight is not None else weight
+        mag = init_magnitude(base, res.A, res.B, scaling=config.scaling_for(name), layer=layer)
+        # in the factors' dtype, like every other tensor of the adapter (dtype=)
+        params["lora_magnitude_vector"] = as_compute(namespace(res.A), mag, res.A.dtype)
+        return params, res.weight
+
+    def validate(self) -> None:
+        super().validate()
+        self.magnitude = self.params.get("lora_magnitude_vector")
+        if self.magnitude is None:
+            raise ShapeError(f"{self.name}: DoRA needs lora_magnitude_vector for this module")
+        if self.lora_bias is not None:
+            raise ConfigError(f"{self.name}: DoRA with lora_bias is not defined (PEFT refuses it too)")
+        check_shape(self.name, "lora_magnitude_vector", self.magnitude, magnitude_shape(self.layer))
+
+    def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
+              peft_compat: bool = False) -> MergeResult:
+        res = merge(weight, self.A, self.B, self.magnitude, scaling=self.scaling, layer=self.layer,
+                    copy=copy, safe=safe, peft_compat=peft_compat, where=self.name)
+        return res._replace(bias=bias)  # DoRA does not change the bias: pass it through
+
+    def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
+                peft_compat: bool = False) -> MergeResult:
+        res = unmerge(weight, self.A, self.B, self.magnitude, scaling=self.scaling, weight_norm=record,
+                      layer=self.layer, copy=copy, peft_compat=peft_compat, where=self.name)
+        return res._replace(bias=bias)
+
+    def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
+        layer, kw = self.input_layer(x, weight, layer_kwargs)
+        return forward(x, weight, self.A, self.B, self.magnitude, scaling=self.scaling, bias=bias, layer=layer, **kw)

@@ -180,7 +180,7 @@ def parameter_shapes(layer: Layer, r: int) -> dict[str, tuple[int, ...]]:
     return {"lora_A.weight": (r, layer.in_features), "lora_B.weight": (layer.out_features, r)}
 
 
-def _resolve_layer(layer: Layer | LayerKind | str | None, A: Array, B: Array, weight: Array | None = None) -> Layer:
+def resolve_layer(layer: Layer | LayerKind | str | None, A: Array, B: Array, weight: Array | None = None) -> Layer:
     """The layer for factors ``A``, ``B`` (and the base ``weight`` when given)."""
     if isinstance(layer, Layer):
         return layer
@@ -195,7 +195,7 @@ def _resolve_layer(layer: Layer | LayerKind | str | None, A: Array, B: Array, we
     return Layer(kind, (inn, out) if kind in (LayerKind.CONV1D_TRANSPOSED, LayerKind.EMBEDDING) else (out, inn))
 
 
-def _check_factors(layer: Layer, A: Array, B: Array, where: str) -> int:
+def check_factors(layer: Layer, A: Array, B: Array, where: str) -> int:
     r = A.shape[0]
     if layer.kind.is_conv and layer.groups > 1:
         expected = parameter_shapes(layer, r)
@@ -248,8 +248,8 @@ def delta_weight(
     (3, 2)
     """
     xp = namespace(A, B, where="lora.delta_weight")
-    lay = _resolve_layer(layer, A, B)
-    _check_factors(lay, A, B, "lora.delta_weight")
+    lay = resolve_layer(layer, A, B)
+    check_factors(lay, A, B, "lora.delta_weight")
     if lay.kind.is_conv and lay.groups > 1:
         raise UnsupportedError("lora.delta_weight: a conv with groups > 1 has no dense delta in PEFT's layout")
     d = lay.from_matrix(delta_matrix(A, B, scaling=scaling, xp=xp), xp)
@@ -300,10 +300,10 @@ def forward(
     all input channels). An input of the wrong width is a :class:`~peftmath.errors.ShapeError`.
     """
     xp = namespace(x, W, A, B, bias, lora_bias, where="lora.forward")
-    lay, conv_kwargs = _resolve_layer(layer, A, B, W).for_input(
+    lay, conv_kwargs = resolve_layer(layer, A, B, W).for_input(
         x, "lora.forward", groups=groups, channels=A.shape[1] if A.ndim > 2 else None, stride=stride,
         padding=padding, dilation=dilation)
-    _check_factors(lay, A, B, "lora.forward")
+    check_factors(lay, A, B, "lora.forward")
     base = lay.base_forward(x, W, bias, xp, **conv_kwargs)
     if embed_scale is not None and lay.kind is LayerKind.EMBEDDING:
         base = base * embed_scale  # a scaled embedding (Gemma) scales its own lookup too, as in PEFT
@@ -356,7 +356,7 @@ def adapter_output(
 # --------------------------------------------------------------------------------------------------
 # Merge / unmerge
 # --------------------------------------------------------------------------------------------------
-def _compat_delta(xp: Any, A: Array, B: Array, delta: Array) -> Array:
+def compat_delta(xp: Any, A: Array, B: Array, delta: Array) -> Array:
     """PEFT's CPU rule: half-precision factors give a delta rounded to their dtype."""
     adapter_dtype = xp.result_type(A.dtype, B.dtype)
     if is_low_precision(adapter_dtype):
@@ -378,9 +378,9 @@ def _apply(
     where: str,
 ) -> Array:
     xp = namespace(W, A, B, where=where)
-    lay = _resolve_layer(layer, A, B, W)
+    lay = resolve_layer(layer, A, B, W)
     lay.check_weight(W)
-    _check_factors(lay, A, B, where)
+    check_factors(lay, A, B, where)
     if lay.kind.is_conv and lay.groups > 1:
         raise UnsupportedError(
             f"{where}: merging LoRA into a conv with groups={lay.groups} is not defined "
@@ -396,7 +396,7 @@ def _apply(
     def build() -> Array:
         d = delta_matrix(A, B, scaling=scaling, xp=xp, dtype=compute_dtype(xp, A.dtype, B.dtype, W.dtype))
         if peft_compat:
-            d = _compat_delta(xp, A, B, d)
+            d = compat_delta(xp, A, B, d)
         return lay.from_matrix(d, xp)
 
     def kernel(M: Array) -> bool:
@@ -668,11 +668,25 @@ def randomized_svd(M: Array, q: int, *, niter: int, rng: np.random.Generator, ba
 # One module of a checkpoint
 # --------------------------------------------------------------------------------------------------
 class LoraModule(ModuleAdapter):
-    """LoRA (and DoRA, when ``lora_magnitude_vector`` is present) on one base module."""
+    """LoRA on one base module.
+
+    A module whose parameters hold ``lora_magnitude_vector`` is DoRA: constructing a ``LoraModule``
+    then gives a :class:`peftmath.methods.dora.DoraModule` (a subclass; dora.py imports this module,
+    never the other way round at import time).
+    """
 
     peft_type = "LORA"
     supported_kinds = (LayerKind.LINEAR, LayerKind.CONV1D_TRANSPOSED, LayerKind.EMBEDDING,
                        LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.CONV3D)
+    #: the magnitude of DoRA (None for plain LoRA; set by DoraModule.validate)
+    magnitude: Array | None = None
+
+    def __new__(cls, name: str, config: Any, params: dict[str, Array], *args: Any, **kwargs: Any) -> "LoraModule":
+        if cls is LoraModule and "lora_magnitude_vector" in params:
+            from .dora import DoraModule  # lazy: dora.py imports lora.py
+
+            cls = DoraModule
+        return super().__new__(cls)
 
     @classmethod
     def initialize(cls, name: str, config: LoraConfig, layer: Layer, *, weight: Array | None = None,
@@ -680,9 +694,22 @@ class LoraModule(ModuleAdapter):
                    dtype: Any = None, init: Any = None) -> tuple[dict[str, Array], Array | None]:
         """Fresh parameters for module ``name`` (``init`` overrides ``config.init_lora_weights``).
 
-        Returns ``(params by checkpoint suffix, new base weight or None)``. With ``use_dora`` the
-        magnitude is initialised to ``‖W + s·BA‖`` (``weight`` required).
+        Returns ``(params by checkpoint suffix, new base weight or None)``. With ``use_dora`` this is
+        :meth:`peftmath.methods.dora.DoraModule.initialize` (the magnitude too).
         """
+        if config.use_dora and cls is LoraModule:
+            from .dora import DoraModule
+
+            return DoraModule.initialize(name, config, layer, weight=weight, seed=seed, xp=xp, device=device,
+                                         dtype=dtype, init=init)
+        params, res = cls._init_factors(name, config, layer, weight=weight, seed=seed, xp=xp, device=device,
+                                        dtype=dtype, init=init)
+        return params, res.weight
+
+    @classmethod
+    def _init_factors(cls, name: str, config: LoraConfig, layer: Layer, *, weight: Array | None, seed: Any,
+                      xp: Any, device: Any, dtype: Any, init: Any) -> tuple[dict[str, Array], LoraInit]:
+        """LoRA's factors (and ``lora_B.bias``) by checkpoint suffix, and the :class:`LoraInit` they came from."""
         r, _ = config.rank_and_alpha(name)
         s = config.scaling_for(name)
         res = init_weights(layer, r, init_lora_weights=config.init_lora_weights if init is None else init,
@@ -692,16 +719,7 @@ class LoraModule(ModuleAdapter):
         params = {keys[0]: res.A, keys[1]: res.B}
         if res.lora_bias is not None:
             params["lora_B.bias"] = res.lora_bias
-        if config.use_dora:
-            from . import dora
-
-            if weight is None:
-                raise ConfigError(f"{name}: DoRA's magnitude is initialised from the base weight; pass weight=")
-            base = res.weight if res.weight is not None else weight
-            mag = dora.init_magnitude(base, res.A, res.B, scaling=s, layer=layer)
-            # in the factors' dtype, like every other tensor of the adapter (dtype=)
-            params["lora_magnitude_vector"] = as_compute(namespace(res.A), mag, res.A.dtype)
-        return params, res.weight
+        return params, res
 
     @classmethod
     def infer_layer(cls, name: str, config: LoraConfig, params: dict[str, Array],
@@ -722,7 +740,7 @@ class LoraModule(ModuleAdapter):
         A, B = params["lora_A.weight"], params["lora_B.weight"]
         if A.ndim > 2:
             if weight_shape is None:
-                return _resolve_layer(kind, A, B)
+                return resolve_layer(kind, A, B)
             groups = (A.shape[1] // weight_shape[1]) if weight_shape[1] else 1
             return Layer.of(tuple(weight_shape), kind, groups=max(groups, 1))
         out, inn = B.shape[0], A.shape[1]
@@ -766,13 +784,6 @@ class LoraModule(ModuleAdapter):
         self.lora_bias = p.get("lora_B.bias")
         if self.lora_bias is not None:
             check_shape(self.name, "lora_B.bias", self.lora_bias, (self.layer.out_features,))
-        self.magnitude = p.get("lora_magnitude_vector")
-        if self.magnitude is not None:
-            from . import dora
-
-            if self.lora_bias is not None:
-                raise ConfigError(f"{self.name}: DoRA with lora_bias is not defined (PEFT refuses it too)")
-            check_shape(self.name, "lora_magnitude_vector", self.magnitude, dora.magnitude_shape(self.layer))
 
     def describe(self) -> dict[str, Any]:
         r, alpha = self.config.rank_and_alpha(self.name)
@@ -789,17 +800,11 @@ class LoraModule(ModuleAdapter):
         xp = self.xp
         d = delta_matrix(self.A, self.B, scaling=self.scaling, xp=xp)
         if peft_compat:
-            d = _compat_delta(xp, self.A, self.B, d)
+            d = compat_delta(xp, self.A, self.B, d)
         return self.layer.from_matrix(d, xp)
 
     def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
               peft_compat: bool = False) -> MergeResult:
-        if self.is_dora:
-            from . import dora
-
-            res = dora.merge(weight, self.A, self.B, self.magnitude, scaling=self.scaling, layer=self.layer,
-                             copy=copy, safe=safe, peft_compat=peft_compat, where=self.name)
-            return res._replace(bias=bias)  # DoRA does not change the bias: pass it through
         new_bias = bias
         if self.lora_bias is not None:
             new_bias = merge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
@@ -815,12 +820,6 @@ class LoraModule(ModuleAdapter):
 
     def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
                 peft_compat: bool = False) -> MergeResult:
-        if self.is_dora:
-            from . import dora
-
-            res = dora.unmerge(weight, self.A, self.B, self.magnitude, scaling=self.scaling, weight_norm=record,
-                               layer=self.layer, copy=copy, peft_compat=peft_compat, where=self.name)
-            return res._replace(bias=bias)
         new_bias = bias
         if self.lora_bias is not None:
             new_bias = unmerge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
@@ -834,11 +833,6 @@ class LoraModule(ModuleAdapter):
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
         layer, kw = self.input_layer(x, weight, layer_kwargs)
-        if self.is_dora:
-            from . import dora
-
-            return dora.forward(x, weight, self.A, self.B, self.magnitude, scaling=self.scaling, bias=bias,
-                                layer=layer, **kw)
         return forward(x, weight, self.A, self.B, scaling=self.scaling, bias=bias, layer=layer,
                        lora_bias=self.lora_bias, **kw)
 
@@ -873,3 +867,13 @@ METHOD = Method(
     init_field="init_lora_weights", examples=EXAMPLES, combine="low_rank", mixed_batch=True,
     needs_record_for=lambda config: bool(config.use_dora),  # DoRA: merge returns the weight norm
 )
+
+
+def __getattr__(name: str) -> Any:
+    """``lora.DoraModule``: the DoRA module class lives in :mod:`peftmath.methods.dora` (imported lazily,
+    so that lora.py never imports dora.py at import time)."""
+    if name == "DoraModule":
+        from .dora import DoraModule
+
+        return DoraModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

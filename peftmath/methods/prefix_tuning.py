@@ -209,4 +209,5 @@ def validate_checkpoint(config: PrefixTuningConfig, shared: dict[str, Array]) ->
 METHOD = Method(
     peft_type=PEFT_TYPE, config=PrefixTuningConfig, module=None, spec="specs/prefix_tuning.md",
     shared_keys=SHARED_KEYS, prompt_learning=True, init_field=None, validate_checkpoint=validate_checkpoint,
+    past_key_values=past_key_values,
 )
