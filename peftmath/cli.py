@@ -26,6 +26,13 @@ import numpy as np
 
 from . import __version__
 from .errors import CheckpointError, ConfigError, PeftMathError, PeftMathWarning, ShapeError
+# library code of the commands (light modules: their heavy imports are inside their functions); these
+# names stay importable from peftmath.cli as before (``from peftmath.cli import inspect_adapter``, ...)
+from .extract import extract_lora, write_adapter
+from .inspect import format_bytes as _fmt_bytes
+from .inspect import inspect_adapter, render_inspect, top_singular_values  # noqa: F401
+from .inspect import plan_table as _plan_table
+from .inspect import text_table as _table
 
 EPILOG_MODELS = """\
 Models (BASE, TUNED, MERGED, OUT) are a .safetensors file or a folder of shards with
@@ -156,24 +163,6 @@ def _layer_kinds(items: Sequence[tuple[str, str]] | None) -> dict[str, str]:
     return dict(items or ())
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    cols = [header, *rows]
-    widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    for r in rows:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    return "\n".join(lines)
-
-
 def _backend_namespace(name: str | None):
     """(xp, to_xp, to_host) for backend ``name`` (None: NumPy, no conversion)."""
     if name is None or name == "numpy":
@@ -223,140 +212,13 @@ def _load_adapters(paths: Sequence[str], to_xp: Any = None, *, strict: bool = Fa
 
 
 # --- inspect ----------------------------------------------------------------------------------
-def top_singular_values(M: np.ndarray, k: int, *, rank_hint: int | None = None) -> tuple[list[float], bool]:
-    """The ``k`` largest singular values of ``M`` and whether they are exact.
-
-    Full SVD up to 1024 rows/columns; above, subspace iteration with ``rank_hint + 10`` vectors
-    (exact for a delta of rank <= ``rank_hint``, as LoRA's is).
-    """
-    from .methods.lora import randomized_svd
-
-    m = min(M.shape)
-    k = min(k, m)
-    if m <= 1024:
-        return [float(s) for s in np.linalg.svd(M, compute_uv=False)[:k]], True
-    q = min(m, max(k, rank_hint or k) + 10)
-    _, S, _ = randomized_svd(M, q, niter=2, rng=np.random.default_rng(0))
-    return [float(s) for s in np.asarray(S)[:k]], bool(rank_hint is not None and rank_hint + 10 <= q)
-
-
-def inspect_adapter(path: str | os.PathLike, *, base: Any = None, layer_kinds: dict | None = None,
-                    top: int = 3, norms: bool = True, strict: bool = False) -> dict[str, Any]:
-    """Everything ``peftmath inspect`` reports, as a JSON-ready dict.
-
-    ``base`` is an opened :class:`~peftmath.io.stream.Model` (or None); every adapted module is then
-    checked against it (``modules[i]["base"]`` is ``"ok"`` or the problem).
-    """
-    from ._array import dtype_name
-    from .config import resolve_pattern
-    from .io import load_adapter
-
-    if not isinstance(top, int) or isinstance(top, bool) or top < 0:
-        raise ConfigError(f"inspect: top must be an integer >= 0 (the number of singular values), got {top!r}")
-    ad = load_adapter(path, strict=strict)
-    cfg = ad.config
-    layer_kinds = layer_kinds or {}
-    module_cls = getattr(ad.method, "Module", None)  # prompt-learning methods adapt no weights
-    additive = bool(getattr(module_cls, "additive", False))
-    trainable = ad.num_trainable_parameters()
-    dtypes = ad.dtypes()
-    if getattr(ad.method, "PROMPT_LEARNING", False):  # the virtual-token tensors are what was trained
-        trainable += sum(int(np.prod(v.shape)) for v in ad.shared.values())
-        dtypes = sorted(set(dtypes) | {dtype_name(v.dtype) for v in ad.shared.values()})
-    info: dict[str, Any] = {
-        "path": str(path),
-        "peft_type": ad.peft_type,
-        "additive": additive,
-        "target_modules": cfg.to_dict().get("target_modules"),
-        "num_modules": len(ad.modules),
-        "trainable_parameters": trainable,
-        "dtypes": dtypes,
-        "shared": {k: list(v.shape) for k, v in ad.shared.items()},
-        "replaced_base_tensors": {k: list(v.shape) for k, v in sorted(ad.other.items())},
-        "modules": [],
-        "problems": [],
-    }
-    for m in ad.modules:
-        p = ad.params[m]
-        entry: dict[str, Any] = {
-            "module": m,
-            "parameters": {s: {"shape": list(a.shape), "dtype": dtype_name(a.dtype)} for s, a in p.items()},
-            "num_parameters": int(sum(int(np.prod(a.shape)) for a in p.values())),
-        }
-        r = getattr(cfg, "r", None)
-        if isinstance(r, int) and not isinstance(r, bool) and r > 0:
-            entry["rank"] = resolve_pattern(getattr(cfg, "rank_pattern", None) or {}, m, r)
-        wshape = None
-        if base is not None:
-            wkey = f"{m}.weight"
-            if wkey not in base:
-                near = base.closest(wkey)
-                msg = f"no tensor {wkey!r} in the base" + (f" (closest: {', '.join(near)})" if near else "")
-                entry["base"] = msg
-                info["problems"].append(f"{m}: {msg}")
-            else:
-                wshape = base.shape(wkey)
-        try:
-            mod = ad.module(m, weight_shape=wshape, kind=layer_kinds.get(m))
-            known = wshape is not None or all(int(d) > 0 for d in mod.layer.weight_shape)
-            entry["layer"] = mod.layer.kind.value if known else None
-            entry["weight_shape"] = list(mod.layer.weight_shape) if known else None
-            entry.update({k: v for k, v in mod.describe().items() if k in ("alpha", "scaling")})
-            if base is not None and "base" not in entry:
-                entry["base"] = "ok"
-        except PeftMathError as exc:
-            mod = None
-            entry["layer"] = None
-            if base is not None and "base" not in entry:
-                entry["base"] = str(exc)
-                info["problems"].append(str(exc))
-        entry["delta_norm"] = None
-        entry["top_singular_values"] = None
-        if norms and additive and mod is not None:
-            try:
-                d = np.asarray(mod.delta_weight(), dtype=np.float64)
-                M = mod.layer.as_matrix(d, np)
-                entry["delta_norm"] = float(np.linalg.norm(M))
-                sv, exact = top_singular_values(M, top, rank_hint=entry.get("rank"))
-                entry["top_singular_values"] = sv
-                entry["singular_values_exact"] = exact
-            except PeftMathError as exc:
-                entry["delta_norm_error"] = str(exc)
-        info["modules"].append(entry)
-    return info
-
-
 def _cmd_inspect(args: argparse.Namespace, log: _Log) -> int:
     from .io.stream import open_model
 
     base = open_model(args.base) if args.base else None
     info = inspect_adapter(args.adapter, base=base, layer_kinds=_layer_kinds(args.layer_kind), top=args.top,
                            strict=args.strict)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(f"adapter:     {info['path']}")
-        print(f"method:      {info['peft_type']} ({'additive: W + dW' if info['additive'] else 'not additive'})")
-        print(f"targets:     {info['target_modules']}")
-        print(f"modules:     {info['num_modules']}   trainable parameters: {info['trainable_parameters']:,}   "
-              f"dtypes: {', '.join(info['dtypes'])}")
-        if info["shared"]:
-            print(f"shared:      {info['shared']}")
-        if info["replaced_base_tensors"]:
-            print(f"other:       {info['replaced_base_tensors']}")
-        rows = []
-        for e in info["modules"]:
-            sv = e["top_singular_values"]
-            rows.append([
-                e["module"], e["layer"] or "?", "x".join(map(str, e.get("weight_shape") or [])) or "?",
-                str(e.get("rank", "-")), str(e.get("alpha", "-")),
-                f"{e['scaling']:.4g}" if "scaling" in e else "-", f"{e['num_parameters']:,}",
-                "n/a" if e["delta_norm"] is None else f"{e['delta_norm']:.4g}",
-                "n/a" if sv is None else ", ".join(f"{s:.4g}" for s in sv),
-                *([e["base"]] if base is not None else []),
-            ])
-        header = ["module", "layer", "weight", "rank", "alpha", "scaling", "params", "|dW|_F", "top singular values"]
-        print(_table(rows, header + (["base"] if base is not None else [])))
+    print(json.dumps(info, indent=2) if args.json else render_inspect(info, with_base=base is not None))
     if info["problems"]:
         n = len(info["problems"])
         raise ShapeError(f"{args.adapter}: {n} adapted module(s) do not fit {args.base}: {info['problems'][0]}")
@@ -364,25 +226,6 @@ def _cmd_inspect(args: argparse.Namespace, log: _Log) -> int:
 
 
 # --- merge / unmerge --------------------------------------------------------------------------
-def _plan_table(pl: Any) -> str:
-    rows = []
-    copied = [op for op in pl.ops.values() if op.operation == "copy"]
-    for op in pl.ops.values():
-        if op.operation == "copy":
-            continue
-        path = op.src_dtype if op.src_dtype == op.dst_dtype == op.work_dtype else \
-            " -> ".join(dict.fromkeys([op.src_dtype, op.work_dtype, op.dst_dtype]))
-        if op.src_dtype == op.work_dtype and op.work_dtype != op.dst_dtype:
-            path = f"{op.src_dtype} -> {op.dst_dtype}"
-        rows.append([op.key, op.operation, "x".join(map(str, op.shape)), path, _fmt_bytes(op.nbytes),
-                     "; ".join(op.modules)])
-    table = _table(rows, ["tensor", "operation", "shape", "dtype path", "bytes", "adapters"])
-    total = pl.bytes_out()
-    tail = (f"\n{len(rows)} tensors computed, {len(copied)} copied unchanged "
-            f"({_fmt_bytes(sum(op.nbytes for op in copied))}); output {_fmt_bytes(total)}")
-    return table + tail
-
-
 def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
     from .io import stream
 
@@ -551,134 +394,6 @@ def _cmd_diff(args: argparse.Namespace, log: _Log) -> int:
     return 1
 
 
-# --- extract ----------------------------------------------------------------------------------
-_EMBED_RE = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|position_embeddings|tok_embeddings)$")
-
-
-def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy: float | None = None,
-                 include: str | None = None, exclude: str | None = None, randomized: bool = False,
-                 layer_kinds: dict | None = None, fan_in_fan_out: bool = False, force: bool = False,
-                 log: _Log | None = None) -> dict[str, dict[str, Any]]:
-    """Write a PEFT LoRA adapter approximating ``TUNED - BASE`` by a truncated SVD per module.
-
-    Returns ``{module: {"rank", "relative_error", "shape", "layer"}}``; the same numbers are stored in
-    the adapter's safetensors metadata under ``peftmath.extract``.
-    """
-    from .adapter import Adapter
-    from .io.stream import _check_output, open_model
-    from .layers import Layer, LayerKind
-    from .methods.lora import LoraConfig, parameter_shapes, randomized_svd
-
-    log = log or _Log(0)
-    if not isinstance(rank, int) or rank <= 0:
-        raise ConfigError(f"--rank must be a positive integer, got {rank!r}")
-    if energy is not None and not 0 < energy <= 1:
-        raise ConfigError(f"--energy must be in (0, 1], got {energy}")
-    inc, exc_re = (_compiled(f"--{name}", rx) for name, rx in (("include", include), ("exclude", exclude)))
-    layer_kinds = layer_kinds or {}
-    base = open_model(base_path)
-    tuned = open_model(tuned_path)
-    outp = Path(out)
-    _check_output(outp, [Path(base_path), Path(tuned_path)], force)
-    params: dict[str, dict[str, np.ndarray]] = {}
-    report: dict[str, dict[str, Any]] = {}
-    uncaptured: list[str] = []
-    for key in tuned.keys():
-        if key not in base:
-            log.warn(f"{key}: in TUNED but not in BASE; skipped")
-            continue
-        if tuned.shape(key) != base.shape(key):
-            log.warn(f"{key}: shape {tuned.shape(key)} in TUNED but {base.shape(key)} in BASE; skipped")
-            continue
-        shape = tuned.shape(key)
-        m = key[: -len(".weight")] if key.endswith(".weight") else None
-        wanted = (m is not None and len(shape) in (2, 3, 4, 5)
-                  and (inc is None or inc.search(m)) and not (exc_re is not None and exc_re.search(m)))
-        if tuned.dtype(key).kind != "f" and not str(tuned.dtype(key)).startswith(("bfloat", "float")):
-            continue
-        if not wanted:
-            if key in tuned and not np.array_equal(tuned.read(key), base.read(key)):
-                uncaptured.append(key)
-            continue
-        wide = np.float64 if np.float64 in (tuned.dtype(key), base.dtype(key)) else np.float32
-        D = tuned.read(key).astype(wide) - base.read(key).astype(wide)
-        if not np.any(D):
-            continue
-        kind = layer_kinds.get(m)
-        if kind is None and len(shape) == 2:
-            if _EMBED_RE.search(m):
-                kind = LayerKind.EMBEDDING
-            elif fan_in_fan_out:
-                kind = LayerKind.CONV1D_TRANSPOSED
-        layer = Layer.of(shape, kind)
-        M = layer.as_matrix(D, np)
-        full = min(M.shape)
-        if randomized and rank + 10 < full:
-            U, S, Vh = (np.asarray(x) for x in randomized_svd(M, rank + 10, niter=2, rng=np.random.default_rng(0)))
-        else:
-            U, S, Vh = np.linalg.svd(M, full_matrices=False)
-        k = min(rank, full, len(S))
-        total = float(np.sum(M.astype(np.float64) ** 2))
-        if energy is not None and total > 0:
-            cum = np.cumsum(S.astype(np.float64) ** 2) / total
-            k = min(k, int(np.searchsorted(cum, energy * (1 - 1e-12)) + 1))
-        k = max(1, k)
-        root = np.sqrt(S[:k])
-        Bm = (U[:, :k] * root).astype(wide)
-        Am = (root[:, None] * Vh[:k]).astype(wide)
-        resid = M.astype(np.float64) - Bm.astype(np.float64) @ Am.astype(np.float64)
-        err = float(np.linalg.norm(resid) / np.sqrt(total)) if total > 0 else 0.0
-        shapes = parameter_shapes(layer, k)
-        (ka, sa), (kb, sb) = list(shapes.items())
-        params[m] = {ka: np.ascontiguousarray(Am.reshape(sa)), kb: np.ascontiguousarray(Bm.reshape(sb))}
-        report[m] = {"rank": k, "relative_error": err, "shape": list(shape), "layer": layer.kind.value}
-    if not params:
-        raise CheckpointError(f"{tuned_path}: no adapted weight differs from {base_path} "
-                              f"(after --include/--exclude); nothing to extract")
-    if uncaptured:
-        log.warn(f"{len(uncaptured)} changed tensors are not captured by the LoRA adapter "
-                 f"(not 2-D..5-D weights, or filtered), e.g. {uncaptured[0]}")
-    rank_pattern = {re.escape(m): v["rank"] for m, v in report.items() if v["rank"] != rank}
-    kinds = {v["layer"] for v in report.values()}
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(params), rank_pattern=rank_pattern,
-                        alpha_pattern=dict(rank_pattern), init_lora_weights=True,
-                        fan_in_fan_out=(LayerKind.CONV1D_TRANSPOSED.value in kinds))
-    config.validate(source="extract")
-    ad = Adapter(config, params, layer_kinds={m: v["layer"] for m, v in report.items()})
-    meta = {"peftmath.extract": json.dumps({m: {"rank": v["rank"], "relative_error": v["relative_error"]}
-                                            for m, v in report.items()}, sort_keys=True)}
-    write_adapter(ad, outp, force=force, metadata=meta)
-    return report
-
-
-def _compiled(option: str, pattern: str | None) -> re.Pattern | None:
-    """``pattern`` compiled (None for none); an invalid one is a ConfigError naming ``option``."""
-    if not pattern:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"{option} {pattern!r} is not a valid regular expression ({exc})") from exc
-
-
-def write_adapter(ad: Any, out: Path, *, force: bool, metadata: dict | None = None) -> None:
-    """Save ``ad`` as a PEFT adapter folder at ``out`` atomically: a temporary sibling folder renamed into
-    place when complete (an existing ``out`` is replaced only with ``force``)."""
-    from .io import save_adapter
-    from .io.stream import _commit
-
-    from .io.atomic import clean_stale_siblings, temp_sibling
-
-    clean_stale_siblings(out)
-    tmp = temp_sibling(out, folder=True)
-    try:
-        save_adapter(ad, tmp, metadata=metadata)
-        _commit(tmp, out, force, None)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # --- combine ------------------------------------------------------------------------------------
 def _cmd_combine(args: argparse.Namespace, log: _Log) -> int:
     from .combine import combine
@@ -791,10 +506,11 @@ def _config_from_flags(args: argparse.Namespace) -> Any:
     import dataclasses
 
     from .io import config_from_dict
-    from .methods import get_method
+    from .methods import describe_method
 
     peft_type = args.method.upper()
-    cls = get_method(peft_type).Config
+    method = describe_method(peft_type)
+    cls = method.config
     known = {f.name for f in dataclasses.fields(cls)}
     given: dict[str, tuple[str, Any]] = {}
     if args.target:
@@ -806,9 +522,10 @@ def _config_from_flags(args: argparse.Namespace) -> Any:
         alpha = int(args.alpha) if float(args.alpha).is_integer() else args.alpha
         given["lora_alpha" if "lora_alpha" in known else "alpha"] = ("--alpha", alpha)
     if args.init is not None:
+        if method.init_field is None:
+            raise ConfigError(f"--init: {peft_type} has no initialisation field; leave out --init")
         value: Any = {"true": True, "false": False}.get(args.init.lower(), args.init)
-        field = next((f for f in ("init_lora_weights", "init_ia3_weights", "init_weights") if f in known), "init_weights")
-        given[field] = ("--init", value)
+        given[method.init_field] = ("--init", value)
     for field, (option, _) in given.items():
         if field not in known:
             raise ConfigError(f"{option}: {peft_type} has no field {field!r}; give this method's fields in an "
@@ -823,6 +540,7 @@ def _config_from_flags(args: argparse.Namespace) -> Any:
                           f"fields in an adapter_config.json with --config)") from exc
 
 
+# --- extract ----------------------------------------------------------------------------------
 def _cmd_extract(args: argparse.Namespace, log: _Log) -> int:
     t0 = time.perf_counter()
     report = extract_lora(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy,

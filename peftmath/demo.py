@@ -2,10 +2,10 @@
 
 A small model (Linear with and without bias, an Embedding, a 3x3 and a 1x1 Conv2d, a transformers
 Conv1D whose weight is stored ``(in, out)``, and a LayerNorm that no method touches) is written as
-``model.safetensors`` from a fixed seed. For every implemented method and every row of its
-``EXAMPLES`` table, an adapter is initialised on the modules the method supports, written in PEFT's
-format, inspected, merged through the streaming code of ``peftmath merge``, unmerged through that of
-``peftmath unmerge``, and verified:
+``model.safetensors`` from a fixed seed. For every implemented method and every row of the ``examples``
+of its :class:`~peftmath.methods.Method` description, an adapter is initialised on the modules the
+method supports, written in PEFT's format, inspected, merged through the streaming code of
+``peftmath merge``, unmerged through that of ``peftmath unmerge``, and verified:
 
 - *merge error*: ``max |W_merged - W_ref| / max |W|`` over the adapted tensors, where ``W_ref`` is
   the same adapter and base cast to float64 and merged with :meth:`~peftmath.Adapter.merge`;
@@ -16,7 +16,6 @@ Both must stay below ``BOUND`` (1024 float32 epsilons); methods added later appe
 
 from __future__ import annotations
 
-import inspect
 import re
 import shutil
 import sys
@@ -65,33 +64,28 @@ def _slug(label: str) -> str:
 
 
 def _build_adapter(method: Any, label: str, fields: dict, state: dict[str, np.ndarray], seed: int):
-    """``(Adapter, new base weights)`` of one EXAMPLES row on every supported module of the model."""
+    """``(Adapter, new base weights)`` of one example row of ``method`` (a :class:`~peftmath.methods.Method`)
+    on every module of the model whose layer kind the method supports."""
     from .adapter import Adapter
-    from .layers import Layer, LayerKind
+    from .layers import Layer
 
-    Module = method.Module
-    kinds = tuple(LayerKind.parse(k) for k in getattr(Module, "supported_kinds", ()))
-    targets = [n for n, (k, _, _) in MODEL.items() if LayerKind.parse(k) in kinds]
+    targets = [n for n, (k, _, _) in MODEL.items() if method.supports(k)]
     if not targets:
-        raise ValueError(f"supports none of the demo's layer kinds ({', '.join(k.value for k in kinds) or 'none'})")
-    config = method.Config(**fields, target_modules=targets)
-    if hasattr(config, "validate"):
-        config.validate(source=f"EXAMPLES[{label!r}]")
-    shared_keys = tuple(getattr(method, "SHARED_KEYS", ()))
+        kinds = ", ".join(k.value for k in method.layer_kinds) or "none"
+        raise ValueError(f"supports none of the demo's layer kinds ({kinds})")
+    config = method.config(**fields, target_modules=targets)
+    config.validate(source=f"EXAMPLES[{label!r}]")
     params: dict[str, dict[str, Any]] = {}
     shared: dict[str, Any] = {}
     new_weights: dict[str, np.ndarray] = {}
     layers = {name: Layer.of(MODEL[name][1], MODEL[name][0]) for name in targets}
-    extra: dict[str, Any] = {}
-    if shared_keys and hasattr(method, "init_shared"):  # tensors shared by all modules (VeRA's projections)
+    if method.init_shared is not None:  # tensors shared by all modules (VeRA's projections)
         shared.update(method.init_shared(config, list(layers.values())))
-    if "shared" in inspect.signature(Module.initialize).parameters:
-        extra["shared"] = shared
     for j, name in enumerate(targets):
-        layer = layers[name]
-        p, new_w = Module.initialize(name, config, layer, weight=state[f"{name}.weight"], seed=seed + j, **extra)
+        p, new_w = method.initialize(name, config, layers[name], weight=state[f"{name}.weight"], seed=seed + j,
+                                     shared=shared)
         for k in list(p):
-            if k in shared_keys:
+            if k in method.shared_keys:
                 shared.setdefault(k, p.pop(k))
         params[name] = p
         if new_w is not None:
@@ -126,12 +120,12 @@ def _verify(adapter: Any, base_state: dict, merged: dict, unmerged: dict) -> tup
 
 def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool = False, log: Any = None) -> int:
     """Run the demo; print the table on stdout; return the exit status (1 if a bound is exceeded)."""
-    from .cli import _table, inspect_adapter
     from .errors import PeftMathError, ShapeError
+    from .inspect import inspect_adapter, text_table
     from .io import load_adapter, save_adapter
     from .io.safetensors import load_file, save_file
     from .io.stream import open_model, read_records, records_path, transform
-    from .methods import get_method, implemented_methods
+    from .methods import describe_method, implemented_methods
 
     tmp = directory is None
     root = Path(tempfile.mkdtemp(prefix="peftmath-demo-")) if tmp else Path(directory)
@@ -154,12 +148,12 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
         row_seed = 0
         for peft_type in implemented_methods():
             try:
-                method = get_method(peft_type)
+                method = describe_method(peft_type)
             except Exception as exc:  # a method module that fails to import must not stop the demo
                 print(f"peftmath demo: skipping {peft_type}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
-            examples = getattr(method, "EXAMPLES", None)
-            if not examples or getattr(method, "Module", None) is None:
+            examples = method.examples
+            if not examples or not method.merges_weights:
                 if not quiet:
                     print(f"peftmath demo: {peft_type} has no weight-merging examples; skipped", file=sys.stderr)
                 continue
@@ -208,7 +202,7 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
                 rows.append([label, peft_type, str(info["num_modules"]), f"{info['trainable_parameters']:,}",
                              f"{merge_err:.2e}", f"{rt_err:.2e}", f"{time.perf_counter() - t0:.2f} s",
                              "ok" if ok else "FAIL"])
-        print(_table(rows, ["example", "method", "modules", "trainable", "merge err", "round trip", "time",
+        print(text_table(rows, ["example", "method", "modules", "trainable", "merge err", "round trip", "time",
                             "check"]))
         if not quiet:
             print(f"errors: max |W - W_ref| / max |W| per tensor, W_ref = float64 merge; bound {BOUND:.1e}. "

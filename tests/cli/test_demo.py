@@ -1,18 +1,18 @@
-"""`peftmath demo`: every implemented method with EXAMPLES appears and verifies."""
+"""`peftmath demo`: every example of every implemented method's description appears and verifies."""
 
 from __future__ import annotations
 
 import subprocess
 
-from peftmath.methods import get_method, implemented_methods
+from peftmath.methods import describe_method, implemented_methods
 
 
 def _expected_rows():
     rows = []
     for t in implemented_methods():
-        m = get_method(t)
-        if getattr(m, "EXAMPLES", None) and getattr(m, "Module", None) is not None:
-            rows += list(m.EXAMPLES)
+        m = describe_method(t)
+        if m.merges_weights:
+            rows += list(m.examples)
     return rows
 
 
@@ -43,9 +43,12 @@ def test_demo_console_script(tmp_path, h):
 
 def test_demo_skips_a_broken_method(cli, monkeypatch):
     """A method whose example cannot be built is skipped with its reason on stderr; the rest still run."""
+    import dataclasses
+
     from peftmath.methods import lora
 
-    monkeypatch.setattr(lora, "EXAMPLES", {**lora.EXAMPLES, "Broken": {"r": -3}})
+    broken = dataclasses.replace(lora.METHOD, examples={**lora.METHOD.examples, "Broken": {"r": -3}})
+    monkeypatch.setattr(lora, "METHOD", broken)  # the demo reads the examples from the description
     rc, out, err = cli("demo")
     assert rc == 0, err
     assert "skipping Broken (LORA)" in err and "Broken" not in out

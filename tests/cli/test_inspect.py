@@ -75,10 +75,10 @@ class _AdapterOnly(pm.io.SafeTensorsFile):
 
 
 def test_inspect_non_additive(cli, tmp_path):
-    from peftmath.methods import get_method, implemented_methods
+    from peftmath.methods import describe_method, implemented_methods
 
     non_additive = [t for t in implemented_methods()
-                    if getattr(get_method(t), "Module", None) is not None and not get_method(t).Module.additive]
+                    if describe_method(t).merges_weights and not describe_method(t).additive]
     if not non_additive:
         return
     d = tmp_path / "demo"

@@ -305,19 +305,21 @@ def test_records_travel_through_successive_merges(cli, tmp_path, lora_targets, h
 
 # --- the streamed merge is Adapter.merge -----------------------------------------------------------
 def _stream_cases():
-    """Every method and EXAMPLES row of the demo (on all the layer kinds of its model that the method
+    """Every method and example row of the demo (on all the layer kinds of its model that the method
     supports), plain, with replacements (a trained bias of every adapted module that has one, and a
     modules_to_save tensor), and, where the config has it, with lora_bias on top of the replaced bias."""
-    from peftmath.methods import get_method, implemented_methods
+    import dataclasses
+
+    from peftmath.methods import describe_method, implemented_methods
 
     cases = []
     for peft_type in implemented_methods():
-        method = get_method(peft_type)
-        if getattr(method, "Module", None) is None:
+        method = describe_method(peft_type)
+        if not method.merges_weights:
             continue
-        for label, fields in getattr(method, "EXAMPLES", {}).items():
+        for label, fields in method.examples.items():
             variants = ["plain", "replacements"]
-            if "lora_bias" in getattr(method.Config, "__dataclass_fields__", {}) and not fields.get("use_dora"):
+            if "lora_bias" in {f.name for f in dataclasses.fields(method.config)} and not fields.get("use_dora"):
                 variants.append("lora_bias+replacements")
             cases += [pytest.param(peft_type, label, v, id=f"{label}-{v}") for v in variants]
     return cases
@@ -326,10 +328,10 @@ def _stream_cases():
 def _demo_adapter(peft_type, label, variant, seed=7):
     """(adapter, base state) of one demo example, with the variant's extra tensors."""
     from peftmath import demo
-    from peftmath.methods import get_method
+    from peftmath.methods import describe_method
 
-    method = get_method(peft_type)
-    fields = dict(method.EXAMPLES[label])
+    method = describe_method(peft_type)
+    fields = dict(method.examples[label])
     if "lora_bias" in variant:
         fields["lora_bias"] = True
     state = demo.build_model()

@@ -1,0 +1,160 @@
+"""What ``peftmath extract`` computes, as library code: :func:`extract_lora` (a LoRA adapter from a
+fine-tuned model by a truncated SVD of ``TUNED - BASE`` per module) and :func:`write_adapter` (an adapter
+folder written atomically, which ``extract``, ``combine`` and ``init`` share).
+
+Nothing here parses arguments or prints; :mod:`peftmath.cli` does both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CheckpointError, ConfigError, PeftMathWarning
+
+__all__ = ["extract_lora", "write_adapter"]
+
+#: 2-D weights with these names are Embeddings (their delta is factored as PEFT's lora_embedding_A/B)
+_EMBED_RE = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|position_embeddings|tok_embeddings)$")
+
+
+def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy: float | None = None,
+                 include: str | None = None, exclude: str | None = None, randomized: bool = False,
+                 layer_kinds: dict | None = None, fan_in_fan_out: bool = False, force: bool = False,
+                 log: Any = None) -> dict[str, dict[str, Any]]:
+    """Write a PEFT LoRA adapter approximating ``TUNED - BASE`` by a truncated SVD per module.
+
+    Per weight that differs, ``D = TUNED - BASE`` as a matrix (:meth:`~peftmath.layers.Layer.as_matrix`),
+    ``D ≈ U_k S_k V_kᵀ`` with ``k = min(rank, the smallest rank keeping energy·Σσ²)``, and
+    ``B = U_k √S_k``, ``A = √S_k V_kᵀ`` (``lora_alpha = r``: scale 1). ``randomized`` uses
+    :func:`~peftmath._linalg.randomized_svd` with ``rank + 10`` vectors. Warnings (a tensor skipped, changes
+    the adapter does not capture) go to ``log.warn`` when a log is given, else :func:`warnings.warn` as a
+    :class:`~peftmath.errors.PeftMathWarning`.
+
+    Returns ``{module: {"rank", "relative_error", "shape", "layer"}}``; the same numbers are stored in
+    the adapter's safetensors metadata under ``peftmath.extract``.
+    """
+    from .adapter import Adapter
+    from .io.stream import _check_output, open_model
+    from .layers import Layer, LayerKind
+    from ._linalg import randomized_svd
+    from .methods.lora import LoraConfig, parameter_shapes
+
+    warn = log.warn if log is not None else _warn
+    if not isinstance(rank, int) or rank <= 0:
+        raise ConfigError(f"--rank must be a positive integer, got {rank!r}")
+    if energy is not None and not 0 < energy <= 1:
+        raise ConfigError(f"--energy must be in (0, 1], got {energy}")
+    inc, exc_re = (_compiled(f"--{name}", rx) for name, rx in (("include", include), ("exclude", exclude)))
+    layer_kinds = layer_kinds or {}
+    base = open_model(base_path)
+    tuned = open_model(tuned_path)
+    outp = Path(out)
+    _check_output(outp, [Path(base_path), Path(tuned_path)], force)
+    params: dict[str, dict[str, np.ndarray]] = {}
+    report: dict[str, dict[str, Any]] = {}
+    uncaptured: list[str] = []
+    for key in tuned.keys():
+        if key not in base:
+            warn(f"{key}: in TUNED but not in BASE; skipped")
+            continue
+        if tuned.shape(key) != base.shape(key):
+            warn(f"{key}: shape {tuned.shape(key)} in TUNED but {base.shape(key)} in BASE; skipped")
+            continue
+        shape = tuned.shape(key)
+        m = key[: -len(".weight")] if key.endswith(".weight") else None
+        wanted = (m is not None and len(shape) in (2, 3, 4, 5)
+                  and (inc is None or inc.search(m)) and not (exc_re is not None and exc_re.search(m)))
+        if tuned.dtype(key).kind != "f" and not str(tuned.dtype(key)).startswith(("bfloat", "float")):
+            continue
+        if not wanted:
+            if key in tuned and not np.array_equal(tuned.read(key), base.read(key)):
+                uncaptured.append(key)
+            continue
+        wide = np.float64 if np.float64 in (tuned.dtype(key), base.dtype(key)) else np.float32
+        D = tuned.read(key).astype(wide) - base.read(key).astype(wide)
+        if not np.any(D):
+            continue
+        kind = layer_kinds.get(m)
+        if kind is None and len(shape) == 2:
+            if _EMBED_RE.search(m):
+                kind = LayerKind.EMBEDDING
+            elif fan_in_fan_out:
+                kind = LayerKind.CONV1D_TRANSPOSED
+        layer = Layer.of(shape, kind)
+        M = layer.as_matrix(D, np)
+        full = min(M.shape)
+        if randomized and rank + 10 < full:
+            U, S, Vh = (np.asarray(x) for x in randomized_svd(M, rank + 10, niter=2, rng=np.random.default_rng(0)))
+        else:
+            U, S, Vh = np.linalg.svd(M, full_matrices=False)
+        k = min(rank, full, len(S))
+        total = float(np.sum(M.astype(np.float64) ** 2))
+        if energy is not None and total > 0:
+            cum = np.cumsum(S.astype(np.float64) ** 2) / total
+            k = min(k, int(np.searchsorted(cum, energy * (1 - 1e-12)) + 1))
+        k = max(1, k)
+        root = np.sqrt(S[:k])
+        Bm = (U[:, :k] * root).astype(wide)
+        Am = (root[:, None] * Vh[:k]).astype(wide)
+        resid = M.astype(np.float64) - Bm.astype(np.float64) @ Am.astype(np.float64)
+        err = float(np.linalg.norm(resid) / np.sqrt(total)) if total > 0 else 0.0
+        shapes = parameter_shapes(layer, k)
+        (ka, sa), (kb, sb) = list(shapes.items())
+        params[m] = {ka: np.ascontiguousarray(Am.reshape(sa)), kb: np.ascontiguousarray(Bm.reshape(sb))}
+        report[m] = {"rank": k, "relative_error": err, "shape": list(shape), "layer": layer.kind.value}
+    if not params:
+        raise CheckpointError(f"{tuned_path}: no adapted weight differs from {base_path} "
+                              f"(after --include/--exclude); nothing to extract")
+    if uncaptured:
+        warn(f"{len(uncaptured)} changed tensors are not captured by the LoRA adapter "
+                 f"(not 2-D..5-D weights, or filtered), e.g. {uncaptured[0]}")
+    rank_pattern = {re.escape(m): v["rank"] for m, v in report.items() if v["rank"] != rank}
+    kinds = {v["layer"] for v in report.values()}
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(params), rank_pattern=rank_pattern,
+                        alpha_pattern=dict(rank_pattern), init_lora_weights=True,
+                        fan_in_fan_out=(LayerKind.CONV1D_TRANSPOSED.value in kinds))
+    config.validate(source="extract")
+    ad = Adapter(config, params, layer_kinds={m: v["layer"] for m, v in report.items()})
+    meta = {"peftmath.extract": json.dumps({m: {"rank": v["rank"], "relative_error": v["relative_error"]}
+                                            for m, v in report.items()}, sort_keys=True)}
+    write_adapter(ad, outp, force=force, metadata=meta)
+    return report
+
+
+def _compiled(option: str, pattern: str | None) -> re.Pattern | None:
+    """``pattern`` compiled (None for none); an invalid one is a ConfigError naming ``option``."""
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{option} {pattern!r} is not a valid regular expression ({exc})") from exc
+
+
+def write_adapter(ad: Any, out: Path, *, force: bool, metadata: dict | None = None) -> None:
+    """Save ``ad`` as a PEFT adapter folder at ``out`` atomically: a temporary sibling folder renamed into
+    place when complete (an existing ``out`` is replaced only with ``force``)."""
+    from .io import save_adapter
+    from .io.stream import _commit
+
+    from .io.atomic import clean_stale_siblings, temp_sibling
+
+    clean_stale_siblings(out)
+    tmp = temp_sibling(out, folder=True)
+    try:
+        save_adapter(ad, tmp, metadata=metadata)
+        _commit(tmp, out, force, None)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, PeftMathWarning, stacklevel=3)
