@@ -455,6 +455,7 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
     from .create import create_adapter, open_state
     from .io import read_config
     from .io.stream import _check_output, open_model
+    from .methods import describe_method
 
     out = Path(args.output)
     _check_output(out, [Path(args.base)], args.force)
@@ -470,7 +471,8 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
                             model_type=args.model_type or model_type, return_base=True)
     ad, new_base = result
     if new_base and base_out is None:
-        raise ConfigError(f"init_lora_weights={getattr(config, 'init_lora_weights', None)!r} changes "
+        init_field = describe_method(config.peft_type).init_field
+        raise ConfigError(f"{init_field}={getattr(config, init_field or '', None)!r} changes "
                           f"{len(new_base)} base weights; pass --base-out NEW_BASE to write the new base model")
     if base_out is not None and not new_base:
         log.warn(f"--base-out {base_out}: this initialisation leaves the base model unchanged; not written")
@@ -834,11 +836,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _strict_categories() -> tuple[type[Warning], ...]:
-    """The warnings ``--strict`` turns into errors: peftmath's own. (``formats.ConversionWarning``, a lossy
-    or incomplete conversion, is named too while it is not a PeftMathWarning subclass.)"""
-    from .formats import ConversionWarning
-
-    return (PeftMathWarning, ConversionWarning)
+    """The warnings ``--strict`` turns into errors: peftmath's own (:class:`PeftMathWarning`, which
+    ``formats.ConversionWarning``, a lossy or incomplete conversion, is one of)."""
+    return (PeftMathWarning,)
 
 
 def _run(args: argparse.Namespace, log: _Log) -> int:
