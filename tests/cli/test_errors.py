@@ -184,6 +184,17 @@ def case_init_flag_the_method_lacks(tmp, base, state, h):
     return ["init", base, "--method", "ia3", "--alpha", "3"], "--alpha: IA3 has no field 'alpha'"
 
 
+def case_init_flag_init_the_method_lacks(tmp, base, state, h):
+    """PREFIX_TUNING's description has no init field: --init is refused by name, not guessed."""
+    return ["init", base, "--method", "prefix_tuning", "--init", "true"], "--init: PREFIX_TUNING has no initialisation field"
+
+
+def case_init_changing_the_base_needs_base_out(tmp, base, state, h):
+    """The message names the description's init field and its value."""
+    return ["init", base, "--init", "pissa", "--target", "q_proj", "-o", tmp / "pa"], \
+        "init_lora_weights='pissa' changes"
+
+
 def case_init_needs_config_fields(tmp, base, state, h):
     return ["init", base, "--method", "adalora", "--target", "q_proj"], "total_step"
 

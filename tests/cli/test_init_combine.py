@@ -38,6 +38,22 @@ def test_init_with_flags_selects_like_peft_and_is_a_no_op(tmp_path, model, capsy
     assert f"trainable params: {trainable:,} || all params: {total:,}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3", "loha", "oft"])
+def test_init_flag_sets_the_described_init_field(tmp_path, model, method):
+    """--init sets the field the method's description names (init_lora_weights, init_ia3_weights,
+    init_weights), and only that one."""
+    from peftmath.methods import describe_method
+
+    path, _ = model
+    out = tmp_path / method
+    assert main(["init", str(path), "--method", method, "--target", "q_proj", "--init", "false", "-o", str(out),
+                 "-q"]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    field = describe_method(method.upper()).init_field
+    assert saved[field] is False
+    assert [f for f in ("init_lora_weights", "init_ia3_weights", "init_weights") if f in saved] == [field]
+
+
 def test_init_from_config_file_and_base_out(tmp_path, model):
     path, state = model
     cfg = tmp_path / "adapter_config.json"
