@@ -36,6 +36,7 @@ from typing import Any, Callable, ClassVar, NamedTuple
 import numpy as np
 
 from .._array import all_finite, as_compute, compute_dtype, conv, embedding_lookup, is_low_precision, namespace
+from .._linalg import randomized_svd  # noqa: F401  (lora.randomized_svd stays importable)
 from ..backends import backend_for, host_rng, kaiming_uniform_bound
 from ..config import (
     TunerConfig,
@@ -636,33 +637,6 @@ def _olora(weight, layer, r, s, xp) -> LoraInit:
     A, B = R[:r, :], Q[:, :r]
     new = W32 - s * xp.matmul(B, A)
     return LoraInit(A, B, xp.astype(new, weight.dtype))
-
-
-def randomized_svd(M: Array, q: int, *, niter: int, rng: np.random.Generator, backend: Any = None,
-                   device: Any = None) -> tuple[Array, Array, Array]:
-    """Top-``q`` SVD by subspace iteration (Halko et al., the algorithm of ``torch.svd_lowrank``).
-
-    Returns ``(U (m, q), S (q,), Vh (q, n))``. The Gaussian test matrix is drawn on the host.
-    """
-    xp = namespace(M)
-    backend = backend or backend_for(xp)
-    m, n = M.shape
-    transposed = m < n
-    X = xp.matrix_transpose(M) if transposed else M
-    m, n = X.shape
-    G = backend.from_host(rng.standard_normal((n, q)).astype(np.float32), xp, device)
-    G = xp.astype(G, X.dtype)
-    Q, _ = xp.linalg.qr(xp.matmul(X, G))
-    for _ in range(niter):
-        Q, _ = xp.linalg.qr(xp.matmul(xp.matrix_transpose(X), Q))
-        Q, _ = xp.linalg.qr(xp.matmul(X, Q))
-    small = xp.matmul(xp.matrix_transpose(Q), X)
-    U, S, Vh = xp.linalg.svd(small, full_matrices=False)
-    U = xp.matmul(Q, U)
-    if transposed:
-        return xp.matrix_transpose(Vh), S, xp.matrix_transpose(U)
-    return U, S, Vh
-
 
 # --------------------------------------------------------------------------------------------------
 # One module of a checkpoint
