@@ -69,6 +69,10 @@ class Backend(Protocol):
     def handles(self, xp: Namespace) -> bool:
         """True when this backend serves arrays of namespace ``xp``."""
 
+    def namespace(self) -> Namespace:
+        """The array namespace this backend serves (``--backend NAME``, ``load_adapter(backend=...)``);
+        :class:`~peftmath.errors.BackendError` when its library is not installed."""
+
     def from_host(self, a: np.ndarray, xp: Namespace, device: Any = None) -> Array:
         """A host (NumPy) array as an array of ``xp`` on ``device``."""
 
@@ -105,6 +109,17 @@ class Backend(Protocol):
         broadcast against ``w``, the product rounded once to ``w``'s dtype; False when not possible."""
 
 
+def _import_namespace(module: str, backend: str, package: str) -> Namespace:
+    """Import the namespace module of ``backend``, or raise :class:`BackendError` saying what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendError(f"backend {backend!r} needs {package} ({exc}); pip install {package}, "
+                           f"or leave out --backend") from exc
+
+
 def host_rng(seed: int | np.random.Generator | None) -> np.random.Generator:
     """The host random generator for ``seed`` (a Generator is passed through)."""
     if isinstance(seed, np.random.Generator):
@@ -119,6 +134,11 @@ class ArrayAPIBackend:
 
     def handles(self, xp: Namespace) -> bool:
         return True
+
+    def namespace(self) -> Namespace:
+        """array-api-strict, the standard's reference namespace (the generic backend serves any namespace;
+        asked for one by name, it gives the strict one)."""
+        return _import_namespace("array_api_strict", self.name, "array-api-strict")
 
     def from_host(self, a: np.ndarray, xp: Namespace, device: Any = None) -> Array:
         if device is None:
@@ -269,9 +289,7 @@ class TorchBackend(ArrayAPIBackend):
         return array_api_compat.is_torch_namespace(xp)
 
     def namespace(self) -> Namespace:
-        import array_api_compat.torch as xp
-
-        return xp
+        return _import_namespace("array_api_compat.torch", self.name, "torch")
 
     def from_host(self, a: np.ndarray, xp: Namespace, device: Any = None) -> Array:
         import torch
@@ -318,9 +336,7 @@ class JaxBackend(ArrayAPIBackend):
         return array_api_compat.is_jax_namespace(xp)
 
     def namespace(self) -> Namespace:
-        import jax.numpy as xp
-
-        return xp
+        return _import_namespace("jax.numpy", self.name, "jax")
 
     def stop_gradient(self, x: Array) -> Array:
         import jax

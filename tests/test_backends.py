@@ -268,3 +268,17 @@ def test_numpy_rescale_rows_matches_the_generic_path(order, threads, monkeypatch
     assert n_fast[7] == 0 and not a[7].any()
     rows = np.arange(300) != 7
     np.testing.assert_allclose(np.linalg.norm(a, axis=1)[rows], mag[rows], rtol=1e-12)  # every row now has norm m
+
+
+def test_every_backend_names_its_namespace_and_a_missing_library_is_a_backend_error():
+    from peftmath.backends import _import_namespace, available_backends, get_backend
+    from peftmath.errors import BackendError
+
+    for name in available_backends():
+        try:
+            xp = get_backend(name).namespace()
+        except BackendError:
+            continue  # its library is not installed here: the error says what to install
+        assert get_backend(name).handles(xp) or name == "array_api"
+    with pytest.raises(BackendError, match="pip install no-such-pkg"):
+        _import_namespace("no_such_module_for_peftmath", "fake", "no-such-pkg")
