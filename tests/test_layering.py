@@ -157,3 +157,24 @@ def test_no_import_cycle():
 def test_cycle_finder_finds_a_cycle():
     g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(g) == [frozenset({"a", "b", "c"})]
+
+
+#: method module -> other method modules it may import at module level, each with the reason. Shared code
+#: lives in a private module (``_base``, ``_contract``, ``_lycoris``, ``_prompt``), not in a sibling method.
+ALLOWED_METHOD_EDGES: dict[str, set[str]] = {
+    "peftmath.methods.dora": {"peftmath.methods.lora"},     # DoRA is LoRA plus a magnitude (DoraModule(LoraModule))
+    "peftmath.methods.adalora": {"peftmath.methods.lora"},  # AdaLoraConfig/Module extend LoRA's (PEFT's classes do)
+    "peftmath.methods.boft": {"peftmath.methods.oft"},      # BOFT's butterfly factors reuse OFT's block product
+    "peftmath.methods.p_tuning": {"peftmath.methods.prompt_tuning"},  # its prompts are prepended as prompt tuning's
+}
+
+
+def test_methods_share_code_through_private_modules():
+    """A method module imports another method module only where it extends that method (LoHa and LoKr
+    share LyCORIS plumbing through ``methods._lycoris``, never each other)."""
+    g = import_graph()
+    methods = {m for m in g if m.startswith("peftmath.methods.") and not m.rpartition(".")[2].startswith("_")}
+    assert {"peftmath.methods.loha", "peftmath.methods.lokr", "peftmath.methods.lora"} <= methods
+    assert "peftmath.methods._lycoris" in g["peftmath.methods.lokr"]
+    extra = {m: sorted((g[m] & methods) - ALLOWED_METHOD_EDGES.get(m, set())) for m in methods}
+    assert {m: d for m, d in extra.items() if d} == {}

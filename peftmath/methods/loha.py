@@ -41,13 +41,19 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 
-from .._array import as_compute, common_device, compute_dtype, conv, is_low_precision, namespace
-from ..backends import backend_for, host_rng, kaiming_uniform_bound
-from ..config import TunerConfig, check_flags, check_fraction, check_number, check_positive_int, resolve_pattern
-from ..errors import ConfigError, ShapeError, UnsupportedError
+from .._array import as_compute, common_device, compute_dtype, namespace
+from ..backends import host_rng
+from ..config import check_flags
+from ..errors import ConfigError, ShapeError
 from ..layers import Layer, LayerKind
+from ._base import MergeResult, ModuleAdapter, check_shape
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape
+# the LyCORIS plumbing LoHa shares with LoKr; every name stays importable from here
+from ._lycoris import (  # noqa: F401
+    BLOCK_ELEMENTS, SUPPORTED, LycorisConfig, adapted_forward, apply_row_blocks, block_rows, check_kind, cp_weight,
+    default_xp, draw_dropout, kaiming, masked, put_host, rank_dropout_mask, round_to_dtype, scaling, update_rows,
+    uses_effective_conv, validate_lycoris,
+)
 
 Array = Any
 
@@ -70,41 +76,10 @@ __all__ = [
 
 PEFT_TYPE = "LOHA"
 
-_SUPPORTED = (LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.CONV2D)
-
 
 # --------------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class LycorisConfig(TunerConfig):
-    """What PEFT's ``LycorisConfig`` gives LoHa and LoKr: rank, alpha, dropouts, the effective-conv
-    switch and the per-module patterns, with ``s = alpha / r`` per module."""
-
-    r: int = 8
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-
-    def validate(self, *, source: str = "config") -> None:
-        super().validate(source=source)
-        _validate_lycoris(self, source)
-
-    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
-        """``(r, alpha)`` for ``module_name`` after rank_pattern / alpha_pattern (PEFT's rule)."""
-        r = resolve_pattern(self.rank_pattern or {}, module_name, self.r)
-        alpha = resolve_pattern(self.alpha_pattern or {}, module_name, self.alpha)
-        return r, alpha
-
-    def scaling_for(self, module_name: str) -> float:
-        """The scaling ``s = alpha / r`` of ``module_name``."""
-        r, alpha = self.rank_and_alpha(module_name)
-        return scaling(alpha, r)
-
-
 @dataclass
 class LoHaConfig(LycorisConfig):
     """PEFT's ``LoHaConfig`` (``peft_type: "LOHA"``): fields, names and defaults as in PEFT 0.21.2."""
@@ -118,57 +93,9 @@ class LoHaConfig(LycorisConfig):
         check_flags(source, self, "init_weights")
 
 
-def _validate_lycoris(config: Any, source: str) -> None:
-    """Checks shared by LoHa and LoKr configs."""
-    check_positive_int(source, "r", config.r)
-    check_number(source, "alpha", config.alpha)
-    for name in ("rank_dropout", "module_dropout"):
-        check_fraction(source, name, getattr(config, name), closed=True)
-    check_flags(source, config, "use_effective_conv2d")
-    for pattern in ("rank_pattern", "alpha_pattern"):
-        value = getattr(config, pattern)
-        if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"{source}: field {pattern!r} must be a mapping, got {value!r}")
-    for name, value in (config.rank_pattern or {}).items():
-        check_positive_int(source, f"rank_pattern[{name!r}]", value)
-    for name, value in (config.alpha_pattern or {}).items():
-        check_number(source, f"alpha_pattern[{name!r}]", value)
-
-
 # --------------------------------------------------------------------------------------------------
 # Scaling and shapes
 # --------------------------------------------------------------------------------------------------
-def scaling(alpha: float, r: int) -> float:
-    """``s = alpha / r`` (LoHa and LoKr have no rsLoRA variant).
-
-    >>> scaling(12, 4)
-    3.0
-    """
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ConfigError(f"LoHa/LoKr rank r must be a positive integer, got {r!r}")
-    return alpha / r
-
-
-def check_kind(layer: Layer, where: str, method: str = "LoHa") -> None:
-    """Raise :class:`UnsupportedError` for a layer kind PEFT does not adapt with LoHa / LoKr."""
-    if layer.kind not in _SUPPORTED:
-        extra = (" (a transformers Conv1D, fan_in_fan_out=True)" if layer.kind is LayerKind.CONV1D_TRANSPOSED else "")
-        raise UnsupportedError(
-            f"{where}: {method} is not defined for a {layer.kind.value} layer{extra}; PEFT supports "
-            f"nn.Linear, nn.Conv1d and nn.Conv2d only (it raises TypeError too). Remove this module from "
-            f"target_modules"
-        )
-
-
-def uses_effective_conv(layer: Layer, use_effective_conv2d: bool) -> bool:
-    """PEFT's rule: the CP form applies to Conv1d/Conv2d whose kernel is not all ones.
-
-    >>> uses_effective_conv(Layer.of((8, 4, 3, 3)), True), uses_effective_conv(Layer.of((8, 4, 1, 1)), True)
-    (True, False)
-    """
-    return bool(use_effective_conv2d) and layer.kind.is_conv and math.prod(layer.kernel_size) != 1
-
-
 def _cp_kernel(layer: Layer) -> tuple[int, int]:
     """The 2-D kernel of the CP core: ``(kH, kW)`` for Conv2d, ``(k, 1)`` for Conv1d."""
     k = layer.kernel_size
@@ -197,37 +124,13 @@ def parameter_shapes(layer: Layer, r: int, *, effective: bool = False) -> dict[s
 # --------------------------------------------------------------------------------------------------
 # Delta weight
 # --------------------------------------------------------------------------------------------------
-def cp_weight(t: Array, w_a: Array, w_b: Array) -> Array:
-    """The CP/Tucker factor ``F[p, q, h, w] = Σ_{i,j} t[i, j, h, w] · w_a[i, p] · w_b[j, q]``.
-
-    ``t`` is ``(r, r, kH, kW)``, ``w_a`` is ``(r, p)``, ``w_b`` is ``(r, q)``; the result is
-    ``(p, q, kH, kW)`` (PEFT's ``einsum("ijkl,jr,ip->prkl")``, written with two ``tensordot``).
-
-    >>> import numpy as np
-    >>> t = np.ones((1, 1, 2, 1)); cp_weight(t, np.array([[2.0, 3.0]]), np.array([[5.0]]))[:, :, :, 0]
-    array([[[10., 10.]],
-    <BLANKLINE>
-           [[15., 15.]]])
-    """
-    xp = namespace(t, w_a, w_b, where="cp_weight")
-    tmp = xp.tensordot(w_b, t, axes=([0], [1]))         # (q, i, h, w)
-    return xp.tensordot(w_a, tmp, axes=([0], [1]))      # (p, q, h, w), contiguous (torch.kron needs that)
-
-
-def _round_to(xp: Any, x: Array, dtype: Any) -> Array:
-    """``x`` rounded to a half-precision ``dtype`` and widened back (PEFT's intermediate rounding)."""
-    if dtype is None or not is_low_precision(dtype):
-        return x
-    return xp.astype(xp.astype(x, dtype), x.dtype)
-
-
 def _factor_rows(xp: Any, a: Array, b: Array, t: Array | None, rows: slice, cd: Any, round_to: Any = None) -> Array:
     """Rows ``rows`` of one Hadamard factor as an ``(n_rows, in_flat)`` matrix in ``cd``."""
     if t is None:
         f = xp.matmul(as_compute(xp, a[rows, :], cd), as_compute(xp, b, cd))
-        return _round_to(xp, f, round_to)
+        return round_to_dtype(xp, f, round_to)
     f = cp_weight(as_compute(xp, t, cd), as_compute(xp, a[:, rows], cd), as_compute(xp, b, cd))
-    f = _round_to(xp, f, round_to)
+    f = round_to_dtype(xp, f, round_to)
     return xp.reshape(f, (f.shape[0], -1))
 
 
@@ -256,7 +159,7 @@ def delta_matrix(
     rnd = xp.result_type(*pdt) if peft_compat else None
     f1 = _factor_rows(xp, w1_a, w1_b, t1, rows, cd, rnd)
     f2 = _factor_rows(xp, w2_a, w2_b, t2, rows, cd, rnd)
-    return _round_to(xp, _round_to(xp, f1 * f2, rnd) * scaling, rnd)
+    return round_to_dtype(xp, round_to_dtype(xp, f1 * f2, rnd) * scaling, rnd)
 
 
 def _resolve_layer(layer: Layer | LayerKind | str | None, w1_a: Array, w1_b: Array, t1: Array | None,
@@ -330,70 +233,6 @@ def delta_weight(
 # --------------------------------------------------------------------------------------------------
 # Forward (with PEFT's training-time rank and module dropout as explicit options)
 # --------------------------------------------------------------------------------------------------
-def rank_dropout_mask(
-    n: int,
-    p: float,
-    *,
-    seed: int | np.random.Generator | None = None,
-    normalize: bool = True,
-    xp: Any = None,
-    device: Any = None,
-) -> Array:
-    """PEFT's rank-dropout row mask: keep row ``o`` when ``u_o > p`` (``u ~ U[0, 1)``), divided by its mean.
-
-    Drawn on the host with ``numpy.random.default_rng(seed)`` (PEFT's torch stream cannot be
-    reproduced) and returned as float32 of ``xp`` (NumPy by default), shape ``(n,)``. When every row is
-    dropped PEFT divides by zero (NaN); here the mask is then all zeros.
-
-    >>> rank_dropout_mask(4, 0.0)
-    array([1., 1., 1., 1.], dtype=float32)
-    """
-    keep = (host_rng(seed).random(n) > p).astype(np.float32)
-    if normalize:
-        mean = keep.mean(dtype=np.float32)
-        keep = keep / mean if mean > 0 else keep
-    keep = np.ascontiguousarray(keep, dtype=np.float32)
-    if xp is None:
-        return keep
-    return backend_for(xp).from_host(keep, xp, device)
-
-
-def _draw_dropout(out: int, rank_dropout: float, module_dropout: float, seed: Any, normalize: bool,
-                  xp: Any, device: Any) -> tuple[bool, Array | None]:
-    """(keep the module?, row mask or None), drawn in PEFT's order: module first, then rows."""
-    if not rank_dropout and not module_dropout:
-        return True, None
-    rng = host_rng(seed)
-    if module_dropout and not rng.random() > module_dropout:
-        return False, None
-    if not rank_dropout:
-        return True, None
-    return True, rank_dropout_mask(out, rank_dropout, seed=rng, normalize=normalize, xp=xp, device=device)
-
-
-def adapted_forward(x: Array, W: Array, bias: Array | None, delta: Array, layer: Layer, xp: Any, *,
-                    stride: Any = 1, padding: Any = 0, dilation: Any = 1) -> Array:
-    """``base(x) + x ΔWᵀ`` or ``base(x) + conv(x, ΔW)``: the adapter term in ``delta``'s dtype, the
-    result rounded once to x's dtype (PEFT adds in float32 and casts back to x's dtype)."""
-    conv_kwargs = dict(stride=stride, padding=padding, dilation=dilation) if layer.kind.is_conv else {}
-    base = layer.base_forward(x, W, bias, xp, **conv_kwargs)
-    xin = as_compute(xp, x, delta.dtype)
-    if layer.kind.is_conv:
-        lo = conv(xin, delta, groups=layer.groups, xp=xp, **conv_kwargs)
-    else:
-        lo = xp.matmul(xin, xp.matrix_transpose(delta))
-    if tuple(lo.shape) != tuple(base.shape):
-        raise ShapeError(f"forward: adapter output {tuple(lo.shape)} does not match base output {tuple(base.shape)}")
-    return as_compute(xp, as_compute(xp, base, lo.dtype) + lo, x.dtype)
-
-
-def _masked(xp: Any, delta: Array, mask: Array | None) -> Array:
-    if mask is None:
-        return delta
-    m = as_compute(xp, mask, delta.dtype)
-    return delta * xp.reshape(m, (-1,) + (1,) * (delta.ndim - 1))
-
-
 def forward(
     x: Array,
     W: Array,
@@ -435,87 +274,23 @@ def forward(
     lay, conv_kwargs = lay.for_input(x, "loha.forward", groups=groups, stride=stride, padding=padding,
                                      dilation=dilation)
     _check_params("loha.forward", lay, w1_a, w1_b, w2_a, w2_b, t1, t2)
-    keep, mask = _draw_dropout(lay.out_features, rank_dropout, module_dropout, seed, True, xp, common_device(W))
+    keep, mask = draw_dropout(lay.out_features, rank_dropout, module_dropout, seed, True, xp, common_device(W))
     if not keep:
         return as_compute(xp, lay.base_forward(x, W, bias, xp, **conv_kwargs), x.dtype)
     mask = row_mask if row_mask is not None else mask
     cd = compute_dtype(xp, x.dtype, w1_a.dtype, w1_b.dtype, w2_a.dtype, w2_b.dtype)
     d = delta_matrix(w1_a, w1_b, w2_a, w2_b, scaling=scaling, t1=t1, t2=t2, dtype=cd, peft_compat=peft_compat)
-    d = _masked(xp, lay.from_matrix(d, xp), mask)
+    d = masked(xp, lay.from_matrix(d, xp), mask)
     return adapted_forward(x, W, bias, d, lay, xp, **conv_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
 # Merge / unmerge, row block by row block
 # --------------------------------------------------------------------------------------------------
-#: elements per row block of ΔW built at a time (1 MiB in float32: the block, its second factor and the
-#: rows of W being updated stay in cache; measured fastest on Linear(4096, 4096) among 2^16 ... 2^22)
-BLOCK_ELEMENTS = 1 << 18
-
-
-def _update_rows(xp: Any, M: Array, blocks: Callable[[Any], Iterator], cd: Any, sign: int) -> bool:
-    """``M ± ΔW`` in place, one row block at a time; ``M`` is the target's proven ``(out, in_flat)``
-    matrix view (given by :func:`~peftmath.methods._base.write_weight`)."""
-    for start, stop, block in blocks(cd):
-        if M.dtype == cd:  # augmented assignment: in place where getitem is a view, written back otherwise
-            if sign > 0:
-                M[start:stop, :] += block
-            else:
-                M[start:stop, :] -= block
-        else:  # half precision: widen the rows, add, round once
-            cur = as_compute(xp, M[start:stop, :], cd)
-            M[start:stop, :] = as_compute(xp, cur + block if sign > 0 else cur - block, M.dtype)
-            del cur
-        del block  # free this block before the generator builds the next one
-    return True
-
-
-def apply_row_blocks(
-    where: str,
-    weight: Array,
-    layer: Layer,
-    blocks: Callable[[Any], Iterator[tuple[int, int, Array]]],
-    full_delta: Callable[[], Array],
-    *,
-    param_dtypes: tuple = (),
-    sign: int = 1,
-    copy: bool = True,
-    safe: bool = False,
-    peft_compat: bool = False,
-) -> Array:
-    """``W ± ΔW`` where ``ΔW`` is produced as row blocks of its ``(out, in_flat)`` matrix view.
-
-    ``blocks(cd)`` yields ``(start, stop, block)`` with ``block`` the rows ``start:stop`` of ``ΔW`` in
-    compute dtype ``cd``; ``full_delta()`` builds the whole ``ΔW`` (stored layout) for the generic path.
-    Each element is formed in float32 (float64 with float64 inputs) and rounded once to W's dtype, as
-    :func:`~peftmath.methods._base.apply_delta` does, and written by its one write path:
-
-    * ``copy=False``: updates ``W``'s proven matrix view in place with no temporary of W's size; a
-      layout whose matrix view would be a copy is computed and stored into ``W``; arrays that cannot be
-      written raise :class:`UnsupportedError`.
-    * ``copy=True``: one allocation of W's size (a C-ordered copy updated block by block), the result.
-    * ``safe=True``: the result is formed in a copy and checked before anything is written.
-    * ``peft_compat=True``: the whole ``ΔW`` is built (``full_delta``) and added.
-    """
-    xp = namespace(weight, where=where)
-    layer.check_weight(weight)
-    cd = compute_dtype(xp, weight.dtype, *param_dtypes)
-
-    def kernel(M: Array) -> bool:
-        return _update_rows(xp, M, blocks, cd, sign)
-
-    return apply_delta(where, weight, full_delta, sign=sign, copy=copy, safe=safe, layer=layer,
-                       inplace_kernel=None if peft_compat else kernel, kernel_on_copy=True, xp=xp)
-
-
-def _block_rows(in_flat: int) -> int:
-    return max(1, BLOCK_ELEMENTS // max(1, in_flat))
-
-
 def _hada_blocks(w1_a: Array, w1_b: Array, w2_a: Array, w2_b: Array, t1: Array | None, t2: Array | None,
                  s: float, out: int, in_flat: int) -> Callable[[Any], Iterator]:
     def gen(cd: Any) -> Iterator:
-        step = _block_rows(in_flat)
+        step = block_rows(in_flat)
         if t1 is not None:
             for start in range(0, out, step):
                 stop = min(out, start + step)
@@ -610,29 +385,6 @@ def unmerge(
 # --------------------------------------------------------------------------------------------------
 # Initialisation
 # --------------------------------------------------------------------------------------------------
-def kaiming(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """PyTorch's ``kaiming_uniform_(a=√5)``: ``U(±1/sqrt(fan_in))``, ``fan_in = prod(shape[1:])``."""
-    bound = kaiming_uniform_bound(math.prod(shape[1:]))
-    return rng.uniform(-bound, bound, shape)
-
-
-def put_host(arrays: dict[str, np.ndarray], xp: Any, device: Any, dtype: Any) -> dict[str, Array]:
-    """Host float arrays as arrays of ``xp`` on ``device`` with ``dtype`` (float32 by default)."""
-    backend = backend_for(xp)
-    out = {}
-    for key, arr in arrays.items():
-        a = backend.from_host(np.ascontiguousarray(arr, dtype=np.float32), xp, device)
-        target = dtype if dtype is not None else xp.float32
-        out[key] = a if a.dtype == target else xp.astype(a, target)
-    return out
-
-
-def default_xp() -> Any:
-    import array_api_compat.numpy as xp_np
-
-    return xp_np
-
-
 def init_weights(
     layer: Layer,
     r: int,
@@ -679,7 +431,7 @@ class LoHaModule(ModuleAdapter):
     """LoHa on one base module (Linear, Conv1d or Conv2d; matrix or effective-conv form)."""
 
     peft_type = "LOHA"
-    supported_kinds = _SUPPORTED
+    supported_kinds = SUPPORTED
 
     @classmethod
     def initialize(cls, name: str, config: LoHaConfig, layer: Layer, *, weight: Array | None = None,

@@ -42,12 +42,11 @@ from ..backends import host_rng
 from ..config import check_choice, check_flags
 from ..errors import ConfigError, ShapeError
 from ..layers import Layer, LayerKind
-from . import loha
-from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, check_shape
-from .loha import (
-    _SUPPORTED, _round_to, adapted_forward, apply_row_blocks, check_kind, cp_weight,
-    default_xp, kaiming, put_host, rank_dropout_mask, scaling,
+from ._contract import Method
+from ._lycoris import (
+    SUPPORTED, LycorisConfig, adapted_forward, apply_row_blocks, block_rows, check_kind, cp_weight, default_xp,
+    draw_dropout, kaiming, masked, put_host, rank_dropout_mask, round_to_dtype, scaling, uses_effective_conv,
 )
 
 Array = Any
@@ -76,7 +75,7 @@ PEFT_TYPE = "LOKR"
 # Config
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class LoKrConfig(loha.LycorisConfig):
+class LoKrConfig(LycorisConfig):
     """PEFT's ``LoKrConfig`` (``peft_type: "LOKR"``): fields, names and defaults as in PEFT 0.21.2."""
 
     peft_type: ClassVar[str] = "LOKR"
@@ -169,7 +168,7 @@ def geometry(layer: Layer, r: int, *, decompose_both: bool = False, decompose_fa
     c, d = factorization(c_in, decompose_factor)
     use_w1 = not (decompose_both and r < max(a, c) / 2)
     use_w2 = not (r < max(b, d) / 2)
-    effective = loha.uses_effective_conv(layer, use_effective_conv2d)
+    effective = uses_effective_conv(layer, use_effective_conv2d)
     return LoKrGeometry(a, b, c, d, tuple(layer.kernel_size), r, use_w1, use_w2, effective, layer.kind)
 
 
@@ -221,13 +220,13 @@ def kron_factors(params: dict[str, Array], *, dtype: Any = None, peft_compat: bo
     if "lokr_w1" in params:
         w1 = c("lokr_w1")
     else:
-        w1 = _round_to(xp, xp.matmul(c("lokr_w1_a"), c("lokr_w1_b")), rnd)
+        w1 = round_to_dtype(xp, xp.matmul(c("lokr_w1_a"), c("lokr_w1_b")), rnd)
     if "lokr_w2" in params:
         w2 = c("lokr_w2")
     elif "lokr_t2" in params:
-        w2 = _round_to(xp, cp_weight(c("lokr_t2"), c("lokr_w2_a"), c("lokr_w2_b")), rnd)
+        w2 = round_to_dtype(xp, cp_weight(c("lokr_t2"), c("lokr_w2_a"), c("lokr_w2_b")), rnd)
     else:
-        w2 = _round_to(xp, xp.matmul(c("lokr_w2_a"), c("lokr_w2_b")), rnd)
+        w2 = round_to_dtype(xp, xp.matmul(c("lokr_w2_a"), c("lokr_w2_b")), rnd)
     return w1, w2
 
 
@@ -245,8 +244,8 @@ def make_kron(w1: Array, w2: Array, *, scaling: float, peft_compat: bool = False
         w1 = xp.reshape(w1, (w1.shape[0], w1.shape[1], 1, 1))
     k = kron(w1, w2, xp=xp)
     if peft_compat:
-        k = _round_to(xp, k, round_to)
-    return _round_to(xp, k * scaling, round_to) if peft_compat else k * scaling
+        k = round_to_dtype(xp, k, round_to)
+    return round_to_dtype(xp, k * scaling, round_to) if peft_compat else k * scaling
 
 
 def _check_params(where: str, layer: Layer, params: dict[str, Array], g: LoKrGeometry) -> None:
@@ -375,13 +374,13 @@ def forward(
                                      dilation=dilation)
     g = _geometry_from_params("lokr.forward", lay, params)
     _check_params("lokr.forward", lay, params, g)
-    keep, mask = loha._draw_dropout(lay.out_features, rank_dropout, module_dropout, seed, rank_dropout_scale,
+    keep, mask = draw_dropout(lay.out_features, rank_dropout, module_dropout, seed, rank_dropout_scale,
                                     xp, common_device(W))
     if not keep:
         return as_compute(xp, lay.base_forward(x, W, bias, xp, **conv_kwargs), x.dtype)
     mask = row_mask if row_mask is not None else mask
     cd = compute_dtype(xp, x.dtype, *(a.dtype for a in params.values()))
-    d = loha._masked(xp, _delta(params, lay, scaling, dtype=cd, peft_compat=peft_compat), mask)
+    d = masked(xp, _delta(params, lay, scaling, dtype=cd, peft_compat=peft_compat), mask)
     return adapted_forward(x, W, bias, d, lay, xp, **conv_kwargs)
 
 
@@ -400,7 +399,7 @@ def _kron_blocks(w1: Array, w2: Array, s: float, g: LoKrGeometry) -> Callable[[A
         v1 = as_compute(xp, w1, cd) * s
         kk = math.prod(g.kernel)
         in_flat = g.c * g.d * kk
-        step = max(1, loha.BLOCK_ELEMENTS // max(1, in_flat))
+        step = block_rows(in_flat)
         if not g.quirk:
             u, n_outer, n_inner = v1, g.a, g.b  # outer rows i of w1, inner rows j of w2
             v = xp.reshape(as_compute(xp, w2, cd), (g.b, g.d * kk))
@@ -522,7 +521,7 @@ class LoKrModule(ModuleAdapter):
     """LoKr on one base module (Linear, Conv1d or Conv2d)."""
 
     peft_type = "LOKR"
-    supported_kinds = _SUPPORTED
+    supported_kinds = SUPPORTED
 
     @classmethod
     def initialize(cls, name: str, config: LoKrConfig, layer: Layer, *, weight: Array | None = None,

@@ -25,7 +25,7 @@ from peftmath import Adapter
 from peftmath._array import eps
 from peftmath.errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
 from peftmath.layers import Layer
-from peftmath.methods import loha
+from peftmath.methods import _lycoris, loha
 from peftmath.methods.loha import LoHaConfig, LoHaModule
 
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -328,7 +328,7 @@ def test_module_forward_training_flag():
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape,effective", [((512, 384), False), ((256, 64, 3, 3), True)])
 def test_merge_memory(monkeypatch, shape, effective):
-    monkeypatch.setattr(loha, "BLOCK_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(_lycoris, "BLOCK_ELEMENTS", 1 << 12)
     layer = Layer.of(shape)
     p = loha.init_weights(layer, 4, init_weights=False, effective=effective, seed=0)
     W = np.random.default_rng(0).standard_normal(shape).astype(np.float32)

@@ -26,7 +26,7 @@ from peftmath import Adapter
 from peftmath._array import eps
 from peftmath.errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
 from peftmath.layers import Layer
-from peftmath.methods import lokr
+from peftmath.methods import _lycoris, lokr
 from peftmath.methods.lokr import LoKrConfig, LoKrModule
 
 
@@ -328,7 +328,7 @@ def test_rank_dropout_scale_option():
 @pytest.mark.parametrize("shape,cfg", [((1024, 512), dict(r=4)), ((127, 4096), dict(r=4)),
                                        ((1024, 64, 3), dict(r=64)), ((256, 64, 3, 3), dict(r=2))])
 def test_merge_without_kron_temporary(monkeypatch, shape, cfg):
-    monkeypatch.setattr(lokr.loha, "BLOCK_ELEMENTS", 1 << 13)
+    monkeypatch.setattr(_lycoris, "BLOCK_ELEMENTS", 1 << 13)
     c = LoKrConfig(**cfg)
     layer = Layer.of(shape)
     params, _ = LoKrModule.initialize("m", c, layer, init=False, seed=0)
