@@ -1,6 +1,6 @@
 """Open the built site in a real headless Chromium and check what a reader sees.
 
-For the landing page and every method page: MathJax has typeset every formula (no raw ``$...$`` and no
+For the landing page, every method page and the other pages of the site: MathJax has typeset every formula (no raw ``$...$`` and no
 TeX command such as ``\\frac`` left in the page's text outside code), every ``<img>`` has loaded
 (``naturalWidth > 0``), nothing was logged to the console as an error, no page script failed, no request
 left 127.0.0.1 and none failed. A full-page screenshot of each page goes to ``docs/_build/screenshots/``.
@@ -43,8 +43,14 @@ RAW_TEX = re.compile(r"\\(frac|sqrt|alpha|Delta|operatorname|mathrm|sum|cdot|odo
 RAW_DOLLAR = re.compile(r"\$[^\s$][^$\n]{0,200}\$")
 
 
+SKIP = {"genindex.html", "search.html", "py-modindex.html"}   # generated indexes, no content of ours
+
+
 def pages(site: Path) -> list[Path]:
-    return [site / "index.html", *sorted((site / "methods").glob("*.html"))]
+    """The landing page, every method page, then the other pages (reading order, design, command, API,
+    glossary)."""
+    others = sorted(p for p in site.glob("*.html") if p.name not in SKIP | {"index.html"})
+    return [site / "index.html", *sorted((site / "methods").glob("*.html")), *others]
 
 
 def serve(site: Path):

@@ -93,10 +93,21 @@ class PeftmathCli(SphinxDirective):
 
     def run(self):
         import argparse
+        import os
 
         from peftmath.cli import build_parser
 
-        parser = build_parser()
+        saved = os.environ.get("COLUMNS")
+        os.environ["COLUMNS"] = "100"    # argparse wraps to the terminal: fix the width, the page is the same
+        try:
+            return self._sections(build_parser(), argparse)
+        finally:
+            if saved is None:
+                os.environ.pop("COLUMNS", None)
+            else:
+                os.environ["COLUMNS"] = saved
+
+    def _sections(self, parser, argparse):
         result = []
         top = nodes.section(ids=["command-peftmath"], names=["peftmath"])
         top += nodes.title(text="peftmath")
