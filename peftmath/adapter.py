@@ -7,6 +7,7 @@ to arrays of any array-API library. Adapted modules are named as PEFT names them
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,8 +15,8 @@ import warnings
 
 from ._array import dtype_name
 from .config import check_supported
-from .errors import (CheckpointError, NotInvertibleError, PeftMathError, PeftMathWarning, ShapeError,
-                     UnsupportedError)
+from .errors import (CheckpointError, NamespaceError, NotInvertibleError, PeftMathError, PeftMathWarning,
+                     ShapeError, UnsupportedError)
 from .kinds import TWO_D, Evidence, decide, resolve
 from .layers import LayerKind
 from .methods import Method, get_method
@@ -93,6 +94,10 @@ class Adapter:
         #: the transformers ``model_type`` of the base, when known: it maps module names to checkpoint
         #: names where transformers renames them (:data:`peftmath.targets.CHECKPOINT_RENAMES`)
         self.model_type = model_type
+        #: factors moved to another library / device, by (id of the source array, library, device):
+        #: ``(source, moved)`` (the source is kept so that its id is not reused); shared with the shallow
+        #: copies of this adapter (:meth:`on`, the streamer's per-module parts)
+        self._moved: dict[tuple[int, str, str], tuple[Array, Array]] = {}
 
     def __repr__(self) -> str:
         return f"Adapter({self.config.peft_type}, {len(self.params)} modules, {self.num_trainable_parameters()} parameters)"
@@ -131,6 +136,94 @@ class Adapter:
                 f"{self.peft_type} adds virtual tokens and changes no weight, so it has no {what}; use "
                 f"prompt_embeddings(){' / past_key_values(batch_size)' if self.description.past_key_values else ''}"
             )
+
+    # --- library and device -------------------------------------------------------------------
+    def on(self, xp: Any, device: Any = None) -> "Adapter":
+        """This adapter with its factors (:attr:`params`, :attr:`shared`, :attr:`other`) as arrays of
+        namespace ``xp`` on ``device`` (default: the library's default device); ``self`` when they already are.
+
+        The factors are moved through the backend registry (:meth:`~peftmath.backends.Backend.to_host`
+        of their library, then :meth:`~peftmath.backends.Backend.from_host` of ``xp``), or with
+        ``to_device`` between two devices of one library, each once: the moved arrays are cached on the
+        adapter by (source array, library, device), so merging again (or another module of the same
+        adapter) converts nothing. The cache holds the source arrays it was made from: replacing a factor
+        in :attr:`params` moves the new one; writing into a source array in place after a move is not seen.
+        The result shares config, layer kinds and the cache with ``self``. :meth:`merge`, :meth:`unmerge`,
+        :meth:`forward` and :meth:`delta_weight` call it for the base weights' library and device.
+        """
+        import array_api_compat
+
+        if device is None:
+            probe = xp.asarray(0.0) if not hasattr(xp, "empty") else xp.empty((0,))
+            device = array_api_compat.device(probe)
+        arrays = [a for p in self.params.values() for a in p.values()] + list(self.shared.values()) + list(self.other.values())
+        if all(_same_place(a, xp, device) for a in arrays):
+            return self
+        moved = copy.copy(self)
+        moved.params = {m: {k: self._move(a, xp, device) for k, a in p.items()} for m, p in self.params.items()}
+        moved.shared = {k: self._move(a, xp, device) for k, a in self.shared.items()}
+        moved.other = {k: self._move(a, xp, device) for k, a in self.other.items()}
+        return moved
+
+    def _move(self, a: Array, xp: Any, device: Any) -> Array:
+        """Factor ``a`` as an array of ``xp`` on ``device`` (cached; never a base weight)."""
+        if _same_place(a, xp, device):
+            return a
+        key = (id(a), _library(xp), str(device))
+        cache = self.__dict__.setdefault("_moved", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] is a:
+            return hit[1]
+        import array_api_compat
+
+        from ._array import namespace
+        from .backends import backend_for
+
+        src = namespace(a)
+        if _library(src) == _library(xp):
+            out = array_api_compat.to_device(a, device)
+        else:
+            host = backend_for(src).to_host(a)
+            try:
+                out = backend_for(xp).from_host(host, xp, device)
+            except (TypeError, ValueError) as exc:
+                raise NamespaceError(
+                    f"{self.peft_type} adapter: cannot move a {dtype_name(a.dtype)} factor of shape {tuple(a.shape)} "
+                    f"from {_library(src)} to {_library(xp)} ({exc}); load the adapter in that library instead: "
+                    f"load_adapter(path, xp=..., device=...)") from exc
+        cache[key] = (a, out)
+        return out
+
+    def _follow(self, arrays: Mapping[str, Array], where: str) -> "Adapter":
+        """This adapter on the library and device of ``arrays`` (the base tensors it reads, by key); a
+        :class:`~peftmath.errors.NamespaceError` saying what to call when they are of several libraries
+        or devices."""
+        present = {k: v for k, v in arrays.items() if v is not None}
+        if not present:
+            return self
+        from ._array import common_device, namespace
+
+        try:
+            xp = namespace(*present.values())
+            device = common_device(*present.values())
+        except NamespaceError:
+            raise _mixed_error(present, where) from None
+        if device is None:  # traced values: let the module operations decide
+            return self
+        return self.on(xp, device)
+
+    def _touched(self, state: Mapping[str, Array], model_type: str | None) -> dict[str, Array]:
+        """The tensors of ``state`` a merge / unmerge of this adapter reads: adapted weights and biases and
+        the tensors it replaces."""
+        out = {}
+        for m in self.modules:
+            key = self.base_key(m, state, model_type=model_type)
+            for k in (f"{key}.weight", f"{key}.bias"):
+                if k in state:
+                    out[k] = state[k]
+        for kb in self._replacement_keys(state, model_type).values():
+            out[kb] = state[kb]
+        return out
 
     # --- per module ---------------------------------------------------------------------------
     def module(
@@ -187,8 +280,12 @@ class Adapter:
 
     def delta_weight(self, name: str, *, weight_shape: tuple[int, ...] | None = None,
                      kind: LayerKind | str | None = None, model_type: str | None = None,
-                     peft_compat: bool = False) -> Array:
-        """``ΔW`` of module ``name`` in the base weight's stored layout (additive methods)."""
+                     peft_compat: bool = False, xp: Any = None, device: Any = None) -> Array:
+        """``ΔW`` of module ``name`` in the base weight's stored layout (additive methods), as an array of
+        the factors' library, or of ``xp`` on ``device`` when given (the factors move once, :meth:`on`)."""
+        if xp is not None:
+            return self.on(xp, device).delta_weight(name, weight_shape=weight_shape, kind=kind, model_type=model_type,
+                                                    peft_compat=peft_compat)
         mod = self.module(name, weight_shape=weight_shape, kind=kind, model_type=model_type)
         return mod.delta_weight(peft_compat=peft_compat)
 
@@ -205,6 +302,9 @@ class Adapter:
         model_type = model_type or self.model_type
         weight, bias = self._base_tensors(name, state, model_type=model_type)
         key = self.base_key(name, state, model_type=model_type)
+        follow = self._follow({f"{key}.weight": weight, f"{key}.bias": bias}, f"{name}: forward")
+        if follow is not self:
+            return follow.forward(name, x, state, kind=kind, model_type=model_type, **layer_kwargs)
         weight = self._replacement(name, key, "weight", weight)
         bias = self._replacement(name, key, "bias", bias)
         if kind is None:
@@ -250,6 +350,10 @@ class Adapter:
         """
         self._require_modules("merge")
         model_type = self._model_type(model_type, model_config)
+        follow = self._follow(self._touched(state, model_type), "merge")
+        if follow is not self:
+            return follow.merge(state, peft_compat=peft_compat, safe=safe, layer_kinds=layer_kinds, records=records,
+                                copy=copy, model_type=model_type, model_config=model_config)
         self.check_base({k: tuple(v.shape) for k, v in state.items()}, model_config=model_config,
                         model_type=model_type)
         replaced = self._replacements(state, model_type)
@@ -299,6 +403,19 @@ class Adapter:
         """
         self._require_modules("unmerge")
         model_type = model_type or self.model_type
+        touched = self._touched(merged, model_type)
+        follow = self._follow(touched, "unmerge")
+        if follow is not self:
+            if records:  # DoRA's weight norms from a merge on the host: small, they follow too
+                import array_api_compat
+
+                from ._array import namespace
+
+                ref = next(iter(touched.values()))
+                xp, dev = namespace(ref), array_api_compat.device(ref)
+                records = {k: follow._move(v, xp, dev) if hasattr(v, "dtype") else v for k, v in records.items()}
+            return follow.unmerge(merged, peft_compat=peft_compat, layer_kinds=layer_kinds, records=records, copy=copy,
+                                  model_type=model_type, originals=originals)
         replaced = {k: self._replaced_key(k, merged, model_type) or k for k in self.other}
         missing = sorted(k for k in replaced.values() if originals is None or k not in originals)
         if missing:
@@ -624,6 +741,54 @@ def _like(value: Any, target: Any) -> Any:
     except NamespaceError:
         return value
     return xp.astype(value, target.dtype)
+
+
+def _library(xp: Any) -> str:
+    """The array library of namespace ``xp`` (``"torch"``, ``"numpy"``, ``"jax"``, ``"array_api_strict"``)."""
+    name = getattr(xp, "__name__", type(xp).__name__)
+    if name.startswith("array_api_compat."):
+        name = name[len("array_api_compat."):]
+    return name.split(".")[0]
+
+
+def _same_place(a: Any, xp: Any, device: Any) -> bool:
+    """True when ``a`` is an array of ``xp``'s library on ``device``."""
+    import array_api_compat
+
+    from ._array import namespace
+
+    try:
+        own = namespace(a)
+    except NamespaceError:
+        return False
+    return _library(own) == _library(xp) and array_api_compat.device(a) == device
+
+
+#: how to convert one array ``v`` to a library, for the error naming a state dict of several libraries
+_AS_LIBRARY = {"torch": "torch.as_tensor(v)", "numpy": "np.asarray(v)", "jax": "jnp.asarray(v)",
+               "array_api_strict": "array_api_strict.asarray(v)", "cupy": "cupy.asarray(v)"}
+
+
+def _mixed_error(tensors: Mapping[str, Any], where: str) -> NamespaceError:
+    """The error of a state dict whose tensors this adapter reads are of several libraries or devices."""
+    import array_api_compat
+
+    from ._array import namespace
+
+    groups: dict[str, list[str]] = {}
+    for k, v in tensors.items():
+        try:
+            lib = _library(namespace(v))
+        except NamespaceError:
+            lib = type(v).__module__.split(".")[0]
+        groups.setdefault(f"{lib} on {array_api_compat.device(v)}", []).append(k)
+    listed = "; ".join(f"{g}: {_some(sorted(ks), 3)}" for g, ks in sorted(groups.items()))
+    target = max(groups, key=lambda g: len(groups[g])).split(" on ")[0]
+    conv = _AS_LIBRARY.get(target, f"{target}.asarray(v)")
+    return NamespaceError(
+        f"{where}: the base tensors this adapter reads are of several libraries or devices ({listed}); the "
+        f"adapter follows the base weights, so they must be of one: convert the state dict first, e.g. "
+        f"state = {{k: {conv} for k, v in state.items()}} (and .to(device) / device= for one device)")
 
 
 def _leaf_in(module: str, names: tuple[str, ...]) -> bool:
