@@ -1,7 +1,8 @@
 """The layering of peftmath (design §2, "Who may use whom"), checked on the source with ``ast``.
 
 The rule counts *module-level* imports only: an ``import`` at the top level of a module (including
-inside a top-level ``if``/``try``) runs when the module is imported and so defines the import graph.
+inside a top-level ``if``/``try``) runs when the module is imported and so defines the import graph;
+the body of ``if TYPE_CHECKING:`` never runs (imports for annotations only) and is not counted.
 An import inside a function or method body runs only when it is called; it is the sanctioned way to
 reach upward lazily (``LoraModule(...)`` building a ``DoraModule``, the registry importing a method
 on first use) and is ignored here.
@@ -39,10 +40,18 @@ def _top_level_imports(node: ast.AST):
     for child in ast.iter_child_nodes(node):
         if isinstance(child, (ast.Import, ast.ImportFrom)):
             yield child
+        elif isinstance(child, ast.If) and _is_type_checking(child.test):
+            yield from _top_level_imports(ast.Module(body=child.orelse, type_ignores=[]))  # the if-body never runs
         elif isinstance(child, (ast.If, ast.Try, ast.With)):
             yield from _top_level_imports(child)
         elif isinstance(child, ast.ExceptHandler):
             yield from _top_level_imports(child)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    """``if TYPE_CHECKING:`` / ``if typing.TYPE_CHECKING:``: imports only for annotations, never executed."""
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> str:
@@ -132,6 +141,8 @@ def test_graph_sees_known_edges():
     assert "peftmath.methods._base" in g["peftmath.methods.lora"]
     assert "peftmath.methods" in g["peftmath.adapter"]
     assert "peftmath.methods.dora" not in g["peftmath.methods.lora"]  # only inside functions
+    assert "peftmath.methods.adalora_allocator" in g["peftmath.methods.adalora"]
+    assert "peftmath.methods.adalora" not in g["peftmath.methods.adalora_allocator"]  # only under TYPE_CHECKING
 
 
 def test_methods_import_no_io_adapter_cli():
@@ -173,7 +184,9 @@ def test_methods_share_code_through_private_modules():
     """A method module imports another method module only where it extends that method (LoHa and LoKr
     share LyCORIS plumbing through ``methods._lycoris``, never each other)."""
     g = import_graph()
-    methods = {m for m in g if m.startswith("peftmath.methods.") and not m.rpartition(".")[2].startswith("_")}
+    from peftmath.methods import METHOD_MODULES
+
+    methods = set(METHOD_MODULES.values())
     assert {"peftmath.methods.loha", "peftmath.methods.lokr", "peftmath.methods.lora"} <= methods
     assert "peftmath.methods._lycoris" in g["peftmath.methods.lokr"]
     extra = {m: sorted((g[m] & methods) - ALLOWED_METHOD_EDGES.get(m, set())) for m in methods}

@@ -49,10 +49,10 @@ from ..layers import Layer, LayerKind
 from ._base import MergeResult, ModuleAdapter, check_shape
 from ._contract import Method
 # the LyCORIS plumbing LoHa shares with LoKr; every name stays importable from here
-from ._lycoris import (  # noqa: F401
+from ._lycoris import (  # noqa: F401  (BLOCK_ELEMENTS: loha.BLOCK_ELEMENTS is documented)
     BLOCK_ELEMENTS, SUPPORTED, LycorisConfig, adapted_forward, apply_row_blocks, block_rows, check_kind, cp_weight,
-    default_xp, draw_dropout, kaiming, masked, put_host, rank_dropout_mask, round_to_dtype, scaling, update_rows,
-    uses_effective_conv, validate_lycoris,
+    default_xp, draw_dropout, kaiming, masked, put_host, rank_dropout_mask, round_to_dtype, scaling,
+    uses_effective_conv,
 )
 
 Array = Any

@@ -105,30 +105,23 @@ class LoraConfig(TunerConfig):
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
         check_positive_int(source, "r", self.r)
-        init = self.validate_lora_fields(source)
-        if self.lora_bias and (self.use_dora or init not in (True, False)):
-            raise ConfigError(
-                f"{source}: lora_bias=true needs init_lora_weights true/false and use_dora=false "
-                f"(got init_lora_weights={init!r}, use_dora={self.use_dora}); PEFT refuses this too"
-            )
-        if init == "loftq" and not self.loftq_config:
-            raise ConfigError(f"{source}: init_lora_weights='loftq' needs a loftq_config")
+        self.validate_lora_fields(source)
         if self.rank_pattern is None:
             self.rank_pattern = {}
         if self.alpha_pattern is None:
             self.alpha_pattern = {}
         check_pattern(source, "rank_pattern", self.rank_pattern)
         check_pattern(source, "alpha_pattern", self.alpha_pattern)
-        if not isinstance(self.loftq_config, dict):
-            raise ConfigError(f"{source}: field 'loftq_config' must be an object, got {self.loftq_config!r}")
         for name, value in (self.rank_pattern or {}).items():
             check_positive_int(source, f"rank_pattern[{name!r}]", value)
         for name, value in (self.alpha_pattern or {}).items():
             check_number(source, f"alpha_pattern[{name!r}]", value)
 
     def validate_lora_fields(self, source: str) -> bool | str:
-        """The checks LoRA shares with AdaLoRA (alpha, dropout, bias, the flags, the init option);
-        returns ``init_lora_weights``."""
+        """The checks of the fields LoRA shares with AdaLoRA (PEFT's ``AdaLoraConfig`` runs
+        ``LoraConfig.__post_init__`` first): alpha, dropout, bias, the flags, the init option, the
+        ``lora_bias`` rule and the LoftQ settings. ``r`` and the patterns are LoRA's own (AdaLoRA uses
+        ``init_r`` and a mask pattern). Returns ``init_lora_weights``."""
         check_number(source, "lora_alpha", self.lora_alpha)
         check_fraction(source, "lora_dropout", self.lora_dropout)
         check_choice(source, "bias", self.bias, ("none", "all", "lora_only"))
@@ -136,6 +129,15 @@ class LoraConfig(TunerConfig):
         init = self.init_lora_weights
         if not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
             check_choice(source, "init_lora_weights", init, _INIT_CHOICES)
+        if self.lora_bias and (self.use_dora or init not in (True, False)):
+            raise ConfigError(
+                f"{source}: lora_bias=true needs init_lora_weights true/false and use_dora=false "
+                f"(got init_lora_weights={init!r}, use_dora={self.use_dora}); PEFT refuses this too"
+            )
+        if not isinstance(self.loftq_config, dict):
+            raise ConfigError(f"{source}: field 'loftq_config' must be an object, got {self.loftq_config!r}")
+        if init == "loftq" and not self.loftq_config:
+            raise ConfigError(f"{source}: init_lora_weights='loftq' needs a loftq_config")
         return init
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:

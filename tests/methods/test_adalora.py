@@ -411,6 +411,41 @@ def test_config_errors(fields, match):
         AdaLoraConfig(**base).validate()
 
 
+#: fields LoRA and AdaLoRA share, each with a bad value and the field the refusal must name
+SHARED_BAD_FIELDS = [
+    (dict(lora_alpha="8"), "lora_alpha"),
+    (dict(lora_dropout=1.5), "lora_dropout"),
+    (dict(bias="some"), "bias"),
+    (dict(fan_in_fan_out="yes"), "fan_in_fan_out"),
+    (dict(init_lora_weights="uniform"), "init_lora_weights"),
+    (dict(lora_bias=True, init_lora_weights="gaussian"), "lora_bias"),   # PEFT's LoraConfig rule
+    (dict(init_lora_weights="loftq"), "loftq_config"),                    # 'loftq' without its config
+    (dict(loftq_config="4 bits"), "loftq_config"),                        # not an object
+]
+
+
+@pytest.mark.parametrize("fields, field", SHARED_BAD_FIELDS)
+def test_config_refuses_bad_shared_lora_fields_as_lora_does(fields, field):
+    """AdaLoraConfig runs every check of the fields it shares with LoraConfig (PEFT's AdaLoraConfig runs
+    LoraConfig.__post_init__ first): the same ConfigError, word for word, as LoraConfig's."""
+    from peftmath.methods.lora import LoraConfig
+
+    with pytest.raises(ConfigError, match=field) as lora_err:
+        LoraConfig(**fields).validate()
+    with pytest.raises(ConfigError, match=field) as ada_err:
+        AdaLoraConfig(total_step=20, **fields).validate()
+    assert str(ada_err.value) == str(lora_err.value)
+
+
+def test_config_shared_checks_leave_lora_only_fields_alone():
+    """r and LoRA's patterns are not AdaLoRA's: r=0 is ignored (PEFT ignores r) and rank_pattern is a mask."""
+    AdaLoraConfig(total_step=20, r=0, rank_pattern={"q.lora_E": [True, False] * 6}).validate()
+    with pytest.raises(ConfigError, match="'r'"):
+        from peftmath.methods.lora import LoraConfig
+
+        LoraConfig(r=0).validate()
+
+
 def test_config_from_peft_dict_round_trip():
     from peftmath.io.peft import config_from_dict
 
