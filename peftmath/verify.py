@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 
 from ._array import dtype_name
+from .errors import UnsupportedError
 from .io.stream import Model, compute_group, plan
 
 __all__ = ["TensorCheck", "VerifyReport", "verify", "diff", "unit_roundoff", "exact_adapter"]
@@ -193,24 +194,27 @@ def _bound_terms(base: Model, pl: Any, adapters: Sequence[Any], abs_adapters: Se
         if st.module is None:
             continue
         mod = st.mod
-        if getattr(mod, "additive", True) and hasattr(mod, "delta_weight"):
+        desc = mod.description
+        if desc.additive:
             amod = abs_adapters[st.adapter].module(st.module, weight_shape=shape, kind=st.kind,
                                                    model_type=base.model_type)
             deltas = deltas + np.abs(np.asarray(amod.delta_weight()))
             K += _contraction(mod.params) + 2
-            dora = dora or bool(getattr(mod, "is_dora", False))
-        elif mod.peft_type == "IA3":
+            dora = dora or mod.needs_record()
+        elif desc.scale:
             iso = True
-        else:
+        elif desc.rotation:
             rot = True
-            R = next((a for k, a in mod.params.items() if k.startswith(("boft_R", "oft_R", "oft_r"))), None)
-            q += int(np.shape(R)[0]) if R is not None and mod.peft_type == "BOFT" else 1
+            q += mod.rotation_factors()
+        else:
+            raise UnsupportedError(f"verify: {st.module}: no error bound is derived for {desc.peft_type} "
+                                   f"(neither additive, scale nor rotation); it cannot be verified")
     S = W + deltas
     term = K * u_c * S
     if dora:
         V = base.read(wkey).astype(np.float64)
         for st in pl.groups[wkey]:
-            if st.module is not None and getattr(st.mod, "additive", False):
+            if st.module is not None and st.mod.description.additive:
                 fmod = exact_adapter(adapters[st.adapter]).module(st.module, weight_shape=shape, kind=st.kind,
                                                                   model_type=base.model_type)
                 V = V + np.asarray(fmod.delta_weight())
@@ -224,8 +228,7 @@ def _bound_terms(base: Model, pl: Any, adapters: Sequence[Any], abs_adapters: Se
     if rot:
         mat = W.reshape(shape[0], -1) if W.ndim >= 2 else W.reshape(1, -1)
         L = np.broadcast_to(mat.sum(axis=1, keepdims=True), mat.shape).reshape(shape)
-        scale = max((float(np.max(np.abs(np.asarray(a)))) for st in pl.groups[wkey] if st.module is not None
-                     for k, a in st.mod.params.items() if k.startswith("boft_s")), default=1.0)
+        scale = max((st.mod.output_scale_max() for st in pl.groups[wkey] if st.module is not None), default=1.0)
         term = term + q * (2 * n + 8) * u_c * L * max(scale, 1.0) + 8 * u_c * np.abs(x)
     if peft_compat:
         term = term + u_d * deltas

@@ -306,6 +306,17 @@ class ModuleAdapter:
         """Whether this module's merge returns a record its unmerge needs (DoRA's weight norm)."""
         return self.merge_record
 
+    def rotation_factors(self) -> int:
+        """How many rotations merging applies to the weight in sequence: 0 for a method that does not
+        rotate, 1 for one rotation (OFT); BOFT overrides it with its butterfly factor count ``m``. It is
+        the ``q`` of the rotation bound in :mod:`peftmath.verify`."""
+        return 1 if self.description.rotation else 0
+
+    def output_scale_max(self) -> float:
+        """The largest ``|s|`` of a scale merging applies after a rotation (BOFT's ``boft_s``); 1.0 where
+        there is none. :mod:`peftmath.verify` multiplies its rotation bound by ``max(this, 1)``."""
+        return 1.0
+
     def describe(self) -> dict[str, Any]:
         """Resolved per-module hyper-parameters for summaries (rank, alpha, scaling, ...)."""
         return {}

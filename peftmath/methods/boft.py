@@ -497,6 +497,14 @@ class BOFTModule(ModuleAdapter):
         """The Cayley blocks ``(m, N_b, b, b)`` in float32 (float64 for float64 parameters)."""
         return cayley(self.R, dtype=dtype)
 
+    def rotation_factors(self) -> int:
+        """``m``: the butterfly factors merging multiplies in sequence (``boft_R``'s first axis)."""
+        return int(self.m)
+
+    def output_scale_max(self) -> float:
+        """``max |boft_s|``, the scale applied after the rotation."""
+        return float(self.xp.max(self.xp.abs(self.s)))
+
     def delta_weight(self, *, peft_compat: bool = False) -> Array:
         raise UnsupportedError(
             f"{self.name}: BOFT is multiplicative (merge computes diag(s) W Mᵀ), so it has no delta weight; "
