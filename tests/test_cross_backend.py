@@ -13,8 +13,9 @@ float64. Tolerances come from error analysis:
 * merge then unmerge returns ``W`` within ``8·eps·(|W| + |ΔW|)`` (additive methods) or the row-wise bound.
 
 Outputs must stay in the input's namespace. The methods and examples are discovered from
-``peftmath.methods`` (each method's ``EXAMPLES`` and ``Module.supported_kinds``), so a new method is
-covered without editing this file.
+``peftmath.methods`` through each method's :class:`~peftmath.methods.Method` description
+(``describe_method``: ``merges_weights``, ``examples``, ``layer_kinds``, ``config``, ``initialize``), so a
+new method is covered without editing this file.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from hypothesis import strategies as st
 from peftmath.adapter import Adapter
 from peftmath.errors import UnsupportedError
 from peftmath.layers import Layer, LayerKind
-from peftmath.methods import get_method, implemented_methods
+from peftmath.methods import describe_method, implemented_methods
 
 #: base weight shapes per layer kind (stored layout)
 SHAPES = {
@@ -48,12 +49,11 @@ SHAPES = {
 def _cases():
     out = []
     for peft_type in implemented_methods():
-        method = get_method(peft_type)
-        module_cls = getattr(method, "Module", None)
-        if module_cls is None or not hasattr(module_cls, "initialize"):
+        desc = describe_method(peft_type)
+        if not desc.merges_weights:
             continue  # prompt-learning methods have no per-module math
-        for label in getattr(method, "EXAMPLES", {}):
-            for kind in module_cls.supported_kinds:
+        for label in desc.examples:
+            for kind in desc.layer_kinds:
                 if kind in SHAPES:
                     out.append(pytest.param(peft_type, label, kind, id=f"{label}-{kind.value}"))
     return out
@@ -69,20 +69,20 @@ def _input(kind: LayerKind, layer: Layer, rng: np.random.Generator) -> np.ndarra
 
 
 def _build(peft_type: str, label: str, kind: LayerKind, seed: int):
-    method = get_method(peft_type)
+    desc = describe_method(peft_type)
     rng = np.random.default_rng(seed)
     layer = Layer.of(SHAPES[kind], kind)
     W = rng.standard_normal(layer.weight_shape)
     bias = rng.standard_normal(layer.out_features) if kind is not LayerKind.EMBEDDING else None
-    fields = dict(method.EXAMPLES[label])
-    config = method.Config(target_modules=["m"], **fields)
+    fields = dict(desc.examples[label])
+    config = desc.config(target_modules=["m"], **fields)
     try:
-        params, new_w = method.Module.initialize("m", config, layer, weight=W.astype(np.float32), seed=seed)
+        params, new_w = desc.initialize("m", config, layer, weight=W.astype(np.float32), seed=seed)
     except UnsupportedError as exc:  # a documented limitation of this example on this kind
         pytest.skip(str(exc))
     base = (new_w if new_w is not None else W).astype(np.float64)
     host = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-    return method, config, layer, base, bias, host, _input(kind, layer, rng)
+    return desc, config, layer, base, bias, host, _input(kind, layer, rng)
 
 
 def _adapter(config, params, xp, dtype):
@@ -106,7 +106,7 @@ CASES = _cases()
 @settings(max_examples=int(os.environ.get("PEFTMATH_XB_EXAMPLES", 5)))
 def test_backend_matches_float64_reference(xp_all, peft_type, label, kind, seed):
     xp = xp_all
-    method, config, layer, W, bias, params, x = _build(peft_type, label, kind, seed)
+    _, config, layer, W, bias, params, x = _build(peft_type, label, kind, seed)
     eps = float(np.finfo(np.float32).eps)
     contraction = math.prod(layer.matrix_shape[1:]) + 16
     c = 4.0 * contraction
