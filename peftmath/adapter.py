@@ -8,6 +8,7 @@ to arrays of any array-API library. Adapted modules are named as PEFT names them
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +16,7 @@ import warnings
 
 from ._array import dtype_name
 from .config import check_supported
-from .errors import (CheckpointError, NamespaceError, NotInvertibleError, PeftMathError, PeftMathWarning,
+from .errors import (CheckpointError, ConfigError, NamespaceError, NotInvertibleError, PeftMathError, PeftMathWarning,
                      ShapeError, UnsupportedError)
 from .kinds import TWO_D, Evidence, decide, resolve
 from .layers import LayerKind
@@ -98,6 +99,9 @@ class Adapter:
         #: ``(source, moved)`` (the source is kept so that its id is not reused); shared with the shallow
         #: copies of this adapter (:meth:`on`, the streamer's per-module parts)
         self._moved: dict[tuple[int, str, str], tuple[Array, Array]] = {}
+        #: the factor :meth:`merge` / :meth:`unmerge` / :meth:`delta_weight` apply this adapter with (times
+        #: their own ``scale=``); 1 for a plain adapter, set by :meth:`scaled` (``peftmath merge BASE A:0.5``)
+        self.scale: float = 1.0
 
     def __repr__(self) -> str:
         return f"Adapter({self.config.peft_type}, {len(self.params)} modules, {self.num_trainable_parameters()} parameters)"
@@ -136,6 +140,74 @@ class Adapter:
                 f"{self.peft_type} adds virtual tokens and changes no weight, so it has no {what}; use "
                 f"prompt_embeddings(){' / past_key_values(batch_size)' if self.description.past_key_values else ''}"
             )
+
+    # --- scale ---------------------------------------------------------------------------------
+    def scaled(self, scale: float) -> "Adapter":
+        """This adapter applied with factor ``scale`` (times :attr:`scale`) by :meth:`merge`, :meth:`unmerge`,
+        :meth:`delta_weight`, :meth:`forward` and :meth:`module`, as llama.cpp's ``--lora-scaled`` and mergekit's per-model weights; a
+        shallow copy sharing the factors (nothing is computed here). What a scale ``c`` means per method:
+
+        * additive methods with a scaling ``s`` (LoRA, AdaLoRA, LoHa, LoKr): ``s → c·s``, so ``ΔW → c·ΔW``
+          (LoRA's ``lora_bias`` term ``s·b_B`` too). This is PEFT's ``LoraLayer.scale_layer(c)`` /
+          ``set_scale``, which multiplies ``scaling`` and leaves everything else as it is.
+        * DoRA: the same ``s → c·s`` inside the direction, ``V = W + c·s·BA``, with the magnitude unchanged:
+          ``W' = m ⊙ V / ‖V‖`` (PEFT's ``scale_layer`` on a DoRA layer does exactly this; the result is
+          *not* ``W + c·(W_dora − W)``).
+        * VeRA (no scaling in PEFT): ``λ_b → c·λ_b``, so ``ΔW → c·ΔW`` (the factor rounded once to
+          ``λ_b``'s dtype).
+        * IA3: ``l → 1 + c·(l − 1)`` (``c = 0`` is the identity, ``c = 1`` the adapter). PEFT has no scale
+          for IA3; this definition interpolates the learned vector toward 1 (computed in ``l``'s dtype).
+        * OFT / BOFT: refused for ``c ≠ 1`` (:class:`~peftmath.errors.UnsupportedError`): a rotation has no
+          linear scale, and PEFT defines none.
+
+        A ``c ≠ 1`` is also refused for an adapter that replaces base tensors (:attr:`other`:
+        ``modules_to_save`` copies, trained biases): a replaced tensor is not a change that can be scaled.
+        :meth:`unmerge` with the same scale is the exact inverse of :meth:`merge` with it.
+        """
+        c = float(scale)
+        if not math.isfinite(c):
+            raise ConfigError(f"{self.peft_type} adapter: scale must be a finite number, got {scale!r}")
+        out = copy.copy(self)
+        out.scale = self.scale * c
+        out._check_scale(1.0, f"{self.peft_type} adapter")  # refused now, not at the first module
+        return out
+
+    def _check_scale(self, scale: float, what: str) -> float:
+        """The effective scale (:attr:`scale` times ``scale``), refused where it has no meaning."""
+        c = self.scale * float(scale)
+        if c == 1.0:
+            return c
+        if not math.isfinite(c):
+            raise ConfigError(f"{what}: scale must be a finite number, got {c!r}")
+        if self.description.rotation:
+            raise UnsupportedError(
+                f"{what}: {self.peft_type} multiplies the weight by a rotation, which has no linear scale (PEFT "
+                f"defines none); merge it with scale 1, or scale an additive adapter instead (got scale {c:g})")
+        if self.other:
+            raise UnsupportedError(
+                f"{what}: this {self.peft_type} adapter replaces base tensors ({_some(sorted(self.other), 3)}: "
+                f"modules_to_save copies, trained biases or saved embeddings); a replaced tensor is not a change "
+                f"that can be scaled. Merge it with scale 1 (got scale {c:g})")
+        return c
+
+    def _apply_scale(self, mod: ModuleAdapter, params: dict[str, Array], c: float) -> ModuleAdapter:
+        """Module ``mod`` (bound from ``params``) with scale ``c`` applied, per the rule of :meth:`scaled`."""
+        if c == 1.0:
+            return mod
+        d = self.description
+        if d.scale:  # IA3: every per-module parameter is a scaling vector: l → 1 + c·(l − 1)
+            params = {k: 1 + c * (a - 1) for k, a in params.items()}
+            return type(mod)(mod.name, self.config, params, mod.layer, shared=self.shared)
+        scaling = getattr(mod, "scaling", None)
+        if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
+            mod.scaling = scaling * c  # PEFT's scale_layer: the module's scaling alone
+            return mod
+        # an additive method without a scaling (VeRA): ΔW is linear in its first listed per-module factor
+        first = next((k for k in d.parameter_suffixes if k in params), None)
+        if first is None:
+            raise UnsupportedError(f"{mod.name}: peftmath does not know how to scale a {self.peft_type} module")
+        params = {**params, first: params[first] * c}
+        return type(mod)(mod.name, self.config, params, mod.layer, shared=self.shared)
 
     # --- library and device -------------------------------------------------------------------
     def on(self, xp: Any, device: Any = None) -> "Adapter":
@@ -233,8 +305,10 @@ class Adapter:
         weight_shape: tuple[int, ...] | None = None,
         kind: LayerKind | str | None = None,
         model_type: str | None = None,
+        scale: float = 1.0,
     ) -> ModuleAdapter:
-        """The bound :class:`~peftmath.methods._base.ModuleAdapter` of module ``name``.
+        """The bound :class:`~peftmath.methods._base.ModuleAdapter` of module ``name``, with ``scale`` times
+        :attr:`scale` applied (:meth:`scaled`).
 
         The layer geometry comes from the base weight's shape when given, otherwise from the parameters
         and the config. Whether a 2-D weight is an ``nn.Linear`` or a transformers ``Conv1D`` is decided
@@ -247,7 +321,7 @@ class Adapter:
         self._require_module(name)
         if kind is None:
             kind = self._kind_for(name, weight_shape, None, model_type or self.model_type)
-        return self._bind(name, weight_shape, kind)
+        return self._bind(name, weight_shape, kind, scale=scale)
 
     def resolve_layer_kinds(
         self,
@@ -280,13 +354,14 @@ class Adapter:
 
     def delta_weight(self, name: str, *, weight_shape: tuple[int, ...] | None = None,
                      kind: LayerKind | str | None = None, model_type: str | None = None,
-                     peft_compat: bool = False, xp: Any = None, device: Any = None) -> Array:
+                     peft_compat: bool = False, xp: Any = None, device: Any = None, scale: float = 1.0) -> Array:
         """``ΔW`` of module ``name`` in the base weight's stored layout (additive methods), as an array of
-        the factors' library, or of ``xp`` on ``device`` when given (the factors move once, :meth:`on`)."""
+        the factors' library, or of ``xp`` on ``device`` when given (the factors move once, :meth:`on`);
+        with ``scale`` (times :attr:`scale`) applied as :meth:`scaled` says."""
         if xp is not None:
             return self.on(xp, device).delta_weight(name, weight_shape=weight_shape, kind=kind, model_type=model_type,
-                                                    peft_compat=peft_compat)
-        mod = self.module(name, weight_shape=weight_shape, kind=kind, model_type=model_type)
+                                                    peft_compat=peft_compat, scale=scale)
+        mod = self.module(name, weight_shape=weight_shape, kind=kind, model_type=model_type, scale=scale)
         return mod.delta_weight(peft_compat=peft_compat)
 
     def forward(self, name: str, x: Array, state: Mapping[str, Array], *, kind: LayerKind | str | None = None,
@@ -324,8 +399,14 @@ class Adapter:
         copy: bool = True,
         model_type: str | None = None,
         model_config: Mapping[str, Any] | None = None,
+        scale: float = 1.0,
     ) -> dict[str, Array]:
         """The merged state dict: a new dict in which adapted weights (and biases) are replaced.
+
+        ``scale`` (times :attr:`scale`) applies the adapter with that factor; what it means per method
+        (``ΔW → c·ΔW`` for additive methods, PEFT's ``scale_layer``; IA3 ``l → 1 + c·(l − 1)``; refused for
+        OFT/BOFT and for adapters that replace base tensors) is in :meth:`scaled`. :meth:`unmerge` with the
+        same scale inverts it.
 
         Tensors the adapter does not touch are passed through as the same objects. ``records``, when
         a dict is given, receives what :meth:`unmerge` needs per module (DoRA's weight norms).
@@ -353,11 +434,12 @@ class Adapter:
         follow = self._follow(self._touched(state, model_type), "merge")
         if follow is not self:
             return follow.merge(state, peft_compat=peft_compat, safe=safe, layer_kinds=layer_kinds, records=records,
-                                copy=copy, model_type=model_type, model_config=model_config)
+                                copy=copy, model_type=model_type, model_config=model_config, scale=scale)
+        self._check_scale(scale, "merge")  # refused before anything is computed
         self.check_base({k: tuple(v.shape) for k, v in state.items()}, model_config=model_config,
                         model_type=model_type)
         replaced = self._replacements(state, model_type)
-        bound = self._bind_all({**state, **replaced}, layer_kinds, model_type)
+        bound = self._bind_all({**state, **replaced}, layer_kinds, model_type, scale=scale)
         if not copy:  # refuse before the first in-place write, not half-way through the model
             for kb in replaced:
                 require_writeable(f"replaced tensor {kb}", state[kb])
@@ -393,8 +475,10 @@ class Adapter:
         copy: bool = True,
         model_type: str | None = None,
         originals: Mapping[str, Array] | None = None,
+        scale: float = 1.0,
     ) -> dict[str, Array]:
-        """The inverse of :meth:`merge` where it exists (``records`` from that merge where needed).
+        """The inverse of :meth:`merge` where it exists (``records`` from that merge where needed); a merge
+        made with a scale is undone with the same ``scale`` (:meth:`scaled`).
 
         A tensor the adapter replaced (:attr:`other`) cannot be recovered from the merged model: unless
         ``originals`` holds it (the base model's tensors by key, e.g. the original state dict), this
@@ -415,7 +499,8 @@ class Adapter:
                 xp, dev = namespace(ref), array_api_compat.device(ref)
                 records = {k: follow._move(v, xp, dev) if hasattr(v, "dtype") else v for k, v in records.items()}
             return follow.unmerge(merged, peft_compat=peft_compat, layer_kinds=layer_kinds, records=records, copy=copy,
-                                  model_type=model_type, originals=originals)
+                                  model_type=model_type, originals=originals, scale=scale)
+        self._check_scale(scale, "unmerge")
         replaced = {k: self._replaced_key(k, merged, model_type) or k for k in self.other}
         missing = sorted(k for k in replaced.values() if originals is None or k not in originals)
         if missing:
@@ -424,7 +509,7 @@ class Adapter:
             if k in merged and tuple(originals[k].shape) != tuple(merged[k].shape):
                 raise ShapeError(f"originals[{k!r}] has shape {tuple(originals[k].shape)}, the merged model's "
                                  f"tensor has {tuple(merged[k].shape)}")
-        bound = self._bind_all(merged, layer_kinds, model_type)
+        bound = self._bind_all(merged, layer_kinds, model_type, scale=scale)
         restored = set(replaced.values())
         todo = {n: b for n, b in bound.items() if b[1] not in restored}
         if not copy:
@@ -515,12 +600,14 @@ class Adapter:
         found = model_config.get("model_type") if isinstance(model_config, Mapping) else None
         return found if isinstance(found, str) else self.model_type
 
-    def _bind(self, name: str, weight_shape: tuple[int, ...] | None, kind: Any) -> ModuleAdapter:
+    def _bind(self, name: str, weight_shape: tuple[int, ...] | None, kind: Any, *, scale: float = 1.0) -> ModuleAdapter:
+        """Module ``name`` bound, with ``scale`` times :attr:`scale` applied (:meth:`scaled`)."""
         check_supported(self.config, source=f"{self.peft_type} adapter config")
+        c = self._check_scale(scale, name)
         cls = self.description.module
         params = dict(self.params[name])
         layer = cls.infer_layer(name, self.config, params, weight_shape, kind)
-        return cls(name, self.config, params, layer, shared=self.shared)
+        return self._apply_scale(cls(name, self.config, params, layer, shared=self.shared), params, c)
 
     def _two_kinds(self) -> bool:
         """True when the method adapts both nn.Linear and transformers Conv1D layers."""
@@ -651,7 +738,7 @@ class Adapter:
         return new if value is None else _like(new, value)
 
     def _bind_all(self, state: Mapping[str, Array], layer_kinds: Mapping[str, Any] | None,
-                  model_type: str | None = None) -> dict:
+                  model_type: str | None = None, *, scale: float = 1.0) -> dict:
         model_type = model_type or self.model_type
         shapes = {}
         for name in self.modules:
@@ -661,7 +748,7 @@ class Adapter:
         bound = {}
         for name in self.modules:
             key = self.base_key(name, state, model_type=model_type)
-            bound[name] = (self._bind(name, shapes[name], kinds[name]), f"{key}.weight", f"{key}.bias")
+            bound[name] = (self._bind(name, shapes[name], kinds[name], scale=scale), f"{key}.weight", f"{key}.bias")
         return bound
 
     def _keep_ties(self, state: Mapping[str, Array], out: dict[str, Array], bound: dict,

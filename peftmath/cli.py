@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -185,6 +186,21 @@ def _progress(total: int, quiet: bool, desc: str):
     return bar.update, bar.close
 
 
+def _adapter_arg(text: str) -> tuple[str, float]:
+    """``ADAPTER`` or ``ADAPTER:SCALE`` (llama.cpp's ``--lora-scaled``): ``(path, scale)``. The suffix after
+    the last ``:`` is a scale only when it is a finite float and ``text`` is not an existing path."""
+    head, sep, tail = text.rpartition(":")
+    if not sep or not head or os.path.exists(text):
+        return text, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        return text, 1.0
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"{text}: the scale after ':' must be a finite number, got {tail!r}")
+    return head, scale
+
+
 def _load_adapters(paths: Sequence[str], to_xp: Any = None, *, strict: bool = False):
     """The adapters at ``paths`` (``strict``: an unknown config field is an error), on the backend of ``to_xp``."""
     from .io import load_adapter
@@ -219,12 +235,14 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
     src_path = args.base if direction == "merge" else args.merged
     base = stream.open_model(src_path)
     xp, to_xp, to_host = _backend_namespace(getattr(args, "backend", None))
-    adapters = _load_adapters(args.adapters, to_xp, strict=args.strict)
+    paths = [p for p, _ in args.adapters]
+    adapters = [ad if c == 1.0 else ad.scaled(c)  # ADAPTER:SCALE
+                for ad, (_, c) in zip(_load_adapters(paths, to_xp, strict=args.strict), args.adapters)]
     kinds = _layer_kinds(args.layer_kind)
     dtype = None
     if getattr(args, "dtype", "keep") not in (None, "keep"):
         dtype = stream.OUTPUT_DTYPES[args.dtype]
-    pl = stream.plan(base, adapters, direction=direction, dtype=dtype, layer_kinds=kinds, names=args.adapters)
+    pl = stream.plan(base, adapters, direction=direction, dtype=dtype, layer_kinds=kinds, names=paths)
     # provenance: which adapters the output holds (checked before anything is written, dry run included)
     recorded = stream.read_provenance(base)
     notes: list[str] = []  # warnings, given once every check has passed (an error stays one line)
@@ -232,9 +250,9 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
         options = {"dtype": args.dtype, "safe": bool(args.safe), "peft_compat": bool(args.peft_compat),
                    "layer_kinds": kinds, "backend": args.backend or "numpy"}
         provenance = (recorded or []) + [stream.adapter_provenance(a, ad, options)
-                                         for a, ad in zip(args.adapters, adapters)]
+                                         for a, ad in zip(paths, adapters)]
     else:
-        given = [stream.adapter_provenance(a, ad) for a, ad in zip(args.adapters, adapters)]
+        given = [stream.adapter_provenance(a, ad) for a, ad in zip(paths, adapters)]
         provenance, notes = stream.unmerge_provenance(base, recorded, given, ignore=args.ignore_provenance)
     if args.dry_run:
         print(_plan_table(pl))
@@ -253,7 +271,7 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
         rpath = stream.find_records(src_path)  # an earlier merge's records travel with the model
         records_out = args.records if direction == "merge" else None
     records = stream.read_records(rpath)
-    inputs = [Path(a) for a in args.adapters] + ([rpath] if rpath is not None else [])
+    inputs = [Path(a) for a in paths] + ([rpath] if rpath is not None else [])
     if direction == "merge" and rpath is None and any(e.get("use_dora") for e in recorded or []):
         notes.append(f"{src_path} holds DoRA merges but no merge records were found beside it "
                      f"({stream.records_path(src_path)}); unmerging those will need --records FILE")
@@ -270,7 +288,7 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
         rep = stream.transform(
             base, adapters, args.output, direction=direction, dtype=dtype, safe=getattr(args, "safe", False),
             peft_compat=args.peft_compat, layer_kinds=kinds, records=records, records_out=records_out,
-            provenance=provenance, force=args.force, names=args.adapters, inputs=inputs, to_xp=to_xp,
+            provenance=provenance, force=args.force, names=paths, inputs=inputs, to_xp=to_xp,
             to_host=to_host, progress=update, precomputed_plan=pl)
     finally:
         close()
@@ -335,9 +353,16 @@ def _cmd_verify(args: argparse.Namespace, log: _Log) -> int:
         print("peftmath verify: error: expected BASE ADAPTER [ADAPTER ...] MERGED (at least three paths)",
               file=sys.stderr)
         return 2
-    base_path, adapter_paths, merged_path = args.paths[0], args.paths[1:-1], args.paths[-1]
+    base_path, adapter_args, merged_path = args.paths[0], args.paths[1:-1], args.paths[-1]
     base, merged = open_model(base_path), open_model(merged_path)
-    adapters = _load_adapters(adapter_paths, strict=args.strict)
+    try:
+        parsed = [_adapter_arg(a) for a in adapter_args]  # ADAPTER:SCALE, as merge takes it
+    except argparse.ArgumentTypeError as exc:
+        print(f"peftmath verify: error: {exc}", file=sys.stderr)
+        return 2
+    adapter_paths = [p for p, _ in parsed]
+    adapters = [ad if c == 1.0 else ad.scaled(c)
+                for ad, (_, c) in zip(_load_adapters(adapter_paths, strict=args.strict), parsed)]
     dtype = None if args.dtype in (None, "keep") else OUTPUT_DTYPES[args.dtype]
     rep = verify(base, adapters, merged, peft_compat=args.peft_compat, layer_kinds=_layer_kinds(args.layer_kind),
                  dtype=dtype, names=adapter_paths)
@@ -613,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "is not (or an error); 2: usage.",
                         epilog=EPILOG_MODELS + "\nexamples:\n  peftmath verify llama/ my-lora/ llama-merged/\n"
                                                "  peftmath verify model.safetensors a/ b/ merged.safetensors --json\n")
-    vf.add_argument("paths", nargs="+", metavar="PATH", help="BASE ADAPTER [ADAPTER ...] MERGED")
+    vf.add_argument("paths", nargs="+", metavar="PATH",
+                    help="BASE ADAPTER[:SCALE] [ADAPTER[:SCALE] ...] MERGED (scales as given to merge)")
     vf.add_argument("--peft-compat", action="store_true",
                     help="judge against PEFT's rounding order (ΔW rounded to the half-precision dtype first)")
     vf.add_argument("--dtype", default="keep", type=_dtype_choice,
@@ -669,7 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "example:\n  peftmath unmerge llama-merged/ my-lora/ -o llama-restored/\n"))
         s.add_argument("base" if name == "merge" else "merged", metavar="BASE" if name == "merge" else "MERGED",
                        help="model (.safetensors file or shard folder)")
-        s.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter folder(s), merged in order")
+        s.add_argument("adapters", nargs="+", metavar="ADAPTER[:SCALE]", type=_adapter_arg,
+                       help="PEFT adapter folder(s), merged in order; ADAPTER:0.5 applies one with a scale "
+                            "(additive methods: 0.5·ΔW, PEFT's scale_layer; IA3: l -> 1 + 0.5·(l - 1); refused for "
+                            "OFT/BOFT). Unmerge takes the scale it was merged with; it is recorded in the metadata")
         _add_output(s, "OUT", "output model: a file if the input is a file, a folder if it is a folder")
         s.add_argument("--dry-run", action="store_true", help="print the plan (tensor, operation, shapes, dtype path, "
                                                               "bytes) and write nothing")

@@ -501,7 +501,9 @@ def adapter_provenance(path: str | os.PathLike, adapter: Any,
                        options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The provenance entry of adapter folder ``path`` (or its ``adapter_model.safetensors``): its folder
     name, ``peft_type`` (and ``use_dora``), the sha256 of ``adapter_config.json`` and of
-    ``adapter_model.safetensors``, the merge ``options`` and the peftmath version."""
+    ``adapter_model.safetensors``, the adapter's ``scale`` when it is not 1 (:meth:`Adapter.scaled`), the
+    merge ``options`` and the peftmath version. Unmerge matches entries by the two digests and the scale
+    (absent: 1)."""
     from .. import __version__
 
     p = Path(path)
@@ -512,6 +514,9 @@ def adapter_provenance(path: str | os.PathLike, adapter: Any,
         entry["use_dora"] = True
     entry["adapter_config_sha256"] = _sha256(folder / "adapter_config.json")
     entry["adapter_model_sha256"] = _sha256(weights)
+    scale = float(getattr(adapter, "scale", 1.0))
+    if scale != 1.0:  # applied with a scale (Adapter.scaled; ADAPTER:SCALE on the command line)
+        entry["scale"] = scale
     if options:
         entry["options"] = dict(options)
     entry["peftmath"] = __version__
@@ -535,12 +540,22 @@ def _adapter_name(folder: Path) -> str:
 def _describe(entry: Mapping[str, Any]) -> str:
     kind = str(entry.get("peft_type", "?")) + (" with DoRA" if entry.get("use_dora") else "")
     digest = str(entry.get("adapter_model_sha256", ""))[:12]
-    return f"{entry.get('adapter', '?')} ({kind}, adapter_model sha256 {digest}...)"
+    scale = _scale_of(entry)
+    return (f"{entry.get('adapter', '?')} ({kind}{f', scale {scale:g}' if scale != 1.0 else ''}, "
+            f"adapter_model sha256 {digest}...)")
+
+
+def _scale_of(entry: Mapping[str, Any]) -> float:
+    try:
+        return float(entry.get("scale", 1.0))
+    except (TypeError, ValueError):
+        return float("nan")  # an unreadable scale matches nothing
 
 
 def _same_adapter(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """The same adapter files applied with the same scale."""
     keys = ("adapter_config_sha256", "adapter_model_sha256")
-    return all(a.get(k) is not None and a.get(k) == b.get(k) for k in keys)
+    return all(a.get(k) is not None and a.get(k) == b.get(k) for k in keys) and _scale_of(a) == _scale_of(b)
 
 
 def read_provenance(model: Model) -> list[dict[str, Any]] | None:
@@ -599,6 +614,9 @@ def unmerge_provenance(
             last = f"the last one merged is {_describe(rest[-1])}" if rest else "no adapter is left to unmerge"
             problem = (f"{merged.path}: {_describe(g)} was never merged into it according to its metadata ({last}; "
                        f"merged, oldest first: {listed})")
+            if rest and _same_adapter({**rest[-1], "scale": _scale_of(g)}, g):
+                problem += (f"; the same adapter was merged with scale {_scale_of(rest[-1]):g}, not "
+                            f"{_scale_of(g):g}: unmerge it with that scale (ADAPTER:{_scale_of(rest[-1]):g})")
         break
     if problem is None:
         return rest, []
