@@ -78,7 +78,7 @@ PEFT_TYPE = "LOHA"
 
 
 # --------------------------------------------------------------------------------------------------
-# Config
+# Config (specs/loha.md, "3. Configuration and scaling")
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class LoHaConfig(LycorisConfig):
@@ -94,7 +94,7 @@ class LoHaConfig(LycorisConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# Scaling and shapes
+# Shapes (specs/loha.md, "2. Parameters: names, shapes, counts")
 # --------------------------------------------------------------------------------------------------
 def _cp_kernel(layer: Layer) -> tuple[int, int]:
     """The 2-D kernel of the CP core: ``(kH, kW)`` for Conv2d, ``(k, 1)`` for Conv1d."""
@@ -122,7 +122,46 @@ def parameter_shapes(layer: Layer, r: int, *, effective: bool = False) -> dict[s
 
 
 # --------------------------------------------------------------------------------------------------
-# Delta weight
+# Initialisation (specs/loha.md, "4. Initialisation")
+# --------------------------------------------------------------------------------------------------
+def init_weights(
+    layer: Layer,
+    r: int,
+    *,
+    init_weights: bool = True,
+    effective: bool = False,
+    seed: int | np.random.Generator | None = 0,
+    xp: Any = None,
+    device: Any = None,
+    dtype: Any = None,
+) -> dict[str, Array]:
+    """PEFT's LoHa initialisation, drawn on the host from ``seed``.
+
+    ``True``: ``hada_w2_b = 0`` and every other tensor Kaiming-uniform(a=√5), i.e.
+    ``U(±1/sqrt(fan_in))`` with fan-ins ``(out, r) → r``, ``(r, in) → in``, ``(r, out) → out``,
+    ``(r, r, kH, kW) → r·kH·kW`` (so ΔW = 0). ``False``: every tensor Kaiming-uniform.
+
+    >>> p = init_weights(Layer.of((6, 5)), 2, seed=0)
+    >>> sorted(p), float(abs(p["hada_w2_b"]).max())
+    (['hada_w1_a', 'hada_w1_b', 'hada_w2_a', 'hada_w2_b'], 0.0)
+    """
+    check_kind(layer, "loha.init_weights")
+    xp = xp or default_xp()
+    rng = host_rng(seed)
+    shapes = parameter_shapes(layer, r, effective=effective)
+    host = {}
+    for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"):
+        if key not in shapes:
+            continue
+        if key == "hada_w2_b" and init_weights:
+            host[key] = np.zeros(shapes[key])
+        else:
+            host[key] = kaiming(rng, shapes[key])
+    return put_host(host, xp, device, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Delta weight (specs/loha.md, "5. Delta weight")
 # --------------------------------------------------------------------------------------------------
 def _factor_rows(xp: Any, a: Array, b: Array, t: Array | None, rows: slice, cd: Any, round_to: Any = None) -> Array:
     """Rows ``rows`` of one Hadamard factor as an ``(n_rows, in_flat)`` matrix in ``cd``."""
@@ -231,7 +270,7 @@ def delta_weight(
 
 
 # --------------------------------------------------------------------------------------------------
-# Forward (with PEFT's training-time rank and module dropout as explicit options)
+# Forward, with PEFT's training-time rank and module dropout as options (specs/loha.md, "6. Forward")
 # --------------------------------------------------------------------------------------------------
 def forward(
     x: Array,
@@ -285,7 +324,7 @@ def forward(
 
 
 # --------------------------------------------------------------------------------------------------
-# Merge / unmerge, row block by row block
+# Merge / unmerge, row block by row block (specs/loha.md, "7. Merge and unmerge")
 # --------------------------------------------------------------------------------------------------
 def _hada_blocks(w1_a: Array, w1_b: Array, w2_a: Array, w2_b: Array, t1: Array | None, t2: Array | None,
                  s: float, out: int, in_flat: int) -> Callable[[Any], Iterator]:
@@ -383,46 +422,7 @@ def unmerge(
 
 
 # --------------------------------------------------------------------------------------------------
-# Initialisation
-# --------------------------------------------------------------------------------------------------
-def init_weights(
-    layer: Layer,
-    r: int,
-    *,
-    init_weights: bool = True,
-    effective: bool = False,
-    seed: int | np.random.Generator | None = 0,
-    xp: Any = None,
-    device: Any = None,
-    dtype: Any = None,
-) -> dict[str, Array]:
-    """PEFT's LoHa initialisation, drawn on the host from ``seed``.
-
-    ``True``: ``hada_w2_b = 0`` and every other tensor Kaiming-uniform(a=√5), i.e.
-    ``U(±1/sqrt(fan_in))`` with fan-ins ``(out, r) → r``, ``(r, in) → in``, ``(r, out) → out``,
-    ``(r, r, kH, kW) → r·kH·kW`` (so ΔW = 0). ``False``: every tensor Kaiming-uniform.
-
-    >>> p = init_weights(Layer.of((6, 5)), 2, seed=0)
-    >>> sorted(p), float(abs(p["hada_w2_b"]).max())
-    (['hada_w1_a', 'hada_w1_b', 'hada_w2_a', 'hada_w2_b'], 0.0)
-    """
-    check_kind(layer, "loha.init_weights")
-    xp = xp or default_xp()
-    rng = host_rng(seed)
-    shapes = parameter_shapes(layer, r, effective=effective)
-    host = {}
-    for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"):
-        if key not in shapes:
-            continue
-        if key == "hada_w2_b" and init_weights:
-            host[key] = np.zeros(shapes[key])
-        else:
-            host[key] = kaiming(rng, shapes[key])
-    return put_host(host, xp, device, dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# One module of a checkpoint
+# One module of a checkpoint: the functions above bound to a ModuleAdapter
 # --------------------------------------------------------------------------------------------------
 _KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
