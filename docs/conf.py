@@ -62,5 +62,15 @@ peftmath_known_docstring_issues = {
     "peftmath.layers": "Malformed table",                       # Conv1d/2d/3d matrix-view cell too wide
     "peftmath.methods.dora": "Inline emphasis",                 # "(in/g, *kernel)": escape the *
     "peftmath.adapter.Adapter": "Field list ends without a blank line",
+    "peftmath.formats": "Malformed table",                      # module docstring: a cell too wide
 }
 html_favicon = "_static/favicon.svg"
+
+# Every cross-reference must resolve (-n): links between pages, {doc}, and references to peftmath's public
+# API. Not checked: names outside peftmath (the standard library, NumPy: intersphinx would need the network)
+# and peftmath's private modules, which the API reference does not document.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(?!peftmath\.).*"),            # not peftmath's
+    (r"py:.*", r"peftmath(\.\w+)*\._\w+.*"),    # private modules and names
+]

@@ -123,6 +123,35 @@ class PeftmathCli(SphinxDirective):
         return result
 
 
+# --- the API reference: every public module, found, not listed ----------------------------------------
+class PeftmathAutomodules(SphinxDirective):
+    """``{peftmath-automodules} PACKAGE``: an ``automodule`` for every public module of ``PACKAGE`` (names
+    without a leading underscore; ``:exclude: a b`` leaves some out), so a new module is documented
+    without editing the page."""
+
+    required_arguments = 1
+    option_spec = {"exclude": directives.unchanged}
+
+    def run(self):
+        import importlib
+        import pkgutil
+
+        from docutils.statemachine import StringList
+
+        package = importlib.import_module(self.arguments[0])
+        exclude = set((self.options.get("exclude") or "").split())
+        names = sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+                       if not m.name.startswith("_") and m.name not in exclude)
+        # the page is MyST: nested content is Markdown, and autodoc's output is reStructuredText, so the
+        # automodule directives go into one eval-rst block
+        lines = StringList()
+        for line in ["```{eval-rst}", *(f".. automodule:: {package.__name__}.{name}" for name in names), "```"]:
+            lines.append(line, "<peftmath-automodules>")
+        container = nodes.container()
+        self.state.nested_parse(lines, self.content_offset, container)
+        return container.children
+
+
 # --- small rewrites ------------------------------------------------------------------------------------
 _SOURCE_LINK = re.compile(r"\[`?([^\]`]+?)`?\]\(\.\./(peftmath/[\w/]+)\.py\)")
 
@@ -216,6 +245,7 @@ def setup(app: Sphinx):
     app.connect("build-finished", _report_known_issues)
     app.add_directive("peftmath-figure", PeftmathFigure)
     app.add_directive("peftmath-cli", PeftmathCli)
+    app.add_directive("peftmath-automodules", PeftmathAutomodules)
     app.connect("include-read", _include_read)
     app.connect("source-read", _source_read)
     app.connect("doctree-read", _doctest_blocks_as_pycon)
