@@ -186,6 +186,20 @@ def _progress(total: int, quiet: bool, desc: str):
     return bar.update, bar.close
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _size_arg(text: str) -> int:
+    """A byte count: ``5GB`` (10^9, as transformers' ``max_shard_size``), ``500MiB`` (2^20), ``1000``."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", text, re.IGNORECASE)
+    n = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]) if m else 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; expected a positive size such as 5GB, 500MB, "
+                                         f"2GiB or a number of bytes")
+    return n
+
+
 def _adapter_arg(text: str) -> tuple[str, float]:
     """``ADAPTER`` or ``ADAPTER:SCALE`` (llama.cpp's ``--lora-scaled``): ``(path, scale)``. The suffix after
     the last ``:`` is a scale only when it is a finite float and ``text`` is not an existing path."""
@@ -289,7 +303,7 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
             base, adapters, args.output, direction=direction, dtype=dtype, safe=getattr(args, "safe", False),
             peft_compat=args.peft_compat, layer_kinds=kinds, records=records, records_out=records_out,
             provenance=provenance, force=args.force, names=paths, inputs=inputs, to_xp=to_xp,
-            to_host=to_host, progress=update, precomputed_plan=pl)
+            to_host=to_host, progress=update, precomputed_plan=pl, max_shard_size=args.max_shard_size)
     finally:
         close()
     dt = time.perf_counter() - t0
@@ -512,10 +526,11 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
 
 
 def _config_from_flags(args: argparse.Namespace) -> Any:
-    """The config that ``init``'s flags describe: the method's defaults, then --r, --alpha, --target, --init.
+    """The config that ``init``'s flags describe: the method's defaults, then --rank, --alpha, --use-dora,
+    --target, --init.
 
     A flag the method has no field for is an error (IA3 has no rank, OFT no alpha, ...). OFT's
-    ``--r`` sets ``oft_block_size`` to 0, as PEFT wants exactly one of them.
+    ``--rank`` sets ``oft_block_size`` to 0, as PEFT wants exactly one of them.
     """
     import dataclasses
 
@@ -531,7 +546,9 @@ def _config_from_flags(args: argparse.Namespace) -> Any:
         given["target_modules"] = ("--target", args.target[0] if len(args.target) == 1 and (
             args.target[0].lower() == "all-linear" or not re.fullmatch(r"[\w.]+", args.target[0])) else args.target)
     if args.r is not None:
-        given["r"] = ("--r", args.r)
+        given["r"] = ("--rank", args.r)
+    if args.use_dora:
+        given["use_dora"] = ("--use-dora", True)
     if args.alpha is not None:
         alpha = int(args.alpha) if float(args.alpha).is_integer() else args.alpha
         given["lora_alpha" if "lora_alpha" in known else "alpha"] = ("--alpha", alpha)
@@ -550,7 +567,7 @@ def _config_from_flags(args: argparse.Namespace) -> Any:
     try:
         return config_from_dict(fields, source="command line", strict=args.strict)
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (the flags set r, alpha, target_modules and the init field; give the other "
+        raise ConfigError(f"{exc} (the flags set r, alpha, use_dora, target_modules and the init field; give the other "
                           f"fields in an adapter_config.json with --config)") from exc
 
 
@@ -706,10 +723,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--backend", help="compute backend (numpy by default; torch, cupy, ... when installed)")
         s.add_argument("--layer-kind", action="append", metavar="MODULE=KIND",
                        help="layer kind of a module with an ambiguous (square) weight, e.g. h.0.attn.c_attn=Conv1D")
+        s.add_argument("--max-shard-size", type=_size_arg, metavar="SIZE",
+                       help="write OUT as a folder of shards of at most SIZE each (5GB, 500MB, 2GiB), named "
+                            "model-00001-of-0000N.safetensors as transformers names them, with a new index")
+        s.add_argument("--dtype", type=_dtype_choice, default="keep", metavar="{keep,float32,float16,bfloat16}",
+                       help="dtype of the floating-point tensors written (default keep; also f32/fp32, f16/fp16, "
+                            f"bf16); adapted tensors are {name}d in the wider of the two and rounded once")
         if name == "merge":
-            s.add_argument("--dtype", type=_dtype_choice, default="keep", metavar="{keep,float32,float16,bfloat16}",
-                           help="dtype of the floating-point tensors written (default keep; also f32/fp32, f16/fp16, "
-                                "bf16); adapted tensors are merged in the wider of the two and rounded once")
             s.add_argument("--safe", action="store_true", help="refuse (exit 1, nothing written) a result with NaN/inf")
             s.add_argument("--records", metavar="FILE", help="where to write the merge records (DoRA weight norms); "
                                                             "default OUT.merge-records.safetensors, beside OUT")
@@ -733,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "--exclude 'lm_head|embed' -o extracted-lora/\n")
     e.add_argument("base", metavar="BASE")
     e.add_argument("tuned", metavar="TUNED")
-    e.add_argument("--rank", type=_POSITIVE_INT, required=True, metavar="R",
+    e.add_argument("--rank", "--r", type=_POSITIVE_INT, required=True, metavar="R",
                    help="LoRA rank (upper bound with --energy)")
     e.add_argument("--energy", type=_FRACTION, metavar="E",
                    help="per module, the smallest rank <= R keeping this fraction of sum(sigma^2), e.g. 0.99")
@@ -794,7 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--num-layers", type=_LAYERS, help="mlx: num_layers of the written config (default -1: all)")
     v.add_argument("--modules-from", metavar="BASE", help="module names from a base model (kohya / candle-lora "
                                                            "files written by other tools)")
-    v.add_argument("--lora-alpha", type=_POSITIVE, help="candle-lora source: its alpha (the files do not hold it)")
+    v.add_argument("--alpha", dest="lora_alpha", type=_POSITIVE,
+                   help="candle-lora source: its alpha (the files do not hold it)")
+    v.add_argument("--lora-alpha", dest="lora_alpha", type=_POSITIVE, help=argparse.SUPPRESS)  # former spelling
     v.add_argument("--missing-alpha", choices=["error", "rank"], help="kohya source: a module without alpha")
     v.set_defaults(func=_cmd_convert)
 
@@ -806,13 +828,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "PEFT's placement of zeros from --seed. Give a full adapter_config.json with "
                                    "--config, or the common fields as flags. Initialisations that change the base "
                                    "(pissa, olora, loftq) need --base-out.",
-                       epilog="examples:\n  peftmath init llama/ --method lora --r 16 --alpha 32 --target all-linear "
+                       epilog="examples:\n  peftmath init llama/ --method lora --rank 16 --alpha 32 --target all-linear "
                               "-o my-lora/\n  peftmath init llama/ --config adapter_config.json -o my-adapter/\n")
     n.add_argument("base", metavar="BASE", help="model (.safetensors file or folder)")
     n.add_argument("--config", metavar="CONFIG_JSON", help="an adapter_config.json (any method)")
     n.add_argument("--method", default="lora", help="peft_type when no --config is given (default lora)")
-    n.add_argument("--r", type=_POSITIVE_INT, help="rank")
+    n.add_argument("--rank", dest="r", type=_POSITIVE_INT, metavar="R", help="rank (the config's r)")
+    n.add_argument("--r", dest="r", type=_POSITIVE_INT, help=argparse.SUPPRESS)  # former spelling
     n.add_argument("--alpha", type=_FINITE, help="alpha (lora_alpha for LoRA and AdaLoRA)")
+    n.add_argument("--lora-alpha", dest="alpha", type=_FINITE, help=argparse.SUPPRESS)  # LoRA's field name
+    n.add_argument("--use-dora", action="store_true", help="DoRA (LoRA's use_dora=true; a magnitude vector per module)")
     n.add_argument("--target", type=_regex, action="append", metavar="NAME",
                    help="a target module (repeat), a regex, or all-linear")
     n.add_argument("--init", help="initialisation: true, false, gaussian, pissa, olora, orthogonal, lycoris, ...")

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from .._array import all_finite, dtype_name
-from ..errors import (CheckpointError, NonFiniteError, NotInvertibleError, PeftMathError, ShapeError,
+from ..errors import (CheckpointError, ConfigError, NonFiniteError, NotInvertibleError, PeftMathError, ShapeError,
                       UnsupportedError)
 from ..targets import module_to_checkpoint
 from .atomic import clean_stale_siblings, temp_sibling
@@ -63,7 +63,7 @@ from .safetensors import DTYPES, SafeTensorsFile, dtype_code, save_file
 
 __all__ = ["Model", "Plan", "Step", "TensorOp", "open_model", "plan", "compute_group", "transform", "records_path", "find_records",
            "read_records", "check_records", "side_files", "adapter_provenance", "read_provenance",
-           "unmerge_provenance", "INDEX_NAME", "RECORDS_NAME", "PROVENANCE_KEY"]
+           "unmerge_provenance", "reshard_layout", "INDEX_NAME", "RECORDS_NAME", "PROVENANCE_KEY"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -895,8 +895,14 @@ def transform(
     to_host: Callable[[Any], np.ndarray] | None = None,
     progress: Callable[[int], None] | None = None,
     precomputed_plan: Plan | None = None,
+    max_shard_size: int | None = None,
 ) -> Report:
     """Merge (``direction="merge"``) or unmerge ``adapters`` into a copy of ``base`` written at ``out``.
+
+    The output has ``base``'s layout (one file, or the same shards and index), unless ``max_shard_size``
+    (bytes of tensor data per shard) is given: then ``out`` is a folder of transformers-named shards
+    (:func:`reshard_layout`) with a new index, tensors in ``base``'s order, as ``save_pretrained(...,
+    max_shard_size=)`` writes them.
 
     Each group of tensors (an adapted weight and its bias) goes through the adapters in order (in
     reverse to unmerge); each adapter first replaces the tensors of the group it replaces, then its
@@ -944,31 +950,36 @@ def transform(
                                      peft_compat=peft_compat, to_xp=to_xp, to_host=to_host,
                                      on_record=on_record, record_for=record_for))
 
-    is_folder = base.is_folder
-    if is_folder:
-        tmp = temp_sibling(out, folder=True)
-        targets = {n: tmp / n for n in base.files}
+    is_folder = base.is_folder or max_shard_size is not None
+    tmp = temp_sibling(out, folder=True) if is_folder else temp_sibling(out)
+    if max_shard_size is None:  # base's own layout: (output file, metadata, [(base file, key), ...])
+        layout = [(tmp / n if base.is_folder else tmp, f.metadata, [(n, k) for k in base.ordered(n)])
+                  for n, f in base.files.items()]
     else:
-        tmp = temp_sibling(out)
-        targets = {n: tmp for n in base.files}
+        first = next(iter(base.files.values())).metadata
+        layout = [(tmp / n, first, group) for n, group in
+                  reshard_layout([(n, k) for n in base.files for k in base.ordered(n)],
+                                 lambda nk: pl.ops[nk[1]].nbytes, max_shard_size).items()]
     rec_tmp: Path | None = None
+    sources: dict[str, int] = {}
     try:
-        for fname, f in base.files.items():
-            keys = base.ordered(fname)
+        for target, file_meta, members in layout:
             entries = []
-            for k in keys:
+            for _, k in members:
                 op = pl.ops[k]
                 entries.append((k, dtype_code(_np_dtype(op.dst_dtype)), op.shape, op.nbytes))
-            head = _header_bytes(entries, _with_provenance(f.metadata, provenance))
-            dst = os.open(targets[fname], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # & ~umask
-            src = os.open(f.path, os.O_RDONLY)
+            head = _header_bytes(entries, _with_provenance(file_meta, provenance))
+            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # & ~umask
             try:
                 _write_all(dst, memoryview(struct.pack("<Q", len(head)) + head))
-                for k in keys:
+                for fname, k in members:
                     op = pl.ops[k]
                     if op.operation == "copy":
+                        f = base.files[fname]
+                        if fname not in sources:
+                            sources[fname] = os.open(f.path, os.O_RDONLY)
                         start, end = f.span(k)
-                        _copy_range(src, dst, start, end - start)
+                        _copy_range(sources[fname], dst, start, end - start)
                     else:
                         if op.operation == "cast":
                             arr = base.read(k)
@@ -994,8 +1005,16 @@ def transform(
                 os.fsync(dst)
             finally:
                 os.close(dst)
-                os.close(src)
-        if is_folder:
+        if max_shard_size is not None:
+            if len(layout) > 1:  # one shard is model.safetensors alone, as transformers writes it
+                idx = json.loads(json.dumps(base.index)) if base.index is not None else {}
+                meta = idx.get("metadata") if isinstance(idx.get("metadata"), dict) else {}
+                meta["total_size"] = pl.bytes_out()
+                idx = {**idx, "metadata": meta,
+                       "weight_map": {k: Path(t).name for t, _, members in layout for _, k in members}}
+                (tmp / INDEX_NAME).write_text(json.dumps(idx, indent=2) + "\n", encoding="utf-8")
+            rep.side_files, rep.left_out = _copy_side_files(base, tmp, dtype)
+        elif is_folder:
             if base.index is not None:
                 idx = json.loads(json.dumps(base.index))
                 meta = idx.get("metadata")
@@ -1022,7 +1041,37 @@ def transform(
         if rec_tmp is not None:
             rec_tmp.unlink(missing_ok=True)
         raise
+    finally:
+        for fd in sources.values():
+            os.close(fd)
     return rep
+
+
+def reshard_layout(items: Sequence[Any], nbytes: Callable[[Any], int], max_shard_size: int) -> dict[str, list[Any]]:
+    """``items`` (in order) packed into shards of at most ``max_shard_size`` bytes of data, named as
+    transformers names them: ``{"model-00001-of-00003.safetensors": [...], ...}``, or
+    ``{"model.safetensors": items}`` when one shard holds them all. A shard is closed when the next item
+    would take it over the limit; an item larger than the limit gets a shard of its own (transformers'
+    ``save_pretrained(max_shard_size=)`` rule).
+
+    >>> list(reshard_layout([1, 2, 3, 4], lambda n: n, 5).items())
+    [('model-00001-of-00003.safetensors', [1, 2]), ('model-00002-of-00003.safetensors', [3]), ('model-00003-of-00003.safetensors', [4])]
+    """
+    if max_shard_size <= 0:
+        raise ConfigError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
+    groups: list[list[Any]] = []
+    size = 0
+    for it in items:
+        n = int(nbytes(it))
+        if not groups or (size + n > max_shard_size and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(it)
+        size += n
+    if len(groups) <= 1:
+        return {"model.safetensors": list(items)}
+    total = len(groups)
+    return {f"model-{i + 1:05d}-of-{total:05d}.safetensors": g for i, g in enumerate(groups)}
 
 
 def _retag_config(src: Path, dst: Path, dtype: np.dtype) -> bool:
