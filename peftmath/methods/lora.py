@@ -75,7 +75,7 @@ _INIT_CHOICES = (True, False, "gaussian", "eva", "olora", "pissa", "corda", "lof
 
 
 # --------------------------------------------------------------------------------------------------
-# Config
+# Config (specs/lora.md, "3. Scaling"; init_lora_weights: "4. Initialisation (`init_lora_weights`)")
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class LoraConfig(TunerConfig):
@@ -153,19 +153,8 @@ class LoraConfig(TunerConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# Scaling and shapes
+# Shapes (specs/lora.md, "2. Parameters: names, shapes, counts")
 # --------------------------------------------------------------------------------------------------
-def scaling(lora_alpha: float, r: int, *, use_rslora: bool = False) -> float:
-    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA.
-
-    >>> scaling(16, 8), scaling(16, 4, use_rslora=True)
-    (2.0, 8.0)
-    """
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ConfigError(f"LoRA rank r must be a positive integer, got {r!r}")
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-
-
 def parameter_shapes(layer: Layer, r: int) -> dict[str, tuple[int, ...]]:
     """Checkpoint suffix -> shape of LoRA's factors on ``layer``."""
     if r <= 0:
@@ -216,272 +205,21 @@ def check_factors(layer: Layer, A: Array, B: Array, where: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Delta weight
+# Scaling (specs/lora.md, "3. Scaling")
 # --------------------------------------------------------------------------------------------------
-def delta_matrix(A: Array, B: Array, *, scaling: float, xp: Any = None, dtype: Any = None) -> Array:
-    """``s · B₂ A₂`` as the ``(out, in_flat)`` matrix, computed in ``dtype`` (default: float32/64)."""
-    xp = xp or namespace(A, B, where="lora")
-    cd = dtype or compute_dtype(xp, A.dtype, B.dtype)
-    r = A.shape[0]
-    A2 = as_compute(xp, xp.reshape(A, (r, -1)), cd)
-    B2 = as_compute(xp, xp.reshape(B, (B.shape[0], -1)), cd)
-    return xp.matmul(B2, A2) * scaling
+def scaling(lora_alpha: float, r: int, *, use_rslora: bool = False) -> float:
+    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA.
 
-
-def delta_weight(
-    A: Array,
-    B: Array,
-    *,
-    scaling: float,
-    layer: Layer | LayerKind | str | None = None,
-    peft_compat: bool = False,
-) -> Array:
-    """``ΔW`` in the base weight's stored layout.
-
-    The product is computed in float32 (float64 for float64 factors); the result has the factors'
-    dtype, so half-precision factors give a half-precision ΔW rounded once, as in PEFT on CPU.
-
-    >>> import numpy as np
-    >>> A = np.array([[1.0, 2.0, 3.0]])            # (r=1, in=3)
-    >>> B = np.array([[1.0], [-1.0]])              # (out=2, r=1)
-    >>> delta_weight(A, B, scaling=0.5)
-    array([[ 0.5,  1. ,  1.5],
-           [-0.5, -1. , -1.5]])
-    >>> delta_weight(A, B, scaling=0.5, layer="Conv1D").shape   # stored (in, out)
-    (3, 2)
+    >>> scaling(16, 8), scaling(16, 4, use_rslora=True)
+    (2.0, 8.0)
     """
-    xp = namespace(A, B, where="lora.delta_weight")
-    lay = resolve_layer(layer, A, B)
-    check_factors(lay, A, B, "lora.delta_weight")
-    if lay.kind.is_conv and lay.groups > 1:
-        raise UnsupportedError("lora.delta_weight: a conv with groups > 1 has no dense delta in PEFT's layout")
-    d = lay.from_matrix(delta_matrix(A, B, scaling=scaling, xp=xp), xp)
-    out_dtype = xp.result_type(A.dtype, B.dtype)
-    return as_compute(xp, d, out_dtype)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ConfigError(f"LoRA rank r must be a positive integer, got {r!r}")
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 # --------------------------------------------------------------------------------------------------
-# Forward
-# --------------------------------------------------------------------------------------------------
-def forward(
-    x: Array,
-    W: Array,
-    A: Array,
-    B: Array,
-    *,
-    scaling: float,
-    bias: Array | None = None,
-    layer: Layer | LayerKind | str | None = None,
-    lora_bias: Array | None = None,
-    dropout: Callable[[Array], Array] | None = None,
-    embed_scale: float | None = None,
-    stride: int | tuple[int, ...] = 1,
-    padding: int | tuple[int, ...] | str = 0,
-    dilation: int | tuple[int, ...] = 1,
-    groups: int | None = None,
-    peft_compat: bool = False,
-) -> Array:
-    """The unmerged adapted layer: ``base(x) + s · lora_B(lora_A(dropout(x)))``.
-
-    ========== ===========================================================================
-    Linear     ``x Wᵀ + b + s (d(x) Aᵀ Bᵀ + b_B)``, x ``(..., in)``
-    Conv1D     ``x W + b + s (d(x) Aᵀ Bᵀ + b_B)``
-    Embedding  ``embed_scale · (W[ids] + s · Aᵀ[ids] Bᵀ)`` (no dropout, as in PEFT)
-    ConvNd     ``conv(x, W, b) + s · conv(conv(d(x), A; stride, padding, dilation), B; groups)``
-    ========== ===========================================================================
-
-    ``dropout`` is any callable applied to the adapter's input (identity by default; PEFT's
-    ``lora_dropout`` is inverted dropout in training). The LoRA branch is computed in float32 (or
-    wider) and the result has the base output's dtype.
-
-    PEFT's conv ``lora_A`` does not copy the base layer's dilation (PEFT issue #3697), so its forward
-    fails on dilated convs; peftmath's default uses the base dilation (then the unmerged forward
-    equals the merged layer); ``peft_compat=True`` uses dilation 1 like PEFT.
-
-    ``stride``, ``padding``, ``dilation``, ``groups``: the base conv's, described once in
-    :mod:`peftmath.layers` ("Conv keywords"); ``groups`` follows from ``x`` and ``lora_A`` (which spans
-    all input channels). An input of the wrong width is a :class:`~peftmath.errors.ShapeError`.
-    """
-    xp = namespace(x, W, A, B, bias, lora_bias, where="lora.forward")
-    lay, conv_kwargs = resolve_layer(layer, A, B, W).for_input(
-        x, "lora.forward", groups=groups, channels=A.shape[1] if A.ndim > 2 else None, stride=stride,
-        padding=padding, dilation=dilation)
-    check_factors(lay, A, B, "lora.forward")
-    base = lay.base_forward(x, W, bias, xp, **conv_kwargs)
-    if embed_scale is not None and lay.kind is LayerKind.EMBEDDING:
-        base = base * embed_scale  # a scaled embedding (Gemma) scales its own lookup too, as in PEFT
-    lo = adapter_output(x, A, B, scaling=scaling, layer=lay, lora_bias=lora_bias, dropout=dropout,
-                        embed_scale=embed_scale, peft_compat=peft_compat, **conv_kwargs)
-    if tuple(lo.shape) != tuple(base.shape):
-        raise ShapeError(f"lora.forward: adapter output {tuple(lo.shape)} does not match base output {tuple(base.shape)}")
-    return as_compute(xp, as_compute(xp, base, lo.dtype) + lo, base.dtype)
-
-
-def adapter_output(
-    x: Array,
-    A: Array,
-    B: Array,
-    *,
-    scaling: float,
-    layer: Layer,
-    lora_bias: Array | None = None,
-    dropout: Callable[[Array], Array] | None = None,
-    embed_scale: float | None = None,
-    stride: int | tuple[int, ...] = 1,
-    padding: int | tuple[int, ...] | str = 0,
-    dilation: int | tuple[int, ...] = 1,
-    peft_compat: bool = False,
-) -> Array:
-    """The adapter's term alone, ``s · lora_B(lora_A(dropout(x)))``, in float32 or wider."""
-    xp = namespace(x, A, B, lora_bias, where="lora.adapter_output")
-    emb = layer.kind is LayerKind.EMBEDDING
-    cd = compute_dtype(xp, A.dtype, B.dtype, *(() if emb else (x.dtype,)))
-    Ac, Bc = as_compute(xp, A, cd), as_compute(xp, B, cd)
-    if emb:
-        h = embedding_lookup(x, xp.matrix_transpose(Ac), xp=xp)
-        lo = xp.matmul(h, xp.matrix_transpose(Bc)) * scaling
-        return lo * embed_scale if embed_scale is not None else lo
-    xin = as_compute(xp, x, cd)
-    if dropout is not None:
-        xin = dropout(xin)
-    if layer.kind.is_conv:
-        h = conv(xin, Ac, stride=stride, padding=padding, dilation=1 if peft_compat else dilation, xp=xp)
-        lo = conv(h, Bc, groups=layer.groups, xp=xp)
-        if lora_bias is not None:
-            lo = lo + xp.reshape(as_compute(xp, lora_bias, cd), (1, -1) + (1,) * len(layer.kernel_size))
-    else:
-        lo = xp.matmul(xp.matmul(xin, xp.matrix_transpose(Ac)), xp.matrix_transpose(Bc))
-        if lora_bias is not None:
-            lo = lo + as_compute(xp, lora_bias, cd)
-    return lo * scaling
-
-
-# --------------------------------------------------------------------------------------------------
-# Merge / unmerge
-# --------------------------------------------------------------------------------------------------
-def compat_delta(xp: Any, A: Array, B: Array, delta: Array) -> Array:
-    """PEFT's CPU rule: half-precision factors give a delta rounded to their dtype."""
-    adapter_dtype = xp.result_type(A.dtype, B.dtype)
-    if is_low_precision(adapter_dtype):
-        return as_compute(xp, xp.astype(delta, adapter_dtype), delta.dtype)
-    return delta
-
-
-def _apply(
-    W: Array,
-    A: Array,
-    B: Array,
-    *,
-    scaling: float,
-    sign: int,
-    layer: Layer | LayerKind | str | None,
-    copy: bool,
-    safe: bool,
-    peft_compat: bool,
-    where: str,
-) -> Array:
-    xp = namespace(W, A, B, where=where)
-    lay = resolve_layer(layer, A, B, W)
-    lay.check_weight(W)
-    check_factors(lay, A, B, where)
-    if lay.kind.is_conv and lay.groups > 1:
-        raise UnsupportedError(
-            f"{where}: merging LoRA into a conv with groups={lay.groups} is not defined "
-            f"(PEFT raises NotImplementedError too); use the unmerged forward"
-        )
-    round_to = None
-    if peft_compat:
-        # PEFT: unsafe Linear/Conv merge adds the delta as computed; every other path
-        # (safe merge, Embedding, all unmerges) rounds the delta to W's dtype first.
-        if sign < 0 or safe or lay.kind is LayerKind.EMBEDDING:
-            round_to = W.dtype
-
-    def build() -> Array:
-        d = delta_matrix(A, B, scaling=scaling, xp=xp, dtype=compute_dtype(xp, A.dtype, B.dtype, W.dtype))
-        if peft_compat:
-            d = compat_delta(xp, A, B, d)
-        return lay.from_matrix(d, xp)
-
-    def kernel(M: Array) -> bool:
-        r = A.shape[0]
-        return backend_for(xp).addmm_(M, xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)), sign * scaling)
-
-    return apply_delta(where, W, build, sign=sign, copy=copy, safe=safe, round_delta_to=round_to, layer=lay,
-                       inplace_kernel=None if peft_compat else kernel, xp=xp)
-
-
-def merge(
-    W: Array,
-    A: Array,
-    B: Array,
-    *,
-    scaling: float,
-    layer: Layer | LayerKind | str | None = None,
-    copy: bool = True,
-    safe: bool = False,
-    peft_compat: bool = False,
-) -> Array:
-    """``W + ΔW``.
-
-    ``copy=True`` (default) returns a new array. ``copy=False`` updates ``W`` in place and returns it:
-    on NumPy float32/float64 through BLAS gemm with ``beta=1`` (no temporary of W's size), on
-    NumPy float16/bfloat16 through float32 row tiles, elsewhere (and for any layout whose matrix view
-    would be a copy: a permuted or Fortran-ordered conv weight, torch ``channels_last``) by computing
-    ``W + ΔW`` and storing it into W; it raises :class:`~peftmath.errors.UnsupportedError` for arrays
-    it cannot write (JAX, read-only NumPy), writing nothing (the contract of
-    :mod:`peftmath.methods._base`). ``safe=True`` refuses a non-finite result
-    (:class:`~peftmath.errors.NonFiniteError`) and leaves ``W`` untouched.
-
-    Rounding: ``W + ΔW`` is formed in float32 (float64 for float64) and rounded once to W's dtype.
-    ``peft_compat=True`` follows PEFT's order instead: half-precision factors round ΔW to their dtype,
-    and a safe merge or an Embedding rounds ΔW to W's dtype before the add.
-
-    >>> import numpy as np
-    >>> W = np.zeros((2, 3), dtype=np.float32)
-    >>> A = np.ones((1, 3), dtype=np.float32); B = np.full((2, 1), 2.0, dtype=np.float32)
-    >>> merge(W, A, B, scaling=0.25, copy=False) is W, W[0]
-    (True, array([0.5, 0.5, 0.5], dtype=float32))
-    """
-    return _apply(W, A, B, scaling=scaling, sign=1, layer=layer, copy=copy, safe=safe, peft_compat=peft_compat,
-                  where="lora.merge")
-
-
-def unmerge(
-    W: Array,
-    A: Array,
-    B: Array,
-    *,
-    scaling: float,
-    layer: Layer | LayerKind | str | None = None,
-    copy: bool = True,
-    peft_compat: bool = False,
-) -> Array:
-    """``W − ΔW``, the inverse of :func:`merge` (same keywords). ``peft_compat=True`` rounds ΔW to
-    W's dtype before the subtraction, as PEFT's unmerge does."""
-    return _apply(W, A, B, scaling=scaling, sign=-1, layer=layer, copy=copy, safe=False, peft_compat=peft_compat,
-                  where="lora.unmerge")
-
-
-def merge_bias(bias: Array | None, lora_bias: Array, *, scaling: float, peft_compat: bool = False) -> Array:
-    """``b + s · b_B`` for ``lora_bias=True`` (always a new array)."""
-    xp = namespace(lora_bias)
-    d = as_compute(xp, lora_bias, compute_dtype(xp, lora_bias.dtype)) * scaling
-    # PEFT adds ``b_B * s`` as computed: in the adapter's dtype (rounded there when half) and never
-    # rounded to the bias dtype first, on every path (safe, unsafe, unmerge)
-    rd = lora_bias.dtype if (peft_compat and is_low_precision(lora_bias.dtype)) else None
-    return bias_update("lora.merge_bias", bias, d, round_delta_to=rd)
-
-
-def unmerge_bias(bias: Array, lora_bias: Array, *, scaling: float, peft_compat: bool = False) -> Array:
-    """``b − s · b_B``."""
-    xp = namespace(lora_bias)
-    d = as_compute(xp, lora_bias, compute_dtype(xp, lora_bias.dtype)) * scaling
-    rd = lora_bias.dtype if (peft_compat and is_low_precision(lora_bias.dtype)) else None
-    return bias_update("lora.unmerge_bias", bias, d, sign=-1, round_delta_to=rd)
-
-
-# --------------------------------------------------------------------------------------------------
-# Initialisation
+# Initialisation (specs/lora.md, "4. Initialisation (`init_lora_weights`)")
 # --------------------------------------------------------------------------------------------------
 class LoraInit(NamedTuple):
     """LoRA factors from an initialisation, and the new base weight where the init changes it."""
@@ -640,8 +378,277 @@ def _olora(weight, layer, r, s, xp) -> LoraInit:
     new = W32 - s * xp.matmul(B, A)
     return LoraInit(A, B, xp.astype(new, weight.dtype))
 
+
 # --------------------------------------------------------------------------------------------------
-# One module of a checkpoint
+# Forward (specs/lora.md, "5. Forward, per layer kind")
+# --------------------------------------------------------------------------------------------------
+def forward(
+    x: Array,
+    W: Array,
+    A: Array,
+    B: Array,
+    *,
+    scaling: float,
+    bias: Array | None = None,
+    layer: Layer | LayerKind | str | None = None,
+    lora_bias: Array | None = None,
+    dropout: Callable[[Array], Array] | None = None,
+    embed_scale: float | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int | None = None,
+    peft_compat: bool = False,
+) -> Array:
+    """The unmerged adapted layer: ``base(x) + s · lora_B(lora_A(dropout(x)))``.
+
+    ========== ===========================================================================
+    Linear     ``x Wᵀ + b + s (d(x) Aᵀ Bᵀ + b_B)``, x ``(..., in)``
+    Conv1D     ``x W + b + s (d(x) Aᵀ Bᵀ + b_B)``
+    Embedding  ``embed_scale · (W[ids] + s · Aᵀ[ids] Bᵀ)`` (no dropout, as in PEFT)
+    ConvNd     ``conv(x, W, b) + s · conv(conv(d(x), A; stride, padding, dilation), B; groups)``
+    ========== ===========================================================================
+
+    ``dropout`` is any callable applied to the adapter's input (identity by default; PEFT's
+    ``lora_dropout`` is inverted dropout in training). The LoRA branch is computed in float32 (or
+    wider) and the result has the base output's dtype.
+
+    PEFT's conv ``lora_A`` does not copy the base layer's dilation (PEFT issue #3697), so its forward
+    fails on dilated convs; peftmath's default uses the base dilation (then the unmerged forward
+    equals the merged layer); ``peft_compat=True`` uses dilation 1 like PEFT.
+
+    ``stride``, ``padding``, ``dilation``, ``groups``: the base conv's, described once in
+    :mod:`peftmath.layers` ("Conv keywords"); ``groups`` follows from ``x`` and ``lora_A`` (which spans
+    all input channels). An input of the wrong width is a :class:`~peftmath.errors.ShapeError`.
+    """
+    xp = namespace(x, W, A, B, bias, lora_bias, where="lora.forward")
+    lay, conv_kwargs = resolve_layer(layer, A, B, W).for_input(
+        x, "lora.forward", groups=groups, channels=A.shape[1] if A.ndim > 2 else None, stride=stride,
+        padding=padding, dilation=dilation)
+    check_factors(lay, A, B, "lora.forward")
+    base = lay.base_forward(x, W, bias, xp, **conv_kwargs)
+    if embed_scale is not None and lay.kind is LayerKind.EMBEDDING:
+        base = base * embed_scale  # a scaled embedding (Gemma) scales its own lookup too, as in PEFT
+    lo = adapter_output(x, A, B, scaling=scaling, layer=lay, lora_bias=lora_bias, dropout=dropout,
+                        embed_scale=embed_scale, peft_compat=peft_compat, **conv_kwargs)
+    if tuple(lo.shape) != tuple(base.shape):
+        raise ShapeError(f"lora.forward: adapter output {tuple(lo.shape)} does not match base output {tuple(base.shape)}")
+    return as_compute(xp, as_compute(xp, base, lo.dtype) + lo, base.dtype)
+
+
+def adapter_output(
+    x: Array,
+    A: Array,
+    B: Array,
+    *,
+    scaling: float,
+    layer: Layer,
+    lora_bias: Array | None = None,
+    dropout: Callable[[Array], Array] | None = None,
+    embed_scale: float | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
+    peft_compat: bool = False,
+) -> Array:
+    """The adapter's term alone, ``s · lora_B(lora_A(dropout(x)))``, in float32 or wider."""
+    xp = namespace(x, A, B, lora_bias, where="lora.adapter_output")
+    emb = layer.kind is LayerKind.EMBEDDING
+    cd = compute_dtype(xp, A.dtype, B.dtype, *(() if emb else (x.dtype,)))
+    Ac, Bc = as_compute(xp, A, cd), as_compute(xp, B, cd)
+    if emb:
+        h = embedding_lookup(x, xp.matrix_transpose(Ac), xp=xp)
+        lo = xp.matmul(h, xp.matrix_transpose(Bc)) * scaling
+        return lo * embed_scale if embed_scale is not None else lo
+    xin = as_compute(xp, x, cd)
+    if dropout is not None:
+        xin = dropout(xin)
+    if layer.kind.is_conv:
+        h = conv(xin, Ac, stride=stride, padding=padding, dilation=1 if peft_compat else dilation, xp=xp)
+        lo = conv(h, Bc, groups=layer.groups, xp=xp)
+        if lora_bias is not None:
+            lo = lo + xp.reshape(as_compute(xp, lora_bias, cd), (1, -1) + (1,) * len(layer.kernel_size))
+    else:
+        lo = xp.matmul(xp.matmul(xin, xp.matrix_transpose(Ac)), xp.matrix_transpose(Bc))
+        if lora_bias is not None:
+            lo = lo + as_compute(xp, lora_bias, cd)
+    return lo * scaling
+
+
+# --------------------------------------------------------------------------------------------------
+# Delta weight (specs/lora.md, "6. The delta weight")
+# --------------------------------------------------------------------------------------------------
+def delta_matrix(A: Array, B: Array, *, scaling: float, xp: Any = None, dtype: Any = None) -> Array:
+    """``s · B₂ A₂`` as the ``(out, in_flat)`` matrix, computed in ``dtype`` (default: float32/64)."""
+    xp = xp or namespace(A, B, where="lora")
+    cd = dtype or compute_dtype(xp, A.dtype, B.dtype)
+    r = A.shape[0]
+    A2 = as_compute(xp, xp.reshape(A, (r, -1)), cd)
+    B2 = as_compute(xp, xp.reshape(B, (B.shape[0], -1)), cd)
+    return xp.matmul(B2, A2) * scaling
+
+
+def delta_weight(
+    A: Array,
+    B: Array,
+    *,
+    scaling: float,
+    layer: Layer | LayerKind | str | None = None,
+    peft_compat: bool = False,
+) -> Array:
+    """``ΔW`` in the base weight's stored layout.
+
+    The product is computed in float32 (float64 for float64 factors); the result has the factors'
+    dtype, so half-precision factors give a half-precision ΔW rounded once, as in PEFT on CPU.
+
+    >>> import numpy as np
+    >>> A = np.array([[1.0, 2.0, 3.0]])            # (r=1, in=3)
+    >>> B = np.array([[1.0], [-1.0]])              # (out=2, r=1)
+    >>> delta_weight(A, B, scaling=0.5)
+    array([[ 0.5,  1. ,  1.5],
+           [-0.5, -1. , -1.5]])
+    >>> delta_weight(A, B, scaling=0.5, layer="Conv1D").shape   # stored (in, out)
+    (3, 2)
+    """
+    xp = namespace(A, B, where="lora.delta_weight")
+    lay = resolve_layer(layer, A, B)
+    check_factors(lay, A, B, "lora.delta_weight")
+    if lay.kind.is_conv and lay.groups > 1:
+        raise UnsupportedError("lora.delta_weight: a conv with groups > 1 has no dense delta in PEFT's layout")
+    d = lay.from_matrix(delta_matrix(A, B, scaling=scaling, xp=xp), xp)
+    out_dtype = xp.result_type(A.dtype, B.dtype)
+    return as_compute(xp, d, out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Merge / unmerge (specs/lora.md, "7. Merge and unmerge, and when they are exact")
+# --------------------------------------------------------------------------------------------------
+def _apply(
+    W: Array,
+    A: Array,
+    B: Array,
+    *,
+    scaling: float,
+    sign: int,
+    layer: Layer | LayerKind | str | None,
+    copy: bool,
+    safe: bool,
+    peft_compat: bool,
+    where: str,
+) -> Array:
+    xp = namespace(W, A, B, where=where)
+    lay = resolve_layer(layer, A, B, W)
+    lay.check_weight(W)
+    check_factors(lay, A, B, where)
+    if lay.kind.is_conv and lay.groups > 1:
+        raise UnsupportedError(
+            f"{where}: merging LoRA into a conv with groups={lay.groups} is not defined "
+            f"(PEFT raises NotImplementedError too); use the unmerged forward"
+        )
+    round_to = None
+    if peft_compat:
+        # PEFT: unsafe Linear/Conv merge adds the delta as computed; every other path
+        # (safe merge, Embedding, all unmerges) rounds the delta to W's dtype first.
+        if sign < 0 or safe or lay.kind is LayerKind.EMBEDDING:
+            round_to = W.dtype
+
+    def build() -> Array:
+        d = delta_matrix(A, B, scaling=scaling, xp=xp, dtype=compute_dtype(xp, A.dtype, B.dtype, W.dtype))
+        if peft_compat:
+            d = compat_delta(xp, A, B, d)
+        return lay.from_matrix(d, xp)
+
+    def kernel(M: Array) -> bool:
+        r = A.shape[0]
+        return backend_for(xp).addmm_(M, xp.reshape(B, (B.shape[0], r)), xp.reshape(A, (r, -1)), sign * scaling)
+
+    return apply_delta(where, W, build, sign=sign, copy=copy, safe=safe, round_delta_to=round_to, layer=lay,
+                       inplace_kernel=None if peft_compat else kernel, xp=xp)
+
+
+def merge(
+    W: Array,
+    A: Array,
+    B: Array,
+    *,
+    scaling: float,
+    layer: Layer | LayerKind | str | None = None,
+    copy: bool = True,
+    safe: bool = False,
+    peft_compat: bool = False,
+) -> Array:
+    """``W + ΔW``.
+
+    ``copy=True`` (default) returns a new array. ``copy=False`` updates ``W`` in place and returns it:
+    on NumPy float32/float64 through BLAS gemm with ``beta=1`` (no temporary of W's size), on
+    NumPy float16/bfloat16 through float32 row tiles, elsewhere (and for any layout whose matrix view
+    would be a copy: a permuted or Fortran-ordered conv weight, torch ``channels_last``) by computing
+    ``W + ΔW`` and storing it into W; it raises :class:`~peftmath.errors.UnsupportedError` for arrays
+    it cannot write (JAX, read-only NumPy), writing nothing (the contract of
+    :mod:`peftmath.methods._base`). ``safe=True`` refuses a non-finite result
+    (:class:`~peftmath.errors.NonFiniteError`) and leaves ``W`` untouched.
+
+    Rounding: ``W + ΔW`` is formed in float32 (float64 for float64) and rounded once to W's dtype.
+    ``peft_compat=True`` follows PEFT's order instead: half-precision factors round ΔW to their dtype,
+    and a safe merge or an Embedding rounds ΔW to W's dtype before the add.
+
+    >>> import numpy as np
+    >>> W = np.zeros((2, 3), dtype=np.float32)
+    >>> A = np.ones((1, 3), dtype=np.float32); B = np.full((2, 1), 2.0, dtype=np.float32)
+    >>> merge(W, A, B, scaling=0.25, copy=False) is W, W[0]
+    (True, array([0.5, 0.5, 0.5], dtype=float32))
+    """
+    return _apply(W, A, B, scaling=scaling, sign=1, layer=layer, copy=copy, safe=safe, peft_compat=peft_compat,
+                  where="lora.merge")
+
+
+def unmerge(
+    W: Array,
+    A: Array,
+    B: Array,
+    *,
+    scaling: float,
+    layer: Layer | LayerKind | str | None = None,
+    copy: bool = True,
+    peft_compat: bool = False,
+) -> Array:
+    """``W − ΔW``, the inverse of :func:`merge` (same keywords). ``peft_compat=True`` rounds ΔW to
+    W's dtype before the subtraction, as PEFT's unmerge does."""
+    return _apply(W, A, B, scaling=scaling, sign=-1, layer=layer, copy=copy, safe=False, peft_compat=peft_compat,
+                  where="lora.unmerge")
+
+
+def merge_bias(bias: Array | None, lora_bias: Array, *, scaling: float, peft_compat: bool = False) -> Array:
+    """``b + s · b_B`` for ``lora_bias=True`` (always a new array)."""
+    xp = namespace(lora_bias)
+    d = as_compute(xp, lora_bias, compute_dtype(xp, lora_bias.dtype)) * scaling
+    # PEFT adds ``b_B * s`` as computed: in the adapter's dtype (rounded there when half) and never
+    # rounded to the bias dtype first, on every path (safe, unsafe, unmerge)
+    rd = lora_bias.dtype if (peft_compat and is_low_precision(lora_bias.dtype)) else None
+    return bias_update("lora.merge_bias", bias, d, round_delta_to=rd)
+
+
+def unmerge_bias(bias: Array, lora_bias: Array, *, scaling: float, peft_compat: bool = False) -> Array:
+    """``b − s · b_B``."""
+    xp = namespace(lora_bias)
+    d = as_compute(xp, lora_bias, compute_dtype(xp, lora_bias.dtype)) * scaling
+    rd = lora_bias.dtype if (peft_compat and is_low_precision(lora_bias.dtype)) else None
+    return bias_update("lora.unmerge_bias", bias, d, sign=-1, round_delta_to=rd)
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT compatibility (specs/lora.md, "10. Dtypes: compute in float32, round once — and PEFT's rounding order")
+# --------------------------------------------------------------------------------------------------
+def compat_delta(xp: Any, A: Array, B: Array, delta: Array) -> Array:
+    """PEFT's CPU rule: half-precision factors give a delta rounded to their dtype."""
+    adapter_dtype = xp.result_type(A.dtype, B.dtype)
+    if is_low_precision(adapter_dtype):
+        return as_compute(xp, xp.astype(delta, adapter_dtype), delta.dtype)
+    return delta
+
+
+# --------------------------------------------------------------------------------------------------
+# One module of a checkpoint: the functions above bound to a ModuleAdapter
 # --------------------------------------------------------------------------------------------------
 class LoraModule(ModuleAdapter):
     """LoRA on one base module.
