@@ -43,6 +43,7 @@ Array = Any
 __all__ = ["magnitude_shape", "weight_norm", "init_magnitude", "forward", "merge", "unmerge", "DoraModule"]
 
 
+# --- Shapes and the norm (specs/dora.md, "2. Parameters and the norm axes, per layer kind") ----------
 def magnitude_shape(layer: Layer) -> tuple[int, ...]:
     """Shape of ``lora_magnitude_vector`` on ``layer`` (see the module docstring)."""
     if layer.kind.is_conv:
@@ -66,20 +67,6 @@ def _ungrouped(lay: Layer) -> Layer:
     return lay
 
 
-def _checked(W: Array, A: Array, B: Array, magnitude: Array, other: Array | None, layer: Any,
-             where: str) -> tuple[Any, Layer, Any, Array]:
-    """Merge's and unmerge's checks: ``(xp, layer, compute dtype, magnitude as an (out,) vector)``."""
-    xp = namespace(W, A, B, magnitude, other, where=where)
-    lay = _layer(layer, A, B, W)
-    lay.check_weight(W)
-    lora.check_factors(lay, A, B, where)
-    cd = compute_dtype(xp, W.dtype, A.dtype, B.dtype)
-    m = as_compute(xp, xp.reshape(magnitude, (-1,)), cd)
-    if m.shape[0] != lay.out_features:
-        raise ShapeError(f"{where}: lora_magnitude_vector has {m.shape[0]} entries, expected {lay.out_features}")
-    return xp, lay, cd, m
-
-
 def weight_norm(W: Array, A: Array, B: Array, *, scaling: float, layer: Any = None) -> Array:
     """``n = ‖W + s·BA‖`` per output (shape ``(out,)``), in float32 or wider."""
     xp = namespace(W, A, B, where="dora.weight_norm")
@@ -89,6 +76,7 @@ def weight_norm(W: Array, A: Array, B: Array, *, scaling: float, layer: Any = No
     return xp.linalg.vector_norm(V, axis=1)
 
 
+# --- Initialisation (specs/dora.md, "3. Initialisation") ---------------------------------------------
 def init_magnitude(W: Array, A: Array, B: Array, *, scaling: float, layer: Any = None) -> Array:
     """PEFT's initial magnitude: ``m = ‖W + s·BA‖`` (so ``g = 1``), in ``lora_magnitude_vector``'s shape.
 
@@ -99,6 +87,7 @@ def init_magnitude(W: Array, A: Array, B: Array, *, scaling: float, layer: Any =
     return xp.reshape(weight_norm(W, A, B, scaling=scaling, layer=lay), magnitude_shape(lay))
 
 
+# --- Forward (specs/dora.md, "4. Forward") -----------------------------------------------------------
 def forward(
     x: Array,
     W: Array,
@@ -157,6 +146,21 @@ def forward(
         b = as_compute(xp, bias, cd)
         y = y + (xp.reshape(b, (1, -1) + (1,) * len(lay.kernel_size)) if lay.kind.is_conv else b)
     return as_compute(xp, y, base.dtype)
+
+
+# --- Merge / unmerge (specs/dora.md, "5. Merge, and why unmerge needs a record") ---------------------
+def _checked(W: Array, A: Array, B: Array, magnitude: Array, other: Array | None, layer: Any,
+             where: str) -> tuple[Any, Layer, Any, Array]:
+    """Merge's and unmerge's checks: ``(xp, layer, compute dtype, magnitude as an (out,) vector)``."""
+    xp = namespace(W, A, B, magnitude, other, where=where)
+    lay = _layer(layer, A, B, W)
+    lay.check_weight(W)
+    lora.check_factors(lay, A, B, where)
+    cd = compute_dtype(xp, W.dtype, A.dtype, B.dtype)
+    m = as_compute(xp, xp.reshape(magnitude, (-1,)), cd)
+    if m.shape[0] != lay.out_features:
+        raise ShapeError(f"{where}: lora_magnitude_vector has {m.shape[0]} entries, expected {lay.out_features}")
+    return xp, lay, cd, m
 
 
 def _same(t: Array) -> Array:
