@@ -215,11 +215,42 @@ def _adapter_arg(text: str) -> tuple[str, float]:
     return head, scale
 
 
-def _load_adapters(paths: Sequence[str], to_xp: Any = None, *, strict: bool = False):
-    """The adapters at ``paths`` (``strict``: an unknown config field is an error), on the backend of ``to_xp``."""
+def _format_of(path: str) -> str | None:
+    """The adapter format at ``path`` (:func:`peftmath.formats.detect_format`), None when unrecognisable."""
+    from .formats import detect_format
+
+    try:
+        return detect_format(path)
+    except PeftMathError:
+        return None
+
+
+def _read_adapter(path: str, *, strict: bool = False, model: Any = None) -> Any:
+    """The adapter at ``path``: a PEFT folder, or a kohya / LyCORIS file or an MLX folder converted in memory
+    (detected as ``peftmath convert`` detects them; kohya's module names are matched against ``model``'s,
+    an opened :class:`~peftmath.io.stream.Model`, when given). A candle-lora file does not hold its alpha:
+    the error gives the ``peftmath convert`` command to run."""
+    from .formats import read_any
     from .io import load_adapter
 
-    adapters = [load_adapter(p, strict=strict) for p in paths]
+    fmt = _format_of(path)
+    if fmt in (None, "peft"):  # None: not recognisable; load_adapter says why in PEFT's terms
+        return load_adapter(path, strict=strict)
+    if fmt == "candle-lora":
+        base = f" --modules-from {model.path}" if model is not None else " --modules-from BASE"
+        raise ConfigError(f"{path}: a candle-lora adapter does not record its alpha, so it cannot be read as is; "
+                          f"convert it once: peftmath convert {path} --to peft --alpha ALPHA{base} -o "
+                          f"{Path(path).with_suffix('')}-peft")
+    options: dict[str, Any] = {}
+    if fmt == "kohya" and model is not None:
+        options["modules"] = sorted({k.rsplit(".", 1)[0] for k in model.keys() if k.endswith(".weight")})
+    return read_any(path, from_=fmt, **options)
+
+
+def _load_adapters(paths: Sequence[str], to_xp: Any = None, *, strict: bool = False, model: Any = None):
+    """The adapters at ``paths`` (``strict``: an unknown config field is an error), on the backend of ``to_xp``;
+    kohya / LyCORIS and MLX adapters are converted in memory (:func:`_read_adapter`)."""
+    adapters = [_read_adapter(p, strict=strict, model=model) for p in paths]
     if to_xp is not None:  # private writeable copies on the backend (the files stay memory-mapped read-only)
         for ad in adapters:
             ad.params = {m: {s: to_xp(np.array(a)) for s, a in p.items()} for m, p in ad.params.items()}
@@ -233,8 +264,20 @@ def _cmd_inspect(args: argparse.Namespace, log: _Log) -> int:
     from .io.stream import open_model
 
     base = open_model(args.base) if args.base else None
-    info = inspect_adapter(args.adapter, base=base, layer_kinds=_layer_kinds(args.layer_kind), top=args.top,
-                           strict=args.strict)
+    kw = dict(base=base, layer_kinds=_layer_kinds(args.layer_kind), top=args.top, strict=args.strict)
+    fmt = _format_of(args.adapter)
+    if fmt in (None, "peft"):
+        info = inspect_adapter(args.adapter, **kw)
+    else:  # kohya / LyCORIS, MLX: converted in memory, inspected as the PEFT adapter it is
+        import tempfile
+
+        from .io import save_adapter
+
+        ad = _read_adapter(args.adapter, strict=args.strict, model=base)
+        with tempfile.TemporaryDirectory() as td:
+            save_adapter(ad, Path(td) / "adapter")
+            info = inspect_adapter(Path(td) / "adapter", **kw)
+        info = {"path": str(args.adapter), "format": fmt, **{k: v for k, v in info.items() if k != "path"}}
     print(json.dumps(info, indent=2) if args.json else render_inspect(info, with_base=base is not None))
     if info["problems"]:
         n = len(info["problems"])
@@ -251,7 +294,7 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
     xp, to_xp, to_host = _backend_namespace(getattr(args, "backend", None))
     paths = [p for p, _ in args.adapters]
     adapters = [ad if c == 1.0 else ad.scaled(c)  # ADAPTER:SCALE
-                for ad, (_, c) in zip(_load_adapters(paths, to_xp, strict=args.strict), args.adapters)]
+                for ad, (_, c) in zip(_load_adapters(paths, to_xp, strict=args.strict, model=base), args.adapters)]
     kinds = _layer_kinds(args.layer_kind)
     dtype = None
     if getattr(args, "dtype", "keep") not in (None, "keep"):
@@ -376,7 +419,7 @@ def _cmd_verify(args: argparse.Namespace, log: _Log) -> int:
         return 2
     adapter_paths = [p for p, _ in parsed]
     adapters = [ad if c == 1.0 else ad.scaled(c)
-                for ad, (_, c) in zip(_load_adapters(adapter_paths, strict=args.strict), parsed)]
+                for ad, (_, c) in zip(_load_adapters(adapter_paths, strict=args.strict, model=base), parsed)]
     dtype = None if args.dtype in (None, "keep") else OUTPUT_DTYPES[args.dtype]
     rep = verify(base, adapters, merged, peft_compat=args.peft_compat, layer_kinds=_layer_kinds(args.layer_kind),
                  dtype=dtype, names=adapter_paths)
@@ -529,8 +572,9 @@ def _config_from_flags(args: argparse.Namespace) -> Any:
     """The config that ``init``'s flags describe: the method's defaults, then --rank, --alpha, --use-dora,
     --target, --init.
 
-    A flag the method has no field for is an error (IA3 has no rank, OFT no alpha, ...). OFT's
-    ``--rank`` sets ``oft_block_size`` to 0, as PEFT wants exactly one of them.
+    A flag the method has no field for is an error (IA3 has no rank, OFT no alpha, ...). ``--rank``
+    zeroes the fields the method description lists in ``rank_excludes`` (OFT's ``oft_block_size``: PEFT
+    wants exactly one of them).
     """
     import dataclasses
 
@@ -562,8 +606,8 @@ def _config_from_flags(args: argparse.Namespace) -> Any:
             raise ConfigError(f"{option}: {peft_type} has no field {field!r}; give this method's fields in an "
                               f"adapter_config.json with --config")
     fields = {**cls().to_dict(), **{f: v for f, (_, v) in given.items()}, "peft_type": peft_type}
-    if peft_type == "OFT" and "r" in given:
-        fields["oft_block_size"] = 0
+    if "r" in given:
+        fields.update(method.fields_for_rank())  # OFT: r or oft_block_size, PEFT wants exactly one
     try:
         return config_from_dict(fields, source="command line", strict=args.strict)
     except ConfigError as exc:

@@ -509,10 +509,15 @@ def adapter_provenance(path: str | os.PathLike, adapter: Any,
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     weights = p if p.is_file() else folder / "adapter_model.safetensors"
-    entry: dict[str, Any] = {"adapter": _adapter_name(folder), "peft_type": adapter.peft_type}
+    if not weights.exists() and (folder / "adapters.safetensors").exists():  # an MLX folder
+        weights = folder / "adapters.safetensors"
+    config = folder / "adapter_config.json"
+    single = p.is_file() and p.name not in ("adapter_model.safetensors", "adapters.safetensors")
+    entry: dict[str, Any] = {"adapter": p.name if single else _adapter_name(folder), "peft_type": adapter.peft_type}
     if getattr(adapter.config, "use_dora", False):
         entry["use_dora"] = True
-    entry["adapter_config_sha256"] = _sha256(folder / "adapter_config.json")
+    if not single or p.name == "adapter_model.safetensors":  # a kohya / LyCORIS file has no config
+        entry["adapter_config_sha256"] = _sha256(config)
     entry["adapter_model_sha256"] = _sha256(weights)
     scale = float(getattr(adapter, "scale", 1.0))
     if scale != 1.0:  # applied with a scale (Adapter.scaled; ADAPTER:SCALE on the command line)
@@ -553,9 +558,9 @@ def _scale_of(entry: Mapping[str, Any]) -> float:
 
 
 def _same_adapter(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """The same adapter files applied with the same scale."""
-    keys = ("adapter_config_sha256", "adapter_model_sha256")
-    return all(a.get(k) is not None and a.get(k) == b.get(k) for k in keys) and _scale_of(a) == _scale_of(b)
+    """The same adapter files (a kohya file: its weights alone) applied with the same scale."""
+    return (a.get("adapter_model_sha256") is not None and a.get("adapter_model_sha256") == b.get("adapter_model_sha256")
+            and a.get("adapter_config_sha256") == b.get("adapter_config_sha256") and _scale_of(a) == _scale_of(b))
 
 
 def read_provenance(model: Model) -> list[dict[str, Any]] | None:
