@@ -13,6 +13,7 @@ method module fills in.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -88,6 +89,10 @@ class Method:
     needs_record_for
         ``config -> bool``: whether merge returns a record unmerge needs (DoRA's weight norm: LoRA
         with ``use_dora``). Ask it through :meth:`needs_record`.
+    rank_excludes
+        Config fields set to 0 when the rank ``r`` is given (``init --rank``), because the method takes
+        either the rank or these (OFT: ``r`` or ``oft_block_size``, exactly one non-zero). Ask it through
+        :meth:`fields_for_rank`.
     """
 
     peft_type: str
@@ -110,6 +115,7 @@ class Method:
     validate_checkpoint: Callable[[Any, dict[str, Any]], None] | None = None
     past_key_values: Callable[[Any, Any, int], list] | None = None
     needs_record_for: Callable[[Any], bool] = _never
+    rank_excludes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "examples", MappingProxyType({k: MappingProxyType(dict(v))
@@ -119,6 +125,12 @@ class Method:
             raise TypeError(f"Method {self.peft_type}: a prompt-learning method has no module, every other one has one")
         if sum((self.additive, self.rotation, self.scale, self.prompt_learning)) != 1:
             raise TypeError(f"Method {self.peft_type}: exactly one of additive, rotation, scale, prompt_learning")
+        if self.rank_excludes and dataclasses.is_dataclass(self.config):
+            names = {f.name for f in dataclasses.fields(self.config)}
+            unknown = [f for f in self.rank_excludes if f not in names or "r" not in names]
+            if unknown:
+                raise TypeError(f"Method {self.peft_type}: rank_excludes {unknown} are not fields of "
+                                f"{self.config.__name__} beside its rank r")
 
     # --- questions the rest of peftmath asks ---------------------------------------------------
     @property
@@ -141,6 +153,11 @@ class Method:
     def stacks(self, config_or_module: Any) -> bool:
         """Whether several adapters of this method can be summed in one forward (additive, no record)."""
         return self.additive and not self.needs_record(config_or_module)
+
+    def fields_for_rank(self) -> dict[str, int]:
+        """The config fields to zero when the rank ``r`` is given: ``{field: 0}`` for each of
+        :attr:`rank_excludes` (OFT: ``{"oft_block_size": 0}``), empty for most methods."""
+        return {name: 0 for name in self.rank_excludes}
 
     def supports(self, kind: LayerKind | str) -> bool:
         return LayerKind.parse(kind) in self.layer_kinds

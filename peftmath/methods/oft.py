@@ -762,4 +762,5 @@ METHOD = Method(
     peft_type=PEFT_TYPE, config=OFTConfig, module=OFTModule, spec="specs/oft.md",
     parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=OFTModule.supported_kinds, rotation=True,
     init_field="init_weights", examples=EXAMPLES,
+    rank_excludes=("oft_block_size",),  # PEFT wants exactly one of r and oft_block_size non-zero
 )

@@ -110,6 +110,32 @@ def test_init_flags_fill_the_method_defaults(tmp_path, model):
             np.testing.assert_allclose(merged[k], state[k], atol=1e-6)
 
 
+def test_init_rank_zeroes_what_the_method_description_lists(tmp_path, model, monkeypatch, capsys):
+    """--rank zeroes the fields of the method's ``rank_excludes``, read from its description (no method
+    name in the command): OFT's lists oft_block_size; with the rule taken out of the description, the
+    same command keeps PEFT's default oft_block_size and is refused for setting both."""
+    import dataclasses
+
+    from peftmath.methods import describe_method, get_method
+
+    path, _ = model
+    assert describe_method("OFT").rank_excludes == ("oft_block_size",)
+    assert describe_method("BOFT").rank_excludes == ()                   # BOFT has no r: --rank is refused
+    for peft_type in ("LORA", "IA3", "LOHA", "LOKR", "VERA", "ADALORA"):
+        assert describe_method(peft_type).fields_for_rank() == {}
+    args = ["init", str(path), "--method", "oft", "--target", "v_proj", "--r", "4", "-q"]
+    assert main([*args, "-o", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["oft_block_size"] == 0
+    oft = get_method("OFT")
+    monkeypatch.setattr(oft, "METHOD", dataclasses.replace(oft.METHOD, rank_excludes=()))
+    capsys.readouterr()
+    assert main([*args, "-o", str(tmp_path / "b")]) != 0
+    err = capsys.readouterr().err
+    assert "oft_block_size" in err and not (tmp_path / "b").exists()
+    with pytest.raises(TypeError, match="rank_excludes"):            # a field the config lacks is refused
+        dataclasses.replace(oft.METHOD, rank_excludes=("oft_block_sizes",))
+
+
 def test_ia3_feedforward_modules_from_the_model_type(tmp_path):
     """PEFT fills a null feedforward_modules from its table (Llama: down_proj) before saving; the saved list
     keeps only entries of an explicit target list (PEFT refuses to load a non-subset)."""
