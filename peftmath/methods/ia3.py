@@ -65,7 +65,7 @@ SUPPORTED_KINDS = (LayerKind.LINEAR, LayerKind.CONV1D_TRANSPOSED, LayerKind.CONV
 
 
 # --------------------------------------------------------------------------------------------------
-# Config
+# Config (specs/ia3.md, 'Config (`peft_type: "IA3"`)')
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class IA3Config(TunerConfig):
@@ -139,7 +139,7 @@ def is_feedforward(module_name: str, feedforward_modules: str | Iterable[str] | 
 
 
 # --------------------------------------------------------------------------------------------------
-# Shapes
+# Shapes and feedforward (specs/ia3.md, "Notation and shapes", "Feedforward or not: the picture")
 # --------------------------------------------------------------------------------------------------
 def _check_kind(layer: Layer, where: str) -> None:
     if layer.kind not in SUPPORTED_KINDS:
@@ -233,7 +233,7 @@ def _resolve(layer: Layer | LayerKind | str | None, weight: Array, l: Array, fee
 
 
 # --------------------------------------------------------------------------------------------------
-# Initialisation
+# Initialisation (specs/ia3.md, "Initialisation (`init_ia3_weights`)")
 # --------------------------------------------------------------------------------------------------
 def init_weights(layer: Layer, *, feedforward: bool, init_ia3_weights: bool = True,
                  seed: int | np.random.Generator | None = 0, xp: Any = None, device: Any = None,
@@ -256,7 +256,7 @@ def init_weights(layer: Layer, *, feedforward: bool, init_ia3_weights: bool = Tr
 
 
 # --------------------------------------------------------------------------------------------------
-# Forward
+# Forward (specs/ia3.md, "Forward")
 # --------------------------------------------------------------------------------------------------
 def forward(
     x: Array,
@@ -326,7 +326,7 @@ def forward(
 
 
 # --------------------------------------------------------------------------------------------------
-# Merge / unmerge
+# Merge / unmerge (specs/ia3.md, "Merge and unmerge")
 # --------------------------------------------------------------------------------------------------
 def _check_invertible(l: Array, where: str) -> None:
     """Refuse a zero or non-finite entry of ``l`` (the division would not undo the merge)."""
