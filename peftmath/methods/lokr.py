@@ -72,7 +72,7 @@ PEFT_TYPE = "LOKR"
 
 
 # --------------------------------------------------------------------------------------------------
-# Config
+# Config (specs/lokr.md, "4. Configuration, scaling, initialisation")
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class LoKrConfig(LycorisConfig):
@@ -96,7 +96,7 @@ class LoKrConfig(LycorisConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# Factorization and shapes
+# Factorization and shapes (specs/lokr.md, "2. Factorization (PEFT's rule, exactly)", "3. Which tensors exist")
 # --------------------------------------------------------------------------------------------------
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     """PEFT's (LyCORIS') ``factorization(dim, factor)``: ``(m, n)`` with ``m · n = dim``.
@@ -200,7 +200,40 @@ def parameter_shapes(g: LoKrGeometry) -> dict[str, tuple[int, ...]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Delta weight
+# Initialisation (specs/lokr.md, "4. Configuration, scaling, initialisation")
+# --------------------------------------------------------------------------------------------------
+def init_weights(g: LoKrGeometry, *, init_weights: bool | str = True, seed: int | np.random.Generator | None = 0,
+                 xp: Any = None, device: Any = None, dtype: Any = None) -> dict[str, Array]:
+    """PEFT's LoKr initialisations, drawn on the host from ``seed`` (Kaiming-uniform a=√5 is
+    ``U(±1/sqrt(fan_in))``, ``fan_in = prod(shape[1:])``).
+
+    ============  ==========================================================  ==================
+    ``True``      ``lokr_w1 = 0`` (or ``lokr_w1_a = 0``); the rest Kaiming      ΔW = 0
+    ``"lycoris"`` ``lokr_w2 = 0`` (or ``lokr_w2_b = 0``); the rest Kaiming      ΔW = 0
+    ``False``     everything Kaiming                                          ΔW ≠ 0
+    ============  ==========================================================  ==================
+
+    >>> p = init_weights(geometry(Layer.of((64, 64)), 2), seed=0)
+    >>> {k: float(abs(v).max()) == 0.0 for k, v in sorted(p.items())}
+    {'lokr_w1': True, 'lokr_w2_a': False, 'lokr_w2_b': False}
+    """
+    if not (init_weights is True or init_weights is False or init_weights == "lycoris"):
+        raise ConfigError(f"LoKr init_weights must be true, false or 'lycoris', got {init_weights!r}")
+    xp = xp or default_xp()
+    rng = host_rng(seed)
+    zero = set()
+    if init_weights == "lycoris":
+        zero = {"lokr_w2", "lokr_w2_b"}
+    elif init_weights is True:
+        zero = {"lokr_w1", "lokr_w1_a"}
+    host = {}
+    for key, shape in parameter_shapes(g).items():
+        host[key] = np.zeros(shape) if key in zero else kaiming(rng, shape)
+    return put_host(host, xp, device, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Delta weight (specs/lokr.md, "5. Delta weight")
 # --------------------------------------------------------------------------------------------------
 def kron_factors(params: dict[str, Array], *, dtype: Any = None, peft_compat: bool = False) -> tuple[Array, Array]:
     """``(w1, w2)``: the full Kronecker factors from whichever tensors ``params`` holds.
@@ -335,7 +368,7 @@ def delta_weight(params: dict[str, Array], *, scaling: float, layer: Layer | Lay
 
 
 # --------------------------------------------------------------------------------------------------
-# Forward
+# Forward (specs/lokr.md, "6. Forward")
 # --------------------------------------------------------------------------------------------------
 def forward(
     x: Array,
@@ -385,7 +418,7 @@ def forward(
 
 
 # --------------------------------------------------------------------------------------------------
-# Merge / unmerge without a Kronecker temporary
+# Merge / unmerge without a Kronecker temporary (specs/lokr.md, "7. Merge and unmerge without a Kronecker temporary")
 # --------------------------------------------------------------------------------------------------
 def _kron_blocks(w1: Array, w2: Array, s: float, g: LoKrGeometry) -> Callable[[Any], Iterator]:
     """Row blocks of ``s · kron(w1, w2)`` on W's ``(out, in_flat)`` matrix view.
@@ -470,39 +503,6 @@ def unmerge(W: Array, params: dict[str, Array], *, scaling: float, layer: Layer 
     """``W − s · kron(w1, w2)``, the inverse of :func:`merge` (same keywords)."""
     return _apply(W, params, scaling=scaling, layer=layer, g=None, sign=-1, copy=copy, safe=False,
                   peft_compat=peft_compat, where="lokr.unmerge")
-
-
-# --------------------------------------------------------------------------------------------------
-# Initialisation
-# --------------------------------------------------------------------------------------------------
-def init_weights(g: LoKrGeometry, *, init_weights: bool | str = True, seed: int | np.random.Generator | None = 0,
-                 xp: Any = None, device: Any = None, dtype: Any = None) -> dict[str, Array]:
-    """PEFT's LoKr initialisations, drawn on the host from ``seed`` (Kaiming-uniform a=√5 is
-    ``U(±1/sqrt(fan_in))``, ``fan_in = prod(shape[1:])``).
-
-    ============  ==========================================================  ==================
-    ``True``      ``lokr_w1 = 0`` (or ``lokr_w1_a = 0``); the rest Kaiming      ΔW = 0
-    ``"lycoris"`` ``lokr_w2 = 0`` (or ``lokr_w2_b = 0``); the rest Kaiming      ΔW = 0
-    ``False``     everything Kaiming                                          ΔW ≠ 0
-    ============  ==========================================================  ==================
-
-    >>> p = init_weights(geometry(Layer.of((64, 64)), 2), seed=0)
-    >>> {k: float(abs(v).max()) == 0.0 for k, v in sorted(p.items())}
-    {'lokr_w1': True, 'lokr_w2_a': False, 'lokr_w2_b': False}
-    """
-    if not (init_weights is True or init_weights is False or init_weights == "lycoris"):
-        raise ConfigError(f"LoKr init_weights must be true, false or 'lycoris', got {init_weights!r}")
-    xp = xp or default_xp()
-    rng = host_rng(seed)
-    zero = set()
-    if init_weights == "lycoris":
-        zero = {"lokr_w2", "lokr_w2_b"}
-    elif init_weights is True:
-        zero = {"lokr_w1", "lokr_w1_a"}
-    host = {}
-    for key, shape in parameter_shapes(g).items():
-        host[key] = np.zeros(shape) if key in zero else kaiming(rng, shape)
-    return put_host(host, xp, device, dtype)
 
 
 # --------------------------------------------------------------------------------------------------
