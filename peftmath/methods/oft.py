@@ -79,7 +79,7 @@ PEFT_TYPE = "OFT"
 
 
 # --------------------------------------------------------------------------------------------------
-# Config
+# Config (specs/oft.md, "Block size (`r`, `oft_block_size`)")
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class OFTConfig(TunerConfig):
@@ -152,7 +152,7 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Block structure
+# Block structure (specs/oft.md, "Notation and shapes", "Block size (`r`, `oft_block_size`)")
 # --------------------------------------------------------------------------------------------------
 def rotated_dim(layer: Layer) -> int:
     """``n``, the dimension OFT rotates: in_features, embedding_dim, or in·kH·kW for a Conv2d.
@@ -239,7 +239,7 @@ def block_size_of(n_elements: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Rotation blocks
+# Rotation blocks (specs/oft.md, "From parameters to rotation blocks")
 # --------------------------------------------------------------------------------------------------
 def _index_array(xp: Any, values: list[int], like: Array) -> Array:
     return xp.asarray(values, dtype=xp.int64, device=array_api_compat.device(like))
@@ -424,7 +424,33 @@ def _inverse_blocks(blocks: Array) -> Array:
 
 
 # --------------------------------------------------------------------------------------------------
-# Forward
+# Initialisation (specs/oft.md, "Initialisation (`init_weights`)")
+# --------------------------------------------------------------------------------------------------
+def init_weights(
+    shape: tuple[int, int],
+    *,
+    init_weights: bool = True,
+    seed: int | np.random.Generator | None = 0,
+    xp: Any = None,
+    device: Any = None,
+    dtype: Any = None,
+) -> Array:
+    """PEFT's init of the OFT parameter: ``True`` gives zeros (``R = I``), ``False`` ``N(0, 0.1²)``.
+
+    Drawn on the host with ``numpy.random.default_rng(seed)`` and moved to ``xp`` / ``device``.
+    """
+    if not isinstance(init_weights, bool):
+        raise ConfigError(f"OFT init_weights must be true or false, got {init_weights!r} (PEFT: 'Unknown initialization')")
+    if xp is None:
+        import array_api_compat.numpy as xp
+    host = np.zeros(shape) if init_weights else host_rng(seed).normal(0.0, 0.1, shape)
+    out = backend_for(xp).from_host(np.ascontiguousarray(host, dtype=np.float32), xp, device)
+    target = dtype if dtype is not None else xp.float32
+    return out if out.dtype == target else xp.astype(out, target)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward (specs/oft.md, "Forward, merge, unmerge")
 # --------------------------------------------------------------------------------------------------
 def _check_blocks(lay: Layer, blocks: Array, where: str) -> None:
     n = rotated_dim(lay)
@@ -531,7 +557,7 @@ def _peft_fold_rotate(x: Array, R: Array, kernel: tuple[int, ...]) -> Array:
 
 
 # --------------------------------------------------------------------------------------------------
-# Merge / unmerge
+# Merge / unmerge (specs/oft.md, "Forward, merge, unmerge")
 # --------------------------------------------------------------------------------------------------
 def _rotate_weight(weight: Array, blocks: Array, lay: Layer, *, inverse: bool, xp: Any, cd: Any) -> Array:
     R = as_compute(xp, blocks, cd)
@@ -593,32 +619,6 @@ def _merge_or_unmerge(weight: Array, blocks: Array, layer: Layer | LayerKind | s
     cd = compute_dtype(xp, weight.dtype, blocks.dtype)
     return write_weight(where, weight, lambda: _rotate_weight(weight, blocks, lay, inverse=inverse, xp=xp, cd=cd),
                         copy=copy, safe=safe, xp=xp)
-
-
-# --------------------------------------------------------------------------------------------------
-# Initialisation
-# --------------------------------------------------------------------------------------------------
-def init_weights(
-    shape: tuple[int, int],
-    *,
-    init_weights: bool = True,
-    seed: int | np.random.Generator | None = 0,
-    xp: Any = None,
-    device: Any = None,
-    dtype: Any = None,
-) -> Array:
-    """PEFT's init of the OFT parameter: ``True`` gives zeros (``R = I``), ``False`` ``N(0, 0.1²)``.
-
-    Drawn on the host with ``numpy.random.default_rng(seed)`` and moved to ``xp`` / ``device``.
-    """
-    if not isinstance(init_weights, bool):
-        raise ConfigError(f"OFT init_weights must be true or false, got {init_weights!r} (PEFT: 'Unknown initialization')")
-    if xp is None:
-        import array_api_compat.numpy as xp
-    host = np.zeros(shape) if init_weights else host_rng(seed).normal(0.0, 0.1, shape)
-    out = backend_for(xp).from_host(np.ascontiguousarray(host, dtype=np.float32), xp, device)
-    target = dtype if dtype is not None else xp.float32
-    return out if out.dtype == target else xp.astype(out, target)
 
 
 # --------------------------------------------------------------------------------------------------
