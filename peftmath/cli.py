@@ -279,10 +279,31 @@ def _cmd_inspect(args: argparse.Namespace, log: _Log) -> int:
             info = inspect_adapter(Path(td) / "adapter", **kw)
         info = {"path": str(args.adapter), "format": fmt, **{k: v for k, v in info.items() if k != "path"}}
     print(json.dumps(info, indent=2) if args.json else render_inspect(info, with_base=base is not None))
+    if args.plot and not info["problems"]:
+        _plot_inspect(args, base)
     if info["problems"]:
         n = len(info["problems"])
         raise ShapeError(f"{args.adapter}: {n} adapted module(s) do not fit {args.base}: {info['problems'][0]}")
     return 0
+
+
+def _plot_inspect(args: argparse.Namespace, base: Any) -> None:
+    """``inspect --plot FILE``: singular-value spectra and ‖ΔW‖ per module (peftmath.plot); with --base, ΔW is
+    merge(W) − W for every method (only the adapted modules' tensors are read)."""
+    from .plot import plot_spectra
+
+    ad = _read_adapter(args.adapter, strict=args.strict, model=base)
+    state = None
+    if base is not None:
+        state = {}
+        for m in ad.modules:
+            for leaf in ("weight", "bias"):
+                key = f"{ad.base_key(m, base)}.{leaf}"
+                if key in base:
+                    state[key] = base.read(key)
+    plot_spectra(ad, args.plot, base=state)
+    if not args.quiet:
+        print(f"wrote {args.plot}", file=sys.stderr)
 
 
 # --- merge / unmerge --------------------------------------------------------------------------
@@ -618,10 +639,21 @@ def _config_from_flags(args: argparse.Namespace) -> Any:
 # --- extract ----------------------------------------------------------------------------------
 def _cmd_extract(args: argparse.Namespace, log: _Log) -> int:
     t0 = time.perf_counter()
+    if args.plot:
+        from .plot import _pyplot
+
+        _pyplot()  # refuse before the work when matplotlib is missing
+    spectra: dict[str, Any] = {}
     report = extract_lora(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy,
                           include=args.include, exclude=args.exclude, randomized=args.randomized,
                           layer_kinds=_layer_kinds(args.layer_kind), fan_in_fan_out=args.fan_in_fan_out,
-                          force=args.force, log=log)
+                          force=args.force, log=log, singular_values=spectra)
+    if args.plot:
+        from .plot import plot_energy_curve
+
+        plot_energy_curve(spectra, args.plot, rank=args.rank, energy=args.energy)
+        if not args.quiet:
+            print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -736,6 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--base", help="base model to check the adapter against (headers only are read)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--top", type=_COUNT, default=3, help="number of singular values to show (default 3)")
+    i.add_argument("--plot", metavar="FILE.png", help="draw each module's singular-value spectrum and ||dW|| "
+                   "(needs matplotlib: pip install 'peftmath[plot]'); with --base, dW = merge(W) - W")
     i.add_argument("--layer-kind", action="append", metavar="MODULE=KIND",
                    help="layer kind of a module whose weight shape is ambiguous (e.g. a square transformers "
                         "Conv1D): Linear, Conv1D, Embedding, Conv1d, Conv2d, Conv3d")
@@ -808,6 +842,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fan-in-fan-out", action="store_true", help="2-D weights are stored (in, out) (GPT-2 Conv1D)")
     e.add_argument("--layer-kind", action="append", metavar="MODULE=KIND", help="layer kind of a module")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("--plot", metavar="FILE.png", help="draw each module's energy curve (fraction of sum(sigma^2) "
+                   "kept against the rank; needs matplotlib: pip install 'peftmath[plot]')")
     _add_output(e, "ADAPTER_DIR")
     e.set_defaults(func=_cmd_extract)
 

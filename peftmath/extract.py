@@ -27,7 +27,7 @@ _EMBED_RE = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings
 def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy: float | None = None,
                  include: str | None = None, exclude: str | None = None, randomized: bool = False,
                  layer_kinds: dict | None = None, fan_in_fan_out: bool = False, force: bool = False,
-                 log: Any = None) -> dict[str, dict[str, Any]]:
+                 log: Any = None, singular_values: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
     """Write a PEFT LoRA adapter approximating ``TUNED - BASE`` by a truncated SVD per module.
 
     Per weight that differs, ``D = TUNED - BASE`` as a matrix (:meth:`~peftmath.layers.Layer.as_matrix`),
@@ -38,7 +38,9 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
     :class:`~peftmath.errors.PeftMathWarning`.
 
     Returns ``{module: {"rank", "relative_error", "shape", "layer"}}``; the same numbers are stored in
-    the adapter's safetensors metadata under ``peftmath.extract``.
+    the adapter's safetensors metadata under ``peftmath.extract``. ``singular_values``, when a dict is
+    given, receives each module's computed singular values of ``D`` (all of them; the leading ``rank + 10``
+    with ``randomized``), e.g. for :func:`peftmath.plot.plot_energy_curve`.
     """
     from .adapter import Adapter
     from .io.stream import _check_output, open_model
@@ -95,6 +97,8 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
         else:
             U, S, Vh = np.linalg.svd(M, full_matrices=False)
         k = min(rank, full, len(S))
+        if singular_values is not None:
+            singular_values[m] = np.asarray(S, dtype=np.float64)
         total = float(np.sum(M.astype(np.float64) ** 2))
         if energy is not None and total > 0:
             cum = np.cumsum(S.astype(np.float64) ** 2) / total
