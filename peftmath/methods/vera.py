@@ -61,7 +61,7 @@ SUPPORTED_KINDS = (LayerKind.LINEAR, LayerKind.CONV1D_TRANSPOSED)
 
 
 # --------------------------------------------------------------------------------------------------
-# Config
+# Config (specs/vera.md, "Config (`peft_type: "VERA"`)")
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class VeraConfig(TunerConfig):
@@ -97,82 +97,8 @@ class VeraConfig(TunerConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# Projections and initialisation
+# Shapes and slicing (specs/vera.md, "Notation and shapes", "Slicing: the picture")
 # --------------------------------------------------------------------------------------------------
-def init_projections(r: int, max_in: int, max_out: int, *, seed: int | np.random.Generator | None = 0,
-                     xp: Any = None, device: Any = None, dtype: Any = None) -> tuple[Array, Array]:
-    """Fresh shared projections ``(vera_A (r, max_in), vera_B (max_out, r))``.
-
-    Kaiming-uniform with gain √2, as PEFT's ``_kaiming_init``: ``U(±sqrt(6 / fan_in))`` with
-    ``fan_in = max_in`` for ``vera_A`` and ``r`` for ``vera_B``; ``vera_A`` is drawn first. The draws
-    come from ``numpy.random.default_rng(seed)`` on the host, so they are the same on every backend but
-    differ from PEFT's torch stream for the same ``projection_prng_key``.
-
-    >>> A, B = init_projections(4, 8, 6, seed=0)
-    >>> A.shape, B.shape, bool(abs(A).max() <= (6 / 8) ** 0.5), bool(abs(B).max() <= (6 / 4) ** 0.5)
-    ((4, 8), (6, 4), True, True)
-    """
-    for what, n in (("r", r), ("max_in", max_in), ("max_out", max_out)):
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ConfigError(f"vera.init_projections: {what} must be a positive integer, got {n!r}")
-    if xp is None:
-        import array_api_compat.numpy as xp
-    rng = host_rng(seed)
-    bound_a = math.sqrt(6.0 / max_in)
-    bound_b = math.sqrt(6.0 / r)
-    A = rng.uniform(-bound_a, bound_a, (r, max_in))
-    B = rng.uniform(-bound_b, bound_b, (max_out, r))
-    return _put(A, xp, device, dtype), _put(B, xp, device, dtype)
-
-
-def init_shared(config: VeraConfig, layers: Iterable[Layer] | Mapping[str, Layer], *,
-                seed: int | np.random.Generator | None = None, xp: Any = None, device: Any = None,
-                dtype: Any = None) -> dict[str, Array]:
-    """The shared tensors of an adapter over ``layers``: projections sized to the largest layer.
-
-    ``layers`` is an iterable of :class:`Layer` or a mapping name -> Layer. ``max_in`` / ``max_out``
-    are the maxima of in / out features over them (PEFT's ``VeraModel._find_dim``). The host seed is
-    ``seed`` when given, else ``config.projection_prng_key`` (neither reproduces PEFT's torch draws;
-    the projections are saved with the adapter either way).
-    """
-    layers = list(layers.values()) if isinstance(layers, Mapping) else list(layers)
-    if not layers:
-        raise ConfigError("vera.init_shared: no layers to size the projections for")
-    max_in = max(layer.in_features for layer in layers)
-    max_out = max(layer.out_features for layer in layers)
-    A, B = init_projections(config.r, max_in, max_out, seed=config.projection_prng_key if seed is None else seed,
-                            xp=xp, device=device, dtype=dtype)
-    return {VERA_A_KEY: A, VERA_B_KEY: B}
-
-
-def init_lambdas(layer: Layer, r: int, *, init_weights: bool = True, d_initial: float = 0.1,
-                 seed: int | np.random.Generator | None = 0, xp: Any = None, device: Any = None,
-                 dtype: Any = None) -> tuple[Array, Array]:
-    """``(vera_lambda_b (out,), vera_lambda_d (r,))``.
-
-    ``init_weights=True``: ``λ_b = 0`` (the adapter starts as a no-op) and ``λ_d = d_initial``.
-    ``False``: ``λ_b = 1`` and ``λ_d ~ N(0, 1)`` (host draws from ``seed``).
-
-    >>> b, d = init_lambdas(Layer.of((3, 5)), 2)
-    >>> b.tolist(), [round(v, 6) for v in d.tolist()]
-    ([0.0, 0.0, 0.0], [0.1, 0.1])
-    """
-    if xp is None:
-        import array_api_compat.numpy as xp
-    out = layer.out_features
-    if init_weights:
-        lb, ld = np.zeros(out), np.full(r, float(d_initial))
-    else:
-        lb, ld = np.ones(out), host_rng(seed).standard_normal(r)
-    return _put(lb, xp, device, dtype), _put(ld, xp, device, dtype)
-
-
-def _put(a: np.ndarray, xp: Any, device: Any, dtype: Any) -> Array:
-    out = backend_for(xp).from_host(np.ascontiguousarray(a, dtype=np.float32), xp, device)
-    target = dtype if dtype is not None else xp.float32
-    return out if out.dtype == target else xp.astype(out, target)
-
-
 def slice_projections(vera_A: Array, vera_B: Array, in_features: int, out_features: int, *,
                       where: str = "vera") -> tuple[Array, Array]:
     """``(A_l = vera_A[:, :in], B_l = vera_B[:out, :])``; :class:`ShapeError` when the layer is larger
@@ -197,7 +123,7 @@ def _check_lambdas(lambda_b: Array, lambda_d: Array, vera_A: Array, out: int, wh
 
 
 # --------------------------------------------------------------------------------------------------
-# Delta weight
+# Delta weight (specs/vera.md, "Delta, forward, merge, unmerge")
 # --------------------------------------------------------------------------------------------------
 def _factors(lambda_b: Array, lambda_d: Array, A_l: Array, B_l: Array, cd: Any) -> tuple[Array, Array]:
     """``(λ_b[:, None] ⊙ B_l (out, r), λ_d[:, None] ⊙ A_l (r, in))`` in ``cd``."""
@@ -273,7 +199,7 @@ def delta_weight(
 
 
 # --------------------------------------------------------------------------------------------------
-# Forward
+# Forward (specs/vera.md, "Delta, forward, merge, unmerge")
 # --------------------------------------------------------------------------------------------------
 def adapter_output(x: Array, lambda_b: Array, lambda_d: Array, A_l: Array, B_l: Array, *,
                    dropout: Callable[[Array], Array] | None = None) -> Array:
@@ -339,7 +265,7 @@ def forward(
 
 
 # --------------------------------------------------------------------------------------------------
-# Merge / unmerge
+# Merge / unmerge (specs/vera.md, "Delta, forward, merge, unmerge")
 # --------------------------------------------------------------------------------------------------
 def _apply(W: Array, lambda_b: Array, lambda_d: Array, vera_A: Array, vera_B: Array, *, sign: int,
            layer: Layer, copy: bool, safe: bool, peft_compat: bool, where: str) -> Array:
@@ -394,6 +320,83 @@ def unmerge(W: Array, lambda_b: Array, lambda_d: Array, vera_A: Array, vera_B: A
     lay = _resolve_layer(layer, lambda_b, vera_A, W, None)
     return _apply(W, lambda_b, lambda_d, vera_A, vera_B, sign=-1, layer=lay, copy=copy, safe=False,
                   peft_compat=peft_compat, where="vera.unmerge")
+
+
+# --------------------------------------------------------------------------------------------------
+# Projections and initialisation (specs/vera.md, "Initialisation")
+# --------------------------------------------------------------------------------------------------
+def init_projections(r: int, max_in: int, max_out: int, *, seed: int | np.random.Generator | None = 0,
+                     xp: Any = None, device: Any = None, dtype: Any = None) -> tuple[Array, Array]:
+    """Fresh shared projections ``(vera_A (r, max_in), vera_B (max_out, r))``.
+
+    Kaiming-uniform with gain √2, as PEFT's ``_kaiming_init``: ``U(±sqrt(6 / fan_in))`` with
+    ``fan_in = max_in`` for ``vera_A`` and ``r`` for ``vera_B``; ``vera_A`` is drawn first. The draws
+    come from ``numpy.random.default_rng(seed)`` on the host, so they are the same on every backend but
+    differ from PEFT's torch stream for the same ``projection_prng_key``.
+
+    >>> A, B = init_projections(4, 8, 6, seed=0)
+    >>> A.shape, B.shape, bool(abs(A).max() <= (6 / 8) ** 0.5), bool(abs(B).max() <= (6 / 4) ** 0.5)
+    ((4, 8), (6, 4), True, True)
+    """
+    for what, n in (("r", r), ("max_in", max_in), ("max_out", max_out)):
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ConfigError(f"vera.init_projections: {what} must be a positive integer, got {n!r}")
+    if xp is None:
+        import array_api_compat.numpy as xp
+    rng = host_rng(seed)
+    bound_a = math.sqrt(6.0 / max_in)
+    bound_b = math.sqrt(6.0 / r)
+    A = rng.uniform(-bound_a, bound_a, (r, max_in))
+    B = rng.uniform(-bound_b, bound_b, (max_out, r))
+    return _put(A, xp, device, dtype), _put(B, xp, device, dtype)
+
+
+def init_shared(config: VeraConfig, layers: Iterable[Layer] | Mapping[str, Layer], *,
+                seed: int | np.random.Generator | None = None, xp: Any = None, device: Any = None,
+                dtype: Any = None) -> dict[str, Array]:
+    """The shared tensors of an adapter over ``layers``: projections sized to the largest layer.
+
+    ``layers`` is an iterable of :class:`Layer` or a mapping name -> Layer. ``max_in`` / ``max_out``
+    are the maxima of in / out features over them (PEFT's ``VeraModel._find_dim``). The host seed is
+    ``seed`` when given, else ``config.projection_prng_key`` (neither reproduces PEFT's torch draws;
+    the projections are saved with the adapter either way).
+    """
+    layers = list(layers.values()) if isinstance(layers, Mapping) else list(layers)
+    if not layers:
+        raise ConfigError("vera.init_shared: no layers to size the projections for")
+    max_in = max(layer.in_features for layer in layers)
+    max_out = max(layer.out_features for layer in layers)
+    A, B = init_projections(config.r, max_in, max_out, seed=config.projection_prng_key if seed is None else seed,
+                            xp=xp, device=device, dtype=dtype)
+    return {VERA_A_KEY: A, VERA_B_KEY: B}
+
+
+def init_lambdas(layer: Layer, r: int, *, init_weights: bool = True, d_initial: float = 0.1,
+                 seed: int | np.random.Generator | None = 0, xp: Any = None, device: Any = None,
+                 dtype: Any = None) -> tuple[Array, Array]:
+    """``(vera_lambda_b (out,), vera_lambda_d (r,))``.
+
+    ``init_weights=True``: ``λ_b = 0`` (the adapter starts as a no-op) and ``λ_d = d_initial``.
+    ``False``: ``λ_b = 1`` and ``λ_d ~ N(0, 1)`` (host draws from ``seed``).
+
+    >>> b, d = init_lambdas(Layer.of((3, 5)), 2)
+    >>> b.tolist(), [round(v, 6) for v in d.tolist()]
+    ([0.0, 0.0, 0.0], [0.1, 0.1])
+    """
+    if xp is None:
+        import array_api_compat.numpy as xp
+    out = layer.out_features
+    if init_weights:
+        lb, ld = np.zeros(out), np.full(r, float(d_initial))
+    else:
+        lb, ld = np.ones(out), host_rng(seed).standard_normal(r)
+    return _put(lb, xp, device, dtype), _put(ld, xp, device, dtype)
+
+
+def _put(a: np.ndarray, xp: Any, device: Any, dtype: Any) -> Array:
+    out = backend_for(xp).from_host(np.ascontiguousarray(a, dtype=np.float32), xp, device)
+    target = dtype if dtype is not None else xp.float32
+    return out if out.dtype == target else xp.astype(out, target)
 
 
 # --------------------------------------------------------------------------------------------------
