@@ -57,7 +57,7 @@ PEFT_TYPE = "BOFT"
 
 
 # --------------------------------------------------------------------------------------------------
-# Config
+# Config (specs/boft.md, "Sizes and validation (`boft_block_size`, `boft_block_num`, `boft_n_butterfly_factor`)")
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class BOFTConfig(TunerConfig):
@@ -95,7 +95,8 @@ class BOFTConfig(TunerConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# Sizes and permutations
+# Sizes (specs/boft.md, "Notation and shapes",
+#        "Sizes and validation (`boft_block_size`, `boft_block_num`, `boft_n_butterfly_factor`)")
 # --------------------------------------------------------------------------------------------------
 def rotated_dim(layer: Layer) -> int:
     """``n``: in_features (Linear) or in·kH·kW (Conv2d, non-square kernels included)."""
@@ -147,6 +148,26 @@ def butterfly_layout(n: int, *, boft_block_size: int = 0, boft_block_num: int = 
     return m, nb, b
 
 
+# --------------------------------------------------------------------------------------------------
+# Rotation and butterfly permutations (specs/boft.md, "The rotation")
+# --------------------------------------------------------------------------------------------------
+def cayley(Q: Array, *, dtype: Any = None) -> Array:
+    """``R = (I − S)(I + S)⁻¹``, ``S = (Q − Qᵀ)/2``, for blocks ``Q`` ``(..., b, b)``; float32 or float64.
+
+    >>> import numpy as np
+    >>> R = cayley(np.array([[[0.0, 1.0], [-1.0, 0.0]]]))
+    >>> R[0]
+    array([[ 0., -1.],
+           [ 1.,  0.]])
+    """
+    xp = namespace(Q, where="boft.cayley")
+    cd = dtype or compute_dtype(xp, Q.dtype)
+    Qc = as_compute(xp, Q, cd)
+    S = 0.5 * (Qc - xp.matrix_transpose(Qc))
+    eye = xp.eye(Q.shape[-1], dtype=cd, device=array_api_compat.device(Q))
+    return xp.linalg.solve(eye + S, eye - S)
+
+
 def butterfly_perm(n: int, nb: int, rr: int, levels: int) -> list[int]:
     """PEFT's ``block_butterfly_perm(n, nb, rr, levels)`` as a list: ``perm`` with ``P[k, perm[k]] = 1``.
 
@@ -174,26 +195,6 @@ def level_perms(n: int, m: int, nb: int, b: int) -> list[list[int] | None]:
         p = butterfly_perm(n, int(nb / 2 ** i), int(b / 2), m - 1)
         out.append(None if p == list(range(n)) else p)
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Rotation
-# --------------------------------------------------------------------------------------------------
-def cayley(Q: Array, *, dtype: Any = None) -> Array:
-    """``R = (I − S)(I + S)⁻¹``, ``S = (Q − Qᵀ)/2``, for blocks ``Q`` ``(..., b, b)``; float32 or float64.
-
-    >>> import numpy as np
-    >>> R = cayley(np.array([[[0.0, 1.0], [-1.0, 0.0]]]))
-    >>> R[0]
-    array([[ 0., -1.],
-           [ 1.,  0.]])
-    """
-    xp = namespace(Q, where="boft.cayley")
-    cd = dtype or compute_dtype(xp, Q.dtype)
-    Qc = as_compute(xp, Q, cd)
-    S = 0.5 * (Qc - xp.matrix_transpose(Qc))
-    eye = xp.eye(Q.shape[-1], dtype=cd, device=array_api_compat.device(Q))
-    return xp.linalg.solve(eye + S, eye - S)
 
 
 def _gather(X: Array, perm: list[int], xp: Any) -> Array:
@@ -249,7 +250,45 @@ def dense_rotation(blocks: Array) -> Array:
 
 
 # --------------------------------------------------------------------------------------------------
-# Forward, merge, unmerge
+# Initialisation (specs/boft.md, "Initialisation (`init_weights`)")
+# --------------------------------------------------------------------------------------------------
+def init_weights(
+    layer: Layer,
+    m: int,
+    nb: int,
+    b: int,
+    *,
+    init_weights: bool = True,
+    seed: int | np.random.Generator | None = 0,
+    xp: Any = None,
+    device: Any = None,
+    dtype: Any = None,
+) -> tuple[Array, Array]:
+    """``(boft_R, boft_s)``: ``True`` gives ``R = 0`` (identity rotation), ``s = 1``; ``False`` gives
+    ``R ~ N(0, 0.1²)``, ``s ~ N(1, 0.1²)`` (drawn on the host, moved to ``xp``)."""
+    if not isinstance(init_weights, bool):
+        raise ConfigError(f"BOFT init_weights must be true or false, got {init_weights!r}")
+    if xp is None:
+        import array_api_compat.numpy as xp
+    out = layer.out_features
+    s_shape = (out, 1) if layer.kind is LayerKind.LINEAR else (1, out)
+    if init_weights:
+        R, s = np.zeros((m, nb, b, b)), np.ones(s_shape)
+    else:
+        rng = host_rng(seed)
+        R, s = rng.normal(0.0, 0.1, (m, nb, b, b)), rng.normal(1.0, 0.1, s_shape)
+    backend = backend_for(xp)
+    target = dtype if dtype is not None else xp.float32
+
+    def put(a: np.ndarray) -> Array:
+        arr = backend.from_host(np.ascontiguousarray(a, dtype=np.float32), xp, device)
+        return arr if arr.dtype == target else xp.astype(arr, target)
+
+    return put(R), put(s)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward, merge, unmerge (specs/boft.md, "Forward, merge, unmerge")
 # --------------------------------------------------------------------------------------------------
 def _scale_vector(scale: Array, lay: Layer, where: str) -> Array:
     xp = namespace(scale)
@@ -400,44 +439,6 @@ def _unmerge(weight: Array, boft_R: Array, boft_s: Array, *, layer: Any, copy: b
         return xp.reshape(rotated, lay.weight_shape)
 
     return write_weight(where, weight, compute, copy=copy, xp=xp)
-
-
-# --------------------------------------------------------------------------------------------------
-# Initialisation
-# --------------------------------------------------------------------------------------------------
-def init_weights(
-    layer: Layer,
-    m: int,
-    nb: int,
-    b: int,
-    *,
-    init_weights: bool = True,
-    seed: int | np.random.Generator | None = 0,
-    xp: Any = None,
-    device: Any = None,
-    dtype: Any = None,
-) -> tuple[Array, Array]:
-    """``(boft_R, boft_s)``: ``True`` gives ``R = 0`` (identity rotation), ``s = 1``; ``False`` gives
-    ``R ~ N(0, 0.1²)``, ``s ~ N(1, 0.1²)`` (drawn on the host, moved to ``xp``)."""
-    if not isinstance(init_weights, bool):
-        raise ConfigError(f"BOFT init_weights must be true or false, got {init_weights!r}")
-    if xp is None:
-        import array_api_compat.numpy as xp
-    out = layer.out_features
-    s_shape = (out, 1) if layer.kind is LayerKind.LINEAR else (1, out)
-    if init_weights:
-        R, s = np.zeros((m, nb, b, b)), np.ones(s_shape)
-    else:
-        rng = host_rng(seed)
-        R, s = rng.normal(0.0, 0.1, (m, nb, b, b)), rng.normal(1.0, 0.1, s_shape)
-    backend = backend_for(xp)
-    target = dtype if dtype is not None else xp.float32
-
-    def put(a: np.ndarray) -> Array:
-        arr = backend.from_host(np.ascontiguousarray(a, dtype=np.float32), xp, device)
-        return arr if arr.dtype == target else xp.astype(arr, target)
-
-    return put(R), put(s)
 
 
 # --------------------------------------------------------------------------------------------------
