@@ -81,7 +81,7 @@ RANKNUM_EPS = 1e-5
 
 
 # --------------------------------------------------------------------------------------------------
-# Config
+# Config (specs/adalora.md, "Config (`peft_type: "ADALORA"`)")
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class AdaLoraConfig(LoraConfig):
@@ -172,26 +172,8 @@ class AdaLoraConfig(LoraConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# Scaling and shapes
+# Shapes (specs/adalora.md, "Notation and shapes")
 # --------------------------------------------------------------------------------------------------
-def scaling(lora_alpha: float, r: int) -> float:
-    """PEFT's ``s``: ``lora_alpha`` when positive, else ``float(r)`` (it is *not* ``alpha / r``).
-
-    >>> scaling(32, 12), scaling(0, 12)
-    (32, 12.0)
-    """
-    return lora_alpha if lora_alpha > 0 else float(r)
-
-
-def rank_scale(s: float, ranknum: float) -> float:
-    """``c = s / (ranknum + 1e-5)``, the factor in front of ``B (A ⊙ E)``.
-
-    >>> rank_scale(12.0, 12)
-    0.9999991666673611
-    """
-    return s / (ranknum + RANKNUM_EPS)
-
-
 _KINDS = (LayerKind.LINEAR, LayerKind.CONV1D_TRANSPOSED, LayerKind.CONV2D)
 
 
@@ -243,7 +225,76 @@ def _check_factors(layer: Layer, A: Array, E: Array, B: Array, where: str) -> in
 
 
 # --------------------------------------------------------------------------------------------------
-# Delta weight
+# Scaling (specs/adalora.md, "Scaling")
+# --------------------------------------------------------------------------------------------------
+def scaling(lora_alpha: float, r: int) -> float:
+    """PEFT's ``s``: ``lora_alpha`` when positive, else ``float(r)`` (it is *not* ``alpha / r``).
+
+    >>> scaling(32, 12), scaling(0, 12)
+    (32, 12.0)
+    """
+    return lora_alpha if lora_alpha > 0 else float(r)
+
+
+def rank_scale(s: float, ranknum: float) -> float:
+    """``c = s / (ranknum + 1e-5)``, the factor in front of ``B (A ⊙ E)``.
+
+    >>> rank_scale(12.0, 12)
+    0.9999991666673611
+    """
+    return s / (ranknum + RANKNUM_EPS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Initialisation (specs/adalora.md, "Initialisation (`init_lora_weights`)")
+# --------------------------------------------------------------------------------------------------
+def init_weights(
+    layer: Layer,
+    r: int,
+    *,
+    init_lora_weights: Any = True,
+    seed: int | np.random.Generator | None = 0,
+    xp: Any = None,
+    device: Any = None,
+    dtype: Any = None,
+) -> dict[str, Array]:
+    """PEFT's initialisation (``AdaLoraLayer.reset_lora_parameters``), drawn on the host.
+
+    ==========  ==============================================================
+    truthy      ``E = 0``, ``A, B ~ N(0, 0.02²)`` (the adapter starts as a no-op)
+    ``False``   ``A, E, B ~ N(0, 1)`` (PEFT's ``torch.randn`` before the reset)
+    ==========  ==============================================================
+
+    One seed gives the same numbers on every backend (PEFT's torch RNG stream cannot be reproduced;
+    the distributions and the exact zeros are). Returns ``{"lora_A", "lora_E", "lora_B"}`` arrays of
+    ``dtype`` (default float32).
+
+    >>> p = init_weights(Layer.of((5, 7)), 3)
+    >>> {k: v.shape for k, v in p.items()}, float(abs(p["lora_E"]).max())
+    ({'lora_A': (3, 7), 'lora_E': (3, 1), 'lora_B': (5, 3)}, 0.0)
+    """
+    if xp is None:
+        import array_api_compat.numpy as xp
+    shapes = parameter_shapes(layer, r)
+    rng = host_rng(seed)
+    backend = backend_for(xp)
+    raw = {k: rng.standard_normal(shape) for k, shape in shapes.items()}
+    if init_lora_weights:
+        raw = {
+            "lora_A": rng.normal(0.0, 0.02, shapes["lora_A"]),
+            "lora_E": np.zeros(shapes["lora_E"]),
+            "lora_B": rng.normal(0.0, 0.02, shapes["lora_B"]),
+        }
+    target = dtype if dtype is not None else xp.float32
+    out = {}
+    for key, value in raw.items():
+        arr = backend.from_host(np.ascontiguousarray(value, dtype=np.float32), xp, device)
+        out[key] = arr if arr.dtype == target else xp.astype(arr, target)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Delta weight (specs/adalora.md, "Delta, forward, merge, unmerge")
 # --------------------------------------------------------------------------------------------------
 def _scaled_rows(xp: Any, A: Array, E: Array, dtype: Any) -> Array:
     """``A ⊙ E`` (row i of A times E_i) in ``dtype``: (r, in)."""
@@ -335,7 +386,7 @@ def _delta(xp: Any, A: Array, E: Array, B: Array, *, scaling: float, ranknum: fl
 
 
 # --------------------------------------------------------------------------------------------------
-# Forward
+# Forward (specs/adalora.md, "Delta, forward, merge, unmerge")
 # --------------------------------------------------------------------------------------------------
 def forward(
     x: Array,
@@ -401,7 +452,7 @@ def forward(
 
 
 # --------------------------------------------------------------------------------------------------
-# Merge / unmerge
+# Merge / unmerge (specs/adalora.md, "Delta, forward, merge, unmerge")
 # --------------------------------------------------------------------------------------------------
 def _apply(W: Array, A: Array, E: Array, B: Array, *, scaling: float, ranknum: float | None, sign: int,
            layer: Layer | LayerKind | str | None, copy: bool, safe: bool, peft_compat: bool, where: str) -> Array:
@@ -478,55 +529,7 @@ def unmerge(
 
 
 # --------------------------------------------------------------------------------------------------
-# Initialisation
-# --------------------------------------------------------------------------------------------------
-def init_weights(
-    layer: Layer,
-    r: int,
-    *,
-    init_lora_weights: Any = True,
-    seed: int | np.random.Generator | None = 0,
-    xp: Any = None,
-    device: Any = None,
-    dtype: Any = None,
-) -> dict[str, Array]:
-    """PEFT's initialisation (``AdaLoraLayer.reset_lora_parameters``), drawn on the host.
-
-    ==========  ==============================================================
-    truthy      ``E = 0``, ``A, B ~ N(0, 0.02²)`` (the adapter starts as a no-op)
-    ``False``   ``A, E, B ~ N(0, 1)`` (PEFT's ``torch.randn`` before the reset)
-    ==========  ==============================================================
-
-    One seed gives the same numbers on every backend (PEFT's torch RNG stream cannot be reproduced;
-    the distributions and the exact zeros are). Returns ``{"lora_A", "lora_E", "lora_B"}`` arrays of
-    ``dtype`` (default float32).
-
-    >>> p = init_weights(Layer.of((5, 7)), 3)
-    >>> {k: v.shape for k, v in p.items()}, float(abs(p["lora_E"]).max())
-    ({'lora_A': (3, 7), 'lora_E': (3, 1), 'lora_B': (5, 3)}, 0.0)
-    """
-    if xp is None:
-        import array_api_compat.numpy as xp
-    shapes = parameter_shapes(layer, r)
-    rng = host_rng(seed)
-    backend = backend_for(xp)
-    raw = {k: rng.standard_normal(shape) for k, shape in shapes.items()}
-    if init_lora_weights:
-        raw = {
-            "lora_A": rng.normal(0.0, 0.02, shapes["lora_A"]),
-            "lora_E": np.zeros(shapes["lora_E"]),
-            "lora_B": rng.normal(0.0, 0.02, shapes["lora_B"]),
-        }
-    target = dtype if dtype is not None else xp.float32
-    out = {}
-    for key, value in raw.items():
-        arr = backend.from_host(np.ascontiguousarray(value, dtype=np.float32), xp, device)
-        out[key] = arr if arr.dtype == target else xp.astype(arr, target)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# One module of a checkpoint
+# One module of a checkpoint (specs/adalora.md, "Loading a pruned checkpoint")
 # --------------------------------------------------------------------------------------------------
 class AdaLoraModule(ModuleAdapter):
     """AdaLoRA on one base module (PEFT's ``SVDLinear`` / ``SVDConv2d``)."""
