@@ -190,25 +190,6 @@ class Adapter:
                 f"that can be scaled. Merge it with scale 1 (got scale {c:g})")
         return c
 
-    def _apply_scale(self, mod: ModuleAdapter, params: dict[str, Array], c: float) -> ModuleAdapter:
-        """Module ``mod`` (bound from ``params``) with scale ``c`` applied, per the rule of :meth:`scaled`."""
-        if c == 1.0:
-            return mod
-        d = self.description
-        if d.scale:  # IA3: every per-module parameter is a scaling vector: l → 1 + c·(l − 1)
-            params = {k: 1 + c * (a - 1) for k, a in params.items()}
-            return type(mod)(mod.name, self.config, params, mod.layer, shared=self.shared)
-        scaling = getattr(mod, "scaling", None)
-        if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
-            mod.scaling = scaling * c  # PEFT's scale_layer: the module's scaling alone
-            return mod
-        # an additive method without a scaling (VeRA): ΔW is linear in its first listed per-module factor
-        first = next((k for k in d.parameter_suffixes if k in params), None)
-        if first is None:
-            raise UnsupportedError(f"{mod.name}: peftmath does not know how to scale a {self.peft_type} module")
-        params = {**params, first: params[first] * c}
-        return type(mod)(mod.name, self.config, params, mod.layer, shared=self.shared)
-
     # --- library and device -------------------------------------------------------------------
     def on(self, xp: Any, device: Any = None) -> "Adapter":
         """This adapter with its factors (:attr:`params`, :attr:`shared`, :attr:`other`) as arrays of
@@ -607,7 +588,7 @@ class Adapter:
         cls = self.description.module
         params = dict(self.params[name])
         layer = cls.infer_layer(name, self.config, params, weight_shape, kind)
-        return self._apply_scale(cls(name, self.config, params, layer, shared=self.shared), params, c)
+        return cls(name, self.config, params, layer, shared=self.shared).scaled(c)
 
     def _two_kinds(self) -> bool:
         """True when the method adapts both nn.Linear and transformers Conv1D layers."""

@@ -317,6 +317,30 @@ class ModuleAdapter:
         there is none. :mod:`peftmath.verify` multiplies its rotation bound by ``max(this, 1)``."""
         return 1.0
 
+    def scaled(self, c: float) -> "ModuleAdapter":
+        """This module applied with scale ``c`` (llama.cpp's ``--lora-scaled``, mergekit's weights; see
+        :meth:`peftmath.Adapter.scaled` for what ``c`` means per method). The default refuses ``c ≠ 1``
+        (:class:`UnsupportedError`); methods with a linear scale override it (:meth:`scale_scaling`,
+        :meth:`scale_parameter`)."""
+        if c == 1.0:
+            return self
+        raise UnsupportedError(f"{self.name}: a {self.peft_type} module has no linear scale; merge it with scale 1 "
+                               f"(got scale {c:g})")
+
+    def scale_scaling(self, c: float) -> "ModuleAdapter":
+        """``scaled`` for a change linear in the scalar :attr:`scaling` (PEFT's ``scale_layer``: ``s → c·s``)."""
+        if c == 1.0:
+            return self
+        out = object.__new__(type(self))  # a shallow copy (not copy.copy: a module class may define __new__)
+        out.__dict__.update(self.__dict__)
+        out.scaling = self.scaling * c
+        return out
+
+    def scale_parameter(self, suffix: str, value: Callable[[Array], Array]) -> "ModuleAdapter":
+        """This module rebound with parameter ``suffix`` replaced by ``value(parameter)`` (a scaled factor)."""
+        return type(self)(self.name, self.config, {**self.params, suffix: value(self.params[suffix])}, self.layer,
+                          shared=self.shared)
+
     def describe(self) -> dict[str, Any]:
         """Resolved per-module hyper-parameters for summaries (rank, alpha, scaling, ...)."""
         return {}

@@ -574,6 +574,10 @@ class AdaLoraModule(ModuleAdapter):
             raise ShapeError(f"{name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} must be matrices")
         return LoraModule.infer_layer(name, config, {"lora_A.weight": A, "lora_B.weight": B}, weight_shape, kind)
 
+    def scaled(self, c: float) -> "ModuleAdapter":
+        """Scale ``c``: ``s → c·s``, so ``ΔW → c·ΔW`` (PEFT's ``scale_layer``)."""
+        return self.scale_scaling(c)
+
     def validate(self) -> None:
         p = self.params
         for key in TENSORS:

@@ -556,6 +556,13 @@ class IA3Module(ModuleAdapter):
             return candidates[0]
         return Layer(LayerKind.CONV1D_TRANSPOSED if config.fan_in_fan_out else LayerKind.LINEAR, shape)
 
+    def scaled(self, c: float) -> "ModuleAdapter":
+        """Scale ``c``: ``l → 1 + c·(l − 1)`` (``c = 0``: the identity, ``c = 1``: the adapter), computed in
+        ``l``'s dtype. PEFT has no IA3 scale; this definition, peftmath's, interpolates the vector toward 1."""
+        if c == 1.0:
+            return self
+        return self.scale_parameter("ia3_l", lambda l: 1 + c * (l - 1))
+
     def validate(self) -> None:
         if "ia3_l" not in self.params:
             raise ShapeError(f"{self.name}: missing ia3_l for a {self.layer.kind.value} layer")

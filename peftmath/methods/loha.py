@@ -469,6 +469,10 @@ class LoHaModule(ModuleAdapter):
         check_kind(layer, name)
         return layer
 
+    def scaled(self, c: float) -> "ModuleAdapter":
+        """Scale ``c``: ``s → c·s``, so ``ΔW → c·ΔW`` (PEFT's ``scale_layer``)."""
+        return self.scale_scaling(c)
+
     def validate(self) -> None:
         p = self.params
         unknown = sorted(set(p) - set(_KEYS))

@@ -552,6 +552,10 @@ class LoKrModule(ModuleAdapter):
         check_kind(layer, name, "LoKr")
         return layer
 
+    def scaled(self, c: float) -> "ModuleAdapter":
+        """Scale ``c``: ``s → c·s``, so ``ΔW → c·ΔW`` (PEFT's ``scale_layer``)."""
+        return self.scale_scaling(c)
+
     def validate(self) -> None:
         p = self.params
         unknown = sorted(set(p) - set(_KEYS))

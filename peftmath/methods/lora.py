@@ -744,6 +744,11 @@ class LoraModule(ModuleAdapter):
             f"of lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}; does the adapter belong to this model?"
         )
 
+    def scaled(self, c: float) -> "ModuleAdapter":
+        """Scale ``c``: ``s → c·s`` (PEFT's ``scale_layer``), so ``ΔW → c·ΔW`` and the ``lora_bias`` term
+        ``s·b_B`` too; for DoRA the direction ``V = W + c·s·BA`` with the magnitude unchanged."""
+        return self.scale_scaling(c)
+
     def validate(self) -> None:
         p = self.params
         emb = self.layer.kind is LayerKind.EMBEDDING

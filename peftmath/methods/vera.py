@@ -489,6 +489,13 @@ class VeraModule(ModuleAdapter):
             f"does the adapter belong to this model?"
         )
 
+    def scaled(self, c: float) -> "ModuleAdapter":
+        """Scale ``c``: ``λ_b → c·λ_b`` (``ΔW`` is linear in ``λ_b``; PEFT has no VeRA scale), rounded once
+        to ``λ_b``'s dtype."""
+        if c == 1.0:
+            return self
+        return self.scale_parameter("vera_lambda_b", lambda lam: lam * c)
+
     def validate(self) -> None:
         if self.layer.kind not in SUPPORTED_KINDS:
             raise ShapeError(f"{self.name}: VeRA is defined for Linear and transformers Conv1D layers, "
