@@ -240,6 +240,8 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     "VERA": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
              **dict.fromkeys(("r", "save_projection", "fan_in_fan_out", "bias"), IMPLEMENTED),
              **dict.fromkeys(("projection_prng_key", "vera_dropout", "d_initial", "init_weights"), IRRELEVANT)},
+    "HRA": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "apply_GS", "bias"), IMPLEMENTED),
+            "init_weights": IRRELEVANT},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

@@ -32,6 +32,7 @@ METHOD_MODULES: dict[str, str] = {
     "OFT": "peftmath.methods.oft",
     "BOFT": "peftmath.methods.boft",
     "VERA": "peftmath.methods.vera",
+    "HRA": "peftmath.methods.hra",
     "PROMPT_TUNING": "peftmath.methods.prompt_tuning",
     "P_TUNING": "peftmath.methods.p_tuning",
     "PREFIX_TUNING": "peftmath.methods.prefix_tuning",

@@ -27,6 +27,7 @@ __all__ = ["ROWS", "MODELS", "CLAIMED", "MAY_REFUSE", "build", "config_class", "
 #: the PEFT config classes whose methods peftmath implements (README feature table)
 CLAIMED = frozenset({
     "LoraConfig", "AdaLoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "OFTConfig", "BOFTConfig", "VeraConfig",
+    "HRAConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
