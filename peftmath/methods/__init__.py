@@ -36,6 +36,7 @@ METHOD_MODULES: dict[str, str] = {
     "PROMPT_TUNING": "peftmath.methods.prompt_tuning",
     "P_TUNING": "peftmath.methods.p_tuning",
     "PREFIX_TUNING": "peftmath.methods.prefix_tuning",
+    "HIRA": "peftmath.methods.hira",
 }
 
 

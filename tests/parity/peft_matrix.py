@@ -28,6 +28,7 @@ __all__ = ["ROWS", "MODELS", "CLAIMED", "MAY_REFUSE", "build", "config_class", "
 CLAIMED = frozenset({
     "LoraConfig", "AdaLoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "OFTConfig", "BOFTConfig", "VeraConfig",
     "HRAConfig",
+    "HiraConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
