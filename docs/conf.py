@@ -54,16 +54,7 @@ html_show_sourcelink = False
 # Docstring problems found by this build in library code that the docs do not own; reported to the
 # lead with the fix. Each is let through -W by name (object: message); any other warning fails the build.
 # Remove an entry when its docstring is fixed.
-peftmath_known_docstring_issues = {
-    "peftmath.methods.lora": "Malformed table",                 # module docstring: ConvNd row too wide
-    "peftmath.methods.lora.init_weights": "Malformed table",    # "pissa_niter_K" cell too wide
-    "peftmath.methods.lokr.init_weights": "Malformed table",    # "lycoris" cell too wide
-    "peftmath.methods.ia3": "Malformed table",                  # Conv2d/Conv3d row too wide
-    "peftmath.layers": "Malformed table",                       # Conv1d/2d/3d matrix-view cell too wide
-    "peftmath.methods.dora": "Inline emphasis",                 # "(in/g, *kernel)": escape the *
-    "peftmath.adapter.Adapter": "Field list ends without a blank line",
-    "peftmath.formats": "Malformed table",                      # module docstring: a cell too wide
-}
+peftmath_known_docstring_issues: dict[str, str] = {}   # docstrings with a known rendering problem, by object
 html_favicon = "_static/favicon.svg"
 
 # Every cross-reference must resolve (-n): links between pages, {doc}, and references to peftmath's public

@@ -46,6 +46,11 @@ def not_invertible_replacements(keys: list[str], who: str = "", *,
 class Adapter:
     """One PEFT adapter: its typed config and its parameters, module by module.
 
+    A config that switches on a PEFT variant peftmath does not implement (``kasa_config``,
+    ``use_bdlora``, ``init_lora_weights="pissa"``, ...) is refused by every operation on its modules
+    (binding, merge, unmerge, forward, delta; :func:`peftmath.config.check_supported`), and by
+    :func:`~peftmath.load_adapter`.
+
     Parameters
     ----------
     config
@@ -67,11 +72,6 @@ class Adapter:
         by its shape). :func:`~peftmath.create_adapter` fills it, :func:`~peftmath.save_adapter` records it
         in the safetensors metadata and :func:`~peftmath.load_adapter` reads it back. The rule for a 2-D
         module without one is in :mod:`peftmath.kinds`.
-
-    A config that switches on a PEFT variant peftmath does not implement (``kasa_config``,
-    ``use_bdlora``, ``init_lora_weights="pissa"``, ...) is refused by every operation on its modules
-    (binding, merge, unmerge, forward, delta; :func:`peftmath.config.check_supported`), and by
-    :func:`~peftmath.load_adapter`.
     """
 
     def __init__(

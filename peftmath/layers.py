@@ -3,14 +3,14 @@
 PEFT adapts six kinds of layers. Their weights store the same kind of linear map in different
 layouts; every method works on one 2-D view, the *matrix* ``(out, in_flat)``, and reshapes back.
 
-============================  ==========================  ======================  ==================
-kind                          weight as stored            matrix view             forward
-============================  ==========================  ======================  ==================
-``Linear`` (nn.Linear)        ``(out, in)``               ``W``                   ``x W^T + b``
-``Conv1D`` (transformers)     ``(in, out)``               ``W^T``                 ``x W + b``
-``Embedding``                 ``(V, D)``                  ``W^T`` (D, V)          ``W[ids]``
-``Conv1d/2d/3d``              ``(out, in/g, *k)``         ``(out, in/g * prod k)``  cross-correlation
-============================  ==========================  ======================  ==================
+============================  ==========================  ==========================  ==================
+kind                          weight as stored            matrix view                 forward
+============================  ==========================  ==========================  ==================
+``Linear`` (nn.Linear)        ``(out, in)``               ``W``                       ``x W^T + b``
+``Conv1D`` (transformers)     ``(in, out)``               ``W^T``                     ``x W + b``
+``Embedding``                 ``(V, D)``                  ``W^T`` (D, V)              ``W[ids]``
+``Conv1d/2d/3d``              ``(out, in/g, *k)``         ``(out, in/g * prod k)``    cross-correlation
+============================  ==========================  ==========================  ==================
 
 ``Conv1D`` is what PEFT calls ``fan_in_fan_out=True``. For the Embedding the "input" is the vocabulary
 (size V) and the "output" is the embedding dimension D: that is how LoRA (``lora_embedding_A`` is

@@ -4,14 +4,14 @@ PEFT is the hub: every conversion reads its source into an :class:`~peftmath.ada
 parameter names and config) and writes the target from it. The grammar, layout and scaling of each
 format are in ``specs/formats.md``; in short (``s`` is the factor that multiplies ``B @ A``):
 
-============  =====================================  ==========================  =========================
-format        per-module tensors                     layout                      scaling
-============  =====================================  ==========================  =========================
-PEFT          ``<m>.lora_A.weight`` / ``lora_B``      A ``(r, in)``, B ``(out,r)``  config: alpha/r, alpha/√r
-kohya         ``<pfx>_<m with _>.lora_down.weight``   down = A, up = B            ``alpha`` tensor / rank
-MLX           ``<m>.lora_a`` / ``<m>.lora_b``         a = Aᵀ ``(in, r)``, b = Bᵀ   raw ``scale`` in config
-candle-lora   ``<pfx>.a<i>.weight`` / ``b<i>``        a = A, b = B; i = sort rank  not stored (LoraConfig)
-============  =====================================  ==========================  =========================
+===========  =====================================  ============================  =========================
+format       per-module tensors                     layout                        scaling
+===========  =====================================  ============================  =========================
+PEFT         ``<m>.lora_A.weight`` / ``lora_B``     A ``(r, in)``, B ``(out,r)``  config: alpha/r, alpha/√r
+kohya        ``<pfx>_<m with _>.lora_down.weight``  down = A, up = B              ``alpha`` tensor / rank
+MLX          ``<m>.lora_a`` / ``<m>.lora_b``        a = Aᵀ ``(in, r)``, b = Bᵀ    raw ``scale`` in config
+candle-lora  ``<pfx>.a<i>.weight`` / ``b<i>``       a = A, b = B; i = sort rank   not stored (LoraConfig)
+===========  =====================================  ============================  =========================
 
 Every conversion keeps the delta weights identical (the same bits where only names and transposes change;
 one rounding of the scale where a scale is folded), refuses with :class:`~peftmath.errors.UnsupportedError`

@@ -17,7 +17,7 @@ layer          ``lora_magnitude_vector``        norm of ``(W + ΔW)`` taken over
 Linear         ``(out,)``                       each output row, over ``in``
 Conv1D         ``(out,)``                       each output column of the stored (in, out) W
 Embedding      ``(D,)``                         each embedding dimension, over the vocabulary
-ConvNd         ``(1, out, 1, ...)``             each output filter, over (in/g, *kernel)
+ConvNd         ``(1, out, 1, ...)``             each output filter, over ``(in/g, *kernel)``
 =============  ===============================  ========================================
 
 **Merge and unmerge.** Merging needs the norm ``n`` of the pre-merge weight; unmerging needs the same

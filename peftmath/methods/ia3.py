@@ -11,13 +11,13 @@ Merge is a multiplication and unmerge a division: exact in real arithmetic whene
 is zero. peftmath refuses to unmerge a zero (or non-finite) scale; PEFT divides by ``l + 1e-8``
 (``peft_compat=True``).
 
-=================  ========================  =====================  ==================================
-layer              ``ia3_l`` (feedforward)   ``ia3_l`` (otherwise)  scale in the stored layout
-=================  ========================  =====================  ==================================
-Linear (out, in)   ``(1, in)``               ``(out, 1)``           ``l`` (broadcasts as stored)
-Conv1D (in, out)   ``(1, in)``               ``(out, 1)``           ``lᵀ``
-Conv2d/Conv3d      ``(1, C_in, 1, 1[, 1])``  ``(1, C_out, 1, 1[, 1])``  ``l`` / ``lᵀ`` (C_out, 1, 1, 1)
-=================  ========================  =====================  ==================================
+=================  ========================  ===========================  ==================================
+layer              ``ia3_l`` (feedforward)   ``ia3_l`` (otherwise)        scale in the stored layout
+=================  ========================  ===========================  ==================================
+Linear (out, in)   ``(1, in)``               ``(out, 1)``                 ``l`` (broadcasts as stored)
+Conv1D (in, out)   ``(1, in)``               ``(out, 1)``                 ``lᵀ``
+Conv2d/Conv3d      ``(1, C_in, 1, 1[, 1])``  ``(1, C_out, 1, 1[, 1])``    ``l`` / ``lᵀ`` (C_out, 1, 1, 1)
+=================  ========================  ===========================  ==================================
 
 A grouped convolution (``groups = g``) with a feedforward vector: output channel ``o`` of group
 ``⌊o g / C_out⌋`` sees only that group's ``C_in / g`` input channels, so the merge multiplies the

@@ -207,11 +207,11 @@ def init_weights(g: LoKrGeometry, *, init_weights: bool | str = True, seed: int 
     """PEFT's LoKr initialisations, drawn on the host from ``seed`` (Kaiming-uniform a=√5 is
     ``U(±1/sqrt(fan_in))``, ``fan_in = prod(shape[1:])``).
 
-    ============  ==========================================================  ==================
-    ``True``      ``lokr_w1 = 0`` (or ``lokr_w1_a = 0``); the rest Kaiming      ΔW = 0
-    ``"lycoris"`` ``lokr_w2 = 0`` (or ``lokr_w2_b = 0``); the rest Kaiming      ΔW = 0
-    ``False``     everything Kaiming                                          ΔW ≠ 0
-    ============  ==========================================================  ==================
+    =============  ==========================================================  ==================
+    ``True``       ``lokr_w1 = 0`` (or ``lokr_w1_a = 0``); the rest Kaiming      ΔW = 0
+    ``"lycoris"``  ``lokr_w2 = 0`` (or ``lokr_w2_b = 0``); the rest Kaiming      ΔW = 0
+    ``False``      everything Kaiming                                          ΔW ≠ 0
+    =============  ==========================================================  ==================
 
     >>> p = init_weights(geometry(Layer.of((64, 64)), 2), seed=0)
     >>> {k: float(abs(v).max()) == 0.0 for k, v in sorted(p.items())}

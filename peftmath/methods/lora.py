@@ -9,14 +9,14 @@ product::
 
 Layer kinds (shapes as stored in PEFT checkpoints):
 
-=================  ===========================  =============================  ======================
-layer              ``A``                        ``B``                          ``ΔW`` (stored layout)
-=================  ===========================  =============================  ======================
-Linear             ``lora_A.weight (r, in)``    ``lora_B.weight (out, r)``     ``s·BA``  (out, in)
-Conv1D (GPT-2)     ``lora_A.weight (r, in)``    ``lora_B.weight (out, r)``     ``s·(BA)ᵀ`` (in, out)
-Embedding          ``lora_embedding_A (r, V)``  ``lora_embedding_B (D, r)``    ``s·(BA)ᵀ`` (V, D)
-ConvNd             ``lora_A.weight (r, in, *k)`` ``lora_B.weight (out, r/g, 1..)`` ``s·B₂A₂`` reshaped
-=================  ===========================  =============================  ======================
+=================  ==============================  ==================================  ======================
+layer              ``A``                           ``B``                               ``ΔW`` (stored layout)
+=================  ==============================  ==================================  ======================
+Linear             ``lora_A.weight (r, in)``       ``lora_B.weight (out, r)``          ``s·BA``  (out, in)
+Conv1D (GPT-2)     ``lora_A.weight (r, in)``       ``lora_B.weight (out, r)``          ``s·(BA)ᵀ`` (in, out)
+Embedding          ``lora_embedding_A (r, V)``     ``lora_embedding_B (D, r)``         ``s·(BA)ᵀ`` (V, D)
+ConvNd             ``lora_A.weight (r, in, *k)``   ``lora_B.weight (out, r/g, 1..)``   ``s·B₂A₂`` reshaped
+=================  ==============================  ==================================  ======================
 
 where ``B₂ = B.reshape(out, r)`` and ``A₂ = A.reshape(r, in·prod(k))``. Merge is ``W + ΔW`` and unmerge
 ``W − ΔW``: exact in real arithmetic, within ``4·eps·(|W| + |ΔW|)`` in floating point.
@@ -250,15 +250,15 @@ def init_weights(
     ``device``, so one seed gives the same numbers on every backend (PEFT's torch RNG streams cannot
     be reproduced; the distributions and the exact zeros are).
 
-    ================  ===========================================================================
-    ``True``          A ~ U(±1/sqrt(fan_in)) (kaiming-uniform a=√5), B = 0.  Embedding: A = 0, B ~ N(0, 1)
-    ``"gaussian"``    A ~ N(0, (1/r)²), B = 0.  Embedding: as True
-    ``False``         both as PyTorch's default layer init (the adapter is not a no-op)
-    ``"pissa"``       top-r SVD of W: A = √(S/s) Uh, B = V √(S/s); W ← W − s·BA  (Linear, Conv1D)
-    ``"pissa_niter_K"`` the same with a randomized SVD (K subspace iterations)
-    ``"olora"``       QR of W: A = R[:r], B = Q[:, :r]; W ← W − s·BA  (Linear)
-    ``"orthogonal"``  A, B from the even/odd rows of a random orthogonal matrix, so B A = 0 exactly (r even)
-    ================  ===========================================================================
+    =====================  ===========================================================================
+    ``True``               A ~ U(±1/sqrt(fan_in)) (kaiming-uniform a=√5), B = 0.  Embedding: A = 0, B ~ N(0, 1)
+    ``"gaussian"``         A ~ N(0, (1/r)²), B = 0.  Embedding: as True
+    ``False``              both as PyTorch's default layer init (the adapter is not a no-op)
+    ``"pissa"``            top-r SVD of W: A = √(S/s) Uh, B = V √(S/s); W ← W − s·BA  (Linear, Conv1D)
+    ``"pissa_niter_K"``    the same with a randomized SVD (K subspace iterations)
+    ``"olora"``            QR of W: A = R[:r], B = Q[:, :r]; W ← W − s·BA  (Linear)
+    ``"orthogonal"``       A, B from the even/odd rows of a random orthogonal matrix, so B A = 0 exactly (r even)
+    =====================  ===========================================================================
 
     Returns :class:`LoraInit` with ``weight`` set when the base weight changes (pissa, olora). The
     factors have ``dtype`` (default float32; the base weight's dtype for "orthogonal", as PEFT).
