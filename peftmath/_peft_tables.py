@@ -242,6 +242,9 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
              **dict.fromkeys(("projection_prng_key", "vera_dropout", "d_initial", "init_weights"), IRRELEVANT)},
     "HRA": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "apply_GS", "bias"), IMPLEMENTED),
             "init_weights": IRRELEVANT},
+    "ROAD": {**_BOOKKEEPING,
+             **dict.fromkeys(("target_modules", "modules_to_save", "variant", "group_size"), IMPLEMENTED),
+             "init_weights": IRRELEVANT},
     # HiRA: PEFT 0.21.2 creates new modules with rank r whatever rank_pattern says; the tensors hold the rank
     "HIRA": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "fan_in_fan_out"), IMPLEMENTED),
              **dict.fromkeys(("hira_dropout", "init_weights", "rank_pattern"), IRRELEVANT)},

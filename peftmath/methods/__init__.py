@@ -33,6 +33,7 @@ METHOD_MODULES: dict[str, str] = {
     "BOFT": "peftmath.methods.boft",
     "VERA": "peftmath.methods.vera",
     "HRA": "peftmath.methods.hra",
+    "ROAD": "peftmath.methods.road",
     "PROMPT_TUNING": "peftmath.methods.prompt_tuning",
     "P_TUNING": "peftmath.methods.p_tuning",
     "PREFIX_TUNING": "peftmath.methods.prefix_tuning",
