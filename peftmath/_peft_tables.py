@@ -248,6 +248,8 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # HiRA: PEFT 0.21.2 creates new modules with rank r whatever rank_pattern says; the tensors hold the rank
     "HIRA": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "fan_in_fan_out"), IMPLEMENTED),
              **dict.fromkeys(("hira_dropout", "init_weights", "rank_pattern"), IRRELEVANT)},
+    "MISS": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "mini_r", "init_weights", "bias"), IMPLEMENTED),
+             "miss_dropout": IRRELEVANT},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

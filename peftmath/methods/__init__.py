@@ -38,6 +38,7 @@ METHOD_MODULES: dict[str, str] = {
     "P_TUNING": "peftmath.methods.p_tuning",
     "PREFIX_TUNING": "peftmath.methods.prefix_tuning",
     "HIRA": "peftmath.methods.hira",
+    "MISS": "peftmath.methods.miss",
 }
 
 

@@ -29,6 +29,7 @@ CLAIMED = frozenset({
     "LoraConfig", "AdaLoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "OFTConfig", "BOFTConfig", "VeraConfig",
     "HRAConfig", "RoadConfig",
     "HiraConfig",
+    "MissConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
