@@ -346,9 +346,6 @@ def test_mlx_config_keys_and_layers():
 # --------------------------------------------------------------------------------------------------
 def test_refusals_say_what_is_lost():
     state = _base(np.random.default_rng(10))
-    dora = _adapter(LoraConfig(r=2, lora_alpha=3, use_dora=True, target_modules=["q_proj"]), state)
-    with pytest.raises(UnsupportedError, match="DoRA.*magnitude"):
-        C.convert(dora, "kohya")
     emb = _adapter(LoraConfig(r=2, lora_alpha=3, target_modules=["embed_tokens"]), state)
     with pytest.raises(UnsupportedError, match="Embedding"):
         C.convert(emb, "kohya")
@@ -463,11 +460,11 @@ def test_mlx_and_candle_bad_inputs():
 
 def test_nothing_written_on_error(tmp_path):
     state = _base(np.random.default_rng(14))
-    dora = _adapter(LoraConfig(r=2, lora_alpha=3, use_dora=True, target_modules=["q_proj"]), state)
-    save_adapter(dora, tmp_path / "dora")
+    emb = _adapter(LoraConfig(r=2, lora_alpha=3, target_modules=["embed_tokens"]), state)
+    save_adapter(emb, tmp_path / "emb")
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(UnsupportedError):
-        C.convert_path(tmp_path / "dora", tmp_path / "k.safetensors", "kohya")
+        C.convert_path(tmp_path / "emb", tmp_path / "k.safetensors", "kohya")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     ad = _adapter(LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj"]), state)
     save_adapter(ad, tmp_path / "lin")
@@ -569,3 +566,92 @@ def test_peft_rank_disagreeing_with_config_is_refused():
                  {"q": {"lora_A.weight": _rand(rng, (2, 4)), "lora_B.weight": _rand(rng, (3, 2))}})
     with pytest.raises(ShapeError, match="r=4"):
         C.convert(ad, "kohya")
+
+
+# --------------------------------------------------------------------------------------------------
+# kohya / LyCORIS DoRA (dora_scale)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_dora_kohya_roundtrip(dtype, rslora):
+    rng = np.random.default_rng(21)
+    state = _base(rng, dtype=dtype)
+    ad = _adapter(LoraConfig(r=2, lora_alpha=5, use_rslora=rslora, use_dora=True, target_modules=["q_proj", "conv"]),
+                  state, seed=3)
+    for m in ad.modules:   # a magnitude away from ‖W‖, so the decomposition matters
+        mag = ad.params[m]["lora_magnitude_vector"]
+        ad.params[m]["lora_magnitude_vector"] = (mag * (1 + rng.random(mag.shape))).astype(mag.dtype)
+    out, back = _roundtrip(ad, "kohya")
+    for m in ad.modules:
+        k, mag = C.kohya_name(m), ad.params[m]["lora_magnitude_vector"]
+        w = state[m + ".weight"]
+        # LyCORIS' layout: one value per output row, as many axes as the weight
+        assert out.tensors[k + ".dora_scale"].shape == (w.shape[0],) + (1,) * (w.ndim - 1)
+        assert _same_bits(out.tensors[k + ".dora_scale"].reshape(-1), mag.reshape(-1))
+        assert _same_bits(back.params[m]["lora_magnitude_vector"], mag)   # PEFT's shape back: (out,) / (1, out, 1, 1)
+    assert back.config.use_dora and back.config.use_rslora is False
+    kinds = {m: ("Conv2d" if state[m + ".weight"].ndim == 4 else "Linear") for m in ad.modules}
+    m1, m2 = ad.merge(state, layer_kinds=kinds), back.merge(state, layer_kinds=kinds)
+    for m in ad.modules:   # the same merged weights; rsLoRA's scale is folded into alpha (one rounding)
+        a, b = np.asarray(m1[m + ".weight"], np.float64), np.asarray(m2[m + ".weight"], np.float64)
+        tol = 0 if not rslora else 4 * np.finfo(dtype).eps * np.max(np.abs(a))
+        assert np.max(np.abs(a - b)) <= tol, m
+        assert np.max(np.abs(a - state[m + ".weight"])) > 1e-3
+
+
+def _kohya_dora_file(rng, *, out=6, inn=4, scale_shape=None, extra=None):
+    k = "lycoris_model_layers_0_self_attn_q_proj"
+    t = {f"{k}.lora_down.weight": _rand(rng, (2, inn)), f"{k}.lora_up.weight": _rand(rng, (out, 2)),
+         f"{k}.alpha": np.array(3.0, np.float32),
+         f"{k}.dora_scale": np.abs(_rand(rng, scale_shape or (out, 1))) + 0.5}
+    t.update(extra or {})
+    return t, ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
+def test_kohya_dora_reads_rows_and_refuses_columns():
+    rng = np.random.default_rng(22)
+    t, mods = _kohya_dora_file(rng)
+    ad = C.to_adapter(t, "kohya", modules=mods)
+    m = "model.layers.0.self_attn.q_proj"
+    assert ad.config.use_dora and ad.params[m]["lora_magnitude_vector"].shape == (6,)
+    assert _same_bits(ad.params[m]["lora_magnitude_vector"], t[f"{C.kohya_name(m)}.dora_scale"].reshape(-1))
+    # the merged weight is m / ‖W + s·BA‖_row · (W + s·BA), computed here in float64 by hand
+    W = _rand(rng, (6, 4)).astype(np.float64)
+    A, B = (t[f"{C.kohya_name(m)}.{s}"].astype(np.float64) for s in ("lora_down.weight", "lora_up.weight"))
+    V = W + 1.5 * B @ A
+    ref = t[f"{C.kohya_name(m)}.dora_scale"].astype(np.float64) / np.linalg.norm(V, axis=1, keepdims=True) * V
+    np.testing.assert_allclose(ad.merge({m + ".weight": W})[m + ".weight"], ref, rtol=1e-12, atol=1e-12)
+    # input columns (LyCORIS wd_on_output=False): another decomposition, refused
+    t, mods = _kohya_dora_file(rng, scale_shape=(1, 4))
+    with pytest.raises(UnsupportedError, match=r"dora_scale \(1, 4\).*input columns.*wd_on_output"):
+        C.to_adapter(t, "kohya", modules=mods)
+    t, mods = _kohya_dora_file(rng, scale_shape=(5, 1))
+    with pytest.raises(ShapeError, match=r"dora_scale \(5, 1\) fits neither"):
+        C.to_adapter(t, "kohya", modules=mods)
+    # a 1x1 weight: rows and columns are the same single value
+    t, mods = _kohya_dora_file(rng, out=1, inn=1, scale_shape=(1, 1))
+    assert C.to_adapter(t, "kohya", modules=mods).config.use_dora
+
+
+def test_kohya_dora_refusals():
+    rng = np.random.default_rng(23)
+    k1 = "lycoris_model_layers_1_self_attn_q_proj"
+    plain = {f"{k1}.lora_down.weight": _rand(rng, (2, 4)), f"{k1}.lora_up.weight": _rand(rng, (6, 2)),
+             f"{k1}.alpha": np.array(3.0, np.float32)}
+    t, mods = _kohya_dora_file(rng, extra=plain)
+    with pytest.raises(UnsupportedError, match="dora_scale on .*but not on.*use_dora"):
+        C.to_adapter(t, "kohya", modules=mods)
+    doha = {f"{k1}.{s}": _rand(rng, sh) for s, sh in [("hada_w1_a", (6, 2)), ("hada_w1_b", (2, 4)),
+                                                      ("hada_w2_a", (6, 2)), ("hada_w2_b", (2, 4)), ("dora_scale", (6, 1))]}
+    with pytest.raises(UnsupportedError, match="DoHa / DoKr"):
+        C.to_adapter(doha, "kohya", modules=mods)
+    # DoRA on a transformers Conv1D: the stored weight is (in, out), LyCORIS would normalise the wrong axis
+    state = {"h.0.attn.c_attn.weight": _rand(rng, (4, 6))}
+    ad = create_adapter(state, LoraConfig(r=2, lora_alpha=3, use_dora=True, fan_in_fan_out=True,
+                                          target_modules=["c_attn"]), init=False, layer_kinds={"h.0.attn.c_attn": "Conv1D"})
+    with pytest.raises(UnsupportedError, match="Conv1D"):
+        C.convert(ad, "kohya")
+    # an Embedding DoRA: kohya has no Embedding LoRA at all
+    emb = _adapter(LoraConfig(r=2, lora_alpha=3, use_dora=True, target_modules=["embed_tokens"]), _base(rng))
+    with pytest.raises(UnsupportedError, match="Embedding"):
+        C.convert(emb, "kohya")

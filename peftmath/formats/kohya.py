@@ -1,8 +1,16 @@
-"""kohya / LyCORIS <-> PEFT (LoRA, LoHa, LoKr).
+"""kohya / LyCORIS <-> PEFT (LoRA, DoRA, LoHa, LoKr).
 
 Keys ``<prefix>_<module with dots as underscores>.<suffix>``: ``lora_down`` = A, ``lora_up`` = B, and
 a per-module ``alpha`` tensor (scale ``alpha / rank``); LoHa's ``hada_*`` and LoKr's ``lokr_*`` keep
-PEFT's names. See ``specs/formats.md`` (kohya section)."""
+PEFT's names. See ``specs/formats.md`` (kohya section).
+
+DoRA: LyCORIS' ``dora_scale`` is PEFT's ``lora_magnitude_vector`` when it normalises output rows
+(``wd_on_out=True``, LyCORIS' default): ``W' = m / ‖W + s·BA‖_row · (W + s·BA)``, stored ``(out, 1[, 1, ...])``
+where PEFT stores ``(out,)`` (Linear) or ``(1, out, 1, ...)`` (ConvNd). A ``dora_scale`` of shape
+``(1, in[, 1, ...])`` normalises input columns (``wd_on_out=False``, and LyCORIS' older DoRA): PEFT has no such
+decomposition, so it is refused, as are DoRA on LoHa / LoKr (LyCORIS' DoHa / DoKr) and on a transformers
+Conv1D. LyCORIS adds ``finfo(dtype).eps`` to the norm; PEFT does not (a relative difference of
+``eps / ‖W + s·BA‖_row``, below one rounding for rows of norm >= 1)."""
 
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from ._common import (ConversionWarning, Converted, _any_conv1d_t, _check_peft_o
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 KOHYA_LORA_KEYS = ("lora_down.weight", "lora_up.weight")
-KOHYA_UNSUPPORTED = ("lora_mid.weight", "dora_scale", "diff", "diff_b", "bias_indices", "bias_values", "oft_blocks",
+KOHYA_UNSUPPORTED = ("lora_mid.weight", "diff", "diff_b", "bias_indices", "bias_values", "oft_blocks",
                      "oft_diag", "oft_R", "boft_R", "w_norm", "b_norm", "on_input", "a1.weight", "a2.weight",
                      "b1.weight", "b2.weight")
 
@@ -80,10 +88,7 @@ def _alpha_for_kohya(m: str, alpha: float, r: int) -> None:
 
 
 def _kohya_lora_module(m: str, p: dict, cfg: Any, r: int, alpha: float, adapter: Adapter) -> dict[str, np.ndarray]:
-    lost = sorted(set(p) - {"lora_A.weight", "lora_B.weight"})
-    if "lora_magnitude_vector" in lost:
-        raise UnsupportedError(f"{m}: DoRA (lora_magnitude_vector) cannot be written as kohya LoRA; the magnitude "
-                               f"(and so the weight decomposition) would be lost")
+    lost = sorted(set(p) - {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"})
     if any(s.startswith("lora_embedding") for s in lost):
         raise UnsupportedError(f"{m}: kohya/LyCORIS LoRA has no Embedding layout (lora_embedding_A/B); "
                                f"this module would be lost")
@@ -98,7 +103,25 @@ def _kohya_lora_module(m: str, p: dict, cfg: Any, r: int, alpha: float, adapter:
     _alpha_for_kohya(m, alpha, r)
     # kohya scale = alpha_k / rank; PEFT's is alpha / r or alpha / sqrt(r) (rsLoRA, folded: alpha_k = alpha·√r)
     alpha_k = alpha * math.sqrt(r) if cfg.use_rslora else alpha
-    return {"lora_down.weight": A, "lora_up.weight": B, "alpha": _scalar(alpha_k)}
+    out = {"lora_down.weight": A, "lora_up.weight": B, "alpha": _scalar(alpha_k)}
+    if "lora_magnitude_vector" in p:
+        out["dora_scale"] = _dora_scale_out(m, p["lora_magnitude_vector"], A, B, adapter)
+    return out
+
+
+def _dora_scale_out(m: str, mag: np.ndarray, A: np.ndarray, B: np.ndarray, adapter: Adapter) -> np.ndarray:
+    """PEFT's ``lora_magnitude_vector`` as LyCORIS' ``dora_scale`` (output rows, ``wd_on_out=True``):
+    ``(out,)`` / ``(1, out, 1, ...)`` -> ``(out, 1, ...)`` with as many axes as the weight (same values)."""
+    kind = adapter.layer_kinds.get(m)
+    if (kind is not None and getattr(kind, "value", kind) == "Conv1D") or adapter.config.fan_in_fan_out:
+        raise UnsupportedError(f"{m}: DoRA on a transformers Conv1D (weight stored (in, out), fan_in_fan_out): "
+                               f"LyCORIS' dora_scale normalises the stored weight's first axis, PEFT the output "
+                               f"axis; the magnitude would scale the wrong axis")
+    out = B.shape[0]
+    if mag.size != out or sum(int(d) != 1 for d in mag.shape) > 1:
+        raise ShapeError(f"{m}: lora_magnitude_vector {tuple(mag.shape)} does not hold one value per output "
+                         f"({out}, the rows of lora_B {tuple(B.shape)})")
+    return np.ascontiguousarray(mag.reshape((out,) + (1,) * (A.ndim - 1)))
 
 
 def _kohya_loha_module(m: str, p: dict, r: int, alpha: float, adapter: Adapter) -> dict[str, np.ndarray]:
@@ -155,7 +178,7 @@ def _kohya_algo(name: str, suffixes: set[str], source: str) -> str:
     bad = sorted(s for s in suffixes if s in KOHYA_UNSUPPORTED)
     if bad:
         raise UnsupportedError(f"{source}: {name}: {', '.join(f'{name}.{s}' for s in bad)} "
-                               f"(LyCORIS {'tucker LoCon' if 'lora_mid.weight' in bad else 'DoRA / OFT / other'}) "
+                               f"(LyCORIS {'tucker LoCon' if 'lora_mid.weight' in bad else 'OFT / other'}) "
                                f"has no PEFT equivalent this converter writes")
     kinds = set()
     for s in suffixes:
@@ -165,9 +188,13 @@ def _kohya_algo(name: str, suffixes: set[str], source: str) -> str:
             kinds.add("loha")
         elif s in LOKR_KEYS:
             kinds.add("lokr")
-        elif s != "alpha":
+        elif s not in ("alpha", "dora_scale"):
             raise CheckpointError(f"{source}: key {name}.{s} is not part of the kohya/LyCORIS grammar "
                                   f"(lora_down/lora_up/alpha, hada_*, lokr_*)")
+    if "dora_scale" in suffixes and kinds and kinds != {"lora"}:
+        raise UnsupportedError(f"{source}: {name}.dora_scale on a {'/'.join(sorted(kinds))} module (LyCORIS "
+                               f"DoHa / DoKr): PEFT's LoHa and LoKr have no weight decomposition, so the "
+                               f"magnitude would be lost")
     if len(kinds) != 1:
         raise CheckpointError(f"{source}: module {name!r} mixes formats ({', '.join(sorted(kinds)) or 'only alpha'}): "
                               f"keys {', '.join(sorted(suffixes))}")
@@ -276,7 +303,8 @@ def _from_kohya(tensors: dict, metadata: Mapping[str, str] | None, source: str, 
     alpha, alpha_pattern = _patterns({m: _number(a) for m, a in alphas.items()})
     common = dict(target_modules=sorted(params), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     if algo == "lora":
-        config = LoraConfig(r=r, lora_alpha=alpha, fan_in_fan_out=_any_conv1d_t(kinds), **common)
+        dora = _dora_modules(params, kinds, source)
+        config = LoraConfig(r=r, lora_alpha=alpha, fan_in_fan_out=_any_conv1d_t(kinds), use_dora=dora, **common)
     elif algo == "loha":
         # one flag in PEFT: a plain-conv module beside a tucker one cannot be told apart without the base shapes
         config = LoHaConfig(r=r, alpha=alpha, use_effective_conv2d=any("hada_t1" in p for p in params.values()),
@@ -301,7 +329,41 @@ def _kohya_lora_in(n: str, p: dict, source: str) -> tuple[dict, int]:
     if up.ndim != down.ndim or up.ndim < 2 or up.shape[1] != r or any(int(d) != 1 for d in up.shape[2:]):
         raise ShapeError(f"{source}: {n}.lora_up.weight {tuple(up.shape)} does not fit {n}.lora_down.weight "
                          f"{tuple(down.shape)}: expected (out, {r}{', 1' * (down.ndim - 2)})")
-    return {"lora_A.weight": down, "lora_B.weight": up}, int(r)
+    out = {"lora_A.weight": down, "lora_B.weight": up}
+    if "dora_scale" in p:
+        out["lora_magnitude_vector"] = _magnitude_in(n, np.asarray(p["dora_scale"]), down, up, source)
+    return out, int(r)
+
+
+def _magnitude_in(n: str, scale: np.ndarray, down: np.ndarray, up: np.ndarray, source: str) -> np.ndarray:
+    """LyCORIS' ``dora_scale`` as PEFT's ``lora_magnitude_vector``: ``(out, 1, ...)`` (output rows) ->
+    ``(out,)`` for a Linear, ``(1, out, 1, ...)`` for a ConvNd; ``(1, in, 1, ...)`` (input columns) is refused."""
+    out, inn, nd = up.shape[0], down.shape[1], down.ndim
+    rows, cols = (out,) + (1,) * (nd - 1), (1, inn) + (1,) * (nd - 2)
+    shape = tuple(int(d) for d in scale.shape)
+    if shape != rows:
+        if shape == cols:
+            raise UnsupportedError(
+                f"{source}: {n}.dora_scale {shape} normalises the weight's input columns (LyCORIS wd_on_output="
+                f"False, or its older DoRA); PEFT's DoRA normalises output rows, so the merged weight would differ. "
+                f"Retrain with wd_on_output=True or merge it with LyCORIS")
+        raise ShapeError(f"{source}: {n}.dora_scale {shape} fits neither output rows {rows} nor input columns "
+                         f"{cols} of lora_up {tuple(up.shape)} / lora_down {tuple(down.shape)}")
+    return np.ascontiguousarray(scale.reshape((out,) if nd == 2 else (1, out) + (1,) * (nd - 2)))
+
+
+def _dora_modules(params: dict, kinds: dict, source: str) -> bool:
+    """True when every module holds a magnitude (PEFT's ``use_dora`` is one flag); a mix is refused."""
+    with_m = sorted(m for m, p in params.items() if "lora_magnitude_vector" in p)
+    if with_m and len(with_m) != len(params):
+        without = sorted(set(params) - set(with_m))
+        raise UnsupportedError(f"{source}: dora_scale on {_some(with_m, 3)} but not on {_some(without, 3)}: PEFT's "
+                               f"use_dora holds for every module of an adapter; split the file into two adapters")
+    conv1d = [m for m in with_m if str(kinds.get(m)) == "Conv1D"]
+    if conv1d:
+        raise UnsupportedError(f"{source}: DoRA on transformers Conv1D module(s) {_some(conv1d, 3)}: LyCORIS "
+                               f"normalises the stored (in, out) weight's first axis, PEFT the output axis")
+    return bool(with_m)
 
 
 def _kohya_loha_in(n: str, p: dict, source: str, kinds: dict, m: str) -> tuple[dict, int]:

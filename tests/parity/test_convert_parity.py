@@ -290,3 +290,107 @@ def test_peft_saved_adapter_survives_kohya_and_back(tmp_path):
         got = (back.base_model.model.blk.lin(x_lin), back.base_model.model.blk.conv(x_conv))
     for w, g in zip(want, got):
         _close(g.numpy(), w.numpy())
+
+
+# --------------------------------------------------------------------------------------------------
+# kohya / LyCORIS DoRA (dora_scale) against LyCORIS' own merge and PEFT's
+# --------------------------------------------------------------------------------------------------
+def _lycoris_dora(lycoris, tmp_path, wd_on_output):
+    torch.manual_seed(0)
+    model = _torch_block()
+    net = lycoris.create_lycoris(model, 1.0, linear_dim=2, linear_alpha=3, algo="lora", dora_wd=True,
+                                 wd_on_output=wd_on_output)
+    net.apply_to()
+    rng = np.random.default_rng(5)
+    with torch.no_grad():   # every factor non-zero, the magnitude away from ‖W‖
+        for name, p in net.named_parameters():
+            v = rng.standard_normal(tuple(p.shape)) * 0.5
+            p.copy_(torch.tensor(np.abs(v) + 0.5 if name.endswith("dora_scale") else v))
+    net.save_weights(str(tmp_path / "ly.safetensors"), torch.float64, None)
+    base = {m + ".weight": model.get_submodule(m).weight.detach().double().numpy().copy() for m in SHAPES}
+    merged = {}
+    for lora in net.loras:
+        m = next(k for k in SHAPES if C.kohya_name(k) == lora.lora_name)
+        lora.double()
+        with torch.no_grad():
+            merged[m] = lora.get_merged_weight(1.0, SHAPES[m], None)[0].numpy()
+    return model, base, merged
+
+
+def test_lycoris_dora_merges_as_lycoris_does(tmp_path):
+    lycoris = pytest.importorskip("lycoris")
+    from peftmath.cli import main
+    from peftmath.io.safetensors import SafeTensorsFile, save_file
+
+    model, base, want = _lycoris_dora(lycoris, tmp_path, True)
+    modules = [n for n, _ in model.named_modules()]
+    ad = C.read_any(tmp_path / "ly.safetensors", modules=modules)
+    assert ad.config.use_dora and sorted(ad.modules) == sorted(SHAPES)
+    kinds = {m: {2: "Linear", 3: "Conv1d", 4: "Conv2d"}[len(s)] for m, s in SHAPES.items()}
+    got = ad.merge(base, layer_kinds=kinds)
+    for m in SHAPES:   # LyCORIS adds finfo(float64).eps to the norm: a relative 1e-16
+        assert np.max(np.abs(want[m] - base[m + ".weight"])) > 0.1
+        _close(got[m + ".weight"], want[m])
+    # the command merges the LyCORIS file directly (no convert step)
+    save_file(base, tmp_path / "base.safetensors")
+    rc = main(["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ly.safetensors"),
+               "-o", str(tmp_path / "m.safetensors"), "-q"])
+    assert rc == 0
+    f = SafeTensorsFile(tmp_path / "m.safetensors")
+    for m in SHAPES:
+        _close(f[m + ".weight"], want[m])
+    # and back to PEFT: PEFT itself loads the converted adapter and merges to LyCORIS' weights
+    C.convert_path(tmp_path / "ly.safetensors", tmp_path / "peft", "peft", read_options={"modules": modules})
+    from peft import PeftModel
+
+    fresh = _torch_block()
+    fresh.load_state_dict({k: torch.tensor(v) for k, v in base.items()})
+    pm = PeftModel.from_pretrained(fresh, tmp_path / "peft").double()
+    sd = pm.merge_and_unload().state_dict()
+    for m in ("blk.lin", "blk.conv"):   # PEFT 0.21 has DoRA for Linear and Conv2d
+        _close(sd[m + ".weight"].numpy(), want[m])
+
+
+def test_lycoris_dora_on_input_columns_is_refused(tmp_path, capsys):
+    lycoris = pytest.importorskip("lycoris")
+    from peftmath.cli import main
+    from peftmath.errors import UnsupportedError
+    from peftmath.io.safetensors import save_file
+
+    model, base, _ = _lycoris_dora(lycoris, tmp_path, False)
+    with pytest.raises(UnsupportedError, match="input columns"):
+        C.read_any(tmp_path / "ly.safetensors", modules=[n for n, _ in model.named_modules()])
+    save_file(base, tmp_path / "base.safetensors")
+    rc = main(["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ly.safetensors"),
+               "-o", str(tmp_path / "m.safetensors")])
+    assert rc == 1 and "wd_on_output" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_peft_dora_loaded_by_lycoris_merges_as_peft(tmp_path):
+    lycoris = pytest.importorskip("lycoris")
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    pm = get_peft_model(_torch_block(), PeftLoraConfig(r=2, lora_alpha=5, use_dora=True, target_modules=["lin", "conv"],
+                                                       init_lora_weights=False)).double()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n:   # float32 values: LyCORIS' loader holds dora_scale in float32
+                p.copy_((p * 1.5).float().double())
+    pm.save_pretrained(tmp_path / "peft")
+    C.convert_path(tmp_path / "peft", tmp_path / "k.safetensors", "kohya")
+    fresh = _torch_block()
+    fresh.load_state_dict({k.replace("base_layer.", ""): v for k, v in pm.base_model.model.state_dict().items()
+                           if "lora_" not in k})
+    net, _ = lycoris.create_lycoris_from_weights(1.0, str(tmp_path / "k.safetensors"), fresh)
+    with torch.no_grad():
+        want = {k: v.clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    assert len(net.loras) == 2
+    for lora in net.loras:
+        m = next(k for k in SHAPES if C.kohya_name(k) == lora.lora_name)
+        lora.double()
+        with torch.no_grad():
+            got = lora.get_merged_weight(1.0, SHAPES[m], None)[0].numpy()
+        assert np.max(np.abs(got - fresh.get_submodule(m).weight.detach().numpy())) > 1e-3
+        _close(got, want[m + ".weight"].numpy())
