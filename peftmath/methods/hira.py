@@ -330,6 +330,12 @@ class HiraModule(ModuleAdapter):
             return Layer(LayerKind.LINEAR, shape)
         return Layer(LayerKind.CONV1D_TRANSPOSED, shape)
 
+    def scaled(self, c: float) -> "ModuleAdapter":
+        """Scale ``c``: ``A → c·A``, so ``M → c·M`` and ``ΔW = W₀ ⊙ M → c·ΔW`` (PEFT defines no scale for HiRA)."""
+        if c == 1.0:
+            return self
+        return self.scale_parameter(_keys(self.layer)[0], lambda a: a * c)
+
     def validate(self) -> None:
         unknown = sorted(set(self.params) - set(_KEYS))
         if unknown:

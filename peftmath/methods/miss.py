@@ -312,6 +312,16 @@ class MissModule(ModuleAdapter):
         _check_layer(layer, name)
         return layer
 
+    def scaled(self, c: float) -> "ModuleAdapter":
+        """Scale ``c``: ``D → c·D``, so ``ΔW → c·ΔW`` (default and mini forms). Refused for "bat", whose
+        change ``W_bc D_b + D_b`` has no linear scale in ``D`` (PEFT ignores any scale for MiSS)."""
+        if c == 1.0:
+            return self
+        if self.form == "bat":
+            raise UnsupportedError(f"{self.name}: the MiSS \"bat\" form changes W by W_bc D_b + D_b, which has no "
+                                   f"linear scale; merge it with scale 1 (got scale {c:g})")
+        return self.scale_parameter(KEY, lambda a: a * c)
+
     def validate(self) -> None:
         if set(self.params) != {KEY}:
             raise ShapeError(f"{self.name}: a MiSS module has exactly one tensor, miss_block; found {sorted(self.params)}")

@@ -118,5 +118,7 @@ def test_module_refusals():
     np.testing.assert_allclose(mod.delta_weight(weight=W), _modulation64(mod.layer, *params.values()), rtol=1e-6)
     with pytest.raises(ShapeError, match="hira_B"):
         hira.merge(W, params["hira_A"], params["hira_B"][:2])
+    d2 = ad.scaled(-0.5).merge({"m.weight": W})["m.weight"] - W  # scale c: ΔW → c·ΔW
+    np.testing.assert_allclose(d2, -0.5 * (ad.merge({"m.weight": W})["m.weight"] - W), rtol=1e-6, atol=1e-7)
     with pytest.raises(UnsupportedError, match="grouped"):
         hira.HiraModule.initialize("m", cfg, Layer.of((4, 2, 3), groups=2))

@@ -96,3 +96,18 @@ def test_shapes_init_and_refusals():
     blk = np.asarray(miss.init_block(Layer.of((50, 6)), cfg, seed=0))
     assert blk.shape == (3, 50) and np.abs(blk).max() <= 1 / np.sqrt(50) and blk.std() > 0.05
     assert not np.asarray(miss.init_block(lay, miss.MissConfig(r=2, init_weights="bat"))).any()
+
+
+def test_scale_is_linear_for_default_and_refused_for_bat():
+    from peftmath import Adapter
+
+    rng = np.random.default_rng(9)
+    W = rng.standard_normal((4, 6)).astype(np.float32)
+    blk = rng.standard_normal((2, 4)).astype(np.float32)
+    ad = Adapter(miss.MissConfig(target_modules=["m"], r=2), {"m": {"miss_block": blk}})
+    d1 = ad.merge({"m.weight": W})["m.weight"] - W
+    np.testing.assert_allclose(ad.scaled(3.0).merge({"m.weight": W})["m.weight"] - W, 3 * d1, rtol=1e-5, atol=1e-6)
+    bat = Adapter(miss.MissConfig(target_modules=["m"], r=2, init_weights="bat"),
+                  {"m": {"miss_block": rng.standard_normal((2, 2, 2)).astype(np.float32)}})
+    with pytest.raises(UnsupportedError, match="no linear scale"):
+        bat.scaled(3.0).merge({"m.weight": W})
