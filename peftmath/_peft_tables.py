@@ -250,6 +250,9 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
              **dict.fromkeys(("hira_dropout", "init_weights", "rank_pattern"), IRRELEVANT)},
     "MISS": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "mini_r", "init_weights", "bias"), IMPLEMENTED),
              "miss_dropout": IRRELEVANT},
+    # DeLoRA: delora_lambda / lambda_pattern only set the initial λ, which the checkpoint holds
+    "DELORA": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "rank_pattern", "bias"), IMPLEMENTED),
+               **dict.fromkeys(("delora_lambda", "lambda_pattern", "module_dropout", "init_weights"), IRRELEVANT)},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

@@ -39,6 +39,7 @@ METHOD_MODULES: dict[str, str] = {
     "PREFIX_TUNING": "peftmath.methods.prefix_tuning",
     "HIRA": "peftmath.methods.hira",
     "MISS": "peftmath.methods.miss",
+    "DELORA": "peftmath.methods.delora",
 }
 
 

@@ -30,6 +30,7 @@ CLAIMED = frozenset({
     "HRAConfig", "RoadConfig",
     "HiraConfig",
     "MissConfig",
+    "DeloraConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
