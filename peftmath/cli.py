@@ -533,6 +533,13 @@ def _cmd_convert(args: argparse.Namespace, log: _Log) -> int:
         write["lossy"] = True
     if args.num_layers is not None:
         write["num_layers"] = args.num_layers
+    if args.model_config is not None:
+        if args.to != "gguf":
+            raise ConfigError(f"--model-config is for --to gguf (the base model's architecture), not {args.to}")
+        write["model_config"] = args.model_config
+    elif args.to == "gguf":
+        raise ConfigError("--to gguf needs --model-config BASE (the base model's config.json, or its folder): the "
+                          "tensor names and q/k row order depend on the architecture")
     out = convert_path(args.adapter, args.output, args.to, from_=args.from_format, force=args.force,
                        read_options=read, **write)
     if not args.quiet:
@@ -874,19 +881,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_combine)
 
     v = sub.add_parser("convert", parents=[common], formatter_class=raw,
-                       help="convert an adapter between PEFT, kohya/LyCORIS, MLX and candle-lora",
+                       help="convert an adapter between PEFT, kohya/LyCORIS, MLX and candle-lora, or to GGUF",
                        description="Convert an adapter between formats (the source format is detected from its "
                                    "files unless --from is given). Delta weights are kept exactly (within one "
                                    "ulp where a scale is folded); what the target cannot express is refused with "
                                    "an error that says what would be lost, and nothing is written. See "
                                    "specs/formats.md for each format's key grammar and scaling.",
                        epilog="examples:\n  peftmath convert my-lora/ --to kohya -o my-lora.safetensors\n"
-                              "  peftmath convert adapters/ --to peft -o my-lora/          (an mlx-lm adapter)\n")
+                              "  peftmath convert adapters/ --to peft -o my-lora/          (an mlx-lm adapter)\n"
+                              "  peftmath convert my-lora/ --to gguf --model-config base/ -o my-lora.gguf  (llama.cpp)\n")
     v.add_argument("adapter", metavar="ADAPTER", help="adapter folder or .safetensors file")
-    v.add_argument("--to", required=True, choices=["peft", "kohya", "mlx", "candle-lora"], help="target format")
+    v.add_argument("--to", required=True, choices=["peft", "kohya", "mlx", "candle-lora", "gguf"],
+                   help="target format (gguf: a llama.cpp LoRA adapter; needs pip install 'peftmath[gguf]')")
     v.add_argument("--from", dest="from_format", choices=["peft", "kohya", "mlx", "candle-lora"],
                    help="source format (default: detected)")
-    _add_output(v, "OUT", "a folder for peft and mlx, a .safetensors file for kohya and candle-lora")
+    _add_output(v, "OUT", "a folder for peft and mlx, a .safetensors file for kohya and candle-lora, a .gguf "
+                          "file for gguf")
+    v.add_argument("--model-config", metavar="BASE", help="gguf: the base model's config.json (or its folder): "
+                                                            "architecture, layer and head counts")
     v.add_argument("--prefix", help="key prefix of the written kohya / candle-lora file")
     v.add_argument("--typed", action="store_true", help="candle-lora: the typed Llama layout")
     v.add_argument("--dummy-embeddings", action="store_true", help="candle-lora: add the dummy embedding pair")

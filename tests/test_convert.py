@@ -404,7 +404,7 @@ def test_unknown_and_mixed_formats(tmp_path):
     with pytest.raises(CheckpointError, match="no such"):
         C.detect_format(tmp_path / "missing")
     with pytest.raises(ConfigError, match="unknown adapter format"):
-        C.convert(None, "gguf")
+        C.convert(None, "onnx")
 
 
 def test_kohya_inconsistent_and_mixed_modules(tmp_path):

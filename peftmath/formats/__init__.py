@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, UnsupportedError
 from ..io.safetensors import SafeTensorsFile
 # the constants and helpers of the format modules stay importable from here, as before the split
 from ._common import (FORMATS, META_KEY, PEFT_PREFIX, ConversionWarning, Converted, _fmt, _host,  # noqa: F401
@@ -46,6 +46,7 @@ from .candle import (CANDLE_DEFAULT_PREFIX, CANDLE_DUMMY_EMBEDDING, CANDLE_TYPED
 from .detect import _locate, detect_format
 from .kohya import (KOHYA_LORA_KEYS, KOHYA_UNSUPPORTED, LOHA_KEYS, LOKR_KEYS, _from_kohya, _to_kohya,  # noqa: F401
                     kohya_name)
+from .gguf import GGUF_ARCHITECTURES, _to_gguf, model_config_from  # noqa: F401
 from .mlx import _from_mlx, _to_mlx
 from .peft import _peft_from_tensors, _to_peft
 
@@ -66,7 +67,7 @@ __all__ = [
 # PEFT -> X
 # ==================================================================================================
 def convert(adapter: Adapter, to: str, **options: Any) -> Converted:
-    """``adapter`` in format ``to`` (``"peft"``, ``"kohya"``, ``"mlx"``, ``"candle-lora"``).
+    """``adapter`` in format ``to`` (``"peft"``, ``"kohya"``, ``"mlx"``, ``"candle-lora"``, ``"gguf"``).
 
     Options by target:
 
@@ -76,6 +77,9 @@ def convert(adapter: Adapter, to: str, **options: Any) -> Converted:
     * candle-lora: ``prefix="lora_llama"``, ``typed=False`` (Llama's three prefixes),
       ``add_dummy_embeddings=False`` (typed only), ``lossy=False`` (True reproduces candle-lora's own
       converter, which drops what it does not understand, with a :class:`ConversionWarning`).
+    * gguf (llama.cpp LoRA adapter; needs ``pip install 'peftmath[gguf]'``): ``model_config=`` (the base
+      model's config.json as a dict, or its path / folder), required: the tensor names, the q / k row
+      order and the block count depend on the architecture (:mod:`peftmath.formats.gguf`).
     """
     to = _fmt(to)
     if to == "peft":
@@ -85,6 +89,8 @@ def convert(adapter: Adapter, to: str, **options: Any) -> Converted:
         return _to_kohya(adapter, **options)
     if to == "mlx":
         return _to_mlx(adapter, **options)
+    if to == "gguf":
+        return _to_gguf(adapter, **options)
     return _to_candle(adapter, **options)
 
 
@@ -108,6 +114,8 @@ def to_adapter(tensors: Mapping[str, Any], format: str, *, config: Mapping[str, 
       ``lora_alpha=`` (one alpha, or a mapping by module), ``typed=None``.
     """
     fmt = _fmt(format)
+    if fmt == "gguf":
+        raise UnsupportedError(f"{source}: peftmath writes GGUF adapters but does not read them")
     tensors = {k: _host(v) for k, v in tensors.items()}
     if fmt == "peft":
         from ..io.peft import config_from_dict
@@ -129,6 +137,8 @@ def read_any(path: str | os.PathLike, *, from_: str | None = None, **options: An
     """Read the adapter at ``path`` in any format (detected unless ``from_`` is given) as an Adapter."""
     p = Path(path)
     fmt, weights, cfg = _locate(p)
+    if from_ is not None and _fmt(from_) == "gguf":
+        raise UnsupportedError(f"{p}: peftmath writes GGUF adapters but does not read them")
     if from_ is not None and _fmt(from_) != fmt:
         want = _fmt(from_)
         if want in ("kohya", "candle-lora") and weights.suffix == ".safetensors":

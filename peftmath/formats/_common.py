@@ -19,8 +19,8 @@ from ..adapter import Adapter
 from ..errors import CheckpointError, ConfigError, PeftMathWarning, UnsupportedError
 from ..io.safetensors import atomic_path, save_file
 
-#: the formats :func:`convert` writes and :func:`read_any` reads
-FORMATS = ("peft", "kohya", "mlx", "candle-lora")
+#: the formats :func:`convert` writes and :func:`read_any` reads (GGUF: written only)
+FORMATS = ("peft", "kohya", "mlx", "candle-lora", "gguf")
 _ALIASES = {"lycoris": "kohya", "candle": "candle-lora", "candle_lora": "candle-lora", "mlx-lm": "mlx", "hf": "peft"}
 
 PEFT_PREFIX = "base_model.model."
@@ -42,7 +42,8 @@ class Converted:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """Write to ``path``: a folder for PEFT and MLX, a ``.safetensors`` file for kohya and candle-lora."""
+        """Write to ``path``: a folder for PEFT and MLX, a ``.safetensors`` file for kohya and candle-lora,
+        a ``.gguf`` file for GGUF."""
         return _write(self, Path(path), force=force)
 
 
@@ -161,6 +162,8 @@ def _target_paths(fmt: str, dst: Path) -> list[Path]:
 
 
 def _write(conv: Converted, dst: Path, *, force: bool) -> Path:
+    if conv.format == "gguf":
+        return _write_one_file(conv, dst, force=force)
     if conv.format in ("kohya", "candle-lora"):
         if dst.suffix != ".safetensors" or dst.is_dir():
             raise ConfigError(f"{dst}: a {conv.format} adapter is one .safetensors file; give a path ending in "
@@ -183,6 +186,25 @@ def _write(conv: Converted, dst: Path, *, force: bool) -> Path:
             tmp.unlink(missing_ok=True)
             raise
     return dst
+
+def _write_one_file(conv: Converted, dst: Path, *, force: bool) -> Path:
+    """A GGUF file, written to a temporary name beside ``dst`` and renamed into place."""
+    from .gguf import write_gguf
+
+    if dst.suffix != ".gguf" or dst.is_dir():
+        raise ConfigError(f"{dst}: a GGUF adapter is one .gguf file; give a path ending in .gguf")
+    if dst.exists() and not force:
+        raise CheckpointError(f"{dst} already exists; pass force=True (--force) to overwrite")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(dst)
+    try:
+        write_gguf(conv, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
+
 
 def _check_prefix(prefix: Any, what: str) -> None:
     if not isinstance(prefix, str) or not prefix or not re.fullmatch(r"[A-Za-z0-9_]+", prefix):
