@@ -245,6 +245,10 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     "ROAD": {**_BOOKKEEPING,
              **dict.fromkeys(("target_modules", "modules_to_save", "variant", "group_size"), IMPLEMENTED),
              "init_weights": IRRELEVANT},
+    "FOURIERFT": {**_BOOKKEEPING, **_TARGETS,
+                  **dict.fromkeys(("n_frequency", "scaling", "random_loc_seed", "fan_in_fan_out", "bias",
+                                   "n_frequency_pattern"), IMPLEMENTED),
+                  "init_weights": IRRELEVANT},
     # HiRA: PEFT 0.21.2 creates new modules with rank r whatever rank_pattern says; the tensors hold the rank
     "HIRA": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "fan_in_fan_out"), IMPLEMENTED),
              **dict.fromkeys(("hira_dropout", "init_weights", "rank_pattern"), IRRELEVANT)},

@@ -34,6 +34,7 @@ METHOD_MODULES: dict[str, str] = {
     "VERA": "peftmath.methods.vera",
     "HRA": "peftmath.methods.hra",
     "ROAD": "peftmath.methods.road",
+    "FOURIERFT": "peftmath.methods.fourierft",
     "PROMPT_TUNING": "peftmath.methods.prompt_tuning",
     "P_TUNING": "peftmath.methods.p_tuning",
     "PREFIX_TUNING": "peftmath.methods.prefix_tuning",

@@ -27,7 +27,7 @@ __all__ = ["ROWS", "MODELS", "CLAIMED", "MAY_REFUSE", "build", "config_class", "
 #: the PEFT config classes whose methods peftmath implements (README feature table)
 CLAIMED = frozenset({
     "LoraConfig", "AdaLoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "OFTConfig", "BOFTConfig", "VeraConfig",
-    "HRAConfig", "RoadConfig",
+    "HRAConfig", "RoadConfig", "FourierFTConfig",
     "HiraConfig",
     "MissConfig",
     "DeloraConfig",
