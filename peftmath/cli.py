@@ -356,6 +356,9 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
     # the checks transform makes first, made here so that a warning never precedes an error (and a
     # warning that --strict turns into an error comes before anything is written)
     stream._check_output(Path(args.output), [base.path, *inputs], args.force)
+    card = None
+    if getattr(args, "model_card", False):
+        card = stream.check_model_card(args.output, args.force, base.is_folder or args.max_shard_size is not None)
     if direction == "unmerge":
         stream.check_records(pl, records, base.path)
     for note in notes:
@@ -371,6 +374,9 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
     finally:
         close()
     dt = time.perf_counter() - t0
+    if card is not None:
+        stream.write_model_card(card, stream.merge_model_card(src_path, args.output, provenance, len(adapters),
+                                                              _merge_commands(args)))
     if not args.quiet:
         msg = (f"{direction}d {rep.adapted} tensors, copied {rep.tensors - rep.adapted}; wrote {rep.out} "
                f"({_fmt_bytes(rep.bytes_written)}) in {dt:.2f} s")
@@ -384,6 +390,22 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
                 msg += f"; not copied: {', '.join(rep.left_out)}"
         print(msg, file=sys.stderr)
     return 0
+
+
+def _merge_commands(args: argparse.Namespace) -> list[str]:
+    """The ``peftmath merge`` command line of ``args`` and the ``peftmath verify`` that checks its output
+    (for the model card)."""
+    import shlex
+
+    adapters = [p if c == 1.0 else f"{p}:{c!r}" for p, c in args.adapters]
+    kinds = [x for k in (args.layer_kind or []) for x in ("--layer-kind", k)]
+    compat = ["--peft-compat"] if args.peft_compat else []
+    merge = ["peftmath", "merge", args.base, *adapters, "-o", args.output, *kinds, *compat]
+    dtype = ["--dtype", args.dtype] if args.dtype not in (None, "keep") else []
+    merge += dtype + (["--safe"] if args.safe else []) + (["--backend", args.backend] if args.backend else [])
+    merge += ["--max-shard-size", str(args.max_shard_size)] if args.max_shard_size is not None else []
+    verify = ["peftmath", "verify", args.base, *adapters, args.output, *kinds, *compat, *dtype]
+    return [shlex.join(str(x) for x in merge) + " --model-card", shlex.join(str(x) for x in verify)]
 
 
 def _cmd_merge(args, log):
@@ -655,6 +677,8 @@ def _cmd_extract(args: argparse.Namespace, log: _Log) -> int:
                           include=args.include, exclude=args.exclude, randomized=args.randomized,
                           layer_kinds=_layer_kinds(args.layer_kind), fan_in_fan_out=args.fan_in_fan_out,
                           force=args.force, log=log, singular_values=spectra)
+    if args.model_card:
+        _extract_card(args, report)
     if args.plot:
         from .plot import plot_energy_curve
 
@@ -671,6 +695,29 @@ def _cmd_extract(args: argparse.Namespace, log: _Log) -> int:
         print(f"wrote LoRA adapter ({len(report)} modules) to {args.output} in {time.perf_counter() - t0:.2f} s",
               file=sys.stderr)
     return 0
+
+
+def _extract_card(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """``extract --model-card``: README.md in the written adapter folder."""
+    import shlex
+
+    from .io import stream
+
+    pattern = lambda r: getattr(r, "pattern", r)  # noqa: E731
+    options = {"rank": args.rank, "energy": args.energy, "include": pattern(args.include),
+               "exclude": pattern(args.exclude), "randomized": args.randomized,
+               "fan_in_fan_out": args.fan_in_fan_out, "layer_kinds": list(args.layer_kind or [])}
+    options = {k: v for k, v in options.items() if v not in (None, False, [])}
+    cmd = ["peftmath", "extract", args.base, args.tuned, "--rank", args.rank, "-o", args.output]
+    for flag, v in (("--energy", args.energy), ("--include", pattern(args.include)),
+                    ("--exclude", pattern(args.exclude))):
+        cmd += [flag, v] if v is not None else []
+    cmd += ["--randomized"] if args.randomized else []
+    cmd += ["--fan-in-fan-out"] if args.fan_in_fan_out else []
+    cmd += [x for k in (args.layer_kind or []) for x in ("--layer-kind", k)]
+    text = stream.extract_model_card(args.base, args.tuned, args.output, options, report,
+                                     shlex.join(str(x) for x in cmd) + " --model-card")
+    stream.write_model_card(stream.model_card_path(args.output, True), text)
 
 
 # --- demo -------------------------------------------------------------------------------------
@@ -816,6 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"bf16); adapted tensors are {name}d in the wider of the two and rounded once")
         if name == "merge":
             s.add_argument("--safe", action="store_true", help="refuse (exit 1, nothing written) a result with NaN/inf")
+            s.add_argument("--model-card", action="store_true",
+                           help="also write a README.md model card with the provenance (adapters, sha256, scale, "
+                                "options, peftmath version): OUT/README.md, or beside a single-file OUT")
             s.add_argument("--records", metavar="FILE", help="where to write the merge records (DoRA weight norms); "
                                                             "default OUT.merge-records.safetensors, beside OUT")
             s.set_defaults(func=_cmd_merge)
@@ -849,6 +899,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fan-in-fan-out", action="store_true", help="2-D weights are stored (in, out) (GPT-2 Conv1D)")
     e.add_argument("--layer-kind", action="append", metavar="MODULE=KIND", help="layer kind of a module")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("--model-card", action="store_true",
+                   help="also write ADAPTER_DIR/README.md: the models, options, sha256 of the adapter files, "
+                        "per-module rank and error, peftmath version")
     e.add_argument("--plot", metavar="FILE.png", help="draw each module's energy curve (fraction of sum(sigma^2) "
                    "kept against the rank; needs matplotlib: pip install 'peftmath[plot]')")
     _add_output(e, "ADAPTER_DIR")

@@ -1174,3 +1174,94 @@ def write_with_replacements(base: Model, replacements: Mapping[str, np.ndarray],
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- model card ----------------------------------------------------------------------------------
+CARD_NAME = "README.md"
+
+
+def model_card_path(out: str | os.PathLike, folder: bool) -> Path:
+    """Where ``--model-card`` writes: ``OUT/README.md`` for a folder output, ``README.md`` beside a
+    single-file output (the Hugging Face layout: a model card next to the weights)."""
+    out = Path(out)
+    return out / CARD_NAME if folder else out.parent / CARD_NAME
+
+
+def check_model_card(out: str | os.PathLike, force: bool, folder: bool) -> Path:
+    """The card's path, refused (before anything is written) when a single-file output's README.md exists
+    without ``force``; a folder output is new or replaced as a whole, so its README.md is the card."""
+    path = model_card_path(out, folder)
+    if not folder and path.exists() and not force:
+        raise CheckpointError(f"{path} already exists (--model-card writes README.md beside {out}); pass --force "
+                              f"to replace it, or write OUT as a folder")
+    return path
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _options_lines(options: Mapping[str, Any]) -> list[str]:
+    return [f"- `{k}`: `{json.dumps(v, sort_keys=True)}`" for k, v in options.items()]
+
+
+def merge_model_card(base: str | os.PathLike, out: str | os.PathLike, provenance: Sequence[Mapping[str, Any]],
+                     merged_now: int, commands: Sequence[str]) -> str:
+    """The README.md of a merged model: which adapters its weights hold (oldest first; the last
+    ``merged_now`` by this run), their sha256 digests, scale and method, the merge options and the
+    peftmath version, as recorded under :data:`PROVENANCE_KEY`, and the commands that reproduce and
+    verify it."""
+    from .. import __version__
+
+    entries = list(provenance)
+    rows = ["| # | adapter | method | scale | adapter_model sha256 | adapter_config.json sha256 | merged by |",
+            "|---|---|---|---|---|---|---|"]
+    for i, e in enumerate(entries, 1):
+        method = str(e.get("peft_type", "?")) + (" (DoRA)" if e.get("use_dora") else "")
+        when = "this run" if i > len(entries) - merged_now else "an earlier merge"
+        rows.append(f"| {i} | {_md(e.get('adapter', '?'))} | {_md(method)} | {e.get('scale', 1.0):g} | "
+                    f"`{e.get('adapter_model_sha256', '-')}` | `{e.get('adapter_config_sha256', '-')}` | "
+                    f"{when} (peftmath {_md(e.get('peftmath', '?'))}) |")
+    options = dict(entries[-1].get("options") or {}) if merged_now else {}
+    lines = ["---", "tags:", "- peftmath", "- merge", "---", "", f"# {Path(out).name}", "",
+             f"`{Path(base).name}` with {len(entries)} adapter(s) merged into its weights by peftmath {__version__} "
+             f"(`peftmath merge`). The same record is in every shard's safetensors metadata under "
+             f"`{PROVENANCE_KEY}`; the base model's own card is not carried over.", "",
+             "## Adapters", "", *rows, "", "## Options", "", *(_options_lines(options) or ["- (defaults)"]), "",
+             "## Reproduce and check", "", "```", *commands, "```", ""]
+    return "\n".join(lines)
+
+
+def extract_model_card(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike,
+                       options: Mapping[str, Any], report: Mapping[str, Mapping[str, Any]], command: str) -> str:
+    """The README.md of an extracted adapter: the two models, the options, the sha256 of the written
+    adapter files, per-module rank and relative error, the peftmath version and the command."""
+    from .. import __version__
+
+    out = Path(out)
+    digests = [f"- `{n}`: `{_sha256(out / n)}`" for n in ("adapter_model.safetensors", "adapter_config.json")
+               if (out / n).is_file()]
+    rows = ["| module | rank | relative error ‖D − BA‖/‖D‖ |", "|---|---|---|"]
+    rows += [f"| {_md(m)} | {v.get('rank')} | {float(v.get('relative_error', float('nan'))):.3e} |"
+             for m, v in report.items()]
+    lines = ["---", "library_name: peft", "tags:", "- peftmath", "- extracted-lora", "---", "", f"# {out.name}", "",
+             f"A LoRA adapter extracted by peftmath {__version__} (`peftmath extract`): a truncated SVD of "
+             f"`{Path(tuned).name}` − `{Path(base).name}`, per module.", "",
+             "## Files", "", *digests, "", "## Options", "", *(_options_lines(options) or ["- (defaults)"]), "",
+             f"## Modules ({len(report)})", "", *rows, "", "## Reproduce", "", "```", command, "```", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a temporary sibling renamed into place)."""
+    from .safetensors import atomic_path
+
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
