@@ -272,6 +272,8 @@ class FourierFTModule(ModuleAdapter):
         if extra:
             raise ShapeError(f"{self.name}: unexpected FourierFT tensors {extra} (FourierFT has only {_KEY})")
         self.spectrum = self.params[_KEY]
+        #: α; :meth:`scaled` multiplies it (``ΔW`` is linear in it)
+        self.scaling = float(self.config.scaling)
         k = int(self.spectrum.shape[0]) if self.spectrum.ndim == 1 else 0
         check_shape(self.name, _KEY, self.spectrum, (max(k, 1),))
         n = self.layer.out_features * self.layer.in_features
@@ -280,22 +282,27 @@ class FourierFTModule(ModuleAdapter):
                              f"{self.layer.in_features} layer (at most {n})")
 
     def describe(self) -> dict[str, Any]:
-        return {"n_frequency": int(self.spectrum.shape[0]), "scaling": self.config.scaling,
+        return {"n_frequency": int(self.spectrum.shape[0]), "scaling": self.scaling,
                 "random_loc_seed": self.config.random_loc_seed}
 
     def delta_weight(self, *, peft_compat: bool = False) -> Array:
         """``ΔW`` in the stored layout (``(out, in)``; ``(in, out)`` for a Conv1D). ``peft_compat=True``
         rounds it to the spectrum's dtype, as PEFT does (``.to(spectrum.dtype)``; nothing for float32)."""
         xp = self.xp
-        dw = delta_weight(self.spectrum, self.layer.out_features, self.layer.in_features, scaling=self.config.scaling,
+        dw = delta_weight(self.spectrum, self.layer.out_features, self.layer.in_features, scaling=self.scaling,
                           random_loc_seed=self.config.random_loc_seed, where=self.name)
         if peft_compat:
             dw = as_compute(xp, as_compute(xp, dw, self.spectrum.dtype), dw.dtype)
         return xp.matrix_transpose(dw) if self.layer.kind is LayerKind.CONV1D_TRANSPOSED else dw
 
+    def scaled(self, c: float) -> ModuleAdapter:
+        """Scale ``c``: ``α → c·α``, so ``ΔW → c·ΔW`` (PEFT defines no scale for FourierFT; this is the
+        linear one)."""
+        return self.scale_scaling(c)
+
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
         layer, _ = self.input_layer(x, weight, layer_kwargs)
-        return forward(x, weight, self.spectrum, bias=bias, scaling=self.config.scaling,
+        return forward(x, weight, self.spectrum, bias=bias, scaling=self.scaling,
                        random_loc_seed=self.config.random_loc_seed, layer=layer)
 
     @classmethod

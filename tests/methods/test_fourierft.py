@@ -82,6 +82,19 @@ def test_merge_unmerge_forward_linear_and_conv1d():
         lin.merge(ro, copy=False)
 
 
+def test_scaled_multiplies_the_delta():
+    import peftmath as pm
+
+    c = np.random.default_rng(4).standard_normal(5)
+    cfg = F.FourierFTConfig(target_modules=["m"], n_frequency=5, scaling=2.0)
+    ad = pm.Adapter(cfg, {"m": {"fourierft_spectrum": c}})
+    W = np.random.default_rng(5).standard_normal((6, 4))
+    dw = cosine_delta(c, *F.spectral_indices(6, 4, 5, 777), 6, 4, 2.0)
+    merged = ad.scaled(-0.5).merge({"m.weight": W})["m.weight"]
+    np.testing.assert_allclose(merged, W - 0.5 * dw, atol=1e-13)
+    np.testing.assert_allclose(ad.scaled(-0.5).unmerge({"m.weight": merged})["m.weight"], W, atol=1e-13)
+
+
 def test_pattern_rule_and_initialize():
     cfg = F.FourierFTConfig(target_modules=["q", "v"], n_frequency=6, n_frequency_pattern={"v": 3}, init_weights=False)
     assert F.n_frequency_for(cfg, "layers.0.v") == 3 and F.n_frequency_for(cfg, "v") == 6
