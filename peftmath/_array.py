@@ -341,10 +341,14 @@ def conv(
     patches = xp.stack(columns, axis=2)  # (N, C_in, K, *out_sp)
     k_total = math.prod(kernel)
     l_total = math.prod(out_sp)
-    cols = xp.reshape(patches, (n, groups, (c_in // groups) * k_total, l_total))
-    w = xp.reshape(weight, (1, groups, c_out // groups, (c_in // groups) * k_total))
+    # each reshape merges or splits axes, never both at once: chunked libraries (dask) refuse the mix
+    cols = xp.reshape(patches, (n, c_in, k_total, l_total))
+    cols = xp.reshape(cols, (n, groups, c_in // groups, k_total, l_total))
+    cols = xp.reshape(cols, (n, groups, (c_in // groups) * k_total, l_total))
+    w = xp.reshape(weight, (c_out, (c_in // groups) * k_total))
+    w = xp.reshape(w, (1, groups, c_out // groups, (c_in // groups) * k_total))
     out = xp.matmul(w, cols)  # (N, groups, C_out / groups, L)
-    out = xp.reshape(out, (n, c_out, *out_sp))
+    out = xp.reshape(xp.reshape(out, (n, c_out, l_total)), (n, c_out, *out_sp))
     if bias is not None:
         out = out + xp.reshape(bias, (1, c_out) + (1,) * nd)
     return out

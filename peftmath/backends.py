@@ -11,6 +11,11 @@ only what the standard lacks:
   the generic array-API path, which gives the same result within rounding;
 * **host transfer** for I/O (:meth:`Backend.to_host`, :meth:`Backend.from_host`);
 * **stop_gradient** for the few places where PEFT detaches a value (DoRA's weight norm);
+* **batched inverse and solve** (:meth:`Backend.inv`, :meth:`Backend.solve`) of ``(..., b, b)`` stacks
+  (OFT's unmerge and exact Cayley map, BOFT): ``xp.linalg`` by default; dask, whose ``linalg`` takes one
+  matrix only, solves each chunk of the stack with NumPy, lazily. A singular block is a
+  :class:`~peftmath.errors.NotInvertibleError`; a library that cannot do it is an
+  :class:`~peftmath.errors.UnsupportedError` naming the library, never reported as a singular block;
 * **fused in-place passes** for DoRA (:meth:`Backend.rescale_rows_`, :meth:`Backend.dora_merge_`,
   :meth:`Backend.dora_unmerge_`), IA3 (:meth:`Backend.scale_`) and the mixed-batch forward
   (:meth:`Backend.lora_gather_`), with the same contract as ``addmm_``: do it in place and say so, or
@@ -24,7 +29,7 @@ or declines (False / None) without touching it: it must not copy its target (``a
 an f2py copy) and report success. A layout a kernel cannot handle (NumPy's BLAS path takes C- or
 F-contiguous matrices only) is declined, and the caller computes out of place and stores the result.
 
-Backends are found through the entry-point group ``peftmath.backends``. NumPy, PyTorch, JAX and the
+Backends are found through the entry-point group ``peftmath.backends``. NumPy, PyTorch, JAX, dask and the
 generic array-API fallback register there from peftmath's own ``pyproject.toml``; the CuPy backend
 lives in its own distribution (``backends/cupy``) and registers the same way.
 """
@@ -38,8 +43,8 @@ from typing import Any, Protocol, runtime_checkable
 import array_api_compat
 import numpy as np
 
-from ._array import dtype_name, is_low_precision
-from .errors import BackendError
+from ._array import all_finite, dtype_name, is_low_precision
+from .errors import BackendError, NotInvertibleError, UnsupportedError
 
 Array = Any
 Namespace = Any
@@ -49,6 +54,7 @@ __all__ = [
     "NumpyBackend",
     "TorchBackend",
     "JaxBackend",
+    "DaskBackend",
     "ArrayAPIBackend",
     "host_rng",
     "get_backend",
@@ -107,6 +113,15 @@ class Backend(Protocol):
     def scale_(self, w: Array, s: Array, inverse: bool) -> bool:
         """IA3 in place: ``w ← w ⊙ s`` (``w / s`` when ``inverse``), ``s`` in the compute dtype and
         broadcast against ``w``, the product rounded once to ``w``'s dtype; False when not possible."""
+
+    def inv(self, a: Array, *, where: str, what: str = "a block") -> Array:
+        """The inverse of every ``(b, b)`` matrix of the stack ``a (..., b, b)``. A singular one raises
+        :class:`~peftmath.errors.NotInvertibleError` (a lazy library: when the result is computed); a
+        library that cannot invert the stack raises :class:`~peftmath.errors.UnsupportedError`."""
+
+    def solve(self, a: Array, b: Array, *, where: str) -> Array:
+        """``a⁻¹ b`` for every pair of ``(n, n)`` / ``(n, k)`` matrices of the stacks ``a`` and ``b``
+        (same leading shape), with the errors of :meth:`inv`."""
 
 
 def _import_namespace(module: str, backend: str, package: str) -> Namespace:
@@ -178,6 +193,66 @@ class ArrayAPIBackend:
 
     def scale_(self, w: Array, s: Array, inverse: bool) -> bool:
         return False
+
+    def inv(self, a: Array, *, where: str, what: str = "a block") -> Array:
+        xp = array_api_compat.array_namespace(a)
+        try:
+            out = xp.linalg.inv(a)
+        except Exception as exc:  # noqa: BLE001 — sorted into singular / unsupported below
+            raise _linalg_error(exc, self.name, "inv", where, what, a) from exc
+        if not all_finite(out, xp=xp):  # libraries that return inf/NaN instead of raising (JAX)
+            raise NotInvertibleError(f"{where}: {what} is singular (its inverse is not finite); the weight is "
+                                     f"unchanged")
+        return out
+
+    def solve(self, a: Array, b: Array, *, where: str) -> Array:
+        xp = array_api_compat.array_namespace(a, b)
+        try:
+            return xp.linalg.solve(a, b)
+        except Exception as exc:  # noqa: BLE001 — sorted into singular / unsupported below
+            raise _linalg_error(exc, self.name, "solve", where, "a matrix", a) from exc
+
+
+def _is_singular(exc: BaseException) -> bool:
+    """True for the error a library raises for a singular matrix (NumPy's and array-api-strict's
+    ``LinAlgError``, torch's ``torch.linalg.LinAlgError``, CuPy's), not for a refusal of the call."""
+    return isinstance(exc, np.linalg.LinAlgError) or "LinAlgError" in type(exc).__name__
+
+
+def _linalg_error(exc: Exception, backend: str, op: str, where: str, what: str, a: Array) -> Exception:
+    """A failed batched ``inv`` / ``solve`` as peftmath's error: a singular matrix is
+    :class:`NotInvertibleError`; anything else is the library refusing the call (:class:`UnsupportedError`
+    naming it and the shape), never reported as a singular block."""
+    if _is_singular(exc):
+        return NotInvertibleError(f"{where}: {what} is singular and cannot be inverted ({exc}); the weight is "
+                                  f"unchanged")
+    return UnsupportedError(
+        f"{where}: the {backend!r} backend cannot compute a batched linalg.{op} of shape {tuple(a.shape)} "
+        f"({type(exc).__name__}: {exc}); register a backend whose {op} handles stacks (peftmath.backends), "
+        f"or use another array library"
+    )
+
+
+def _host_inv(a: np.ndarray, where: str, what: str) -> np.ndarray:
+    """NumPy's batched inverse of one chunk, with peftmath's singular-block error (run by dask)."""
+    try:
+        out = np.linalg.inv(a)
+    except np.linalg.LinAlgError as exc:
+        raise NotInvertibleError(f"{where}: {what} is singular and cannot be inverted ({exc}); the weight "
+                                 f"is unchanged") from exc
+    if not np.all(np.isfinite(out)):
+        raise NotInvertibleError(f"{where}: {what} is singular (its inverse is not finite); the weight is "
+                                 f"unchanged")
+    return out
+
+
+def _host_solve(a: np.ndarray, b: np.ndarray, where: str) -> np.ndarray:
+    """NumPy's batched solve of one chunk, with peftmath's singular-matrix error (run by dask)."""
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError as exc:
+        raise NotInvertibleError(f"{where}: a matrix is singular and cannot be inverted ({exc}); the weight "
+                                 f"is unchanged") from exc
 
 
 def _blas_gemm(dtype: np.dtype):
@@ -344,8 +419,53 @@ class JaxBackend(ArrayAPIBackend):
         return jax.lax.stop_gradient(x)
 
 
+class DaskBackend(ArrayAPIBackend):
+    """dask.array (through array-api-compat): lazy arrays, so no in-place kernels (``copy=False`` is
+    refused before any work, :func:`peftmath._array.why_not_writeable`) and no hidden compute: every result
+    is a task graph until the caller computes it.
+
+    dask's ``linalg.inv`` / ``solve`` take one 2-D matrix only; :meth:`inv` and :meth:`solve` run NumPy's
+    batched ones on each chunk of the stack instead (``map_blocks``, the two matrix axes in one chunk), so a
+    singular block raises :class:`~peftmath.errors.NotInvertibleError` when the result is computed."""
+
+    name = "dask"
+
+    def handles(self, xp: Namespace) -> bool:
+        return array_api_compat.is_dask_namespace(xp)
+
+    def namespace(self) -> Namespace:
+        return _import_namespace("array_api_compat.dask.array", self.name, "dask[array]")
+
+    def to_host(self, x: Array) -> np.ndarray:
+        return np.asarray(x.compute() if hasattr(x, "compute") else x)
+
+    @staticmethod
+    def _whole_matrices(*arrays: Array) -> list[Array]:
+        """``arrays`` (stacks of matrices) broadcast to one leading shape and chunked alike along it, each
+        matrix in one chunk."""
+        import dask.array as da
+
+        lead = np.broadcast_shapes(*(tuple(x.shape[:-2]) for x in arrays))
+        arrays = [da.broadcast_to(x, lead + tuple(x.shape[-2:])) for x in arrays]
+        first = arrays[0].rechunk(arrays[0].chunks[:-2] + (-1, -1))
+        return [first] + [x.rechunk(first.chunks[:-2] + (-1, -1)) for x in arrays[1:]]
+
+    def inv(self, a: Array, *, where: str, what: str = "a block") -> Array:
+        import dask.array as da
+
+        (a,) = self._whole_matrices(a)
+        return da.map_blocks(_host_inv, a, where, what, dtype=a.dtype)
+
+    def solve(self, a: Array, b: Array, *, where: str) -> Array:
+        import dask.array as da
+
+        a, b = self._whole_matrices(a, b)
+        return da.map_blocks(_host_solve, a, b, where, dtype=np.result_type(a.dtype, b.dtype))
+
+
 _REGISTRY: dict[str, Backend] | None = None
-_BUILTIN = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend, "array_api": ArrayAPIBackend}
+_BUILTIN = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend, "dask": DaskBackend,
+            "array_api": ArrayAPIBackend}
 _INSTALL_HINTS = {"cupy": "pip install -e backends/cupy  (and cupy-cuda12x or cupy-cuda13x for your CUDA)"}
 
 

@@ -53,6 +53,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from ._array import as_compute, compute_dtype, namespace
@@ -88,7 +89,7 @@ def _stack(tensors: Sequence[Array]) -> tuple[Any, Array]:
 
 
 def _weights(xp: Any, weights: Sequence[float], like: Array) -> Array:
-    w = xp.asarray(list(weights), dtype=like.dtype, device=like.device)
+    w = xp.asarray(list(weights), dtype=like.dtype, device=array_api_compat.device(like))
     return xp.reshape(w, (len(weights),) + (1,) * (like.ndim - 1))
 
 
@@ -120,7 +121,7 @@ def random_prune_tensor(tensor: Array, density: float, *, rng: np.random.Generat
         return tensor
     shape = tuple(tensor.shape)
     host = mask_source(shape) if mask_source is not None else (rng.random(shape) < density)
-    mask = backend_for(xp).from_host(np.asarray(host, dtype=bool), xp, tensor.device)
+    mask = backend_for(xp).from_host(np.asarray(host, dtype=bool), xp, array_api_compat.device(tensor))
     pruned = xp.where(mask, tensor, xp.zeros_like(tensor))
     return pruned / density if rescale else pruned
 
@@ -314,8 +315,9 @@ def _cat(name: str, sources: list, new_rank: int) -> dict[str, Array]:
     B = xp.concat(Bs, axis=1)
     pad = new_rank - A.shape[0]
     if pad > 0:  # sources absent from this module, or rank patterns: zero rows / columns
-        A = xp.concat([A, xp.zeros((pad, *A.shape[1:]), dtype=A.dtype, device=A.device)], axis=0)
-        B = xp.concat([B, xp.zeros((B.shape[0], pad, *B.shape[2:]), dtype=B.dtype, device=B.device)], axis=1)
+        dev = array_api_compat.device(A)
+        A = xp.concat([A, xp.zeros((pad, *A.shape[1:]), dtype=A.dtype, device=dev)], axis=0)
+        B = xp.concat([B, xp.zeros((B.shape[0], pad, *B.shape[2:]), dtype=B.dtype, device=dev)], axis=1)
     return {a_key: A, b_key: B}
 
 

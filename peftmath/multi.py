@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import array_api_compat
+
 from ._array import as_compute, compute_dtype, namespace
 from .adapter import Adapter
 from .backends import backend_for
@@ -185,22 +187,23 @@ def mixed_batch_forward(
         a = as_compute(xp, a, cd)
         if r == r_max:
             return a
-        return xp.concat([a, xp.zeros((r_max - r, a.shape[1]), dtype=cd, device=a.device)], axis=0)
+        return xp.concat([a, xp.zeros((r_max - r, a.shape[1]), dtype=cd, device=array_api_compat.device(a))], axis=0)
 
     def pad_cols(b: Array, r: int) -> Array:  # (out, r) -> (out, r_max)
         b = as_compute(xp, b, cd)
         if r == r_max:
             return b
-        return xp.concat([b, xp.zeros((b.shape[0], r_max - r), dtype=cd, device=b.device)], axis=1)
+        return xp.concat([b, xp.zeros((b.shape[0], r_max - r), dtype=cd, device=array_api_compat.device(b))], axis=1)
 
     order = list(mods)
+    dev = array_api_compat.device(x)
     A_stack = xp.stack([pad_rows(mods[n].A, mods[n].r) for n in order]
-                       + [xp.zeros((r_max, inn), dtype=cd, device=x.device)], axis=0)          # (N+1, r, in)
+                       + [xp.zeros((r_max, inn), dtype=cd, device=dev)], axis=0)          # (N+1, r, in)
     B_stack = xp.stack([pad_cols(mods[n].B * mods[n].scaling, mods[n].r) for n in order]
-                       + [xp.zeros((out, r_max), dtype=cd, device=x.device)], axis=0)          # (N+1, out, r)
+                       + [xp.zeros((out, r_max), dtype=cd, device=dev)], axis=0)          # (N+1, out, r)
     zero = len(order)
     index = [order.index(n) if n in mods else zero for n in names]
-    idx = backend_for(xp).from_host(_np_int(index), xp, x.device)
+    idx = backend_for(xp).from_host(_np_int(index), xp, dev)
     if layer.kind is LayerKind.EMBEDDING:
         B_rows = xp.take(B_stack, idx, axis=0)                                                 # (B, out, r)
         # row b, token t reads column ids[b, t] of its adapter's A: one flat gather

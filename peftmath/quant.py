@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import array_api_compat
 import numpy as np
 
 from ._array import as_compute, namespace
@@ -75,7 +76,7 @@ def _nearest(xp: Any, values: Array, codes: Array) -> Array:
 
 
 def _codes(xp: Any, values: Any, like: Array) -> Array:
-    return backend_for(xp).from_host(np.asarray(values, dtype=np.float32), xp, like.device)
+    return backend_for(xp).from_host(np.asarray(values, dtype=np.float32), xp, array_api_compat.device(like))
 
 
 class QuantNF4(NamedTuple):
@@ -93,7 +94,7 @@ def quantize_nf4(weight: Array, *, blocksize: int = 64) -> QuantNF4:
     nblocks = math.ceil(n / blocksize)
     pad = nblocks * blocksize - n
     if pad:
-        flat = xp.concat([flat, xp.zeros((pad,), dtype=flat.dtype, device=flat.device)])
+        flat = xp.concat([flat, xp.zeros((pad,), dtype=flat.dtype, device=array_api_compat.device(flat))])
     blocks = xp.reshape(flat, (nblocks, blocksize))
     absmax = xp.max(xp.abs(blocks), axis=1)
     safe = xp.where(absmax > 0, absmax, xp.ones_like(absmax))
@@ -107,7 +108,7 @@ def dequantize_nf4(q: QuantNF4) -> Array:
     xp = namespace(q.codes, q.absmax)
     n = q.codes.shape[0]
     values = xp.take(_codes(xp, NF4_CODES, q.codes), xp.astype(q.codes, xp.int64), axis=0)
-    block = xp.arange(n, device=q.codes.device) // q.blocksize
+    block = xp.arange(n, device=array_api_compat.device(q.codes)) // q.blocksize
     return xp.reshape(values * xp.take(q.absmax, block, axis=0), q.shape)
 
 
@@ -155,7 +156,8 @@ def quantize_nf_legacy(weight: Array, *, num_bits: int = 4, blocksize: int = 64)
     idx = xp.reshape(_nearest(xp, blocks / safe[:, None], _codes(xp, create_normal_map(num_bits=num_bits), weight)),
                      (-1, 8 // num_bits))
     idx = xp.astype(idx, xp.int64)
-    shifts = xp.asarray([j * num_bits for j in range(8 // num_bits)], dtype=xp.int64, device=idx.device)
+    shifts = xp.asarray([j * num_bits for j in range(8 // num_bits)], dtype=xp.int64,
+                        device=array_api_compat.device(idx))
     packed = xp.sum(xp.bitwise_left_shift(idx, shifts[None, :]), axis=1)
     return QuantNFLegacy(xp.astype(packed, xp.uint8), maxima, tuple(weight.shape), num_bits)
 
@@ -164,7 +166,7 @@ def dequantize_nf_legacy(q: QuantNFLegacy, *, blocksize: int = 64) -> Array:
     xp = namespace(q.packed, q.maxima)
     k = q.num_bits
     per = 8 // k
-    shifts = xp.asarray([j * k for j in range(per)], dtype=xp.int64, device=q.packed.device)
+    shifts = xp.asarray([j * k for j in range(per)], dtype=xp.int64, device=array_api_compat.device(q.packed))
     idx = xp.bitwise_and(xp.bitwise_right_shift(xp.astype(q.packed, xp.int64)[:, None], shifts[None, :]), (1 << k) - 1)
     idx = xp.reshape(idx, (-1,))
     values = xp.take(_codes(xp, create_normal_map(num_bits=k), q.packed), idx, axis=0)

@@ -1,9 +1,9 @@
 """Shared fixtures: the backend matrix (``xp``), hypothesis profiles, seeded data helpers.
 
 Select backends with ``PEFTMATH_TEST_BACKENDS`` (comma-separated: numpy, array_api_strict, torch, jax,
-cupy). By default the module tests run on numpy, array_api_strict and torch, and the cross-backend suite
-(``tests/test_cross_backend.py``, fixture ``xp_all``) on every installed library, JAX and CuPy (with a GPU)
-included. Unknown names fail loudly.
+dask, cupy). By default the module tests run on numpy, array_api_strict and torch, and the cross-backend
+suite (``tests/test_cross_backend.py``, fixture ``xp_all``) on every installed library, JAX, dask (lazy
+``dask.array``) and CuPy (with a GPU) included. Unknown names fail loudly.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ settings.register_profile("ci", deadline=None, derandomize=True, database=None, 
                           suppress_health_check=_SUPPRESS)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
+ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "dask")
 #: the module tests' default matrix; JAX and CuPy join it when named in PEFTMATH_TEST_BACKENDS, and the
 #: cross-backend parity suite (the ``xp_all`` fixture) always takes every installed library
 DEFAULT_BACKENDS = ("numpy", "array_api_strict", "torch")
@@ -58,6 +58,9 @@ def _namespace(name: str):
         jax.config.update("jax_enable_x64", True)
         jax.config.update("jax_default_matmul_precision", "highest")  # no TF32 / bf16 passes on GPUs
         import jax.numpy as xp
+    elif name == "dask":
+        pytest.importorskip("dask.array")
+        import array_api_compat.dask.array as xp
     elif name == "cupy":
         cupy = pytest.importorskip("cupy")
         if not cupy.cuda.is_available():

@@ -30,6 +30,7 @@ from tests.helpers import assert_same_namespace, to_np, to_xp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peftmath._array import is_immutable
 from peftmath.adapter import Adapter
 from peftmath.errors import UnsupportedError
 from peftmath.layers import Layer, LayerKind
@@ -141,9 +142,16 @@ def test_backend_matches_float64_reference(xp_all, peft_type, label, kind, seed)
     assert _rowwise_ok(to_np(back["m.weight"]), W, scale, c * 4, eps)
 
     # in place (copy=False): the backend's fused paths (BLAS beta=1, DoRA/IA3 hooks, CUDA kernels on
-    # CuPy) give the same merge as the copy, and unmerge in place back to W
-    if not array_api_compat.is_jax_namespace(xp):  # JAX arrays are immutable: copy=False is refused
-        own = {k: to_xp(xp, v, xp.float32) for k, v in state64.items()}
+    # CuPy) give the same merge as the copy, and unmerge in place back to W. JAX and dask arrays cannot be
+    # written in place (immutable; lazy): copy=False is refused there, before anything is computed
+    own = {k: to_xp(xp, v, xp.float32) for k, v in state64.items()}
+    if is_immutable(own["m.weight"]):
+        with pytest.raises(UnsupportedError, match="copy=True"):
+            ad.merge(own, layer_kinds=kinds, records={}, copy=False)
+        with pytest.raises(UnsupportedError, match="copy=True"):
+            ad.unmerge(merged, layer_kinds=kinds, records=records, copy=False)
+        assert np.array_equal(to_np(own["m.weight"]), W.astype(np.float32))
+    else:
         in_records: dict = {}
         inplace = ad.merge(own, layer_kinds=kinds, records=in_records, copy=False)
         assert inplace["m.weight"] is own["m.weight"]

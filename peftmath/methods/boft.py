@@ -165,7 +165,7 @@ def cayley(Q: Array, *, dtype: Any = None) -> Array:
     Qc = as_compute(xp, Q, cd)
     S = 0.5 * (Qc - xp.matrix_transpose(Qc))
     eye = xp.eye(Q.shape[-1], dtype=cd, device=array_api_compat.device(Q))
-    return xp.linalg.solve(eye + S, eye - S)
+    return backend_for(xp).solve(eye + S, eye - S, where="boft.cayley")  # batched (dask: per chunk)
 
 
 def butterfly_perm(n: int, nb: int, rr: int, levels: int) -> list[int]:

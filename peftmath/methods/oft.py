@@ -39,7 +39,7 @@ import array_api_compat
 import array_api_extra as xpx
 import numpy as np
 
-from .._array import all_finite, as_compute, compute_dtype, conv, embedding_lookup, is_low_precision, namespace
+from .._array import as_compute, compute_dtype, conv, embedding_lookup, is_low_precision, namespace
 from ..backends import backend_for, host_rng
 from ..config import (
     TunerConfig,
@@ -50,7 +50,7 @@ from ..config import (
     check_number,
     check_positive_int,
 )
-from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
+from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, check_shape, write_weight
@@ -320,7 +320,8 @@ def cayley_neumann(S: Array, num_terms: int = 5) -> Array:
 def cayley_exact(S: Array) -> Array:
     """The Cayley map ``R = (I − S)(I + S)⁻¹`` of skew blocks ``S`` ``(k, b, b)`` (orthogonal).
 
-    Solved as ``(I + S)⁻¹ (I − S)`` (the factors commute), one batched solve.
+    Solved as ``(I + S)⁻¹ (I − S)`` (the factors commute), one batched solve through the backend
+    (:meth:`peftmath.backends.Backend.solve`: dask solves each chunk of the stack).
 
     >>> import numpy as np
     >>> R = cayley_exact(skew_blocks(np.array([[0.3, -0.2, 0.5]]), 3))
@@ -329,7 +330,7 @@ def cayley_exact(S: Array) -> Array:
     """
     xp = namespace(S, where="oft.cayley_exact")
     eye = _eye(xp, S.shape[-1], S.dtype, S)
-    return xp.linalg.solve(eye + S, eye - S)
+    return backend_for(xp).solve(eye + S, eye - S, where="oft.cayley_exact")
 
 
 def rotation_blocks(
@@ -409,18 +410,10 @@ def _dense_copy(xp: Any, a: Array) -> Array:
 
 
 def _inverse_blocks(blocks: Array) -> Array:
-    """The exact inverse of every block (a batched ``linalg.inv`` of ``(k, b, b)``)."""
-    xp = namespace(blocks)
-    try:
-        inv = xp.linalg.inv(blocks)
-    except (ValueError, RuntimeError, ArithmeticError) as exc:  # numpy LinAlgError, torch linalg errors
-        raise NotInvertibleError(
-            f"oft.unmerge: a rotation block is singular and cannot be inverted ({exc}); the weight is unchanged"
-        ) from exc
-    if not all_finite(inv, xp=xp):  # backends that return inf/NaN instead of raising
-        raise NotInvertibleError("oft.unmerge: a rotation block is singular (its inverse is not finite); "
-                                 "the weight is unchanged")
-    return inv
+    """The exact inverse of every block (a batched inverse of ``(k, b, b)`` through the backend,
+    :meth:`peftmath.backends.Backend.inv`): a singular block is :class:`NotInvertibleError` (on dask when
+    the result is computed); a library that cannot invert a stack is :class:`UnsupportedError`."""
+    return backend_for(namespace(blocks)).inv(blocks, where="oft.unmerge", what="a rotation block")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import array_api_compat
 import numpy as np
 
 from .._array import namespace
@@ -94,8 +95,8 @@ def _lstm_direction(x: Array, params: dict[str, Array], suffix: str, hidden: int
     b = params[f"lstm_head.bias_ih_{suffix}"] + params[f"lstm_head.bias_hh_{suffix}"]
     batch, steps = x.shape[0], x.shape[1]
     gates_x = xp.matmul(x, xp.matrix_transpose(w_ih)) + b  # (B, T, 4h)
-    h = xp.zeros((batch, hidden), dtype=x.dtype, device=x.device)
-    c = xp.zeros((batch, hidden), dtype=x.dtype, device=x.device)
+    h = xp.zeros((batch, hidden), dtype=x.dtype, device=array_api_compat.device(x))
+    c = xp.zeros((batch, hidden), dtype=x.dtype, device=array_api_compat.device(x))
     outputs = [None] * steps
     order = range(steps - 1, -1, -1) if reverse else range(steps)
     for t in order:

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import array_api_compat
 import numpy as np
 
 from .._array import as_compute, compute_dtype, namespace
@@ -179,16 +180,16 @@ def scaled_dot_product_attention(
     qg = xp.reshape(as_compute(xp, q, cd), (b, hkv, group, lq, d))
     kc, vc = as_compute(xp, k, cd)[:, :, None, ...], as_compute(xp, v, cd)[:, :, None, ...]
     scores = xp.matmul(qg, xp.matrix_transpose(kc)) * (scale if scale is not None else 1.0 / math.sqrt(d))
-    keep = xp.ones((lq, lk), dtype=xp.bool, device=q.device)
+    keep = xp.ones((lq, lk), dtype=xp.bool, device=array_api_compat.device(q))
     if causal:
-        qpos = xp.arange(lq, device=q.device)[:, None] + (lk - lq)
-        keep = xp.arange(lk, device=q.device)[None, :] <= qpos
+        qpos = xp.arange(lq, device=array_api_compat.device(q))[:, None] + (lk - lq)
+        keep = xp.arange(lk, device=array_api_compat.device(q))[None, :] <= qpos
     keep = xp.broadcast_to(keep[None, None, None, ...], (b, 1, 1, lq, lk))
     if attention_mask is not None:
-        ones = xp.ones((b, t), dtype=xp.bool, device=q.device)
+        ones = xp.ones((b, t), dtype=xp.bool, device=array_api_compat.device(q))
         m = xp.concat([ones, xp.astype(attention_mask, xp.bool)], axis=1)
         keep = xp.logical_and(keep, m[:, None, None, None, :])
-    scores = xp.where(keep, scores, xp.asarray(-xp.inf, dtype=cd, device=q.device))
+    scores = xp.where(keep, scores, xp.asarray(-xp.inf, dtype=cd, device=array_api_compat.device(q)))
     scores = scores - xp.max(scores, axis=-1, keepdims=True)
     weights = xp.exp(scores)
     weights = weights / xp.sum(weights, axis=-1, keepdims=True)

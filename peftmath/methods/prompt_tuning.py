@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import array_api_compat
 import numpy as np
 
 from .._array import namespace
@@ -155,11 +156,12 @@ def prepend(
     embeds = xp.concat([p, inputs_embeds], axis=1)
     mask = None
     if attention_mask is not None:
-        mask = xp.concat([xp.ones((b, t), dtype=attention_mask.dtype, device=attention_mask.device), attention_mask],
-                         axis=1)
+        ones = xp.ones((b, t), dtype=attention_mask.dtype, device=array_api_compat.device(attention_mask))
+        mask = xp.concat([ones, attention_mask], axis=1)
     lab = None
     if labels is not None:
-        lab = xp.concat([xp.full((b, t), -100, dtype=labels.dtype, device=labels.device), labels], axis=1)
+        ignore = xp.full((b, t), -100, dtype=labels.dtype, device=array_api_compat.device(labels))
+        lab = xp.concat([ignore, labels], axis=1)
     return embeds, mask, lab
 
 
