@@ -103,6 +103,7 @@ def test_gguf_reads_back_with_llama_cpp_names(tmp_path, arch, permuted):
         np.testing.assert_array_equal(a, A)
         # llama.cpp's scale alpha / rank, rank read from lora_b: PEFT's alpha / r per module (rank_pattern)
         assert b.shape[1] == ad.config.rank_and_alpha(m)[0]
+        assert fields["adapter.lora.alpha"] / b.shape[1] == ad.config.scaling_for(m)
         if not (permuted and m.endswith(("q_proj", "k_proj"))):
             np.testing.assert_array_equal(b, B)
             continue
@@ -131,6 +132,15 @@ def test_gguf_scales_dtypes_and_rslora(tmp_path):
     # llama.cpp's scale alpha / rank = 12 / 4 = PEFT's 6 / √4
     assert fields["adapter.lora.alpha"] / 4 == ad.config.scaling_for("model.layers.0.self_attn.v_proj")
     assert fields["general.file_type"] == 1 and all(t.dtype == np.float16 for t in tensors.values())
+    # bfloat16 factors: F32, exactly (every bfloat16 is a float32)
+    from peftmath.io.safetensors import DTYPES
+
+    bf = {m: {s: a.astype(np.float32).astype(DTYPES["BF16"]) for s, a in p.items()} for m, p in ad.params.items()}
+    ad.params = bf
+    out = C.convert(ad, "gguf", model_config=_config("Qwen2ForCausalLM"))
+    for m, p in bf.items():
+        b = out.tensors[f"blk.{m.split('.')[2]}.attn_v.weight.lora_b"]
+        assert b.dtype == np.float32 and np.array_equal(b, p["lora_B.weight"].astype(np.float32))
     # float64 factors: rounded to float32, said once per tensor; a non-float32 alpha is warned too
     ad = _adapter(LoraConfig(r=3, lora_alpha=5, use_rslora=True, target_modules=["v_proj"]), state)
     ad.params = {m: {s: a.astype(np.float64) / 3 for s, a in p.items()} for m, p in ad.params.items()}
