@@ -22,8 +22,9 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 def test_entry_points_register_the_builtin_backends():
     names = {ep.name for ep in metadata.entry_points(group=backends.ENTRY_POINT_GROUP)}
-    assert {"numpy", "torch", "jax", "array_api"} <= names
-    assert {"numpy", "torch", "jax", "array_api"} <= set(available_backends())
+    assert {"numpy", "torch", "jax", "dask", "array_api"} <= names
+    assert {"numpy", "torch", "jax", "dask", "array_api"} <= set(available_backends())
+    assert isinstance(get_backend("dask"), backends.DaskBackend)
     assert isinstance(get_backend("numpy"), NumpyBackend)
     assert isinstance(get_backend("torch"), TorchBackend)
     assert get_backend("array_api").name == "array_api"
