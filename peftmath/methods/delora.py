@@ -218,13 +218,15 @@ def _apply(W: Array, A: Array, B: Array, lam: Array, w: Array, *, sign: int, cop
 
     compat_half = peft_compat and is_low_precision(A.dtype)
     return apply_delta(where, W, lambda: delta_weight(A, B, lam, w, dtype=cd, peft_compat=peft_compat), sign=sign,
-                       copy=copy, safe=safe, inplace_kernel=None if compat_half else kernel, xp=xp)
+                       copy=copy, safe=safe, inplace_kernel=None if compat_half else kernel,
+                       kernel_on_copy=True, xp=xp)
 
 
 def merge(W: Array, A: Array, B: Array, lam: Array, w: Array, *, copy: bool = True, safe: bool = False,
           peft_compat: bool = False, where: str = "delora.merge") -> Array:
     """``W + ΔW``, formed in float32 (float64) and rounded once; ``copy=False`` writes into ``W``
-    (through BLAS gemm on NumPy, no temporary of W's size)."""
+    (through BLAS gemm on NumPy, no temporary of W's size), ``copy=True`` runs the same gemm on one
+    private copy of ``W``."""
     return _apply(W, A, B, lam, w, sign=1, copy=copy, safe=safe, peft_compat=peft_compat, where=where)
 
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import array_api_compat
 import numpy as np
 
-from .._array import all_finite, as_compute, compute_dtype, is_low_precision, namespace
+from .._array import all_finite, as_compute, compute_dtype, is_low_precision, namespace, reshape_view
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_fraction, check_positive_int
 from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
@@ -281,7 +281,27 @@ def _apply(W: Array, block: Array, *, form: str, sign: int, copy: bool, safe: bo
         d = delta_weight(block, lay, form=form, dtype=cd)
         return as_compute(xp, xp.astype(d, block.dtype), cd) if half else d
 
-    return apply_delta(where, W, delta, sign=sign, copy=copy, safe=safe, xp=xp)
+    def kernel(M: Array) -> bool:
+        """``W[:, shard] ±= D_fullᵀ`` on the shards of ``M`` (a proven view of the target), without
+        forming ΔW: ``(out, in/r, r) ±= D_fullᵀ[:, None, :]`` and the ragged tail; False (touching
+        nothing) where the shards are no view of ``M`` or ``M`` is not in the compute dtype."""
+        if M.dtype != cd:
+            return False
+        out, inn = lay.out_features, lay.in_features
+        full_t = xp.matrix_transpose(as_compute(xp, expand_block(block, out, form=form), cd))  # (out, r)
+        r = int(full_t.shape[1])
+        n = inn // r
+        shards = reshape_view(M[:, :n * r] if n * r < inn else M, (out, n, r), xp=xp) if n else None
+        if n and shards is None:
+            return False
+        if n:
+            shards += sign * full_t[:, None, :]
+        if n * r < inn:
+            M[:, n * r:] += sign * full_t[:, :inn - n * r]
+        return True
+
+    return apply_delta(where, W, delta, sign=sign, copy=copy, safe=safe, xp=xp,
+                       inplace_kernel=None if half else kernel, kernel_on_copy=True)
 
 
 # --------------------------------------------------------------------------------------------------
