@@ -190,20 +190,31 @@ def delta_weight(spectrum: Array, out_features: int, in_features: int, *, scalin
     spectral_indices(out_features, in_features, k, random_loc_seed, where)  # checks k and the size
     cd = dtype if dtype is not None else compute_dtype(xp, spectrum.dtype)
     dev = array_api_compat.device(spectrum)
-    # S as a gather (the array API has no scatter): entry t of S is coefficient inv[t], or the appended 0
+    # Re(IDFT₂(S)) = IDFT₂(H), H = (S + S(-u, -v)) / 2 (real, Hermitian): a real inverse transform of H's
+    # half spectrum (columns 0 .. in/2), half the work of the complex one. H is gathered (the array API has
+    # no scatter): each half-grid cell reads coefficient j from S and j' from its mirror (k: the appended 0).
     values = xp.concat([as_compute(xp, spectrum, cd), xp.zeros((1,), dtype=cd, device=dev)])
-    inv = xp.asarray(_inverse_positions(out_features * in_features, k, int(random_loc_seed)), device=dev)
-    S = xp.reshape(xp.take(values, inv, axis=0), (out_features, in_features))
-    S = xp.astype(S, xp.complex128 if cd == xp.float64 else xp.complex64)
-    return xp.real(xp.fft.ifftn(S, axes=(0, 1))) * scaling
+    half = (out_features, in_features // 2 + 1)
+    direct, mirror = (xp.reshape(xp.take(values, xp.asarray(m, device=dev), axis=0), half)
+                      for m in _half_grid_maps(out_features, in_features, k, int(random_loc_seed)))
+    H = xp.astype((direct + mirror) * 0.5, xp.complex128 if cd == xp.float64 else xp.complex64)
+    return xp.fft.irfftn(H, s=(out_features, in_features), axes=(0, 1)) * scaling
 
 
 @functools.lru_cache(maxsize=8)
-def _inverse_positions(n: int, k: int, seed: int) -> np.ndarray:
-    """``inv`` of length ``n`` (int32): ``inv[t_j] = j`` at the ``k`` positions, ``k`` elsewhere."""
-    inv = np.full(n, k, dtype=np.int32)
-    inv[_randperm_prefix(n, k, seed)] = np.arange(k, dtype=np.int32)
-    return inv  # private and never written (left writeable: torch warns on wrapping a read-only array)
+def _half_grid_maps(out_features: int, in_features: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two int32 maps over the flattened half grid ``(out, in//2 + 1)``: the coefficient at cell
+    ``(u, v)`` itself and at its mirror ``(-u mod out, -v mod in)``, ``k`` where there is none."""
+    m = in_features // 2 + 1
+    rows, cols = spectral_indices(out_features, in_features, k, seed)
+    j = np.arange(k, dtype=np.int32)
+    maps = []
+    for r, c in ((rows, cols), ((-rows) % out_features, (-cols) % in_features)):
+        grid = np.full(out_features * m, k, dtype=np.int32)
+        keep = c < m
+        grid[r[keep] * m + c[keep]] = j[keep]
+        maps.append(grid)  # private, never written (left writeable: torch warns on a read-only array)
+    return maps[0], maps[1]
 
 
 # --------------------------------------------------------------------------------------------------
