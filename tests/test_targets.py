@@ -13,7 +13,7 @@ import peftmath as pm
 from peftmath.create import create_adapter
 from peftmath.errors import ConfigError, ShapeError
 from peftmath.layers import LayerKind
-from peftmath.methods import get_method, implemented_methods
+from peftmath.methods import describe_method, get_method, implemented_methods
 from peftmath.targets import is_target, module_kinds, select_targets
 
 
@@ -104,7 +104,14 @@ def _default_cases():
         module_cls = getattr(method, "Module", None)
         if module_cls is None or not hasattr(module_cls, "initialize"):
             continue
+        if peft_type in _NOT_A_NO_OP:
+            continue
         yield pytest.param(peft_type, id=peft_type)
+
+
+#: methods whose PEFT default initialisation is not a no-op (FourierFT: init_weights=False draws the spectrum
+#: from a standard normal, so a fresh adapter already changes W, in PEFT as here)
+_NOT_A_NO_OP = {"FOURIERFT"}
 
 
 @pytest.mark.parametrize("peft_type", list(_default_cases()))
@@ -114,16 +121,30 @@ def _default_cases():
 def test_default_initialisation_is_a_no_op(peft_type, seed, out, inn, k):
     """PEFT places its zeros so that a fresh adapter leaves the model unchanged: merged == base, bit for bit."""
     method = get_method(peft_type)
+    out -= out % 2  # RoAd rotates pairs of output features
     rng = np.random.default_rng(seed)
     state = {"lin.weight": rng.standard_normal((out, inn)).astype(np.float32),
              "lin.bias": rng.standard_normal(out).astype(np.float32),
              "conv.weight": rng.standard_normal((out, 4, k, k)).astype(np.float32)}
     supported = method.Module.supported_kinds
     targets = [n for n, kind in (("lin", LayerKind.LINEAR), ("conv", LayerKind.CONV2D)) if kind in supported]
-    config = method.Config(target_modules=targets)
+    # PEFT's defaults that do not fit these tiny layers (PEFT refuses them there too): the smallest valid sizes
+    config = method.Config(target_modules=targets, **_TINY.get(peft_type, {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # e.g. OFT adjusting its block size to the layer, as PEFT does
         ad = create_adapter(state, config, seed=seed)
         merged = ad.merge(state)
     for key in state:
-        np.testing.assert_array_equal(np.asarray(merged[key]), state[key])
+        if describe_method(peft_type).rotation and key.endswith(".weight"):
+            # a product of reflections/rotations that is the identity in real arithmetic (HRA's paired
+            # reflections): the merge W·Q rounds, so equal within a few ulps of the row norms, not bit for bit
+            W = state[key].reshape(state[key].shape[0], -1).astype(np.float64)
+            bound = 16 * np.finfo(np.float32).eps * np.linalg.norm(W, axis=1, keepdims=True)
+            got = np.asarray(merged[key]).reshape(W.shape).astype(np.float64)
+            assert np.all(np.abs(got - W) <= bound), (key, float(np.max(np.abs(got - W))))
+        else:
+            np.testing.assert_array_equal(np.asarray(merged[key]), state[key])
+
+
+#: config overrides so that a method's default init fits the test's tiny layers (out 4..12, in 8..32)
+_TINY = {"MISS": {"r": 2}, "ROAD": {"group_size": 2}, "FOURIERFT": {"n_frequency": 8}}

@@ -168,7 +168,7 @@ def test_description(peft_type):
 
 def test_unknown_and_unimplemented_types():
     with pytest.raises(UnsupportedError, match="PEFT 0.21.2 method peftmath does not implement"):
-        get_method("HRA")
+        get_method("GLORA")
     with pytest.raises(ConfigError, match="unknown peft_type"):
         get_method("SUPERLORA")
     assert set(implemented_methods()) <= set(PEFT_TYPES_0_21_2)
