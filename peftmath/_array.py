@@ -8,7 +8,7 @@ Nothing here converts to NumPy.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat
@@ -22,6 +22,7 @@ Namespace = Any
 
 __all__ = [
     "namespace",
+    "refuse_where",
     "common_device",
     "is_low_precision",
     "compute_dtype",
@@ -154,6 +155,35 @@ def all_finite(x: Array, *, xp: Namespace | None = None) -> bool:
     """True when every element of ``x`` is finite (no NaN, no infinity)."""
     xp = xp or namespace(x)
     return bool(xp.all(xp.isfinite(x)))
+
+
+def refuse_where(value: Array, bad: Array, error: Callable[[], Exception], *, xp: Namespace | None = None) -> Array:
+    """``value``, refused with ``error()`` when any element of ``bad`` is true: a check on values (a zero
+    scale, a singular factor) that must not compute a lazy input.
+
+    Eager libraries check now (one ``bool``) and return ``value`` itself. On dask the check joins
+    ``value``'s task graph and raises when ``value`` is computed: nothing is computed here, and a refused
+    result can never be read. ``error`` may compute details for its message (it runs only on failure).
+
+    >>> import numpy as np
+    >>> refuse_where(np.ones(2), np.array([False, False]), lambda: ValueError("zero")).tolist()
+    [1.0, 1.0]
+    """
+    xp = xp or namespace(value, bad, where="refuse_where")
+    if array_api_compat.is_dask_array(value) or array_api_compat.is_dask_array(bad):
+        import dask.array as da
+
+        return da.map_blocks(_raise_if, da.asarray(value), da.any(bad), error, dtype=value.dtype)
+    if bool(xp.any(bad)):
+        raise error()
+    return value
+
+
+def _raise_if(block: Array, flag: Any, error: Callable[[], Exception]) -> Array:
+    """One chunk of :func:`refuse_where` on dask: the chunk itself, or ``error()`` when ``flag``."""
+    if bool(flag):
+        raise error()
+    return block
 
 
 def is_writeable(x: Array) -> bool:
