@@ -354,7 +354,13 @@ def _svd_space(kind, name, sources, k, density, sign_method, rng, mask_source, c
             f"choose svd_rank <= {min(rows, cols)}"
         )
     cd = compute_dtype(xp, M.dtype)
-    U, S, Vh = xp.linalg.svd(as_compute(xp, M, cd), full_matrices=full_matrices)
+    Mc = as_compute(xp, M, cd)
+    full = full_matrices
+    if array_api_compat.is_dask_array(Mc):
+        # dask has the reduced SVD only, of an array chunked along one axis (tall-and-skinny QR): the
+        # leading k <= min(rows, cols) singular vectors used below are the same as the full SVD's
+        Mc, full = Mc.rechunk({1: -1} if rows >= cols else {0: -1}), False
+    U, S, Vh = xp.linalg.svd(Mc, full_matrices=full)
     U = U[:, :k] * S[None, :k]
     Vh = Vh[:k, :]
     if clamp is not None:

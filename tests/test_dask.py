@@ -254,3 +254,28 @@ def test_refuse_where_is_lazy_on_dask_and_eager_elsewhere():
     with pytest.raises(NotInvertibleError, match="entry 1"):
         lazy_bad.compute()
     np.testing.assert_array_equal(lazy_ok.compute(), v)
+
+
+@pytest.mark.parametrize("full_matrices", [True, False])
+def test_svd_combine_on_chunked_dask_equals_the_weighted_sum(full_matrices):
+    """dask has the reduced SVD only, on one-axis chunking: the combine rechunks and asks for it (the leading
+    singular vectors it keeps are the full SVD's); at full rank the result is the exact weighted sum."""
+    import peftmath as pm
+    from peftmath.combine import combine
+
+    rng = np.random.default_rng(11)
+
+    def lora(r):
+        params = {"lin": {"lora_A.weight": rng.standard_normal((r, 9)), "lora_B.weight": rng.standard_normal((7, r))},
+                  "emb": {"lora_embedding_A": rng.standard_normal((r, 11)),
+                          "lora_embedding_B": rng.standard_normal((4, r))}}
+        cfg = pm.LoraConfig(r=r, lora_alpha=5.0, target_modules=["lin", "emb"])
+        return Adapter(cfg, params), Adapter(cfg, {m: {k: chunked(v) for k, v in p.items()} for m, p in params.items()})
+
+    (a, a_d), (b, b_d) = lora(2), lora(2)
+    out = combine([a_d, b_d], [0.5, 1.5], combination_type="svd", svd_rank=4,
+                  svd_full_matrices=full_matrices)
+    for m in ("lin", "emb"):
+        assert isinstance(out.params[m][next(iter(out.params[m]))], da.Array)
+        expected = 0.5 * a.delta_weight(m) + 1.5 * b.delta_weight(m)
+        np.testing.assert_allclose(np.asarray(out.delta_weight(m)), expected, atol=1e-10)
