@@ -422,7 +422,10 @@ class JaxBackend(ArrayAPIBackend):
 class DaskBackend(ArrayAPIBackend):
     """dask.array (through array-api-compat): lazy arrays, so no in-place kernels (``copy=False`` is
     refused before any work, :func:`peftmath._array.why_not_writeable`) and no hidden compute: every result
-    is a task graph until the caller computes it.
+    is a task graph until the caller computes it. The one documented exception is ``safe=True``: the
+    finiteness check must read the merged values before returning, one compute per module (the result is
+    still lazy). Value checks that refuse an input (a zero scale) stay lazy through
+    :func:`peftmath._array.refuse_where` and raise when the result is computed.
 
     dask's ``linalg.inv`` / ``solve`` take one 2-D matrix only; :meth:`inv` and :meth:`solve` run NumPy's
     batched ones on each chunk of the stack instead (``map_blocks``, the two matrix axes in one chunk), so a

@@ -1,8 +1,8 @@
 """Cross-backend parity: every method's delta, forward, merge and unmerge on every installed backend.
 
 The inputs are generated once on the host (NumPy, from a hypothesis-drawn seed) and moved to each
-backend in the ``xp_all`` fixture (numpy, array-api-strict, torch CPU, JAX CPU when installed, CuPy when
-a GPU is present). Each backend computes in float32; the reference is the same call on NumPy in
+backend in the ``xp_all`` fixture (numpy, array-api-strict, torch CPU, JAX CPU and lazy dask when installed,
+CuPy when a GPU is present). Each backend computes in float32; the reference is the same call on NumPy in
 float64. Tolerances come from error analysis:
 
 * LoRA's delta is a rank-r product, so ``|ΔW_xp − ΔW_64| <= c·eps·s·(|B| @ |A|)`` componentwise with
