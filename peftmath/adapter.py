@@ -612,7 +612,8 @@ class Adapter:
             return _NOT_2D
         square = shape is not None and len(shape) == 2 and shape[0] == shape[1]
         shape_kind = default.kind if (default is not None and shape is not None and len(shape) == 2 and not square
-                                      and default.kind in TWO_D) else None
+                                      and default.kind in TWO_D
+                                      and self.description.orientation_in_tensors) else None
         ev = decide(name, explicit=explicit, recorded=recorded,
                     model_type=model_type if (default is None or default.kind in TWO_D) else None,
                     shape_kind=shape_kind, weight_shape=shape)

@@ -42,7 +42,7 @@ MODEL: dict[str, tuple[str, tuple[int, ...], bool]] = {
     "attn.c_attn": ("Conv1D", (24, 72), True),  # transformers Conv1D: (in, out), not square
 }
 #: layer kinds passed to every merge (the Conv1D weight's layout cannot be told from its shape alone)
-LAYER_KINDS = {name: kind for name, (kind, _, _) in MODEL.items() if kind in ("Conv1D", "Embedding")}
+LAYER_KINDS = {name: kind for name, (kind, _, _) in MODEL.items()}
 
 
 def build_model(seed: int = SEED) -> dict[str, np.ndarray]:

@@ -93,6 +93,11 @@ class Method:
         Config fields set to 0 when the rank ``r`` is given (``init --rank``), because the method takes
         either the rank or these (OFT: ``r`` or ``oft_block_size``, exactly one non-zero). Ask it through
         :meth:`fields_for_rank`.
+    orientation_in_tensors
+        True when a module's tensors tell a Linear ``(out, in)`` from a transformers Conv1D ``(in, out)`` by
+        their shapes (LoRA's ``A (r, in)``, ``B (out, r)``); False when they do not (FourierFT's spectrum):
+        then only explicit or recorded kinds, the model type and the config's flag decide
+        (:mod:`peftmath.kinds`).
     """
 
     peft_type: str
@@ -116,6 +121,7 @@ class Method:
     past_key_values: Callable[[Any, Any, int], list] | None = None
     needs_record_for: Callable[[Any], bool] = _never
     rank_excludes: tuple[str, ...] = ()
+    orientation_in_tensors: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "examples", MappingProxyType({k: MappingProxyType(dict(v))

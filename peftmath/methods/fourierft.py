@@ -323,12 +323,6 @@ class FourierFTModule(ModuleAdapter):
         """``{"fourierft_spectrum": ...}`` of length :func:`n_frequency_for` (``init`` overrides
         ``config.init_weights``); the base weight is not changed."""
         _check_kind(layer, name)
-        conv1d = layer.kind is LayerKind.CONV1D_TRANSPOSED
-        if bool(config.fan_in_fan_out) != conv1d:
-            raise UnsupportedError(
-                f"{name}: a {layer.kind.value} layer needs fan_in_fan_out={str(conv1d).lower()} in a FourierFT config: "
-                f"the spectrum does not record the layer's orientation, so the config's flag is what tells a reader "
-                f"(PEFT sets it the same way per layer); adapt Linear and Conv1D layers in separate adapters")
         if xp is None and weight is not None:
             xp = namespace(weight)
         k = n_frequency_for(config, name)
@@ -352,4 +346,5 @@ METHOD = Method(
     peft_type=PEFT_TYPE, config=FourierFTConfig, module=FourierFTModule, spec="specs/fourierft.md",
     parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=FourierFTModule.supported_kinds, additive=True,
     init_field="init_weights", examples=EXAMPLES,
+    orientation_in_tensors=False,  # the spectrum's shape does not depend on the layer's orientation
 )

@@ -116,11 +116,8 @@ def test_refusals():
         F.FourierFTModule("m", cfg, {"fourierft_spectrum": np.ones(30)}, Layer.of((4, 5)))
     with pytest.raises(ShapeError, match="unexpected"):
         F.FourierFTModule("m", cfg, {"fourierft_spectrum": np.ones(3), "x": np.ones(3)}, Layer.of((4, 5)))
-    with pytest.raises(UnsupportedError, match="fan_in_fan_out=true"):  # the flag is the only orientation record
-        F.FourierFTModule.initialize("m", cfg, Layer.of((4, 5), "Conv1D"))
-    with pytest.raises(UnsupportedError, match="fan_in_fan_out=false"):
-        F.FourierFTModule.initialize("m", F.FourierFTConfig(target_modules=["m"], n_frequency=3, fan_in_fan_out=True),
-                                     Layer.of((4, 5)))
+    # the spectrum does not record the orientation: the Method says so, and the kinds rule asks for evidence
+    assert F.METHOD.orientation_in_tensors is False
     for bad in (dict(n_frequency=0), dict(random_loc_seed=-1), dict(bias="lora_only"),
                 dict(n_frequency_pattern={"q": 0}), dict(init_weights=None)):
         with pytest.raises(ConfigError):
