@@ -38,7 +38,7 @@ from ..layers import Layer
 Array = Any
 
 __all__ = ["MergeResult", "ModuleAdapter", "apply_delta", "write_weight", "finish", "bias_update", "write_back",
-           "require_writeable", "check_shape"]
+           "require_writeable", "require_kind", "check_shape"]
 
 
 class MergeResult(NamedTuple):
@@ -51,6 +51,20 @@ class MergeResult(NamedTuple):
     weight: Array
     bias: Array | None = None
     record: Any = None
+
+
+def require_kind(layer: Layer, where: str, method: str, supported: tuple, *, peft: str = "",
+                 grouped: str | None = None, error: type = UnsupportedError) -> None:
+    """Refuse a base layer a method does not adapt: its kind is not in ``supported`` (``peft`` says what PEFT
+    does with it), or, when ``grouped`` is given (why a grouped conv has no meaning for the method), a conv
+    with ``groups > 1``. ``error`` is the exception class (:class:`UnsupportedError` by default)."""
+    if layer.kind not in supported:
+        names = ", ".join(k.value for k in supported)
+        raise error(f"{where}: {method} is not defined for a {layer.kind.value} layer (peftmath and PEFT adapt "
+                    f"{names}{'; ' + peft if peft else ''})")
+    if grouped is not None and layer.groups != 1:
+        raise UnsupportedError(f"{where}: {method} is not defined on a grouped convolution (groups={layer.groups}): "
+                               f"{grouped}")
 
 
 def check_shape(module: str, what: str, array: Array, expected: tuple[int, ...]) -> None:

@@ -26,9 +26,9 @@ import numpy as np
 from .._array import as_compute, compute_dtype, conv, is_low_precision, namespace
 from ..backends import backend_for, host_rng, kaiming_uniform_bound
 from ..config import TunerConfig, check_flags, check_fraction, check_number, check_positive_int, resolve_pattern
-from ..errors import ConfigError, ShapeError, UnsupportedError
+from ..errors import ConfigError, ShapeError
 from ..layers import Layer, LayerKind
-from ._base import apply_delta
+from ._base import apply_delta, require_kind
 
 Array = Any
 
@@ -108,13 +108,9 @@ def scaling(alpha: float, r: int) -> float:
 
 def check_kind(layer: Layer, where: str, method: str = "LoHa") -> None:
     """Raise :class:`UnsupportedError` for a layer kind PEFT does not adapt with LoHa / LoKr."""
-    if layer.kind not in SUPPORTED:
-        extra = (" (a transformers Conv1D, fan_in_fan_out=True)" if layer.kind is LayerKind.CONV1D_TRANSPOSED else "")
-        raise UnsupportedError(
-            f"{where}: {method} is not defined for a {layer.kind.value} layer{extra}; PEFT supports "
-            f"nn.Linear, nn.Conv1d and nn.Conv2d only (it raises TypeError too). Remove this module from "
-            f"target_modules"
-        )
+    conv1d = " (a transformers Conv1D, fan_in_fan_out=True)" if layer.kind is LayerKind.CONV1D_TRANSPOSED else ""
+    require_kind(layer, where, method, SUPPORTED,
+                 peft=f"it raises TypeError for others{conv1d}. Remove this module from target_modules")
 
 
 def uses_effective_conv(layer: Layer, use_effective_conv2d: bool) -> bool:

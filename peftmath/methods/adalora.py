@@ -34,8 +34,7 @@ state, the masks, the budget and the threshold; :func:`apply_masks`, :func:`resi
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
 import array_api_compat
@@ -44,10 +43,10 @@ import numpy as np
 from .._array import as_compute, compute_dtype, conv, is_low_precision, namespace
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_nonnegative_int, check_number
-from ..errors import ConfigError, ShapeError, UnsupportedError
+from ..errors import ConfigError, ShapeError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape
+from ._base import MergeResult, ModuleAdapter, require_kind, apply_delta, check_shape
 from .lora import LoraConfig, LoraModule
 
 # the rank allocator lives in its own module; every name stays importable from here
@@ -178,16 +177,9 @@ _KINDS = (LayerKind.LINEAR, LayerKind.CONV1D_TRANSPOSED, LayerKind.CONV2D)
 
 
 def _check_kind(layer: Layer, where: str) -> None:
-    if layer.kind not in _KINDS:
-        raise UnsupportedError(
-            f"{where}: AdaLoRA adapts Linear, transformers Conv1D and Conv2d layers, not {layer.kind.value} "
-            f"(PEFT raises ValueError for it too)"
-        )
-    if layer.groups != 1:
-        raise UnsupportedError(
-            f"{where}: AdaLoRA on a Conv2d with groups={layer.groups} is not defined (PEFT sizes lora_A for "
-            f"all input channels and its delta cannot be reshaped to the grouped weight)"
-        )
+    require_kind(layer, where, "AdaLoRA", _KINDS, peft="it raises ValueError for others",
+                 grouped="PEFT sizes lora_A for all input channels and its delta cannot be reshaped to the grouped "
+                         "weight")
 
 
 def parameter_shapes(layer: Layer, r: int) -> dict[str, tuple[int, ...]]:

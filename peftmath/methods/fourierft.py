@@ -31,7 +31,7 @@ from ..config import TunerConfig, check_choice, check_flags, check_number, check
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import ModuleAdapter, check_shape
+from ._base import ModuleAdapter, require_kind, check_shape
 
 Array = Any
 
@@ -245,9 +245,7 @@ def forward(x: Array, weight: Array, spectrum: Array, *, bias: Array | None = No
 
 
 def _check_kind(layer: Layer, where: str) -> None:
-    if layer.kind not in SUPPORTED_KINDS:
-        raise UnsupportedError(f"{where}: FourierFT is not defined for a {layer.kind.value} layer (PEFT supports "
-                               f"nn.Linear and transformers' Conv1D; it raises TypeError for others)")
+    require_kind(layer, where, "FourierFT", SUPPORTED_KINDS, peft="it raises TypeError for others")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_flags, check_fraction, check_pattern, check_positive_int
 from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, check_shape, write_weight
+from ._base import MergeResult, ModuleAdapter, require_kind, check_shape, write_weight
 from ._contract import Method
 
 Array = Any
@@ -83,12 +83,7 @@ class HiraConfig(TunerConfig):
 # Shapes (specs/hira.md, "2. Shapes")
 # --------------------------------------------------------------------------------------------------
 def check_kind(layer: Layer, where: str) -> None:
-    if layer.kind not in SUPPORTED:
-        raise UnsupportedError(f"{where}: HiRA adapts Linear, Conv1D, Embedding and Conv1d/2d/3d layers, "
-                               f"not {layer.kind.value}")
-    if layer.groups != 1:
-        raise UnsupportedError(f"{where}: HiRA is not defined on a grouped convolution (groups={layer.groups}); "
-                               f"PEFT refuses it too")
+    require_kind(layer, where, "HiRA", SUPPORTED, grouped="PEFT refuses it too")
 
 
 def _keys(layer: Layer) -> tuple[str, str]:

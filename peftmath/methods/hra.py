@@ -33,7 +33,7 @@ from ..config import TunerConfig, check_choice, check_flags, check_positive_int
 from ..errors import ConfigError, NotInvertibleError, PeftMathWarning, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, check_shape, write_weight
+from ._base import MergeResult, ModuleAdapter, require_kind, check_shape, write_weight
 
 Array = Any
 
@@ -74,12 +74,8 @@ class HRAConfig(TunerConfig):
 # Shapes (specs/hra.md, "2. Shapes")
 # --------------------------------------------------------------------------------------------------
 def _check_kind(layer: Layer, where: str) -> None:
-    if layer.kind not in SUPPORTED_KINDS:
-        raise UnsupportedError(f"{where}: HRA is not defined for a {layer.kind.value} layer (PEFT supports Linear "
-                               f"and Conv2d; it raises TypeError for others)")
-    if layer.groups != 1:
-        raise UnsupportedError(f"{where}: HRA does not support a Conv2d with groups={layer.groups} (PEFT raises "
-                               f"NotImplementedError: hra_u spans all input channels, the grouped kernel does not)")
+    require_kind(layer, where, "HRA", SUPPORTED_KINDS, peft="it raises TypeError for others",
+                 grouped="PEFT raises NotImplementedError: hra_u spans all input channels, the grouped kernel does not")
 
 
 def reflected_dim(layer: Layer) -> int:

@@ -40,7 +40,7 @@ from ..config import TunerConfig, check_flags
 from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, require_writeable, write_back, write_weight
+from ._base import MergeResult, ModuleAdapter, require_kind, require_writeable, write_back, write_weight
 
 Array = Any
 
@@ -142,9 +142,7 @@ def is_feedforward(module_name: str, feedforward_modules: str | Iterable[str] | 
 # Shapes and feedforward (specs/ia3.md, "Notation and shapes", "Feedforward or not: the picture")
 # --------------------------------------------------------------------------------------------------
 def _check_kind(layer: Layer, where: str) -> None:
-    if layer.kind not in SUPPORTED_KINDS:
-        names = ", ".join(k.value for k in SUPPORTED_KINDS)
-        raise ShapeError(f"{where}: IA3 is not defined for a {layer.kind.value} layer (PEFT supports {names})")
+    require_kind(layer, where, "IA3", SUPPORTED_KINDS, error=ShapeError)
 
 
 def parameter_shape(layer: Layer, *, feedforward: bool) -> tuple[int, ...]:

@@ -35,8 +35,7 @@ temporary of W's size exists; ``copy=True`` allocates only the result.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np

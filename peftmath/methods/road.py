@@ -30,7 +30,7 @@ from ..config import TunerConfig, check_choice, check_flags, check_positive_int
 from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, check_shape, require_writeable, write_back, write_weight
+from ._base import MergeResult, ModuleAdapter, require_kind, check_shape, require_writeable, write_back, write_weight
 
 Array = Any
 
@@ -101,9 +101,7 @@ def parameter_size(out_features: int, variant: str, group_size: int, where: str 
 
 
 def _check_kind(layer: Layer, where: str) -> None:
-    if layer.kind not in SUPPORTED_KINDS:
-        raise UnsupportedError(f"{where}: RoAd is not defined for a {layer.kind.value} layer (PEFT supports "
-                               f"nn.Linear only; it raises TypeError for others)")
+    require_kind(layer, where, "RoAd", SUPPORTED_KINDS, peft="it raises TypeError for others")
 
 
 # --------------------------------------------------------------------------------------------------
