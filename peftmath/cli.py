@@ -735,6 +735,17 @@ def _add_output(parser: argparse.ArgumentParser, metavar: str, help: str | None 
     parser.add_argument("--force", action="store_true", help=force_help or f"replace {metavar} if it exists")
 
 
+_LAYER_KIND_HELP = ("layer kind of a module whose kind the evidence leaves open (a square weight), e.g. "
+                    "h.0.attn.c_attn=Conv1D: Linear, Conv1D, Embedding, Conv1d, Conv2d, Conv3d")
+
+
+def _add_layer_kind(parser: argparse.ArgumentParser) -> None:
+    """``--layer-kind MODULE=KIND`` (repeatable), parsed by :func:`_layer_kind_item`: a malformed value is a
+    usage error."""
+    parser.add_argument("--layer-kind", action="append", type=_layer_kind_item, metavar="MODULE=KIND",
+                        help=_LAYER_KIND_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     def verbosity_options(parser: argparse.ArgumentParser, default: Any) -> None:
         parser.add_argument("-q", "--quiet", action="store_true", default=default if default is not None else False,
@@ -791,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="judge against PEFT's rounding order (ΔW rounded to the half-precision dtype first)")
     vf.add_argument("--dtype", default="keep", type=_dtype_choice,
                     help="the dtype MERGED was written in (merge --dtype); default keep: BASE's")
-    vf.add_argument("--layer-kind", action="append", metavar="MODULE=KIND", help="layer kind of a module")
+    _add_layer_kind(vf)
     vf.set_defaults(func=_cmd_verify)
 
     df = sub.add_parser("diff", parents=[common], formatter_class=raw,
@@ -824,9 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--top", type=_COUNT, default=3, help="number of singular values to show (default 3)")
     i.add_argument("--plot", metavar="FILE.png", help="draw each module's singular-value spectrum and ||dW|| "
                    "(needs matplotlib: pip install 'peftmath[plot]'); with --base, dW = merge(W) - W")
-    i.add_argument("--layer-kind", action="append", metavar="MODULE=KIND",
-                   help="layer kind of a module whose weight shape is ambiguous (e.g. a square transformers "
-                        "Conv1D): Linear, Conv1D, Embedding, Conv1d, Conv2d, Conv3d")
+    _add_layer_kind(i)
     i.set_defaults(func=_cmd_inspect)
 
     for name, helptext in (("merge", "merge adapters into a model (streamed, one tensor at a time)"),
@@ -853,8 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "bytes) and write nothing")
         s.add_argument("--peft-compat", action="store_true", help="reproduce PEFT's rounding order bit for bit")
         s.add_argument("--backend", help="compute backend (numpy by default; torch, cupy, ... when installed)")
-        s.add_argument("--layer-kind", action="append", metavar="MODULE=KIND",
-                       help="layer kind of a module with an ambiguous (square) weight, e.g. h.0.attn.c_attn=Conv1D")
+        _add_layer_kind(s)
         s.add_argument("--max-shard-size", type=_size_arg, metavar="SIZE",
                        help="write OUT as a folder of shards of at most SIZE each (5GB, 500MB, 2GiB), named "
                             "model-00001-of-0000N.safetensors as transformers names them, with a new index")
@@ -897,7 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--randomized", action="store_true", help="randomized SVD (faster for large weights, "
                                                              "slightly less accurate)")
     e.add_argument("--fan-in-fan-out", action="store_true", help="2-D weights are stored (in, out) (GPT-2 Conv1D)")
-    e.add_argument("--layer-kind", action="append", metavar="MODULE=KIND", help="layer kind of a module")
+    _add_layer_kind(e)
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.add_argument("--model-card", action="store_true",
                    help="also write ADAPTER_DIR/README.md: the models, options, sha256 of the adapter files, "
@@ -988,16 +996,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--init", help="initialisation: true, false, gaussian, pissa, olora, orthogonal, lycoris, ...")
     n.add_argument("--seed", type=_COUNT, default=0, help="seed of the random initialisations (default 0)")
     n.add_argument("--model-type", help="transformers model_type (default: from BASE's config.json)")
-    n.add_argument("--layer-kind", action="append", metavar="MODULE=KIND", help="layer kind of a module")
+    _add_layer_kind(n)
     n.add_argument("--base-out", metavar="NEW_BASE", help="where to write the changed base model (pissa, olora, loftq)")
     _add_output(n, "ADAPTER_DIR", force_help="replace existing outputs")
     n.set_defaults(func=_cmd_init)
-
-    # every command's --layer-kind MODULE=KIND is parsed in one place (a malformed one is a usage error)
-    for command in sub.choices.values():
-        for action in command._actions:
-            if "--layer-kind" in action.option_strings:
-                action.type = _layer_kind_item
     return p
 
 
