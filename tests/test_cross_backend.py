@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 
-import array_api_compat
 import numpy as np
 import pytest
 from tests.helpers import assert_same_namespace, to_np, to_xp

@@ -11,7 +11,6 @@ import shlex
 import numpy as np
 
 import peftmath
-from peftmath.cli import main
 from peftmath.io.safetensors import SafeTensorsFile
 from peftmath.io.stream import PROVENANCE_KEY
 

@@ -239,6 +239,29 @@ def peft_weights(peft_model, names) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 # comparisons
 # --------------------------------------------------------------------------------------------------
+def check_merge_as_peft(ad, peft_model, state, names, label: str = "", *, tol: float = 1e-5) -> dict:
+    """``ad.merge(state)`` equals PEFT's ``layer.merge()`` on every base tensor of ``names`` (weights and
+    biases); returns PEFT's merged state (``state`` with those tensors replaced). PEFT's layers stay merged."""
+    merged = ad.merge(state)
+    for name in names:
+        peft_layer(peft_model, name).merge()
+    peft_merged = {**state, **peft_weights(peft_model, names)}
+    for key in peft_weights(peft_model, names):
+        np.testing.assert_allclose(merged[key], peft_merged[key], atol=tol, rtol=tol, err_msg=f"{label} merge {key}")
+    return peft_merged
+
+
+def check_unmerge_as_peft(ad, peft_model, state, peft_merged, names, label: str = "", *, tol: float = 1e-5) -> None:
+    """``ad.unmerge`` of PEFT's merged state equals PEFT's ``layer.unmerge()`` and the original ``state`` on
+    every base tensor of ``names``."""
+    back = ad.unmerge(peft_merged)
+    for name in names:
+        peft_layer(peft_model, name).unmerge()
+    for key, want in peft_weights(peft_model, names).items():
+        np.testing.assert_allclose(back[key], want, atol=tol, rtol=tol, err_msg=f"{label} unmerge {key}")
+        np.testing.assert_allclose(back[key], state[key], atol=tol, rtol=tol, err_msg=f"{label} round trip {key}")
+
+
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
 

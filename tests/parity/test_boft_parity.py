@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from tests.parity.conftest import (
+    check_merge_as_peft,
+    check_unmerge_as_peft,
     check_reloaded_in_peft,
     load_peft_checkpoint,
     peft_forward,
@@ -23,7 +25,6 @@ from tests.parity.conftest import (
     peft_weights,
     redraw,
     require_peft,
-    t2n,
     to_adapter,
 )
 
@@ -94,19 +95,11 @@ def check_layers(pmodel, ad, tag):
             got = ad.forward(name, xs[name], state, **CONV_KW.get(name, {}))
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"{tag} {name} forward")
             errors[f"{name} forward"] = float(np.abs(got - want).max())
+        peft_merged = check_merge_as_peft(ad, pmodel, state, MODULES, tag)
         merged = ad.merge(state)
-        peft_merged = dict(state)
-        for name in MODULES:
-            peft_layer(pmodel, name).merge()
-            peft_merged[f"{name}.weight"] = t2n(peft_layer(pmodel, name).base_layer.weight)
-            np.testing.assert_allclose(merged[f"{name}.weight"], peft_merged[f"{name}.weight"], atol=1e-5, rtol=1e-5,
-                                       err_msg=f"{tag} {name} merge")
+        for name in MODULES:  # BOFT leaves the bias alone (PEFT too): bit for bit
             np.testing.assert_array_equal(merged[f"{name}.bias"], state[f"{name}.bias"])
-        back = ad.unmerge(peft_merged)
-        for name in MODULES:
-            peft_layer(pmodel, name).unmerge()
-            np.testing.assert_allclose(back[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
-                                       atol=1e-5, rtol=1e-5, err_msg=f"{tag} {name} unmerge")
+        check_unmerge_as_peft(ad, pmodel, state, peft_merged, MODULES, tag)
     return errors
 
 

@@ -25,7 +25,6 @@ from tests.parity.conftest import (
     load_peft_checkpoint,
     make_input,
     peft_forward,
-    peft_layer,
     require_peft,
     t2n,
 )

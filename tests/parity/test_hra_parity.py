@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from tests.parity.conftest import (
+    check_merge_as_peft,
+    check_unmerge_as_peft,
     check_reloaded_in_peft,
     load_peft_checkpoint,
     peft_forward,
@@ -83,19 +85,8 @@ def test_forward_merge_unmerge(label):
             got = ad.forward(name, xs[name], state, **CONV_KW.get(name, {}))
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"{label} {name} forward")
             assert np.abs(want - t2n(peft_layer(pmodel, name).base_layer(torch.from_numpy(xs[name])))).max() > 1e-2
-        merged = ad.merge(state)
-        for name in MODULES:
-            peft_layer(pmodel, name).merge()
-            np.testing.assert_allclose(merged[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
-                                       atol=1e-5, rtol=1e-5, err_msg=f"{label} {name} merge")
-        peft_merged = {k: t2n(peft_layer(pmodel, k.split(".")[0]).base_layer.weight) if k.endswith("weight") else v
-                       for k, v in state.items()}
-        back = ad.unmerge(peft_merged)
-        for name in MODULES:
-            peft_layer(pmodel, name).unmerge()
-            np.testing.assert_allclose(back[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
-                                       atol=1e-5, rtol=1e-5, err_msg=f"{label} {name} unmerge")
-            np.testing.assert_allclose(back[f"{name}.weight"], state[f"{name}.weight"], atol=1e-5)
+        peft_merged = check_merge_as_peft(ad, pmodel, state, MODULES, label)
+        check_unmerge_as_peft(ad, pmodel, state, peft_merged, MODULES, label)
 
 
 def test_conv_keyword_quirk():

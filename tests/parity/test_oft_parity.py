@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from tests.parity.conftest import (
+    check_merge_as_peft,
+    check_unmerge_as_peft,
     check_reloaded_in_peft,
     load_peft_checkpoint,
     n2t,
@@ -96,24 +98,13 @@ def test_forward_merge_unmerge(label):
             if name != "conv3":  # the consistent forward equals PEFT's wherever PEFT's is consistent
                 got2 = ad.forward(name, x, state, **CONV_KW.get(name, {}))
                 np.testing.assert_allclose(got2, want, atol=1e-5, rtol=1e-5)
-        merged = ad.merge(state)
-        for name in MODULES:
-            peft_layer(pmodel, name).merge()
-            np.testing.assert_allclose(merged[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
-                                       atol=1e-5, rtol=1e-5, err_msg=f"{label} {name} merge")
+        peft_merged = check_merge_as_peft(ad, pmodel, state, MODULES, label)
         # the merged layers' output == peftmath's default (consistent) forward, conv3 included
         for name in MODULES:
             want = peft_forward(pmodel, name, xs[name])
             got = ad.forward(name, xs[name], state, **CONV_KW.get(name, {}))
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5, err_msg=f"{label} {name} merged forward")
-        peft_merged = {k: t2n(peft_layer(pmodel, k.split(".")[0]).base_layer.weight) if k.endswith("weight") else v
-                       for k, v in state.items()}
-        back = ad.unmerge(peft_merged)
-        for name in MODULES:
-            peft_layer(pmodel, name).unmerge()
-            np.testing.assert_allclose(back[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
-                                       atol=1e-5, rtol=1e-5, err_msg=f"{label} {name} unmerge")
-            np.testing.assert_allclose(back[f"{name}.weight"], state[f"{name}.weight"], atol=1e-5)
+        check_unmerge_as_peft(ad, pmodel, state, peft_merged, MODULES, label)
 
 
 def test_conv_kxk_fold_quirk_at_identity():

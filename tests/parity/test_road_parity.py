@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from tests.parity.conftest import (
+    check_merge_as_peft,
+    check_unmerge_as_peft,
     check_reloaded_in_peft,
     load_peft_checkpoint,
     peft_forward,
@@ -83,18 +85,8 @@ def test_forward_merge_unmerge(variant):
             want = peft_forward(pmodel, name, xs[name])
             np.testing.assert_allclose(ad.forward(name, xs[name], state), want, atol=1e-5, rtol=1e-5)
             np.testing.assert_allclose(ad.forward(name, xs[name], state, peft_compat=True), want, atol=1e-5, rtol=1e-5)
-        merged = ad.merge(state)
-        for name in MODULES:
-            peft_layer(pmodel, name).merge()
-        peft_merged = merged_state(pmodel, state)
-        for key, want in peft_merged.items():
-            np.testing.assert_allclose(merged[key], want, atol=1e-5, rtol=1e-5, err_msg=f"{variant} merge {key}")
-        back = ad.unmerge(peft_merged)
-        for name in MODULES:
-            peft_layer(pmodel, name).unmerge()
-        for key, want in merged_state(pmodel, state).items():
-            np.testing.assert_allclose(back[key], want, atol=1e-5, rtol=1e-5, err_msg=f"{variant} unmerge {key}")
-            np.testing.assert_allclose(back[key], state[key], atol=1e-5, rtol=1e-5)
+        peft_merged = check_merge_as_peft(ad, pmodel, state, MODULES, variant)
+        check_unmerge_as_peft(ad, pmodel, state, peft_merged, MODULES, variant)
 
 
 def test_bfloat16_peft_compat_merge():

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import warnings
 
-import numpy as np
 import pytest
 
 from tests.parity.conftest import randomize_adapter, require_peft
