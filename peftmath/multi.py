@@ -5,8 +5,8 @@ forward applies the active ones in order, merging goes in order and unmerging in
 
 :func:`mixed_batch_forward` is PEFT's ``adapter_names`` inference: each row of a batch names its adapter
 (or ``"__base__"`` for none). It is computed the way multi-adapter serving engines do it — the
-factors of all adapters are stacked once (ranks zero-padded to the largest), each row *gathers* its
-``A`` and ``B`` and one batched product serves the whole batch — instead of a Python loop over adapters.
+rows are grouped by adapter and each adapter's factors are read once for its whole segment (Punica's
+SGMV), instead of gathering a copy of ``A`` and ``B`` for every row.
 """
 
 from __future__ import annotations
@@ -142,11 +142,14 @@ def mixed_batch_forward(
 ) -> Array:
     """``y_b = base(x_b) + s_{a(b)} · B_{a(b)} A_{a(b)} x_b`` with ``a(b) = adapter_names[b]``.
 
-    The LoRA factors of every adapter named in the batch are stacked once into ``(N + 1, r_max, in)``
-    and ``(N + 1, out, r_max)`` (ranks zero-padded, a zero adapter last for ``"__base__"`` and for
-    adapters that do not adapt this module), each row gathers its pair, and two batched matmuls give
-    every row's adapter term. Linear, Conv1D and Embedding layers; LoRA adapters without DoRA (PEFT
-    refuses DoRA here too).
+    Computed segment by segment, as multi-adapter serving kernels (Punica's SGMV) do: the rows are
+    grouped by adapter with one permutation, each adapter's ``A`` and ``B`` are read once for its whole
+    segment, at its own rank (heterogeneous ranks need no padding), and the terms return to batch order
+    with one ``take``; rows naming ``"__base__"`` (or an adapter that does not adapt this module) get the
+    base output alone. A backend with its own mixed-batch kernel (CuPy's shrink/expand) is given the
+    factors stacked once instead. Linear, Conv1D and Embedding layers; LoRA adapters without DoRA (PEFT
+    refuses DoRA here too). Every term is formed in float32 (float64 for float64 inputs) and the sum with
+    the base output is rounded once to its dtype.
     """
     weight = state[f"{module}.weight"]
     bias = state.get(f"{module}.bias")
@@ -180,51 +183,109 @@ def mixed_batch_forward(
     embed_scale = layer_kwargs.get("embed_scale")
     base = layer.base_forward(x, weight, bias, xp)
     cd = compute_dtype(xp, base.dtype, *(m.param_dtype() for m in mods.values()))
+    order = list(mods)
+    backend = backend_for(xp)
+    if layer.kind is not LayerKind.EMBEDDING and _has_gather_kernel(backend):
+        y = _gather_kernel(backend, xp, x, base, mods, order, names, layer, cd)
+        if y is not None:
+            return y
+    term = _segmented_terms(xp, x, mods, order, names, layer, cd, embed_scale)
+    return as_compute(xp, as_compute(xp, base, cd) + xp.reshape(term, base.shape), base.dtype)
+
+
+def _segments(names: Sequence[str], order: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
+    """The batch rows grouped by adapter: ``perm`` lists the rows of ``order[0]``, then ``order[1]``, ...
+    (rows without an adapter last), ``sizes[i]`` counts ``order[i]``'s rows, and ``inverse`` undoes
+    ``perm`` (``perm[inverse[b]] == b``)."""
+    rows: dict[str, list[int]] = {n: [] for n in order}
+    rest: list[int] = []
+    for b, n in enumerate(names):
+        (rows[n] if n in rows else rest).append(b)
+    perm = [b for n in order for b in rows[n]] + rest
+    inverse = [0] * len(perm)
+    for i, b in enumerate(perm):
+        inverse[b] = i
+    return perm, [len(rows[n]) for n in order], inverse
+
+
+def _segmented_terms(xp: Any, x: Array, mods: Mapping[str, Any], order: Sequence[str], names: Sequence[str],
+                     layer: Any, cd: Any, embed_scale: Any) -> Array:
+    """Every row's adapter term ``s·B A x_b``, one segment per adapter (as Punica's SGMV does): the rows
+    are permuted once so that each adapter's rows are contiguous, each adapter's factors are read once
+    for its whole segment (two matmuls at its own rank: no padding, no per-row copies of A and B), and
+    the segments' terms are put back in batch order with one ``take``. Rows without an adapter get zeros.
+
+    Returns the terms as ``(batch, tokens, out)`` in ``cd``."""
+    perm, sizes, inverse = _segments(names, order)
+    dev = array_api_compat.device(x)
+    batch = x.shape[0]
+    out = layer.out_features
+    permuted = xp.take(x, backend_for(xp).from_host(_np_int(perm), xp, dev), axis=0) if perm != sorted(perm) else x
+    if layer.kind is LayerKind.EMBEDDING:
+        tokens = xp.reshape(permuted, (-1,))
+    else:
+        tokens = xp.reshape(as_compute(xp, permuted, cd), (-1, layer.in_features))
+    per_row = tokens.shape[0] // batch if batch else 0       # tokens per batch row
+    parts = []
+    start = 0
+    for n, size in zip(order, sizes):
+        m = mods[n]
+        # the segment's tokens as one 2-D block: one gemm per factor reads each factor once
+        seg = tokens[start * per_row:(start + size) * per_row, ...]
+        start += size
+        if size == 0:
+            continue
+        if layer.kind is LayerKind.EMBEDDING:
+            # token t of the segment reads column ids[t] of A: a gather of r-vectors
+            h = xp.take(xp.matrix_transpose(as_compute(xp, m.A, cd)), seg, axis=0)             # (k·T, r)
+        else:
+            h = xp.matmul(seg, xp.matrix_transpose(as_compute(xp, m.A, cd)))                   # (k·T, r)
+        # the scaling goes on the small (k·T, r) block, not on a copy of B
+        parts.append(xp.matmul(h * m.scaling, xp.matrix_transpose(as_compute(xp, m.B, cd))))  # (k·T, out)
+    rest = batch - start
+    if rest:
+        parts.append(xp.zeros((rest * per_row, out), dtype=cd, device=dev))
+    term = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+    term = xp.reshape(term, (batch, per_row, out))
+    if perm != sorted(perm):
+        term = xp.take(term, backend_for(xp).from_host(_np_int(inverse), xp, dev), axis=0)
+    if layer.kind is LayerKind.EMBEDDING and embed_scale is not None:
+        term = term * embed_scale
+    return term
+
+
+def _has_gather_kernel(backend: Any) -> bool:
+    """Whether the backend brings its own mixed-batch kernel (``lora_gather_`` overridden: CuPy's
+    shrink/expand kernels); the stacks it reads are then worth building."""
+    from .backends import ArrayAPIBackend
+
+    return type(backend).lora_gather_ is not ArrayAPIBackend.lora_gather_
+
+
+def _gather_kernel(backend: Any, xp: Any, x: Array, base: Array, mods: Mapping[str, Any], order: Sequence[str],
+                   names: Sequence[str], layer: Any, cd: Any) -> Array | None:
+    """The backend's mixed-batch kernel over the factors stacked once into ``(N + 1, r_max, in)`` and
+    ``(N + 1, out, r_max)`` (ranks zero-padded, a zero adapter last for rows without one); None when
+    the kernel declines."""
     r_max = max(m.r for m in mods.values())
     inn, out = layer.in_features, layer.out_features
-
-    def pad_rows(a: Array, r: int) -> Array:  # (r, in) -> (r_max, in)
-        a = as_compute(xp, a, cd)
-        if r == r_max:
-            return a
-        return xp.concat([a, xp.zeros((r_max - r, a.shape[1]), dtype=cd, device=array_api_compat.device(a))], axis=0)
-
-    def pad_cols(b: Array, r: int) -> Array:  # (out, r) -> (out, r_max)
-        b = as_compute(xp, b, cd)
-        if r == r_max:
-            return b
-        return xp.concat([b, xp.zeros((b.shape[0], r_max - r), dtype=cd, device=array_api_compat.device(b))], axis=1)
-
-    order = list(mods)
     dev = array_api_compat.device(x)
-    A_stack = xp.stack([pad_rows(mods[n].A, mods[n].r) for n in order]
-                       + [xp.zeros((r_max, inn), dtype=cd, device=dev)], axis=0)          # (N+1, r, in)
-    B_stack = xp.stack([pad_cols(mods[n].B * mods[n].scaling, mods[n].r) for n in order]
-                       + [xp.zeros((out, r_max), dtype=cd, device=dev)], axis=0)          # (N+1, out, r)
+
+    def padded(a: Array, shape: tuple[int, int]) -> Array:
+        full = xp.zeros(shape, dtype=cd, device=dev)
+        full[:a.shape[0], :a.shape[1]] = as_compute(xp, a, cd)
+        return full
+
+    A_stack = xp.stack([padded(mods[n].A, (r_max, inn)) for n in order] + [xp.zeros((r_max, inn), dtype=cd, device=dev)])
+    B_stack = xp.stack([padded(as_compute(xp, mods[n].B, cd) * mods[n].scaling, (out, r_max)) for n in order]
+                       + [xp.zeros((out, r_max), dtype=cd, device=dev)])
     zero = len(order)
-    index = [order.index(n) if n in mods else zero for n in names]
-    idx = backend_for(xp).from_host(_np_int(index), xp, dev)
-    if layer.kind is LayerKind.EMBEDDING:
-        B_rows = xp.take(B_stack, idx, axis=0)                                                 # (B, out, r)
-        # row b, token t reads column ids[b, t] of its adapter's A: one flat gather
-        ids = xp.reshape(x, (x.shape[0], -1))
-        flat = xp.reshape(xp.permute_dims(A_stack, (0, 2, 1)), (-1, r_max))                     # ((N+1)·V, r)
-        pos = xp.astype(idx, ids.dtype)[:, None] * inn + ids
-        h = xp.reshape(xp.take(flat, xp.reshape(pos, (-1,)), axis=0), (*x.shape, r_max))
-        h = xp.reshape(h, (x.shape[0], -1, r_max))
-        term = xp.matmul(h, xp.matrix_transpose(B_rows))
-        if embed_scale is not None:
-            term = term * embed_scale
-    else:
-        xc = xp.reshape(as_compute(xp, x, cd), (x.shape[0], -1, inn))
-        y = xp.reshape(as_compute(xp, base, cd), (x.shape[0], -1, out))  # base is this call's own array
-        if backend_for(xp).lora_gather_(y, xc, A_stack, B_stack, idx):  # a kernel reading the factors in place
-            return as_compute(xp, xp.reshape(y, base.shape), base.dtype)
-        A_rows = xp.take(A_stack, idx, axis=0)                                                 # (B, r, in)
-        B_rows = xp.take(B_stack, idx, axis=0)                                                 # (B, out, r)
-        term = xp.matmul(xp.matmul(xc, xp.matrix_transpose(A_rows)), xp.matrix_transpose(B_rows))
-    term = xp.reshape(term, base.shape)
-    return as_compute(xp, as_compute(xp, base, cd) + term, base.dtype)
+    idx = backend.from_host(_np_int([order.index(n) if n in mods else zero for n in names]), xp, dev)
+    xc = xp.reshape(as_compute(xp, x, cd), (x.shape[0], -1, inn))
+    y = xp.reshape(as_compute(xp, base, cd), (x.shape[0], -1, out))
+    if not backend.lora_gather_(y, xc, A_stack, B_stack, idx):  # y: this call's own copy of the base output
+        return None
+    return as_compute(xp, xp.reshape(y, base.shape), base.dtype)
 
 
 def _np_int(values: list[int]):
