@@ -257,6 +257,11 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # DeLoRA: delora_lambda / lambda_pattern only set the initial λ, which the checkpoint holds
     "DELORA": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "rank_pattern", "bias"), IMPLEMENTED),
                **dict.fromkeys(("delora_lambda", "lambda_pattern", "module_dropout", "init_weights"), IRRELEVANT)},
+    # VB-LoRA: the init fields only draw tensors the checkpoint holds; both saved forms are read
+    "VBLORA": {**_BOOKKEEPING, **_TARGETS,
+               **dict.fromkeys(("r", "num_vectors", "vector_length", "topk", "save_only_topk_weights",
+                                "fan_in_fan_out", "bias"), IMPLEMENTED),
+               **dict.fromkeys(("vblora_dropout", "init_vector_bank_bound", "init_logits_std"), IRRELEVANT)},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

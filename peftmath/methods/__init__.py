@@ -41,6 +41,7 @@ METHOD_MODULES: dict[str, str] = {
     "HIRA": "peftmath.methods.hira",
     "MISS": "peftmath.methods.miss",
     "DELORA": "peftmath.methods.delora",
+    "VBLORA": "peftmath.methods.vblora",
 }
 
 

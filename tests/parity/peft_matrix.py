@@ -31,6 +31,7 @@ CLAIMED = frozenset({
     "HiraConfig",
     "MissConfig",
     "DeloraConfig",
+    "VBLoRAConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
