@@ -23,17 +23,37 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import __version__
 from .errors import CheckpointError, ConfigError, PeftMathError, PeftMathWarning, ShapeError
-# library code of the commands (light modules: their heavy imports are inside their functions); these
-# names stay importable from peftmath.cli as before (``from peftmath.cli import inspect_adapter``, ...)
-from .extract import extract_lora, write_adapter
-from .inspect import format_bytes as _fmt_bytes
-from .inspect import inspect_adapter, render_inspect, top_singular_values  # noqa: F401
-from .inspect import plan_table as _plan_table
-from .inspect import text_table as _table
+
+# Start-up: building the parser (``peftmath --help``) imports nothing beyond the standard library and
+# peftmath.errors; NumPy, the readers, ml_dtypes, SciPy and the formats are imported by the command
+# that needs them (inside its function). tests/test_startup.py checks it.
+
+#: the commands' library names that stay importable from here, as before (``from peftmath.cli import
+#: inspect_adapter``): name -> (module, attribute), imported on first use
+_LIBRARY_NAMES = {
+    "extract_lora": ("extract", "extract_lora"), "write_adapter": ("extract", "write_adapter"),
+    "inspect_adapter": ("inspect", "inspect_adapter"), "render_inspect": ("inspect", "render_inspect"),
+    "top_singular_values": ("inspect", "top_singular_values"), "_fmt_bytes": ("inspect", "format_bytes"),
+    "_plan_table": ("inspect", "plan_table"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIBRARY_NAMES:
+        import importlib
+
+        module, attr = _LIBRARY_NAMES[name]
+        return getattr(importlib.import_module(f"peftmath.{module}"), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    """:func:`peftmath.inspect.text_table` (imported when a command prints a table)."""
+    from .inspect import text_table
+
+    return text_table(rows, header)
 
 EPILOG_MODELS = """\
 Models (BASE, TUNED, MERGED, OUT) are a .safetensors file or a folder of shards with
@@ -114,8 +134,8 @@ def _value_type(name: str, convert: Callable[[str], Any], ok: Callable[[Any], bo
 
 _POSITIVE_INT = _value_type("positive_int", int, lambda v: v > 0, "a positive integer")
 _COUNT = _value_type("count", int, lambda v: v >= 0, "an integer >= 0")
-_FINITE = _value_type("finite_float", float, np.isfinite, "a finite number")
-_POSITIVE = _value_type("positive_float", float, lambda v: np.isfinite(v) and v > 0, "a finite number > 0")
+_FINITE = _value_type("finite_float", float, math.isfinite, "a finite number")
+_POSITIVE = _value_type("positive_float", float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 _FRACTION = _value_type("fraction", float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 _QUANTILE = _value_type("quantile", float, lambda v: 0 <= v <= 1, "a quantile in [0, 1]")
 _LAYERS = _value_type("num_layers", int, lambda v: v == -1 or v > 0, "a positive integer, or -1 for all")
@@ -168,6 +188,8 @@ def _backend_namespace(name: str | None):
     """(xp, to_xp, to_host) for backend ``name`` (None: NumPy, no conversion)."""
     if name is None or name == "numpy":
         return None, None, None
+    import numpy as np
+
     from .backends import get_backend
 
     b = get_backend(name)
@@ -251,7 +273,9 @@ def _load_adapters(paths: Sequence[str], to_xp: Any = None, *, strict: bool = Fa
     """The adapters at ``paths`` (``strict``: an unknown config field is an error), on the backend of ``to_xp``;
     kohya / LyCORIS and MLX adapters are converted in memory (:func:`_read_adapter`)."""
     adapters = [_read_adapter(p, strict=strict, model=model) for p in paths]
-    if to_xp is not None:  # private writeable copies on the backend (the files stay memory-mapped read-only)
+    if to_xp is not None:
+        import numpy as np
+  # private writeable copies on the backend (the files stay memory-mapped read-only)
         for ad in adapters:
             ad.params = {m: {s: to_xp(np.array(a)) for s, a in p.items()} for m, p in ad.params.items()}
             ad.shared = {k: to_xp(np.array(v)) for k, v in ad.shared.items()}
@@ -261,6 +285,7 @@ def _load_adapters(paths: Sequence[str], to_xp: Any = None, *, strict: bool = Fa
 
 # --- inspect ----------------------------------------------------------------------------------
 def _cmd_inspect(args: argparse.Namespace, log: _Log) -> int:
+    from .inspect import inspect_adapter, render_inspect
     from .io.stream import open_model
 
     base = open_model(args.base) if args.base else None
@@ -308,6 +333,7 @@ def _plot_inspect(args: argparse.Namespace, base: Any) -> None:
 
 # --- merge / unmerge --------------------------------------------------------------------------
 def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
+    from .inspect import format_bytes, plan_table
     from .io import stream
 
     src_path = args.base if direction == "merge" else args.merged
@@ -333,7 +359,7 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
         given = [stream.adapter_provenance(a, ad) for a, ad in zip(paths, adapters)]
         provenance, notes = stream.unmerge_provenance(base, recorded, given, ignore=args.ignore_provenance)
     if args.dry_run:
-        print(_plan_table(pl))
+        print(plan_table(pl))
         for note in notes:
             log.warn(note)
         out = Path(args.output)
@@ -379,7 +405,7 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
                                                               _merge_commands(args)))
     if not args.quiet:
         msg = (f"{direction}d {rep.adapted} tensors, copied {rep.tensors - rep.adapted}; wrote {rep.out} "
-               f"({_fmt_bytes(rep.bytes_written)}) in {dt:.2f} s")
+               f"({format_bytes(rep.bytes_written)}) in {dt:.2f} s")
         if rep.records_file:
             msg += f"; merge records ({rep.records}) in {rep.records_file}"
         elif records_out is not None:
@@ -509,6 +535,7 @@ def _cmd_diff(args: argparse.Namespace, log: _Log) -> int:
 # --- combine ------------------------------------------------------------------------------------
 def _cmd_combine(args: argparse.Namespace, log: _Log) -> int:
     from .combine import combine
+    from .extract import write_adapter
     from .io.stream import _check_output
 
     out = Path(args.output)
@@ -572,6 +599,7 @@ def _cmd_convert(args: argparse.Namespace, log: _Log) -> int:
 # --- init -----------------------------------------------------------------------------------------
 def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
     from .create import create_adapter, open_state
+    from .extract import write_adapter
     from .io import read_config
     from .io.stream import _check_output, open_model
     from .methods import describe_method
@@ -667,6 +695,8 @@ def _config_from_flags(args: argparse.Namespace) -> Any:
 
 # --- extract ----------------------------------------------------------------------------------
 def _cmd_extract(args: argparse.Namespace, log: _Log) -> int:
+    from .extract import extract_lora
+
     t0 = time.perf_counter()
     if args.plot:
         from .plot import _pyplot

@@ -82,13 +82,13 @@ def test_init_base_out_is_not_written_for_an_init_that_keeps_the_base(tmp_path, 
 
 
 def test_init_writes_no_new_base_without_its_adapter(tmp_path, model, capsys, monkeypatch):
-    from peftmath import cli
+    from peftmath import extract
     from peftmath.errors import CheckpointError
 
     def fail(*args, **kwargs):
         raise CheckpointError("disk full (simulated)")
 
-    monkeypatch.setattr(cli, "write_adapter", fail)
+    monkeypatch.setattr(extract, "write_adapter", fail)  # the command imports it from there when it runs
     path, _ = model
     before = sorted(p.name for p in tmp_path.iterdir())
     rc = main(["init", str(path), "--target", "q_proj", "--init", "olora", "--base-out", str(tmp_path / "nb"),
