@@ -336,22 +336,88 @@ class NumpyBackend(ArrayAPIBackend):
             return self._addmm_half_(m, b, a, alpha)
         return False
 
+    def _float32_tiles(self, m: np.ndarray, update) -> None:
+        """Run ``update(start, stop, tile)`` on float32 row tiles of ``m`` (about :attr:`tile_bytes`
+        each), ``tile`` holding ``m[start:stop]`` widened, and round each tile once back into ``m``.
+
+        One reused float32 buffer (a fresh tile per step costs page faults); ``copyto`` widens and rounds
+        (round-to-nearest-even, as ``astype``) without temporaries, through any strides of ``m``."""
+        rows = max(1, self.tile_bytes // (4 * max(1, m.shape[1])))
+        buf = np.empty((min(rows, m.shape[0]), m.shape[1]), dtype=np.float32)
+        for start in range(0, m.shape[0], rows):
+            stop = min(start + rows, m.shape[0])
+            tile = buf[: stop - start]
+            np.copyto(tile, m[start:stop], casting="unsafe")
+            update(start, stop, tile)
+            np.copyto(m[start:stop], tile, casting="unsafe")
+
     def _addmm_half_(self, m: np.ndarray, b: np.ndarray, a: np.ndarray, alpha: float) -> bool:
         """Row tiles in float32: widen, gemm with beta=1, round once, write back."""
         from scipy.linalg import blas
 
         a32 = np.asarray(a, dtype=np.float32)
         b32 = np.asarray(b, dtype=np.float32)
-        rows = max(1, self.tile_bytes // (4 * max(1, m.shape[1])))
-        # one reused float32 buffer: a fresh tile per step costs page faults; copyto widens and
-        # rounds (round-to-nearest-even, as astype) without temporaries
-        buf = np.empty((min(rows, m.shape[0]), m.shape[1]), dtype=np.float32)
-        for start in range(0, m.shape[0], rows):
-            stop = min(start + rows, m.shape[0])
-            tile = buf[: stop - start]
-            np.copyto(tile, m[start:stop], casting="unsafe")
-            blas.sgemm(alpha, a32.T, b32[start:stop].T, beta=1.0, c=tile.T, overwrite_c=True)
-            np.copyto(m[start:stop], tile, casting="unsafe")
+        self._float32_tiles(m, lambda i, j, tile: blas.sgemm(alpha, a32.T, b32[i:j].T, beta=1.0, c=tile.T,
+                                                             overwrite_c=True))
+        return True
+
+    @staticmethod
+    def _numpy_matrices(m: Array, *others: Array) -> bool:
+        return (isinstance(m, np.ndarray) and m.ndim == 2 and m.flags.writeable
+                and all(isinstance(x, np.ndarray) for x in others))
+
+    def dora_merge_(self, m: Array, b: Array, a: Array, alpha: float, magnitude: Array) -> Array | None:
+        """float32 / float64 ``m``: gemm with beta=1, then the fused tiled norm and rescale
+        (:meth:`rescale_rows_`). float16 / bfloat16 ``m``: per float32 row tile, widen, gemm with beta=1,
+        the rows' norms and the rescale, rounded once back into ``m`` (no float32 temporary of its size)."""
+        if not (self._numpy_matrices(m, b, a, magnitude) and is_low_precision(m.dtype)
+                and magnitude.dtype == np.float32 and m.shape == (b.shape[0], a.shape[1])):
+            return super().dora_merge_(m, b, a, alpha, magnitude)
+        from scipy.linalg import blas
+
+        a32 = np.asarray(a, dtype=np.float32)
+        b32 = np.asarray(b, dtype=np.float32)
+        norm = np.empty(m.shape[0], dtype=np.float32)
+
+        def update(i: int, j: int, tile: np.ndarray) -> None:
+            blas.sgemm(alpha, a32.T, b32[i:j].T, beta=1.0, c=tile.T, overwrite_c=True)
+            n = np.sqrt(np.einsum("ij,ij->i", tile, tile))
+            tile *= np.divide(magnitude[i:j], n, out=np.zeros_like(n), where=n != 0)[:, None]
+            norm[i:j] = n
+
+        self._float32_tiles(m, update)
+        return norm
+
+    def dora_unmerge_(self, m: Array, b: Array, a: Array, alpha: float, q: Array) -> bool:
+        """``m ← q ⊙ m + alpha·b@a`` per row tile (the scaling and a gemm with beta=1 while the tile is in
+        cache): in place for a C-contiguous float32 / float64 ``m``, through float32 tiles rounded once for
+        float16 / bfloat16; False (touching nothing) for other layouts and dtypes."""
+        if not (self._numpy_matrices(m, b, a, q) and m.shape == (b.shape[0], a.shape[1]) and q.ndim == 1):
+            return False
+        from scipy.linalg import blas
+
+        if is_low_precision(m.dtype) and q.dtype == np.float32:
+            a32 = np.asarray(a, dtype=np.float32)
+            b32 = np.asarray(b, dtype=np.float32)
+
+            def update(i: int, j: int, tile: np.ndarray) -> None:
+                tile *= q[i:j, None]
+                blas.sgemm(alpha, a32.T, b32[i:j].T, beta=1.0, c=tile.T, overwrite_c=True)
+
+            self._float32_tiles(m, update)
+            return True
+        gemm = _blas_gemm(m.dtype)
+        if gemm is None or q.dtype != m.dtype or not m.flags.c_contiguous:
+            return False
+        a = a.astype(m.dtype, copy=False)
+        b = b.astype(m.dtype, copy=False)
+        rows = max(1, self.tile_bytes // (m.itemsize * max(1, m.shape[1])))
+        for i in range(0, m.shape[0], rows):
+            j = min(i + rows, m.shape[0])
+            tile = m[i:j]
+            tile *= q[i:j, None]
+            if not np.shares_memory(gemm(alpha, a.T, b[i:j].T, beta=1.0, c=tile.T, overwrite_c=True), tile):
+                raise BackendError("numpy backend: BLAS gemm did not update the weight in place")
         return True
 
 
@@ -388,14 +454,29 @@ class TorchBackend(ArrayAPIBackend):
             return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return x.numpy()
 
+    #: bytes of one row tile of the product in :meth:`addmm_` (about 4 MiB)
+    tile_bytes = 4 << 20
+
     def addmm_(self, m: Array, b: Array, a: Array, alpha: float) -> bool:
+        """``m += alpha·b@a`` in place for a float32 / float64 ``m`` (factors of its dtype), per row tile:
+        ``d = b_tile @ a`` into one reused buffer of about :attr:`tile_bytes`, ``d *= alpha``,
+        ``m_tile += d``. The rounding of the out-of-place path ``W + s·(B A)`` (each entry of the product
+        rounded, then added), so merge and unmerge add and subtract the same ``ΔŴ`` and the round trip
+        stays within ``4·eps·(|W| + |ΔW|)`` (``Tensor.addmm_`` may round into ``m`` after every rank-1
+        update). False (touching nothing) for half precision, mixed dtypes and tensors that require grad."""
         import torch
 
         if m.dtype not in (torch.float32, torch.float64) or m.requires_grad or m.ndim != 2:
             return False
-        if a.dtype != m.dtype or b.dtype != m.dtype:
+        if a.dtype != m.dtype or b.dtype != m.dtype or m.shape != (b.shape[0], a.shape[1]):
             return False
-        m.addmm_(b, a, alpha=alpha)
+        rows = max(1, self.tile_bytes // (m.element_size() * max(1, m.shape[1])))
+        prod = torch.empty((min(rows, m.shape[0]), m.shape[1]), dtype=m.dtype, device=m.device)
+        for start in range(0, m.shape[0], rows):
+            stop = min(start + rows, m.shape[0])
+            d = torch.mm(b[start:stop], a, out=prod[: stop - start])
+            d.mul_(alpha)
+            m[start:stop].add_(d)
         return True
 
     def stop_gradient(self, x: Array) -> Array:

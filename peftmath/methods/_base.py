@@ -17,7 +17,13 @@ of every method (LoRA, DoRA, AdaLoRA, IA3, LoHa, LoKr, VeRA, OFT, BOFT) writes t
   caller's memory. A layout whose matrix view would be a copy (a Fortran-ordered, permuted or
   column-sliced conv weight, torch ``channels_last``) is computed out of place and stored with
   ``weight[...] = result``, which writes into the caller's memory whatever its strides.
-* ``copy=True`` never touches ``weight`` and returns the same numbers on every layout.
+* ``copy=True`` never touches ``weight`` and returns the same numbers on every layout. On a mutable
+  backend with an in-place kernel it allocates the result once, as a private C-ordered copy of
+  ``weight`` in its own dtype (:func:`private_copy`: one allocation, one pass), and runs the kernel on
+  it (issue 20): no temporary of the weight's size besides the result (half precision: the kernels'
+  float32 row tiles), and on a layout whose matrix view is a view the same numbers, bit for bit, as
+  ``copy=False``. JAX and dask arrays (immutable or lazy), a kernel that declines, and a method
+  without a kernel take the out-of-place ``compute`` path.
 
 :func:`apply_delta` is the additive form of it (``W ± ΔW``, LoRA, AdaLoRA, LoHa, LoKr, VeRA) with
 the rounding policy and the safe-merge check.
@@ -26,6 +32,8 @@ the rounding policy and the safe-merge check.
 from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, NamedTuple
+
+import numpy as np
 
 from .._array import (
     all_finite, as_compute, compute_dtype, contiguous_copy, dtype_name, is_immutable, is_low_precision, namespace,
@@ -38,7 +46,7 @@ from ..layers import Layer
 Array = Any
 
 __all__ = ["MergeResult", "ModuleAdapter", "apply_delta", "write_weight", "finish", "bias_update", "write_back",
-           "require_writeable", "require_kind", "check_shape"]
+           "private_copy", "in_row_tiles", "require_writeable", "require_kind", "check_shape"]
 
 
 class MergeResult(NamedTuple):
@@ -121,7 +129,7 @@ def write_weight(
     kernel: Callable[[Array], bool] | None = None,
     copy: bool = True,
     safe: bool = False,
-    kernel_on_copy: bool = False,
+    kernel_on_copy: bool = True,
     xp: Any = None,
 ) -> Array:
     """The one write path of every merge and unmerge (the module docstring states the contract).
@@ -146,10 +154,13 @@ def write_weight(
     safe
         Refuse (:class:`NonFiniteError`) a non-finite result before anything is written.
     kernel_on_copy
-        Where ``kernel`` did not run on ``weight`` itself (``copy=True``, ``safe``, or a layout whose
-        matrix view would be a copy), run it on a private C-ordered copy of ``weight`` instead of calling
-        ``compute`` (one allocation of the weight's size, no temporary of it besides); that copy is the
-        result, or is stored into ``weight`` for ``copy=False``.
+        (default True) Where ``kernel`` did not run on ``weight`` itself (``copy=True``, ``safe``, or a
+        layout whose matrix view would be a copy), run it on a private C-ordered copy of ``weight``
+        (:func:`private_copy`) instead of calling ``compute``: one allocation of the weight's size, no
+        temporary of it besides; that copy is the result, or is stored into ``weight`` for
+        ``copy=False``. Skipped for immutable and lazy arrays (JAX, dask) and for a torch tensor that
+        records gradients (the result keeps its autograd graph through ``compute``). False: always
+        ``compute`` there (a method whose ``compute`` already writes its result in one pass).
     """
     xp = xp or namespace(weight, where=module)
     if not copy:
@@ -158,13 +169,59 @@ def write_weight(
             view = weight if layer is None else layer.matrix_view(weight, xp)
             if view is not None and kernel(view):
                 return weight
-    if kernel is not None and kernel_on_copy and not is_immutable(weight):
-        out = contiguous_copy(weight, xp=xp)
-        if why_not_writeable(out) is None:
-            view = out if layer is None else layer.matrix_view(out, xp)
-            if view is not None and kernel(view):
-                return finish(module, weight, out, copy=copy, safe=safe, xp=xp)
+    if kernel is not None and kernel_on_copy and _copy_takes_kernel(weight):
+        out = private_copy(weight, xp=xp)
+        view = None if why_not_writeable(out) else out if layer is None else layer.matrix_view(out, xp)
+        if view is not None and kernel(view):
+            return finish(module, weight, out, copy=copy, safe=safe, xp=xp)
+        del out, view  # the kernel declined: free the copy before compute allocates
     return finish(module, weight, compute(), copy=copy, safe=safe, xp=xp)
+
+
+#: bytes of one compute-dtype row tile in :func:`in_row_tiles` (about 4 MiB)
+ROW_TILE_BYTES = 4 << 20
+
+
+def in_row_tiles(xp: Any, M: Array, cd: Any, update: Callable[[Array, int, int], None]) -> None:
+    """Run the in-place ``update(T, r0, r1)`` on rows ``r0:r1`` of ``M`` in the compute dtype ``cd``: on ``M``
+    itself (one call, all rows) when it has that dtype, else on row tiles of about :data:`ROW_TILE_BYTES`
+    widened to ``cd``, each rounded once back into ``M`` (a half-precision kernel without a float32 copy of
+    ``M``; the rounding of the out-of-place path). ``T`` has ``M``'s trailing shape."""
+    if M.dtype == cd:
+        update(M, 0, int(M.shape[0]))
+        return
+    per_row = 1
+    for n in M.shape[1:]:
+        per_row *= int(n)
+    rows = max(1, ROW_TILE_BYTES // (4 * max(1, per_row)))
+    for r0 in range(0, int(M.shape[0]), rows):
+        r1 = min(r0 + rows, int(M.shape[0]))
+        tile = xp.astype(M[r0:r1, ...], cd)
+        update(tile, r0, r1)
+        M[r0:r1, ...] = xp.astype(tile, M.dtype)
+
+
+def _copy_takes_kernel(weight: Array) -> bool:
+    """Whether a private copy of ``weight`` can be updated by an in-place kernel and returned as the
+    result: not for JAX / dask arrays (immutable, lazy) nor a torch tensor that requires grad while
+    autograd is on (a kernel would cut the result's graph; the kernels decline it anyway)."""
+    if is_immutable(weight):
+        return False
+    if getattr(weight, "requires_grad", False):
+        import torch
+
+        return not torch.is_grad_enabled()
+    return True
+
+
+def private_copy(weight: Array, *, xp: Any = None) -> Array:
+    """A new, writeable, C-ordered array equal to ``weight`` in its own dtype: one allocation and one
+    pass over ``weight`` whatever its layout (NumPy: ``np.array(order="C")``; torch: ``clone`` into the
+    contiguous format; others: :func:`~peftmath._array.contiguous_copy`). A read-only input (a memory
+    map) gives a writeable copy."""
+    if isinstance(weight, np.ndarray):
+        return np.array(weight, order="C", copy=True)
+    return contiguous_copy(weight, xp=xp)
 
 
 def apply_delta(
@@ -178,7 +235,7 @@ def apply_delta(
     round_delta_to: Any = None,
     layer: Layer | None = None,
     inplace_kernel: Callable[[Array], bool] | None = None,
-    kernel_on_copy: bool = False,
+    kernel_on_copy: bool = True,
     xp: Any = None,
 ) -> Array:
     """``weight + sign * delta`` with peftmath's rounding policy, written by :func:`write_weight` (whose

@@ -26,7 +26,6 @@ kernel ``(C_out, C_in/g, *k)`` by the group's slice of ``l`` (PEFT 0.21.2 regrou
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,7 +39,8 @@ from ..config import TunerConfig, check_flags
 from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, require_kind, require_writeable, write_back, write_weight
+from ._base import (MergeResult, ModuleAdapter, in_row_tiles, require_kind, require_writeable, write_back,
+                    write_weight)
 
 Array = Any
 
@@ -398,28 +398,31 @@ def _apply(
 
     def kernel(Wt: Array) -> bool:
         # in place on the caller's array (elementwise: any layout), no temporary of W's size: the
-        # backend's fused pass (CuPy: one kernel, any dtype), else row block by row block
+        # backend's fused pass (CuPy: one kernel, any dtype), else block by block on W itself, or for a
+        # half-precision W on float32 row tiles rounded once (in_row_tiles)
         if not grouped and backend_for(xp).scale_(Wt, blocks[0][2], inverse):
             return True
-        if Wt.dtype == cd:
+
+        def update(T: Array, r0: int, r1: int) -> None:
             for o0, o1, s in blocks:
-                if o0 == 0 and o1 == Wt.shape[0]:
+                a, b = max(o0, r0), min(o1, r1)
+                if a >= b:
+                    continue
+                if (a, b) == (r0, r1):
                     if inverse:
-                        Wt /= s
+                        T /= scale_rows(s, a, b)
                     else:
-                        Wt *= s
+                        T *= scale_rows(s, a, b)
                 else:
-                    Wt[o0:o1, ...] = op(Wt[o0:o1, ...], s)
-            return True
-        rows = max(1, (4 << 20) // max(1, 4 * math.prod(layer.weight_shape[1:])))  # ~4 MiB float32 tiles
-        for o0, o1, s in blocks:
-            for r0 in range(o0, o1, rows):
-                r1 = min(r0 + rows, o1)
-                tile = as_compute(xp, Wt[r0:r1, ...], cd)
-                Wt[r0:r1, ...] = as_compute(xp, op(tile, scale_rows(s, r0, r1)), Wt.dtype)
+                    T[a - r0:b - r0, ...] = op(T[a - r0:b - r0, ...], scale_rows(s, a, b))
+
+        in_row_tiles(xp, Wt, cd, update)
         return True
 
-    new = write_weight(where, W, compute, kernel=kernel, copy=copy, safe=safe, xp=xp)
+    # copy=True: in full precision ``compute`` writes the product into one new array in one pass (cheaper
+    # than a copy plus the kernel); a half-precision W takes the kernel's float32 row tiles on a private
+    # copy instead (no float32 temporary of W's size)
+    new = write_weight(where, W, compute, kernel=kernel, copy=copy, safe=safe, kernel_on_copy=W.dtype != cd, xp=xp)
     if not copy and scales_bias:
         new_bias = write_back(where, bias, new_bias)
     return new, new_bias

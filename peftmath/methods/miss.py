@@ -28,7 +28,7 @@ from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_fraction, check_positive_int
 from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, apply_delta, write_weight
+from ._base import MergeResult, ModuleAdapter, apply_delta, in_row_tiles, write_weight
 from ._contract import Method
 
 Array = Any
@@ -283,21 +283,25 @@ def _apply(W: Array, block: Array, *, form: str, sign: int, copy: bool, safe: bo
 
     def kernel(M: Array) -> bool:
         """``W[:, shard] ±= D_fullᵀ`` on the shards of ``M`` (a proven view of the target), without
-        forming ΔW: ``(out, in/r, r) ±= D_fullᵀ[:, None, :]`` and the ragged tail; False (touching
-        nothing) where the shards are no view of ``M`` or ``M`` is not in the compute dtype."""
-        if M.dtype != cd:
-            return False
+        forming ΔW: ``(out, in/r, r) ±= D_fullᵀ[:, None, :]`` and the ragged tail; a half-precision ``M``
+        through float32 row tiles rounded once (:func:`~peftmath.methods._base.in_row_tiles`). False
+        (touching nothing) where the shards are no view of ``M``."""
         out, inn = lay.out_features, lay.in_features
         full_t = xp.matrix_transpose(as_compute(xp, expand_block(block, out, form=form), cd))  # (out, r)
         r = int(full_t.shape[1])
         n = inn // r
-        shards = reshape_view(M[:, :n * r] if n * r < inn else M, (out, n, r), xp=xp) if n else None
-        if n and shards is None:
+        if n and reshape_view(M[:, :n * r] if n * r < inn else M, (out, n, r), xp=xp) is None:
             return False
-        if n:
-            shards += sign * full_t[:, None, :]
-        if n * r < inn:
-            M[:, n * r:] += sign * full_t[:, :inn - n * r]
+
+        def update(T: Array, r0: int, r1: int) -> None:
+            rows = r1 - r0
+            if n:
+                shards = reshape_view(T[:, :n * r] if n * r < inn else T, (rows, n, r), xp=xp)
+                shards += sign * full_t[r0:r1, None, :]
+            if n * r < inn:
+                T[:, n * r:] += sign * full_t[r0:r1, :inn - n * r]
+
+        in_row_tiles(xp, M, cd, update)
         return True
 
     return apply_delta(where, W, delta, sign=sign, copy=copy, safe=safe, xp=xp,

@@ -159,14 +159,14 @@ class KernelSpy:
         self.targets: list = []
         self.copies: list = []
 
-        orig_copy = getattr(_base, "contiguous_copy", None)
-        if orig_copy is not None:
-            def copying(x, *, xp=None):
-                out = orig_copy(x, xp=xp)
-                self.copies.append(out)
-                return out
+        orig_copy = _base.private_copy
 
-            monkeypatch.setattr(_base, "contiguous_copy", copying)
+        def copying(x, *, xp=None):
+            out = orig_copy(x, xp=xp)
+            self.copies.append(out)
+            return out
+
+        monkeypatch.setattr(_base, "private_copy", copying)
         for cls, name in self.HOOKS:
             orig = getattr(cls, name)
 
