@@ -182,20 +182,26 @@ def write_weight(
 ROW_TILE_BYTES = 4 << 20
 
 
-def in_row_tiles(xp: Any, M: Array, cd: Any, update: Callable[[Array, int, int], None]) -> None:
+def in_row_tiles(xp: Any, M: Array, cd: Any, update: Callable[[Array, int, int], None], *,
+                 tile_full: bool = False) -> None:
     """Run the in-place ``update(T, r0, r1)`` on rows ``r0:r1`` of ``M`` in the compute dtype ``cd``: on ``M``
     itself (one call, all rows) when it has that dtype, else on row tiles of about :data:`ROW_TILE_BYTES`
     widened to ``cd``, each rounded once back into ``M`` (a half-precision kernel without a float32 copy of
-    ``M``; the rounding of the out-of-place path). ``T`` has ``M``'s trailing shape."""
-    if M.dtype == cd:
-        update(M, 0, int(M.shape[0]))
+    ``M``; the rounding of the out-of-place path). ``tile_full``: tiles in ``cd`` too, ``T`` then a view of
+    rows of ``M`` (an update that builds a temporary of its tile's size). ``T`` has ``M``'s trailing shape."""
+    n_rows = int(M.shape[0])
+    if M.dtype == cd and not tile_full:
+        update(M, 0, n_rows)
         return
     per_row = 1
     for n in M.shape[1:]:
         per_row *= int(n)
     rows = max(1, ROW_TILE_BYTES // (4 * max(1, per_row)))
-    for r0 in range(0, int(M.shape[0]), rows):
-        r1 = min(r0 + rows, int(M.shape[0]))
+    for r0 in range(0, n_rows, rows):
+        r1 = min(r0 + rows, n_rows)
+        if M.dtype == cd:
+            update(M[r0:r1, ...], r0, r1)
+            continue
         tile = xp.astype(M[r0:r1, ...], cd)
         update(tile, r0, r1)
         M[r0:r1, ...] = xp.astype(tile, M.dtype)

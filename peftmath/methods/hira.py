@@ -33,7 +33,7 @@ from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_flags, check_fraction, check_pattern, check_positive_int
 from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, require_kind, check_shape, write_weight
+from ._base import ROW_TILE_BYTES, MergeResult, ModuleAdapter, check_shape, in_row_tiles, require_kind, write_weight
 from ._contract import Method
 
 Array = Any
@@ -248,7 +248,46 @@ def merge(W: Array, A: Array, B: Array, *, layer: Layer | LayerKind | str | None
             return Wc + Wc * as_compute(xp, xp.astype(m, W.dtype), cd)
         return Wc * (1 + m)
 
-    return write_weight(where, W, compute, copy=copy, safe=safe, xp=xp)
+    kernel = None if peft_compat else _tile_kernel(W, A, B, lay, lambda T, q: _mul(T, q))
+    return write_weight(where, W, compute, layer=lay, kernel=kernel, copy=copy, safe=safe, xp=xp)
+
+
+def _mul(T: Array, q: Array) -> None:
+    T *= q
+
+
+def _div(T: Array, q: Array) -> None:
+    T /= q
+
+
+def _row_factors(W: Array, A: Array, B: Array, lay: Layer) -> tuple[Any, Any, Array, Array]:
+    """``(xp, cd, B₂, A₂)``: the factors as the ``(out, r)`` and ``(r, in_flat)`` matrices in the compute dtype,
+    so that rows ``r0:r1`` of ``1 + M`` (matrix layout) are ``1 + B₂[r0:r1] @ A₂``."""
+    xp = namespace(W, A, B)
+    cd = compute_dtype(xp, W.dtype, A.dtype, B.dtype)
+    r = int(A.shape[0])
+    return (xp, cd, xp.reshape(as_compute(xp, B, cd), (lay.out_features, r)),
+            xp.reshape(as_compute(xp, A, cd), (r, lay.matrix_shape[1])))
+
+
+def _tile_kernel(W: Array, A: Array, B: Array, lay: Layer, op: Callable[[Array, Array], None]):
+    """The in-place kernel ``M ← op(M, 1 + B₂A₂)`` on the matrix view, per row tile (a product of the tile's
+    size, never of W's; half precision widened and rounded once, :func:`~peftmath.methods._base.in_row_tiles`)."""
+    xp, cd, B2, A2 = _row_factors(W, A, B, lay)
+
+    def kernel(M: Array) -> bool:
+        in_row_tiles(xp, M, cd, lambda T, r0, r1: op(T, 1 + xp.matmul(B2[r0:r1, ...], A2)), tile_full=True)
+        return True
+
+    return kernel
+
+
+def _count_zeros(W: Array, A: Array, B: Array, lay: Layer) -> int:
+    """How many entries of ``1 + B₂A₂`` are 0, one row tile at a time (no array of W's size)."""
+    xp, cd, B2, A2 = _row_factors(W, A, B, lay)
+    rows = max(1, ROW_TILE_BYTES // (4 * max(1, lay.matrix_shape[1])))
+    return sum(int(xp.sum(xp.astype(1 + xp.matmul(B2[r0:r0 + rows, ...], A2) == 0, xp.int64)))
+               for r0 in range(0, lay.out_features, rows))
 
 
 def unmerge(W: Array, A: Array, B: Array, *, layer: Layer | LayerKind | str | None = None, copy: bool = True,
@@ -263,15 +302,18 @@ def unmerge(W: Array, A: Array, B: Array, *, layer: Layer | LayerKind | str | No
     lay = Layer.for_weight(layer, W)
     check_kind(lay, where)
     _check(where, lay, A, B)
-    cd, m = _factor(W, A, B, lay, False)
-    q = 1 + m
-    zero = int(xp.sum(xp.astype(q == 0, xp.int64)))
+    zero = _count_zeros(W, A, B, lay)
     if zero:
         raise NotInvertibleError(
             f"{where}: 1 + B·A is 0 in {zero} of {math.prod(lay.weight_shape)} entries of the {lay.kind.value} "
             f"weight {lay.weight_shape}: merging set those weights to 0, so W₀ cannot be recovered from the merged "
             f"weight; keep a copy of the base weight (PEFT unmerges from its saved copy)")
-    return write_weight(where, W, lambda: as_compute(xp, W, cd) / q, copy=copy, xp=xp)
+
+    def compute() -> Array:
+        cd, m = _factor(W, A, B, lay, False)
+        return as_compute(xp, W, cd) / (1 + m)
+
+    return write_weight(where, W, compute, layer=lay, kernel=_tile_kernel(W, A, B, lay, _div), copy=copy, xp=xp)
 
 
 # --------------------------------------------------------------------------------------------------

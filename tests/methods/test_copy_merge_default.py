@@ -20,7 +20,7 @@ import pytest
 
 from peftmath.errors import NonFiniteError
 from peftmath.layers import Layer
-from peftmath.methods import adalora, delora, dora, ia3, lora, miss, vera
+from peftmath.methods import adalora, delora, dora, hira, ia3, lora, miss, vera
 from tests.helpers import traced_peak
 
 torch = pytest.importorskip("torch")
@@ -115,6 +115,14 @@ def _methods() -> list[Method]:
                      lambda W, copy, safe=False: miss.merge(W, *_as(W, D), copy=copy, safe=safe),
                      lambda W, copy: miss.unmerge(W, *_as(W, D), copy=copy),
                      lambda W: W + mD, lambda W: W - mD, lambda W: np.abs(W) + np.abs(mD)))
+
+    hA, hB = small(R, IN) / 2, small(OUT, R) / 2
+    hM = hB.astype(d) @ hA.astype(d)
+    ms.append(Method("HiRA",
+                     lambda W, copy, safe=False: hira.merge(W, *_as(W, hA, hB), copy=copy, safe=safe),
+                     lambda W, copy: hira.unmerge(W, *_as(W, hA, hB), copy=copy),
+                     lambda W: W * (1 + hM), lambda W: W / (1 + hM),
+                     lambda W: np.abs(W) * (1 + np.abs(hB.astype(d)) @ np.abs(hA.astype(d))) / np.min(np.abs(1 + hM))))
 
     lo = rng.uniform(0.5, 2.0, (OUT, 1)).astype(f32)
     ms.append(Method("IA3",
@@ -274,9 +282,13 @@ def test_conv_layouts_and_channels_last(nd):
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m.kernel_full_precision], ids=repr)
-def test_copy_true_allocates_only_the_result(method):
+def test_copy_true_allocates_only_the_result(method, monkeypatch):
     """tracemalloc (deterministic for NumPy): a copy=True merge / unmerge of a float32 W allocates the result
-    and nothing else of W's size (the old path: ΔW, W + ΔW and the rounded copy)."""
+    and nothing else of W's size (the old path: ΔW, W + ΔW and the rounded copy; HiRA's row tiles of its
+    modulation, shrunk here below W's size)."""
+    from peftmath.methods import _base
+
+    monkeypatch.setattr(_base, "ROW_TILE_BYTES", 32 << 10)
     W = _weight(np.random.default_rng(11))
     W = np.tile(W, (16, 16))  # 768 x 640: large enough that the factors and row norms are small beside it
     big = {
@@ -293,6 +305,8 @@ def test_copy_true_allocates_only_the_result(method):
                                             np.ones((W.shape[0], R), np.float32), np.ones(1, np.float32),
                                             np.ones(W.shape[1], np.float32), copy=c),
         "MiSS": lambda W, c: miss.merge(W, np.ones((R, W.shape[0]), np.float32), copy=c),
+        "HiRA": lambda W, c: hira.merge(W, np.ones((R, W.shape[1]), np.float32), np.ones((W.shape[0], R), np.float32),
+                                        copy=c),
     }[method.name]
     for layout in (W, np.asfortranarray(W), _np_readonly(W)):
         out, peak = traced_peak(lambda: big(layout, True))
