@@ -262,6 +262,11 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
                **dict.fromkeys(("r", "num_vectors", "vector_length", "topk", "save_only_topk_weights",
                                 "fan_in_fan_out", "bias"), IMPLEMENTED),
                **dict.fromkeys(("vblora_dropout", "init_vector_bank_bound", "init_logits_std"), IRRELEVANT)},
+    # RandLoRA: sparse / very_sparse / projection_prng_key only draw bases the checkpoint holds (refused without)
+    "RANDLORA": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
+                 **dict.fromkeys(("r", "save_projection", "randlora_alpha", "fan_in_fan_out", "bias"), IMPLEMENTED),
+                 **dict.fromkeys(("projection_prng_key", "sparse", "very_sparse", "randlora_dropout", "init_weights"),
+                                 IRRELEVANT)},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

@@ -42,6 +42,7 @@ METHOD_MODULES: dict[str, str] = {
     "MISS": "peftmath.methods.miss",
     "DELORA": "peftmath.methods.delora",
     "VBLORA": "peftmath.methods.vblora",
+    "RANDLORA": "peftmath.methods.randlora",
 }
 
 

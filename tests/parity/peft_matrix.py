@@ -32,6 +32,7 @@ CLAIMED = frozenset({
     "MissConfig",
     "DeloraConfig",
     "VBLoRAConfig",
+    "RandLoraConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
