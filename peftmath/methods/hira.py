@@ -286,8 +286,9 @@ def _count_zeros(W: Array, A: Array, B: Array, lay: Layer) -> int:
     """How many entries of ``1 + B₂A₂`` are 0, one row tile at a time (no array of W's size)."""
     xp, cd, B2, A2 = _row_factors(W, A, B, lay)
     rows = max(1, ROW_TILE_BYTES // (4 * max(1, lay.matrix_shape[1])))
-    return sum(int(xp.sum(xp.astype(1 + xp.matmul(B2[r0:r0 + rows, ...], A2) == 0, xp.int64)))
-               for r0 in range(0, lay.out_features, rows))
+    n = lay.out_features
+    return sum(int(xp.sum(xp.astype(1 + xp.matmul(B2[r0:min(r0 + rows, n), ...], A2) == 0, xp.int64)))
+               for r0 in range(0, n, rows))
 
 
 def unmerge(W: Array, A: Array, B: Array, *, layer: Layer | LayerKind | str | None = None, copy: bool = True,
