@@ -30,6 +30,7 @@ __all__ = [
     "as_compute",
     "kron",
     "conv",
+    "reference_conv",
     "embedding_lookup",
     "all_finite",
     "is_writeable",
@@ -322,62 +323,123 @@ def conv(
 
     ``x`` is ``(N, C_in, *spatial)``, ``weight`` is ``(C_out, C_in / groups, *kernel)`` and the
     result is ``(N, C_out, *out_spatial)`` with
-    ``out = floor((in + 2 p - d (k - 1) - 1) / s) + 1`` per spatial axis.
+    ``out = floor((in + 2 p - d (k - 1) - 1) / s) + 1`` per spatial axis; its dtype is the promotion of
+    ``x``'s and ``weight``'s (then ``bias``'s). Zero padding only (PyTorch's default ``padding_mode``).
+    ``padding="valid"`` is 0; ``padding="same"`` needs stride 1 and puts an odd total padding's extra
+    element after the input (as PyTorch does).
 
-    The kernel offsets are gathered with strided slices (im2col) and contracted with one batched
-    matmul per group, so the only memory beyond the output is the column buffer
-    ``(N, C_in * prod(kernel), prod(out_spatial))``. Zero padding only (PyTorch's default
-    ``padding_mode``). ``padding="valid"`` is 0; ``padding="same"`` needs stride 1.
+    The arguments are checked here, once; the work goes to the array library's own convolution where
+    :func:`peftmath._conv.native_conv` has one (torch's ``conv{1,2,3}d``, JAX's
+    ``lax.conv_general_dilated``, a backend's ``conv`` hook, NumPy's shifted-window gemms), and to
+    :func:`reference_conv` otherwise (array-api-strict, dask, any other namespace or dtype).
     """
     xp = xp or namespace(x, weight, bias, where="conv")
+    stride, pads, dilation = _conv_arguments(x, weight, groups, stride, padding, dilation)
+    from ._conv import native_conv
+
+    out = native_conv(xp, x, weight, bias, stride=stride, padding=pads, dilation=dilation, groups=groups)
+    if out is not None:
+        return out
+    return reference_conv(x, weight, bias, stride=stride, padding=pads, dilation=dilation, groups=groups, xp=xp)
+
+
+def _conv_arguments(
+    x: Array, weight: Array, groups: int, stride: Any, padding: Any, dilation: Any
+) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """:func:`conv`'s arguments checked and normalised: ``(stride, ((lo, hi) per axis), dilation)``."""
     nd = weight.ndim - 2
-    if x.ndim != nd + 2:
+    if nd < 1 or x.ndim != nd + 2:
         raise ShapeError(f"conv: input of shape {tuple(x.shape)} does not fit a {nd}-d kernel {tuple(weight.shape)}")
     kernel = tuple(weight.shape[2:])
     stride = _ntuple(stride, nd, "stride")
     dilation = _ntuple(dilation, nd, "dilation")
     if isinstance(padding, str):
         if padding == "valid":
-            pads = [(0, 0)] * nd
+            pads = ((0, 0),) * nd
         elif padding == "same":
             if any(s != 1 for s in stride):
                 raise ShapeError("conv: padding='same' needs stride 1 (as in PyTorch)")
             total = [d * (k - 1) for d, k in zip(dilation, kernel)]
-            pads = [(t // 2, t - t // 2) for t in total]
+            pads = tuple((t // 2, t - t // 2) for t in total)
         else:
             raise ShapeError(f"conv: padding={padding!r} is not 'valid', 'same' or a number")
     else:
-        pads = [(p, p) for p in _ntuple(padding, nd, "padding")]
-    n, c_in = x.shape[0], x.shape[1]
-    c_out = weight.shape[0]
+        pads = tuple((p, p) for p in _ntuple(padding, nd, "padding"))
+    c_in, c_out = x.shape[1], weight.shape[0]
     if c_in % groups or c_out % groups or weight.shape[1] * groups != c_in:
         raise ShapeError(
             f"conv: input channels {c_in}, kernel {tuple(weight.shape)} and groups={groups} disagree "
             f"(expected kernel shape[1] * groups == input channels)"
         )
-    if any(p for pair in pads for p in pair):
-        x = xpx.pad(x, [(0, 0), (0, 0), *pads], xp=xp)
+    spatial = tuple(s + lo + hi for s, (lo, hi) in zip(x.shape[2:], pads))
+    if any(s - d * (k - 1) - 1 < 0 for s, d, k in zip(spatial, dilation, kernel)):
+        raise ShapeError(f"conv: input spatial size {spatial} is smaller than the dilated kernel {kernel}")
+    return stride, pads, dilation
+
+
+def reference_conv(
+    x: Array,
+    weight: Array,
+    bias: Array | None,
+    *,
+    stride: tuple[int, ...],
+    padding: tuple[tuple[int, int], ...],
+    dilation: tuple[int, ...],
+    groups: int,
+    xp: Namespace,
+) -> Array:
+    """The portable convolution (arguments already checked by :func:`conv`: ``padding`` is one
+    ``(lo, hi)`` pair per spatial axis). One matmul per kernel offset, accumulated:
+
+    ``out[n, g, :, l] = Σ_offsets W[g, :, :, offset] @ x_pad[n, g, :, offset·d + l·s]``
+
+    where the shifted, strided window of the padded input is a slice, so the memory beyond the output
+    is the padded input, one window (input-sized) and one product (output-sized) at a time, not the
+    ``prod(kernel)``-fold column buffer of im2col. Half-precision operands (float16, bfloat16) are
+    computed in float32, bias included, and the sum rounded once to the result dtype.
+    """
+    dt = xp.result_type(x.dtype, weight.dtype)
+    if not is_low_precision(dt):
+        return _offset_matmuls(x, weight, bias, stride, padding, dilation, groups, xp)
+    final = dt if bias is None else xp.result_type(dt, bias.dtype)
+    x, weight = as_compute(xp, x, xp.float32), as_compute(xp, weight, xp.float32)
+    if bias is not None and is_low_precision(bias.dtype):
+        bias = as_compute(xp, bias, xp.float32)
+    return xp.astype(_offset_matmuls(x, weight, bias, stride, padding, dilation, groups, xp), final)
+
+
+def _offset_matmuls(x: Array, weight: Array, bias: Array | None, stride: tuple[int, ...],
+                    padding: tuple[tuple[int, int], ...], dilation: tuple[int, ...], groups: int,
+                    xp: Namespace) -> Array:
+    """:func:`reference_conv`'s sum of one matmul per kernel offset, in the operands' dtype."""
+    nd = weight.ndim - 2
+    kernel = tuple(weight.shape[2:])
+    if any(p for pair in padding for p in pair):
+        x = xpx.pad(x, [(0, 0), (0, 0), *padding], xp=xp)
     spatial = tuple(x.shape[2:])
     out_sp = tuple((s - d * (k - 1) - 1) // st + 1 for s, d, k, st in zip(spatial, dilation, kernel, stride))
-    if any(o <= 0 for o in out_sp):
-        raise ShapeError(f"conv: input spatial size {spatial} is smaller than the dilated kernel {kernel}")
-    columns = []
-    for offset in _offsets(kernel):
+    n, c_in = x.shape[0], x.shape[1]
+    c_out = weight.shape[0]
+    cin_g, cout_g = c_in // groups, c_out // groups
+    l_total = math.prod(out_sp)
+    taps = math.prod(kernel)
+    # each reshape merges or splits axes, never both at once: chunked libraries (dask) refuse the mix.
+    # The offsets first, as one C-ordered copy (the weight is small): each offset's matrices are then
+    # contiguous (a strided slice of the last axis sends torch's and NumPy's matmul down slow paths)
+    w = xp.permute_dims(xp.reshape(weight, (c_out, cin_g, taps)), (2, 0, 1))
+    w = xp.reshape(contiguous_copy(w, xp=xp), (taps, 1, groups, cout_g, cin_g))
+    out = None
+    for k, offset in enumerate(_offsets(kernel)):
         index = [slice(None), slice(None)]
         for o, d, st, size in zip(offset, dilation, stride, out_sp):
-            start = o * d
-            index.append(slice(start, start + st * (size - 1) + 1, st))
-        columns.append(x[tuple(index)])
-    patches = xp.stack(columns, axis=2)  # (N, C_in, K, *out_sp)
-    k_total = math.prod(kernel)
-    l_total = math.prod(out_sp)
-    # each reshape merges or splits axes, never both at once: chunked libraries (dask) refuse the mix
-    cols = xp.reshape(patches, (n, c_in, k_total, l_total))
-    cols = xp.reshape(cols, (n, groups, c_in // groups, k_total, l_total))
-    cols = xp.reshape(cols, (n, groups, (c_in // groups) * k_total, l_total))
-    w = xp.reshape(weight, (c_out, (c_in // groups) * k_total))
-    w = xp.reshape(w, (1, groups, c_out // groups, (c_in // groups) * k_total))
-    out = xp.matmul(w, cols)  # (N, groups, C_out / groups, L)
+            index.append(slice(o * d, o * d + st * (size - 1) + 1, st))
+        window = xp.reshape(x[tuple(index)], (n, c_in, l_total))
+        window = xp.reshape(window, (n, groups, cin_g, l_total))
+        term = xp.matmul(w[k, ...], window)  # (N, groups, C_out / groups, L)
+        if out is None:
+            out = term
+        else:
+            out += term  # in place where the library is mutable; a new array otherwise (dask, JAX)
     out = xp.reshape(xp.reshape(out, (n, c_out, l_total)), (n, c_out, *out_sp))
     if bias is not None:
         out = out + xp.reshape(bias, (1, c_out) + (1,) * nd)

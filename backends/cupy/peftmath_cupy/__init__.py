@@ -131,6 +131,23 @@ class CupyBackend(ArrayAPIBackend):
     def scale_(self, w: Any, s: Any, inverse: bool) -> bool:
         return self._all_cupy(w, s) and self.kernels.ia3_scale_(w, s, inverse)
 
+    # --- convolution ------------------------------------------------------------------------------
+    def conv(self, x: Any, weight: Any, bias: Any, *, stride: tuple[int, ...], padding: tuple[tuple[int, int], ...],
+             dilation: tuple[int, ...], groups: int) -> Any:
+        """The convolution hook of :func:`peftmath._array.conv` (normalised arguments, see
+        :mod:`peftmath._conv`): stride 1 in float32/float64 (float16 computed in float32) as one cuBLAS
+        gemm per kernel offset on shifted windows of the padded input
+        (:func:`peftmath._conv.shifted_gemm_conv`: no im2col buffer). Other strides, bfloat16 and other
+        dtypes return None: the portable reference runs. CuPy 14 has no cuDNN, so there is no library
+        convolution to call."""
+        from peftmath._conv import shifted_gemm_conv
+
+        arrays = (x, weight) if bias is None else (x, weight, bias)
+        if not self._all_cupy(*arrays) or any(dtype_name(a.dtype) == "bfloat16" for a in arrays):
+            return None  # CuPy's bfloat16 support is partial: the reference computes it in float32
+        return shifted_gemm_conv(self._cupy, x, weight, bias, stride=stride, padding=padding,
+                                 dilation=dilation, groups=groups)
+
 
 def _pinned_like(cp: Any, a: np.ndarray) -> np.ndarray:
     import cupyx
