@@ -23,21 +23,16 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from ..errors import CheckpointError
 
-__all__ = ["SafeTensorsFile", "load_file", "save_file", "DTYPES", "dtype_code", "atomic_path"]
+__all__ = ["SafeTensorsFile", "load_file", "save_file", "DTYPES", "dtype_code", "atomic_path", "ml_dtypes"]
 
-#: safetensors dtype code -> NumPy dtype
-DTYPES: dict[str, np.dtype] = {
+_NUMPY_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
     "I64": np.dtype(np.int64),
     "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16),
@@ -48,7 +43,49 @@ DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-_CODES = {v: k for k, v in DTYPES.items()}
+#: safetensors codes whose NumPy dtype comes from ml_dtypes (imported on first use: it takes ~0.9 s)
+_ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_ORDER = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8",
+          "BOOL")
+
+
+def ml_dtypes() -> Any:
+    """The ``ml_dtypes`` module, imported on first use (bfloat16 and float8 arrays need it; nothing else does)."""
+    import ml_dtypes as mod
+
+    return mod
+
+
+class _DtypeTable(Mapping):
+    """safetensors dtype code -> NumPy dtype. The codes are fixed; the ml_dtypes ones (``BF16``,
+    ``F8_*``) import ml_dtypes when first looked up, so reading a float32 model never imports it."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, np.dtype] = dict(_NUMPY_DTYPES)
+
+    def __getitem__(self, code: str) -> np.dtype:
+        try:
+            return self._known[code]
+        except (KeyError, TypeError):
+            pass
+        if not isinstance(code, str) or code not in _ML_DTYPES:
+            raise KeyError(code)
+        dt = self._known[code] = np.dtype(getattr(ml_dtypes(), _ML_DTYPES[code]))
+        return dt
+
+    def __contains__(self, code: object) -> bool:
+        return isinstance(code, str) and code in _ORDER
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_ORDER)
+
+    def __len__(self) -> int:
+        return len(_ORDER)
+
+
+#: safetensors dtype code -> NumPy dtype (bfloat16 / float8 through ml_dtypes, imported when first needed)
+DTYPES: Mapping[str, np.dtype] = _DtypeTable()
+_NUMPY_CODES = {v: k for k, v in _NUMPY_DTYPES.items()}
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library enforces
 MAX_TENSORS = 1_000_000
@@ -57,9 +94,18 @@ MAX_TENSORS = 1_000_000
 def dtype_code(dtype: Any) -> str:
     """The safetensors code of a NumPy dtype (``"BF16"`` for ml_dtypes.bfloat16, ...)."""
     try:
-        return _CODES[np.dtype(dtype)]
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors") from exc
+        dt = np.dtype(dtype)
+    except TypeError:  # a name such as "bfloat16" that NumPy knows once ml_dtypes is imported
+        try:
+            dt = np.dtype(getattr(ml_dtypes(), str(dtype), dtype))
+        except TypeError as exc:
+            raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors") from exc
+    code = _NUMPY_CODES.get(dt)
+    if code is None and dt.name in _ML_DTYPES.values():  # an ml_dtypes dtype: ml_dtypes is imported already
+        code = next(c for c, n in _ML_DTYPES.items() if DTYPES[c] == dt)
+    if code is None:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors")
+    return code
 
 
 def _clean(name: str) -> str:

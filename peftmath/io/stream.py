@@ -59,6 +59,8 @@ from ..errors import (CheckpointError, ConfigError, NonFiniteError, NotInvertibl
                       UnsupportedError)
 from ..targets import module_to_checkpoint
 from .atomic import clean_stale_siblings, temp_sibling
+from .bf16 import is_bf16, round_bf16, widen_bf16
+from .pipeline import ReadAhead, WriteBehind, write_all
 from .safetensors import DTYPES, SafeTensorsFile, dtype_code, save_file
 
 __all__ = ["Model", "Plan", "Step", "TensorOp", "open_model", "plan", "compute_group", "transform", "records_path", "find_records",
@@ -75,8 +77,28 @@ RECORDS_SUFFIX = ".merge-records.safetensors"
 #: file name endings of weight files that are not copied beside a merged model (stale or pickles)
 _WEIGHT_ENDINGS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".gguf")
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16")
-OUTPUT_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-                 "bfloat16": DTYPES["BF16"], "float64": np.dtype(np.float64)}
+
+
+class _OutputDtypes(Mapping):
+    """``--dtype`` name -> NumPy dtype; ``"bfloat16"`` imports ml_dtypes when first looked up."""
+
+    _codes = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+    def __getitem__(self, name: str) -> np.dtype:
+        return DTYPES[self._codes[name]]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._codes
+
+    def __iter__(self):
+        return iter(self._codes)
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+
+#: the output dtypes of ``--dtype`` (name -> NumPy dtype)
+OUTPUT_DTYPES: Mapping[str, np.dtype] = _OutputDtypes()
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -290,12 +312,12 @@ class Plan:
 
 
 def _wider(a: np.dtype, b: np.dtype) -> np.dtype:
-    order = [DTYPES["F16"], DTYPES["BF16"], np.dtype(np.float32), np.dtype(np.float64)]
-    if a not in order or b not in order:
+    order = ["float16", "bfloat16", "float32", "float64"]  # by name: no ml_dtypes import for a float32 model
+    if a.name not in order or b.name not in order:
         return a
-    if {a, b} == {DTYPES["F16"], DTYPES["BF16"]}:
+    if {a.name, b.name} == {"float16", "bfloat16"}:
         return np.dtype(np.float32)
-    return max(a, b, key=order.index)
+    return max(a, b, key=lambda d: order.index(d.name))
 
 
 def _base_key(base: Model, key: str) -> str:
@@ -702,34 +724,6 @@ def _check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
             raise CheckpointError(f"{out}: already exists; pass --force to replace it, or choose another path")
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    while view.nbytes:
-        n = os.write(fd, view[: 1 << 30])
-        view = view[n:]
-
-
-def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
-    fast = hasattr(os, "copy_file_range")
-    while count > 0:
-        n = 0
-        if fast:
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), offset)
-            except OSError:
-                fast = False
-        if not fast:
-            chunk = os.pread(src_fd, min(count, 1 << 24), offset)
-            if not chunk:
-                raise CheckpointError("input file shrank while it was being copied")
-            _write_all(dst_fd, memoryview(chunk))
-            n = len(chunk)
-        if n == 0:
-            raise CheckpointError("input file shrank while it was being copied")
-        offset += n
-        count -= n
-
-
 def _header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: Mapping[str, str]) -> bytes:
     header: dict[str, Any] = {}
     if metadata:
@@ -808,9 +802,9 @@ def _write_tensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapp
     head = _header_bytes([(k, dtype_code(arrays[k].dtype), arrays[k].shape, arrays[k].nbytes) for k in names], metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # & ~umask
     try:
-        _write_all(fd, memoryview(struct.pack("<Q", len(head)) + head))
+        write_all(fd, memoryview(struct.pack("<Q", len(head)) + head))
         for k in names:
-            _write_all(fd, memoryview(arrays[k].reshape(-1).view(np.uint8)))
+            write_all(fd, memoryview(arrays[k].reshape(-1).view(np.uint8)))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -830,6 +824,7 @@ def compute_group(
     to_host: Callable[[Any], np.ndarray] | None = None,
     on_record: Callable[[Step, Any], None] | None = None,
     record_for: Callable[[Step], Any] | None = None,
+    read: Callable[[str], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The tensors of group ``wkey`` of plan ``pl`` (the adapted weight and its bias, if any) after every
     adapter's step, as host arrays in the compute dtype (not yet rounded to the output dtype).
@@ -840,8 +835,10 @@ def compute_group(
     :meth:`Adapter.merge` (:meth:`~Adapter.unmerge`) on that group alone, in place on private arrays.
     This is the one per-tensor computation of :func:`transform` and of :mod:`peftmath.verify`.
     ``on_record(step, record)`` receives a merge's record (DoRA's weight norms); ``record_for(step)`` gives
-    the record a DoRA unmerge needs (None: none).
+    the record a DoRA unmerge needs (None: none). ``read(key)`` reads a stored tensor (default
+    :meth:`Model.read`; :func:`transform` reads ahead in another thread): the weight first, then the bias.
     """
+    read = read or base.read
     to_xp = to_xp or (lambda a: a)
     to_host = to_host or (lambda a: np.asarray(a))
 
@@ -849,8 +846,7 @@ def compute_group(
         return work if work is not None else _np_dtype(pl.ops[key].work_dtype)
 
     def read_work(key: str) -> Any:
-        a = base.read(key)
-        return to_xp(a if a.dtype == dtype_of(key) else a.astype(dtype_of(key)))
+        return to_xp(_astype(read(key), dtype_of(key)))
 
     bkey = pl.group_bias.get(wkey)
     state = {wkey: read_work(wkey)}
@@ -880,6 +876,38 @@ def compute_group(
     return out
 
 
+def _read_order(pl: Plan, keys: Sequence[str]) -> list[str]:
+    """The stored tensors :func:`transform` reads, in the order it reads them, for output ``keys`` in
+    order: a group (weight, then bias) when its first tensor is written, a cast tensor when written."""
+    order: list[str] = []
+    done: set[str] = set()
+    for k in keys:
+        op = pl.ops[k].operation
+        if op == "cast":
+            order.append(k)
+        elif op in ("merge", "unmerge"):
+            g = pl.key_group[k]
+            if g not in done:
+                done.add(g)
+                order.append(g)
+                if pl.group_bias.get(g) is not None:
+                    order.append(pl.group_bias[g])
+    return order
+
+
+#: the most bytes one pipeline stage holds (read ahead, or waiting to be written), whatever the model
+MAX_STAGE_BYTES = 256 << 20
+
+
+def _stage_limit(base: Model, pl: Plan, reads: Sequence[str]) -> int:
+    """Bytes each pipeline stage may hold: two of the largest tensors read or written (so one can be
+    read or written while the next waits), at most 1/16 of the output and :data:`MAX_STAGE_BYTES`; a
+    single larger tensor still passes alone. Both stages together stay under 1/8 of the model."""
+    largest = max([base.nbytes(k) for k in reads] + [op.nbytes for op in pl.ops.values() if op.operation != "copy"],
+                  default=0)
+    return max(1, min(2 * largest, pl.bytes_out() // 16, MAX_STAGE_BYTES))
+
+
 def transform(
     base: Model,
     adapters: Sequence[Any],
@@ -901,6 +929,7 @@ def transform(
     progress: Callable[[int], None] | None = None,
     precomputed_plan: Plan | None = None,
     max_shard_size: int | None = None,
+    pipeline: bool = True,
 ) -> Report:
     """Merge (``direction="merge"``) or unmerge ``adapters`` into a copy of ``base`` written at ``out``.
 
@@ -921,6 +950,12 @@ def transform(
     given, is the complete :data:`PROVENANCE_KEY` list written into every output shard (an empty list
     too: nothing merged any more); None leaves the metadata as it is. ``to_xp``/``to_host`` move a tensor to the
     compute backend and back (NumPy by default). ``progress(nbytes)`` is called after each tensor.
+
+    ``pipeline`` (default) overlaps reading, computing and writing (:mod:`peftmath.io.pipeline`: a
+    read-ahead thread, the computation in the caller's thread, a write-behind thread, each finished
+    shard fsynced by another while the next is written), each stage holding at most
+    :func:`_stage_limit` bytes; ``pipeline=False`` does the same operations one after the other. The
+    output is the same, byte for byte.
     """
     out = Path(out)
     inputs = [base.path, *(Path(q) for q in inputs)]
@@ -950,10 +985,10 @@ def transform(
         used_records.add(rkey)
         return to_xp(np.asarray(r))
 
-    def compute(wkey: str) -> None:
+    def compute(wkey: str, read: Callable[[str], np.ndarray]) -> None:
         pending.update(compute_group(base, pl, adapters, wkey, direction=direction, safe=safe,
                                      peft_compat=peft_compat, to_xp=to_xp, to_host=to_host,
-                                     on_record=on_record, record_for=record_for))
+                                     on_record=on_record, record_for=record_for, read=read))
 
     is_folder = base.is_folder or max_shard_size is not None
     tmp = temp_sibling(out, folder=True) if is_folder else temp_sibling(out)
@@ -967,6 +1002,10 @@ def transform(
                                  lambda nk: pl.ops[nk[1]].nbytes, max_shard_size).items()]
     rec_tmp: Path | None = None
     sources: dict[str, int] = {}
+    reads = _read_order(pl, [k for _, _, members in layout for _, k in members])
+    limit = _stage_limit(base, pl, reads)
+    reader = ReadAhead(base.read, reads, base.nbytes, limit, threaded=pipeline)
+    writer = WriteBehind(limit, threaded=pipeline)
     try:
         for target, file_meta, members in layout:
             entries = []
@@ -974,42 +1013,41 @@ def transform(
                 op = pl.ops[k]
                 entries.append((k, dtype_code(_np_dtype(op.dst_dtype)), op.shape, op.nbytes))
             head = _header_bytes(entries, _with_provenance(file_meta, provenance))
-            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # & ~umask
-            try:
-                _write_all(dst, memoryview(struct.pack("<Q", len(head)) + head))
-                for fname, k in members:
-                    op = pl.ops[k]
-                    if op.operation == "copy":
-                        f = base.files[fname]
-                        if fname not in sources:
-                            sources[fname] = os.open(f.path, os.O_RDONLY)
-                        start, end = f.span(k)
-                        _copy_range(sources[fname], dst, start, end - start)
+            writer.open(target, struct.pack("<Q", len(head)) + head)
+            for fname, k in members:
+                op = pl.ops[k]
+                if op.operation == "copy":
+                    f = base.files[fname]
+                    if fname not in sources:
+                        sources[fname] = os.open(f.path, os.O_RDONLY)
+                    start, end = f.span(k)
+                    writer.copy(sources[fname], start, end - start)
+                else:
+                    if op.operation == "cast":
+                        arr = reader.take(k)
+                    elif op.operation == "replace":
+                        arr = np.asarray(to_host(pl.replaced[k]))
                     else:
-                        if op.operation == "cast":
-                            arr = base.read(k)
-                        elif op.operation == "replace":
-                            arr = np.asarray(to_host(pl.replaced[k]))
-                        else:
-                            if k not in pending:
-                                compute(pl.key_group[k])
-                            arr = pending.pop(k)
-                            rep.adapted += 1
-                        arr = np.ascontiguousarray(arr.astype(_np_dtype(op.dst_dtype), copy=False))
-                        if safe and arr.dtype.kind == "f" and not all_finite(arr):
-                            raise NonFiniteError(
-                                f"{k}: the {op.operation} result contains NaN or infinity in {op.dst_dtype}; nothing "
-                                f"was written. Check the adapter, or keep a wider --dtype")
-                        if arr.dtype.byteorder == ">":
-                            arr = arr.astype(arr.dtype.newbyteorder("<"))
-                        _write_all(dst, memoryview(arr.reshape(-1).view(np.uint8)))
-                    rep.tensors += 1
-                    rep.bytes_written += op.nbytes
-                    if progress is not None:
-                        progress(op.nbytes)
-                os.fsync(dst)
-            finally:
-                os.close(dst)
+                        if k not in pending:
+                            compute(pl.key_group[k], reader.take)
+                        arr = pending.pop(k)
+                        rep.adapted += 1
+                    arr = np.ascontiguousarray(_astype(arr, _np_dtype(op.dst_dtype)))
+                    if safe and arr.dtype.kind == "f" and not all_finite(arr):
+                        raise NonFiniteError(
+                            f"{k}: the {op.operation} result contains NaN or infinity in {op.dst_dtype}; nothing "
+                            f"was written. Check the adapter, or keep a wider --dtype")
+                    if arr.dtype.byteorder == ">":
+                        arr = arr.astype(arr.dtype.newbyteorder("<"))
+                    writer.write(arr)
+                    del arr
+                rep.tensors += 1
+                rep.bytes_written += op.nbytes
+                if progress is not None:
+                    progress(op.nbytes)
+            writer.end_file()
+        writer.finish()  # every shard written, fsynced and closed
+        reader.close()
         if max_shard_size is not None:
             if len(layout) > 1:  # one shard is model.safetensors alone, as transformers writes it
                 idx = json.loads(json.dumps(base.index)) if base.index is not None else {}
@@ -1039,6 +1077,8 @@ def transform(
         if keep:
             rep.records_file = rec_dest
     except BaseException:
+        writer.abort()  # no thread writes into tmp any more
+        reader.close()
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -1092,6 +1132,18 @@ def _retag_config(src: Path, dst: Path, dtype: np.dtype) -> bool:
             cfg[key] = dtype_name(dtype)
     dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return True
+
+
+def _astype(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``a.astype(dtype, copy=False)``, with bfloat16 <-> float32 through :mod:`peftmath.io.bf16`'s integer
+    operations (the same bits as ml_dtypes' casts, faster)."""
+    if a.dtype == dtype:
+        return a
+    if is_bf16(a.dtype) and dtype == np.float32:
+        return widen_bf16(a)
+    if a.dtype == np.float32 and is_bf16(dtype):
+        return round_bf16(a).view(dtype)
+    return a.astype(dtype)
 
 
 def _np_dtype(name: str) -> np.dtype:

@@ -183,3 +183,47 @@ def test_control_characters_in_names_are_escaped(tmp_path):
     with pytest.raises(CheckpointError) as info:
         SafeTensorsFile(p)
     assert "\x1b" not in str(info.value) and "\\x1b" in str(info.value)
+
+
+def test_ml_dtypes_is_imported_only_for_bfloat16_and_float8(tmp_path):
+    """Importing peftmath.io and reading, planning and merging a float32 model never import ml_dtypes (0.9 s);
+    the first bfloat16 tensor does, and gets ml_dtypes' bfloat16."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    save_file({"w": np.ones((4, 3), np.float32), "n": np.arange(3, dtype=np.int64)}, tmp_path / "f32.safetensors")
+    save_file({"w": np.ones((4, 3), np.float32).astype(DTYPES["BF16"])}, tmp_path / "bf16.safetensors")
+    code = f"""
+import sys, numpy as np
+import peftmath.io, peftmath.io.stream as st
+from peftmath.io.safetensors import DTYPES, SafeTensorsFile, dtype_code
+m = st.open_model({str(tmp_path / "f32.safetensors")!r})
+assert m.read("w").dtype == np.float32 and dtype_code(np.float32) == "F32" and "F32" in DTYPES and "BF16" in DTYPES
+assert st._wider(np.dtype(np.float32), np.dtype(np.float16)) == np.float32 and "bfloat16" in st.OUTPUT_DTYPES
+print("before", "ml_dtypes" in sys.modules)
+a = SafeTensorsFile({str(tmp_path / "bf16.safetensors")!r})["w"]
+print("after", "ml_dtypes" in sys.modules, a.dtype.name, dtype_code(a.dtype), dtype_code("bfloat16"))
+"""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, cwd=root)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["before", "False", "after", "True", "bfloat16", "BF16", "BF16"]
+
+
+def test_dtype_table_is_the_full_mapping():
+    """DTYPES behaves as the dict it was: every code, in order, to its NumPy / ml_dtypes dtype, and back."""
+    expect = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+              "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+              "BOOL": np.bool_}
+    assert list(DTYPES) == list(expect) and len(DTYPES) == len(expect)
+    assert dict(DTYPES.items()) == {k: np.dtype(v) for k, v in expect.items()}
+    assert all(dtype_code(v) == k for k, v in expect.items())
+    assert "C64" not in DTYPES and 3 not in DTYPES and DTYPES.get("C64") is None
+    with pytest.raises(KeyError):
+        DTYPES["C64"]
+    with pytest.raises(CheckpointError, match="complex64"):
+        dtype_code(np.complex64)

@@ -1,0 +1,306 @@
+"""Read-ahead and write-behind threads for the streamed merge (:func:`peftmath.io.stream.transform`).
+
+The streamed merge reads a group of tensors, computes it, and writes it, tensor after tensor. Reading
+(``np.fromfile``), computing (NumPy, BLAS) and writing (``os.write``, ``os.copy_file_range``,
+``os.fsync``) all release the GIL, so three threads overlap them:
+
+- :class:`ReadAhead` reads the tensors the computation will ask for, in the order it will ask for
+  them, a bounded number of bytes ahead of it;
+- the caller's thread computes;
+- :class:`WriteBehind` executes the writes in the order they were submitted (open a file, write its
+  header, write an array, copy a byte range of an input file, finish the file), a bounded number of
+  bytes behind the caller; each finished file is fsynced and closed by a third thread while the next
+  one is written.
+
+Bounds: each stage holds at most ``limit`` bytes of arrays (at least one array, whatever its size),
+so peak memory is about two limits plus the group being computed. Errors: an exception in a thread
+is re-raised in the caller's thread at its next call (``take``, ``write``, ``finish``) as it was
+raised; :meth:`WriteBehind.abort` stops both threads and closes every file descriptor before the
+caller removes its temporary output. With ``threaded=False`` both run inline in the caller's thread
+(the sequential path: same operations, same order, same bytes).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ReadAhead", "WriteBehind", "write_all", "copy_range"]
+
+
+class _Stopped(Exception):
+    """Raised inside a stage's thread when the stage is closed while it waits."""
+
+
+class _Budget:
+    """Bytes in flight, bounded: :meth:`acquire` waits while others hold bytes and ``n`` more would exceed
+    ``limit`` (a single item larger than ``limit`` passes alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, int(limit))
+        self.used = 0
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self.cond:
+            while self.used > 0 and self.used + n > self.limit and not self.closed:
+                self.cond.wait()
+            if self.closed:
+                raise _Stopped
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class ReadAhead:
+    """``read(key)`` for ``keys`` in order, ahead of the caller, at most ``limit`` bytes (``nbytes(key)``)
+    held at a time; :meth:`take` returns them. A key outside ``keys``, or taken out of order, is read
+    directly. An error of ``read`` is raised by the :meth:`take` of its key."""
+
+    def __init__(self, read: Callable[[str], np.ndarray], keys: Sequence[str], nbytes: Callable[[str], int],
+                 limit: int, *, threaded: bool = True) -> None:
+        self._read = read
+        self._keys = list(keys)
+        self._nbytes = nbytes
+        self._next = 0  # index in keys of the next key take() expects
+        self._ready: dict[str, Any] = {}  # key -> array, or the exception its read raised
+        self._budget = _Budget(limit)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        if threaded and self._keys:
+            self._thread = threading.Thread(target=self._run, name="peftmath-read-ahead", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        for key in self._keys:
+            try:
+                self._budget.acquire(self._nbytes(key))
+            except _Stopped:
+                return
+            try:
+                value: Any = self._read(key)
+            except BaseException as exc:  # handed to the caller's take()
+                value = exc
+            with self._cond:
+                self._ready[key] = value
+                self._cond.notify_all()
+            if isinstance(value, BaseException):
+                return
+
+    def take(self, key: str) -> np.ndarray:
+        if self._thread is None or self._next >= len(self._keys) or self._keys[self._next] != key:
+            return self._read(key)
+        self._next += 1
+        with self._cond:
+            while key not in self._ready:
+                self._cond.wait()
+            value = self._ready.pop(key)
+        self._budget.release(self._nbytes(key))
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop reading ahead (idempotent); what was read and not taken is dropped."""
+        self._budget.close()
+        if self._thread is not None:
+            self._thread.join()
+        self._ready.clear()
+
+
+class WriteBehind:
+    """Ordered writes to output files, executed by a thread behind the caller (inline when not ``threaded``).
+
+    :meth:`open` starts a file with its first bytes (the header), :meth:`write` appends an array's bytes,
+    :meth:`copy` appends a byte range of an open input file (``os.copy_file_range``: never through
+    Python), :meth:`end_file` has the file fsynced and closed (by a third thread, while the next file is
+    written); :meth:`finish` waits for all of it and raises the first error; :meth:`abort` stops
+    everything and closes every descriptor. Arrays given to :meth:`write` must not change afterwards.
+    """
+
+    def __init__(self, limit: int, *, threaded: bool = True) -> None:
+        self._budget = _Budget(limit)
+        self._jobs: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._stop = False
+        self._fd: int | None = None  # the file being written
+        self._fds: set[int] = set()  # every descriptor opened and not closed yet
+        self._fds_lock = threading.Lock()
+        self._syncs: list[threading.Thread] = []
+        self._sync_errors: list[BaseException] = []
+        self._threaded = threaded
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="peftmath-write-behind", daemon=True)
+            self._thread.start()
+
+    # --- the caller's side ---------------------------------------------------------------------
+    def open(self, path: os.PathLike | str, head: bytes) -> None:
+        self._submit(("open", os.fspath(path), head), 0)
+
+    def write(self, arr: np.ndarray) -> None:
+        self._submit(("write", arr), arr.nbytes)
+
+    def copy(self, src_fd: int, offset: int, count: int) -> None:
+        self._submit(("copy", src_fd, offset, count), 0)
+
+    def end_file(self) -> None:
+        self._submit(("end",), 0)
+
+    def finish(self) -> None:
+        """Wait until every write is done and every file fsynced and closed; raise the first error."""
+        if self._thread is not None:
+            with self._cond:
+                self._jobs.append(None)
+                self._cond.notify_all()
+            self._thread.join()
+            self._thread = None
+        self._join_syncs()
+        self._raise()
+
+    def abort(self) -> None:
+        """Stop the threads (idempotent), wait for them, close every descriptor; errors are dropped."""
+        self._budget.close()
+        with self._cond:
+            self._stop = True
+            self._jobs.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._join_syncs()
+        with self._fds_lock:
+            for fd in self._fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+
+    def _raise(self) -> None:
+        err = self._error or (self._sync_errors[0] if self._sync_errors else None)
+        if err is not None:
+            raise err
+
+    def _submit(self, job: tuple, nbytes: int) -> None:
+        self._raise()
+        if not self._threaded:
+            self._execute(job)
+            return
+        try:
+            self._budget.acquire(nbytes)
+        except _Stopped:
+            self._raise()
+            raise
+        with self._cond:
+            self._jobs.append((job, nbytes))
+            self._cond.notify_all()
+
+    # --- the writer's side ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                item = self._jobs.popleft()
+            if item is None:
+                return
+            job, nbytes = item
+            try:
+                self._execute(job)
+            except BaseException as exc:
+                self._error = exc
+                self._budget.close()  # wakes a caller waiting for room; it raises the error
+                return
+            finally:
+                item = job = None  # the array goes as soon as it is written
+                self._budget.release(nbytes)
+
+    def _execute(self, job: tuple) -> None:
+        kind = job[0]
+        if kind == "write":
+            write_all(self._fd, memoryview(job[1].reshape(-1).view(np.uint8)))
+        elif kind == "copy":
+            copy_range(job[1], self._fd, job[2], job[3])
+        elif kind == "open":
+            fd = os.open(job[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # & ~umask
+            with self._fds_lock:
+                self._fds.add(fd)
+            self._fd = fd
+            write_all(fd, memoryview(job[2]))
+        elif kind == "end":
+            fd, self._fd = self._fd, None
+            if self._threaded:
+                t = threading.Thread(target=self._sync, args=(fd,), name="peftmath-fsync", daemon=True)
+                self._syncs.append(t)
+                t.start()
+            else:
+                self._sync(fd, errors=False)
+
+    def _sync(self, fd: int, errors: bool = True) -> None:
+        try:
+            os.fsync(fd)
+        except BaseException as exc:
+            if not errors:
+                raise
+            self._sync_errors.append(exc)
+        finally:
+            with self._fds_lock:
+                if fd in self._fds:
+                    self._fds.discard(fd)
+                    os.close(fd)
+
+    def _join_syncs(self) -> None:
+        for t in self._syncs:
+            t.join()
+        self._syncs.clear()
+
+
+def write_all(fd: int, data: memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    while view.nbytes:
+        n = os.write(fd, view[: 1 << 30])
+        view = view[n:]
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``, in the kernel
+    (``os.copy_file_range``) where it can, else through ``pread``/``write`` in 16 MiB chunks."""
+    from ..errors import CheckpointError
+
+    fast = hasattr(os, "copy_file_range")
+    while count > 0:
+        n = 0
+        if fast:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), offset)
+            except OSError:
+                fast = False
+        if not fast:
+            chunk = os.pread(src_fd, min(count, 1 << 24), offset)
+            if not chunk:
+                raise CheckpointError("input file shrank while it was being copied")
+            write_all(dst_fd, memoryview(chunk))
+            n = len(chunk)
+        if n == 0:
+            raise CheckpointError("input file shrank while it was being copied")
+        offset += n
+        count -= n
