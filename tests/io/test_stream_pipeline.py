@@ -16,41 +16,22 @@ from peftmath.adapter import Adapter
 from peftmath.errors import CheckpointError, NonFiniteError
 from peftmath.io import pipeline, stream
 from peftmath.io.pipeline import ReadAhead, WriteBehind
-from peftmath.io.safetensors import DTYPES, SafeTensorsFile, save_file
+from peftmath.io.safetensors import DTYPES, SafeTensorsFile
 from peftmath.io.stream import open_model, transform
 from peftmath.layers import Layer
 from peftmath.methods.lora import LoraConfig, LoraModule
+from tests.cli.conftest import N_LAYERS, model_state, write_model
 
 BF16 = DTYPES["BF16"]
-LAYERS = 4
+LAYERS = N_LAYERS
 
 
 def _state(dtype) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(3)
-    st = {"model.embed_tokens.weight": rng.standard_normal((50, 24))}
-    for i in range(LAYERS):
-        st[f"model.layers.{i}.q_proj.weight"] = rng.standard_normal((32, 24)) / 4
-        st[f"model.layers.{i}.q_proj.bias"] = rng.standard_normal(32) / 10
-        st[f"model.layers.{i}.v_proj.weight"] = rng.standard_normal((24, 24)) / 4
-        st[f"model.layers.{i}.norm.weight"] = 1 + rng.standard_normal(24) / 10
-    st["lm_head.weight"] = rng.standard_normal((50, 24)) / 4
-    st = {k: v.astype(dtype) for k, v in st.items()}
-    st["model.step"] = np.array([7], dtype=np.int64)
-    return st
+    return model_state(dtype, seed=3)
 
 
 def _write_model(path: Path, state: dict[str, np.ndarray], shards: int) -> Path:
-    path.mkdir(parents=True)
-    keys = list(state)
-    weight_map = {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in keys[s::shards]}
-        save_file(part, path / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps({"model_type": "tiny"}))
-    return path
+    return write_model(path, state, shards=shards)
 
 
 def _adapter(state, dtype, *, bias: bool = True, poison: str | None = None) -> Adapter:
@@ -66,7 +47,7 @@ def _adapter(state, dtype, *, bias: bool = True, poison: str | None = None) -> A
         params[m] = {k: np.asarray(v).astype(dtype) for k, v in p.items()}
         if m == poison:
             params[m]["lora_B.weight"][0, 0] = np.inf
-    other = {"model.layers.1.q_proj.bias": (np.arange(32) / 7).astype(dtype)} if bias else None
+    other = {"model.layers.1.q_proj.bias": (np.arange(16) / 7).astype(dtype)} if bias else None
     return Adapter(cfg, params, other=other)
 
 
@@ -112,7 +93,7 @@ def test_pipeline_writes_the_sequential_bytes(model, tmp_path, monkeypatch, limi
         np.testing.assert_array_equal(out.read(k).astype(np.float64), np.asarray(merged[k]).astype(np.float64),
                                       err_msg=k)
     np.testing.assert_array_equal(out.read("model.layers.1.q_proj.bias").astype(np.float64),
-                                  (np.arange(32) / 7).astype(dtype).astype(np.float64))
+                                  (np.arange(16) / 7).astype(dtype).astype(np.float64))
 
 
 def test_pipeline_with_dtype_conversion_and_resharding(model, tmp_path):
@@ -123,7 +104,7 @@ def test_pipeline_with_dtype_conversion_and_resharding(model, tmp_path):
     base = open_model(base_dir)
     for pipe in (False, True):
         transform(base, [ad], tmp_path / f"cast-{pipe}", dtype=np.dtype(other), pipeline=pipe)
-        transform(base, [ad], tmp_path / f"shard-{pipe}", max_shard_size=3000, pipeline=pipe)
+        transform(base, [ad], tmp_path / f"shard-{pipe}", max_shard_size=800, pipeline=pipe)
     assert _digest(tmp_path / "cast-False") == _digest(tmp_path / "cast-True")
     assert _digest(tmp_path / "shard-False") == _digest(tmp_path / "shard-True")
     assert len(list((tmp_path / "shard-True").glob("*.safetensors"))) > 3
