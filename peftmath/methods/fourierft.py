@@ -31,7 +31,7 @@ from ..config import TunerConfig, check_choice, check_flags, check_number, check
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import ModuleAdapter, require_kind, check_shape
+from ._base import MergeResult, ModuleAdapter, check_shape, require_kind, write_weight
 
 Array = Any
 
@@ -197,8 +197,14 @@ def delta_weight(spectrum: Array, out_features: int, in_features: int, *, scalin
     half = (out_features, in_features // 2 + 1)
     direct, mirror = (xp.reshape(xp.take(values, xp.asarray(m, device=dev), axis=0), half)
                       for m in _half_grid_maps(out_features, in_features, k, int(random_loc_seed)))
-    H = xp.astype((direct + mirror) * 0.5, xp.complex128 if cd == xp.float64 else xp.complex64)
-    return xp.fft.irfftn(H, s=(out_features, in_features), axes=(0, 1)) * scaling
+    direct += mirror  # both fresh gathers: summed and halved in place (JAX and dask rebind)
+    direct *= 0.5
+    del mirror
+    H = xp.astype(direct, xp.complex128 if cd == xp.float64 else xp.complex64)
+    del direct
+    dw = xp.fft.irfftn(H, s=(out_features, in_features), axes=(0, 1))
+    dw *= scaling  # in place: no second array of W's size (JAX and dask rebind)
+    return dw
 
 
 @functools.lru_cache(maxsize=8)
@@ -303,6 +309,42 @@ class FourierFTModule(ModuleAdapter):
         if peft_compat:
             dw = as_compute(xp, as_compute(xp, dw, self.spectrum.dtype), dw.dtype)
         return xp.matrix_transpose(dw) if self.layer.kind is LayerKind.CONV1D_TRANSPOSED else dw
+
+    def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
+              peft_compat: bool = False) -> MergeResult:
+        """``W + ΔW`` (the additive merge), formed in float32 (float64) and rounded once; ``copy=True`` adds
+        ``W`` into the freshly built ``ΔW`` (the result is the only array of W's size besides the transform's
+        own), ``copy=False`` adds ``ΔW`` into ``W`` in place."""
+        self.layer.check_weight(weight)
+        return MergeResult(self._apply(weight, 1, copy=copy, safe=safe, peft_compat=peft_compat), bias)
+
+    def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
+                peft_compat: bool = False) -> MergeResult:
+        """``W − ΔW``, as :meth:`merge` (``−ΔW`` built with the scaling's sign flipped: exact)."""
+        self.layer.check_weight(weight)
+        return MergeResult(self._apply(weight, -1, copy=copy, safe=False, peft_compat=peft_compat), bias)
+
+    def _apply(self, weight: Array, sign: int, *, copy: bool, safe: bool, peft_compat: bool) -> Array:
+        xp = self.xp
+        cd = compute_dtype(xp, weight.dtype, self.spectrum.dtype)
+        signed = self if sign > 0 else self.scale_scaling(-1.0)
+
+        def fresh() -> Array:  # sign·ΔW in the stored layout and the compute dtype, a new array
+            return as_compute(xp, signed.delta_weight(peft_compat=peft_compat), cd)
+
+        def compute() -> Array:
+            d = fresh()
+            d += as_compute(xp, weight, cd)  # W + sign·ΔW into ΔW's own memory (JAX and dask rebind)
+            return d
+
+        def kernel(M: Array) -> bool:
+            if M.dtype != cd:
+                return False
+            M += fresh()
+            return True
+
+        return write_weight(self.name, weight, compute, kernel=kernel, copy=copy, safe=safe, kernel_on_copy=False,
+                            xp=xp)
 
     def scaled(self, c: float) -> ModuleAdapter:
         """Scale ``c``: ``α → c·α``, so ``ΔW → c·ΔW`` (PEFT defines no scale for FourierFT; this is the

@@ -20,7 +20,7 @@ import pytest
 
 from peftmath.errors import NonFiniteError
 from peftmath.layers import Layer
-from peftmath.methods import adalora, delora, dora, hira, ia3, lora, miss, vera
+from peftmath.methods import adalora, delora, dora, fourierft, hira, ia3, lora, miss, vera
 from tests.helpers import traced_peak
 
 torch = pytest.importorskip("torch")
@@ -123,6 +123,22 @@ def _methods() -> list[Method]:
                      lambda W, copy: hira.unmerge(W, *_as(W, hA, hB), copy=copy),
                      lambda W: W * (1 + hM), lambda W: W / (1 + hM),
                      lambda W: np.abs(W) * (1 + np.abs(hB.astype(d)) @ np.abs(hA.astype(d))) / np.min(np.abs(1 + hM))))
+
+    spec = small(30)
+    fmod = fourierft.FourierFTModule("m", fourierft.FourierFTConfig(n_frequency=30, scaling=20.0),
+                                     {"fourierft_spectrum": spec}, Layer.of((OUT, IN)))
+    dense = np.zeros((OUT, IN), dtype=np.complex128)
+    dense[fourierft.spectral_indices(OUT, IN, 30, 777)] = spec.astype(d)
+    fD = np.real(np.fft.ifft2(dense)) * 20.0  # the definition: scaling · Re(IDFT₂(S))
+
+    def fmod_of(W):
+        return fmod if isinstance(W, np.ndarray) else fourierft.FourierFTModule(
+            "m", fmod.config, {"fourierft_spectrum": torch.from_numpy(spec)}, fmod.layer)
+
+    ms.append(Method("FourierFT",
+                     lambda W, copy, safe=False: fmod_of(W).merge(W, copy=copy, safe=safe).weight,
+                     lambda W, copy: fmod_of(W).unmerge(W, copy=copy).weight,
+                     lambda W: W + fD, lambda W: W - fD, lambda W: np.abs(W) + 30 * np.max(np.abs(fD))))
 
     lo = rng.uniform(0.5, 2.0, (OUT, 1)).astype(f32)
     ms.append(Method("IA3",
@@ -285,12 +301,15 @@ def test_conv_layouts_and_channels_last(nd):
 def test_copy_true_allocates_only_the_result(method, monkeypatch):
     """tracemalloc (deterministic for NumPy): a copy=True merge / unmerge of a float32 W allocates the result
     and nothing else of W's size (the old path: ΔW, W + ΔW and the rounded copy; HiRA's row tiles of its
-    modulation, shrunk here below W's size)."""
+    modulation, shrunk here below W's size). FourierFT: nothing beyond building ΔW (its inverse transform's
+    arrays), whose output becomes the result."""
     from peftmath.methods import _base
 
     monkeypatch.setattr(_base, "ROW_TILE_BYTES", 32 << 10)
     W = _weight(np.random.default_rng(11))
     W = np.tile(W, (16, 16))  # 768 x 640: large enough that the factors and row norms are small beside it
+    fmod = fourierft.FourierFTModule("m", fourierft.FourierFTConfig(n_frequency=16),
+                                     {"fourierft_spectrum": np.ones(16, np.float32)}, Layer.of(W.shape))
     big = {
         "LoRA": lambda W, c: lora.merge(W, np.ones((R, W.shape[1]), np.float32), np.ones((W.shape[0], R), np.float32),
                                         scaling=S, copy=c),
@@ -305,12 +324,18 @@ def test_copy_true_allocates_only_the_result(method, monkeypatch):
                                             np.ones((W.shape[0], R), np.float32), np.ones(1, np.float32),
                                             np.ones(W.shape[1], np.float32), copy=c),
         "MiSS": lambda W, c: miss.merge(W, np.ones((R, W.shape[0]), np.float32), copy=c),
+        "FourierFT": lambda W, c: fmod.merge(W, copy=c).weight,
         "HiRA": lambda W, c: hira.merge(W, np.ones((R, W.shape[1]), np.float32), np.ones((W.shape[0], R), np.float32),
                                         copy=c),
     }[method.name]
+    own = 0  # what building ΔW itself takes (FourierFT: the inverse transform's arrays), 0 for the others
+    if method.name == "FourierFT":
+        fmod.delta_weight()  # the cached index maps, once
+        own = traced_peak(fmod.delta_weight)[1]
     for layout in (W, np.asfortranarray(W), _np_readonly(W)):
         out, peak = traced_peak(lambda: big(layout, True))
-        assert out.nbytes == W.nbytes and peak <= 1.1 * W.nbytes, f"{method}: peak {peak / W.nbytes:.2f} x W"
+        assert out.nbytes == W.nbytes and peak <= own + 1.1 * W.nbytes - (W.nbytes if own else 0), \
+            f"{method}: peak {peak / W.nbytes:.2f} x W"
 
 
 @pytest.mark.parametrize("name", ["LoRA", "DoRA", "IA3"])
