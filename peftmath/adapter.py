@@ -750,8 +750,13 @@ class Adapter:
 
     # --- bookkeeping --------------------------------------------------------------------------
     def num_trainable_parameters(self) -> int:
-        """Trainable scalars (shared frozen projections and replaced base tensors not counted)."""
-        return sum(_numel(a) for p in self.params.values() for a in p.values())
+        """Trainable scalars, as PEFT's ``get_nb_trainable_parameters`` counts them: shared frozen
+        projections, replaced base tensors and the method's ``frozen_suffixes`` are not counted, its
+        ``trainable_shared`` tensors once. (VB-LoRA saved with ``save_only_topk_weights`` counts the saved
+        top-k weights, not the logits they were taken from.)"""
+        frozen = set(self.description.frozen_suffixes)
+        shared = sum(_numel(self.shared[k]) for k in self.description.trainable_shared if k in self.shared)
+        return shared + sum(_numel(a) for p in self.params.values() for k, a in p.items() if k not in frozen)
 
     def summary(self, base: Mapping[str, Array] | None = None) -> dict[str, Any]:
         """Trainable parameters (and, given the base state, the total and the percentage, as PEFT's

@@ -98,6 +98,13 @@ class Method:
         their shapes (LoRA's ``A (r, in)``, ``B (out, r)``); False when they do not (FourierFT's spectrum):
         then only explicit or recorded kinds, the model type and the config's flag decide
         (:mod:`peftmath.kinds`).
+    frozen_suffixes
+        Per-module tensors of the checkpoint that are not trainable parameters and are left out of
+        :meth:`~peftmath.Adapter.num_trainable_parameters` (RandLoRA's per-module copies of the shared
+        bases, VB-LoRA's saved top-k indices).
+    trainable_shared
+        Shared tensors that are trained (VB-LoRA's vector bank), counted once by
+        :meth:`~peftmath.Adapter.num_trainable_parameters`; other shared tensors are frozen projections.
     """
 
     peft_type: str
@@ -122,6 +129,8 @@ class Method:
     needs_record_for: Callable[[Any], bool] = _never
     rank_excludes: tuple[str, ...] = ()
     orientation_in_tensors: bool = True
+    frozen_suffixes: tuple[str, ...] = ()
+    trainable_shared: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "examples", MappingProxyType({k: MappingProxyType(dict(v))

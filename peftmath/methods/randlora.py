@@ -521,4 +521,5 @@ METHOD = Method(
     peft_type=PEFT_TYPE, config=RandLoraConfig, module=RandLoraModule, spec="specs/randlora.md",
     parameter_suffixes=PARAMETER_SUFFIXES, shared_keys=SHARED_KEYS, layer_kinds=SUPPORTED_KINDS, additive=True,
     init_field="init_weights", examples=EXAMPLES, init_shared=init_shared, orientation_in_tensors=False,
+    frozen_suffixes=tuple(COPIES),
 )

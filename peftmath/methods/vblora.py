@@ -587,4 +587,5 @@ METHOD = Method(
     peft_type=PEFT_TYPE, config=VBLoRAConfig, module=VBLoRAModule, spec="specs/vblora.md",
     parameter_suffixes=PARAMETER_SUFFIXES, shared_keys=SHARED_KEYS, layer_kinds=SUPPORTED_KINDS, additive=True,
     init_field=None, examples=EXAMPLES, init_shared=init_shared,
+    frozen_suffixes=TOPK_INDICES, trainable_shared=SHARED_KEYS,
 )

@@ -285,9 +285,9 @@ def bf16_ulps(got: np.ndarray, want: np.ndarray) -> np.ndarray:
 
 
 def bits_differ(got: np.ndarray, want: np.ndarray) -> int:
-    """How many elements differ in their bit pattern (bfloat16 / float32)."""
+    """How many elements differ in their bit pattern (any dtype of 1, 2, 4 or 8 bytes)."""
     assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, want.dtype, got.shape, want.shape)
-    view = np.int16 if got.dtype.itemsize == 2 else np.int32
+    view = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[got.dtype.itemsize]
     return int(np.count_nonzero(np.ascontiguousarray(got).view(view) != np.ascontiguousarray(want).view(view)))
 
 

@@ -130,3 +130,10 @@ def test_save_projection_false_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="save_projection=false"):
         adapter = load_peft_checkpoint(pm, tmp_path)
         adapter.merge(base_state(_model()), layer_kinds=KINDS)
+
+
+def test_trainable_parameter_count_matches_peft(tmp_path):
+    """``Adapter.num_trainable_parameters`` counts what PEFT trains (``get_nb_trainable_parameters``)."""
+    pm, _ = _peft()
+    ad = load_peft_checkpoint(pm, tmp_path)
+    assert ad.num_trainable_parameters() == pm.get_nb_trainable_parameters()[0]

@@ -166,3 +166,10 @@ def test_bfloat16_merge_within_one_rounding(tmp_path):
     for key in ("q.weight", "o.weight", "c.weight"):
         assert merged[key].dtype == want[key].dtype
         assert np.all(bf16_ulps(merged[key], want[key]) <= 1.0), key
+
+
+def test_trainable_parameter_count_matches_peft(tmp_path):
+    """``Adapter.num_trainable_parameters`` counts what PEFT trains (``get_nb_trainable_parameters``)."""
+    pm, _ = _peft(False)
+    ad = load_peft_checkpoint(pm, tmp_path)
+    assert ad.num_trainable_parameters() == pm.get_nb_trainable_parameters()[0]
