@@ -8,7 +8,8 @@ What PEFT's ``peft.tuners.lycoris_utils`` gives both methods, written once (spec
   the CP factor ``F[p, q, h, w] = Σ_{i,j} t[i, j, h, w] · w_a[i, p] · w_b[j, q]``;
 * training-time dropout: module dropout first, then rank dropout rows ``1[u_o > p] / mean``;
 * the adapted forward ``base(x) + x ΔWᵀ`` / ``base(x) + conv(x, ΔW)``, rounded once;
-* merge / unmerge by row blocks of ``ΔW`` (``W ± ΔW`` with no temporary of W's size);
+* merge / unmerge by row blocks of ``ΔW`` (``W ± ΔW`` with no temporary of W's size; the ``copy=True``
+  result is filled from ``W`` block by block);
 * Kaiming-uniform(a=√5) draws on the host, moved to the caller's namespace.
 
 Nothing here is method specific; a LyCORIS method module imports what it needs from here and never from
@@ -23,19 +24,21 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .._array import as_compute, compute_dtype, conv, is_low_precision, namespace
+from .._array import as_compute, compute_dtype, conv, is_immutable, is_low_precision, namespace
 from ..backends import backend_for, host_rng, kaiming_uniform_bound
 from ..config import TunerConfig, check_flags, check_fraction, check_number, check_positive_int, resolve_pattern
 from ..errors import ConfigError, ShapeError
 from ..layers import Layer, LayerKind
-from ._base import apply_delta, require_kind
+from ._base import apply_delta, require_kind, write_weight
+# the row-tile loop of the rotation kernels (NumPy: reused buffers, tiles spread over threads)
+from .oft import fresh_result, run_row_tiles, tile_rows, tile_threads
 
 Array = Any
 
 __all__ = [
     "LycorisConfig", "validate_lycoris", "scaling", "SUPPORTED", "check_kind", "uses_effective_conv", "cp_weight",
     "round_to_dtype", "rank_dropout_mask", "draw_dropout", "masked", "adapted_forward", "BLOCK_ELEMENTS", "block_rows",
-    "apply_row_blocks", "kaiming", "put_host", "default_xp",
+    "apply_row_blocks", "kaiming", "put_host", "default_xp", "run_row_tiles", "tile_rows", "tile_threads",
 ]
 
 #: the base layer kinds PEFT adapts with LoHa and LoKr
@@ -226,19 +229,23 @@ def block_rows(in_flat: int) -> int:
     return max(1, BLOCK_ELEMENTS // max(1, in_flat))
 
 
-def update_rows(xp: Any, M: Array, blocks: Callable[[Any], Iterator], cd: Any, sign: int) -> bool:
-    """``M ± ΔW`` in place, one row block at a time; ``M`` is the target's proven ``(out, in_flat)``
-    matrix view (given by :func:`~peftmath.methods._base.write_weight`)."""
+def update_rows(xp: Any, src: Array, dst: Array, blocks: Callable[[Any], Iterator], cd: Any, sign: int) -> bool:
+    """``dst = src ± ΔW`` one row block of ΔW at a time. ``src`` and ``dst`` hold the rows of the
+    ``(out, in_flat)`` matrix on their first axis (the stored weight in any layout, or its matrix view);
+    ``dst`` may be ``src`` itself (in place)."""
     for start, stop, block in blocks(cd):
-        if M.dtype == cd:  # augmented assignment: in place where getitem is a view, written back otherwise
+        cur = src[start:stop, ...]
+        if dst is src and cur.ndim == 2 and cur.dtype == cd:
+            # augmented assignment: in place where getitem is a view, written back otherwise
             if sign > 0:
-                M[start:stop, :] += block
+                dst[start:stop, ...] += block
             else:
-                M[start:stop, :] -= block
-        else:  # half precision: widen the rows, add, round once
-            cur = as_compute(xp, M[start:stop, :], cd)
-            M[start:stop, :] = as_compute(xp, cur + block if sign > 0 else cur - block, M.dtype)
-            del cur
+                dst[start:stop, ...] -= block
+        else:  # widen the rows, add, round once
+            cur = as_compute(xp, xp.reshape(cur, tuple(block.shape)), cd)
+            new = cur + block if sign > 0 else cur - block
+            dst[start:stop, ...] = xp.reshape(as_compute(xp, new, dst.dtype), tuple(dst[start:stop, ...].shape))
+            del cur, new
         del block  # free this block before the generator builds the next one
     return True
 
@@ -255,30 +262,50 @@ def apply_row_blocks(
     copy: bool = True,
     safe: bool = False,
     peft_compat: bool = False,
+    numpy_rows: Callable[[np.ndarray, np.ndarray, Any, int], bool] | None = None,
+    params: tuple = (),
 ) -> Array:
     """``W ± ΔW`` where ``ΔW`` is produced as row blocks of its ``(out, in_flat)`` matrix view.
 
     ``blocks(cd)`` yields ``(start, stop, block)`` with ``block`` the rows ``start:stop`` of ``ΔW`` in
-    compute dtype ``cd``; ``full_delta()`` builds the whole ``ΔW`` (stored layout) for the generic path.
-    Each element is formed in float32 (float64 with float64 inputs) and rounded once to W's dtype, as
+    compute dtype ``cd``; ``full_delta()`` builds the whole ``ΔW`` (stored layout) for the generic path;
+    ``numpy_rows(src, dst, cd, sign)``, when given, does the same on NumPy arrays with its own reused
+    buffers and returns True (False: not handled, the blocks are used); ``params`` are the adapter's
+    tensors (a torch parameter recording gradients keeps the out-of-place path). Each element is formed in
+    float32 (float64 with float64 inputs) and rounded once to W's dtype, as
     :func:`~peftmath.methods._base.apply_delta` does, and written by its one write path:
 
-    * ``copy=False``: updates ``W``'s proven matrix view in place with no temporary of W's size; a
-      layout whose matrix view would be a copy is computed and stored into ``W``; arrays that cannot be
-      written raise :class:`UnsupportedError`.
-    * ``copy=True``: one allocation of W's size (a C-ordered copy updated block by block), the result.
-    * ``safe=True``: the result is formed in a copy and checked before anything is written.
-    * ``peft_compat=True``: the whole ``ΔW`` is built (``full_delta``) and added.
+    * ``copy=False``: updates ``W`` in place, row block by row block of its first axis (the matrix
+      rows; views in any layout, Fortran order and torch ``channels_last`` included), with no temporary
+      of W's size; arrays that cannot be written raise :class:`UnsupportedError`.
+    * ``copy=True``: one allocation of W's size, the C-ordered result, filled block by block from ``W``
+      (``W`` is read once, the result written once).
+    * ``safe=True``: the result is formed in a new array and checked before anything is written.
+    * ``peft_compat=True``, and arrays that are never written (JAX, dask): the whole ``ΔW`` is built
+      (``full_delta``) and added.
     """
     xp = namespace(weight, where=where)
     layer.check_weight(weight)
     cd = compute_dtype(xp, weight.dtype, *param_dtypes)
+    if peft_compat or is_immutable(weight):
+        return apply_delta(where, weight, full_delta, sign=sign, copy=copy, safe=safe, kernel_on_copy=False, xp=xp)
 
-    def kernel(M: Array) -> bool:
-        return update_rows(xp, M, blocks, cd, sign)
+    def rows(src: Array, dst: Array) -> bool:
+        if numpy_rows is not None and isinstance(src, np.ndarray) and isinstance(dst, np.ndarray):
+            if numpy_rows(src, dst, cd, sign):
+                return True
+        return update_rows(xp, src, dst, blocks, cd, sign)
 
-    return apply_delta(where, weight, full_delta, sign=sign, copy=copy, safe=safe, layer=layer,
-                       inplace_kernel=None if peft_compat else kernel, kernel_on_copy=True, xp=xp)
+    def new() -> Array:
+        out = fresh_result(weight, *params)
+        if out is None:  # torch recording gradients: the whole ΔW, added out of place (keeps the graph)
+            return apply_delta(where, weight, full_delta, sign=sign, kernel_on_copy=False, xp=xp)
+        rows(weight, out)
+        return out
+
+    # copy=True fills the new array from W in one pass (new), not a copy then the kernel
+    return write_weight(where, weight, new, kernel=lambda W: rows(W, W), copy=copy, safe=safe, kernel_on_copy=False,
+                        xp=xp)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import array_api_compat
 import numpy as np
@@ -36,7 +36,9 @@ from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedErr
 from ..layers import Layer, LayerKind
 from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, check_shape, write_weight
-from .oft import apply_blocks
+from .oft import (
+    GENERIC_TILE_ELEMENTS, _dense_copy, apply_blocks, fresh_result, rotate_rows, run_row_tiles, tile_rows, tile_threads,
+)
 
 Array = Any
 
@@ -249,6 +251,67 @@ def dense_rotation(blocks: Array) -> Array:
     return apply_rotation(eye, blocks)
 
 
+def composed_size(m: int, b: int) -> int:
+    """``b·2^(m−1)``: the size of the diagonal blocks of ``M = B_{m−1}⋯B_0``.
+
+    Level ``i``'s permutation keeps every index inside its group of ``b·2^i`` consecutive indices and
+    ``D_i``'s blocks tile those groups, so ``B_i`` is block diagonal with blocks of ``b·2^i`` and the
+    product with blocks of ``b·2^(m−1)`` (the largest group).
+
+    >>> composed_size(1, 32), composed_size(3, 8)
+    (32, 32)
+    """
+    return b * 2 ** (m - 1)
+
+
+#: elements of the float64 work array of :func:`composed_blocks` per step (groups are composed in chunks)
+COMPOSE_ELEMENTS = 1 << 16
+
+
+def composed_blocks(blocks: Array) -> Array:
+    """The diagonal blocks ``(n/B, B, B)`` of ``M = B_{m−1}⋯B_0``, ``B = b·2^(m−1)`` (:func:`composed_size`).
+
+    Read off products: for a run of groups covering ``n_c`` indices, ``E = [I_B I_B ⋯ I_B]`` ``(B, n_c)``
+    has ``(E M_c)[k, g·B + j] = M[g·B + k, g·B + j]`` because ``M`` is block diagonal, and a run of groups
+    is a butterfly of its own (the level permutations of dimension ``n_c`` are those of ``n`` restricted
+    to it). The factors are multiplied in float64, :data:`COMPOSE_ELEMENTS` work elements at a time, and
+    the blocks rounded once to ``blocks``' dtype (``m = 1``: ``blocks[0]`` itself).
+
+    >>> import numpy as np
+    >>> R = cayley(np.random.default_rng(0).normal(size=(2, 4, 2, 2)))
+    >>> C = composed_blocks(R)
+    >>> M = dense_rotation(R)
+    >>> C.shape, bool(np.allclose(M[4:8, 4:8], C[1])), bool(np.allclose(M[:4, 4:], 0.0))
+    ((2, 4, 4), True, True)
+    """
+    xp = namespace(blocks)
+    m, nb, b = int(blocks.shape[0]), int(blocks.shape[1]), int(blocks.shape[2])
+    if m == 1:
+        return blocks[0, ...]
+    size = composed_size(m, b)
+    per = size // b  # factor blocks per group and level
+    groups = nb // per
+    step = max(1, COMPOSE_ELEMENTS // (size * size))  # groups per chunk
+    dev = array_api_compat.device(blocks)
+    eye = xp.eye(size, dtype=xp.float64, device=dev)
+    parts = []
+    for g0 in range(0, groups, step):
+        g1 = min(groups, g0 + step)
+        sub = xp.astype(blocks[:, g0 * per:g1 * per, ...], xp.float64)
+        E = xp.concat([eye] * (g1 - g0), axis=1)
+        EM = apply_rotation(E, sub)  # (B, n_c): the chunk's permutations are computed for n_c
+        C = xp.permute_dims(xp.reshape(EM, (size, g1 - g0, size)), (1, 0, 2))
+        parts.append(xp.astype(C, blocks.dtype))
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+
+def _composes(m: int, b: int) -> bool:
+    """Whether merging applies :func:`composed_blocks` (one product with blocks of ``b·2^(m−1)``) rather
+    than the ``m`` levels one after the other: when that costs at most the flops of ``m + 1`` levels
+    (``m ≤ 3``) or the composed blocks are at most 128 wide."""
+    return 2 ** (m - 1) <= m + 1 or composed_size(m, b) <= 128
+
+
 # --------------------------------------------------------------------------------------------------
 # Initialisation (specs/boft.md, "Initialisation (`init_weights`)")
 # --------------------------------------------------------------------------------------------------
@@ -392,7 +455,56 @@ def _merge(weight: Array, boft_R: Array, boft_s: Array, *, layer: Any, copy: boo
         new *= as_compute(xp, s, cd)[:, None]  # in place on the fresh product (saves a weight-sized temporary)
         return xp.reshape(new, lay.weight_shape)
 
-    return write_weight(where, weight, compute, copy=copy, safe=safe, xp=xp)
+    return _write_rotated(where, weight, lambda: cayley(boft_R, dtype=cd), as_compute(xp, s, cd), compute,
+                          params=(boft_R, boft_s), transpose=True, divide=False, copy=copy, safe=safe, cd=cd, xp=xp)
+
+
+def _write_rotated(where: str, weight: Array, rotation: Callable[[], Array], scale: Array, compute: Callable[[], Array],
+                   *, params: tuple, transpose: bool, divide: bool, copy: bool, safe: bool, cd: Any, xp: Any) -> Array:
+    """Write ``diag(s) · W Mᵀ`` (``transpose``) or ``diag(1/s) · W M`` through the one write path:
+    row tiles of the stored weight (:func:`peftmath.methods.oft.rotate_rows`) in place and into the
+    ``copy=True`` result (:func:`~peftmath.methods.oft.fresh_result`); ``compute`` (the whole product)
+    where that result cannot be filled (JAX, dask, torch recording gradients of ``params``)."""
+    def rows(src: Array, dst: Array) -> bool:
+        R = rotation()
+        m, b = int(R.shape[0]), int(R.shape[-1])
+        if _composes(m, b):
+            C = composed_blocks(R)
+            F = _dense_copy(xp, xp.matrix_transpose(C)) if transpose else C
+            return rotate_rows(src, dst, F, cd=cd, scale=scale, divide=divide, xp=xp)
+        return _levels_rows(src, dst, R, scale, transpose=transpose, divide=divide, cd=cd, xp=xp)
+
+    def new() -> Array:
+        out = fresh_result(weight, *params)
+        if out is None:
+            return compute()
+        rows(weight, out)
+        return out
+
+    return write_weight(where, weight, new, kernel=lambda W: rows(W, W), copy=copy, safe=safe, kernel_on_copy=False,
+                        xp=xp)
+
+
+def _levels_rows(src: Array, dst: Array, R: Array, scale: Array, *, transpose: bool, divide: bool, cd: Any,
+                 xp: Any) -> bool:
+    """:func:`apply_rotation` level by level on row tiles of ``src`` into ``dst`` (may be ``src``), scaled
+    per row; for ``m`` whose composed blocks would cost more than the levels (:func:`_composes`)."""
+    rows = int(src.shape[0])
+    n = math.prod(int(d) for d in src.shape[1:])
+    perms = level_perms(n, int(R.shape[0]), int(R.shape[1]), int(R.shape[2]))
+
+    def make_worker(run: int) -> Callable[[int, int], None]:
+        def work(start: int, stop: int) -> None:
+            X = as_compute(xp, xp.reshape(src[start:stop, ...], (stop - start, n)), cd)
+            Y = apply_rotation(X, R, perms, transpose=transpose)
+            Y = Y / scale[start:stop, None] if divide else Y * scale[start:stop, None]
+            dst[start:stop, ...] = xp.reshape(as_compute(xp, Y, dst.dtype), tuple(dst[start:stop, ...].shape))
+        return work
+
+    numpy = isinstance(src, np.ndarray)
+    step = tile_rows(n, np.dtype(cd).itemsize) if numpy else max(1, GENERIC_TILE_ELEMENTS // max(1, n))
+    run_row_tiles(rows, step, make_worker, threads=tile_threads() if numpy else 1)
+    return True
 
 
 def unmerge(
@@ -427,18 +539,21 @@ def _unmerge(weight: Array, boft_R: Array, boft_s: Array, *, layer: Any, copy: b
             f"{lay.out_features}); the merged rows cannot be unscaled. The weight is unchanged"
         )
     cd = compute_dtype(xp, weight.dtype, boft_R.dtype, boft_s.dtype)
+    sc = as_compute(xp, s, cd)
 
     def compute() -> Array:
         Wm = as_compute(xp, xp.reshape(weight, lay.matrix_shape), cd)
         rotated = apply_rotation(Wm, cayley(boft_R, dtype=cd))
-        sc = as_compute(xp, s, cd)
         if peft_compat:
             rotated *= (1.0 / sc)[:, None]
         else:
             rotated /= sc[:, None]
         return xp.reshape(rotated, lay.weight_shape)
 
-    return write_weight(where, weight, compute, copy=copy, xp=xp)
+    # peftmath divides by s; peft_compat multiplies by 1/s (PEFT's rounding)
+    return _write_rotated(where, weight, lambda: cayley(boft_R, dtype=cd), 1.0 / sc if peft_compat else sc, compute,
+                          params=(boft_R, boft_s), transpose=False, divide=not peft_compat, copy=copy, safe=False,
+                          cd=cd, xp=xp)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,8 +50,8 @@ from ._contract import Method
 # the LyCORIS plumbing LoHa shares with LoKr; every name stays importable from here
 from ._lycoris import (  # noqa: F401  (BLOCK_ELEMENTS: loha.BLOCK_ELEMENTS is documented)
     BLOCK_ELEMENTS, SUPPORTED, LycorisConfig, adapted_forward, apply_row_blocks, block_rows, check_kind, cp_weight,
-    default_xp, draw_dropout, kaiming, masked, put_host, rank_dropout_mask, round_to_dtype, scaling,
-    uses_effective_conv,
+    default_xp, draw_dropout, kaiming, masked, put_host, rank_dropout_mask, round_to_dtype, run_row_tiles, scaling,
+    tile_rows, tile_threads, uses_effective_conv,
 )
 
 Array = Any
@@ -348,6 +348,48 @@ def _hada_blocks(w1_a: Array, w1_b: Array, w2_a: Array, w2_b: Array, t1: Array |
     return gen
 
 
+def _hada_rows_numpy(a1: np.ndarray, b1: np.ndarray, a2: np.ndarray, b2: np.ndarray) -> Callable[..., bool]:
+    """``dst = src ± (a1 @ b1) ⊙ (a2 @ b2)`` on NumPy (matrix form; ``s`` already folded into ``a1``).
+
+    Per row tile (:func:`~peftmath.methods._lycoris.block_rows` rows, at most a
+    :data:`~peftmath.methods.oft.TILE_BYTES` buffer): ``t1 = a1[rows] @ b1`` and
+    ``t2 = a2[rows] @ b2`` into two buffers reused across tiles (``out=``), ``t1 *= t2``, then
+    ``dst[rows] = src[rows] ± t1`` in one pass (half precision or strided rows: widened into ``t2``,
+    added, rounded once as they are written). The same operations in the same order as the generic
+    row blocks, so the same numbers; tiles spread over :func:`~peftmath.methods._lycoris.tile_threads`.
+    """
+    def rows(src: np.ndarray, dst: np.ndarray, cd: Any, sign: int) -> bool:
+        n_rows, n = int(src.shape[0]), int(b1.shape[1])
+        f1, g1, f2, g2 = (np.ascontiguousarray(x, dtype=cd) for x in (a1, b1, a2, b2))
+        step = min(block_rows(n), tile_rows(n, np.dtype(cd).itemsize))
+        op = np.add if sign > 0 else np.subtract
+        plain = src.dtype == cd and dst.dtype == cd and src.flags.c_contiguous and dst.flags.c_contiguous
+
+        def make_worker(run: int) -> Callable[[int, int], None]:
+            t1 = np.empty((min(step, run), n), dtype=cd)
+            t2 = np.empty_like(t1)
+
+            def work(start: int, stop: int) -> None:
+                t = stop - start
+                x1, x2 = t1[:t], t2[:t]
+                np.matmul(f1[start:stop], g1, out=x1)
+                np.matmul(f2[start:stop], g2, out=x2)
+                np.multiply(x1, x2, out=x1)
+                if plain:
+                    op(src[start:stop].reshape(t, n), x1, out=dst[start:stop].reshape(t, n))
+                    return
+                np.copyto(x2.reshape((t,) + src.shape[1:]), src[start:stop], casting="unsafe")
+                op(x2, x1, out=x2)
+                np.copyto(dst[start:stop], x2.reshape((t,) + dst.shape[1:]), casting="unsafe")
+
+            return work
+
+        run_row_tiles(n_rows, step, make_worker, threads=tile_threads())
+        return True
+
+    return rows
+
+
 def _apply(W: Array, w1_a: Array, w1_b: Array, w2_a: Array, w2_b: Array, *, t1: Array | None, t2: Array | None,
            scaling: float, layer: Any, sign: int, copy: bool, safe: bool, peft_compat: bool, where: str) -> Array:
     xp = namespace(W, w1_a, w1_b, w2_a, w2_b, t1, t2, where=where)
@@ -363,8 +405,12 @@ def _apply(W: Array, w1_a: Array, w1_b: Array, w2_a: Array, w2_b: Array, *, t1: 
 
     out, in_flat = lay.matrix_shape
     blocks = _hada_blocks(w1_a, w1_b, w2_a, w2_b, t1, t2, scaling, out, in_flat)
+    fast = None
+    if t1 is None and all(isinstance(a, np.ndarray) for a in params):
+        # s folded into w1_a in cd, as the generic blocks do
+        fast = _hada_rows_numpy(as_compute(xp, w1_a, cd) * scaling, w1_b, w2_a, w2_b)
     return apply_row_blocks(where, W, lay, blocks, full, param_dtypes=tuple(a.dtype for a in params), sign=sign,
-                            copy=copy, safe=safe, peft_compat=peft_compat)
+                            copy=copy, safe=safe, peft_compat=peft_compat, numpy_rows=fast, params=tuple(params))
 
 
 def merge(

@@ -476,7 +476,7 @@ def _apply(W: Array, params: dict[str, Array], *, scaling: float, layer: Any, g:
         return _delta(params, lay, scaling, dtype=cd, peft_compat=peft_compat)
 
     return apply_row_blocks(where, W, lay, _kron_blocks(w1, w2, scaling, g), full, param_dtypes=dts, sign=sign,
-                            copy=copy, safe=safe, peft_compat=peft_compat)
+                            copy=copy, safe=safe, peft_compat=peft_compat, params=tuple(params.values()))
 
 
 def merge(W: Array, params: dict[str, Array], *, scaling: float, layer: Layer | LayerKind | str | None = None,

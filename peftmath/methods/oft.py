@@ -33,13 +33,15 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import array_api_compat
 import array_api_extra as xpx
 import numpy as np
 
-from .._array import as_compute, compute_dtype, conv, embedding_lookup, is_low_precision, namespace
+from .._array import (
+    as_compute, compute_dtype, conv, embedding_lookup, is_immutable, is_low_precision, namespace, why_not_writeable,
+)
 from ..backends import backend_for, host_rng
 from ..config import (
     TunerConfig,
@@ -553,6 +555,8 @@ def _peft_fold_rotate(x: Array, R: Array, kernel: tuple[int, ...]) -> Array:
 # Merge / unmerge (specs/oft.md, "Forward, merge, unmerge")
 # --------------------------------------------------------------------------------------------------
 def _rotate_weight(weight: Array, blocks: Array, lay: Layer, *, inverse: bool, xp: Any, cd: Any) -> Array:
+    """The rotated weight as a new array, the whole product at once (arrays that are never written,
+    JAX and dask, and torch tensors recording gradients; see :func:`fresh_result`)."""
     R = as_compute(xp, blocks, cd)
     if inverse:
         R = _inverse_blocks(R)
@@ -560,6 +564,169 @@ def _rotate_weight(weight: Array, blocks: Array, lay: Layer, *, inverse: bool, x
         return apply_blocks(as_compute(xp, weight, cd), R)
     Wm = as_compute(xp, xp.reshape(weight, lay.matrix_shape), cd)  # (out, n) -> W Rᵀ
     return xp.reshape(apply_blocks(Wm, R, transpose=True), lay.weight_shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Row tiles: the in-place kernel (specs/oft.md, "In place: row tiles")
+# --------------------------------------------------------------------------------------------------
+#: bytes of one NumPy row tile buffer (float32 or float64): the tile, its product and the rows being
+#: written back stay in one core's L2 cache (512 KiB: 32 rows of a 4096-wide float32 matrix)
+TILE_BYTES = 512 << 10
+#: elements of one row tile on other libraries (torch, CuPy, array-api-strict): one library call per
+#: step and tile, the library threads inside it
+GENERIC_TILE_ELEMENTS = 1 << 22
+
+
+def tile_rows(n_cols: int, itemsize: int, budget: int = TILE_BYTES) -> int:
+    """Rows per tile: ``budget`` bytes of ``n_cols``-wide rows of ``itemsize`` bytes, at least one.
+
+    >>> tile_rows(4096, 4), tile_rows(10**7, 4)
+    (32, 1)
+    """
+    return max(1, budget // max(1, n_cols * itemsize))
+
+
+def tile_threads() -> int:
+    """Threads of the NumPy row-tile loops: the BLAS thread limit (``OPENBLAS_NUM_THREADS``,
+    ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, the first one set to a positive integer), else the CPUs
+    this process may use. Each tile's products are small BLAS calls that run on one thread, so the loop
+    spreads tiles over as many threads as one large BLAS call would use."""
+    import os
+
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def run_row_tiles(n_rows: int, step: int, make_worker: Callable[[int], Callable[[int, int], None]], *,
+                  threads: int = 1) -> None:
+    """Call ``work(start, stop)`` on consecutive row tiles ``[start, stop)`` of ``step`` rows covering
+    ``range(n_rows)``, where ``work = make_worker(rows)`` is built once per thread for its run of
+    ``rows`` rows (its own buffers, at most ``min(step, rows)`` rows each).
+
+    With ``threads > 1`` the rows are cut into that many contiguous runs of whole tiles, each run on a
+    thread of a pool (NumPy and BLAS release the GIL); the tiles, hence the numbers, are the same as
+    with one thread. NumPy's floating-point warnings are off inside the runs, as inside one large BLAS
+    call: NaN and infinity propagate to the result (``safe=True`` refuses it). An exception in a thread
+    is raised here after every thread has stopped.
+    """
+    n_tiles = -(-n_rows // step) if n_rows else 0
+    count = max(1, min(threads, n_tiles))
+
+    def run(lo: int, hi: int) -> None:
+        with np.errstate(all="ignore"):
+            work = make_worker(hi - lo)
+            for start in range(lo, hi, step):
+                work(start, min(hi, start + step))
+
+    if count == 1:
+        run(0, n_rows)
+        return
+    cuts = [min(n_rows, (n_tiles * i // count) * step) for i in range(count + 1)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(count) as pool:
+        list(pool.map(lambda i: run(cuts[i], cuts[i + 1]), range(count)))
+
+
+def rotate_rows(src: Array, dst: Array, factors: Array, *, cd: Any, scale: Array | None = None,
+                divide: bool = False, xp: Any = None) -> bool:
+    """``dst ← src · diag(F_1, …, F_r)`` row tile by row tile (then ``⊙ scale`` or ``⊘ scale`` per row).
+
+    ``src`` and ``dst`` hold the same rows on their first axis, each row flattened in C order to the
+    ``n`` entries being rotated (a Linear or Embedding weight, a Conv2d weight ``(out, C, kH, kW)``
+    whatever its strides, or its ``(out, n)`` matrix); ``dst`` may be ``src`` itself (in place: every
+    row is read before it is written). ``factors`` are the right factors ``(r|1, b, b)`` in the compute
+    dtype ``cd`` (``Rᵀ`` for ``W Rᵀ``), ``scale`` a ``(rows,)`` vector in ``cd`` or None.
+
+    Each tile of rows is widened to ``cd`` when stored narrower (float16, bfloat16), multiplied block by
+    block, scaled, and rounded once to ``dst``'s dtype as it is written: the numbers of
+    :func:`apply_blocks` on the whole matrix with no temporary of its size. On NumPy the tile buffers
+    (:data:`TILE_BYTES` each) are reused across tiles (``out=``), a product goes straight into ``dst``
+    when it can, and the tiles spread over :func:`tile_threads` threads; other libraries take tiles of
+    about :data:`GENERIC_TILE_ELEMENTS` elements through :func:`apply_blocks`. Returns True.
+    """
+    xp = xp or namespace(src, dst, factors)
+    rows = int(src.shape[0])
+    n = math.prod(int(d) for d in src.shape[1:])
+    numpy = all(isinstance(a, np.ndarray) for a in (src, dst, factors) + (() if scale is None else (scale,)))
+    if numpy:
+        F = np.ascontiguousarray(factors)
+        step = tile_rows(n, np.dtype(cd).itemsize)
+        run_row_tiles(rows, step, lambda run: _numpy_tile_worker(src, dst, F, cd, min(step, run), scale, divide),
+                      threads=tile_threads())
+        return True
+    step = max(1, GENERIC_TILE_ELEMENTS // max(1, n))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        X = as_compute(xp, xp.reshape(src[start:stop, ...], (stop - start, n)), cd)
+        Y = apply_blocks(X, factors)
+        if scale is not None:
+            Y = Y / scale[start:stop, None] if divide else Y * scale[start:stop, None]
+        dst[start:stop, ...] = xp.reshape(as_compute(xp, Y, dst.dtype), tuple(dst[start:stop, ...].shape))
+    return True
+
+
+def _numpy_tile_worker(src: np.ndarray, dst: np.ndarray, F: np.ndarray, cd: Any, t_max: int,
+                       scale: np.ndarray | None, divide: bool) -> Callable[[int, int], None]:
+    """One thread's ``work(start, stop)`` for :func:`rotate_rows` on NumPy, with its own buffers of
+    ``t_max`` rows."""
+    k, b = F.shape[0], F.shape[-1]
+    n = math.prod(src.shape[1:])
+    r = n // b
+    # read the rows in place when they are C-ordered in cd; else widen / gather them into a tile buffer
+    stage = None if src.dtype == cd and src.flags.c_contiguous else np.empty((t_max, n), dtype=cd)
+    # write the product straight into dst when its rows are C-ordered in cd and it is not the source
+    direct = dst is not src and dst.dtype == cd and dst.flags.c_contiguous and not np.may_share_memory(dst, src)
+    out = None if direct else np.empty((t_max, n), dtype=cd)
+
+    def work(start: int, stop: int) -> None:
+        t = stop - start
+        if stage is None:
+            X = src[start:stop].reshape(t, n)
+        else:
+            X = stage[:t]
+            np.copyto(X.reshape((t,) + src.shape[1:]), src[start:stop], casting="unsafe")
+        Y = dst[start:stop].reshape(t, n) if direct else out[:t]
+        if k == 1:  # one shared block: (t·r, b) @ (b, b)
+            np.matmul(X.reshape(t * r, b), F[0], out=Y.reshape(t * r, b))
+        else:  # block i of every row: (r, t, b) @ (r, b, b), views of the tiles
+            np.matmul(X.reshape(t, r, b).transpose(1, 0, 2), F, out=Y.reshape(t, r, b).transpose(1, 0, 2))
+        if scale is not None:
+            (np.divide if divide else np.multiply)(Y, scale[start:stop, None], out=Y)
+        if not direct:  # rounds once (to nearest even) when dst is narrower
+            np.copyto(dst[start:stop], Y.reshape((t,) + dst.shape[1:]), casting="unsafe")
+
+    return work
+
+
+def fresh_result(weight: Array, *params: Array | None) -> Array | None:
+    """A new writeable C-ordered array of ``weight``'s shape and dtype, for a ``copy=True`` result filled
+    row tile by row tile from ``weight`` (read once, written once: the only allocation of its size), or
+    None where the result is computed out of place instead: arrays that are never written (JAX, dask)
+    and torch tensors recording gradients (``weight`` or a parameter requires grad while autograd is on;
+    the out-of-place result keeps the graph)."""
+    if is_immutable(weight):
+        return None
+    arrays = (weight,) + tuple(a for a in params if a is not None)
+    if any(getattr(a, "requires_grad", False) for a in arrays):
+        import torch
+
+        if torch.is_grad_enabled():
+            return None
+    xp = namespace(weight)
+    out = xp.empty(tuple(weight.shape), dtype=weight.dtype, device=array_api_compat.device(weight))
+    return out if why_not_writeable(out) is None else None
+
+
+def _right_factors(xp: Any, R: Array, *, transpose: bool) -> Array:
+    """The right factors of ``X · diag(R)`` (``transpose=False``) or ``X · diag(R)ᵀ``, C-ordered."""
+    return _dense_copy(xp, xp.matrix_transpose(R)) if transpose else R
 
 
 def merge(
@@ -610,8 +777,24 @@ def _merge_or_unmerge(weight: Array, blocks: Array, layer: Layer | LayerKind | s
     lay = Layer.for_weight(layer, weight)
     _check_blocks(lay, blocks, where)
     cd = compute_dtype(xp, weight.dtype, blocks.dtype)
-    return write_weight(where, weight, lambda: _rotate_weight(weight, blocks, lay, inverse=inverse, xp=xp, cd=cd),
-                        copy=copy, safe=safe, xp=xp)
+
+    emb = lay.kind is LayerKind.EMBEDDING
+
+    def factors() -> Array:  # right factors: W Rᵀ (Linear, Conv2d), W R (Embedding); R⁻¹ per block to unmerge
+        R = as_compute(xp, blocks, cd)
+        return _right_factors(xp, _inverse_blocks(R) if inverse else R, transpose=not emb)
+
+    def compute() -> Array:
+        out = fresh_result(weight, blocks)
+        if out is None:
+            return _rotate_weight(weight, blocks, lay, inverse=inverse, xp=xp, cd=cd)
+        rotate_rows(weight, out, factors(), cd=cd, xp=xp)
+        return out
+
+    # the kernel receives the stored weight itself (any strides: its first-axis row tiles are views);
+    # copy=True fills the new array from the weight in one pass (compute), not a copy then the kernel
+    return write_weight(where, weight, compute, kernel=lambda W: rotate_rows(W, W, factors(), cd=cd, xp=xp),
+                        copy=copy, safe=safe, kernel_on_copy=False, xp=xp)
 
 
 # --------------------------------------------------------------------------------------------------
