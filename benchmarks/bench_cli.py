@@ -1,21 +1,30 @@
-"""Issue 6 benchmark: `peftmath merge` on a Llama-shaped model in shards, side by side with PEFT and `cp`.
+"""Issues 6 and 20 benchmark: `peftmath merge` of a sharded model, side by side with `cp` (+ fsync) and PEFT.
 
-The model: a random LlamaForCausalLM (hidden 1024, intermediate 2816, 22 layers, vocab 16384; about
-316M parameters) in bfloat16, saved by transformers in 200 MB shards with its index; the adapter: LoRA
-r=16 (alpha 32, random non-zero B) on every linear layer (PEFT's "all-linear": q/k/v/o, gate/up/down).
+Two models, each in shards with its index, and a LoRA r=16 adapter (alpha 32, random non-zero B) on every
+linear layer (PEFT's "all-linear": q/k/v/o, gate/up/down):
+
+- bfloat16: a random LlamaForCausalLM (hidden 1024, intermediate 2816, 22 layers, vocab 16384; about 316M
+  parameters, 603 MiB) saved by transformers in 200 MB shards;
+- float32: the same shapes with 12 layers (about 190M parameters, 730 MiB), 200 MB shards.
 
 Each contender runs in its own child process (2 threads: OMP/OpenBLAS/MKL and torch.set_num_threads),
-timed from start to exit, peak resident memory from the child's rusage:
+timed from start to exit, peak resident memory from the child's own VmHWM:
 
-- peftmath: ``python -m peftmath.cli merge BASE ADAPTER -o OUT`` (streamed, one tensor at a time);
-- PEFT: ``AutoModelForCausalLM.from_pretrained`` + ``PeftModel.from_pretrained`` + ``merge_and_unload``
-  + ``save_pretrained`` (torch CPU), the usual recipe;
-- copy: ``shutil.copytree(BASE, OUT)``, the floor for a tool that must write every byte.
+- peftmath: ``python -m peftmath.cli merge BASE ADAPTER -o OUT`` (streamed, pipelined);
+- peftmath (baseline): the same command run from another checkout (``--baseline DIR``, e.g. a ``git
+  worktree`` of the commit before a change; its output must be byte-identical);
+- PEFT (bfloat16 model only): ``AutoModelForCausalLM.from_pretrained`` + ``PeftModel.from_pretrained`` +
+  ``merge_and_unload`` + ``save_pretrained`` (torch CPU), the usual recipe;
+- copy: ``shutil.copytree(BASE, OUT)``; copy+fsync ("the durable copy"): the same, then ``fsync`` of each
+  file, the floor for a tool whose output must be on disk when it exits (peftmath fsyncs every shard).
 
-Runs are interleaved and repeated; the table reports the median. Then the merged tensors of peftmath
-and PEFT are compared (max difference in bf16 ulps, bit-identical count; also with --peft-compat).
+Rounds are interleaved (every contender once per round); each ratio is the median over rounds of the
+per-round ratio to the durable copy of the same round (that survives a loaded machine better than bare
+times). Then the merged tensors of peftmath and PEFT are compared (max difference in bf16 ulps,
+bit-identical count; also with --peft-compat).
 
-    python benchmarks/bench_cli.py            # ~2 minutes, 3.5 GB of disk under benchmarks/_out/cli
+    python benchmarks/bench_cli.py            # ~3 minutes, at most 3.2 GB of disk under benchmarks/_out/cli
+    python benchmarks/bench_cli.py --baseline /tmp/base   # also the checkout at /tmp/base, side by side
     python benchmarks/bench_cli.py --small    # a quick check of the script
 """
 
@@ -89,7 +98,7 @@ sys.exit(rc)
 """
 
 
-def generate(work: Path, small: bool) -> tuple[Path, Path]:
+def generate(work: Path, small: bool, dtype: str = "bfloat16") -> tuple[Path, Path]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -100,13 +109,14 @@ def generate(work: Path, small: bool) -> tuple[Path, Path]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     torch.manual_seed(0)
+    layers = {"bfloat16": 22, "float32": 12}[dtype]
     if small:
         cfg = LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
                           num_key_value_heads=8, vocab_size=4096, tie_word_embeddings=False)
     else:
-        cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=22, num_attention_heads=16,
+        cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=16,
                           num_key_value_heads=16, vocab_size=16384, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     model.save_pretrained(base, max_shard_size="200MB" if not small else "5MB", safe_serialization=True)
     lcfg = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
     peft_model = get_peft_model(model, lcfg)
@@ -114,14 +124,17 @@ def generate(work: Path, small: bool) -> tuple[Path, Path]:
     return base, adapter
 
 
-def run_child(argv: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MiB, stdout) of a child process.
+def run_child(argv: list[str], pythonpath: str | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MiB, stdout) of a child process, with ``pythonpath`` first on its path
+    (run from that folder, so that its ``peftmath`` is the one imported).
 
     The peak is the child's own VmHWM, printed by it at exit as JSON on its last stdout line (the
     rusage of a forked child would include the parent's memory at fork time).
     """
+    env = {**ENV, "PYTHONPATH": pythonpath or str(ROOT)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, env=env, cwd=pythonpath or str(ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -156,108 +169,176 @@ def dir_bytes(p: Path) -> int:
     return sum(q.stat().st_size for q in p.rglob("*") if q.is_file())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--small", action="store_true", help="a tiny model, to check the script")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--work", type=Path, default=HERE / "_out" / "cli")
-    ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
-    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    work = args.work / ("small" if args.small else "llama300m")
-    t0 = time.perf_counter()
-    if args.generate_only:
-        generate(work, args.small)
-        return
-    subprocess.run([sys.executable, __file__, "--generate-only", "--work", str(args.work)]
-                   + (["--small"] if args.small else []), check=True, env=ENV)
-    base, adapter = work / "base", work / "lora-r16"
-    print(f"model ready in {time.perf_counter() - t0:.1f} s: {base} ({dir_bytes(base) / 2**20:.0f} MiB)", file=sys.stderr)
-    from peftmath.io.stream import open_model
+def tree_sha(p: Path) -> dict[str, str]:
+    import hashlib
 
-    m = open_model(base)
-    n_params = sum(int(np.prod(m.shape(k))) for k in m.keys())
-    n_shards = len(m.files)
-    py = sys.executable
-    outs = {name: work / f"out-{name}" for name in ("peftmath", "peft", "copy", "copy+fsync", "compat")}
-    cmds = {
-        "peftmath": lambda o: [py, "-c", PEFTMATH_CHILD, "merge", str(base), str(adapter), "-o", str(o), "-q"],
-        "peft": lambda o: [py, "-c", PEFT_CHILD, str(base), str(adapter), str(o)],
-        "copy": lambda o: [py, "-c", COPY_CHILD, str(base), str(o)],
-        "copy+fsync": lambda o: [py, "-c", COPY_SYNC_CHILD, str(base), str(o)],
-    }
-    results: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
-    peft_phases = []
-    for rep in range(args.repeats):
+    out = {}
+    for q in sorted(p.iterdir()):
+        h = hashlib.sha256()
+        with open(q, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+        out[q.name] = h.hexdigest()
+    return out
+
+
+def rounds(cmds: dict, outs: dict, repeats: int, label: str, keep: set[str], baseline: str | None,
+           after_run=None) -> dict[str, dict]:
+    """Run every contender once per round, interleaved; per contender: wall times, peak RSS (MiB) and the
+    per-round ratio to the durable copy ("copy+fsync"). ``after_run(name, round)`` runs after each run,
+    while its output exists; outputs not in ``keep`` are removed right after it (disk)."""
+    res = {k: {"wall": [], "rss": [], "ratio": []} for k in cmds}
+    for rep in range(repeats):
+        walls = {}
         for name, cmd in cmds.items():
             shutil.rmtree(outs[name], ignore_errors=True)
-            wall, rss, out = run_child(cmd(outs[name]))
-            results[name].append((wall, rss))
-            if name == "peft":
-                peft_phases.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"  run {rep + 1} {name:9s} {wall:7.2f} s  peak RSS {rss:8.0f} MiB", file=sys.stderr)
-    shutil.rmtree(outs["compat"], ignore_errors=True)
-    run_child([py, "-m", "peftmath.cli", "merge", str(base), str(adapter), "-o", str(outs["compat"]), "-q",
-               "--peft-compat"])
-    same, total, nd, nel, worst = compare(outs["peftmath"], outs["peft"])
-    same_c, _, nd_c, _, worst_c = compare(outs["compat"], outs["peft"])
-    untouched_same = compare(outs["copy"], base)[0]
+            wall, rss, out = run_child(cmd(outs[name]), baseline if name == "baseline" else None)
+            walls[name] = wall
+            res[name]["wall"].append(wall)
+            res[name]["rss"].append(rss)
+            res[name].setdefault("stdout", []).append(out)
+            print(f"  {label} run {rep + 1} {name:10s} {wall:7.2f} s  peak RSS {rss:8.0f} MiB", file=sys.stderr)
+            if after_run is not None:
+                after_run(name, rep)
+            if name not in keep:
+                shutil.rmtree(outs[name], ignore_errors=True)
+        for name in cmds:
+            res[name]["ratio"].append(walls[name] / walls["copy+fsync"])
+    return res
 
-    med = {k: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v)) for k, v in results.items()}
-    pw, pr = med["peftmath"]
-    tw, tr = med["peft"]
-    cw, cr = med["copy"]
-    sw, sr = med["copy+fsync"]
-    ph = {k: statistics.median(p[k] for p in peft_phases) for k in peft_phases[0]}
-    size_mib = dir_bytes(base) / 2**20
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="tiny models, to check the script")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=HERE / "_out" / "cli")
+    ap.add_argument("--baseline", help="a checkout of peftmath (e.g. `git worktree add /tmp/base HEAD`) to time "
+                                       "side by side; its output must be byte-identical")
+    ap.add_argument("--no-peft", action="store_true", help="skip PEFT's merge (the slowest contender)")
+    ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    suffix = "small" if args.small else ""
+    works = {"bfloat16": args.work / (f"llama300m{suffix and '-small'}"),
+             "float32": args.work / (f"llama-f32{suffix and '-small'}")}
+    t0 = time.perf_counter()
+    if args.generate_only:
+        generate(works[args.dtype], args.small, args.dtype)
+        return
+    for dt, work in works.items():
+        if (work / "base" / "model.safetensors.index.json").exists() and (work / "lora-r16" / "adapter_model.safetensors").exists():
+            continue  # generated by an earlier run (torch and transformers take ~15 s to import)
+        subprocess.run([sys.executable, __file__, "--generate-only", "--work", str(args.work), "--dtype", dt]
+                       + (["--small"] if args.small else []), check=True, env=ENV)
+    baseline = str(Path(args.baseline).resolve()) if args.baseline else None
+    py = sys.executable
+    from peftmath.io.stream import open_model
+
+    sections = []
+    summary = {}
+    for dt, work in works.items():
+        base, adapter = work / "base", work / "lora-r16"
+        print(f"{dt} model ready ({time.perf_counter() - t0:.1f} s): {base} ({dir_bytes(base) / 2**20:.0f} MiB)",
+              file=sys.stderr)
+        m = open_model(base)
+        n_params = sum(int(np.prod(m.shape(k))) for k in m.keys())
+        n_shards = len(m.files)
+        size_mib = dir_bytes(base) / 2**20
+        outs = {name: work / f"out-{name}" for name in ("peftmath", "baseline", "peft", "copy", "copy+fsync",
+                                                        "compat")}
+        merge = lambda o: [py, "-c", PEFTMATH_CHILD, "merge", str(base), str(adapter), "-o", str(o), "-q"]
+        cmds = {"peftmath": merge}
+        if baseline:
+            cmds["baseline"] = merge
+        with_peft = dt == "bfloat16" and not args.no_peft
+        if with_peft:
+            cmds["peft"] = lambda o: [py, "-c", PEFT_CHILD, str(base), str(adapter), str(o)]
+        cmds["copy"] = lambda o: [py, "-c", COPY_CHILD, str(base), str(o)]
+        cmds["copy+fsync"] = lambda o: [py, "-c", COPY_SYNC_CHILD, str(base), str(o)]
+        checks = {}
+
+        def after_run(name, rep, checks=checks, base=base, outs=outs):
+            if rep == 0 and name == "copy":
+                checks["untouched"] = compare(outs["copy"], base)[:2]
+            if rep == 0 and name == "baseline":  # (peftmath ran just before)
+                checks["identical"] = tree_sha(outs["peftmath"]) == tree_sha(outs["baseline"])
+
+        res = rounds(cmds, outs, args.repeats, dt, {"peftmath", "peft"}, baseline, after_run)
+        med = {k: {f: statistics.median(v[f]) for f in ("wall", "rss", "ratio")} for k, v in res.items()}
+        model_mib = size_mib
+        lines = [f"### {dt}: {n_params / 1e6:.0f}M parameters, {n_shards} shards ({size_mib:.0f} MiB)", "",
+                 "| contender | wall time | peak RSS | RSS / model | vs copy+fsync (median of per-round ratios) |",
+                 "|---|---|---|---|---|"]
+        names = {"peftmath": "peftmath merge (streamed, pipelined)",
+                 "baseline": f"peftmath merge, baseline checkout (`{Path(baseline).name if baseline else ''}`)",
+                 "peft": "PEFT merge_and_unload + save_pretrained", "copy": "plain copy (shutil.copytree)",
+                 "copy+fsync": "durable copy: copy + fsync of each file"}
+        for k, v in med.items():
+            lines.append(f"| {names[k]} | {v['wall']:.2f} s | {v['rss']:.0f} MiB | {v['rss'] / model_mib:.1%} "
+                         f"| {v['ratio']:.2f}x |")
+        pr = med["peftmath"]
+        target = (f"Targets (issue 20): <= 1.5x the durable copy: {'met' if pr['ratio'] <= 1.5 else 'MISSED'} "
+                  f"({pr['ratio']:.2f}x); peak RSS <= 25% of the model: "
+                  f"{'met' if pr['rss'] <= 0.25 * model_mib else 'MISSED'} ({pr['rss'] / model_mib:.1%}).")
+        if baseline:
+            target += (f" Baseline: {med['baseline']['ratio']:.2f}x; output byte-identical to the baseline's: "
+                       f"{'yes' if checks['identical'] else 'NO'}.")
+        lines += ["", target]
+        summary[dt] = (pr["ratio"], pr["rss"] / model_mib, med.get("baseline", {}).get("ratio"))
+        if with_peft:
+            ph = {k: statistics.median(json.loads(o.strip().splitlines()[-1])[k] for o in res["peft"]["stdout"])
+                  for k in ("import", "load", "merge", "save")}
+            shutil.rmtree(outs["compat"], ignore_errors=True)
+            run_child([py, "-m", "peftmath.cli", "merge", str(base), str(adapter), "-o", str(outs["compat"]), "-q",
+                       "--peft-compat"])
+            same, total, nd, nel, worst = compare(outs["peftmath"], outs["peft"])
+            same_c, _, nd_c, _, worst_c = compare(outs["compat"], outs["peft"])
+            tw, tr = med["peft"]["wall"], med["peft"]["rss"]
+            lines += [
+                "",
+                f"PEFT: {tw:.2f} s, {tr:.0f} MiB; peftmath takes {pr['wall'] / tw:.2f}x its time and "
+                f"{pr['rss'] / tr:.1%} of its memory (issue 6 targets: <= 1x, <= 25%). PEFT's phases (median): "
+                f"import {ph['import']:.1f} s, load {ph['load']:.1f} s, merge {ph['merge']:.1f} s, "
+                f"save {ph['save']:.1f} s.",
+                "",
+                f"Agreement with PEFT's merged model: default (float32 compute, one rounding): {same}/{total} tensors "
+                f"bit-identical, {nd} of {nel:,} elements differ, max |difference| / max |W| = {worst:.1e}; "
+                f"`--peft-compat` (PEFT's order: delta rounded to bf16, then added): {same_c}/{total} bit-identical, "
+                f"{nd_c} elements differ (max {worst_c:.1e})"
+                + ("; the differences come from the float32 summation order of B@A (BLAS) flipping a rounding. "
+                   if nd or nd_c else ". ")
+                + f"(The copy is bit-identical to the base: {checks['untouched'][0]}/{checks['untouched'][1]}.)",
+            ]
+        else:
+            lines += ["", f"(The copy is bit-identical to the base: {checks['untouched'][0]}/{checks['untouched'][1]}.)"]
+        sections.append("\n".join(lines))
+        for o in outs.values():
+            shutil.rmtree(o, ignore_errors=True)
+
     from _results import machine_line, write_section
 
-    lines = [
-        "## cli: `peftmath merge` of a sharded model (issue 6)",
+    head = [
+        "## cli: `peftmath merge` of a sharded model (issues 6 and 20)",
         "",
-        f"Script: `benchmarks/bench_cli.py`{' --small' if args.small else ''}. Machine: {machine_line()}.",
+        f"Script: `benchmarks/bench_cli.py`{' --small' if args.small else ''} (`--repeats {args.repeats}`"
+        f"{', --baseline' if baseline else ''}). Machine: {machine_line()}; load average "
+        f"{os.getloadavg()[0]:.1f} at the end.",
         "",
-        f"Model: random Llama-shaped LlamaForCausalLM, {n_params / 1e6:.0f}M parameters in bfloat16, "
-        f"{n_shards} shards ({size_mib:.0f} MiB) written by transformers' save_pretrained; adapter: LoRA r=16, "
-        f"alpha 32, random B, on every linear layer (PEFT `all-linear`). Each contender runs in its own process "
-        f"with 2 threads; median of {args.repeats} interleaved runs; wall time from process start to exit "
-        f"(imports included), peak RSS = the child's VmHWM at exit.",
+        "Adapter: LoRA r=16, alpha 32, random B, on every linear layer (PEFT `all-linear`), models written by "
+        "transformers' save_pretrained in 200 MB shards. Each contender runs in its own process with 2 threads; "
+        f"{args.repeats} interleaved rounds; wall time from process start to exit (imports included); peak RSS = "
+        "the child's VmHWM at exit; ratios = median over rounds of (contender / durable copy of the same round). "
+        "peftmath fsyncs each shard before the atomic rename, as the durable copy does.",
         "",
-        "| contender | wall time | peak RSS | vs PEFT (time) | vs PEFT (RSS) | vs copy (time) | vs copy+fsync |",
-        "|---|---|---|---|---|---|---|",
-        f"| peftmath merge (streamed) | {pw:.2f} s | {pr:.0f} MiB | {pw / tw:.2f}x | {pr / tr:.1%} | {pw / cw:.2f}x "
-        f"| {pw / sw:.2f}x |",
-        f"| PEFT merge_and_unload + save_pretrained | {tw:.2f} s | {tr:.0f} MiB | 1.00x | 100% | {tw / cw:.2f}x "
-        f"| {tw / sw:.2f}x |",
-        f"| plain copy (shutil.copytree) | {cw:.2f} s | {cr:.0f} MiB | {cw / tw:.2f}x | {cr / tr:.1%} | 1.00x "
-        f"| {cw / sw:.2f}x |",
-        f"| copy + fsync of each file | {sw:.2f} s | {sr:.0f} MiB | {sw / tw:.2f}x | {sr / tr:.1%} | {sw / cw:.2f}x "
-        f"| 1.00x |",
-        "",
-        f"PEFT's phases (median): import {ph['import']:.1f} s, load {ph['load']:.1f} s, merge {ph['merge']:.1f} s, "
-        f"save {ph['save']:.1f} s. peftmath fsyncs each shard before the atomic rename; the plain copy does not, the "
-        f"copy+fsync row does.",
-        "",
-        f"Targets (issue 6): peak RSS <= 25% of PEFT's: {'met' if pr <= 0.25 * tr else 'MISSED'} ({pr / tr:.1%}); "
-        f"wall time <= PEFT's: {'met' if pw <= tw else 'MISSED'} ({pw / tw:.2f}x); within 1.5x of copying: "
-        f"{'met' if pw <= 1.5 * cw else 'MISSED'} ({pw / cw:.2f}x; {pw / sw:.2f}x of a copy that is also fsynced, "
-        f"as peftmath's output is).",
-        "",
-        f"Agreement with PEFT's merged model: default (float32 compute, one rounding): {same}/{total} tensors "
-        f"bit-identical, {nd} of {nel:,} elements differ, max |difference| / max |W| = {worst:.1e}; "
-        f"`--peft-compat` (PEFT's order: delta rounded to bf16, then added): {same_c}/{total} bit-identical, "
-        f"{nd_c} elements differ (max {worst_c:.1e})"
-        + ("; the differences come from the float32 summation order of B@A (BLAS) flipping a rounding. "
-           if nd or nd_c else ". ")
-        +
-        f"(The copy is bit-identical to the base: {untouched_same}/{total}.)",
     ]
-    body = "\n".join(lines)
+    body = "\n".join(head) + "\n" + "\n\n".join(sections)
     print(body)
+    for dt, (ratio, rss, base_ratio) in summary.items():
+        print(f"{dt}: {ratio:.2f}x durable copy, peak RSS {rss:.1%} of the model"
+              + (f", baseline {base_ratio:.2f}x" if base_ratio is not None else ""), file=sys.stderr)
     if not args.no_write and not args.small:
         write_section("cli", body)
-    for o in outs.values():
-        shutil.rmtree(o, ignore_errors=True)
 
 
 if __name__ == "__main__":
