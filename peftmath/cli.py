@@ -197,15 +197,24 @@ def _backend_namespace(name: str | None):
     return xp, (lambda a: b.from_host(np.ascontiguousarray(a), xp)), b.to_host
 
 
-def _progress(total: int, quiet: bool, desc: str):
+def _progress(total: int | None, quiet: bool, desc: str, unit: str = "B"):
+    """A tqdm progress bar on stderr: ``(update, close)``; ``update`` is None (and ``close`` does nothing)
+    with ``-q`` or when stderr is not a terminal. ``unit="B"`` counts bytes (scaled: KB, MB, ...), any other
+    unit whole items (modules, tensors, steps); ``total=None``: a counter without a bar."""
     if quiet or not sys.stderr.isatty():
         return None, (lambda: None)
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None, (lambda: None)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr, leave=False)
+    scaled = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    bar = tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, leave=False, **scaled)
     return bar.update, bar.close
+
+
+def _print_json(data: Any) -> None:
+    """``--json``: ``data`` on stdout, strict JSON (no NaN / Infinity)."""
+    print(json.dumps(data, indent=2, allow_nan=False))
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -289,20 +298,25 @@ def _cmd_inspect(args: argparse.Namespace, log: _Log) -> int:
     from .io.stream import open_model
 
     base = open_model(args.base) if args.base else None
-    kw = dict(base=base, layer_kinds=_layer_kinds(args.layer_kind), top=args.top, strict=args.strict)
+    update, close = _progress(None, args.quiet, "inspect", unit="module")  # count unknown before loading
+    kw = dict(base=base, layer_kinds=_layer_kinds(args.layer_kind), top=args.top, strict=args.strict,
+              progress=update)
     fmt = _format_of(args.adapter)
-    if fmt in (None, "peft"):
-        info = inspect_adapter(args.adapter, **kw)
-    else:  # kohya / LyCORIS, MLX: converted in memory, inspected as the PEFT adapter it is
-        import tempfile
+    try:
+        if fmt in (None, "peft"):
+            info = inspect_adapter(args.adapter, **kw)
+        else:  # kohya / LyCORIS, MLX: converted in memory, inspected as the PEFT adapter it is
+            import tempfile
 
-        from .io import save_adapter
+            from .io import save_adapter
 
-        ad = _read_adapter(args.adapter, strict=args.strict, model=base)
-        with tempfile.TemporaryDirectory() as td:
-            save_adapter(ad, Path(td) / "adapter")
-            info = inspect_adapter(Path(td) / "adapter", **kw)
-        info = {"path": str(args.adapter), "format": fmt, **{k: v for k, v in info.items() if k != "path"}}
+            ad = _read_adapter(args.adapter, strict=args.strict, model=base)
+            with tempfile.TemporaryDirectory() as td:
+                save_adapter(ad, Path(td) / "adapter")
+                info = inspect_adapter(Path(td) / "adapter", **kw)
+            info = {"path": str(args.adapter), "format": fmt, **{k: v for k, v in info.items() if k != "path"}}
+    finally:
+        close()
     print(json.dumps(info, indent=2) if args.json else render_inspect(info, with_base=base is not None))
     if args.plot and not info["problems"]:
         _plot_inspect(args, base)
@@ -359,7 +373,10 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
         given = [stream.adapter_provenance(a, ad) for a, ad in zip(paths, adapters)]
         provenance, notes = stream.unmerge_provenance(base, recorded, given, ignore=args.ignore_provenance)
     if args.dry_run:
-        print(plan_table(pl))
+        if args.json:
+            _print_json(_plan_json(pl, direction, args.output))
+        else:
+            print(plan_table(pl))
         for note in notes:
             log.warn(note)
         out = Path(args.output)
@@ -403,6 +420,14 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
     if card is not None:
         stream.write_model_card(card, stream.merge_model_card(src_path, args.output, provenance, len(adapters),
                                                               _merge_commands(args)))
+    if args.json:
+        _print_json({"command": direction, "output": str(rep.out), "adapters": paths, "tensors": rep.tensors,
+                     "adapted": rep.adapted, "copied": rep.tensors - rep.adapted, "bytes_written": rep.bytes_written,
+                     "seconds": round(dt, 3), "records_file": str(rep.records_file) if rep.records_file else None,
+                     "records": rep.records if rep.records_file else 0,
+                     "side_files": list(rep.side_files) if base.is_folder else [],
+                     "left_out": list(rep.left_out) if base.is_folder else [],
+                     "model_card": str(card) if card is not None else None})
     if not args.quiet:
         msg = (f"{direction}d {rep.adapted} tensors, copied {rep.tensors - rep.adapted}; wrote {rep.out} "
                f"({format_bytes(rep.bytes_written)}) in {dt:.2f} s")
@@ -416,6 +441,14 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
                 msg += f"; not copied: {', '.join(rep.left_out)}"
         print(msg, file=sys.stderr)
     return 0
+
+
+def _plan_json(pl: Any, direction: str, output: str) -> dict[str, Any]:
+    """``merge --dry-run --json``: the plan, one entry per tensor."""
+    return {"command": direction, "dry_run": True, "output": str(output), "bytes_out": pl.bytes_out(),
+            "tensors": [{"key": op.key, "operation": op.operation, "shape": list(op.shape), "src_dtype": op.src_dtype,
+                         "work_dtype": op.work_dtype, "dst_dtype": op.dst_dtype, "bytes": op.nbytes,
+                         "adapters": list(op.modules)} for op in pl.ops.values()]}
 
 
 def _merge_commands(args: argparse.Namespace) -> list[str]:
@@ -542,13 +575,21 @@ def _cmd_combine(args: argparse.Namespace, log: _Log) -> int:
     _check_output(out, [Path(a) for a in args.adapters], args.force)
     weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
     adapters = _load_adapters(args.adapters, strict=args.strict)
-    ad = combine(adapters, weights, combination_type=args.method, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
-                 density=args.density, majority_sign_method=args.majority_sign, seed=args.seed,
-                 peft_compat=args.peft_compat)
+    update, close = _progress(len({m for a in adapters for m in a.params}), args.quiet, "combine", unit="module")
+    try:
+        ad = combine(adapters, weights, combination_type=args.method, svd_rank=args.svd_rank,
+                     svd_clamp=args.svd_clamp, density=args.density, majority_sign_method=args.majority_sign,
+                     seed=args.seed, peft_compat=args.peft_compat, progress=update)
+    finally:
+        close()
     meta = {"peftmath.combine": json.dumps({"method": args.method, "weights": weights,
                                             "truncation_error": ad.truncation_error}, sort_keys=True)}
     write_adapter(ad, out, force=args.force, metadata=meta)
-    if ad.truncation_error:
+    if args.json:
+        _print_json({"command": "combine", "output": str(out), "method": args.method, "weights": weights,
+                     "adapters": list(args.adapters), "r": ad.config.r, "modules": sorted(ad.modules),
+                     "truncation_error": dict(sorted(ad.truncation_error.items()))})
+    elif ad.truncation_error:
         rows = [[m, f"{e:.3e}"] for m, e in sorted(ad.truncation_error.items())]
         print(_table(rows, ["module", "relative truncation error"]))
     if not args.quiet:
@@ -589,8 +630,15 @@ def _cmd_convert(args: argparse.Namespace, log: _Log) -> int:
     elif args.to == "gguf":
         raise ConfigError("--to gguf needs --model-config BASE (the base model's config.json, or its folder): the "
                           "tensor names and q/k row order depend on the architecture")
-    out = convert_path(args.adapter, args.output, args.to, from_=args.from_format, force=args.force,
-                       read_options=read, **write)
+    update, close = _progress(3, args.quiet, "convert", unit="step")  # read, convert, write
+    try:
+        out = convert_path(args.adapter, args.output, args.to, from_=args.from_format, force=args.force,
+                           read_options=read, progress=update, **write)
+    finally:
+        close()
+    if args.json:
+        _print_json({"command": "convert", "adapter": str(args.adapter), "from": args.from_format or _format_of(args.adapter),
+                     "to": args.to, "output": str(out)})
     if not args.quiet:
         print(f"wrote the {args.to} adapter to {out}", file=sys.stderr)
     return 0
@@ -614,9 +662,13 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
         _check_output(base_out, [Path(args.base)], args.force)
     config = read_config(args.config, strict=args.strict) if args.config else _config_from_flags(args)
     state, model_type = open_state(args.base)
-    result = create_adapter(state, config, seed=args.seed, layer_kinds=_layer_kinds(args.layer_kind),
-                            model_type=args.model_type or model_type, return_base=True)
-    ad, new_base = result
+    _hint_fast_init(config, state, log)
+    update, close = _progress(None, args.quiet, "init", unit="module")  # targets chosen inside
+    try:
+        ad, new_base = create_adapter(state, config, seed=args.seed, layer_kinds=_layer_kinds(args.layer_kind),
+                                      model_type=args.model_type or model_type, return_base=True, progress=update)
+    finally:
+        close()
     if new_base and base_out is None:
         init_field = describe_method(config.peft_type).init_field
         raise ConfigError(f"{init_field}={getattr(config, init_field or '', None)!r} changes "
@@ -636,14 +688,40 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
         elif fresh_base:
             base_out.unlink(missing_ok=True)
         raise
+    summary = ad.summary(state)["modules"]
+    if args.json:
+        _print_json({"command": "init", "output": str(out), "peft_type": ad.peft_type,
+                     "base_out": str(base_out) if base_out is not None and new_base else None,
+                     "trainable_parameters": ad.num_trainable_parameters(), "modules": summary})
+    elif not args.quiet:
+        print(_table([[r["module"], r["kind"], str(r.get("r", "")), str(r.get("alpha", "")),
+                       f"{r['scaling']:.4g}" if "scaling" in r else "", str(r["parameters"])] for r in summary],
+                     ["module", "kind", "r", "alpha", "scaling", "parameters"]))
     if not args.quiet:
         print(ad.trainable_parameters_line(state), file=sys.stderr)
-        rows = [[r["module"], r["kind"], str(r.get("r", "")), str(r.get("alpha", "")),
-                 f"{r['scaling']:.4g}" if "scaling" in r else "", str(r["parameters"])]
-                for r in ad.summary(state)["modules"]]
-        print(_table(rows, ["module", "kind", "r", "alpha", "scaling", "parameters"]))
         print(f"wrote {ad.peft_type} adapter ({len(ad.modules)} modules) to {out}", file=sys.stderr)
     return 0
+
+
+#: ``init --init pissa`` on a base with more parameters in its targets than this gets the hint below
+PISSA_HINT_PARAMETERS = 50_000_000
+
+
+def _hint_fast_init(config: Any, state: dict[str, Any], log: _Log) -> None:
+    """``--init pissa`` takes a full SVD of every target weight (minutes on a large model); PEFT's
+    ``pissa_niter_K`` (a randomized SVD with K subspace iterations, e.g. ``pissa_niter_4``) takes seconds.
+    Say so on stderr when the model is large (a hint, not a warning: --strict does not refuse it)."""
+    from .methods import describe_method
+
+    field = describe_method(config.peft_type).init_field
+    if field is None or getattr(config, field, None) != "pissa" or log.verbosity < 0:
+        return
+    n = sum(math.prod(getattr(v, "shape", ())) for k, v in state.items() if k.endswith(".weight")
+            and len(getattr(v, "shape", ())) >= 2)
+    if n > PISSA_HINT_PARAMETERS:
+        print(f"peftmath: init: pissa takes a full SVD of every target weight ({n / 1e6:.0f}M weight parameters in "
+              f"the model: minutes); --init pissa_niter_4 (PEFT's fast PiSSA, a randomized SVD with 4 subspace "
+              f"iterations) gives nearly the same factors in seconds", file=sys.stderr)
 
 
 def _config_from_flags(args: argparse.Namespace) -> Any:
@@ -702,11 +780,18 @@ def _cmd_extract(args: argparse.Namespace, log: _Log) -> int:
         from .plot import _pyplot
 
         _pyplot()  # refuse before the work when matplotlib is missing
+    from .io.stream import open_model
+
     spectra: dict[str, Any] = {}
-    report = extract_lora(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy,
-                          include=args.include, exclude=args.exclude, randomized=args.randomized,
-                          layer_kinds=_layer_kinds(args.layer_kind), fan_in_fan_out=args.fan_in_fan_out,
-                          force=args.force, log=log, singular_values=spectra)
+    totals: dict[str, Any] = {}
+    update, close = _progress(len(open_model(args.tuned).keys()), args.quiet, "extract", unit="tensor")
+    try:
+        report = extract_lora(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy,
+                              include=args.include, exclude=args.exclude, randomized=not args.exact,
+                              layer_kinds=_layer_kinds(args.layer_kind), fan_in_fan_out=args.fan_in_fan_out,
+                              force=args.force, log=log, singular_values=spectra, progress=update, totals=totals)
+    finally:
+        close()
     if args.model_card:
         _extract_card(args, report)
     if args.plot:
@@ -718,11 +803,14 @@ def _cmd_extract(args: argparse.Namespace, log: _Log) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        rows = [[m, v["layer"], "x".join(map(str, v["shape"])), str(v["rank"]), f"{v['relative_error']:.3e}"]
-                for m, v in report.items()]
-        print(_table(rows, ["module", "layer", "weight", "rank", "relative error"]))
+        rows = [[m, v["layer"], "x".join(map(str, v["shape"])), str(v["rank"]), f"{v['relative_error']:.3e}",
+                 v["svd"]] for m, v in report.items()]
+        rows.append(["(all modules)", "", "", "", f"{totals['relative_error']:.3e}", ""])
+        print(_table(rows, ["module", "layer", "weight", "rank", "relative error", "svd"]))
     if not args.quiet:
-        print(f"wrote LoRA adapter ({len(report)} modules) to {args.output} in {time.perf_counter() - t0:.2f} s",
+        print(f"wrote LoRA adapter ({len(report)} modules) to {args.output} in {time.perf_counter() - t0:.2f} s; "
+              f"relative error over all modules {totals['relative_error']:.3e} "
+              f"(sqrt(sum |D - BA|_F^2 / sum |D|_F^2), {'exact' if args.exact else 'randomized'} SVD)",
               file=sys.stderr)
     return 0
 
@@ -735,14 +823,14 @@ def _extract_card(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
     pattern = lambda r: getattr(r, "pattern", r)  # noqa: E731
     options = {"rank": args.rank, "energy": args.energy, "include": pattern(args.include),
-               "exclude": pattern(args.exclude), "randomized": args.randomized,
+               "exclude": pattern(args.exclude), "svd": "exact" if args.exact else "randomized",
                "fan_in_fan_out": args.fan_in_fan_out, "layer_kinds": list(args.layer_kind or [])}
     options = {k: v for k, v in options.items() if v not in (None, False, [])}
     cmd = ["peftmath", "extract", args.base, args.tuned, "--rank", args.rank, "-o", args.output]
     for flag, v in (("--energy", args.energy), ("--include", pattern(args.include)),
                     ("--exclude", pattern(args.exclude))):
         cmd += [flag, v] if v is not None else []
-    cmd += ["--randomized"] if args.randomized else []
+    cmd += ["--exact"] if args.exact else []
     cmd += ["--fan-in-fan-out"] if args.fan_in_fan_out else []
     cmd += [x for k in (args.layer_kind or []) for x in ("--layer-kind", k)]
     text = stream.extract_model_card(args.base, args.tuned, args.output, options, report,
@@ -754,7 +842,8 @@ def _extract_card(args: argparse.Namespace, report: dict[str, Any]) -> None:
 def _cmd_demo(args: argparse.Namespace, log: _Log) -> int:
     from .demo import run_demo
 
-    return run_demo(args.dir, force=args.force, quiet=args.quiet, log=log)
+    return run_demo(args.dir, force=args.force, quiet=args.quiet, log=log, json_output=args.json,
+                    progress=lambda total: _progress(total, args.quiet, "demo", unit="example"))
 
 
 # --- the parser -------------------------------------------------------------------------------
@@ -810,6 +899,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("dir", nargs="?", help="folder to write the model and adapters into (default: a temporary "
                                           "folder, removed at the end)")
     d.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")
+    d.add_argument("--json", action="store_true",
+                   help="print the results as JSON instead of the table: {examples: [{example, method, modules, "
+                        "trainable_parameters, merge_error, round_trip_error, seconds, check}], bound, failed, "
+                        "seconds}")
     d.set_defaults(func=_cmd_demo)
 
     vf = sub.add_parser("verify", parents=[common], formatter_class=raw,
@@ -890,6 +983,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_output(s, "OUT", "output model: a file if the input is a file, a folder if it is a folder")
         s.add_argument("--dry-run", action="store_true", help="print the plan (tensor, operation, shapes, dtype path, "
                                                               "bytes) and write nothing")
+        s.add_argument("--json", action="store_true",
+                       help="print a JSON report on stdout: {command, output, adapters, tensors, adapted, copied, "
+                            "bytes_written, seconds, records_file, records, side_files, left_out, model_card}; "
+                            "with --dry-run the plan: {command, dry_run, output, bytes_out, tensors: [{key, "
+                            "operation, shape, src_dtype, work_dtype, dst_dtype, bytes, adapters}]}")
         s.add_argument("--peft-compat", action="store_true", help="reproduce PEFT's rounding order bit for bit")
         s.add_argument("--backend", help="compute backend (numpy by default; torch, cupy, ... when installed)")
         _add_layer_kind(s)
@@ -918,8 +1016,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a LoRA adapter from a fine-tuned model (truncated SVD of TUNED - BASE)",
                        description="Write a PEFT LoRA adapter approximating TUNED - BASE: for every weight "
                                    "(2-D, or a conv) that differs, a truncated SVD of rank R (or less with "
-                                   "--energy). The per-module relative error |D - BA|_F / |D|_F is printed and "
-                                   "stored in the adapter's safetensors metadata (key peftmath.extract). "
+                                   "--energy), randomized by default (--exact: the full SVD). The relative error "
+                                   "|D - BA|_F / |D|_F achieved per module, and over all modules, is printed; the "
+                                   "per-module one is stored in the adapter's safetensors metadata (key "
+                                   "peftmath.extract). "
                                    "2-D weights named like embeddings (embed_tokens, wte, ...) are Embeddings; "
                                    "use --fan-in-fan-out for GPT-2 style Conv1D models.",
                        epilog=EPILOG_MODELS + "\nexample:\n  peftmath extract llama/ llama-ft/ --rank 16 "
@@ -932,11 +1032,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per module, the smallest rank <= R keeping this fraction of sum(sigma^2), e.g. 0.99")
     e.add_argument("--include", type=_regex, metavar="REGEX", help="only modules whose name matches (re.search)")
     e.add_argument("--exclude", type=_regex, metavar="REGEX", help="skip modules whose name matches (re.search)")
-    e.add_argument("--randomized", action="store_true", help="randomized SVD (faster for large weights, "
-                                                             "slightly less accurate)")
+    svd = e.add_mutually_exclusive_group()
+    svd.add_argument("--exact", action="store_true",
+                     help="full SVD of every delta: the optimal truncation, minutes on a large model (default: a "
+                          "randomized SVD with 2R+10 vectors and 4 subspace iterations, seconds, whose error is "
+                          "within about 1e-4 (relative) of the exact one; the error printed is the one achieved)")
+    svd.add_argument("--randomized", action="store_true",
+                     help="the default; accepted for older command lines and does nothing")
     e.add_argument("--fan-in-fan-out", action="store_true", help="2-D weights are stored (in, out) (GPT-2 Conv1D)")
     _add_layer_kind(e)
-    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("--json", action="store_true",
+                   help="print the report as JSON: {module: {rank, relative_error, delta_norm (|D|_F), svd "
+                        "(randomized or exact), shape, layer}}; the error over all modules is "
+                        "sqrt(sum (relative_error * delta_norm)^2 / sum delta_norm^2)")
     e.add_argument("--model-card", action="store_true",
                    help="also write ADAPTER_DIR/README.md: the models, options, sha256 of the adapter files, "
                         "per-module rank and error, peftmath version")
@@ -968,6 +1076,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=_COUNT, default=0, help="seed of the DARE masks (default 0)")
     c.add_argument("--peft-compat", action="store_true", help="reproduce PEFT 0.21.2's numbers where it departs "
                                                               "from the consistent math (inherited rsLoRA)")
+    c.add_argument("--json", action="store_true",
+                   help="print a JSON report instead of the table: {command, output, method, weights, adapters, r, "
+                        "modules, truncation_error: {module: relative error of the *svd types}}")
     _add_output(c, "ADAPTER_DIR")
     c.set_defaults(func=_cmd_combine)
 
@@ -1001,6 +1112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candle-lora source: its alpha (the files do not hold it)")
     v.add_argument("--lora-alpha", dest="lora_alpha", type=_POSITIVE, help=argparse.SUPPRESS)  # former spelling
     v.add_argument("--missing-alpha", choices=["error", "rank"], help="kohya source: a module without alpha")
+    v.add_argument("--json", action="store_true",
+                   help="print a JSON report on stdout: {command, adapter, from, to, output}")
     v.set_defaults(func=_cmd_convert)
 
     n = sub.add_parser("init", parents=[common], formatter_class=raw,
@@ -1023,11 +1136,16 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--use-dora", action="store_true", help="DoRA (LoRA's use_dora=true; a magnitude vector per module)")
     n.add_argument("--target", type=_regex, action="append", metavar="NAME",
                    help="a target module (repeat), a regex, or all-linear")
-    n.add_argument("--init", help="initialisation: true, false, gaussian, pissa, olora, orthogonal, lycoris, ...")
+    n.add_argument("--init", help="initialisation: true, false, gaussian, pissa, pissa_niter_K, olora, orthogonal, "
+                                  "lycoris, ... (pissa takes a full SVD of every target weight, minutes on a large "
+                                  "model; pissa_niter_4, PEFT's fast PiSSA, a randomized SVD, takes seconds)")
     n.add_argument("--seed", type=_COUNT, default=0, help="seed of the random initialisations (default 0)")
     n.add_argument("--model-type", help="transformers model_type (default: from BASE's config.json)")
     _add_layer_kind(n)
     n.add_argument("--base-out", metavar="NEW_BASE", help="where to write the changed base model (pissa, olora, loftq)")
+    n.add_argument("--json", action="store_true",
+                   help="print a JSON report instead of the table: {command, output, peft_type, base_out, "
+                        "trainable_parameters, modules: [{module, kind, r, alpha, scaling, parameters, ...}]}")
     _add_output(n, "ADAPTER_DIR", force_help="replace existing outputs")
     n.set_defaults(func=_cmd_init)
     return p

@@ -211,13 +211,15 @@ def combine(
     seed: int | np.random.Generator | None = None,
     peft_compat: bool = False,
     mask_source: Callable[[tuple[int, ...]], np.ndarray] | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> Adapter:
     """A new adapter combining ``adapters`` with ``weights`` (see the module docstring for each type).
 
     Returns an :class:`~peftmath.adapter.Adapter` whose ``truncation_error`` maps each module to the
     relative Frobenius error ``‖Δ − BA‖ / ‖Δ‖`` of the SVD types (empty for the others). DARE masks are
     drawn from ``seed`` on the host (``mask_source(shape) -> bool array`` overrides them, e.g. to feed
-    the masks of another implementation).
+    the masks of another implementation). ``progress(1)``, when given, is called after each module of a
+    LoRA combination.
     """
     adapters = list(adapters)
     try:
@@ -294,6 +296,8 @@ def combine(
         else:
             params[name], errors[name] = _svd_space(kind, name, sources, new_rank, density, majority_sign_method, rng,
                                                     mask_source, svd_clamp, svd_full_matrices, peft_compat)
+        if progress is not None:
+            progress(1)
     out = Adapter(config, params, layer_kinds=kinds)
     out.truncation_error = errors
     return out

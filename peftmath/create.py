@@ -97,6 +97,7 @@ def create_adapter(
     return_base: bool = False,
     xp: Any = None,
     device: Any = None,
+    progress: Any = None,
 ) -> Adapter | tuple[Adapter, dict[str, Any]]:
     """A new adapter of ``config``'s method on the modules of ``base`` that PEFT would adapt.
 
@@ -108,7 +109,11 @@ def create_adapter(
     Initialisations that change the base weight (PiSSA, OLoRA) need ``return_base=True``; the result is
     then ``(adapter, updated_tensors)`` with the new base weights by state-dict key, and the adapter's
     config says ``init_lora_weights=True``: its factors belong to the new base and must not be
-    initialised again when PEFT loads them (see :func:`_initialised`).
+    initialised again when PEFT loads them (see :func:`_initialised`). PiSSA (``init_lora_weights="pissa"``)
+    takes a full SVD of every target weight, minutes on a large model; ``"pissa_niter_K"`` (PEFT's fast
+    PiSSA, a randomized SVD with ``K`` subspace iterations) takes seconds.
+
+    ``progress(1)``, when given, is called after each module is initialised.
     """
     if isinstance(base, (str, os.PathLike)):
         state, found_type = open_state(base)
@@ -144,6 +149,8 @@ def create_adapter(
         params[name] = p
         if w is not None:
             new_base[f"{module_to_checkpoint(name, model_type)}.weight"] = w
+        if progress is not None:
+            progress(1)
     if new_base and not return_base:
         raise ConfigError(
             f"{cfg.peft_type}: this initialisation changes the base weights ({len(new_base)} tensors); "

@@ -118,8 +118,24 @@ def _verify(adapter: Any, base_state: dict, merged: dict, unmerged: dict) -> tup
     return merge_err, rt_err, keys
 
 
-def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool = False, log: Any = None) -> int:
-    """Run the demo; print the table on stdout; return the exit status (1 if a bound is exceeded)."""
+def _count_examples(peft_types: Any, describe: Any) -> int:
+    """How many examples the demo will run (the progress bar's total); a method that fails to import
+    counts none (the demo skips it)."""
+    n = 0
+    for peft_type in peft_types:
+        try:
+            method = describe(peft_type)
+        except Exception:  # noqa: BLE001 - the demo reports it when it gets there
+            continue
+        n += len(method.examples) if method.merges_weights else 0
+    return n
+
+
+def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool = False, log: Any = None,
+             json_output: bool = False, progress: Any = None) -> int:
+    """Run the demo; print the table on stdout (``json_output``: the results as JSON, see
+    ``peftmath demo --help``); return the exit status (1 if a bound is exceeded). ``progress(total)``, when
+    given, returns ``(update, close)`` of a progress bar over the ``total`` examples (``update`` may be None)."""
     from .errors import PeftMathError, ShapeError
     from .inspect import inspect_adapter, text_table
     from .io import load_adapter, save_adapter
@@ -137,7 +153,9 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
         root.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     rows: list[list[str]] = []
+    results: list[dict[str, Any]] = []
     failed: list[str] = []
+    update, close = (None, lambda: None)
     try:
         state = build_model()
         base_path = root / "model.safetensors"
@@ -146,6 +164,8 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
             n = sum(v.size for v in state.values())
             print(f"model: {base_path} ({len(MODEL)} layers, {n:,} parameters, float32)", file=sys.stderr)
         row_seed = 0
+        if progress is not None:
+            update, close = progress(_count_examples(implemented_methods(), describe_method))
         for peft_type in implemented_methods():
             try:
                 method = describe_method(peft_type)
@@ -158,6 +178,8 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
                     print(f"peftmath demo: {peft_type} has no weight-merging examples; skipped", file=sys.stderr)
                 continue
             for label, fields in examples.items():
+                if update is not None:
+                    update(1)  # examples started
                 row_seed += 100
                 t0 = time.perf_counter()
                 try:
@@ -195,6 +217,9 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
                     print(f"peftmath demo: {label} ({peft_type}) failed: {exc}", file=sys.stderr)
                     failed.append(label)
                     rows.append([label, peft_type, "-", "-", "-", "-", f"{time.perf_counter() - t0:.2f} s", "ERROR"])
+                    results.append({"example": label, "method": peft_type, "modules": None, "trainable_parameters": None,
+                                    "merge_error": None, "round_trip_error": None,
+                                    "seconds": round(time.perf_counter() - t0, 3), "check": "error", "error": str(exc)})
                     continue
                 ok = merge_err <= BOUND and rt_err <= BOUND
                 if not ok:
@@ -202,13 +227,25 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
                 rows.append([label, peft_type, str(info["num_modules"]), f"{info['trainable_parameters']:,}",
                              f"{merge_err:.2e}", f"{rt_err:.2e}", f"{time.perf_counter() - t0:.2f} s",
                              "ok" if ok else "FAIL"])
-        print(text_table(rows, ["example", "method", "modules", "trainable", "merge err", "round trip", "time",
-                            "check"]))
+                results.append({"example": label, "method": peft_type, "modules": info["num_modules"],
+                                "trainable_parameters": info["trainable_parameters"], "merge_error": float(merge_err),
+                                "round_trip_error": float(rt_err), "seconds": round(time.perf_counter() - t0, 3),
+                                "check": "ok" if ok else "fail"})
+        close()
+        if json_output:
+            import json
+
+            print(json.dumps({"examples": results, "bound": BOUND, "failed": failed,
+                              "seconds": round(time.perf_counter() - t_all, 3)}, indent=2, allow_nan=False))
+        else:
+            print(text_table(rows, ["example", "method", "modules", "trainable", "merge err", "round trip", "time",
+                                "check"]))
         if not quiet:
             print(f"errors: max |W - W_ref| / max |W| per tensor, W_ref = float64 merge; bound {BOUND:.1e}. "
                   f"{len(rows)} examples in {time.perf_counter() - t_all:.2f} s"
                   + ("" if tmp else f"; files in {root}"), file=sys.stderr)
     finally:
+        close()
         if tmp:
             shutil.rmtree(root, ignore_errors=True)
     if failed:

@@ -24,23 +24,41 @@ __all__ = ["extract_lora", "write_adapter"]
 _EMBED_RE = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|position_embeddings|tok_embeddings)$")
 
 
+#: the randomized SVD of extract: ``q = 2·rank + RANDOMIZED_OVERSAMPLE`` vectors and this many subspace
+#: iterations. On power-law spectra σᵢ ∝ i^-α (α = 0.3 .. 1, 768 x 3072, rank 4 .. 64) the achieved error
+#: ‖D − BA‖_F / ‖D‖_F is within 2e-4 (relative) of the exact truncation's, 1e-5 or better for α >= 0.5.
+RANDOMIZED_OVERSAMPLE = 10
+RANDOMIZED_NITER = 4
+
+
 def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy: float | None = None,
-                 include: str | None = None, exclude: str | None = None, randomized: bool = False,
+                 include: str | None = None, exclude: str | None = None, randomized: bool = True,
                  layer_kinds: dict | None = None, fan_in_fan_out: bool = False, force: bool = False,
-                 log: Any = None, singular_values: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
+                 log: Any = None, singular_values: dict[str, np.ndarray] | None = None,
+                 progress: Any = None, totals: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Write a PEFT LoRA adapter approximating ``TUNED - BASE`` by a truncated SVD per module.
 
     Per weight that differs, ``D = TUNED - BASE`` as a matrix (:meth:`~peftmath.layers.Layer.as_matrix`),
     ``D ≈ U_k S_k V_kᵀ`` with ``k = min(rank, the smallest rank keeping energy·Σσ²)``, and
-    ``B = U_k √S_k``, ``A = √S_k V_kᵀ`` (``lora_alpha = r``: scale 1). ``randomized`` uses
-    :func:`~peftmath._linalg.randomized_svd` with ``rank + 10`` vectors. Warnings (a tensor skipped, changes
-    the adapter does not capture) go to ``log.warn`` when a log is given, else :func:`warnings.warn` as a
+    ``B = U_k √S_k``, ``A = √S_k V_kᵀ`` (``lora_alpha = r``: scale 1).
+
+    ``randomized`` (the default) uses :func:`~peftmath._linalg.randomized_svd` with ``q = 2·rank + 10``
+    vectors and 4 subspace iterations (:data:`RANDOMIZED_OVERSAMPLE`, :data:`RANDOMIZED_NITER`) where
+    ``q`` is below half of ``min(D.shape)``, the full SVD elsewhere; ``randomized=False`` always takes the
+    full SVD (the optimal truncation; minutes on a large model). Either way the error reported is the one
+    achieved, ``‖D − BA‖_F / ‖D‖_F`` computed in float64 from the written factors, so a randomized
+    result never claims more accuracy than it has. Warnings (a tensor skipped, changes the adapter does
+    not capture) go to ``log.warn`` when a log is given, else :func:`warnings.warn` as a
     :class:`~peftmath.errors.PeftMathWarning`.
 
-    Returns ``{module: {"rank", "relative_error", "shape", "layer"}}``; the same numbers are stored in
-    the adapter's safetensors metadata under ``peftmath.extract``. ``singular_values``, when a dict is
-    given, receives each module's computed singular values of ``D`` (all of them; the leading ``rank + 10``
-    with ``randomized``), e.g. for :func:`peftmath.plot.plot_energy_curve`.
+    Returns ``{module: {"rank", "relative_error", "delta_norm", "svd", "shape", "layer"}}`` (``delta_norm``:
+    ``‖D‖_F``; ``svd``: ``"randomized"`` or ``"exact"``); rank and error are stored in the adapter's
+    safetensors metadata under ``peftmath.extract``. ``totals``, when a dict is given, receives
+    ``relative_error`` over all modules, ``sqrt(Σ‖D − BA‖²_F / Σ‖D‖²_F)``, and ``modules``.
+    ``singular_values``, when a dict is given, receives each module's computed singular values of ``D``
+    (all of them with the full SVD; the leading ``q`` with the randomized one), e.g. for
+    :func:`peftmath.plot.plot_energy_curve`. ``progress(n)``, when given, is called once per tensor of
+    TUNED looked at (``n = 1``).
     """
     from .adapter import Adapter
     from .io.stream import _check_output, open_model
@@ -62,7 +80,10 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
     params: dict[str, dict[str, np.ndarray]] = {}
     report: dict[str, dict[str, Any]] = {}
     uncaptured: list[str] = []
+    sum_resid = sum_total = 0.0
     for key in tuned.keys():
+        if progress is not None:
+            progress(1)
         if key not in base:
             warn(f"{key}: in TUNED but not in BASE; skipped")
             continue
@@ -92,8 +113,11 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
         layer = Layer.of(shape, kind)
         M = layer.as_matrix(D, np)
         full = min(M.shape)
-        if randomized and rank + 10 < full:
-            U, S, Vh = (np.asarray(x) for x in randomized_svd(M, rank + 10, niter=2, rng=np.random.default_rng(0)))
+        q = 2 * rank + RANDOMIZED_OVERSAMPLE
+        svd = "randomized" if randomized and 2 * q <= full else "exact"
+        if svd == "randomized":
+            U, S, Vh = (np.asarray(x) for x in randomized_svd(M, q, niter=RANDOMIZED_NITER,
+                                                              rng=np.random.default_rng(0)))
         else:
             U, S, Vh = np.linalg.svd(M, full_matrices=False)
         k = min(rank, full, len(S))
@@ -108,11 +132,16 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
         Bm = (U[:, :k] * root).astype(wide)
         Am = (root[:, None] * Vh[:k]).astype(wide)
         resid = M.astype(np.float64) - Bm.astype(np.float64) @ Am.astype(np.float64)
-        err = float(np.linalg.norm(resid) / np.sqrt(total)) if total > 0 else 0.0
+        resid2 = float(np.sum(resid * resid))
+        del resid
+        err = float(np.sqrt(resid2 / total)) if total > 0 else 0.0
+        sum_resid += resid2
+        sum_total += total
         shapes = parameter_shapes(layer, k)
         (ka, sa), (kb, sb) = list(shapes.items())
         params[m] = {ka: np.ascontiguousarray(Am.reshape(sa)), kb: np.ascontiguousarray(Bm.reshape(sb))}
-        report[m] = {"rank": k, "relative_error": err, "shape": list(shape), "layer": layer.kind.value}
+        report[m] = {"rank": k, "relative_error": err, "delta_norm": float(np.sqrt(total)), "svd": svd,
+                     "shape": list(shape), "layer": layer.kind.value}
     if not params:
         raise CheckpointError(f"{tuned_path}: no adapted weight differs from {base_path} "
                               f"(after --include/--exclude); nothing to extract")
@@ -129,6 +158,9 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
     meta = {"peftmath.extract": json.dumps({m: {"rank": v["rank"], "relative_error": v["relative_error"]}
                                             for m, v in report.items()}, sort_keys=True)}
     write_adapter(ad, outp, force=force, metadata=meta)
+    if totals is not None:
+        totals.update(relative_error=float(np.sqrt(sum_resid / sum_total)) if sum_total > 0 else 0.0,
+                      modules=len(report))
     return report
 
 

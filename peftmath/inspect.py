@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import ConfigError, PeftMathError
 
-__all__ = ["inspect_adapter", "top_singular_values", "render_inspect", "plan_table", "text_table", "format_bytes"]
+__all__ = ["inspect_adapter", "top_singular_values", "low_rank_factors", "render_inspect", "plan_table", "text_table", "format_bytes"]
 
 
 # --- text -----------------------------------------------------------------------------------------
@@ -93,12 +93,15 @@ def top_singular_values(M: np.ndarray, k: int, *, rank_hint: int | None = None) 
 
 
 def inspect_adapter(path: str | os.PathLike, *, base: Any = None, layer_kinds: dict | None = None,
-                    top: int = 3, norms: bool = True, strict: bool = False) -> dict[str, Any]:
+                    top: int = 3, norms: bool = True, strict: bool = False, progress: Any = None) -> dict[str, Any]:
     """Everything ``peftmath inspect`` reports, as a JSON-ready dict.
 
     ``base`` is an opened :class:`~peftmath.io.stream.Model` (or None); every adapted module is then
     checked against it (``modules[i]["base"]`` is ``"ok"`` or the problem). For additive methods each
-    module's ``‖ΔW‖_F`` and ``top`` largest singular values of ``ΔW`` (as a matrix) are given.
+    module's ``‖ΔW‖_F`` and ``top`` largest singular values of ``ΔW`` (as a matrix) are given: exact from
+    the factors where ``ΔW = s·BA`` (:func:`low_rank_factors`, :func:`peftmath._linalg.low_rank_singular_values`:
+    ``O((m + n) r²)``), else from the dense ``ΔW`` (:func:`top_singular_values`). ``progress(1)``, when
+    given, is called after each module.
     """
     from ._array import dtype_name
     from .io import load_adapter
@@ -131,6 +134,8 @@ def inspect_adapter(path: str | os.PathLike, *, base: Any = None, layer_kinds: d
     for m in ad.modules:
         info["modules"].append(_inspect_module(ad, m, base, layer_kinds.get(m), top, norms and method.additive,
                                                info["problems"]))
+        if progress is not None:
+            progress(1)
     return info
 
 
@@ -177,15 +182,45 @@ def _inspect_module(ad: Any, m: str, base: Any, kind: Any, top: int, norms: bool
     entry["top_singular_values"] = None
     if norms and mod is not None:
         try:
-            d = np.asarray(mod.delta_weight(), dtype=np.float64)
-            M = mod.layer.as_matrix(d, np)
-            entry["delta_norm"] = float(np.linalg.norm(M))
-            sv, exact = top_singular_values(M, top, rank_hint=entry.get("rank"))
-            entry["top_singular_values"] = sv
-            entry["singular_values_exact"] = exact
+            factors = low_rank_factors(mod)
+            if factors is not None:  # exact from the r x r core: O((m + n) r²), no dense ΔW
+                from ._linalg import low_rank_singular_values
+
+                S = low_rank_singular_values(*factors)
+                entry["delta_norm"] = float(np.sqrt(np.sum(S**2)))
+                entry["top_singular_values"] = [float(s) for s in S[:top]]
+                entry["singular_values_exact"] = True
+            else:
+                d = np.asarray(mod.delta_weight(), dtype=np.float64)
+                M = mod.layer.as_matrix(d, np)
+                entry["delta_norm"] = float(np.linalg.norm(M))
+                sv, exact = top_singular_values(M, top, rank_hint=entry.get("rank"))
+                entry["top_singular_values"] = sv
+                entry["singular_values_exact"] = exact
         except PeftMathError as exc:
             entry["delta_norm_error"] = str(exc)
     return entry
+
+
+def low_rank_factors(mod: Any) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """``(B (m, r), A (r, n), s)`` with ``ΔW = s · B A`` as the ``(out, in_flat)`` matrix of a bound module
+    whose delta is exactly that product, else None (then the dense ΔW is used).
+
+    Which modules: those of methods whose description combines them as low-rank factors
+    (``Method.combine == "low_rank"``: LoRA's ``A``, ``B`` and ``scaling``, the contract
+    :func:`peftmath.combine` relies on too), without a merge record (DoRA's column norms make ΔW
+    full-rank) and without conv groups (no dense delta in PEFT's layout). Embedding and Conv1D deltas
+    are the transpose of the product: the same singular values.
+    """
+    method = mod.description
+    if method.combine != "low_rank" or method.needs_record(mod) or mod.layer.groups != 1:
+        return None
+    r = int(mod.A.shape[0])
+    A = np.asarray(mod.A, dtype=np.float64).reshape(r, -1)
+    B = np.asarray(mod.B, dtype=np.float64).reshape(mod.B.shape[0], -1)
+    if B.shape[1] != r:
+        return None
+    return B, A, float(mod.scaling)
 
 
 def render_inspect(info: dict[str, Any], *, with_base: bool = False) -> str:

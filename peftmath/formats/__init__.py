@@ -161,13 +161,19 @@ def read_any(path: str | os.PathLike, *, from_: str | None = None, **options: An
 
 def convert_path(src: str | os.PathLike, dst: str | os.PathLike, to: str, from_: str | None = None,
                  force: bool = False, *, read_options: Mapping[str, Any] | None = None,
-                 **options: Any) -> Path:
+                 progress: Any = None, **options: Any) -> Path:
     """Convert the adapter at ``src`` (format detected unless ``from_``) to format ``to`` at ``dst``.
 
     What ``peftmath convert ADAPTER --to FORMAT -o OUT [--from FORMAT] [--force]`` calls. Everything is
     converted in memory and checked first; only then are files written (atomically), so an error leaves
     ``dst`` untouched. ``read_options`` go to :func:`read_any`, ``options`` to :func:`convert`.
+    ``progress(1)``, when given, is called after each of the three steps (read, convert, write).
     """
+    step = progress if progress is not None else (lambda n: None)
     adapter = read_any(src, from_=from_, **dict(read_options or {}))
+    step(1)
     conv = convert(adapter, to, **options)
-    return conv.save(dst, force=force)
+    step(1)
+    out = conv.save(dst, force=force)
+    step(1)
+    return out
