@@ -9,15 +9,16 @@ The streamed merge reads a group of tensors, computes it, and writes it, tensor 
 - the caller's thread computes;
 - :class:`WriteBehind` executes the writes in the order they were submitted (open a file, write its
   header, write an array, copy a byte range of an input file, finish the file), a bounded number of
-  bytes behind the caller; each finished file is fsynced and closed by a third thread while the next
-  one is written.
+  bytes behind the caller; every 64 MiB it starts the write-back of what it wrote (``posix_fadvise``,
+  without waiting), and each finished file is fsynced and closed by a third thread while the next one
+  is written, so that little is left for the last fsync.
 
 Bounds: each stage holds at most ``limit`` bytes of arrays (at least one array, whatever its size),
 so peak memory is about two limits plus the group being computed. Errors: an exception in a thread
 is re-raised in the caller's thread at its next call (``take``, ``write``, ``finish``) as it was
 raised; :meth:`WriteBehind.abort` stops both threads and closes every file descriptor before the
 caller removes its temporary output. With ``threaded=False`` both run inline in the caller's thread
-(the sequential path: same operations, same order, same bytes).
+(the sequential path: same operations, same order, same bytes; no write-back hints).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ from typing import Any
 import numpy as np
 
 __all__ = ["ReadAhead", "WriteBehind", "write_all", "copy_range"]
+
+
+#: bytes written to a file between two starts of its write-back (:meth:`WriteBehind._written`)
+WRITEBACK_BYTES = 64 << 20
+_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 
 
 class _Stopped(Exception):
@@ -139,6 +145,7 @@ class WriteBehind:
         self._error: BaseException | None = None
         self._stop = False
         self._fd: int | None = None  # the file being written
+        self._pos = self._flushed = 0  # bytes written to it; bytes whose write-back was started
         self._fds: set[int] = set()  # every descriptor opened and not closed yet
         self._fds_lock = threading.Lock()
         self._syncs: list[threading.Thread] = []
@@ -237,14 +244,18 @@ class WriteBehind:
         kind = job[0]
         if kind == "write":
             write_all(self._fd, memoryview(job[1].reshape(-1).view(np.uint8)))
+            self._written(job[1].nbytes)
         elif kind == "copy":
             copy_range(job[1], self._fd, job[2], job[3])
+            self._written(job[3])
         elif kind == "open":
             fd = os.open(job[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # & ~umask
             with self._fds_lock:
                 self._fds.add(fd)
             self._fd = fd
+            self._pos = self._flushed = 0
             write_all(fd, memoryview(job[2]))
+            self._written(len(job[2]))
         elif kind == "end":
             fd, self._fd = self._fd, None
             if self._threaded:
@@ -253,6 +264,18 @@ class WriteBehind:
                 t.start()
             else:
                 self._sync(fd, errors=False)
+
+    def _written(self, n: int) -> None:
+        """Start the write-back of every :data:`WRITEBACK_BYTES` written, without waiting for it
+        (``posix_fadvise(DONTNEED)`` starts it on dirty pages), so that the fsync at the end of the file
+        has little left to do; a hint only (errors ignored, none on systems without it)."""
+        self._pos += n
+        if self._pos - self._flushed >= WRITEBACK_BYTES and self._threaded and _FADVISE:
+            try:
+                os.posix_fadvise(self._fd, self._flushed, self._pos - self._flushed, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            self._flushed = self._pos
 
     def _sync(self, fd: int, errors: bool = True) -> None:
         try:

@@ -73,9 +73,16 @@ def test_pipeline_writes_the_sequential_bytes(model, tmp_path, monkeypatch, limi
     base = open_model(base_dir)
     before = _digest(base_dir)
     transform(base, [ad], tmp_path / "seq", pipeline=False)
-    if limit is not None:
+    kicks = []
+    if limit is not None:  # also start the write-back every 256 bytes (posix_fadvise: a hint, same bytes)
         monkeypatch.setattr(stream, "MAX_STAGE_BYTES", limit)
+        monkeypatch.setattr(pipeline, "WRITEBACK_BYTES", 256)
+        if pipeline._FADVISE:
+            real = pipeline.os.posix_fadvise
+            monkeypatch.setattr(pipeline.os, "posix_fadvise", lambda *a: (kicks.append(a[1:3]), real(*a))[1])
     transform(base, [ad], tmp_path / "pipe", pipeline=True)
+    if limit is not None and pipeline._FADVISE:
+        assert len(kicks) > 3 and all(n >= 256 for _, n in kicks)
     seq, pipe = _digest(tmp_path / "seq"), _digest(tmp_path / "pipe")
     assert seq == pipe and len(seq) == 5  # 3 shards, index, config.json: byte for byte
     assert _digest(base_dir) == before
