@@ -24,13 +24,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._array import all_finite, as_compute, compute_dtype, namespace
+from .._array import all_finite, as_compute, compute_dtype, namespace, reshape_view
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_positive_int
 from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, require_kind, check_shape, require_writeable, write_back, write_weight
+from ._base import (MergeResult, ModuleAdapter, check_shape, in_row_tiles, require_kind, require_writeable, write_back,
+                    write_weight)
 
 Array = Any
 
@@ -270,7 +271,29 @@ def _merge_or_unmerge(weight: Array, theta: Array, alpha: Array, bias: Array | N
         Wt = xp.matrix_transpose(as_compute(xp, weight, cd))
         return xp.matrix_transpose(apply_rotation(Wt, f, s, group_size=group_size))
 
-    new = write_weight(where, weight, compute, copy=copy, safe=safe, xp=xp)
+    def kernel(M: Array) -> bool:
+        """The rotation in place on the ``(out, in)`` matrix view, a row tile of whole groups at a time (two
+        products of the tile's size; half precision widened and rounded once, ``in_row_tiles``): rows ``a``
+        and ``b = a + h`` of a group become ``f_a a − s_a b`` and ``s_b a + f_b b``, as ``compute``."""
+        out, inn = int(M.shape[0]), int(M.shape[1])
+        h = group_size // 2
+        groups = reshape_view(M, (out // group_size, group_size * inn), xp=xp)
+        if groups is None:
+            return False
+        fg, sg = (xp.reshape(z, (out // group_size, 2, h, 1)) for z in (f, s))
+
+        def update(T: Array, g0: int, g1: int) -> None:
+            Tg = reshape_view(T, (g1 - g0, 2, h, inn), xp=xp)  # a block of whole rows: always a view
+            a, b = Tg[:, 0, ...], Tg[:, 1, ...]
+            new_a = fg[g0:g1, 0, ...] * a - sg[g0:g1, 0, ...] * b
+            new_b = sg[g0:g1, 1, ...] * a + fg[g0:g1, 1, ...] * b
+            Tg[:, 0, ...] = new_a
+            Tg[:, 1, ...] = new_b
+
+        in_row_tiles(xp, groups, cd, update, tile_full=True)
+        return True
+
+    new = write_weight(where, weight, compute, layer=lay, kernel=kernel, copy=copy, safe=safe, xp=xp)
     if not copy and bias is not None:
         new_bias = write_back(where, bias, new_bias)
     return new, new_bias

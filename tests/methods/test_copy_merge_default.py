@@ -20,7 +20,7 @@ import pytest
 
 from peftmath.errors import NonFiniteError
 from peftmath.layers import Layer
-from peftmath.methods import adalora, delora, dora, fourierft, hira, ia3, lora, miss, vera
+from peftmath.methods import adalora, delora, dora, fourierft, hira, ia3, lora, miss, road, vera
 from tests.helpers import traced_peak
 
 torch = pytest.importorskip("torch")
@@ -139,6 +139,28 @@ def _methods() -> list[Method]:
                      lambda W, copy, safe=False: fmod_of(W).merge(W, copy=copy, safe=safe).weight,
                      lambda W, copy: fmod_of(W).unmerge(W, copy=copy).weight,
                      lambda W: W + fD, lambda W: W - fD, lambda W: np.abs(W) + 30 * np.max(np.abs(fD))))
+
+    g = 8  # RoAd road_1: group k's rows k·g + j and k·g + j + g/2 rotate by θ_{k·g/2 + j}, scaled by α
+    th, al = small(OUT // 2) * 4, 1 + small(OUT // 2)
+    rows_a = np.array([k * g + j for k in range(OUT // g) for j in range(g // 2)])
+    rows_b = rows_a + g // 2
+    c_, s_ = (al.astype(d) * np.cos(th.astype(d)))[:, None], (al.astype(d) * np.sin(th.astype(d)))[:, None]
+
+    def road_ref(W, inverse=False):
+        out = np.empty_like(W)
+        a, b = W[rows_a], W[rows_b]
+        if inverse:  # R⁻¹ = Rᵀ / α² for a scaled rotation
+            den = c_ ** 2 + s_ ** 2
+            out[rows_a], out[rows_b] = (c_ * a + s_ * b) / den, (c_ * b - s_ * a) / den
+        else:
+            out[rows_a], out[rows_b] = c_ * a - s_ * b, s_ * a + c_ * b
+        return out
+
+    ms.append(Method("RoAd",
+                     lambda W, copy, safe=False: road.merge(W, *_as(W, th, al), group_size=g, copy=copy, safe=safe)[0],
+                     lambda W, copy: road.unmerge(W, *_as(W, th, al), group_size=g, copy=copy)[0],
+                     road_ref, lambda W: road_ref(W, inverse=True),
+                     lambda W: 4 * (np.max(np.abs(W)) + 0 * W)))
 
     lo = rng.uniform(0.5, 2.0, (OUT, 1)).astype(f32)
     ms.append(Method("IA3",
@@ -325,6 +347,8 @@ def test_copy_true_allocates_only_the_result(method, monkeypatch):
                                             np.ones(W.shape[1], np.float32), copy=c),
         "MiSS": lambda W, c: miss.merge(W, np.ones((R, W.shape[0]), np.float32), copy=c),
         "FourierFT": lambda W, c: fmod.merge(W, copy=c).weight,
+        "RoAd": lambda W, c: road.merge(W, np.ones(W.shape[0] // 2, np.float32), np.ones(W.shape[0] // 2, np.float32),
+                                        group_size=8, copy=c)[0],
         "HiRA": lambda W, c: hira.merge(W, np.ones((R, W.shape[1]), np.float32), np.ones((W.shape[0], R), np.float32),
                                         copy=c),
     }[method.name]
