@@ -11,8 +11,10 @@ unmerged) copy of a model:
   enters this process unless ``--dtype`` converts them);
 - an adapted module's weight and bias are read into private arrays and passed through each adapter in
   turn by :meth:`peftmath.Adapter.merge` itself (unmerged in reverse order with
-  :meth:`~peftmath.Adapter.unmerge`), rounded to the output dtype and written; nothing else is held,
-  so peak memory is about one tensor plus the adapters. An adapter that replaces a tensor of the group
+  :meth:`~peftmath.Adapter.unmerge`), rounded to the output dtype and written. Reading, computing and
+  writing overlap (:mod:`peftmath.io.pipeline`: a read-ahead thread, a write-behind thread, each holding
+  at most two of the largest tensors and 1/16 of the model), so peak memory is about one group plus two
+  stages plus the adapters. An adapter that replaces a tensor of the group
   (a bias trained with ``bias="all"`` / ``"lora_only"``) replaces it *before* its module is merged,
   as PEFT loads the bias into the base layer before ``merge_and_unload`` (which may then add
   ``lora_bias``);
