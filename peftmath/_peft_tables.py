@@ -267,6 +267,9 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
                  **dict.fromkeys(("r", "save_projection", "randlora_alpha", "fan_in_fan_out", "bias"), IMPLEMENTED),
                  **dict.fromkeys(("projection_prng_key", "sparse", "very_sparse", "randlora_dropout", "init_weights"),
                                  IRRELEVANT)},
+    # C3A: init_weights only draws the kernel the checkpoint holds; PEFT's C3AConfig has no exclude_modules
+    "C3A": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
+            **dict.fromkeys(("block_size", "block_size_pattern", "bias"), IMPLEMENTED), "init_weights": IRRELEVANT},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

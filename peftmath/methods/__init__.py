@@ -43,6 +43,7 @@ METHOD_MODULES: dict[str, str] = {
     "DELORA": "peftmath.methods.delora",
     "VBLORA": "peftmath.methods.vblora",
     "RANDLORA": "peftmath.methods.randlora",
+    "C3A": "peftmath.methods.c3a",
 }
 
 

@@ -33,6 +33,7 @@ CLAIMED = frozenset({
     "DeloraConfig",
     "VBLoRAConfig",
     "RandLoraConfig",
+    "C3AConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
