@@ -1,183 +1,253 @@
-"""OFT and BOFT merge / unmerge on Linear(4096, 4096) float32, block size 32: peftmath vs PEFT, one run.
+#!/usr/bin/env python
+"""OFT and BOFT merge / unmerge on Linear(4096, 4096) float32, block size 32: peftmath vs the floor vs PEFT.
 
-PEFT builds the dense 4096 x 4096 block-diagonal rotation and multiplies by it (merge), then inverts it
-densely (OFT unmerge, ``torch.linalg.inv``); BOFT additionally multiplies by dense permutation
-matrices. peftmath works block by block: one batched (r, M, b) x (r, b, b) matmul, the inverse of each
-32 x 32 block, gathers for the butterfly permutations.
+Everything is measured side by side in one process, 2 threads (``_results.limit_threads``)::
 
-Run:  python benchmarks/bench_oft.py [--repeats 3] [--no-write]
-Both sides use 2 threads (torch.set_num_threads(2); OPENBLAS/OMP/MKL_NUM_THREADS=2 unless set).
+    python benchmarks/bench_oft.py            # full run (a few minutes: PEFT's dense products are slow)
+    python benchmarks/bench_oft.py --quick    # smoke run (~30 s): 3 rounds, no PEFT, no exact-Cayley row
+
+What is timed, per case (OFT with the Cayley-Neumann series, OFT with the exact Cayley map, BOFT m=1 and
+m=2), round-robin (one call of each contestant per round, the order rotating, after a warm-up round; ms =
+median per contestant, ratio = median over rounds of the per-round ratio):
+
+* the floor: one batched matmul of W's blocks, ``np.matmul(X, Rᵀ, out=Y)`` with ``X`` W's 32-column blocks
+  stored contiguously ``(r, 4096, 32)`` and ``Y`` preallocated (the cheapest way to do the work);
+* one copy of W: ``np.copyto(dst, W)`` into a preallocated ``dst``;
+* ``Module.merge/unmerge(W, copy=False)`` (in place; W reset untimed before each call) and with
+  ``copy=True`` (the default);
+* a bfloat16 W merged in place (OFT rows), reported against the float32 floor;
+* PEFT's ``layer.merge()`` / ``layer.unmerge()`` (dense n x n products; full runs only, fewer rounds).
+
+Targets (issue 20): in place <= 1.5x the floor, ``copy=True`` <= 1.3x (copy + floor); peak extra allocation
+(``tracemalloc``) of the in-place merge a small fraction of W. Writes the "oft" section of RESULTS.md
+(``--no-write`` prints it only).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+import warnings
+from pathlib import Path
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "2")
-
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import _results  # noqa: E402
 
-import peft  # noqa: E402
+# --threads N (default 2, the project's convention) is read before NumPy loads its BLAS
+THREADS = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv[:-1] else 2
+THREAD_NOTE = _results.limit_threads(THREADS)
 
-from _results import machine_line, peak_alloc, write_section  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+
+from _results import machine_line, paired_ratio, peak_alloc, race, write_section  # noqa: E402
 from peftmath.layers import Layer  # noqa: E402
 from peftmath.methods import boft, oft  # noqa: E402
 
-torch.set_num_threads(2)
 N = 4096
 BLOCK = 32
 
 
-def timed(fn, repeats):
-    times = []
-    out = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def _peft_layer(kind, config, W0, params):
+    import peft
+    import torch
+    from torch import nn
 
-
-def peft_layer(method, config, rng):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = nn.Sequential(nn.Linear(N, N, bias=False))
-        with torch.no_grad():
-            model[0].weight.copy_(torch.from_numpy(rng.standard_normal((N, N)).astype(np.float32) / 64))
         pmodel = peft.get_peft_model(model, config)
     lay = pmodel.base_model.model[0]
     with torch.no_grad():
-        for name, p in lay.named_parameters():
-            if "oft_R" in name or "boft_R" in name:
-                p.copy_(torch.from_numpy(rng.normal(0.0, 0.01, tuple(p.shape)).astype(np.float32)))
-            elif "boft_s" in name:
-                p.copy_(torch.from_numpy(rng.normal(1.0, 0.05, tuple(p.shape)).astype(np.float32)))
+        lay.base_layer.weight.copy_(torch.from_numpy(W0))
+        if kind == "oft":
+            lay.oft_R["default"].weight.copy_(torch.from_numpy(params["oft_R.weight"]))
+        else:
+            lay.boft_R["default"].copy_(torch.from_numpy(params["boft_R"]))
+            lay.boft_s["default"].copy_(torch.from_numpy(params["boft_s"]))
     return lay
 
 
-def bench_peft(lay, repeats):
-    """Median PEFT merge and unmerge times; the merged weight of the last merge."""
-    merges, unmerges, merged = [], [], None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            lay.merge()
-            merges.append(time.perf_counter() - t0)
-            merged = lay.base_layer.weight.detach().numpy().copy()
-            t0 = time.perf_counter()
-            lay.unmerge()
-            unmerges.append(time.perf_counter() - t0)
-    return statistics.median(merges), statistics.median(unmerges), merged
+def _case(label, kind, rng, *, m=1, cayley_neumann=True):
+    """(module, params, peft config or None) for one case on a Linear(N, N)."""
+    r = N // BLOCK
+    if kind == "oft":
+        cfg = oft.OFTConfig(oft_block_size=BLOCK, use_cayley_neumann=cayley_neumann)
+        params = {"oft_R.weight": rng.normal(0.0, 0.01, (r, BLOCK * (BLOCK - 1) // 2)).astype(np.float32)}
+        mod = oft.OFTModule("0", cfg, params, Layer.of((N, N)))
+    else:
+        cfg = boft.BOFTConfig(boft_block_size=BLOCK, boft_n_butterfly_factor=m)
+        params = {"boft_R": rng.normal(0.0, 0.01, (m, r, BLOCK, BLOCK)).astype(np.float32),
+                  "boft_s": rng.normal(1.0, 0.05, (N, 1)).astype(np.float32)}
+        mod = boft.BOFTModule("0", cfg, params, Layer.of((N, N)))
+    pcfg = None
+    if m == 1:
+        import peft
+
+        pcfg = (peft.OFTConfig(target_modules=["0"], oft_block_size=BLOCK, use_cayley_neumann=cayley_neumann)
+                if kind == "oft" else peft.BOFTConfig(target_modules=["0"], boft_block_size=BLOCK))
+    return mod, params, pcfg
 
 
-def bench_ours(mod, W, repeats, xp_name="numpy"):
-    if xp_name == "torch":
-        Wt = torch.from_numpy(W)
-        mod = type(mod)(mod.name, mod.config, {k: torch.from_numpy(np.asarray(v)) for k, v in mod.params.items()},
-                        mod.layer)
-        W = Wt
-    mod.merge(W)  # warm-up
-    t_merge, res = timed(lambda: mod.merge(W).weight, repeats)
-    t_unmerge, back = timed(lambda: mod.unmerge(res).weight, repeats)
-    to_np = (lambda a: a.numpy()) if xp_name == "torch" else (lambda a: a)
-    if xp_name == "numpy":  # the same merge with the result copied to row-major (C) storage
-        t_c, _ = timed(lambda: np.ascontiguousarray(mod.merge(W).weight), repeats)
-        return t_merge, t_unmerge, to_np(res), to_np(back), t_c
-    return t_merge, t_unmerge, to_np(res), to_np(back)
+def run(args) -> str:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    rng = np.random.default_rng(0)
+    W0 = (rng.standard_normal((N, N)) / 64).astype(np.float32)
+    W = W0.copy()
+    dst = np.empty_like(W0)
+    Wb0 = W0.astype(ml_dtypes.bfloat16)
+    Wb = Wb0.copy()
+    r = N // BLOCK
+    # the floor's operands: W's blocks stored contiguously, the transposed blocks, a preallocated output
+    X = np.ascontiguousarray(W0.reshape(N, r, BLOCK).transpose(1, 0, 2))
+    Y = np.empty_like(X)
+    RT = np.ascontiguousarray(np.swapaxes(oft.rotation_blocks(rng.normal(0, 0.01, (r, 496)).astype(np.float32)), 1, 2))
+
+    def reset():
+        np.copyto(W, W0)
+
+    cases = [("OFT (Cayley-Neumann, default)", "oft", {}),
+             ("OFT (exact Cayley)", "oft", {"cayley_neumann": False}),
+             ("BOFT (m=1)", "boft", {}),
+             ("BOFT (m=2, composed blocks of 64)", "boft", {"m": 2})]
+    if args.quick:
+        cases = [c for c in cases if "exact" not in c[0]]
+    rows, mem_rows, peft_rows = [], [], []
+    for label, kind, kw in cases:
+        print(f"[bench_oft] {label} ...", file=sys.stderr, flush=True)
+        mod, params, pcfg = _case(label, kind, rng, **kw)
+        contestants = {
+            "floor": (lambda: np.matmul(X, RT, out=Y), None),
+            "copy": (lambda: np.copyto(dst, W0), None),
+            "merge": (lambda: mod.merge(W, copy=False), reset),
+            "unmerge": (lambda: mod.unmerge(W, copy=False), reset),
+            "merge_copy": (lambda: mod.merge(W0), None),
+            "unmerge_copy": (lambda: mod.unmerge(W0), None),
+        }
+        if label.startswith("OFT (Cayley"):
+            contestants["bf16_merge"] = (lambda: mod.merge(Wb, copy=False), lambda: np.copyto(Wb, Wb0))
+        med, rounds = race(contestants, repeats=args.repeats)
+
+        def ratio(num, *den):
+            import statistics
+
+            return statistics.median(rd[num] / sum(rd[d] for d in den) for rd in rounds)
+
+        def add(what, name, ref_label, den, target):
+            value = ratio(name, *den)
+            ok = "reported" if target is None else ("met" if value <= target else "**missed**")
+            ref_ms = sum(med[d] for d in den)
+            rows.append(f"| {label} | {what} | {med[name]:.1f} | {ref_label} | {ref_ms:.1f} | {value:.2f}x | "
+                        f"{'-' if target is None else f'<= {target}x'} | {ok} |")
+
+        add("merge, in place", "merge", "floor", ("floor",), 1.5)
+        add("unmerge, in place", "unmerge", "floor", ("floor",), 1.5)
+        add("merge, copy=True", "merge_copy", "copy + floor", ("copy", "floor"), 1.3)
+        add("unmerge, copy=True", "unmerge_copy", "copy + floor", ("copy", "floor"), 1.3)
+        if "bf16_merge" in med:
+            add("merge, bfloat16 W, in place", "bf16_merge", "float32 floor", ("floor",), None)
+
+        # correctness (untimed): the in-place result against float64, the round trip
+        reset()
+        mod.merge(W, copy=False)
+        merged = W.copy()
+        mod.unmerge(W, copy=False)
+        rt = float(np.abs(W - W0).max())
+        reset()
+        mib = lambda b: f"{b / 2**20:.2f} MiB ({100 * b / W0.nbytes:.1f}% of W)"  # noqa: E731
+        p_in = peak_alloc(lambda: mod.merge(W, copy=False), setup=reset)
+        p_un = peak_alloc(lambda: mod.unmerge(W, copy=False), setup=reset)
+        p_cp = peak_alloc(lambda: mod.merge(W0))
+        mem_rows.append(f"| {label} | {mib(p_in)} | {mib(p_un)} | {mib(p_cp)} | {rt:.1e} |")
+
+        if pcfg is not None and not args.quick and not args.no_peft:
+            lay = _peft_layer(kind, pcfg, W0, params)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pc = {
+                    "peft_merge": (lay.merge, lambda: lay.merged and lay.unmerge()),
+                    "peft_unmerge": (lay.unmerge, lambda: (not lay.merged) and lay.merge()),
+                    "merge": (lambda: mod.merge(W, copy=False), reset),
+                    "merge_copy": (lambda: mod.merge(W0), None),
+                    "unmerge": (lambda: mod.unmerge(W, copy=False), reset),
+                }
+                pmed, prounds = race(pc, repeats=args.peft_repeats)
+                if lay.merged:
+                    lay.unmerge()
+                lay.merge()
+                err = float(np.abs(lay.base_layer.weight.detach().numpy() - merged).max())
+            peft_rows.append(
+                f"| {label} | {pmed['peft_merge']:.0f} | {pmed['merge']:.1f} / {pmed['merge_copy']:.1f} | "
+                f"{paired_ratio(prounds, 'peft_merge', 'merge'):.0f}x / {paired_ratio(prounds, 'peft_merge', 'merge_copy'):.0f}x | "
+                f"{pmed['peft_unmerge']:.0f} | {pmed['unmerge']:.1f} | {paired_ratio(prounds, 'peft_unmerge', 'unmerge'):.0f}x | "
+                f"{err:.1e} |")
+            del lay
+
+    lines = [
+        "## oft: OFT and BOFT merge / unmerge, Linear(4096, 4096) float32, block size 32 (`benchmarks/bench_oft.py`)",
+        "",
+        f"Round-robin, {args.repeats} rounds after a warm-up round; ms = median per contestant, ratio = median over "
+        f"rounds of the per-round ratio" + (" — **--quick run**" if args.quick else "") + ". Floor: one batched "
+        f"matmul of W's blocks, `np.matmul(X, Rᵀ, out=Y)` with X W's 32-column blocks stored contiguously "
+        f"(r, 4096, 32) and Y preallocated; copy: `np.copyto(dst, W)` into a preallocated dst. Adapter "
+        f"parameters ~ N(0, 0.01²), boft_s ~ N(1, 0.05²). BOFT m=2 does twice the floor's flops (its two "
+        f"butterfly levels compose into one block-diagonal rotation with blocks of 64).",
+        "",
+        f"Machine: {machine_line()}.  ",
+        f"Threads: {THREAD_NOTE}; peftmath's row tiles run on as many threads (`oft.tile_threads()` = "
+        f"{getattr(oft, 'tile_threads', lambda: 'n/a')()}). Load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores.",
+        "",
+        "| case | operation | peftmath ms | reference | reference ms | ratio | target | result |",
+        "|---|---|---:|---|---:|---:|---|---|",
+        *rows,
+        "",
+        "Peak extra allocation while the call runs (`tracemalloc`; W is 64 MiB), and the in-place round trip's "
+        "max abs error:",
+        "",
+        "| case | merge copy=False | unmerge copy=False | merge copy=True | round trip |",
+        "|---|---|---|---|---|",
+        *mem_rows,
+    ]
+    if peft_rows:
+        lines += [
+            "",
+            f"Against PEFT ({args.peft_repeats} round-robin rounds; PEFT builds the dense 4096 x 4096 rotation and "
+            "multiplies by it, and inverts it densely for OFT's unmerge):",
+            "",
+            "| case | PEFT merge ms | peftmath merge ms (in place / copy=True) | speed-up | PEFT unmerge ms | "
+            "peftmath unmerge ms (in place) | speed-up | max abs diff vs PEFT merge |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+            *peft_rows,
+        ]
+    lines += [
+        "",
+        "How: merge and unmerge work on row tiles of W (`oft.rotate_rows`): per tile of 512 KiB, one batched "
+        "matmul of its blocks into a reused buffer (`out=`), copied back while in cache (in place) or written "
+        "straight into the new result (`copy=True`: W read once, the result written once; no copy of W first); "
+        "bfloat16 tiles are widened to float32 and rounded once; the tiles spread over the BLAS thread count. "
+        "BOFT's butterfly levels compose into one block-diagonal rotation (`boft.composed_blocks`) when that is "
+        "not more flops than the levels (m <= 3 or blocks <= 128), else the levels run per tile.",
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="3 rounds, no PEFT, no exact-Cayley case")
+    ap.add_argument("--repeats", type=int, default=None, help="round-robin rounds (default 9, --quick 3)")
+    ap.add_argument("--peft-repeats", type=int, default=3)
+    ap.add_argument("--no-peft", action="store_true", help="skip the (slow) PEFT comparison")
+    ap.add_argument("--threads", type=int, default=2, help="BLAS / torch threads for every contestant (default 2)")
     ap.add_argument("--no-write", action="store_true", help="print the section, do not write RESULTS.md")
     args = ap.parse_args()
-    rng = np.random.default_rng(0)
-    rows = []
-    notes = []
-
-    cases = [
-        ("OFT (Cayley-Neumann, default)", "oft", peft.OFTConfig(target_modules=["0"], oft_block_size=BLOCK),
-         oft.OFTConfig(oft_block_size=BLOCK)),
-        ("OFT (exact Cayley)", "oft", peft.OFTConfig(target_modules=["0"], oft_block_size=BLOCK,
-                                                     use_cayley_neumann=False),
-         oft.OFTConfig(oft_block_size=BLOCK, use_cayley_neumann=False)),
-        ("BOFT (m=1)", "boft", peft.BOFTConfig(target_modules=["0"], boft_block_size=BLOCK),
-         boft.BOFTConfig(boft_block_size=BLOCK)),
-    ]
-    for label, kind, pcfg, ocfg in cases:
-        print(f"[bench_oft] {label} ...", file=sys.stderr, flush=True)
-        lay = peft_layer(kind, pcfg, rng)
-        W = lay.base_layer.weight.detach().numpy().copy()
-        if kind == "oft":
-            params = {"oft_R.weight": lay.oft_R["default"].weight.detach().numpy().copy()}
-            mod = oft.OFTModule("0", ocfg, params, Layer.of(W.shape))
-        else:
-            params = {"boft_R": lay.boft_R["default"].detach().numpy().copy(),
-                      "boft_s": lay.boft_s["default"].detach().numpy().copy()}
-            mod = boft.BOFTModule("0", ocfg, params, Layer.of(W.shape))
-        p_merge, p_unmerge, p_merged = bench_peft(lay, args.repeats)
-        o_merge, o_unmerge, o_merged, o_back, o_merge_c = bench_ours(mod, W, args.repeats)
-        t_merge, t_unmerge, _, _ = bench_ours(mod, W, args.repeats, "torch")
-        err = float(np.abs(o_merged - p_merged).max())
-        rt = float(np.abs(o_back - W).max())
-        peak = peak_alloc(lambda: mod.unmerge(mod.merge(W).weight)) / 2**20
-        rows.append((label, p_merge, o_merge, t_merge, p_unmerge, o_unmerge, t_unmerge, err, rt, peak, o_merge_c))
-        del lay
-
-    # BOFT with two butterfly levels: PEFT on CPU cannot build it (it forces m = 1); peftmath only.
-    print("[bench_oft] BOFT (m=2) ...", file=sys.stderr, flush=True)
-    cfg2 = boft.BOFTConfig(boft_block_size=BLOCK, boft_n_butterfly_factor=2)
-    params2 = {"boft_R": rng.normal(0, 0.01, (2, N // BLOCK, BLOCK, BLOCK)).astype(np.float32),
-               "boft_s": rng.normal(1, 0.05, (N, 1)).astype(np.float32)}
-    W = rng.standard_normal((N, N)).astype(np.float32) / 64
-    mod2 = boft.BOFTModule("0", cfg2, params2, Layer.of(W.shape))
-    m2 = bench_ours(mod2, W, args.repeats)
-    notes.append(f"BOFT with `boft_n_butterfly_factor=2` (two butterfly levels; PEFT on CPU silently forces 1): "
-                 f"peftmath NumPy merge {m2[0] * 1e3:.0f} ms, unmerge {m2[1] * 1e3:.0f} ms, "
-                 f"round-trip max error {float(np.abs(m2[3] - W).max()):.1e}.")
-
-    floor, _ = timed(lambda: W.copy(), max(args.repeats, 5))
-    notes.append(f"Memory floor on this machine: copying the 64 MiB weight (`W.copy()`, a new array like merge returns) "
-                 f"takes {floor * 1e3:.0f} ms.")
-    lines = [
-        "## oft: OFT and BOFT merge / unmerge, Linear(4096, 4096) float32, block size 32",
-        "",
-        f"Machine: {machine_line()}. Written by `benchmarks/bench_oft.py` (median of {args.repeats}; "
-        f"2 threads on both sides). Adapter parameters ~ N(0, 0.01²), boft_s ~ N(1, 0.05²).",
-        "",
-        "| case | PEFT merge | peftmath merge (NumPy / torch) | ratio (NumPy / torch) | NumPy merge + C copy "
-        "(ratio) | PEFT unmerge | peftmath unmerge (NumPy / torch) | ratio (NumPy / torch) | "
-        "max abs diff vs PEFT merge | round-trip error | NumPy peak (merge+unmerge) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for label, pm_, om, tm, pu, ou, tu, err, rt, peak, oc in rows:
-        lines.append(
-            f"| {label} | {pm_ * 1e3:.0f} ms | {om * 1e3:.0f} / {tm * 1e3:.0f} ms | **{pm_ / om:.0f}x** / {pm_ / tm:.0f}x "
-            f"| {oc * 1e3:.0f} ms ({pm_ / oc:.0f}x) "
-            f"| {pu * 1e3:.0f} ms | {ou * 1e3:.0f} / {tu * 1e3:.0f} ms | **{pu / ou:.0f}x** / {pu / tu:.0f}x "
-            f"| {err:.1e} | {rt:.1e} | {peak:.0f} MiB |"
-        )
-    lines += ["", "Targets (issue 4): OFT merge >= 20x and unmerge >= 50x faster than PEFT.",
-              "The block-aware product returns the merged 2-D weight in column-major (Fortran) storage: it is "
-              "computed as Wᵀ's blocks, so nothing is copied; 'merge + C copy' adds `numpy.ascontiguousarray` "
-              "(one transposing copy) for callers that need row-major storage.", ""]
-    lines += [f"- {n}" for n in notes]
-    body = "\n".join(lines)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 9
+    body = run(args)
     print(body)
     if not args.no_write:
         write_section("oft", body)

@@ -233,9 +233,15 @@ def update_rows(xp: Any, src: Array, dst: Array, blocks: Callable[[Any], Iterato
     """``dst = src ± ΔW`` one row block of ΔW at a time. ``src`` and ``dst`` hold the rows of the
     ``(out, in_flat)`` matrix on their first axis (the stored weight in any layout, or its matrix view);
     ``dst`` may be ``src`` itself (in place)."""
+    # NumPy rows C-ordered in cd: one pass per block, src rows ± block straight into dst rows
+    plain = (isinstance(src, np.ndarray) and isinstance(dst, np.ndarray) and src.dtype == cd and dst.dtype == cd
+             and src.flags.c_contiguous and dst.flags.c_contiguous)
+    op = np.add if sign > 0 else np.subtract
     for start, stop, block in blocks(cd):
         cur = src[start:stop, ...]
-        if dst is src and cur.ndim == 2 and cur.dtype == cd:
+        if plain:
+            op(cur.reshape(block.shape), block, out=dst[start:stop, ...].reshape(block.shape))
+        elif dst is src and cur.ndim == 2 and cur.dtype == cd:
             # augmented assignment: in place where getitem is a view, written back otherwise
             if sign > 0:
                 dst[start:stop, ...] += block
