@@ -1035,7 +1035,7 @@ def transform(
                         arr = pending.pop(k)
                         rep.adapted += 1
                     arr = np.ascontiguousarray(_astype(arr, _np_dtype(op.dst_dtype)))
-                    if safe and arr.dtype.kind == "f" and not all_finite(arr):
+                    if safe and (arr.dtype.kind == "f" or is_bf16(arr.dtype)) and not all_finite(arr):
                         raise NonFiniteError(
                             f"{k}: the {op.operation} result contains NaN or infinity in {op.dst_dtype}; nothing "
                             f"was written. Check the adapter, or keep a wider --dtype")

@@ -245,3 +245,22 @@ def test_transform_on_the_cli_path_is_unchanged(model, tmp_path, capsys):
               provenance=json.loads(SafeTensorsFile(next((tmp_path / "cli").glob("*.safetensors"))).metadata[
                   stream.PROVENANCE_KEY]))
     assert _digest(tmp_path / "cli") == _digest(tmp_path / "seq")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # NumPy's float16 cast says so
+@pytest.mark.parametrize("out_dtype", [np.float16, BF16], ids=["float16", "bfloat16"])
+def test_safe_refuses_a_cast_that_overflows(tmp_path, out_dtype):
+    """--safe: a float32 value that rounds to infinity in the output dtype (3.4e38 in bfloat16, 7e4 in
+    float16) is refused, for bfloat16 too, naming the tensor; nothing is written. Without it, inf is written."""
+    state = _state(np.float32)
+    big = 3.4e38 if out_dtype == BF16 else 7e4
+    state["model.layers.1.norm.weight"][3] = big
+    base_dir = _write_model(tmp_path / "base", state, shards=2)
+    base = open_model(base_dir)
+    ad = _adapter(state, np.float32, bias=False)
+    assert np.isinf(np.float32(big).astype(out_dtype))
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.norm\.weight"):
+        transform(base, [ad], tmp_path / "out", dtype=np.dtype(out_dtype), safe=True)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path, "out") == []
+    transform(base, [ad], tmp_path / "out", dtype=np.dtype(out_dtype))
+    assert np.isinf(open_model(tmp_path / "out").read("model.layers.1.norm.weight").astype(np.float32)[3])
