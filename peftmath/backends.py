@@ -389,35 +389,23 @@ class NumpyBackend(ArrayAPIBackend):
         return norm
 
     def dora_unmerge_(self, m: Array, b: Array, a: Array, alpha: float, q: Array) -> bool:
-        """``m ← q ⊙ m + alpha·b@a`` per row tile (the scaling and a gemm with beta=1 while the tile is in
-        cache): in place for a C-contiguous float32 / float64 ``m``, through float32 tiles rounded once for
-        float16 / bfloat16; False (touching nothing) for other layouts and dtypes."""
-        if not (self._numpy_matrices(m, b, a, q) and m.shape == (b.shape[0], a.shape[1]) and q.ndim == 1):
+        """``m ← q ⊙ m + alpha·b@a`` for a float16 / bfloat16 ``m``: per float32 row tile, widen, scale the
+        rows, gemm with beta=1, round once back (no float32 temporary of ``m``'s size). False (touching
+        nothing) otherwise: a float32 / float64 ``m`` takes the caller's two passes (``m *= q``, then one
+        gemm with beta=1 by :meth:`addmm_`), which is the floor itself."""
+        if not (self._numpy_matrices(m, b, a, q) and is_low_precision(m.dtype) and q.dtype == np.float32
+                and m.shape == (b.shape[0], a.shape[1]) and q.ndim == 1):
             return False
         from scipy.linalg import blas
 
-        if is_low_precision(m.dtype) and q.dtype == np.float32:
-            a32 = np.asarray(a, dtype=np.float32)
-            b32 = np.asarray(b, dtype=np.float32)
+        a32 = np.asarray(a, dtype=np.float32)
+        b32 = np.asarray(b, dtype=np.float32)
 
-            def update(i: int, j: int, tile: np.ndarray) -> None:
-                tile *= q[i:j, None]
-                blas.sgemm(alpha, a32.T, b32[i:j].T, beta=1.0, c=tile.T, overwrite_c=True)
-
-            self._float32_tiles(m, update)
-            return True
-        gemm = _blas_gemm(m.dtype)
-        if gemm is None or q.dtype != m.dtype or not m.flags.c_contiguous:
-            return False
-        a = a.astype(m.dtype, copy=False)
-        b = b.astype(m.dtype, copy=False)
-        rows = max(1, self.tile_bytes // (m.itemsize * max(1, m.shape[1])))
-        for i in range(0, m.shape[0], rows):
-            j = min(i + rows, m.shape[0])
-            tile = m[i:j]
+        def update(i: int, j: int, tile: np.ndarray) -> None:
             tile *= q[i:j, None]
-            if not np.shares_memory(gemm(alpha, a.T, b[i:j].T, beta=1.0, c=tile.T, overwrite_c=True), tile):
-                raise BackendError("numpy backend: BLAS gemm did not update the weight in place")
+            blas.sgemm(alpha, a32.T, b32[i:j].T, beta=1.0, c=tile.T, overwrite_c=True)
+
+        self._float32_tiles(m, update)
         return True
 
 

@@ -275,8 +275,13 @@ def _tile_kernel(W: Array, A: Array, B: Array, lay: Layer, op: Callable[[Array, 
     size, never of W's; half precision widened and rounded once, :func:`~peftmath.methods._base.in_row_tiles`)."""
     xp, cd, B2, A2 = _row_factors(W, A, B, lay)
 
+    def update(T: Array, r0: int, r1: int) -> None:
+        q = xp.matmul(B2[r0:r1, ...], A2)
+        q += 1  # in place: one temporary of the tile's size
+        op(T, q)
+
     def kernel(M: Array) -> bool:
-        in_row_tiles(xp, M, cd, lambda T, r0, r1: op(T, 1 + xp.matmul(B2[r0:r1, ...], A2)), tile_full=True)
+        in_row_tiles(xp, M, cd, update, tile_full=True)
         return True
 
     return kernel
