@@ -59,8 +59,17 @@ def make_adapter(folder: Path) -> Path:
     return out
 
 
+def base_env() -> dict[str, str]:
+    """The environment of every timed run: bytecode cached (in ``benchmarks/_out/startup/pycache``, through
+    ``PYTHONPYCACHEPREFIX``), as an installed package has its ``.pyc`` files, even where the machine sets
+    ``PYTHONDONTWRITEBYTECODE=1`` (then every import would compile its source, each run)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(OUT / "pycache")
+    return env
+
+
 def commands(root: Path, adapter: Path) -> dict[str, tuple[list[str], dict]]:
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**base_env(), "PYTHONPATH": str(root)}
     py = sys.executable
     return {"peftmath --help": ([py, "-c", RUN_CLI, "--help"], env),
             "peftmath inspect": ([py, "-c", RUN_CLI, "inspect", str(adapter)], env)}
@@ -100,8 +109,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     adapter = make_adapter(OUT)
     py = sys.executable
-    contestants = {"python -c pass": ([py, "-c", "pass"], dict(os.environ)),
-                   "python -c 'import numpy'": ([py, "-c", "import numpy"], dict(os.environ)),
+    contestants = {"python -c pass": ([py, "-c", "pass"], base_env()),
+                   "python -c 'import numpy'": ([py, "-c", "import numpy"], base_env()),
                    **commands(ROOT, adapter)}
     if args.compare:
         contestants.update({f"{k} [{args.compare}]": v for k, v in commands(Path(args.compare), adapter).items()})
@@ -119,7 +128,8 @@ def main() -> None:
 
     lines = ["## Start-up (`benchmarks/bench_startup.py`)", "",
              f"{machine_line()}; {THREADS}. {rounds} rounds, each command a fresh interpreter "
-             f"(`{Path(py).name} -c ...` as the console script runs, this checkout on PYTHONPATH), round-robin; "
+             f"(`{Path(py).name} -c ...` as the console script runs, this checkout on PYTHONPATH, bytecode cached "
+             f"through PYTHONPYCACHEPREFIX), round-robin; "
              f"load average {load0[0]:.2f} before, {load1[0]:.2f} after. The adapter: LoRA r=8 on 8 modules "
              f"256x256, float32.", "",
              "| command | median s | / import numpy (median of per-round ratios) | target | met |",

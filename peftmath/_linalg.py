@@ -44,8 +44,8 @@ def low_rank_singular_values(B: np.ndarray, A: np.ndarray, scale: float = 1.0) -
         raise ShapeError(f"low_rank_singular_values: factors B {B.shape} and A {A.shape} do not form B @ A "
                          f"(B must be (m, r), A (r, n))")
     m, n = B.shape[0], A.shape[1]
-    _, R_B = np.linalg.qr(B)      # (min(m, r), r)
-    _, R_A = np.linalg.qr(A.T)    # (min(n, r), r)
+    R_B = np.linalg.qr(B, mode="r")      # (min(m, r), r); Q is never needed, so never formed
+    R_A = np.linalg.qr(A.T, mode="r")    # (min(n, r), r)
     S = np.linalg.svd(float(scale) * (R_B @ R_A.T), compute_uv=False)
     out = np.zeros(min(m, n), dtype=np.float64)
     out[: S.shape[0]] = S
