@@ -464,7 +464,8 @@ def _write_rotated(where: str, weight: Array, rotation: Callable[[], Array], sca
     """Write ``diag(s) · W Mᵀ`` (``transpose``) or ``diag(1/s) · W M`` through the one write path:
     row tiles of the stored weight (:func:`peftmath.methods.oft.rotate_rows`) in place and into the
     ``copy=True`` result (:func:`~peftmath.methods.oft.fresh_result`); ``compute`` (the whole product)
-    where that result cannot be filled (JAX, dask, torch recording gradients of ``params``)."""
+    where :func:`~peftmath.methods.oft.fresh_result` says so (JAX, dask, torch recording gradients of
+    ``params``, a 2-D weight of another library already in ``cd``)."""
     def rows(src: Array, dst: Array) -> bool:
         R = rotation()
         m, b = int(R.shape[0]), int(R.shape[-1])
@@ -475,7 +476,7 @@ def _write_rotated(where: str, weight: Array, rotation: Callable[[], Array], sca
         return _levels_rows(src, dst, R, scale, transpose=transpose, divide=divide, cd=cd, xp=xp)
 
     def new() -> Array:
-        out = fresh_result(weight, *params)
+        out = fresh_result(weight, *params, cd=cd)
         if out is None:
             return compute()
         rows(weight, out)

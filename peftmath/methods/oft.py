@@ -556,7 +556,8 @@ def _peft_fold_rotate(x: Array, R: Array, kernel: tuple[int, ...]) -> Array:
 # --------------------------------------------------------------------------------------------------
 def _rotate_weight(weight: Array, blocks: Array, lay: Layer, *, inverse: bool, xp: Any, cd: Any) -> Array:
     """The rotated weight as a new array, the whole product at once (arrays that are never written,
-    JAX and dask, and torch tensors recording gradients; see :func:`fresh_result`)."""
+    JAX and dask, torch tensors recording gradients, 2-D weights of libraries other than NumPy already
+    in the compute dtype; see :func:`fresh_result`)."""
     R = as_compute(xp, blocks, cd)
     if inverse:
         R = _inverse_blocks(R)
@@ -705,13 +706,17 @@ def _numpy_tile_worker(src: np.ndarray, dst: np.ndarray, F: np.ndarray, cd: Any,
     return work
 
 
-def fresh_result(weight: Array, *params: Array | None) -> Array | None:
+def fresh_result(weight: Array, *params: Array | None, cd: Any = None) -> Array | None:
     """A new writeable C-ordered array of ``weight``'s shape and dtype, for a ``copy=True`` result filled
     row tile by row tile from ``weight`` (read once, written once: the only allocation of its size), or
-    None where the result is computed out of place instead: arrays that are never written (JAX, dask)
-    and torch tensors recording gradients (``weight`` or a parameter requires grad while autograd is on;
-    the out-of-place result keeps the graph)."""
+    None where the result is computed out of place instead: arrays that are never written (JAX, dask),
+    torch tensors recording gradients (``weight`` or a parameter requires grad while autograd is on; the
+    out-of-place result keeps the graph), and, given the compute dtype ``cd``, a 2-D weight of another
+    library already in ``cd`` (one library product writes the result, nothing else of its size: faster
+    there than tiles, which such libraries cannot multiply into reused buffers)."""
     if is_immutable(weight):
+        return None
+    if cd is not None and not isinstance(weight, np.ndarray) and weight.ndim == 2 and weight.dtype == cd:
         return None
     arrays = (weight,) + tuple(a for a in params if a is not None)
     if any(getattr(a, "requires_grad", False) for a in arrays):
@@ -785,7 +790,7 @@ def _merge_or_unmerge(weight: Array, blocks: Array, layer: Layer | LayerKind | s
         return _right_factors(xp, _inverse_blocks(R) if inverse else R, transpose=not emb)
 
     def compute() -> Array:
-        out = fresh_result(weight, blocks)
+        out = fresh_result(weight, blocks, cd=cd)
         if out is None:
             return _rotate_weight(weight, blocks, lay, inverse=inverse, xp=xp, cd=cd)
         rotate_rows(weight, out, factors(), cd=cd, xp=xp)
