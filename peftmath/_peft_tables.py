@@ -270,6 +270,9 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # C3A: init_weights only draws the kernel the checkpoint holds; PEFT's C3AConfig has no exclude_modules
     "C3A": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
             **dict.fromkeys(("block_size", "block_size_pattern", "bias"), IMPLEMENTED), "init_weights": IRRELEVANT},
+    # SHiRA: the positions are saved, so mask_type / random_seed only chose them; no exclude_modules etc. in PEFT
+    "SHIRA": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save", "r", "fan_in_fan_out"), IMPLEMENTED),
+              **dict.fromkeys(("mask_type", "random_seed", "init_weights"), IRRELEVANT)},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

@@ -44,6 +44,7 @@ METHOD_MODULES: dict[str, str] = {
     "VBLORA": "peftmath.methods.vblora",
     "RANDLORA": "peftmath.methods.randlora",
     "C3A": "peftmath.methods.c3a",
+    "SHIRA": "peftmath.methods.shira",
 }
 
 

@@ -34,6 +34,7 @@ CLAIMED = frozenset({
     "VBLoRAConfig",
     "RandLoraConfig",
     "C3AConfig",
+    "ShiraConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
