@@ -587,13 +587,20 @@ def tile_rows(n_cols: int, itemsize: int, budget: int = TILE_BYTES) -> int:
     return max(1, budget // max(1, n_cols * itemsize))
 
 
+#: threads of the NumPy row-tile loops; None: :func:`tile_threads` follows the BLAS thread limit (set it
+#: to 1 where merges already run on several threads of their own)
+TILE_THREADS: int | None = None
+
+
 def tile_threads() -> int:
-    """Threads of the NumPy row-tile loops: the BLAS thread limit (``OPENBLAS_NUM_THREADS``,
-    ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, the first one set to a positive integer), else the CPUs
-    this process may use. Each tile's products are small BLAS calls that run on one thread, so the loop
-    spreads tiles over as many threads as one large BLAS call would use."""
+    """Threads of the NumPy row-tile loops: :data:`TILE_THREADS` when set, else the BLAS thread limit
+    (``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, the first one set to a positive
+    integer), else the CPUs this process may use. Each tile's products are small BLAS calls that run on
+    one thread, so the loop spreads tiles over as many threads as one large BLAS call would use."""
     import os
 
+    if TILE_THREADS is not None:
+        return max(1, int(TILE_THREADS))
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         value = os.environ.get(var, "").strip()
         if value.isdigit() and int(value) > 0:

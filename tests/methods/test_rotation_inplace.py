@@ -194,6 +194,8 @@ def test_tile_threads_reads_the_blas_limit(monkeypatch):
     assert oft.tile_threads() == 1
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "auto")  # not a positive integer: the next variable
     assert oft.tile_threads() == 3
+    monkeypatch.setattr(oft, "TILE_THREADS", 1)  # the override wins
+    assert oft.tile_threads() == 1
 
 
 # --------------------------------------------------------------------------------------------------
