@@ -784,7 +784,13 @@ def _cmd_extract(args: argparse.Namespace, log: _Log) -> int:
 
     spectra: dict[str, Any] = {}
     totals: dict[str, Any] = {}
-    update, close = _progress(len(open_model(args.tuned).keys()), args.quiet, "extract", unit="tensor")
+    total = None
+    if not args.quiet and sys.stderr.isatty():  # the bar's length; extract_lora reports a bad path itself
+        try:
+            total = len(open_model(args.tuned).keys())
+        except (PeftMathError, OSError):
+            pass
+    update, close = _progress(total, args.quiet, "extract", unit="tensor")
     try:
         report = extract_lora(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy,
                               include=args.include, exclude=args.exclude, randomized=not args.exact,

@@ -199,3 +199,26 @@ def test_extract_total_error_and_flags(cli, files):
     assert f"relative error over all modules {total:.3e}" in err
     rc, _, err = cli("extract", base, tp, "--rank", "2", "--exact", "--randomized", "-o", d / "t2")
     assert rc == 2 and "not allowed with" in err
+
+
+def test_init_pissa_points_to_pissa_niter_on_a_large_model(cli, tmp_path, h, monkeypatch):
+    """``--init pissa`` on a model above cli.PISSA_HINT_PARAMETERS weight parameters says to use pissa_niter_K
+    (lowered here to the tiny model's size); not below it, not with -q, not for pissa_niter_4."""
+    from peftmath import cli as cli_module
+
+    state = h.model_state()
+    base = h.write_model(tmp_path / "base.safetensors", state)
+    n = sum(v.size for k, v in state.items() if k.endswith(".weight") and v.ndim >= 2)
+    args = ["init", base, "--rank", "2", "--target", "q_proj", "--base-out", tmp_path / "nb.safetensors", "--force"]
+    monkeypatch.setattr(cli_module, "PISSA_HINT_PARAMETERS", n)  # the model is not above it
+    rc, _, err = cli(*args, "--init", "pissa", "-o", tmp_path / "p0")
+    assert rc == 0 and "pissa_niter" not in err, err
+    monkeypatch.setattr(cli_module, "PISSA_HINT_PARAMETERS", n - 1)
+    rc, _, err = cli(*args, "--init", "pissa", "-o", tmp_path / "p1")
+    assert rc == 0 and "--init pissa_niter_4" in err and f"{n / 1e6:.0f}M weight parameters" in err, err
+    rc, _, err = cli(*args, "--init", "pissa", "-o", tmp_path / "p2", "-q")
+    assert rc == 0 and err == ""
+    rc, _, err = cli(*args, "--init", "pissa_niter_4", "-o", tmp_path / "p3")
+    assert rc == 0 and "pissa_niter" not in err, err
+    rc, _, err = cli(*args, "--init", "pissa", "-o", tmp_path / "p4", "--strict")  # a hint, not a warning
+    assert rc == 0, err
