@@ -273,6 +273,11 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # SHiRA: the positions are saved, so mask_type / random_seed only chose them; no exclude_modules etc. in PEFT
     "SHIRA": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save", "r", "fan_in_fan_out"), IMPLEMENTED),
               **dict.fromkeys(("mask_type", "random_seed", "init_weights"), IRRELEVANT)},
+    # WaveFT: proportional_parameters only sized the spectra the checkpoint holds (k = the spectrum's length)
+    "WAVEFT": {**_BOOKKEEPING, **_TARGETS,
+               **dict.fromkeys(("n_frequency", "scaling", "wavelet_family", "use_idwt", "random_loc_seed",
+                                "fan_in_fan_out", "bias", "n_frequency_pattern"), IMPLEMENTED),
+               **dict.fromkeys(("proportional_parameters", "init_weights"), IRRELEVANT)},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

@@ -45,6 +45,7 @@ METHOD_MODULES: dict[str, str] = {
     "RANDLORA": "peftmath.methods.randlora",
     "C3A": "peftmath.methods.c3a",
     "SHIRA": "peftmath.methods.shira",
+    "WAVEFT": "peftmath.methods.waveft",
 }
 
 

@@ -13,6 +13,7 @@ import peftmath as pm
 from peftmath.errors import ConfigError, ShapeError, UnsupportedError
 from peftmath.layers import Layer, LayerKind
 from peftmath.methods import c3a
+from tests.methods.test_inplace_contract import _np_permuted, _np_sliced
 
 
 def circulant_reference(K: np.ndarray) -> np.ndarray:
@@ -55,12 +56,9 @@ def test_fft_forward_equals_dense_product(shape, dtype):
     np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
 
 
-LAYOUTS = {
-    "C": lambda a: a.copy(),
-    "F": np.asfortranarray,
-    "permuted": lambda a: np.ascontiguousarray(a.T).T,
-    "sliced": lambda a: np.repeat(a, 2, axis=1)[:, ::2],
-}
+#: memory layouts of the base weight (the in-place contract's permuted view and strided slice)
+LAYOUTS = {"C": lambda a: a.copy(), "F": np.asfortranarray, "permuted": _np_permuted,
+           "sliced": lambda a: _np_sliced(a, 1)}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -83,7 +81,7 @@ def test_forward_merge_unmerge(layout, dtype):
     back = mod.unmerge(merged).weight
     np.testing.assert_allclose(back, W, atol=4 * eps * 4)
     before = W.copy()
-    inplace = W.copy(order="K") if layout != "sliced" else LAYOUTS["sliced"](W)
+    inplace = LAYOUTS[layout](W.copy())
     out = mod.merge(inplace, copy=False).weight
     assert out is inplace
     np.testing.assert_array_equal(inplace, merged)

@@ -11,6 +11,7 @@ import peftmath as pm
 from peftmath.errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
 from peftmath.layers import Layer, LayerKind
 from peftmath.methods import shira
+from tests.methods.test_inplace_contract import _np_permuted, _np_sliced
 
 
 def reference(values, indices, out, inn):
@@ -37,12 +38,9 @@ def test_delta_weight_entry_by_entry(repeats):
     np.testing.assert_array_equal(_module(v, idx, (7, 9)).delta_weight(), shira.delta_weight(v, idx, 7, 9))
 
 
-LAYOUTS = {
-    "C": lambda a: a.copy(),
-    "F": np.asfortranarray,
-    "permuted": lambda a: np.ascontiguousarray(a.T).T,
-    "sliced": lambda a: np.repeat(a, 2, axis=1)[:, ::2],
-}
+#: memory layouts of the base weight (the in-place contract's permuted view and strided slice)
+LAYOUTS = {"C": lambda a: a.copy(), "F": np.asfortranarray, "permuted": _np_permuted,
+           "sliced": lambda a: _np_sliced(a, 1)}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -35,6 +35,7 @@ CLAIMED = frozenset({
     "RandLoraConfig",
     "C3AConfig",
     "ShiraConfig",
+    "WaveFTConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
