@@ -4,8 +4,8 @@ Per tile of rows LoHa forms ``t1 = (s·w1_a)[rows] @ w1_b``, ``t2 = w2_a[rows] @
 writes ``W[rows] ± t1 ⊙ t2``. Checked against float64 ``W ± s (w1_a w1_b) ⊙ (w2_a w2_b)`` computed here,
 within the rounding bound of float32 (``γ_{r+3}`` of ``|s| (|w1_a||w1_b|) ⊙ (|w2_a||w2_b|)``, plus
 ``u |W|`` for the addition and one rounding to the stored dtype); on Fortran-ordered, permuted, sliced and
-torch ``channels_last`` weights, Conv2d, float16 / bfloat16; the same bits from ``copy=True``, one or several
-threads, any tile size; the peak extra allocation of an in-place merge a small fraction of W; JAX still
+torch ``channels_last`` weights, Conv2d, float16 / bfloat16; the same bits from ``copy=True`` and any tile
+size or BLAS thread setting; the peak extra allocation of an in-place merge a small fraction of W; JAX still
 computing out of place.
 """
 
