@@ -123,8 +123,12 @@ def main(argv: list[str] | None = None) -> None:
         "\"conv (torch)\" is peftmath's `conv` dispatching to `F.conv2d` (issue #20 item 6: it was the im2col "
         "reference, the \"im2col (torch)\" row); \"conv (numpy)\" is the stride-1 shifted-window path "
         "(`peftmath._conv.shifted_gemm_conv`), \"reference\" the portable per-offset matmuls that array-api-strict, "
-        "dask and strided NumPy convolutions run. Timings on a shared machine are noisy; the ratios are what to read.",
+        "dask and strided NumPy convolutions run (and torch float32 on CUDA while cuDNN may use TF32).",
     ]
+    if max(load_before, load_after) > (os.cpu_count() or 1):
+        lines += ["", f"**The machine was busy** (load average above its {os.cpu_count()} cores): 2-thread BLAS calls "
+                  "wait for their second thread, so these timings are noisy (a contestant against itself, `conv (torch)` "
+                  "vs `F.conv2d`, shows the spread); re-run on an idle machine. The peaks do not depend on the load."]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

@@ -391,10 +391,11 @@ def reference_conv(
     """The portable convolution (arguments already checked by :func:`conv`: ``padding`` is one
     ``(lo, hi)`` pair per spatial axis). One matmul per kernel offset, accumulated:
 
-    ``out[n, g, :, l] = Σ_offsets W[g, :, :, offset] @ x_pad[n, g, :, offset·d + l·s]``
+    ``out[g, :, (n, l)] = Σ_offsets W[g, :, :, offset] @ x_pad[g, :, (n, offset·d + l·s)]``
 
-    where the shifted, strided window of the padded input is a slice, so the memory beyond the output
-    is the padded input, one window (input-sized) and one product (output-sized) at a time, not the
+    with the input laid out channels first, so that the shifted, strided window of the padded input
+    (a slice) is one ``(C_in, N·L)`` matrix per offset. The memory beyond the output is the padded
+    input, one window (input-sized), one product and the accumulated sum (output-sized), not the
     ``prod(kernel)``-fold column buffer of im2col. Half-precision operands (float16, bfloat16) are
     computed in float32, bias included, and the sum rounded once to the result dtype.
     """
@@ -414,36 +415,43 @@ def _offset_matmuls(x: Array, weight: Array, bias: Array | None, stride: tuple[i
     """:func:`reference_conv`'s sum of one matmul per kernel offset, in the operands' dtype."""
     nd = weight.ndim - 2
     kernel = tuple(weight.shape[2:])
+    n, c_in = x.shape[0], x.shape[1]
+    c_out = weight.shape[0]
+    # channels first, so that one offset's window is one (C_in, N·L) matrix: one gemm per group and
+    # offset rather than one per sample
+    x = xp.permute_dims(x, (1, 0, *range(2, nd + 2)))
     if any(p for pair in padding for p in pair):
         x = xpx.pad(x, [(0, 0), (0, 0), *padding], xp=xp)
     spatial = tuple(x.shape[2:])
     out_sp = tuple((s - d * (k - 1) - 1) // st + 1 for s, d, k, st in zip(spatial, dilation, kernel, stride))
-    n, c_in = x.shape[0], x.shape[1]
-    c_out = weight.shape[0]
     cin_g, cout_g = c_in // groups, c_out // groups
-    l_total = math.prod(out_sp)
+    columns = n * math.prod(out_sp)
     taps = math.prod(kernel)
     # each reshape merges or splits axes, never both at once: chunked libraries (dask) refuse the mix.
     # The offsets first, as one C-ordered copy (the weight is small): each offset's matrices are then
     # contiguous (a strided slice of the last axis sends torch's and NumPy's matmul down slow paths)
     w = xp.permute_dims(xp.reshape(weight, (c_out, cin_g, taps)), (2, 0, 1))
-    w = xp.reshape(contiguous_copy(w, xp=xp), (taps, 1, groups, cout_g, cin_g))
+    w = xp.reshape(contiguous_copy(w, xp=xp), (taps, groups, cout_g, cin_g))
     out = None
     for k, offset in enumerate(_offsets(kernel)):
         index = [slice(None), slice(None)]
         for o, d, st, size in zip(offset, dilation, stride, out_sp):
             index.append(slice(o * d, o * d + st * (size - 1) + 1, st))
-        window = xp.reshape(x[tuple(index)], (n, c_in, l_total))
-        window = xp.reshape(window, (n, groups, cin_g, l_total))
-        term = xp.matmul(w[k, ...], window)  # (N, groups, C_out / groups, L)
+        window = xp.reshape(x[tuple(index)], (c_in, columns))
+        window = xp.reshape(window, (groups, cin_g, columns))
+        term = xp.matmul(w[k, ...], window)  # (groups, C_out / groups, N·L)
         if out is None:
             out = term
         else:
             out += term  # in place where the library is mutable; a new array otherwise (dask, JAX)
-    out = xp.reshape(xp.reshape(out, (n, c_out, l_total)), (n, c_out, *out_sp))
+    out = xp.reshape(xp.reshape(out, (c_out, columns)), (c_out, n, *out_sp))
     if bias is not None:
-        out = out + xp.reshape(bias, (1, c_out) + (1,) * nd)
-    return out
+        b = xp.reshape(bias, (c_out, 1) + (1,) * nd)
+        if xp.result_type(out.dtype, bias.dtype) == out.dtype:
+            out += b
+        else:
+            out = out + b
+    return contiguous_copy(xp.permute_dims(out, (1, 0, *range(2, nd + 2))), xp=xp)  # (N, C_out, *out_sp)
 
 
 def _offsets(kernel: tuple[int, ...]) -> list[tuple[int, ...]]:
