@@ -15,8 +15,9 @@ rounding), or ``None``, touching nothing, when it cannot (another array type, a 
 convolution does not take or would compute less precisely, more than 3 spatial axes): the caller then
 runs the reference. A declined call is never an error.
 
-Which function serves which arrays: a backend's own ``conv`` hook first (``backend_for(xp).conv``, with
-this signature: the CuPy plugin has one), then :data:`NATIVE` by namespace kind:
+Which function serves which arrays: the backend's ``conv`` hook (:meth:`peftmath.backends.Backend.conv`,
+with this signature), which calls the function below for its library (the CuPy plugin calls
+:func:`shifted_gemm_conv` with CuPy):
 
 =========  ==================================================================================
 torch      ``torch.nn.functional.conv{1,2,3}d`` (autograd flows; any device; channels_last
@@ -33,15 +34,13 @@ array-api-strict (even wrapping NumPy), dask and any other namespace get the ref
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from ._array import Array, Namespace, _offsets, is_low_precision
 
-__all__ = ["native_conv", "torch_conv", "jax_conv", "numpy_conv", "shifted_gemm_conv", "NATIVE"]
+__all__ = ["native_conv", "torch_conv", "jax_conv", "numpy_conv", "shifted_gemm_conv"]
 
 Pads = tuple[tuple[int, int], ...]
 
@@ -52,23 +51,8 @@ def native_conv(xp: Namespace, x: Array, weight: Array, bias: Array | None, *, s
     kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     from .backends import backend_for
 
-    hook = getattr(backend_for(xp), "conv", None)
-    if hook is not None:
-        out = hook(x, weight, bias, **kw)
-        if out is not None:
-            return out
-    fn = NATIVE.get(_kind(xp))
-    return None if fn is None else fn(x, weight, bias, **kw)
-
-
-def _kind(xp: Namespace) -> str | None:
-    if array_api_compat.is_torch_namespace(xp):
-        return "torch"
-    if array_api_compat.is_jax_namespace(xp):
-        return "jax"
-    if array_api_compat.is_numpy_namespace(xp):
-        return "numpy"
-    return None
+    hook = getattr(backend_for(xp), "conv", None)  # a plugin written before the hook may lack it
+    return None if hook is None else hook(x, weight, bias, **kw)
 
 
 def _add_bias(out: Array, bias: Array | None) -> Array:
@@ -252,6 +236,3 @@ def numpy_conv(x: Array, weight: Array, bias: Array | None, **kw: Any) -> Array 
     """NumPy's convolution: :func:`shifted_gemm_conv` (float32/float64, stride 1), else ``None``."""
     return shifted_gemm_conv(np, x, weight, bias, **kw)
 
-
-#: the native convolution of each namespace kind, used when the backend has no ``conv`` hook
-NATIVE: dict[str, Callable[..., Array | None]] = {"torch": torch_conv, "jax": jax_conv, "numpy": numpy_conv}

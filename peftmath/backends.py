@@ -19,7 +19,10 @@ only what the standard lacks:
 * **fused in-place passes** for DoRA (:meth:`Backend.rescale_rows_`, :meth:`Backend.dora_merge_`,
   :meth:`Backend.dora_unmerge_`), IA3 (:meth:`Backend.scale_`) and the mixed-batch forward
   (:meth:`Backend.lora_gather_`), with the same contract as ``addmm_``: do it in place and say so, or
-  touch nothing and return False / None.
+  touch nothing and return False / None;
+* **native convolution** (:meth:`Backend.conv`): the library's own convolution (torch's ``F.conv*d``,
+  JAX's ``lax.conv_general_dilated``, shifted-window gemms on NumPy and CuPy) behind
+  :func:`peftmath._array.conv`, or None and the portable reference runs.
 
 **The kernels' side of the in-place contract** (design §3.9, :mod:`peftmath.methods._base`): the
 caller gives an in-place kernel only arrays that alias the caller's memory (the weight itself, or a
@@ -114,6 +117,13 @@ class Backend(Protocol):
         """IA3 in place: ``w ← w ⊙ s`` (``w / s`` when ``inverse``), ``s`` in the compute dtype and
         broadcast against ``w``, the product rounded once to ``w``'s dtype; False when not possible."""
 
+    def conv(self, x: Array, weight: Array, bias: Array | None, *, stride: tuple[int, ...],
+             padding: tuple[tuple[int, int], ...], dilation: tuple[int, ...], groups: int) -> Array | None:
+        """The library's own N-d cross-correlation with :func:`peftmath._array.conv`'s semantics, the
+        arguments already checked and normalised (one stride and dilation per spatial axis, one
+        ``(lo, hi)`` zero-padding pair per axis, ``'same'`` resolved); None, touching nothing, when it
+        has none for these arrays (then :func:`peftmath._array.reference_conv` runs)."""
+
     def inv(self, a: Array, *, where: str, what: str = "a block") -> Array:
         """The inverse of every ``(b, b)`` matrix of the stack ``a (..., b, b)``. A singular one raises
         :class:`~peftmath.errors.NotInvertibleError` (a lazy library: when the result is computed); a
@@ -193,6 +203,9 @@ class ArrayAPIBackend:
 
     def scale_(self, w: Array, s: Array, inverse: bool) -> bool:
         return False
+
+    def conv(self, x: Array, weight: Array, bias: Array | None, **kw: Any) -> Array | None:
+        return None
 
     def inv(self, a: Array, *, where: str, what: str = "a block") -> Array:
         xp = array_api_compat.array_namespace(a)
@@ -310,6 +323,11 @@ class NumpyBackend(ArrayAPIBackend):
 
     def from_host(self, a: np.ndarray, xp: Namespace, device: Any = None) -> Array:
         return np.asarray(a)
+
+    def conv(self, x: Array, weight: Array, bias: Array | None, **kw: Any) -> Array | None:
+        from ._conv import numpy_conv
+
+        return numpy_conv(x, weight, bias, **kw)
 
     def addmm_(self, m: Array, b: Array, a: Array, alpha: float) -> bool:
         if not (isinstance(m, np.ndarray) and isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
@@ -467,6 +485,11 @@ class TorchBackend(ArrayAPIBackend):
             m[start:stop].add_(d)
         return True
 
+    def conv(self, x: Array, weight: Array, bias: Array | None, **kw: Any) -> Array | None:
+        from ._conv import torch_conv
+
+        return torch_conv(x, weight, bias, **kw)
+
     def stop_gradient(self, x: Array) -> Array:
         return x.detach()
 
@@ -481,6 +504,11 @@ class JaxBackend(ArrayAPIBackend):
 
     def namespace(self) -> Namespace:
         return _import_namespace("jax.numpy", self.name, "jax")
+
+    def conv(self, x: Array, weight: Array, bias: Array | None, **kw: Any) -> Array | None:
+        from ._conv import jax_conv
+
+        return jax_conv(x, weight, bias, **kw)
 
     def stop_gradient(self, x: Array) -> Array:
         import jax

@@ -312,8 +312,17 @@ def emulated_backend(monkeypatch):
     return emulated_cupy_backend(monkeypatch)
 
 
+def _generic_references(monkeypatch) -> None:
+    """The tests' copy=True references take the generic array-API path: the default copy=True merge would
+    otherwise run the kernels too, on a private copy (methods/_base.write_weight)."""
+    from peftmath.methods import _base
+
+    monkeypatch.setattr(_base, "_copy_takes_kernel", lambda weight: False)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_dora_through_the_public_api(emulated_backend, dtype):
+def test_dora_through_the_public_api(emulated_backend, dtype, monkeypatch):
+    _generic_references(monkeypatch)
     from peftmath.methods import dora
 
     dt = DTYPES[dtype]
@@ -333,7 +342,8 @@ def test_dora_through_the_public_api(emulated_backend, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("layer", ["Linear", "Conv1D"])
-def test_ia3_through_the_public_api_is_bit_identical(emulated_backend, dtype, layer):
+def test_ia3_through_the_public_api_is_bit_identical(emulated_backend, dtype, layer, monkeypatch):
+    _generic_references(monkeypatch)
     from peftmath.methods import ia3
 
     dt = DTYPES[dtype]
@@ -352,9 +362,10 @@ def test_ia3_through_the_public_api_is_bit_identical(emulated_backend, dtype, la
 
 
 @pytest.mark.parametrize("layer", ["Linear", "Conv1D"])
-def test_lora_merge_through_the_public_api(emulated_backend, layer):
+def test_lora_merge_through_the_public_api(emulated_backend, layer, monkeypatch):
     """Conv1D stores W as (in, out): the matrix view is W.T, Fortran-ordered, which the backend hands
     to the kernel as the C-ordered W with the factors swapped and transposed."""
+    _generic_references(monkeypatch)
     from peftmath.methods import lora
 
     W, A, B = _inputs((50, 270), 5, ml_dtypes.bfloat16, seed=13)
