@@ -176,9 +176,9 @@ def run(args) -> str:
         *mem_rows,
         "",
         "How: the merges work on row tiles of W. LoHa on NumPy: per tile, `t1 = (s·w1_a)[rows] @ w1_b` and "
-        "`t2 = w2_a[rows] @ w2_b` into two 1 MiB buffers reused across tiles, `t1 *= t2`, then "
-        "`W[rows] ± t1` in one pass (bfloat16: widened into `t2`, rounded once); BLAS threads each tile's "
-        "products. LoKr builds each row block of the Kronecker product. copy=True fills the new result from W "
+        "`t2 = w2_a[rows] @ w2_b` into two buffers reused across tiles, `t1 *= t2`, then "
+        "`W[rows] ± t1` in one pass (bfloat16: widened into `t2`, rounded once); tiles of 2^18 / (n·r) rows "
+        "(products BLAS runs on the calling thread) spread over the BLAS thread count. LoKr builds each row block of the Kronecker product. copy=True fills the new result from W "
         "block by block (W read once, the result written once; no copy of W first). PEFT allocates the full ΔW "
         "for every merge and unmerge.",
     ]

@@ -31,14 +31,14 @@ from ..errors import ConfigError, ShapeError
 from ..layers import Layer, LayerKind
 from ._base import apply_delta, require_kind, write_weight
 # the row-tile loop of the rotation kernels (per-thread buffers reused across tiles)
-from .oft import fresh_result, run_row_tiles
+from .oft import fresh_result, run_row_tiles, tile_threads
 
 Array = Any
 
 __all__ = [
     "LycorisConfig", "validate_lycoris", "scaling", "SUPPORTED", "check_kind", "uses_effective_conv", "cp_weight",
     "round_to_dtype", "rank_dropout_mask", "draw_dropout", "masked", "adapted_forward", "BLOCK_ELEMENTS", "block_rows",
-    "apply_row_blocks", "kaiming", "put_host", "default_xp", "run_row_tiles",
+    "apply_row_blocks", "kaiming", "put_host", "default_xp", "run_row_tiles", "tile_threads",
 ]
 
 #: the base layer kinds PEFT adapts with LoHa and LoKr

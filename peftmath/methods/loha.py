@@ -51,7 +51,7 @@ from ._contract import Method
 from ._lycoris import (  # noqa: F401  (BLOCK_ELEMENTS: loha.BLOCK_ELEMENTS is documented)
     BLOCK_ELEMENTS, SUPPORTED, LycorisConfig, adapted_forward, apply_row_blocks, block_rows, check_kind, cp_weight,
     default_xp, draw_dropout, kaiming, masked, put_host, rank_dropout_mask, round_to_dtype, run_row_tiles, scaling,
-    uses_effective_conv,
+    tile_threads, uses_effective_conv,
 )
 
 Array = Any
@@ -348,21 +348,28 @@ def _hada_blocks(w1_a: Array, w1_b: Array, w2_a: Array, w2_b: Array, t1: Array |
     return gen
 
 
+#: multiply-adds of one rank-r product of a LoHa row tile on NumPy (``rows·n·r``): small enough that
+#: BLAS runs it on the calling thread (OpenBLAS threads a gemm above 2¹⁸), the tiles being spread over
+#: threads of their own instead
+SMALL_PRODUCT = 1 << 18
+
+
 def _hada_rows_numpy(a1: np.ndarray, b1: np.ndarray, a2: np.ndarray, b2: np.ndarray) -> Callable[..., bool]:
     """``dst = src ± (a1 @ b1) ⊙ (a2 @ b2)`` on NumPy (matrix form; ``s`` already folded into ``a1``).
 
-    Per row tile (:func:`~peftmath.methods._lycoris.block_rows` rows): ``t1 = a1[rows] @ b1`` and
-    ``t2 = a2[rows] @ b2`` into two buffers reused across tiles (``out=``), ``t1 *= t2``, then
-    ``dst[rows] = src[rows] ± t1`` in one pass (half precision or strided rows: widened into ``t2``,
-    added, rounded once as they are written). The same operations in the same order as the generic
-    row blocks, so the same numbers. The tiles run one after the other: each tile's rank-r products are
-    large enough for BLAS to thread them itself (tiles on threads of their own as well oversubscribed
-    the cores: measured 3x slower on a busy 2-core machine).
+    Per row tile: ``t1 = a1[rows] @ b1`` and ``t2 = a2[rows] @ b2`` into two buffers reused across tiles
+    (``out=``), ``t1 *= t2``, then ``dst[rows] = src[rows] ± t1`` in one pass (half precision or strided
+    rows: widened into ``t2``, added, rounded once as they are written). The same operations in the same
+    order as the generic row blocks, so the same numbers. A tile has :data:`SMALL_PRODUCT` ``// (n·r)``
+    rows (at most :func:`~peftmath.methods._lycoris.block_rows`): its products are small enough that BLAS
+    runs them on the calling thread (OpenBLAS threads a gemm above ``m·n·k = 2¹⁸``), and the tiles spread
+    over :func:`~peftmath.methods._lycoris.tile_threads` threads of their own — on a busy 2-core machine
+    3-10x faster than tiles whose products BLAS threads itself (its threads wait to be scheduled).
     """
     def rows(src: np.ndarray, dst: np.ndarray, cd: Any, sign: int) -> bool:
         n_rows, n = int(src.shape[0]), int(b1.shape[1])
         f1, g1, f2, g2 = (np.ascontiguousarray(x, dtype=cd) for x in (a1, b1, a2, b2))
-        step = block_rows(n)
+        step = max(1, min(block_rows(n), SMALL_PRODUCT // max(1, n * int(b1.shape[0]))))
         op = np.add if sign > 0 else np.subtract
         plain = src.dtype == cd and dst.dtype == cd and src.flags.c_contiguous and dst.flags.c_contiguous
 
@@ -385,7 +392,7 @@ def _hada_rows_numpy(a1: np.ndarray, b1: np.ndarray, a2: np.ndarray, b2: np.ndar
 
             return work
 
-        run_row_tiles(n_rows, step, make_worker)
+        run_row_tiles(n_rows, step, make_worker, threads=tile_threads())
         return True
 
     return rows
