@@ -278,6 +278,9 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
                **dict.fromkeys(("n_frequency", "scaling", "wavelet_family", "use_idwt", "random_loc_seed",
                                 "fan_in_fan_out", "bias", "n_frequency_pattern"), IMPLEMENTED),
                **dict.fromkeys(("proportional_parameters", "init_weights"), IRRELEVANT)},
+    # OSF: the ranks are read from the saved factors; target_svd_config is ignored by PEFT too
+    "OSF": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save"), IMPLEMENTED),
+            **dict.fromkeys(("effective_rank", "rank_pattern", "init_weights", "target_svd_config"), IRRELEVANT)},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

@@ -46,6 +46,7 @@ METHOD_MODULES: dict[str, str] = {
     "C3A": "peftmath.methods.c3a",
     "SHIRA": "peftmath.methods.shira",
     "WAVEFT": "peftmath.methods.waveft",
+    "OSF": "peftmath.methods.osf",
 }
 
 

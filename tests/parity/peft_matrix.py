@@ -36,6 +36,7 @@ CLAIMED = frozenset({
     "C3AConfig",
     "ShiraConfig",
     "WaveFTConfig",
+    "OSFConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
