@@ -111,7 +111,7 @@ def _default_cases():
 
 #: methods whose PEFT default initialisation is not a no-op (FourierFT: init_weights=False draws the spectrum
 #: from a standard normal, so a fresh adapter already changes W, in PEFT as here)
-_NOT_A_NO_OP = {"FOURIERFT", "VBLORA"}  # PEFT draws both at random: no no-op init
+_NOT_A_NO_OP = {"FOURIERFT", "VBLORA", "C3A"}  # PEFT draws these at random: no no-op init
 
 
 @pytest.mark.parametrize("peft_type", list(_default_cases()))
@@ -147,4 +147,5 @@ def test_default_initialisation_is_a_no_op(peft_type, seed, out, inn, k):
 
 
 #: config overrides so that a method's default init fits the test's tiny layers (out 4..12, in 8..32)
-_TINY = {"MISS": {"r": 2}, "ROAD": {"group_size": 2}, "FOURIERFT": {"n_frequency": 8}}
+_TINY = {"MISS": {"r": 2}, "ROAD": {"group_size": 2}, "FOURIERFT": {"n_frequency": 8}, "SHIRA": {"r": 1},
+         "WAVEFT": {"n_frequency": 8}}
