@@ -73,6 +73,9 @@ KNOWN_LAZY = {
     "LoKr (effective conv)-Conv1d": "lokr.py: a reshape that merges and splits axes at once",
     "OFT block_share": "oft.apply_blocks' shared-block path reshapes (*lead, n) -> (m*r, b) in one step "
                        "(merge and split at once: dask refuses it on chunks)",
+    "C3A": "c3a.delta_weight: the circulant's reshape (m, b*in) -> (m*b, in) splits and merges axes at once",
+    "SHiRA": "shira.Positions reads the index tensor on the host (the positions are the structure of the delta)",
+    "OSF": "osf.low_part: dask's svd takes matrices chunked along one axis only (refused: UnsupportedError)",
 }
 
 
@@ -85,6 +88,9 @@ KNOWN_SAFE = {
     "HRA": KNOWN_LAZY["HRA"],
     "HRA Gram-Schmidt": KNOWN_LAZY["HRA Gram-Schmidt"],
     "OFT block_share": KNOWN_LAZY["OFT block_share"],
+    "C3A": KNOWN_LAZY["C3A"],
+    "SHiRA": "shira.Positions reads the index tensor on the host besides the safe check (2 computes)",
+    "OSF": KNOWN_LAZY["OSF"],
 }
 
 

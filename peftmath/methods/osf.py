@@ -118,7 +118,14 @@ def low_part(weight: Array, r: int, *, dtype: Any = None, where: str = "osf") ->
     ``xp.linalg.svd``, in ``dtype``: float32, float64 for float64 weights, as PEFT's float32 SVD)."""
     xp = namespace(weight, where=where)
     cd = dtype if dtype is not None else compute_dtype(xp, weight.dtype)
-    U, S, Vh = xp.linalg.svd(as_compute(xp, weight, cd), full_matrices=False)
+    try:
+        U, S, Vh = xp.linalg.svd(as_compute(xp, weight, cd), full_matrices=False)
+    except NotImplementedError as exc:  # dask: the SVD of a matrix chunked along both axes
+        raise UnsupportedError(
+            f"{where}: OSF needs the SVD of the base weight {tuple(weight.shape)}, which this array library "
+            f"cannot compute for this layout ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); for dask, "
+            f"rechunk the weight to one chunk along one axis (weight.rechunk({{1: -1}})) or use NumPy"
+        ) from exc
     n = int(S.shape[0])
     return U[:, n - r:], S[n - r:], Vh[n - r:, :]
 

@@ -13,6 +13,8 @@ sums; merge touches only the ``k`` entries. PEFT supports nn.Linear only.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -273,11 +275,19 @@ class ShiraModule(ModuleAdapter):
         self.values = self.params[_W]
         if self.values.ndim != 1:
             raise ShapeError(f"{self.name}: {_W} must be a vector (k,), got shape {tuple(self.values.shape)}")
-        self.positions = Positions(self.params[_IDX], self.layer.out_features, self.layer.in_features,
-                                   int(self.values.shape[0]), self.name)
+        if not array_api_compat.is_dask_array(self.params[_IDX]):
+            self.positions  # checked now, at load (a lazy index tensor: on first use)  # noqa: B018
         #: PEFT's per-layer scaling (1 unless scaled); :meth:`scaled` multiplies it
         self.scaling = 1.0
         self.xp = namespace(self.values, where=self.name)
+
+    @functools.cached_property
+    def positions(self) -> Positions:
+        """The checked positions, read on the host: when the module is bound, or, for a lazy (dask) index
+        tensor, on first use (it is computed then: the positions are the structure of ΔW, not its values),
+        so that a refusal that needs no position (``copy=False`` on a dask array) computes nothing."""
+        return Positions(self.params[_IDX], self.layer.out_features, self.layer.in_features,
+                         int(self.values.shape[0]), self.name)
 
     def describe(self) -> dict[str, Any]:
         return {"num_shira_weights": int(self.values.shape[0]), "distinct_positions": int(self.positions.flat.size)}
