@@ -284,8 +284,9 @@ def apply_row_blocks(
     * ``copy=False``: updates ``W`` in place, row block by row block of its first axis (the matrix
       rows; views in any layout, Fortran order and torch ``channels_last`` included), with no temporary
       of W's size; arrays that cannot be written raise :class:`UnsupportedError`.
-    * ``copy=True``: one allocation of W's size, the C-ordered result, filled block by block from ``W``
-      (``W`` is read once, the result written once).
+    * ``copy=True``: one allocation of W's size, a C-ordered copy of ``W`` that the same row-block kernel
+      then updates in place (measured faster than filling a new array block by block from ``W``:
+      ``benchmarks/bench_lycoris.py``); where the kernel declines, the result is filled from ``W``.
     * ``safe=True``: the result is formed in a new array and checked before anything is written.
     * ``peft_compat=True``, and arrays that are never written (JAX, dask): the whole ``ΔW`` is built
       (``full_delta``) and added.
@@ -309,9 +310,15 @@ def apply_row_blocks(
         rows(weight, out)
         return out
 
-    # copy=True fills the new array from W in one pass (new), not a copy then the kernel
-    return write_weight(where, weight, new, kernel=lambda W: rows(W, W), copy=copy, safe=safe, kernel_on_copy=False,
-                        xp=xp)
+    # copy=True: the kernel on a private copy of W (kernel_on_copy); new() where it declines, and where a
+    # parameter records gradients (new() then keeps the autograd graph)
+    records = any(getattr(a, "requires_grad", False) for a in params if a is not None)
+    if records:
+        import torch
+
+        records = torch.is_grad_enabled()
+    return write_weight(where, weight, new, kernel=lambda W: rows(W, W), copy=copy, safe=safe,
+                        kernel_on_copy=not records, xp=xp)
 
 
 # --------------------------------------------------------------------------------------------------
