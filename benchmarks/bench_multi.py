@@ -90,7 +90,7 @@ def main() -> None:
     lines = ["## Mixed-batch forward: 64 rows over 16 LoRA adapters (r = 16), Linear(4096, 4096) float32", "",
              f"Script: `benchmarks/bench_multi.py`. Machine: {machine_line()}; torch.set_num_threads(2), "
              "OPENBLAS_NUM_THREADS=2.", "",
-             "| tokens per row | PEFT `adapter_names` (torch) ms | peftmath gather-matmul on torch ms | base layer alone "
+             "| tokens per row | PEFT `adapter_names` (torch) ms | peftmath (segmented) on torch ms | base layer alone "
              "(torch) ms | PEFT / peftmath (total) | PEFT / peftmath (adapter terms: total − base) | peftmath on NumPy ms "
              "| loop over adapters (NumPy) ms | base layer alone (NumPy) ms |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -10,10 +10,13 @@ timed (the base layer is the same for every method and would hide them):
 * **per-row gather**: the previous method, kept here as the comparison: factors stacked (ranks
   zero-padded), each row gathers its own copy of ``A`` and ``B``, two batched matmuls;
 * **bytes floor**: one matrix-vector product with each distinct factor (``A @ v``, ``B @ h``): the least
-  work that reads every used adapter's factors once.
+  work that reads every used adapter's factors once;
+* **grouped-gemm floor**: the two products of every adapter on its rows, the rows already grouped and
+  contiguous (what a segmented kernel cannot avoid: with several rows per adapter and large ranks the
+  products' flops, not the factors' bytes, bound the time).
 
 The three run round-robin in one process, 2 threads; the ratio is the median of the per-round ratios.
-Target: segmented ≤ 1.5x the floor for N ≤ 64. Section "segments" of RESULTS.md::
+Target (issue 23): segmented ≤ 1.5x the bytes floor for N ≤ 64. Section "segments" of RESULTS.md::
 
     python benchmarks/bench_segments.py [--quick] [--no-write] [--torch]
 """
@@ -35,12 +38,12 @@ THREADS = limit_threads(2)
 import numpy as np  # noqa: E402
 
 
-def _case(xp_name: str, n_adapters: int, rows: int, n: int, rng: np.random.Generator):
+def _case(xp_name: str, n_adapters: int, rows: int, n: int, rng: np.random.Generator, rank: int | None = None):
     import peftmath as pm
     from peftmath.adapter import Adapter
 
     names = [f"a{i}" for i in range(n_adapters)]
-    ranks = {nm: int(rng.choice([8, 16, 32, 64])) for nm in names}
+    ranks = {nm: rank or int(rng.choice([8, 16, 32, 64])) for nm in names}
     ads = {}
     for nm in names:
         r = ranks[nm]
@@ -62,14 +65,15 @@ def _case(xp_name: str, n_adapters: int, rows: int, n: int, rng: np.random.Gener
     return ads, list(batch), x
 
 
-def run(xp_name: str, n_adapters: int, rounds: int, rng: np.random.Generator) -> tuple[float, float, float, int]:
+def run(xp_name: str, n_adapters: int, rounds: int, rng: np.random.Generator,
+        rank: int | None = None) -> tuple[float, float, float, float, int]:
     import array_api_compat
 
     from peftmath import multi
     from peftmath._array import as_compute
 
     n, rows = 4096, 64
-    ads, batch, x = _case(xp_name, n_adapters, rows, n, rng)
+    ads, batch, x = _case(xp_name, n_adapters, rows, n, rng, rank)
     xp = array_api_compat.array_namespace(x)
     mods = {nm: ad.module("lin", weight_shape=(n, n)) for nm, ad in ads.items() if nm in batch}
     order = list(mods)
@@ -105,12 +109,18 @@ def run(xp_name: str, n_adapters: int, rounds: int, rng: np.random.Generator) ->
             h = xp.matmul(m.A, v)
             xp.matmul(m.B, h)
 
+    grouped = {m: x[[i for i, b in enumerate(batch) if b == m], 0, :] for m in order}  # contiguous copies
+
+    def grouped_floor():  # the products alone, on rows already grouped
+        for m, xs in grouped.items():
+            xp.matmul(xp.matmul(xs, xp.matrix_transpose(mods[m].A)) * mods[m].scaling, xp.matrix_transpose(mods[m].B))
+
     want = np.stack([np.zeros(n, np.float32) if b == "__base__" else
                      np.asarray(as_compute(xp, (mods[b].B @ (mods[b].A @ x[i, 0, :])) * mods[b].scaling, cd))
                      for i, b in enumerate(batch)])
     np.testing.assert_allclose(np.asarray(segmented())[:, 0, :], want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gather())[:, 0, :], want, rtol=1e-4, atol=1e-5)
-    fns = {"seg": segmented, "gather": gather, "floor": floor}
+    fns = {"seg": segmented, "gather": gather, "floor": floor, "grouped": grouped_floor}
     for f in fns.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -121,8 +131,9 @@ def run(xp_name: str, n_adapters: int, rounds: int, rng: np.random.Generator) ->
             times[k].append(time.perf_counter() - t0)
     seg_ratio = statistics.median(s / f for s, f in zip(times["seg"], times["floor"]))
     gather_ratio = statistics.median(g / f for g, f in zip(times["gather"], times["floor"]))
+    grouped_ratio = statistics.median(s / g for s, g in zip(times["seg"], times["grouped"]))
     nbytes = sum(4 * m.r * 2 * n for m in mods.values())
-    return statistics.median(times["floor"]) * 1e3, seg_ratio, gather_ratio, nbytes
+    return statistics.median(times["floor"]) * 1e3, seg_ratio, gather_ratio, grouped_ratio, nbytes
 
 
 def main() -> None:
@@ -145,13 +156,15 @@ def main() -> None:
              f"8/16/32/64 per adapter; about 1 row in 16 on the base model; {rounds} round-robin rounds, medians of "
              "per-round ratios. The floor is one matrix-vector product with every used factor (each byte of the "
              "used factors read once).", "",
-             "| library | adapters | factor MiB | floor ms | segmented / floor | per-row gather / floor | target ≤ 1.5x |",
-             "|---|---|---|---|---|---|---|"]
+             "| library | adapters (ranks) | factor MiB | bytes floor ms | segmented / bytes floor | per-row gather / "
+             "bytes floor | segmented / grouped-gemm floor | target ≤ 1.5x (bytes) |",
+             "|---|---|---|---|---|---|---|---|"]
     for lib in libs:
-        for count in (4, 16, 64):
-            floor_ms, seg, gather, nbytes = run(lib, count, rounds, rng)
-            lines.append(f"| {lib} | {count} | {nbytes / 2**20:.1f} | {floor_ms:.2f} | {seg:.2f}x | {gather:.2f}x | "
-                         f"{'met' if seg <= 1.5 else 'missed'} |")
+        for count, rank in ((16, 16), (4, None), (16, None), (64, None)):
+            floor_ms, seg, gather, grouped, nbytes = run(lib, count, rounds, rng, rank)
+            label = f"{count} (r = {rank})" if rank else f"{count} (8-64)"
+            lines.append(f"| {lib} | {label} | {nbytes / 2**20:.1f} | {floor_ms:.2f} | {seg:.2f}x | {gather:.2f}x | "
+                         f"{grouped:.2f}x | {'met' if seg <= 1.5 else 'missed'} |")
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
