@@ -274,9 +274,16 @@ def _tile_kernel(W: Array, A: Array, B: Array, lay: Layer, op: Callable[[Array, 
     """The in-place kernel ``M ← op(M, 1 + B₂A₂)`` on the matrix view, per row tile (a product of the tile's
     size, never of W's; half precision widened and rounded once, :func:`~peftmath.methods._base.in_row_tiles`)."""
     xp, cd, B2, A2 = _row_factors(W, A, B, lay)
+    reused: list[np.ndarray] = []  # NumPy: one tile buffer for every tile (a fresh one per tile costs page faults)
 
     def update(T: Array, r0: int, r1: int) -> None:
-        q = xp.matmul(B2[r0:r1, ...], A2)
+        if isinstance(T, np.ndarray) and isinstance(B2, np.ndarray) and isinstance(A2, np.ndarray):
+            if not reused:
+                reused.append(np.empty((r1 - r0, A2.shape[1]), dtype=T.dtype))
+            q = reused[0][: r1 - r0]
+            np.matmul(B2[r0:r1, ...], A2, out=q)
+        else:
+            q = xp.matmul(B2[r0:r1, ...], A2)
         q += 1  # in place: one temporary of the tile's size
         op(T, q)
 
@@ -292,6 +299,14 @@ def _count_zeros(W: Array, A: Array, B: Array, lay: Layer) -> int:
     xp, cd, B2, A2 = _row_factors(W, A, B, lay)
     rows = max(1, ROW_TILE_BYTES // (4 * max(1, lay.matrix_shape[1])))
     n = lay.out_features
+    if isinstance(B2, np.ndarray) and isinstance(A2, np.ndarray):  # one reused tile buffer
+        buf = np.empty((min(rows, n), A2.shape[1]), dtype=B2.dtype)
+        total = 0
+        for r0 in range(0, n, rows):
+            q = buf[: min(r0 + rows, n) - r0]
+            np.matmul(B2[r0:r0 + q.shape[0], ...], A2, out=q)
+            total += int(np.count_nonzero(q == -1))  # 1 + q == 0 exactly when q == -1 (Sterbenz: 1 + q is exact there)
+        return total
     return sum(int(xp.sum(xp.astype(1 + xp.matmul(B2[r0:min(r0 + rows, n), ...], A2) == 0, xp.int64)))
                for r0 in range(0, n, rows))
 
