@@ -287,7 +287,9 @@ def _apply(W: Array, block: Array, *, form: str, sign: int, copy: bool, safe: bo
         through float32 row tiles rounded once (:func:`~peftmath.methods._base.in_row_tiles`). False
         (touching nothing) where the shards are no view of ``M``."""
         out, inn = lay.out_features, lay.in_features
-        full_t = xp.matrix_transpose(as_compute(xp, expand_block(block, out, form=form), cd))  # (out, r)
+        full_t = xp.matrix_transpose(as_compute(xp, expand_block(block, out, form=form), cd)) * sign  # (out, r)
+        if isinstance(full_t, np.ndarray):  # C order: the broadcast add's inner loop then reads contiguously
+            full_t = np.ascontiguousarray(full_t)
         r = int(full_t.shape[1])
         n = inn // r
         if n and reshape_view(M[:, :n * r] if n * r < inn else M, (out, n, r), xp=xp) is None:
@@ -297,9 +299,9 @@ def _apply(W: Array, block: Array, *, form: str, sign: int, copy: bool, safe: bo
             rows = r1 - r0
             if n:
                 shards = reshape_view(T[:, :n * r] if n * r < inn else T, (rows, n, r), xp=xp)
-                shards += sign * full_t[r0:r1, None, :]
+                shards += full_t[r0:r1, None, :]
             if n * r < inn:
-                T[:, n * r:] += sign * full_t[r0:r1, :inn - n * r]
+                T[:, n * r:] += full_t[r0:r1, :inn - n * r]
 
         in_row_tiles(xp, M, cd, update)
         return True
