@@ -230,6 +230,28 @@ def private_copy(weight: Array, *, xp: Any = None) -> Array:
     return contiguous_copy(weight, xp=xp)
 
 
+def add_fresh_delta(module: str, weight: Array, fresh: Callable[[], Array], cd: Any, *, copy: bool = True,
+                    safe: bool = False, xp: Any = None) -> Array:
+    """``weight + D`` where ``fresh()`` builds ``D = ±ΔW`` as a new array in the stored layout and the compute
+    dtype ``cd`` (a transform's output: FourierFT, WaveFT, C3A, OSF), written by :func:`write_weight`:
+    ``copy=True`` adds ``weight`` into ``D``'s own memory (``D`` becomes the result: no other array of W's
+    size), ``copy=False`` adds ``D`` into a ``weight`` already in ``cd`` (else computed and stored)."""
+    xp = xp or namespace(weight, where=module)
+
+    def compute() -> Array:
+        d = fresh()
+        d += as_compute(xp, weight, cd)  # W + D into D's own memory (JAX and dask rebind)
+        return d
+
+    def kernel(M: Array) -> bool:
+        if M.dtype != cd:
+            return False
+        M += fresh()
+        return True
+
+    return write_weight(module, weight, compute, kernel=kernel, copy=copy, safe=safe, kernel_on_copy=False, xp=xp)
+
+
 def apply_delta(
     module: str,
     weight: Array,

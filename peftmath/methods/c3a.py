@@ -29,7 +29,7 @@ from ..config import TunerConfig, check_choice, check_pattern, check_positive_in
 from ..errors import ConfigError, ShapeError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, require_kind, write_weight
+from ._base import MergeResult, ModuleAdapter, add_fresh_delta, require_kind
 
 Array = Any
 
@@ -299,19 +299,7 @@ class C3AModule(ModuleAdapter):
                 return as_compute(xp, d if sign > 0 else -d, cd)
             return delta_weight(self.kernel, scale=float(sign), dtype=cd, where=self.name)
 
-        def compute() -> Array:
-            d = fresh()
-            d += as_compute(xp, weight, cd)  # W + sign·ΔW into ΔW's own memory (JAX and dask rebind)
-            return d
-
-        def kernel(M: Array) -> bool:
-            if M.dtype != cd:
-                return False
-            M += fresh()
-            return True
-
-        return write_weight(self.name, weight, compute, kernel=kernel, copy=copy, safe=safe, kernel_on_copy=False,
-                            xp=xp)
+        return add_fresh_delta(self.name, weight, fresh, cd, copy=copy, safe=safe, xp=xp)
 
     def scaled(self, c: float) -> ModuleAdapter:
         """Scale ``c``: ``K → c·K``, so ``ΔW → c·ΔW`` (PEFT defines no scale for C3A; this is the linear one)."""

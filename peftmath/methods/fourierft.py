@@ -31,7 +31,7 @@ from ..config import TunerConfig, check_choice, check_flags, check_number, check
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, check_shape, require_kind, write_weight
+from ._base import MergeResult, ModuleAdapter, add_fresh_delta, check_shape, require_kind
 
 Array = Any
 
@@ -332,19 +332,7 @@ class FourierFTModule(ModuleAdapter):
         def fresh() -> Array:  # sign·ΔW in the stored layout and the compute dtype, a new array
             return as_compute(xp, signed.delta_weight(peft_compat=peft_compat), cd)
 
-        def compute() -> Array:
-            d = fresh()
-            d += as_compute(xp, weight, cd)  # W + sign·ΔW into ΔW's own memory (JAX and dask rebind)
-            return d
-
-        def kernel(M: Array) -> bool:
-            if M.dtype != cd:
-                return False
-            M += fresh()
-            return True
-
-        return write_weight(self.name, weight, compute, kernel=kernel, copy=copy, safe=safe, kernel_on_copy=False,
-                            xp=xp)
+        return add_fresh_delta(self.name, weight, fresh, cd, copy=copy, safe=safe, xp=xp)
 
     def scaled(self, c: float) -> ModuleAdapter:
         """Scale ``c``: ``α → c·α``, so ``ΔW → c·ΔW`` (PEFT defines no scale for FourierFT; this is the

@@ -27,7 +27,7 @@ from ..config import TunerConfig, check_flags, check_pattern
 from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, require_kind, write_weight
+from ._base import MergeResult, ModuleAdapter, add_fresh_delta, require_kind
 
 Array = Any
 
@@ -265,19 +265,7 @@ class OSFModule(ModuleAdapter):
             d = delta_weight(weight, self.U, self.S, self.V, record=record, dtype=cd, where=self.name)
             return d if sign > 0 else -d
 
-        def compute() -> Array:
-            d = fresh()
-            d += as_compute(xp, weight, cd)
-            return d
-
-        def kernel(M: Array) -> bool:
-            if M.dtype != cd:
-                return False
-            M += fresh()
-            return True
-
-        return write_weight(self.name, weight, compute, kernel=kernel, copy=copy, safe=safe, kernel_on_copy=False,
-                            xp=xp)
+        return add_fresh_delta(self.name, weight, fresh, cd, copy=copy, safe=safe, xp=xp)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
         layer, _ = self.input_layer(x, weight, layer_kwargs)
