@@ -31,6 +31,7 @@ the rounding policy and the safe-merge check.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
@@ -41,7 +42,7 @@ from .._array import (
 )
 from ..backends import backend_for
 from ..errors import NonFiniteError, ShapeError, UnsupportedError
-from ..layers import Layer
+from ..layers import Layer, LayerKind
 
 Array = Any
 
@@ -228,6 +229,22 @@ def private_copy(weight: Array, *, xp: Any = None) -> Array:
     if isinstance(weight, np.ndarray):
         return np.array(weight, order="C", copy=True)
     return contiguous_copy(weight, xp=xp)
+
+
+def layer_of_weight_shape(name: str, key: str, params: Mapping[str, Array], weight_shape: tuple[int, ...] | None,
+                          kind: Any, fan_in_fan_out: bool, stores: str) -> Layer:
+    """The layer of a method whose tensors do not tell the base layer's shape (FourierFT's and WaveFT's
+    coefficients, ``stores`` says what they hold): ``weight_shape`` is required; ``kind`` when given, else
+    the config's ``fan_in_fan_out`` (transformers ``Conv1D``) or ``Linear``."""
+    if key not in params:
+        raise ShapeError(f"{name}: no {key} among the module's tensors {sorted(params)}")
+    if weight_shape is None:
+        raise ShapeError(f"{name}: {stores}, which do not determine the base layer; pass the base weight shape "
+                         f"(weight_shape=...)")
+    shape = tuple(int(s) for s in weight_shape)
+    if kind is not None or len(shape) != 2:
+        return Layer.of(shape, kind)
+    return Layer(LayerKind.CONV1D_TRANSPOSED if fan_in_fan_out else LayerKind.LINEAR, shape)
 
 
 def add_fresh_delta(module: str, weight: Array, fresh: Callable[[], Array], cd: Any, *, copy: bool = True,

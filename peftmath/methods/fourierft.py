@@ -31,7 +31,7 @@ from ..config import TunerConfig, check_choice, check_flags, check_number, check
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, add_fresh_delta, check_shape, require_kind
+from ._base import MergeResult, ModuleAdapter, add_fresh_delta, check_shape, layer_of_weight_shape, require_kind
 
 Array = Any
 
@@ -269,15 +269,8 @@ class FourierFTModule(ModuleAdapter):
                     weight_shape: tuple[int, ...] | None = None, kind: Any = None) -> Layer:
         """Linear or Conv1D: ``kind`` when given, else the config's ``fan_in_fan_out``; the spectrum does not
         tell the layer's shape, so ``weight_shape`` is required."""
-        if _KEY not in params:
-            raise ShapeError(f"{name}: no {_KEY} among the module's tensors {sorted(params)}")
-        if weight_shape is None:
-            raise ShapeError(f"{name}: FourierFT stores only spectral coefficients, which do not determine the base "
-                             f"layer; pass the base weight shape (weight_shape=...)")
-        shape = tuple(int(s) for s in weight_shape)
-        if kind is not None or len(shape) != 2:
-            return Layer.of(shape, kind)
-        return Layer(LayerKind.CONV1D_TRANSPOSED if config.fan_in_fan_out else LayerKind.LINEAR, shape)
+        return layer_of_weight_shape(name, _KEY, params, weight_shape, kind, config.fan_in_fan_out,
+                                     "FourierFT stores only spectral coefficients")
 
     def validate(self) -> None:
         _check_kind(self.layer, self.name)
