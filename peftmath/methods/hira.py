@@ -323,17 +323,33 @@ def unmerge(W: Array, A: Array, B: Array, *, layer: Layer | LayerKind | str | No
     lay = Layer.for_weight(layer, W)
     check_kind(lay, where)
     _check(where, lay, A, B)
-    zero = _count_zeros(W, A, B, lay)
-    if zero:
-        raise NotInvertibleError(
-            f"{where}: 1 + B·A is 0 in {zero} of {math.prod(lay.weight_shape)} entries of the {lay.kind.value} "
-            f"weight {lay.weight_shape}: merging set those weights to 0, so W₀ cannot be recovered from the merged "
-            f"weight; keep a copy of the base weight (PEFT unmerges from its saved copy)")
+
+    def refuse(zero: int) -> None:
+        if zero:
+            raise NotInvertibleError(
+                f"{where}: 1 + B·A is 0 in {zero} of {math.prod(lay.weight_shape)} entries of the {lay.kind.value} "
+                f"weight {lay.weight_shape}: merging set those weights to 0, so W₀ cannot be recovered from the "
+                f"merged weight; keep a copy of the base weight (PEFT unmerges from its saved copy)")
 
     def compute() -> Array:
         cd, m = _factor(W, A, B, lay, False)
         return as_compute(xp, W, cd) / (1 + m)
 
+    if copy and isinstance(W, np.ndarray):
+        # one pass: the kernel divides a private copy tile by tile and counts the zeros of 1 + M on the way;
+        # W is never written, so the refusal can come after (where the kernel did not run, count them then)
+        zeros: list[int] = []
+
+        def div_count(T: Array, q: Array) -> None:
+            zeros.append(int(np.count_nonzero(q == 0)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                T /= q
+
+        out = write_weight(where, W, compute, layer=lay, kernel=_tile_kernel(W, A, B, lay, div_count), copy=True,
+                           xp=xp)
+        refuse(sum(zeros) if zeros else _count_zeros(W, A, B, lay))
+        return out
+    refuse(_count_zeros(W, A, B, lay))
     return write_weight(where, W, compute, layer=lay, kernel=_tile_kernel(W, A, B, lay, _div), copy=copy, xp=xp)
 
 

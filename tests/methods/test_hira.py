@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -83,13 +85,27 @@ def test_copy_false_refuses_read_only_and_writes_nothing():
     np.testing.assert_array_equal(W, 1.0)
 
 
-def test_unmerge_refuses_a_zeroed_entry_and_writes_nothing():
+def test_unmerge_refuses_a_zeroed_entry_and_writes_nothing(monkeypatch):
     W = np.array([[1.0, 2.0]])
     A, B = np.array([[1.0, 0.25]]), np.array([[-1.0]])
     merged = hira.merge(W, A, B)
     before = merged.copy()
     with pytest.raises(NotInvertibleError, match="1 \\+ B·A is 0 in 1 of 2"):
         hira.unmerge(merged, A, B, copy=False)
+    np.testing.assert_array_equal(merged, before)
+    # copy=True counts the zeros while it divides a private copy (one pass): the same refusal, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(NotInvertibleError, match="1 \\+ B·A is 0 in 1 of 2"):
+            hira.unmerge(merged, A, B)
+        from peftmath.methods import _base
+
+        monkeypatch.setattr(_base, "ROW_TILE_BYTES", 4 * 700 * 64)  # 64-row tiles: five of them
+        big = np.ones((300, 700), dtype=np.float32)           # one zero, in the last tile
+        Ab, Bb = np.zeros((1, 700), np.float32), np.zeros((300, 1), np.float32)
+        Ab[0, 650], Bb[290, 0] = 1.0, -1.0
+        with pytest.raises(NotInvertibleError, match="is 0 in 1 of 210000"):
+            hira.unmerge(big, Ab, Bb)
     np.testing.assert_array_equal(merged, before)
 
 
