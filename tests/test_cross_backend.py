@@ -98,6 +98,16 @@ def _rowwise_ok(got: np.ndarray, ref: np.ndarray, scale: float, c: float, eps: f
     return bool(np.all(np.abs(got2 - ref2) <= bound))
 
 
+def _unmerge_amplification(ref_ad, merged64: dict, records: dict, kinds: dict, eps: float, seed: int) -> float:
+    """max |unmerge(M + δ) − unmerge(M)| / max |δ| for a random δ of relative size ``eps`` (float64; at least
+    1): how much the unmerge amplifies an error in the merged weight (1 for additive methods)."""
+    M = merged64["m.weight"]
+    delta = np.random.default_rng(seed).standard_normal(M.shape) * eps * float(np.max(np.abs(M)))
+    base = ref_ad.unmerge(merged64, layer_kinds=kinds, records=records)["m.weight"]
+    pert = ref_ad.unmerge({**merged64, "m.weight": M + delta}, layer_kinds=kinds, records=records)["m.weight"]
+    return max(1.0, float(np.max(np.abs(pert - base))) / float(np.max(np.abs(delta))))
+
+
 CASES = _cases()
 
 
@@ -138,7 +148,11 @@ def test_backend_matches_float64_reference(xp_all, peft_type, label, kind, seed)
     assert_same_namespace(xp, merged["m.weight"])
     assert _rowwise_ok(to_np(merged["m.weight"]), merged64["m.weight"], scale, c, eps)
     back = ad.unmerge(merged, layer_kinds=kinds, records=records)
-    assert _rowwise_ok(to_np(back["m.weight"]), W, scale, c * 4, eps)
+    # the round trip also carries the merged weight's rounding through the unmerge, which an inverse
+    # amplifies by its conditioning (a nearly singular RoAd 2x2 block, a small IA3 scale): measured on the
+    # float64 reference as the unmerge's response to a perturbation of the merged weight
+    c_back = c * 4 * _unmerge_amplification(ref_ad, merged64, ref_records, kinds, eps, seed)
+    assert _rowwise_ok(to_np(back["m.weight"]), W, scale, c_back, eps)
 
     # in place (copy=False): the backend's fused paths (BLAS beta=1, DoRA/IA3 hooks, CUDA kernels on
     # CuPy) give the same merge as the copy, and unmerge in place back to W. JAX and dask arrays cannot be
@@ -156,7 +170,7 @@ def test_backend_matches_float64_reference(xp_all, peft_type, label, kind, seed)
         assert inplace["m.weight"] is own["m.weight"]
         assert _rowwise_ok(to_np(inplace["m.weight"]), merged64["m.weight"], scale, c, eps)
         back = ad.unmerge(inplace, layer_kinds=kinds, records=in_records, copy=False)
-        assert _rowwise_ok(to_np(back["m.weight"]), W, scale, c * 4, eps)
+        assert _rowwise_ok(to_np(back["m.weight"]), W, scale, c_back, eps)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
