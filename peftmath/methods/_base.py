@@ -483,3 +483,24 @@ class ModuleAdapter:
 
     def low_precision_params(self) -> bool:
         return any(is_low_precision(a.dtype) for a in self.params.values())
+
+
+class SignedModuleAdapter(ModuleAdapter):
+    """A module whose merge is ``W + ΔW`` and unmerge ``W − ΔW``, both through one
+    ``_apply(weight, sign, *, copy, safe, peft_compat)`` (``sign`` = +1 or −1; an unmerge is never
+    ``safe``); the bias is unchanged. The subclass's ``_apply`` documents its rounding."""
+
+    def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
+              peft_compat: bool = False) -> MergeResult:
+        """``W + ΔW`` (see ``_apply``)."""
+        self.layer.check_weight(weight)
+        return MergeResult(self._apply(weight, 1, copy=copy, safe=safe, peft_compat=peft_compat), bias)
+
+    def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
+                peft_compat: bool = False) -> MergeResult:
+        """``W − ΔW`` (see ``_apply``)."""
+        self.layer.check_weight(weight)
+        return MergeResult(self._apply(weight, -1, copy=copy, safe=False, peft_compat=peft_compat), bias)
+
+    def _apply(self, weight: Array, sign: int, *, copy: bool, safe: bool, peft_compat: bool) -> Array:
+        raise NotImplementedError

@@ -29,7 +29,7 @@ from ..config import TunerConfig, check_choice, check_pattern, check_positive_in
 from ..errors import ConfigError, ShapeError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, add_fresh_delta, require_kind
+from ._base import ModuleAdapter, SignedModuleAdapter, add_fresh_delta, require_kind
 
 Array = Any
 
@@ -230,7 +230,7 @@ def forward(x: Array, weight: Array, kernel: Array, *, bias: Array | None = None
 # --------------------------------------------------------------------------------------------------
 # One module of a checkpoint (merge / unmerge: specs/c3a.md, "6. Merge and unmerge")
 # --------------------------------------------------------------------------------------------------
-class C3AModule(ModuleAdapter):
+class C3AModule(SignedModuleAdapter):
     """C3A on one nn.Linear: ``c3a_kernel`` ``(out/b, in/b, b)``. Additive: merge is ``W + ΔW`` through
     :func:`~peftmath.methods._base.write_weight`."""
 
@@ -274,20 +274,10 @@ class C3AModule(ModuleAdapter):
         round-off, ``peft_compat`` changes nothing here: see :meth:`merge` for PEFT's low-precision rounding)."""
         return delta_weight(self.kernel, where=self.name)
 
-    def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
-              peft_compat: bool = False) -> MergeResult:
-        """``W + ΔW`` formed in float32 (float64) and rounded once. ``peft_compat=True``: PEFT's rounding for a
-        low-precision ``W`` (``C(K)`` rounded to ``W``'s dtype, divided by ``in`` there, then added)."""
-        self.layer.check_weight(weight)
-        return MergeResult(self._apply(weight, 1, copy=copy, safe=safe, peft_compat=peft_compat), bias)
-
-    def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
-                peft_compat: bool = False) -> MergeResult:
-        """``W − ΔW``, as :meth:`merge` (``−ΔW`` by an exact sign flip)."""
-        self.layer.check_weight(weight)
-        return MergeResult(self._apply(weight, -1, copy=copy, safe=False, peft_compat=peft_compat), bias)
-
     def _apply(self, weight: Array, sign: int, *, copy: bool, safe: bool, peft_compat: bool) -> Array:
+        """Merge: ``W + ΔW`` formed in float32 (float64) and rounded once. ``peft_compat=True``: PEFT's rounding
+        for a low-precision ``W`` (``C(K)`` rounded to ``W``'s dtype, divided by ``in`` there, then added).
+        Unmerge: ``W − ΔW``, as :meth:`merge` (``−ΔW`` by an exact sign flip)."""
         xp = self.xp
         cd = compute_dtype(xp, weight.dtype, self.kernel.dtype)
         n_in = self.layer.in_features

@@ -31,7 +31,10 @@ from ..config import TunerConfig, check_choice, check_flags, check_number, check
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, add_fresh_delta, check_shape, layer_of_weight_shape, require_kind
+from ._base import (
+    ModuleAdapter, SignedModuleAdapter, add_fresh_delta, check_shape, layer_of_weight_shape,
+    require_kind
+)
 
 Array = Any
 
@@ -257,7 +260,7 @@ def _check_kind(layer: Layer, where: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # One module of a checkpoint (merge / unmerge: specs/fourierft.md, "6. Merge and unmerge")
 # --------------------------------------------------------------------------------------------------
-class FourierFTModule(ModuleAdapter):
+class FourierFTModule(SignedModuleAdapter):
     """FourierFT on one Linear or Conv1D: ``fourierft_spectrum`` ``(k,)``. Additive: merge is ``W + ΔW``
     (``ΔWᵀ`` in a Conv1D's ``(in, out)`` layout) through the shared :func:`~peftmath.methods._base.apply_delta`."""
 
@@ -303,21 +306,11 @@ class FourierFTModule(ModuleAdapter):
             dw = as_compute(xp, as_compute(xp, dw, self.spectrum.dtype), dw.dtype)
         return xp.matrix_transpose(dw) if self.layer.kind is LayerKind.CONV1D_TRANSPOSED else dw
 
-    def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
-              peft_compat: bool = False) -> MergeResult:
-        """``W + ΔW`` (the additive merge), formed in float32 (float64) and rounded once; ``copy=True`` adds
-        ``W`` into the freshly built ``ΔW`` (the result is the only array of W's size besides the transform's
-        own), ``copy=False`` adds ``ΔW`` into ``W`` in place."""
-        self.layer.check_weight(weight)
-        return MergeResult(self._apply(weight, 1, copy=copy, safe=safe, peft_compat=peft_compat), bias)
-
-    def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
-                peft_compat: bool = False) -> MergeResult:
-        """``W − ΔW``, as :meth:`merge` (``−ΔW`` built with the scaling's sign flipped: exact)."""
-        self.layer.check_weight(weight)
-        return MergeResult(self._apply(weight, -1, copy=copy, safe=False, peft_compat=peft_compat), bias)
-
     def _apply(self, weight: Array, sign: int, *, copy: bool, safe: bool, peft_compat: bool) -> Array:
+        """Merge: ``W + ΔW`` (the additive merge), formed in float32 (float64) and rounded once; ``copy=True`` adds
+        ``W`` into the freshly built ``ΔW`` (the result is the only array of W's size besides the transform's
+        own), ``copy=False`` adds ``ΔW`` into ``W`` in place. Unmerge: ``W − ΔW``, as :meth:`merge` (``−ΔW``
+        built with the scaling's sign flipped: exact)."""
         xp = self.xp
         cd = compute_dtype(xp, weight.dtype, self.spectrum.dtype)
         signed = self if sign > 0 else self.scale_scaling(-1.0)

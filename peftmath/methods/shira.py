@@ -27,7 +27,7 @@ from ..config import TunerConfig, check_flags, check_positive_int
 from ..errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, require_kind, write_weight
+from ._base import ModuleAdapter, SignedModuleAdapter, require_kind, write_weight
 
 Array = Any
 
@@ -246,7 +246,7 @@ def _check_kind(layer: Layer, where: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # One module of a checkpoint (merge / unmerge: specs/shira.md, "6. Merge and unmerge")
 # --------------------------------------------------------------------------------------------------
-class ShiraModule(ModuleAdapter):
+class ShiraModule(SignedModuleAdapter):
     """SHiRA on one nn.Linear: ``shira_weight`` ``(k,)`` and ``shira_indices`` ``(2, k)``. Additive; the
     in-place merge updates only the ``k`` entries."""
 
@@ -301,20 +301,10 @@ class ShiraModule(ModuleAdapter):
         return delta_weight(self.values, None, self.layer.out_features, self.layer.in_features, scaling=self.scaling,
                             where=self.name, positions=self.positions)
 
-    def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
-              peft_compat: bool = False) -> MergeResult:
-        """``W + ΔW``: each touched entry formed in float32 (float64) and rounded once, which is also what
-        PEFT's ``W += sparse`` gives for a low-precision ``W`` (``peft_compat`` changes nothing)."""
-        self.layer.check_weight(weight)
-        return MergeResult(self._apply(weight, 1, copy=copy, safe=safe, peft_compat=peft_compat), bias)
-
-    def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
-                peft_compat: bool = False) -> MergeResult:
-        """``W − ΔW``, as :meth:`merge`."""
-        self.layer.check_weight(weight)
-        return MergeResult(self._apply(weight, -1, copy=copy, safe=False, peft_compat=peft_compat), bias)
-
     def _apply(self, weight: Array, sign: int, *, copy: bool, safe: bool, peft_compat: bool) -> Array:
+        """Merge: ``W + ΔW``: each touched entry formed in float32 (float64) and rounded once, which is also what
+        PEFT's ``W += sparse`` gives for a low-precision ``W`` (``peft_compat`` changes nothing). Unmerge: ``W −
+        ΔW``, as :meth:`merge`."""
         xp = self.xp
         cd = compute_dtype(xp, weight.dtype, self.values.dtype)
         pos = self.positions
