@@ -103,6 +103,28 @@ def layer_factory(kind: str, **kw):
                 padding=kw.get("padding", 0), dilation=kw.get("dilation", 1), bias=kw.get("bias", True))
 
 
+def two_linear_model(sizes: tuple[int, int, int], *, seed: int = 0, dtype=None):
+    """``lin0 = Linear(sizes[0], sizes[1])``, ``lin1 = Linear(sizes[1], sizes[2])``, weights redrawn from ``seed``
+    (the small model of the C3A, SHiRA and OSF parity tests); ``dtype`` a torch dtype."""
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0, self.lin1 = torch.nn.Linear(sizes[0], sizes[1]), torch.nn.Linear(sizes[1], sizes[2])
+
+    model = Tiny()
+    redraw(model, seed=seed)
+    return model if dtype is None else model.to(dtype)
+
+
+def two_linear_inputs(sizes: tuple[int, int, int], seed: int = 5) -> dict[str, np.ndarray]:
+    """Inputs of :func:`two_linear_model`'s layers: a 3-D batch for ``lin0``, a 2-D one for ``lin1``."""
+    rng = np.random.default_rng(seed)
+    return {"lin0": rng.standard_normal((3, 2, sizes[0])).astype(np.float32),
+            "lin1": rng.standard_normal((4, sizes[1])).astype(np.float32)}
+
+
 def build_model(layers: dict, *, seed: int = 0, dtype: str = "float32"):
     """An ``nn.Module`` holding ``layers`` (``{"blocks.0.q": module, ...}``, dotted names nest),
     every parameter redrawn from ``numpy.random.default_rng(seed)`` (weights N(0, 1/prod(shape[1:])),

@@ -14,30 +14,25 @@ from tests.parity.conftest import (
     load_peft_checkpoint,
     peft_forward,
     peft_weights,
-    redraw,
     require_peft,
+    two_linear_inputs,
+    two_linear_model,
     t2n,
 )
 
 torch, peft = require_peft()
 
-from torch import nn  # noqa: E402
 
 from peftmath.methods import osf  # noqa: E402
 
 MODULES = ("lin0", "lin1")
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0, self.lin1 = nn.Linear(12, 10), nn.Linear(10, 7)
+SIZES = (12, 10, 7)
 
 
 def base_model(seed=0):
-    model = Tiny()
-    redraw(model, seed=seed)
-    return model
+    return two_linear_model(SIZES, seed=seed)
 
 
 def make_peft(seed=1, train=True, **config):
@@ -54,9 +49,7 @@ def make_peft(seed=1, train=True, **config):
 
 
 def inputs(seed=5):
-    rng = np.random.default_rng(seed)
-    return {"lin0": rng.standard_normal((3, 2, 12)).astype(np.float32),
-            "lin1": rng.standard_normal((4, 10)).astype(np.float32)}
+    return two_linear_inputs(SIZES, seed)
 
 
 @pytest.mark.parametrize("config", [{}, dict(effective_rank=3), dict(effective_rank=0.25, rank_pattern={"lin1": 6}),

@@ -18,28 +18,24 @@ from tests.parity.conftest import (
     peft_weights,
     redraw,
     require_peft,
+    two_linear_inputs,
+    two_linear_model,
     t2n,
 )
 
 torch, peft = require_peft()
 
-from torch import nn  # noqa: E402
 
 from peftmath.methods import shira  # noqa: E402
 
 MODULES = ("lin0", "lin1")
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0, self.lin1 = nn.Linear(12, 10), nn.Linear(10, 6)
+SIZES = (12, 10, 6)
 
 
 def base_model(seed=0, dtype=torch.float32):
-    model = Tiny()
-    redraw(model, seed=seed)
-    return model.to(dtype)
+    return two_linear_model(SIZES, seed=seed, dtype=dtype)
 
 
 def make_peft(seed=1, dtype=torch.float32, **config):
@@ -52,9 +48,7 @@ def make_peft(seed=1, dtype=torch.float32, **config):
 
 
 def inputs(seed=5):
-    rng = np.random.default_rng(seed)
-    return {"lin0": rng.standard_normal((3, 2, 12)).astype(np.float32),
-            "lin1": rng.standard_normal((4, 10)).astype(np.float32)}
+    return two_linear_inputs(SIZES, seed)
 
 
 @pytest.mark.parametrize("config", [{}, dict(random_seed=56, r=1), "repeats"])
