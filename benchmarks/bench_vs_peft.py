@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Every method's merge and unmerge against PEFT's own, on one ``Linear(4096, 4096)`` float32 layer.
+
+Issues 18 and 19: each method's merge at least 2x faster than PEFT's (``peft_time / peftmath_time >= 2``)
+where PEFT merges at all. The methods are not listed here: the script walks the registry
+(:func:`peftmath.methods.implemented_methods`) and takes each method's first ``METHOD.examples`` config,
+with the sizes below (:data:`SIZES`) raised to what a user merges (r = 16, OFT blocks of 32, ...), so a
+method added later is measured without an edit (its example config as is, marked "example size")::
+
+    python benchmarks/bench_vs_peft.py               # every method (a few minutes on 2 cores)
+    python benchmarks/bench_vs_peft.py --only LORA,OFT
+    python benchmarks/bench_vs_peft.py --quick       # 2 rounds: a smoke run
+    python benchmarks/bench_vs_peft.py --no-write    # print the section, leave RESULTS.md alone
+
+Per method, PEFT's model is ``get_peft_model`` of a one-layer torch model (``_results.one_linear``) with
+every trainable tensor perturbed by ``N(0, 0.02²)`` (no adapter is a no-op), saved with
+``save_pretrained`` and read back by ``peftmath.load_adapter``. The contestants run round-robin in one
+process (``_results.race``), each call on a weight reset beforehand (untimed):
+
+* ``peft merge``: the PEFT layer's ``merge()`` (its base weight reset to W, nothing merged);
+* ``peft unmerge``: its ``unmerge()`` (the base weight reset to PEFT's merged weight, marked merged);
+* ``pm merge`` / ``pm unmerge``: peftmath's in-place ``ModuleAdapter.merge(W, copy=False)`` /
+  ``unmerge`` on a NumPy weight;
+* ``pm merge copy``: the default ``merge(W)`` (``copy=True``; a new array).
+
+The ratios are medians over rounds of PEFT's time over peftmath's (above 1: peftmath is faster). Before
+timing, peftmath's merged weight is compared with PEFT's (the largest difference relative to max|W| is
+printed; a row whose numbers differ by more than 1e-4 is marked, its timing is still given). Where PEFT
+has no merge (it raises), the row says so and only peftmath's times are given. The section "vs_peft" of
+``benchmarks/RESULTS.md`` receives the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _results  # noqa: E402
+
+THREADS = 2
+THREAD_NOTE = _results.limit_threads(THREADS)  # before NumPy loads its BLAS
+
+import numpy as np  # noqa: E402
+
+from _results import race  # noqa: E402
+
+N = 4096
+TARGET = 2.0
+PERTURB = 0.02
+
+#: the benchmark's sizes, over each method's first example config (the examples are tiny, for tests)
+SIZES: dict[str, dict] = {
+    "LORA": {"r": 16, "lora_alpha": 32},
+    "ADALORA": {"init_r": 16, "target_r": 16, "lora_alpha": 32},
+    "IA3": {"feedforward_modules": []},
+    "LOHA": {"r": 16, "alpha": 32},
+    "LOKR": {"r": 16, "alpha": 32},
+    "OFT": {"oft_block_size": 32},
+    "BOFT": {"boft_block_size": 32},
+    "VERA": {"r": 256},
+    "HRA": {"r": 8},
+    "ROAD": {"group_size": 64},
+    "FOURIERFT": {"n_frequency": 1000},
+    "HIRA": {"r": 16},
+    "MISS": {"r": 64},
+    "DELORA": {"r": 16},
+    "VBLORA": {"r": 16, "num_vectors": 256, "vector_length": 256},
+    "RANDLORA": {"r": 32},
+    "C3A": {"block_size": 256},
+    "SHIRA": {"r": 32},
+    "WAVEFT": {"n_frequency": 1000},
+    "OSF": {"effective_rank": 16},
+}
+
+
+def _peft_layer(peft_type: str, config: dict, seed: int):
+    """PEFT's adapted one-layer model and its adapter layer, trainable tensors perturbed."""
+    import torch
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_model
+
+    torch.manual_seed(seed)
+    model = _results.one_linear(N, N, bias=False)
+    cfg = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](target_modules=["lin"], **config)
+    pm = get_peft_model(model, cfg)
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.from_numpy(rng.normal(0.0, PERTURB, tuple(p.shape)).astype(np.float32)).to(p.dtype))
+    return pm, pm.base_model.model.lin
+
+
+def measure(peft_type: str, repeats: int, seed: int = 0) -> dict:
+    """One method's row: times, ratios and the agreement with PEFT."""
+    import torch
+
+    import peftmath as pm_lib
+    from peftmath.methods import describe_method
+
+    method = describe_method(peft_type)
+    label, example = next(iter(method.examples.items()))
+    config = dict(example) | SIZES.get(peft_type, {})
+    row = {"method": label, "sized": peft_type in SIZES, "config": config}
+    peft_model, layer = _peft_layer(peft_type, config, seed)
+    W0t = layer.base_layer.weight.detach().clone()
+    W0 = W0t.numpy().copy()
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        adapter = pm_lib.load_adapter(tmp)
+    mod = adapter.module("lin", weight_shape=W0.shape, kind="Linear")
+
+    def peft_reset():
+        layer.base_layer.weight.data.copy_(W0t)
+        layer.merged_adapters.clear()
+
+    try:
+        with torch.no_grad():
+            peft_reset()
+            layer.merge()
+        Wm_t = layer.base_layer.weight.detach().clone()
+        peft_merges = True
+    except Exception as exc:  # PEFT cannot merge this method: only peftmath's times
+        row["peft_error"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+        peft_merges = False
+
+    W = np.empty_like(W0)
+    ours = mod.merge(W0.copy())
+    merged, record = np.asarray(ours.weight), ours.record
+    scale = float(np.max(np.abs(W0)))
+    row["change"] = float(np.max(np.abs(merged - W0))) / scale  # the adapter is not a no-op
+    if peft_merges:
+        row["diff"] = float(np.max(np.abs(merged - Wm_t.numpy()))) / scale
+
+    contestants = {
+        "pm merge": (lambda: mod.merge(W, copy=False), lambda: np.copyto(W, W0)),
+        "pm merge copy": (lambda: mod.merge(W0), None),
+        "pm unmerge": (lambda: mod.unmerge(W, record=record, copy=False), lambda: np.copyto(W, merged)),
+    }
+    if peft_merges:
+        def peft_merge():
+            with torch.no_grad():
+                layer.merge()
+
+        def peft_unmerge_reset():
+            layer.base_layer.weight.data.copy_(Wm_t)
+            layer.merged_adapters[:] = ["default"]
+
+        def peft_unmerge():
+            with torch.no_grad():
+                layer.unmerge()
+
+        contestants["peft merge"] = (peft_merge, peft_reset)
+        try:
+            peft_unmerge_reset()
+            peft_unmerge()
+            contestants["peft unmerge"] = (peft_unmerge, peft_unmerge_reset)
+        except Exception as exc:
+            row["peft_unmerge_error"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+    try:
+        times, rounds = race(contestants, repeats=repeats)
+    except Exception as exc:  # e.g. a refused in-place unmerge
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+        return row
+    row["ms"] = times
+    if "peft merge" in times:
+        row["merge_speedup"] = statistics.median(r["peft merge"] / r["pm merge"] for r in rounds)
+        row["merge_copy_speedup"] = statistics.median(r["peft merge"] / r["pm merge copy"] for r in rounds)
+    if "peft unmerge" in times:
+        row["unmerge_speedup"] = statistics.median(r["peft unmerge"] / r["pm unmerge"] for r in rounds)
+    return row
+
+
+def _fmt(x, spec=".2f"):
+    return "—" if x is None else format(x, spec)
+
+
+def section(rows: list[dict], repeats: int) -> str:
+    lines = [
+        f"Linear({N}, {N}) float32, one layer; peftmath in place (`copy=False`) and default (`copy=True`) vs "
+        f"PEFT 0.21.2's layer `merge()` / `unmerge()` (torch CPU); {THREAD_NOTE}; median of per-round ratios "
+        f"over {repeats} round-robin rounds; machine: {platform.machine()}, {os.cpu_count()} cores. "
+        f"Speed-up = PEFT's time / peftmath's (target ≥ {TARGET:g} for the merge, issues 18/19).",
+        "",
+        "| method | config | PEFT merge ms | pm merge ms | speed-up | copy=True speed-up | PEFT unmerge ms "
+        "| pm unmerge ms | speed-up | max diff / max abs W (max change) | merge target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ms = r.get("ms", {})
+        cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k not in ("init_weights", "init_lora_weights"))
+        if not r["sized"]:
+            cfg += " (example size)"
+        if "error" in r:
+            lines.append(f"| {r['method']} | {cfg} | error: {r['error']} |||||||||")
+            continue
+        if "peft_error" in r:
+            verdict = f"PEFT cannot merge ({r['peft_error']})"
+        else:
+            s = r["merge_speedup"]
+            verdict = "met" if s >= TARGET else "**missed**"
+        unmerge_note = r.get("peft_unmerge_error")
+        lines.append(
+            f"| {r['method']} | {cfg} | {_fmt(ms.get('peft merge'), '.1f')} | {_fmt(ms.get('pm merge'), '.1f')} "
+            f"| {_fmt(r.get('merge_speedup'))} | {_fmt(r.get('merge_copy_speedup'))} "
+            f"| {_fmt(ms.get('peft unmerge'), '.1f') if not unmerge_note else 'PEFT raises'} "
+            f"| {_fmt(ms.get('pm unmerge'), '.1f')} | {_fmt(r.get('unmerge_speedup'))} "
+            f"| {_fmt(r.get('diff'), '.1e')}{' **differs**' if (r.get('diff') or 0) > 1e-4 else ''} "
+            f"({_fmt(r.get('change'), '.1e')}) | {verdict} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="comma-separated PEFT types (e.g. LORA,OFT)")
+    ap.add_argument("--quick", action="store_true", help="2 rounds per method")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from peftmath.methods import describe_method, implemented_methods
+
+    types = [t for t in implemented_methods() if not describe_method(t).prompt_learning]
+    if args.only:
+        wanted = {t.strip().upper() for t in args.only.split(",")}
+        types = [t for t in types if t in wanted]
+    repeats = 2 if args.quick else args.repeats
+    rows = []
+    for t in types:
+        try:
+            row = measure(t, repeats)
+        except Exception as exc:  # one method's failure must not hide the others' numbers
+            row = {"method": t, "sized": t in SIZES, "config": SIZES.get(t, {}),
+                   "error": f"{type(exc).__name__}: {str(exc)[:100]}"}
+        rows.append(row)
+        print(t, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items() if k != "config"},
+              flush=True)
+    text = section(rows, repeats)
+    print(text)
+    if not args.no_write and not args.only and not args.quick:
+        _results.write_section("vs_peft", "Every method vs PEFT: merge / unmerge (`benchmarks/bench_vs_peft.py`)",
+                               text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
