@@ -284,6 +284,47 @@ def check_unmerge_as_peft(ad, peft_model, state, peft_merged, names, label: str 
         np.testing.assert_allclose(back[key], state[key], atol=tol, rtol=tol, err_msg=f"{label} round trip {key}")
 
 
+def check_module_math_as_peft(ad, peft_model, state, inputs, names, *, delta_tol: float = 1e-6,
+                              tol: float = 1e-5, back_tol: float | None = None, transposed: bool = False) -> None:
+    """The whole per-module parity of an additive method, in PEFT's order of operations:
+
+    1. per module, ``ΔW`` (peftmath's, in the stored layout; ``transposed`` for transformers ``Conv1D``,
+       whose stored weight is ``(in, out)`` while PEFT's ``get_delta_weight`` is ``(out, in)``) equals PEFT's
+       ``get_delta_weight`` (a sparse result is made dense) within ``delta_tol``, and the adapted forward
+       equals the PEFT layer's on ``inputs[name]`` within ``tol``;
+    2. ``ad.merge(state)`` equals PEFT's ``merge_adapter()`` within ``tol``;
+    3. ``ad.unmerge`` of that equals PEFT's ``unmerge_adapter()`` within ``back_tol`` (default ``tol``) and
+       the original ``state`` within ``back_tol`` (the round trip).
+
+    PEFT's warnings (e.g. about merging in low precision) are silenced; PEFT's model ends unmerged."""
+    import torch
+
+    back_tol = tol if back_tol is None else back_tol
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            with torch.no_grad():
+                dw = peft_layer(peft_model, name).get_delta_weight("default")
+            dw = t2n(dw.to_dense() if dw.is_sparse else dw)
+            ours = ad.module(name, weight_shape=state[f"{name}.weight"].shape).delta_weight()
+            np.testing.assert_allclose(ours.T if transposed else ours, dw, atol=delta_tol, rtol=delta_tol,
+                                       err_msg=f"delta weight of {name}")
+            np.testing.assert_allclose(ad.forward(name, inputs[name], state), peft_forward(peft_model, name, inputs[name]),
+                                       atol=tol, rtol=tol, err_msg=f"forward of {name}")
+        merged = ad.merge(state)
+        peft_model.merge_adapter()
+        for name in names:
+            np.testing.assert_allclose(merged[f"{name}.weight"], t2n(peft_layer(peft_model, name).base_layer.weight),
+                                       atol=tol, rtol=tol, err_msg=f"merged {name}")
+        back = ad.unmerge(merged)
+        peft_model.unmerge_adapter()
+        for name in names:
+            np.testing.assert_allclose(back[f"{name}.weight"], t2n(peft_layer(peft_model, name).base_layer.weight),
+                                       atol=back_tol, err_msg=f"unmerged {name}")
+            np.testing.assert_allclose(back[f"{name}.weight"], state[f"{name}.weight"], atol=back_tol,
+                                       err_msg=f"round trip of {name}")
+
+
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from tests.parity.conftest import (
+    check_module_math_as_peft,
     bits_differ,
     check_reloaded_in_peft,
     load_peft_checkpoint,
-    peft_forward,
     peft_layer,
     peft_weights,
     redraw,
@@ -58,26 +58,7 @@ def test_forward_merge_unmerge(config, tmp_path):
     ad = load_peft_checkpoint(pmodel, tmp_path)
     state = peft_weights(pmodel, MODULES)
     xs = inputs()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in MODULES:
-            layer = peft_layer(pmodel, name)
-            with torch.no_grad():
-                dw = t2n(layer.get_delta_weight("default"))
-            np.testing.assert_allclose(ad.module(name).delta_weight(), dw, atol=1e-6)
-            np.testing.assert_allclose(ad.forward(name, xs[name], state), peft_forward(pmodel, name, xs[name]),
-                                       atol=1e-5, rtol=1e-5)
-        merged = ad.merge(state)
-        pmodel.merge_adapter()
-        for name in MODULES:
-            np.testing.assert_allclose(merged[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
-                                       atol=1e-5, rtol=1e-5)
-        back = ad.unmerge(merged)
-        pmodel.unmerge_adapter()
-        for name in MODULES:
-            np.testing.assert_allclose(back[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
-                                       atol=1e-5)
-            np.testing.assert_allclose(back[f"{name}.weight"], state[f"{name}.weight"], atol=1e-6)
+    check_module_math_as_peft(ad, pmodel, state, xs, MODULES, back_tol=1e-6)
     if "block_size_pattern" in config:  # the top-level name itself is looked up as a key
         assert ad.params["lin1"]["c3a_kernel"].shape == (2, 1, 8)
         assert ad.params["lin0"]["c3a_kernel"].shape == (2, 3, 4)

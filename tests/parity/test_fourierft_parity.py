@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 
 from tests.parity.conftest import (
+    check_module_math_as_peft,
     check_reloaded_in_peft,
     load_peft_checkpoint,
     peft_forward,
-    peft_layer,
     peft_weights,
     redraw,
     require_peft,
-    t2n,
     to_adapter,
 )
 
@@ -83,27 +82,7 @@ def test_forward_merge_unmerge(kind, config):
     ad = to_adapter(pmodel)
     state = peft_weights(pmodel, MODULES)
     xs = inputs(kind)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in MODULES:
-            layer = peft_layer(pmodel, name)
-            mod = ad.module(name, weight_shape=state[f"{name}.weight"].shape)
-            dw = t2n(layer.get_delta_weight("default"))
-            ours = mod.delta_weight()
-            np.testing.assert_allclose(ours.T if kind == "Conv1D" else ours, dw, atol=1e-6)
-            np.testing.assert_allclose(ad.forward(name, xs[name], state), peft_forward(pmodel, name, xs[name]),
-                                       atol=1e-5, rtol=1e-5)
-        merged = ad.merge(state)
-        pmodel.merge_adapter()
-        for name in MODULES:
-            np.testing.assert_allclose(merged[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
-                                       atol=1e-5, rtol=1e-5)
-        back = ad.unmerge(merged)
-        pmodel.unmerge_adapter()
-        for name in MODULES:
-            np.testing.assert_allclose(back[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
-                                       atol=1e-5)
-            np.testing.assert_allclose(back[f"{name}.weight"], state[f"{name}.weight"], atol=1e-5)
+    check_module_math_as_peft(ad, pmodel, state, xs, MODULES, transposed=kind == "Conv1D")
     if "n_frequency_pattern" in config:  # PEFT's rule needs a dot before the key: top-level names never match
         assert ad.params[MODULES[1]]["fourierft_spectrum"].shape == (20,)
 

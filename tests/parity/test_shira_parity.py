@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from tests.parity.conftest import (
+    check_module_math_as_peft,
     bits_differ,
     check_reloaded_in_peft,
     load_peft_checkpoint,
-    peft_forward,
     peft_layer,
     peft_weights,
     redraw,
@@ -63,27 +63,7 @@ def test_forward_merge_unmerge(config, tmp_path):
     assert ad.params["lin0"]["shira_indices"].dtype == np.int32
     state = peft_weights(pmodel, MODULES)
     xs = inputs()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in MODULES:
-            layer = peft_layer(pmodel, name)
-            with torch.no_grad():
-                dw = t2n(layer.get_delta_weight("default").to_dense())
-            np.testing.assert_allclose(ad.module(name, weight_shape=state[f"{name}.weight"].shape).delta_weight(), dw,
-                                       rtol=1e-7, atol=0)
-            np.testing.assert_allclose(ad.forward(name, xs[name], state), peft_forward(pmodel, name, xs[name]),
-                                       atol=1e-5, rtol=1e-5)
-        merged = ad.merge(state)
-        pmodel.merge_adapter()
-        for name in MODULES:
-            np.testing.assert_allclose(merged[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
-                                       atol=1e-6, rtol=1e-6)
-        back = ad.unmerge(merged)
-        pmodel.unmerge_adapter()
-        for name in MODULES:
-            np.testing.assert_allclose(back[f"{name}.weight"], t2n(peft_layer(pmodel, name).base_layer.weight),
-                                       atol=1e-6)
-            np.testing.assert_allclose(back[f"{name}.weight"], state[f"{name}.weight"], atol=1e-6)
+    check_module_math_as_peft(ad, pmodel, state, xs, MODULES, delta_tol=1e-7, tol=1e-6)
 
 
 def test_checkpoints_both_ways(tmp_path):
