@@ -281,6 +281,9 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # OSF: the ranks are read from the saved factors; target_svd_config is ignored by PEFT too
     "OSF": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save"), IMPLEMENTED),
             **dict.fromkeys(("effective_rank", "rank_pattern", "init_weights", "target_svd_config"), IRRELEVANT)},
+    # BEFT: init_weights only drew the vector the checkpoint holds; no exclude_modules etc. in PEFT
+    "BEFT": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save"), IMPLEMENTED),
+             "init_weights": IRRELEVANT},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

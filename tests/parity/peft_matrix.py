@@ -37,6 +37,7 @@ CLAIMED = frozenset({
     "ShiraConfig",
     "WaveFTConfig",
     "OSFConfig",
+    "BeftConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
