@@ -281,6 +281,14 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # OSF: the ranks are read from the saved factors; target_svd_config is ignored by PEFT too
     "OSF": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save"), IMPLEMENTED),
             **dict.fromkeys(("effective_rank", "rank_pattern", "init_weights", "target_svd_config"), IRRELEVANT)},
+    # DEFT: init_weights / init_scale only drew R, which the checkpoint holds (the rank is read from deft_P)
+    "DEFT": {**_BOOKKEEPING, **_TARGETS,
+             **dict.fromkeys(("r", "decomposition_method", "alpha", "para", "fan_in_fan_out", "bias"), IMPLEMENTED),
+             **dict.fromkeys(("init_scale", "deft_dropout", "init_weights"), IRRELEVANT)},
+    # Super-tuning: sparsity / select_top choose the positions (saved, or recomputed from W's magnitudes)
+    "SUPERTUNING": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save", "sparsity", "select_top",
+                                                     "r", "lora_alpha", "save_precomputed_indices"), IMPLEMENTED),
+                    **dict.fromkeys(("lora_dropout", "init_weights"), IRRELEVANT)},
     # BEFT: init_weights only drew the vector the checkpoint holds; no exclude_modules etc. in PEFT
     "BEFT": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save"), IMPLEMENTED),
              "init_weights": IRRELEVANT},

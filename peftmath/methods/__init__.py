@@ -47,6 +47,8 @@ METHOD_MODULES: dict[str, str] = {
     "SHIRA": "peftmath.methods.shira",
     "WAVEFT": "peftmath.methods.waveft",
     "OSF": "peftmath.methods.osf",
+    "DEFT": "peftmath.methods.deft",
+    "SUPERTUNING": "peftmath.methods.supertuning",
     "BEFT": "peftmath.methods.beft",
 }
 

@@ -37,6 +37,8 @@ CLAIMED = frozenset({
     "ShiraConfig",
     "WaveFTConfig",
     "OSFConfig",
+    "DeftConfig",
+    "SupertuningConfig",
     "BeftConfig",
 })
 

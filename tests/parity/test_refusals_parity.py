@@ -40,6 +40,8 @@ PEFT_CONFIGS = {"LORA": "LoraConfig", "ADALORA": "AdaLoraConfig", "IA3": "IA3Con
                 "LOKR": "LoKrConfig", "OFT": "OFTConfig", "BOFT": "BOFTConfig", "VERA": "VeraConfig",
                 "PROMPT_TUNING": "PromptTuningConfig", "P_TUNING": "PromptEncoderConfig",
                 "PREFIX_TUNING": "PrefixTuningConfig", "HRA": "HRAConfig", "ROAD": "RoadConfig", "FOURIERFT": "FourierFTConfig", "HIRA": "HiraConfig", "MISS": "MissConfig", "DELORA": "DeloraConfig", "VBLORA": "VBLoRAConfig", "RANDLORA": "RandLoraConfig", "C3A": "C3AConfig", "SHIRA": "ShiraConfig", "WAVEFT": "WaveFTConfig", "OSF": "OSFConfig", "BEFT": "BeftConfig"}
+PEFT_CONFIGS["DEFT"] = "DeftConfig"
+PEFT_CONFIGS["SUPERTUNING"] = "SupertuningConfig"
 
 
 def _quiet(fn, *args, **kwargs):
