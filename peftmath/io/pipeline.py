@@ -8,10 +8,11 @@ The streamed merge reads a group of tensors, computes it, and writes it, tensor 
   them, a bounded number of bytes ahead of it;
 - the caller's thread computes;
 - :class:`WriteBehind` executes the writes in the order they were submitted (open a file, write its
-  header, write an array, copy a byte range of an input file, finish the file), a bounded number of
-  bytes behind the caller; every 64 MiB it starts the write-back of what it wrote (``posix_fadvise``,
-  without waiting), and each finished file is fsynced and closed by a third thread while the next one
-  is written, so that little is left for the last fsync.
+  header, write an array, copy a byte range of an input file, finish the file; or, for the files of
+  :func:`peftmath.io.stream.prepare`, pre-sized with their headers, write an array or copy a range at
+  its byte offset), a bounded number of bytes behind the caller; every 64 MiB written to a file it starts
+  the write-back of what it wrote (``posix_fadvise``, without waiting), and each finished file is fsynced
+  and closed by a third thread while the next one is written, so that little is left for the last fsync.
 
 Bounds: each stage holds at most ``limit`` bytes of arrays (at least one array, whatever its size),
 so peak memory is about two limits plus the group being computed. Errors: an exception in a thread
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ReadAhead", "WriteBehind", "write_all", "copy_range"]
+__all__ = ["ReadAhead", "WriteBehind", "write_all", "write_at", "copy_range"]
 
 
 #: bytes written to a file between two starts of its write-back (:meth:`WriteBehind._written`)
@@ -131,11 +132,14 @@ class ReadAhead:
 class WriteBehind:
     """Ordered writes to output files, executed by a thread behind the caller (inline when not ``threaded``).
 
-    :meth:`open` starts a file with its first bytes (the header), :meth:`write` appends an array's bytes,
-    :meth:`copy` appends a byte range of an open input file (``os.copy_file_range``: never through
-    Python), :meth:`end_file` has the file fsynced and closed (by a third thread, while the next file is
-    written); :meth:`finish` waits for all of it and raises the first error; :meth:`abort` stops
-    everything and closes every descriptor. Arrays given to :meth:`write` must not change afterwards.
+    Appending: :meth:`open` starts a file with its first bytes (the header), :meth:`write` appends an
+    array's bytes, :meth:`copy` appends a byte range of an open input file (``os.copy_file_range``: never
+    through Python). Positional (the pre-sized files of :func:`peftmath.io.stream.prepare`): :meth:`attach`
+    opens an existing file and returns its id, :meth:`write_at` / :meth:`copy_at` write at a byte offset of
+    it (:func:`write_at`, :func:`copy_range`: the functions the engines' tasks call). :meth:`end_file` has a
+    file fsynced and closed (by a third thread, while the next file is written); :meth:`finish` waits for
+    all of it and raises the first error; :meth:`abort` stops everything and closes every descriptor.
+    Arrays given to :meth:`write` / :meth:`write_at` must not change afterwards.
     """
 
     def __init__(self, limit: int, *, threaded: bool = True) -> None:
@@ -144,8 +148,11 @@ class WriteBehind:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._stop = False
-        self._fd: int | None = None  # the file being written
-        self._pos = self._flushed = 0  # bytes written to it; bytes whose write-back was started
+        self._ids = 0  # file ids handed out (the caller's side)
+        self._current: int | None = None  # the file :meth:`write` appends to (the caller's side)
+        self._ends: dict[int, int] = {}  # file id -> bytes appended so far (the caller's side)
+        self._open: dict[int, int] = {}  # file id -> descriptor (the writer's side)
+        self._hints: dict[int, list[int]] = {}  # file id -> [lowest, highest offset, bytes] not yet hinted
         self._fds: set[int] = set()  # every descriptor opened and not closed yet
         self._fds_lock = threading.Lock()
         self._syncs: list[threading.Thread] = []
@@ -157,17 +164,43 @@ class WriteBehind:
             self._thread.start()
 
     # --- the caller's side ---------------------------------------------------------------------
-    def open(self, path: os.PathLike | str, head: bytes) -> None:
-        self._submit(("open", os.fspath(path), head), 0)
+    def open(self, path: os.PathLike | str, head: bytes) -> int:
+        """Create (truncate) ``path``, write ``head`` at its start; :meth:`write` appends to it from now on."""
+        fid = self._new_id()
+        self._submit(("open", fid, os.fspath(path), head), 0)
+        self._current, self._ends[fid] = fid, len(head)
+        return fid
+
+    def attach(self, path: os.PathLike | str) -> int:
+        """Open the existing file ``path`` for :meth:`write_at` / :meth:`copy_at`; returns its id."""
+        fid = self._new_id()
+        self._submit(("attach", fid, os.fspath(path)), 0)
+        return fid
 
     def write(self, arr: np.ndarray) -> None:
-        self._submit(("write", arr), arr.nbytes)
+        fid = self._current
+        self.write_at(fid, self._ends[fid], arr)
+        self._ends[fid] += arr.nbytes
 
     def copy(self, src_fd: int, offset: int, count: int) -> None:
-        self._submit(("copy", src_fd, offset, count), 0)
+        fid = self._current
+        self.copy_at(fid, src_fd, offset, count, self._ends[fid])
+        self._ends[fid] += count
 
-    def end_file(self) -> None:
-        self._submit(("end",), 0)
+    def write_at(self, fid: int, offset: int, arr: np.ndarray) -> None:
+        self._submit(("write", fid, offset, arr), arr.nbytes)
+
+    def copy_at(self, fid: int, src_fd: int, src_offset: int, count: int, offset: int) -> None:
+        self._submit(("copy", fid, src_fd, src_offset, count, offset), 0)
+
+    def end_file(self, fid: int | None = None) -> None:
+        if fid is None:
+            fid, self._current = self._current, None
+        self._submit(("end", fid), 0)
+
+    def _new_id(self) -> int:
+        self._ids += 1
+        return self._ids
 
     def finish(self) -> None:
         """Wait until every write is done and every file fsynced and closed; raise the first error."""
@@ -243,21 +276,25 @@ class WriteBehind:
     def _execute(self, job: tuple) -> None:
         kind = job[0]
         if kind == "write":
-            write_all(self._fd, memoryview(job[1].reshape(-1).view(np.uint8)))
-            self._written(job[1].nbytes)
+            _, fid, offset, arr = job
+            write_at(self._open[fid], offset, memoryview(arr.reshape(-1).view(np.uint8)))
+            self._written(fid, offset, arr.nbytes)
         elif kind == "copy":
-            copy_range(job[1], self._fd, job[2], job[3])
-            self._written(job[3])
-        elif kind == "open":
-            fd = os.open(job[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # & ~umask
+            _, fid, src_fd, src_offset, count, offset = job
+            copy_range(src_fd, self._open[fid], src_offset, count, offset)
+            self._written(fid, offset, count)
+        elif kind in ("open", "attach"):
+            flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if kind == "open" else 0)
+            fd = os.open(job[2], flags, 0o666)  # & ~umask
             with self._fds_lock:
                 self._fds.add(fd)
-            self._fd = fd
-            self._pos = self._flushed = 0
-            write_all(fd, memoryview(job[2]))
-            self._written(len(job[2]))
+            self._open[job[1]] = fd
+            if kind == "open":
+                write_all(fd, memoryview(job[3]))
+                self._written(job[1], 0, len(job[3]))
         elif kind == "end":
-            fd, self._fd = self._fd, None
+            fd = self._open.pop(job[1])
+            self._hints.pop(job[1], None)
             if self._threaded:
                 t = threading.Thread(target=self._sync, args=(fd,), name="peftmath-fsync", daemon=True)
                 self._syncs.append(t)
@@ -265,17 +302,21 @@ class WriteBehind:
             else:
                 self._sync(fd, errors=False)
 
-    def _written(self, n: int) -> None:
-        """Start the write-back of every :data:`WRITEBACK_BYTES` written, without waiting for it
-        (``posix_fadvise(DONTNEED)`` starts it on dirty pages), so that the fsync at the end of the file
-        has little left to do; a hint only (errors ignored, none on systems without it)."""
-        self._pos += n
-        if self._pos - self._flushed >= WRITEBACK_BYTES and self._threaded and _FADVISE:
+    def _written(self, fid: int, offset: int, n: int) -> None:
+        """Start the write-back of every :data:`WRITEBACK_BYTES` written to a file, without waiting for it
+        (``posix_fadvise(DONTNEED)`` starts it on dirty pages of the range written since the last start), so
+        that the fsync at the end of the file has little left to do; a hint only (errors ignored, none on
+        systems without it)."""
+        h = self._hints.get(fid)
+        if h is None:
+            h = self._hints[fid] = [offset, offset + n, 0]
+        h[0], h[1], h[2] = min(h[0], offset), max(h[1], offset + n), h[2] + n
+        if h[2] >= WRITEBACK_BYTES and self._threaded and _FADVISE:
             try:
-                os.posix_fadvise(self._fd, self._flushed, self._pos - self._flushed, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(self._open[fid], h[0], h[1] - h[0], os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass
-            self._flushed = self._pos
+            del self._hints[fid]
 
     def _sync(self, fd: int, errors: bool = True) -> None:
         try:
@@ -304,9 +345,17 @@ def write_all(fd: int, data: memoryview) -> None:
         view = view[n:]
 
 
-def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
-    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``, in the kernel
-    (``os.copy_file_range``) where it can, else through ``pread``/``write`` in 16 MiB chunks."""
+def write_at(fd: int, offset: int, data: memoryview) -> None:
+    """Write all of ``data`` to ``fd`` at byte ``offset`` (a seek, then :func:`write_all`: one writer per
+    descriptor). Rewriting the same bytes at the same offset leaves the same file: a retried task is harmless."""
+    os.lseek(fd, offset, os.SEEK_SET)
+    write_all(fd, data)
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, dst_offset: int | None = None) -> None:
+    """Copy ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` at ``dst_offset`` (None: at its
+    current position, which advances), in the kernel (``os.copy_file_range``) where it can, else through
+    ``pread``/``write`` in 16 MiB chunks."""
     from ..errors import CheckpointError
 
     fast = hasattr(os, "copy_file_range")
@@ -314,16 +363,21 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         n = 0
         if fast:
             try:
-                n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), offset)
+                n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), offset, dst_offset)
             except OSError:
                 fast = False
         if not fast:
             chunk = os.pread(src_fd, min(count, 1 << 24), offset)
             if not chunk:
                 raise CheckpointError("input file shrank while it was being copied")
-            write_all(dst_fd, memoryview(chunk))
+            if dst_offset is None:
+                write_all(dst_fd, memoryview(chunk))
+            else:
+                write_at(dst_fd, dst_offset, memoryview(chunk))
             n = len(chunk)
         if n == 0:
             raise CheckpointError("input file shrank while it was being copied")
         offset += n
         count -= n
+        if dst_offset is not None:
+            dst_offset += n

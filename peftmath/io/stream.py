@@ -62,10 +62,11 @@ from ..errors import (CheckpointError, ConfigError, NonFiniteError, NotInvertibl
 from ..targets import module_to_checkpoint
 from .atomic import clean_stale_siblings, temp_sibling
 from .bf16 import is_bf16, round_bf16, widen_bf16
-from .pipeline import ReadAhead, WriteBehind, write_all
+from .pipeline import ReadAhead, WriteBehind, copy_range, write_all, write_at
 from .safetensors import DTYPES, SafeTensorsFile, dtype_code, save_file
 
-__all__ = ["Model", "Plan", "Step", "TensorOp", "open_model", "plan", "compute_group", "transform", "records_path", "find_records",
+__all__ = ["Model", "Plan", "Step", "TensorOp", "Span", "Job", "Unit", "OutputFile", "Output", "open_model", "plan",
+           "compute_group", "prepare", "run_unit", "compute_unit", "read_span", "transform", "records_path", "find_records",
            "read_records", "check_records", "side_files", "adapter_provenance", "read_provenance",
            "unmerge_provenance", "reshard_layout", "INDEX_NAME", "RECORDS_NAME", "PROVENANCE_KEY"]
 
@@ -207,23 +208,44 @@ class Model:
 
     def read(self, key: str) -> np.ndarray:
         """A private, writeable copy of tensor ``key`` (read with plain file I/O, not kept mapped)."""
+        return read_span(self.span_of(key), key)
+
+    def span_of(self, key: str) -> Span:
+        """Where tensor ``key``'s bytes are: a picklable :class:`Span` (file, byte range, dtype, shape)."""
         f = self.file_of(key)
         start, end = f.span(key)
-        dt, shape = f.dtype(key), f.shape(key)
-        if end == start:
-            return np.zeros(shape, dtype=dt)
-        try:
-            raw = np.fromfile(f.path, dtype=np.uint8, count=end - start, offset=start)
-        except OSError as exc:
-            raise CheckpointError(f"{f.path}: cannot read tensor {key!r} ({exc.strerror or exc})") from exc
-        if raw.size != end - start:
-            raise CheckpointError(f"{f.path}: tensor {key!r} is cut short (file truncated while reading?)")
-        return raw.view(dt).reshape(shape)
+        return Span(str(f.path), start, end, f.dtype_code(key), f.shape(key))
 
     def closest(self, key: str, n: int = 3) -> list[str]:
         import difflib
 
         return difflib.get_close_matches(key, self.keys(), n=n, cutoff=0.3)
+
+
+@dataclass(frozen=True)
+class Span:
+    """The bytes of one stored tensor: file ``path``, absolute byte range ``[start, end)``, safetensors dtype
+    code and shape. Picklable (a task reads with it on another process or machine; no memory map travels)."""
+
+    path: str
+    start: int
+    end: int
+    code: str
+    shape: tuple[int, ...]
+
+
+def read_span(span: Span, key: str = "tensor") -> np.ndarray:
+    """A private, writeable array of the bytes ``span`` describes (plain file I/O, nothing kept mapped)."""
+    dt = DTYPES[span.code]
+    if span.end == span.start:
+        return np.zeros(span.shape, dtype=dt)
+    try:
+        raw = np.fromfile(span.path, dtype=np.uint8, count=span.end - span.start, offset=span.start)
+    except OSError as exc:
+        raise CheckpointError(f"{span.path}: cannot read tensor {key!r} ({exc.strerror or exc})") from exc
+    if raw.size != span.end - span.start:
+        raise CheckpointError(f"{span.path}: tensor {key!r} is cut short (file truncated while reading?)")
+    return raw.view(dt).reshape(span.shape)
 
 
 def _read_index(path: Path) -> dict[str, Any]:
@@ -835,12 +857,23 @@ def compute_group(
     and the output dtype); each step first replaces the tensors its adapter replaces (a trained bias: PEFT
     loads it into the base layer before ``merge_and_unload``), then merges (unmerges) its module with
     :meth:`Adapter.merge` (:meth:`~Adapter.unmerge`) on that group alone, in place on private arrays.
-    This is the one per-tensor computation of :func:`transform` and of :mod:`peftmath.verify`.
-    ``on_record(step, record)`` receives a merge's record (DoRA's weight norms); ``record_for(step)`` gives
-    the record a DoRA unmerge needs (None: none). ``read(key)`` reads a stored tensor (default
-    :meth:`Model.read`; :func:`transform` reads ahead in another thread): the weight first, then the bias.
+    This is the one per-tensor computation of :func:`transform`, of the engines' tasks (:func:`run_unit`)
+    and of :mod:`peftmath.verify`. ``on_record(step, record)`` receives a merge's record (DoRA's weight
+    norms); ``record_for(step)`` gives the record a DoRA unmerge needs (None: none). ``read(key)`` reads a
+    stored tensor (default :meth:`Model.read`; :func:`transform` reads ahead in another thread): the weight
+    first, then the bias.
     """
-    read = read or base.read
+    return _group_tensors(pl, adapters, wkey, base.model_type, read or base.read, direction=direction, work=work,
+                          safe=safe, peft_compat=peft_compat, to_xp=to_xp, to_host=to_host, on_record=on_record,
+                          record_for=record_for)
+
+
+def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str | None,
+                   read: Callable[[str], np.ndarray], *, direction: str, work: np.dtype | None, safe: bool,
+                   peft_compat: bool, to_xp: Callable[[np.ndarray], Any] | None,
+                   to_host: Callable[[Any], np.ndarray] | None, on_record: Callable[[Step, Any], None] | None,
+                   record_for: Callable[[Step], Any] | None) -> dict[str, np.ndarray]:
+    """:func:`compute_group` given the model's ``model_type`` and a ``read`` function instead of the model."""
     to_xp = to_xp or (lambda a: a)
     to_host = to_host or (lambda a: np.asarray(a))
 
@@ -856,7 +889,7 @@ def compute_group(
         state[bkey] = read_work(bkey)
     for st in pl.groups[wkey]:
         reps = {k: to_xp(np.asarray(to_host(v)).astype(dtype_of(k))) for k, v in st.replaces.items()}
-        part = _part(adapters[st.adapter], st.module, reps, base.model_type)
+        part = _part(adapters[st.adapter], st.module, reps, model_type)
         if st.module is None:
             state = part.merge(state)
             continue
@@ -878,23 +911,202 @@ def compute_group(
     return out
 
 
-def _read_order(pl: Plan, keys: Sequence[str]) -> list[str]:
-    """The stored tensors :func:`transform` reads, in the order it reads them, for output ``keys`` in
-    order: a group (weight, then bias) when its first tensor is written, a cast tensor when written."""
-    order: list[str] = []
-    done: set[str] = set()
-    for k in keys:
-        op = pl.ops[k].operation
-        if op == "cast":
-            order.append(k)
-        elif op in ("merge", "unmerge"):
-            g = pl.key_group[k]
-            if g not in done:
-                done.add(g)
-                order.append(g)
-                if pl.group_bias.get(g) is not None:
-                    order.append(pl.group_bias[g])
-    return order
+# --- the job: the plan, the byte layout of every output file, and the tasks ---------------------
+@dataclass
+class OutputFile:
+    """One file of a :class:`Job`'s output: its temporary path, its first bytes (the 8-byte header length
+    and the header, which :func:`prepare` writes) and its size (the file is pre-sized to it)."""
+
+    path: str
+    head: bytes
+    size: int
+
+
+@dataclass
+class Unit:
+    """One task of a :class:`Job`. ``kind``: ``"copy"`` (untouched tensors stored side by side in one input
+    file and written side by side in one output file: one byte range, ``copy = (input file, start, count)``),
+    ``"cast"`` (a tensor converted to ``--dtype``), ``"replace"`` (a ``modules_to_save`` replacement) or
+    ``"group"`` (an adapted weight and its bias, computed together). ``keys``: the output tensors it writes,
+    in output order; ``nbytes``: the bytes it writes."""
+
+    kind: str
+    keys: tuple[str, ...]
+    nbytes: int
+    copy: tuple[str, int, int] | None = None
+
+
+#: the most bytes one copy unit covers (contiguous untouched tensors are copied as one range, in pieces of
+#: at most this size, so an engine spreads a large copy over its workers)
+COPY_UNIT_BYTES = 256 << 20
+
+
+@dataclass
+class Job:
+    """Everything a task needs, and nothing bound to this process: picklable (no open file, no memory map).
+
+    ``files[i]`` is output file ``i`` (:class:`OutputFile`); ``where[key] = (i, offset)`` is where output
+    tensor ``key``'s bytes go; ``spans[key]`` where a tensor read from the input is (:class:`Span`);
+    ``units`` the tasks, in output order of their first tensor. Every byte of every output file is known
+    before any task runs: the header (:func:`prepare` writes it) and each tensor's offset, from the dtypes
+    and shapes of the plan. A task (:func:`run_unit`) computes its tensors and writes them at their
+    offsets, so tasks run in any order, on any worker, any number of times, and write the same bytes.
+    ``unmerge_records[wkey][i]`` is the record (DoRA's weight norms) step ``i`` of group ``wkey`` unmerges
+    with; a merge's records are named ``adapters.<record_offset + adapter>.<module>``."""
+
+    plan: Plan
+    adapters: list[Any]
+    files: list[OutputFile]
+    where: dict[str, tuple[int, int]]
+    spans: dict[str, Span]
+    units: list[Unit]
+    direction: str = "merge"
+    safe: bool = False
+    peft_compat: bool = False
+    model_type: str | None = None
+    unmerge_records: dict[str, dict[int, Any]] = field(default_factory=dict)
+    record_offset: int = 0
+    to_xp: Callable[[np.ndarray], Any] | None = None  # the serial command's backend; None (NumPy) in engines
+    to_host: Callable[[Any], np.ndarray] | None = None
+
+    def read(self, key: str) -> np.ndarray:
+        """Input tensor ``key`` (plain file I/O on its :class:`Span`)."""
+        return read_span(self.spans[key], key)
+
+    def write(self, i: int, offset: int, arr: np.ndarray) -> None:
+        """Write ``arr``'s bytes at ``offset`` of output file ``i``. The file is opened without ``O_CREAT``:
+        a task still running after its job was aborted (the temporary output removed) writes nothing."""
+        fd = os.open(self.files[i].path, os.O_WRONLY)
+        try:
+            write_at(fd, offset, memoryview(arr.reshape(-1).view(np.uint8)))
+        finally:
+            os.close(fd)
+
+    def copy(self, path: str, start: int, count: int, i: int, offset: int) -> None:
+        """Copy ``count`` bytes of input file ``path`` from ``start`` to ``offset`` of output file ``i``."""
+        src = os.open(path, os.O_RDONLY)
+        try:
+            dst = os.open(self.files[i].path, os.O_WRONLY)
+            try:
+                copy_range(src, dst, start, count, offset)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def reads(self) -> list[str]:
+        """The input tensors the tasks read, in unit order (a group: weight, then bias)."""
+        order: list[str] = []
+        for u in self.units:
+            if u.kind == "cast":
+                order.append(u.keys[0])
+            elif u.kind == "group":
+                g = self.plan.key_group[u.keys[0]]
+                order += [g] + ([self.plan.group_bias[g]] if self.plan.group_bias.get(g) is not None else [])
+        return order
+
+
+def _output_array(op: TensorOp, arr: np.ndarray, safe: bool) -> np.ndarray:
+    """``arr`` as it is written: the output dtype (rounded once), C-contiguous, little-endian; with ``safe``,
+    a NaN or infinity is a :class:`NonFiniteError`."""
+    arr = np.ascontiguousarray(_astype(arr, _np_dtype(op.dst_dtype)))
+    if safe and (arr.dtype.kind == "f" or is_bf16(arr.dtype)) and not all_finite(arr):
+        raise NonFiniteError(
+            f"{op.key}: the {op.operation} result contains NaN or infinity in {op.dst_dtype}; nothing "
+            f"was written. Check the adapter, or keep a wider --dtype")
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return arr
+
+
+def compute_unit(job: Job, unit: Unit, read: Callable[[str], np.ndarray] | None = None,
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The bytes unit ``unit`` (not a copy) writes: ``({key: array as written}, {record name: record})``.
+    ``read`` reads an input tensor (default :meth:`Job.read`)."""
+    pl, read = job.plan, read or job.read
+    to_host = job.to_host or (lambda a: np.asarray(a))
+    to_xp = job.to_xp or (lambda a: a)
+    records: dict[str, np.ndarray] = {}
+    if unit.kind == "cast":
+        raw = {unit.keys[0]: read(unit.keys[0])}
+    elif unit.kind == "replace":
+        raw = {k: np.asarray(to_host(pl.replaced[k])) for k in unit.keys}
+    else:
+        wkey = pl.key_group[unit.keys[0]]
+        steps = pl.groups[wkey]
+        given = job.unmerge_records.get(wkey, {})
+
+        def on_record(st: Step, value: Any) -> None:
+            records[f"adapters.{st.adapter + job.record_offset}.{st.module}"] = np.ascontiguousarray(to_host(value))
+
+        def record_for(st: Step) -> Any:
+            r = next((given.get(i) for i, s in enumerate(steps) if s is st), None)
+            return None if r is None else to_xp(np.asarray(r))
+
+        raw = _group_tensors(pl, job.adapters, wkey, job.model_type, read, direction=job.direction, work=None,
+                             safe=job.safe, peft_compat=job.peft_compat, to_xp=job.to_xp, to_host=job.to_host,
+                             on_record=on_record, record_for=record_for)
+    return {k: _output_array(pl.ops[k], raw.pop(k), job.safe) for k in unit.keys}, records
+
+
+def run_unit(job: Job, unit: int | Unit, *, read: Callable[[str], np.ndarray] | None = None,
+             write: Callable[[int, int, np.ndarray], None] | None = None,
+             copy: Callable[[str, int, int, int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """Run one task of ``job`` (``unit``: its index in ``job.units``, or the unit): compute its tensors
+    (:func:`compute_unit`) and write each at its offset, or copy its byte range; return the merge records it
+    made (DoRA's weight norms; they are written once, by :meth:`Output.commit`).
+
+    A picklable function of picklable arguments: an engine runs it on any worker (:mod:`peftmath.engines`);
+    :func:`transform` runs it in order with its pipeline's ``read`` (read ahead), ``write(i, offset, arr)``
+    and ``copy(path, start, count, i, offset)`` (write behind). The defaults open the files themselves
+    (:meth:`Job.read`, :meth:`Job.write`, :meth:`Job.copy`). Run again, it writes the same bytes."""
+    u = job.units[unit] if isinstance(unit, int) else unit
+    write, copy = write or job.write, copy or job.copy
+    if u.kind == "copy":
+        path, start, count = u.copy
+        i, offset = job.where[u.keys[0]]
+        copy(path, start, count, i, offset)
+        return {}
+    arrays, records = compute_unit(job, u, read)
+    for k in u.keys:
+        i, offset = job.where[k]
+        write(i, offset, arrays.pop(k))
+    return records
+
+
+def _units(base: Model, pl: Plan, layout: Sequence[tuple[Any, Any, list[tuple[str, str]]]],
+           where: Mapping[str, tuple[int, int]]) -> list[Unit]:
+    """The tasks of a job, in output order of their first tensor: runs of untouched tensors contiguous in
+    one input and one output file (at most :data:`COPY_UNIT_BYTES` each) as one copy; each cast or
+    replaced tensor; each group (weight and bias) once, at its first tensor."""
+    units: list[Any] = []  # Unit, or a copy run still growing: [keys, input path, start, count, output end]
+    seen: set[str] = set()
+    for _, _, members in layout:
+        run: list[Any] | None = None
+        for fname, k in members:
+            op = pl.ops[k]
+            if op.operation == "copy":
+                f = base.files[fname]
+                start, end = f.span(k)
+                offset = where[k][1]
+                if (run is not None and run[1] == str(f.path) and run[2] + run[3] == start and run[4] == offset
+                        and run[3] + (end - start) <= COPY_UNIT_BYTES):
+                    run[0].append(k)
+                    run[3] += end - start
+                    run[4] += end - start
+                else:
+                    run = [[k], str(f.path), start, end - start, offset + end - start]
+                    units.append(run)
+                continue
+            run = None
+            if op.operation in ("cast", "replace"):
+                units.append(Unit(op.operation, (k,), op.nbytes))
+            elif pl.key_group[k] not in seen:
+                g = pl.key_group[k]
+                seen.add(g)
+                keys = sorted([g] + ([pl.group_bias[g]] if pl.group_bias.get(g) is not None else []), key=where.get)
+                units.append(Unit("group", tuple(keys), sum(pl.ops[x].nbytes for x in keys)))
+    return [u if isinstance(u, Unit) else Unit("copy", tuple(u[0]), u[3], (u[1], u[2], u[3])) for u in units]
 
 
 #: the most bytes one pipeline stage holds (read ahead, or waiting to be written), whatever the model
@@ -910,7 +1122,88 @@ def _stage_limit(base: Model, pl: Plan, reads: Sequence[str]) -> int:
     return max(1, min(2 * largest, pl.bytes_out() // 16, MAX_STAGE_BYTES))
 
 
-def transform(
+class Output:
+    """A merge's output being written: the :class:`Job` (its files exist in a temporary sibling of ``out``,
+    pre-sized, headers written) and what :meth:`commit` needs to put it in place. Made by :func:`prepare`.
+
+    :meth:`commit` (after every unit ran) fsyncs the files, writes the index, the side files and the merge
+    records, and renames everything into place (:func:`_commit`); :meth:`abort` removes the temporary
+    output. Either way nothing partial is left at ``out`` and no temporary file or folder remains."""
+
+    def __init__(self, base: Model, job: Job, out: Path, tmp: Path, *, force: bool, rec_dest: Path,
+                 records: Mapping[str, Any], used_records: set[str], names: Sequence[str] | None,
+                 dtype: np.dtype | None, max_shard_size: int | None,
+                 layout: Sequence[tuple[Any, Any, list[tuple[str, str]]]]) -> None:
+        self.base, self.job, self.out, self.tmp = base, job, out, tmp
+        self.force, self.rec_dest, self.records, self.used_records = force, rec_dest, records, used_records
+        self.names, self.dtype, self.max_shard_size, self.layout = names, dtype, max_shard_size, layout
+        self.rec_tmp: Path | None = None
+
+    def commit(self, new_records: Mapping[str, np.ndarray], *, synced: bool = False) -> Report:
+        """Finish the output once every unit has run (``new_records``: what they returned, merged); ``synced``:
+        the files were fsynced already (the pipeline does it as it goes)."""
+        base, job, pl, tmp = self.base, self.job, self.job.plan, self.tmp
+        rep = Report(self.out, tensors=len(pl.ops), bytes_written=pl.bytes_out(),
+                     adapted=sum(op.operation in ("merge", "unmerge") for op in pl.ops.values()))
+        try:
+            if not synced:
+                for f in job.files:
+                    fd = os.open(f.path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            if self.max_shard_size is not None:
+                if len(self.layout) > 1:  # one shard is model.safetensors alone, as transformers writes it
+                    idx = json.loads(json.dumps(base.index)) if base.index is not None else {}
+                    meta = idx.get("metadata") if isinstance(idx.get("metadata"), dict) else {}
+                    meta["total_size"] = pl.bytes_out()
+                    idx = {**idx, "metadata": meta,
+                           "weight_map": {k: Path(t).name for t, _, members in self.layout for _, k in members}}
+                    (tmp / INDEX_NAME).write_text(json.dumps(idx, indent=2) + "\n", encoding="utf-8")
+                rep.side_files, rep.left_out = _copy_side_files(base, tmp, self.dtype)
+            elif base.is_folder:
+                if base.index is not None:
+                    idx = json.loads(json.dumps(base.index))
+                    meta = idx.get("metadata")
+                    if isinstance(meta, dict) and "total_size" in meta:
+                        meta["total_size"] = pl.bytes_out()
+                    (tmp / INDEX_NAME).write_text(json.dumps(idx, indent=2) + "\n", encoding="utf-8")
+                rep.side_files, rep.left_out = _copy_side_files(base, tmp, self.dtype)
+            records, new_records = self.records, dict(new_records)
+            if job.direction == "unmerge":
+                keep = {k: v for k, v in records.items() if k not in self.used_records}
+            else:
+                keep = {**records, **new_records} if records else new_records
+            if keep:
+                meta = {"format": "peftmath-merge-records", "adapters": json.dumps([str(n) for n in (self.names or [])])}
+                self.rec_tmp = temp_sibling(self.rec_dest)
+                _write_tensors(self.rec_tmp, keep, meta)
+                rep.records = len(keep)
+            _commit(tmp, self.out, self.force, self.rec_tmp, self.rec_dest)
+        except BaseException:
+            self.abort()
+            raise
+        if keep:
+            rep.records_file = self.rec_dest
+        return rep
+
+    def abort(self) -> None:
+        """Remove the temporary output and records (idempotent)."""
+        _remove(self.tmp)
+        if self.rec_tmp is not None:
+            self.rec_tmp.unlink(missing_ok=True)
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a temporary output, a folder or a file (gone already: nothing to do)."""
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
+def prepare(
     base: Model,
     adapters: Sequence[Any],
     out: str | os.PathLike,
@@ -928,11 +1221,80 @@ def transform(
     inputs: Sequence[Path] = (),
     to_xp: Callable[[np.ndarray], Any] | None = None,
     to_host: Callable[[Any], np.ndarray] | None = None,
-    progress: Callable[[int], None] | None = None,
     precomputed_plan: Plan | None = None,
     max_shard_size: int | None = None,
-    pipeline: bool = True,
-) -> Report:
+) -> Output:
+    """The first half of :func:`transform` (its options): check the output, plan, lay out every output
+    file byte by byte, and create the temporary output with its files pre-sized and their headers written.
+    Run every unit of ``.job`` (:func:`run_unit`, in any order, anywhere), then :meth:`Output.commit` the
+    records they return; on any error :meth:`Output.abort`."""
+    out = Path(out)
+    inputs = [base.path, *(Path(q) for q in inputs)]
+    _check_output(out, inputs, force)
+    rec_dest = Path(records_out) if records_out is not None else records_path(out)
+    _check_records_dest(rec_dest, out, inputs, force, explicit=records_out is not None)
+    pl = precomputed_plan or plan(base, adapters, direction=direction, dtype=dtype, layer_kinds=layer_kinds, names=names)
+    records = dict(records or {})
+    if direction == "unmerge":
+        check_records(pl, records, base.path)
+    # merging into a model that already carries records (an earlier merge): keep them, number after them
+    offset = 1 + max((int(k.split(".", 2)[1]) for k in records if k.startswith("adapters.")), default=-1)
+    is_folder = base.is_folder or max_shard_size is not None
+    tmp = temp_sibling(out, folder=True) if is_folder else temp_sibling(out)
+    try:
+        if max_shard_size is None:  # base's own layout: (output file, metadata, [(base file, key), ...])
+            layout = [(tmp / n if base.is_folder else tmp, f.metadata, [(n, k) for k in base.ordered(n)])
+                      for n, f in base.files.items()]
+        else:
+            first = next(iter(base.files.values())).metadata
+            layout = [(tmp / n, first, group) for n, group in
+                      reshard_layout([(n, k) for n in base.files for k in base.ordered(n)],
+                                     lambda nk: pl.ops[nk[1]].nbytes, max_shard_size).items()]
+        files: list[OutputFile] = []
+        where: dict[str, tuple[int, int]] = {}
+        for i, (target, file_meta, members) in enumerate(layout):
+            entries = [(k, dtype_code(_np_dtype(pl.ops[k].dst_dtype)), pl.ops[k].shape, pl.ops[k].nbytes)
+                       for _, k in members]
+            head = _header_bytes(entries, _with_provenance(file_meta, provenance))
+            head = struct.pack("<Q", len(head)) + head
+            pos = len(head)
+            for k, _, _, n in entries:
+                where[k] = (i, pos)
+                pos += n
+            files.append(OutputFile(str(target), head, pos))
+        units = _units(base, pl, layout, where)
+        job = Job(pl, list(adapters), files, where, {}, units, direction=direction, safe=safe,
+                  peft_compat=peft_compat, model_type=base.model_type, record_offset=offset, to_xp=to_xp,
+                  to_host=to_host)
+        job.spans = {k: base.span_of(k) for k in job.reads()}
+        used: set[str] = set()
+        if direction == "unmerge":  # which record each DoRA step unmerges with (the latest one first)
+            for u in units:
+                if u.kind != "group":
+                    continue
+                g = pl.key_group[u.keys[0]]
+                for j, st in enumerate(pl.groups[g]):
+                    if st.mod is not None and st.mod.needs_record():
+                        rkey, r = _record_for(records, st.module, used)
+                        if r is not None:
+                            used.add(rkey)
+                            job.unmerge_records.setdefault(g, {})[j] = r
+        for f in files:
+            fd = os.open(f.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # & ~umask
+            try:
+                os.ftruncate(fd, f.size)
+                write_at(fd, 0, memoryview(f.head))
+            finally:
+                os.close(fd)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return Output(base, job, out, tmp, force=force, rec_dest=rec_dest, records=records, used_records=used,
+                  names=names, dtype=dtype, max_shard_size=max_shard_size, layout=layout)
+
+
+def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
+              progress: Callable[[int], None] | None = None, pipeline: bool = True, **options: Any) -> Report:
     """Merge (``direction="merge"``) or unmerge ``adapters`` into a copy of ``base`` written at ``out``.
 
     The output has ``base``'s layout (one file, or the same shards and index), unless ``max_shard_size``
@@ -951,147 +1313,62 @@ def transform(
     :func:`records_path` ``(out)``; an existing ``records_out`` needs ``force``). ``provenance``, when
     given, is the complete :data:`PROVENANCE_KEY` list written into every output shard (an empty list
     too: nothing merged any more); None leaves the metadata as it is. ``to_xp``/``to_host`` move a tensor to the
-    compute backend and back (NumPy by default). ``progress(nbytes)`` is called after each tensor.
+    compute backend and back (NumPy by default). ``progress(nbytes)`` is called after each tensor. The other
+    options (keyword-only) are :func:`prepare`'s: ``direction``, ``dtype``, ``safe``, ``peft_compat``,
+    ``layer_kinds``, ``records``, ``records_out``, ``provenance``, ``force``, ``names``, ``inputs``,
+    ``to_xp``, ``to_host``, ``precomputed_plan``, ``max_shard_size``.
 
-    ``pipeline`` (default) overlaps reading, computing and writing (:mod:`peftmath.io.pipeline`: a
-    read-ahead thread, the computation in the caller's thread, a write-behind thread, each finished
-    shard fsynced by another while the next is written), each stage holding at most
-    :func:`_stage_limit` bytes; ``pipeline=False`` does the same operations one after the other. The
-    output is the same, byte for byte.
+    It is :func:`prepare` (the plan, every output file's byte layout, the temporary output), then
+    :func:`run_unit` on every unit in output order, then :meth:`Output.commit`: the same task functions an
+    engine runs (:mod:`peftmath.engines`), so every engine writes the same bytes. ``pipeline`` (default)
+    overlaps reading, computing and writing (:mod:`peftmath.io.pipeline`: a read-ahead thread, the
+    computation in the caller's thread, a write-behind thread, each finished shard fsynced by another while
+    the next is written), each stage holding at most :func:`_stage_limit` bytes; ``pipeline=False`` does the
+    same operations one after the other. The output is the same, byte for byte.
     """
-    out = Path(out)
-    inputs = [base.path, *(Path(q) for q in inputs)]
-    _check_output(out, inputs, force)
-    rec_dest = Path(records_out) if records_out is not None else records_path(out)
-    _check_records_dest(rec_dest, out, inputs, force, explicit=records_out is not None)
-    pl = precomputed_plan or plan(base, adapters, direction=direction, dtype=dtype, layer_kinds=layer_kinds, names=names)
-    records = dict(records or {})
-    if direction == "unmerge":
-        check_records(pl, records, base.path)
-    to_xp = to_xp or (lambda a: a)
-    to_host = to_host or (lambda a: np.asarray(a))
-    rep = Report(out)
-    new_records: dict[str, np.ndarray] = {}
-    used_records: set[str] = set()
-    pending: dict[str, np.ndarray] = {}
-    # merging into a model that already carries records (an earlier merge): keep them, number after them
-    offset = 1 + max((int(k.split(".", 2)[1]) for k in records if k.startswith("adapters.")), default=-1)
-
-    def on_record(st: Step, value: Any) -> None:
-        new_records[f"adapters.{st.adapter + offset}.{st.module}"] = np.ascontiguousarray(to_host(value))
-
-    def record_for(st: Step) -> Any:
-        rkey, r = _record_for(records, st.module, used_records)
-        if r is None:
-            return None
-        used_records.add(rkey)
-        return to_xp(np.asarray(r))
-
-    def compute(wkey: str, read: Callable[[str], np.ndarray]) -> None:
-        pending.update(compute_group(base, pl, adapters, wkey, direction=direction, safe=safe,
-                                     peft_compat=peft_compat, to_xp=to_xp, to_host=to_host,
-                                     on_record=on_record, record_for=record_for, read=read))
-
-    is_folder = base.is_folder or max_shard_size is not None
-    tmp = temp_sibling(out, folder=True) if is_folder else temp_sibling(out)
-    if max_shard_size is None:  # base's own layout: (output file, metadata, [(base file, key), ...])
-        layout = [(tmp / n if base.is_folder else tmp, f.metadata, [(n, k) for k in base.ordered(n)])
-                  for n, f in base.files.items()]
-    else:
-        first = next(iter(base.files.values())).metadata
-        layout = [(tmp / n, first, group) for n, group in
-                  reshard_layout([(n, k) for n in base.files for k in base.ordered(n)],
-                                 lambda nk: pl.ops[nk[1]].nbytes, max_shard_size).items()]
-    rec_tmp: Path | None = None
-    sources: dict[str, int] = {}
-    reads = _read_order(pl, [k for _, _, members in layout for _, k in members])
+    outp = prepare(base, adapters, out, **options)
+    job = outp.job
+    pl = job.plan
+    reads = job.reads()
     limit = _stage_limit(base, pl, reads)
     reader = ReadAhead(base.read, reads, base.nbytes, limit, threaded=pipeline)
     writer = WriteBehind(limit, threaded=pipeline)
+    sources: dict[str, int] = {}
+    new_records: dict[str, np.ndarray] = {}
     try:
-        for target, file_meta, members in layout:
-            entries = []
-            for _, k in members:
-                op = pl.ops[k]
-                entries.append((k, dtype_code(_np_dtype(op.dst_dtype)), op.shape, op.nbytes))
-            head = _header_bytes(entries, _with_provenance(file_meta, provenance))
-            writer.open(target, struct.pack("<Q", len(head)) + head)
-            for fname, k in members:
-                op = pl.ops[k]
-                if op.operation == "copy":
-                    f = base.files[fname]
-                    if fname not in sources:
-                        sources[fname] = os.open(f.path, os.O_RDONLY)
-                    start, end = f.span(k)
-                    writer.copy(sources[fname], start, end - start)
-                else:
-                    if op.operation == "cast":
-                        arr = reader.take(k)
-                    elif op.operation == "replace":
-                        arr = np.asarray(to_host(pl.replaced[k]))
-                    else:
-                        if k not in pending:
-                            compute(pl.key_group[k], reader.take)
-                        arr = pending.pop(k)
-                        rep.adapted += 1
-                    arr = np.ascontiguousarray(_astype(arr, _np_dtype(op.dst_dtype)))
-                    if safe and (arr.dtype.kind == "f" or is_bf16(arr.dtype)) and not all_finite(arr):
-                        raise NonFiniteError(
-                            f"{k}: the {op.operation} result contains NaN or infinity in {op.dst_dtype}; nothing "
-                            f"was written. Check the adapter, or keep a wider --dtype")
-                    if arr.dtype.byteorder == ">":
-                        arr = arr.astype(arr.dtype.newbyteorder("<"))
-                    writer.write(arr)
-                    del arr
-                rep.tensors += 1
-                rep.bytes_written += op.nbytes
-                if progress is not None:
-                    progress(op.nbytes)
-            writer.end_file()
-        writer.finish()  # every shard written, fsynced and closed
+        fids = [writer.attach(f.path) for f in job.files]
+
+        def write(i: int, offset: int, arr: np.ndarray) -> None:
+            writer.write_at(fids[i], offset, arr)
+
+        def copy(path: str, start: int, count: int, i: int, offset: int) -> None:
+            if path not in sources:
+                sources[path] = os.open(path, os.O_RDONLY)
+            writer.copy_at(fids[i], sources[path], start, count, offset)
+
+        ended = 0
+        for unit in job.units:
+            first = job.where[unit.keys[0]][0]
+            while ended < first:  # no later unit writes into a file before its first tensor's
+                writer.end_file(fids[ended])
+                ended += 1
+            new_records.update(run_unit(job, unit, read=reader.take, write=write, copy=copy))
+            if progress is not None:
+                for k in unit.keys:
+                    progress(pl.ops[k].nbytes)
+        for fid in fids[ended:]:
+            writer.end_file(fid)
+        writer.finish()  # every file written, fsynced and closed
         reader.close()
-        if max_shard_size is not None:
-            if len(layout) > 1:  # one shard is model.safetensors alone, as transformers writes it
-                idx = json.loads(json.dumps(base.index)) if base.index is not None else {}
-                meta = idx.get("metadata") if isinstance(idx.get("metadata"), dict) else {}
-                meta["total_size"] = pl.bytes_out()
-                idx = {**idx, "metadata": meta,
-                       "weight_map": {k: Path(t).name for t, _, members in layout for _, k in members}}
-                (tmp / INDEX_NAME).write_text(json.dumps(idx, indent=2) + "\n", encoding="utf-8")
-            rep.side_files, rep.left_out = _copy_side_files(base, tmp, dtype)
-        elif is_folder:
-            if base.index is not None:
-                idx = json.loads(json.dumps(base.index))
-                meta = idx.get("metadata")
-                if isinstance(meta, dict) and "total_size" in meta:
-                    meta["total_size"] = pl.bytes_out()
-                (tmp / INDEX_NAME).write_text(json.dumps(idx, indent=2) + "\n", encoding="utf-8")
-            rep.side_files, rep.left_out = _copy_side_files(base, tmp, dtype)
-        keep = {k: v for k, v in records.items() if k not in used_records} if direction == "unmerge" else new_records
-        if direction == "merge" and records:
-            keep = {**records, **new_records}
-        if keep:
-            meta = {"format": "peftmath-merge-records", "adapters": json.dumps([str(n) for n in (names or [])])}
-            rec_tmp = temp_sibling(rec_dest)
-            _write_tensors(rec_tmp, keep, meta)
-            rep.records = len(keep)
-        _commit(tmp, out, force, rec_tmp, rec_dest)
-        if keep:
-            rep.records_file = rec_dest
     except BaseException:
-        writer.abort()  # no thread writes into tmp any more
+        writer.abort()  # no thread writes into the temporary output any more
         reader.close()
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        if rec_tmp is not None:
-            rec_tmp.unlink(missing_ok=True)
+        outp.abort()
         raise
     finally:
         for fd in sources.values():
             os.close(fd)
-    return rep
+    return outp.commit(new_records, synced=True)
 
 
 def reshard_layout(items: Sequence[Any], nbytes: Callable[[Any], int], max_shard_size: int) -> dict[str, list[Any]]:
