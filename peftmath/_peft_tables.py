@@ -292,6 +292,9 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # BEFT: init_weights only drew the vector the checkpoint holds; no exclude_modules etc. in PEFT
     "BEFT": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save"), IMPLEMENTED),
              "init_weights": IRRELEVANT},
+    # Lily: stride_A gives the ties (the checkpoint holds a copy per module); init_weights only drew the tensors
+    "LILY": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "stride_A", "num_B", "scaling"), IMPLEMENTED),
+             "init_weights": IRRELEVANT},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

@@ -37,6 +37,7 @@ CLAIMED = frozenset({
     "ShiraConfig",
     "WaveFTConfig",
     "OSFConfig",
+    "LilyConfig",
     "DeftConfig",
     "SupertuningConfig",
     "BeftConfig",

@@ -42,6 +42,7 @@ PEFT_CONFIGS = {"LORA": "LoraConfig", "ADALORA": "AdaLoraConfig", "IA3": "IA3Con
                 "PREFIX_TUNING": "PrefixTuningConfig", "HRA": "HRAConfig", "ROAD": "RoadConfig", "FOURIERFT": "FourierFTConfig", "HIRA": "HiraConfig", "MISS": "MissConfig", "DELORA": "DeloraConfig", "VBLORA": "VBLoRAConfig", "RANDLORA": "RandLoraConfig", "C3A": "C3AConfig", "SHIRA": "ShiraConfig", "WAVEFT": "WaveFTConfig", "OSF": "OSFConfig", "BEFT": "BeftConfig"}
 PEFT_CONFIGS["DEFT"] = "DeftConfig"
 PEFT_CONFIGS["SUPERTUNING"] = "SupertuningConfig"
+PEFT_CONFIGS["LILY"] = "LilyConfig"
 
 
 def _quiet(fn, *args, **kwargs):
