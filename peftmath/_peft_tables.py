@@ -281,6 +281,9 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # OSF: the ranks are read from the saved factors; target_svd_config is ignored by PEFT too
     "OSF": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save"), IMPLEMENTED),
             **dict.fromkeys(("effective_rank", "rank_pattern", "init_weights", "target_svd_config"), IRRELEVANT)},
+    # GLoRA: the support forms are read from the saved tensors; init_weights only drew them
+    "GLORA": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save", "r", "bias", "config_A_B",
+                                               "config_C", "config_D_E"), IMPLEMENTED), "init_weights": IRRELEVANT},
     # DEFT: init_weights / init_scale only drew R, which the checkpoint holds (the rank is read from deft_P)
     "DEFT": {**_BOOKKEEPING, **_TARGETS,
              **dict.fromkeys(("r", "decomposition_method", "alpha", "para", "fan_in_fan_out", "bias"), IMPLEMENTED),
