@@ -298,6 +298,9 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # Lily: stride_A gives the ties (the checkpoint holds a copy per module); init_weights only drew the tensors
     "LILY": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "stride_A", "num_B", "scaling"), IMPLEMENTED),
              "init_weights": IRRELEVANT},
+    # PEANuT: init_weights only drew the tensors the checkpoint holds
+    "PEANUT": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "depth", "act_fn", "scaling"), IMPLEMENTED),
+               "init_weights": IRRELEVANT},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

@@ -52,6 +52,7 @@ METHOD_MODULES: dict[str, str] = {
     "DEFT": "peftmath.methods.deft",
     "SUPERTUNING": "peftmath.methods.supertuning",
     "BEFT": "peftmath.methods.beft",
+    "PEANUT": "peftmath.methods.peanut",
 }
 
 

@@ -42,6 +42,7 @@ CLAIMED = frozenset({
     "DeftConfig",
     "SupertuningConfig",
     "BeftConfig",
+    "PeanutConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change
