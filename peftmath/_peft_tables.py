@@ -180,6 +180,9 @@ _LORA_FIELDS: dict[str, object] = {
     # training-only / settings of initialisations whose result the checkpoint holds
     **dict.fromkeys(("lora_dropout", "megatron_core", "loftq_config", "eva_config", "corda_config",
                      "lora_ga_config", "qalora_group_size", "runtime_config"), IRRELEVANT),
+    # BD-LoRA: block-diagonal lora_A or lora_B; VeLoRA / MonteCLoRA: training-time state (eval forward and merge
+    # are plain LoRA's). Their tensors are checked and kept (methods/lora.py, "Variants")
+    **dict.fromkeys(("use_bdlora", "velora_config", "monteclora_config"), IMPLEMENTED),
     "init_lora_weights": Refused(
         "PiSSA / OLoRA / CorDA / LoftQ / LoRA-GA initialisation", (True, False, "gaussian", "eva", "orthogonal", "mica"),
         "PEFT runs this initialisation again when it loads the adapter, and it changes the base weights "
@@ -191,17 +194,14 @@ _LORA_FIELDS: dict[str, object] = {
                                "its layers are Megatron's parallel linears, saved per rank"),
     "trainable_token_indices": Refused("trainable tokens (trainable_token_indices)", _NONE,
                                        "it trains rows of the token embedding (token_adapter.trainable_tokens_delta)"),
-    "velora_config": Refused("VeLoRA", _NONE, "it adds compressed-activation state (lora_velora_embed)"),
     "alora_invocation_tokens": Refused("aLoRA (activated LoRA)", _NONE,
                                        "the adapter acts only on the tokens after its invocation sequence, so it "
                                        "cannot be merged, and its forward depends on the token ids"),
     "use_qalora": Refused("QALoRA", (False,), "lora_A acts on the input pooled in groups of qalora_group_size"),
-    "monteclora_config": Refused("MonteCLoRA", _NONE, "it samples the LoRA factors from learned distributions"),
     "layer_replication": Refused("layer replication", _NONE,
                                  "it stacks copies of base layers, so the adapted modules are not the base's"),
     "target_parameters": Refused("LoRA on nn.Parameter (target_parameters)", (None, []),
                                  "it adapts parameters (e.g. mixture-of-experts weights) rather than modules"),
-    "use_bdlora": Refused("BD-LoRA (block-diagonal LoRA)", _NONE, "lora_A or lora_B is block-diagonal"),
     "arrow_config": Refused("Arrow routing", _NONE, "it routes each token among several LoRA experts"),
     "kasa_config": Refused("KaSA", _NONE,
                            "it truncates the base weight's smallest singular components and scales BA by a "
@@ -210,12 +210,19 @@ _LORA_FIELDS: dict[str, object] = {
                                    "PEFT ties an adapter on the output layer to the embedding's"),
 }
 
+#: LoRA variants AdaLoRA's SVD layers do not run (PEFT's AdaLoraConfig inherits the fields)
+_NOT_FOR_ADALORA = {
+    "use_bdlora": Refused("BD-LoRA (block-diagonal LoRA)", _NONE, "AdaLoRA's SVD layers have no block-diagonal factor"),
+    "velora_config": Refused("VeLoRA", _NONE, "AdaLoRA's SVD layers do not run VeLoRA"),
+    "monteclora_config": Refused("MonteCLoRA", _NONE, "AdaLoRA's SVD layers do not run MonteCLoRA"),
+}
+
 #: peft_type -> {field: IMPLEMENTED | IRRELEVANT | Refused(...)} for every field of PEFT 0.21.2's config
 #: dataclass of that method (``tests/parity/test_refusals_parity.py`` checks it covers them all)
 CONFIG_FIELDS: dict[str, dict[str, object]] = {
     "LORA": _LORA_FIELDS,
     # AdaLoRA's layers read init_lora_weights as a flag only (any true value: the default init)
-    "ADALORA": {**_LORA_FIELDS, "rank_pattern": IMPLEMENTED, "init_lora_weights": IRRELEVANT,
+    "ADALORA": {**_LORA_FIELDS, "rank_pattern": IMPLEMENTED, "init_lora_weights": IRRELEVANT, **_NOT_FOR_ADALORA,
                 **dict.fromkeys(("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
                                  "orth_reg_weight", "total_step"), IRRELEVANT)},
     "IA3": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "exclude_modules", "modules_to_save"), IMPLEMENTED),

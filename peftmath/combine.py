@@ -276,6 +276,8 @@ def combine(
         r=new_rank, lora_alpha=new_rank, rank_pattern={}, alpha_pattern={},
         target_modules=_merge_targets(configs, "target_modules"),
         use_rslora=first.use_rslora if peft_compat else False,
+        # the result is a plain LoRA: dense factors, no training-time state of a variant
+        use_bdlora=None, velora_config=None, monteclora_config=None,
     )
     rng = host_rng(seed)
     modules = sorted({m for a in adapters for m in a.params})

@@ -51,8 +51,6 @@ LORA = {"peft_type": "LORA", "r": 2, "lora_alpha": 6, "target_modules": ["lin0"]
 @pytest.mark.parametrize("key, looks", [
     ("base_model.model.lin0.lora_diag", "KaSA's lora_diag"),
     ("base_model.model.emb.token_adapter.trainable_tokens_delta", "trainable tokens"),
-    ("base_model.model.lin0.lora_velora_embed", "VeLoRA"),
-    ("base_model.model.lin0.lora_monteclora_sampler.std_prior", "MonteCLoRA"),
     ("base_model.model.mha.base_layer.out_proj.lora_A.weight", "nn.MultiheadAttention"),
     ("base_model.model.lin0.hada_w1_a", "another method or variant"),
     ("base_model.model.lin0.weight", "PEFT saves and loads as lin0.base_layer.weight"),
@@ -66,6 +64,20 @@ def test_a_tensor_nobody_owns_fails_the_load(tmp_path, key, looks):
     msg = str(info.value)
     assert "1 tensor(s)" in msg and repr(key) in msg and looks in msg, msg
     assert "adapter_model.safetensors" in msg
+
+
+@pytest.mark.parametrize("key, variant, field_name", [
+    ("base_model.model.lin0.lora_velora_embed", "VeLoRA", "velora_config"),
+    ("base_model.model.lin0.lora_monteclora_sampler.std_prior", "MonteCLoRA", "monteclora_config"),
+])
+def test_training_state_without_its_config_field_is_refused(tmp_path, key, variant, field_name):
+    """VeLoRA / MonteCLoRA tensors are read (training state, no part of inference) only with their config field."""
+    rng = np.random.default_rng(0)
+    tensors = {**_lora_tensors(rng), key: np.ones(2, np.float32)}
+    ad = load_adapter(_folder(tmp_path, LORA, tensors))
+    with pytest.raises(CheckpointError, match=rf"lin0: the checkpoint holds {key.split('lin0.')[1]} \({variant}'s "
+                                              rf"training state\) but adapter_config.json has no {field_name}"):
+        ad.module("lin0")
 
 
 def test_many_unknown_tensors_are_counted(tmp_path):

@@ -35,7 +35,16 @@ from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 
-from .._array import all_finite, as_compute, compute_dtype, conv, embedding_lookup, is_low_precision, namespace
+from .._array import (
+    all_finite,
+    as_compute,
+    common_device,
+    compute_dtype,
+    conv,
+    embedding_lookup,
+    is_low_precision,
+    namespace,
+)
 from .._linalg import randomized_svd  # noqa: F401  (lora.randomized_svd stays importable)
 from ..backends import backend_for, host_rng, kaiming_uniform_bound
 from ..config import (
@@ -48,7 +57,7 @@ from ..config import (
     check_positive_int,
     resolve_pattern,
 )
-from ..errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
+from ..errors import CheckpointError, ConfigError, NonFiniteError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, apply_delta, bias_update, check_shape, write_back
@@ -101,11 +110,18 @@ class LoraConfig(TunerConfig):
     loftq_config: dict = field(default_factory=dict)
     layer_replication: list | None = None
     target_parameters: list[str] | None = None
+    #: BD-LoRA (PEFT's ``BdLoraConfig`` as saved: ``target_modules_bd_a`` / ``target_modules_bd_b`` / ``nblocks``
+    #: / ``match_strict``): block-diagonal ``lora_A`` or ``lora_B`` (specs/lora.md, "12. Variants")
+    use_bdlora: dict | None = None
+    #: VeLoRA / MonteCLoRA settings: training-time only, their saved tensors take no part in inference
+    velora_config: dict | None = None
+    monteclora_config: dict | None = None
 
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
         check_positive_int(source, "r", self.r)
         self.validate_lora_fields(source)
+        self.validate_variants(source)
         if self.rank_pattern is None:
             self.rank_pattern = {}
         if self.alpha_pattern is None:
@@ -139,6 +155,31 @@ class LoraConfig(TunerConfig):
         if init == "loftq" and not self.loftq_config:
             raise ConfigError(f"{source}: init_lora_weights='loftq' needs a loftq_config")
         return init
+
+    def validate_variants(self, source: str) -> None:
+        """The BD-LoRA / VeLoRA / MonteCLoRA settings: objects with PEFT's fields, and at most one LoRA variant
+        (PEFT 0.21.2 resolves one variant per layer and raises on a combination)."""
+        for name in ("use_bdlora", "velora_config", "monteclora_config"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{source}: field {name!r} must be an object (PEFT's {name} as saved), got {value!r}")
+        if self.use_bdlora is not None:
+            bd = self.use_bdlora
+            check_positive_int(source, "use_bdlora.nblocks", bd.get("nblocks", 1))
+            for key in ("target_modules_bd_a", "target_modules_bd_b"):
+                patterns = bd.get(key)
+                if patterns is not None and not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
+                    raise ConfigError(f"{source}: use_bdlora.{key} must be a list of module-name patterns, got {patterns!r}")
+            if not isinstance(bd.get("match_strict", True), bool):
+                raise ConfigError(f"{source}: use_bdlora.match_strict must be true or false, got {bd['match_strict']!r}")
+        if self.velora_config is not None:
+            check_positive_int(source, "velora_config.num_groups", self.velora_config.get("num_groups", 1))
+        if self.monteclora_config is not None:
+            check_positive_int(source, "monteclora_config.num_samples", self.monteclora_config.get("num_samples", 1))
+        on = [n for n in ("use_dora", "use_bdlora", "velora_config", "monteclora_config") if getattr(self, n)]
+        if len(on) > 1:
+            raise ConfigError(f"{source}: {' and '.join(on)} are set together; PEFT 0.21.2 runs one LoRA variant per "
+                              f"layer and refuses this combination")
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """``(r, lora_alpha)`` for ``module_name`` after rank_pattern / alpha_pattern (PEFT's rule)."""
@@ -202,6 +243,84 @@ def check_factors(layer: Layer, A: Array, B: Array, where: str) -> int:
         check_shape(where, "lora_A", A, (r, inn))
         check_shape(where, "lora_B", B, (layer.out_features, r))
     return r
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants that keep LoRA's inference math (specs/lora.md, "12. Variants: BD-LoRA, VeLoRA, MonteCLoRA")
+# --------------------------------------------------------------------------------------------------
+#: config field -> (variant, the per-module tensors PEFT saves for it). They serve training only (VeLoRA's
+#: activation-compression direction, MonteCLoRA's sampler): PEFT's eval forward and its merge are plain LoRA.
+TRAINING_STATE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "velora_config": ("VeLoRA", ("lora_velora_embed",)),
+    "monteclora_config": ("MonteCLoRA", ("lora_monteclora_sampler.std_prior",
+                                         "lora_monteclora_sampler.expert_weights_prior",
+                                         "lora_monteclora_sampler.gaussian_var_prior",
+                                         "lora_monteclora_sampler.expert_weights")),
+}
+#: of those, the buffers (not trainable parameters in PEFT's count)
+FROZEN_STATE = ("lora_velora_embed", "lora_monteclora_sampler.gaussian_var_prior",
+                "lora_monteclora_sampler.expert_weights")
+#: the layer kinds PEFT 0.21.2 runs these variants on (its Linear class, which also wraps transformers' Conv1D)
+VARIANT_KINDS = (LayerKind.LINEAR, LayerKind.CONV1D_TRANSPOSED)
+
+
+def bdlora_side(config: LoraConfig, name: str) -> str | None:
+    """Which factor of module ``name`` BD-LoRA makes block-diagonal: ``"A"``, ``"B"`` or None (plain LoRA).
+
+    PEFT's rule: a pattern of ``use_bdlora.target_modules_bd_a`` (``_b``) matches when it is a substring of
+    the module's name; a module matching both, or (with ``match_strict``, the default) neither, is refused.
+    """
+    bd = config.use_bdlora
+    if not bd or config.peft_type != PEFT_TYPE:  # AdaLoRA inherits the field and refuses it (its own table)
+        return None
+    a = any(p in name for p in bd.get("target_modules_bd_a") or [])
+    b = any(p in name for p in bd.get("target_modules_bd_b") or [])
+    if a and b:
+        raise ConfigError(f"{name}: matches both use_bdlora.target_modules_bd_a and target_modules_bd_b "
+                          f"(PEFT refuses this too); make the patterns exclusive")
+    if not (a or b) and bd.get("match_strict", True):
+        raise ConfigError(f"{name}: matches neither use_bdlora.target_modules_bd_a nor target_modules_bd_b while "
+                          f"use_bdlora.match_strict is true (PEFT refuses this too)")
+    return "A" if a else "B" if b else None
+
+
+def block_diagonal(M: Array, nblocks: int) -> Array:
+    """The ``(p, nblocks·q)`` block-diagonal matrix whose diagonal blocks are the ``nblocks`` row chunks
+    ``(p/nblocks, q)`` of ``M (p, q)``, zeros elsewhere (the dense form of a BD-LoRA factor, PEFT's
+    ``weight_as_blockdiagonal_matrix``).
+
+    >>> import numpy as np
+    >>> block_diagonal(np.arange(4.0).reshape(2, 2), 2)
+    array([[0., 1., 0., 0.],
+           [0., 0., 2., 3.]])
+    """
+    xp = namespace(M)
+    p, q = M.shape
+    h = p // nblocks
+    zero = xp.zeros((h, q), dtype=M.dtype, device=common_device(M))
+    rows = [xp.concat([M[i * h:(i + 1) * h, :] if j == i else zero for j in range(nblocks)], axis=1)
+            for i in range(nblocks)]
+    return rows[0] if nblocks == 1 else xp.concat(rows, axis=0)
+
+
+def bdlora_shapes(layer: Layer, r: int, side: str | None, nblocks: int, where: str) -> dict[str, tuple[int, ...]]:
+    """:func:`parameter_shapes` with BD-LoRA's compact factor: ``lora_A.weight (r, in/n)`` (side A) or
+    ``lora_B.weight (out, r/n)`` (side B), ``n = nblocks``, which must divide ``r`` and that dimension."""
+    shapes = parameter_shapes(layer, r)
+    if side is None:
+        return shapes
+    if layer.kind is not LayerKind.LINEAR:  # PEFT's BlockDiagonalLinear reads base_layer.out_features: nn.Linear
+        raise UnsupportedError(f"{where}: BD-LoRA (use_bdlora) on a {layer.kind.value} layer; PEFT 0.21.2 runs it "
+                               f"on nn.Linear layers only (it fails on others)")
+    dim = layer.in_features if side == "A" else layer.out_features
+    if r % nblocks or dim % nblocks:
+        raise ShapeError(f"{where}: BD-LoRA with nblocks={nblocks} needs r={r} and "
+                         f"{'in' if side == 'A' else 'out'}_features={dim} divisible by nblocks")
+    if side == "A":
+        shapes["lora_A.weight"] = (r, layer.in_features // nblocks)
+    else:
+        shapes["lora_B.weight"] = (layer.out_features, r // nblocks)
+    return shapes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -702,7 +821,31 @@ class LoraModule(ModuleAdapter):
         params = {keys[0]: res.A, keys[1]: res.B}
         if res.lora_bias is not None:
             params["lora_B.bias"] = res.lora_bias
+        side = bdlora_side(config, name) if layer.kind is not LayerKind.EMBEDDING else None
+        if side is not None:
+            params[f"lora_{side}.weight"] = cls._init_bdlora(name, config, layer, r, side, res.A, seed, device,
+                                                             init=config.init_lora_weights if init is None else init)
         return params, res
+
+    @staticmethod
+    def _init_bdlora(name: str, config: LoraConfig, layer: Layer, r: int, side: str, like: Array, seed: Any,
+                     device: Any, *, init: Any) -> Array:
+        """BD-LoRA's compact factor as PEFT draws it after LoRA's init: side A ``U(±√(6/(in/n)))`` (torch's
+        ``kaiming_uniform_`` with a = 0 over the block's fan-in), side B zeros (whatever ``init_lora_weights``)."""
+        if init not in (True, False, "gaussian"):
+            raise UnsupportedError(f"{name}: BD-LoRA with init_lora_weights={init!r}; peftmath initialises BD-LoRA "
+                                   f"with true, false or 'gaussian' (PEFT replaces the factor after that init)")
+        nb = config.use_bdlora.get("nblocks", 1)
+        shape = bdlora_shapes(layer, r, side, nb, name)[f"lora_{side}.weight"]
+        if side == "B":
+            arr = np.zeros(shape, np.float32)
+        else:
+            bound = math.sqrt(6.0 / shape[1])
+            child = np.random.default_rng(host_rng(seed).integers(2**63))  # a stream apart from LoRA's draws
+            arr = child.uniform(-bound, bound, shape).astype(np.float32)
+        xp = namespace(like)
+        out = backend_for(xp).from_host(arr, xp, device)
+        return out if out.dtype == like.dtype else xp.astype(out, like.dtype)
 
     @classmethod
     def infer_layer(cls, name: str, config: LoraConfig, params: dict[str, Array],
@@ -727,6 +870,9 @@ class LoraModule(ModuleAdapter):
             groups = (A.shape[1] // weight_shape[1]) if weight_shape[1] else 1
             return Layer.of(tuple(weight_shape), kind, groups=max(groups, 1))
         out, inn = B.shape[0], A.shape[1]
+        side = bdlora_side(config, name)
+        if side == "A":  # the compact lora_A is (r, in/nblocks)
+            inn *= config.use_bdlora.get("nblocks", 1)
         if kind is not None:
             return Layer.of(tuple(weight_shape) if weight_shape else _guess_shape(kind, out, inn), kind)
         if weight_shape is None:
@@ -741,7 +887,9 @@ class LoraModule(ModuleAdapter):
             return Layer(LayerKind.CONV1D_TRANSPOSED if config.fan_in_fan_out else LayerKind.LINEAR, shape)
         raise ShapeError(
             f"{name}: base weight {shape} fits neither (out, in) = {(out, inn)} nor (in, out) = {(inn, out)} "
-            f"of lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}; does the adapter belong to this model?"
+            f"of lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}"
+            + (f" (use_bdlora: lora_{side} holds the compact blocks, in/nblocks or r/nblocks wide)" if side else "")
+            + "; does the adapter belong to this model?"
         )
 
     def scaled(self, c: float) -> "ModuleAdapter":
@@ -758,9 +906,16 @@ class LoraModule(ModuleAdapter):
                 raise ShapeError(f"{self.name}: missing {key} for a {self.layer.kind.value} layer")
         self.A, self.B = p[a_key], p[b_key]
         self.r = int(self.A.shape[0])
-        expected = parameter_shapes(self.layer, self.r)
+        side = None if emb else bdlora_side(self.config, self.name)
+        nb = (self.config.use_bdlora or {}).get("nblocks", 1)
+        expected = bdlora_shapes(self.layer, self.r, side, nb, self.name)
         check_shape(self.name, a_key, self.A, expected[a_key])
         check_shape(self.name, b_key, self.B, expected[b_key])
+        if side == "A":  # the math runs on the dense factor (r x in: the size of a plain lora_A)
+            self.A = block_diagonal(self.A, nb)
+        elif side == "B":
+            self.B = block_diagonal(self.B, nb)
+        self._check_training_state()
         r_cfg, _ = self.config.rank_and_alpha(self.name)
         if r_cfg != self.r:
             raise ShapeError(
@@ -772,6 +927,34 @@ class LoraModule(ModuleAdapter):
         self.lora_bias = p.get("lora_B.bias")
         if self.lora_bias is not None:
             check_shape(self.name, "lora_B.bias", self.lora_bias, (self.layer.out_features,))
+
+    def _check_training_state(self) -> None:
+        """VeLoRA / MonteCLoRA tensors: only with their config field, on the layer kinds PEFT runs them on, of
+        the shapes PEFT saves. They take no part in the forward or the merge (PEFT's eval forward and its merge
+        are plain LoRA's); they are kept so that the adapter saves back as read."""
+        p, cfg = self.params, self.config
+        if cfg.peft_type != PEFT_TYPE:  # AdaLoRA refuses these fields (its own table)
+            return
+        for field_name, (variant, keys) in TRAINING_STATE.items():
+            present = [k for k in keys if k in p]
+            settings = getattr(cfg, field_name)
+            if present and settings is None:
+                raise CheckpointError(
+                    f"{self.name}: the checkpoint holds {', '.join(present)} ({variant}'s training state) but "
+                    f"adapter_config.json has no {field_name}; the config does not belong to these tensors "
+                    f"(restore {field_name}, or remove the tensors for a plain LoRA)")
+            if settings is not None and self.layer.kind not in VARIANT_KINDS:
+                raise UnsupportedError(f"{self.name}: {variant} ({field_name}) on a {self.layer.kind.value} layer; "
+                                       f"PEFT 0.21.2 runs it on Linear (and transformers Conv1D) layers only")
+        if "lora_velora_embed" in p:
+            groups = cfg.velora_config.get("num_groups", 1)
+            check_shape(self.name, "lora_velora_embed", p["lora_velora_embed"], (-(-self.layer.in_features // groups),))
+        if cfg.monteclora_config is not None:
+            n = cfg.monteclora_config.get("num_samples", 1)
+            shapes = dict(zip(TRAINING_STATE["monteclora_config"][1], ((self.r,), (n,), (self.r, self.r), (n,))))
+            for key, shape in shapes.items():
+                if key in p:
+                    check_shape(self.name, key, p[key], shape)
 
     def describe(self) -> dict[str, Any]:
         r, alpha = self.config.rank_and_alpha(self.name)
@@ -838,6 +1021,7 @@ PARAMETER_SUFFIXES = (
     "lora_embedding_A",
     "lora_embedding_B",
     "lora_magnitude_vector",
+    *(k for _, keys in TRAINING_STATE.values() for k in keys),
 )
 Config = LoraConfig
 Module = LoraModule
@@ -854,6 +1038,7 @@ METHOD = Method(
     parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=LoraModule.supported_kinds, additive=True,
     init_field="init_lora_weights", examples=EXAMPLES, combine="low_rank", mixed_batch=True,
     needs_record_for=lambda config: bool(config.use_dora),  # DoRA: merge returns the weight norm
+    frozen_suffixes=FROZEN_STATE,
 )
 
 

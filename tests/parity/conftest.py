@@ -285,7 +285,8 @@ def check_unmerge_as_peft(ad, peft_model, state, peft_merged, names, label: str 
 
 
 def check_module_math_as_peft(ad, peft_model, state, inputs, names, *, delta_tol: float = 1e-6,
-                              tol: float = 1e-5, back_tol: float | None = None, transposed: bool = False) -> None:
+                              tol: float = 1e-5, back_tol: float | None = None, transposed: bool = False,
+                              peft_delta=None) -> None:
     """The whole per-module parity of an additive method, in PEFT's order of operations:
 
     1. per module, ``ΔW`` (peftmath's, in the stored layout; ``transposed`` for transformers ``Conv1D``,
@@ -296,7 +297,9 @@ def check_module_math_as_peft(ad, peft_model, state, inputs, names, *, delta_tol
     3. ``ad.unmerge`` of that equals PEFT's ``unmerge_adapter()`` within ``back_tol`` (default ``tol``) and
        the original ``state`` within ``back_tol`` (the round trip).
 
-    PEFT's warnings (e.g. about merging in low precision) are silenced; PEFT's model ends unmerged."""
+    ``peft_delta(layer)`` replaces ``layer.get_delta_weight("default")`` where PEFT's merge takes its ΔW from
+    elsewhere (a LoRA variant's own function). PEFT's warnings (e.g. about merging in low precision) are
+    silenced; PEFT's model ends unmerged."""
     import torch
 
     back_tol = tol if back_tol is None else back_tol
@@ -304,7 +307,8 @@ def check_module_math_as_peft(ad, peft_model, state, inputs, names, *, delta_tol
         warnings.simplefilter("ignore")
         for name in names:
             with torch.no_grad():
-                dw = peft_layer(peft_model, name).get_delta_weight("default")
+                layer = peft_layer(peft_model, name)
+                dw = layer.get_delta_weight("default") if peft_delta is None else peft_delta(layer)
             dw = t2n(dw.to_dense() if dw.is_sparse else dw)
             ours = ad.module(name, weight_shape=state[f"{name}.weight"].shape).delta_weight()
             np.testing.assert_allclose(ours.T if transposed else ours, dw, atol=delta_tol, rtol=delta_tol,

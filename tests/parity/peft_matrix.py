@@ -50,13 +50,6 @@ CLAIMED = frozenset({
 #: here: PEFT cannot merge it, so a refused merge with PEFT's forward is a pass.)
 MAY_REFUSE: dict[str, str] = {
     "Vanilla MLP 1 LoRA with KaSA": "KaSA (lora_diag) is a LoRA variant peftmath does not implement",
-    "Vanilla MLP 10 LoRA with VeLoRA random": "VeLoRA is a LoRA variant peftmath does not implement",
-    "Vanilla MLP 11 LoRA with VeLoRA batch_average": "VeLoRA is a LoRA variant peftmath does not implement",
-    "Vanilla MLP 12 LoRA with VeLoRA batch_average_once": "VeLoRA is a LoRA variant peftmath does not implement",
-    "Vanilla MLP 1 LoRA with Monteclora": "MonteCLoRA is a LoRA variant peftmath does not implement",
-    "BD-LoRA A only": "BD-LoRA (use_bdlora) is a LoRA variant peftmath does not implement",
-    "BD-LoRA B only": "BD-LoRA (use_bdlora) is a LoRA variant peftmath does not implement",
-    "BD-LoRA both A and B": "BD-LoRA (use_bdlora) is a LoRA variant peftmath does not implement",
     "Embedding + transformers Conv1D 1 LoRA trainable_tokens": "trainable tokens (trainable_token_indices)",
     "MHA 1 LoRA": "nn.MultiheadAttention targets",
     "MHA 2 LoRA": "nn.MultiheadAttention targets",

@@ -1,0 +1,217 @@
+"""LoRA variants with LoRA's inference math (specs/lora.md, "12. Variants"): BD-LoRA's block-diagonal factors,
+and VeLoRA / MonteCLoRA, whose saved tensors are training state. Compared with float64 computations that
+expand the block-diagonal factor with ``scipy.linalg.block_diag`` (an independent construction); PEFT's own
+numbers are checked by the PEFT matrix (tests/parity/test_peft_matrix.py) and tests/parity/test_lora_variants_parity.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.linalg import block_diag
+
+from tests.helpers import assert_same_namespace, to_np, to_xp
+from peftmath import Adapter, create_adapter
+from peftmath.io.peft import config_from_dict
+from peftmath.errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
+from peftmath.methods.lora import block_diagonal
+
+OUT, IN, R, NB = 12, 8, 4, 2
+
+
+def _dense(compact: np.ndarray, nb: int) -> np.ndarray:
+    """PEFT's ``weight_as_blockdiagonal_matrix``: the nb row chunks of ``compact`` on the diagonal."""
+    return block_diag(*np.split(np.asarray(compact, np.float64), nb, axis=0))
+
+
+def _config(**bd):
+    return config_from_dict({"peft_type": "LORA", "r": R, "lora_alpha": 6, "target_modules": ["q", "o"],
+                             "use_bdlora": {"nblocks": NB, "match_strict": True, **bd}})
+
+
+def _bd_adapter(rng, dtype=np.float32):
+    """``q`` with a block-diagonal lora_A (r, in/nb), ``o`` with a block-diagonal lora_B (out, r/nb)."""
+    params = {
+        "q": {"lora_A.weight": rng.standard_normal((R, IN // NB)).astype(dtype),
+              "lora_B.weight": rng.standard_normal((OUT, R)).astype(dtype)},
+        "o": {"lora_A.weight": rng.standard_normal((R, IN)).astype(dtype),
+              "lora_B.weight": rng.standard_normal((OUT, R // NB)).astype(dtype)},
+    }
+    return Adapter(_config(target_modules_bd_a=["q"], target_modules_bd_b=["o"]), params)
+
+
+@pytest.mark.parametrize("shape, nb", [((4, 3), 2), ((6, 5), 3), ((2, 7), 1), ((8, 1), 4)])
+def test_block_diagonal_equals_scipy(shape, nb):
+    M = np.random.default_rng(0).standard_normal(shape)
+    np.testing.assert_array_equal(block_diagonal(M, nb), _dense(M, nb))
+
+
+def test_block_diagonal_keeps_the_namespace(xp):
+    M = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    got = block_diagonal(to_xp(xp, M), 2)
+    assert_same_namespace(xp, got)
+    np.testing.assert_array_equal(to_np(got), _dense(M, 2).astype(np.float32))
+
+
+def test_bdlora_merge_forward_unmerge_against_float64():
+    rng = np.random.default_rng(2)
+    ad = _bd_adapter(rng)
+    s = 6 / R
+    base = {f"{m}.weight": rng.standard_normal((OUT, IN)).astype(np.float32) for m in ("q", "o")}
+    merged = ad.merge(base)
+    for m, side in (("q", "A"), ("o", "B")):
+        A = np.asarray(ad.params[m]["lora_A.weight"], np.float64)
+        B = np.asarray(ad.params[m]["lora_B.weight"], np.float64)
+        A, B = (_dense(A, NB), B) if side == "A" else (A, _dense(B, NB))
+        want = base[f"{m}.weight"] + s * B @ A
+        np.testing.assert_allclose(merged[f"{m}.weight"], want, rtol=1e-5, atol=1e-5)
+        x = rng.standard_normal((3, IN)).astype(np.float32)
+        np.testing.assert_allclose(ad.forward(m, x, base), x @ want.T, rtol=1e-4, atol=1e-4)
+    back = ad.unmerge(merged)
+    for key, w in base.items():
+        np.testing.assert_allclose(back[key], w, atol=1e-5)
+    # the dense form is not what is saved: the compact factors are kept as read
+    assert ad.params["q"]["lora_A.weight"].shape == (R, IN // NB)
+    assert ad.params["o"]["lora_B.weight"].shape == (OUT, R // NB)
+
+
+def test_bdlora_compact_factor_of_the_wrong_width_is_refused():
+    rng = np.random.default_rng(3)
+    params = {"q": {"lora_A.weight": rng.standard_normal((R, IN)).astype(np.float32),  # dense, not (r, in/nb)
+                    "lora_B.weight": rng.standard_normal((OUT, R)).astype(np.float32)}}
+    ad = Adapter(_config(target_modules_bd_a=["q"]), params)
+    with pytest.raises(ShapeError, match=r"q: base weight \(12, 8\) fits neither .* lora_A \(4, 8\).*use_bdlora: "
+                                         r"lora_A holds the compact blocks"):
+        ad.merge({"q.weight": np.zeros((OUT, IN), np.float32)})
+
+
+def test_bdlora_nblocks_must_divide_the_rank():
+    rng = np.random.default_rng(4)
+    cfg = config_from_dict({"peft_type": "LORA", "r": 3, "lora_alpha": 6, "target_modules": ["q"],
+                            "use_bdlora": {"nblocks": 2, "target_modules_bd_b": ["q"]}})
+    params = {"q": {"lora_A.weight": rng.standard_normal((3, IN)).astype(np.float32),
+                    "lora_B.weight": rng.standard_normal((OUT, 1)).astype(np.float32)}}
+    with pytest.raises(ShapeError, match=r"q: BD-LoRA with nblocks=2 needs r=3"):
+        Adapter(cfg, params).merge({"q.weight": np.zeros((OUT, IN), np.float32)})
+
+
+@pytest.mark.parametrize("bd, match", [
+    (dict(target_modules_bd_a=["q"], target_modules_bd_b=["q"]), "matches both"),
+    (dict(target_modules_bd_a=["zzz"]), "matches neither"),
+])
+def test_bdlora_pattern_rules_are_peft_s(bd, match):
+    rng = np.random.default_rng(5)
+    params = {"q": {"lora_A.weight": rng.standard_normal((R, IN)).astype(np.float32),
+                    "lora_B.weight": rng.standard_normal((OUT, R)).astype(np.float32)}}
+    with pytest.raises(ConfigError, match=match):
+        Adapter(_config(**bd), params).merge({"q.weight": np.zeros((OUT, IN), np.float32)})
+
+
+def test_bdlora_without_match_strict_leaves_unmatched_modules_plain():
+    rng = np.random.default_rng(6)
+    A, B = rng.standard_normal((R, IN)), rng.standard_normal((OUT, R))
+    params = {"q": {"lora_A.weight": A.astype(np.float32), "lora_B.weight": B.astype(np.float32)}}
+    ad = Adapter(_config(target_modules_bd_a=["zzz"], match_strict=False), params)
+    got = ad.merge({"q.weight": np.zeros((OUT, IN), np.float32)})["q.weight"]
+    np.testing.assert_allclose(got, 6 / R * B @ A, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("other", [{"use_dora": True}, {"velora_config": {"num_groups": 2}}])
+def test_one_variant_at_a_time(other):
+    with pytest.raises(ConfigError, match="PEFT 0.21.2 runs one LoRA variant per layer"):
+        config_from_dict({"peft_type": "LORA", "r": R, "target_modules": ["q"],
+                          "use_bdlora": {"nblocks": 2, "target_modules_bd_a": ["q"]}, **other})
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_bdlora_init_draws_the_compact_factor(init):
+    base = {"q.weight": np.zeros((64, 32), np.float32), "o.weight": np.zeros((64, 32), np.float32)}
+    cfg = config_from_dict({"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["q", "o"],
+                            "init_lora_weights": init,
+                            "use_bdlora": {"nblocks": 4, "target_modules_bd_a": ["q"], "target_modules_bd_b": ["o"]}})
+    ad = create_adapter(base, cfg, seed=0)
+    A = np.asarray(ad.params["q"]["lora_A.weight"])
+    assert A.shape == (8, 32 // 4)
+    bound = np.sqrt(6 / (32 / 4))  # torch's kaiming_uniform_ (a = 0) over the block's fan-in
+    assert np.abs(A).max() <= bound and np.abs(A).max() > 0.8 * bound
+    B = np.asarray(ad.params["o"]["lora_B.weight"])
+    assert B.shape == (64, 8 // 4) and not B.any()  # PEFT's block-diagonal B starts at zero, whatever the init
+    assert ad.merge(base)["q.weight"].shape == (64, 32)
+
+
+def _velora_adapter(rng, embed_len, groups=2):
+    cfg = config_from_dict({"peft_type": "LORA", "r": R, "lora_alpha": 6, "target_modules": ["q"],
+                            "velora_config": {"num_groups": groups, "init_type": "random", "scale": 1.0}})
+    params = {"q": {"lora_A.weight": rng.standard_normal((R, IN)).astype(np.float32),
+                    "lora_B.weight": rng.standard_normal((OUT, R)).astype(np.float32),
+                    "lora_velora_embed": rng.standard_normal(embed_len).astype(np.float32)}}
+    return Adapter(cfg, params)
+
+
+def test_velora_state_takes_no_part_in_the_math():
+    rng = np.random.default_rng(7)
+    ad = _velora_adapter(rng, IN // 2)
+    A = np.asarray(ad.params["q"]["lora_A.weight"], np.float64)
+    B = np.asarray(ad.params["q"]["lora_B.weight"], np.float64)
+    W = rng.standard_normal((OUT, IN)).astype(np.float32)
+    np.testing.assert_allclose(ad.merge({"q.weight": W})["q.weight"], W + 6 / R * B @ A, rtol=1e-5, atol=1e-5)
+    assert ad.num_trainable_parameters() == R * IN + OUT * R  # the embed is a buffer
+
+
+def test_velora_embed_of_the_wrong_length_is_refused():
+    ad = _velora_adapter(np.random.default_rng(8), IN)
+    with pytest.raises(ShapeError, match=r"q.*lora_velora_embed"):
+        ad.module("q")
+
+
+def test_velora_on_an_embedding_is_refused():
+    rng = np.random.default_rng(9)
+    cfg = config_from_dict({"peft_type": "LORA", "r": R, "target_modules": ["emb"],
+                            "velora_config": {"num_groups": 2}})
+    params = {"emb": {"lora_embedding_A": rng.standard_normal((R, 10)).astype(np.float32),
+                      "lora_embedding_B": rng.standard_normal((6, R)).astype(np.float32)}}
+    with pytest.raises(UnsupportedError, match=r"emb: VeLoRA .* on a Embedding layer"):
+        Adapter(cfg, params).module("emb")
+
+
+def test_monteclora_state_shapes_are_checked():
+    rng = np.random.default_rng(10)
+    cfg = config_from_dict({"peft_type": "LORA", "r": R, "target_modules": ["q"],
+                            "monteclora_config": {"num_samples": 3}})
+    params = {"q": {"lora_A.weight": rng.standard_normal((R, IN)).astype(np.float32),
+                    "lora_B.weight": rng.standard_normal((OUT, R)).astype(np.float32),
+                    "lora_monteclora_sampler.std_prior": np.zeros(R, np.float32),
+                    "lora_monteclora_sampler.expert_weights_prior": np.zeros(3, np.float32),
+                    "lora_monteclora_sampler.gaussian_var_prior": np.eye(R, dtype=np.float32),
+                    "lora_monteclora_sampler.expert_weights": np.full(3, 1 / 3, np.float32)}}
+    ad = Adapter(cfg, params)
+    # std_prior and expert_weights_prior are trainable, the other two buffers (PEFT's count)
+    assert ad.num_trainable_parameters() == R * IN + OUT * R + R + 3
+    params["q"]["lora_monteclora_sampler.gaussian_var_prior"] = np.eye(R + 1, dtype=np.float32)
+    with pytest.raises(ShapeError, match=r"q.*gaussian_var_prior"):
+        Adapter(cfg, params).module("q")
+
+
+def test_combine_of_bdlora_gives_a_plain_lora():
+    from peftmath import combine
+
+    rng = np.random.default_rng(11)
+    a, b = _bd_adapter(rng), _bd_adapter(rng)
+    base = {f"{m}.weight": rng.standard_normal((OUT, IN)).astype(np.float32) for m in ("q", "o")}
+    both = combine([a, b], [0.5, 0.5], combination_type="cat")
+    assert both.config.use_bdlora is None
+    want = {k: (np.asarray(a.merge(base)[k], np.float64) + np.asarray(b.merge(base)[k], np.float64)) / 2
+            for k in base}
+    got = both.merge(base)
+    for k in base:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4)
+
+
+def test_training_state_without_its_field_is_a_checkpoint_error():
+    rng = np.random.default_rng(12)
+    cfg = config_from_dict({"peft_type": "LORA", "r": R, "target_modules": ["q"]})
+    params = {"q": {"lora_A.weight": rng.standard_normal((R, IN)).astype(np.float32),
+                    "lora_B.weight": rng.standard_normal((OUT, R)).astype(np.float32),
+                    "lora_velora_embed": np.zeros(IN // 2, np.float32)}}
+    with pytest.raises(CheckpointError, match="has no velora_config"):
+        Adapter(cfg, params).module("q")

@@ -1,0 +1,86 @@
+"""BD-LoRA, VeLoRA and MonteCLoRA against PEFT 0.21.2 beyond the PEFT matrix (which checks their merges and
+forwards, tests/parity/test_peft_matrix.py): the trainable-parameter count, the adapter saved by peftmath
+loaded back by ``PeftModel.from_pretrained`` with the same outputs and the same tensors, and a BD-LoRA on a
+transformers Conv1D (GPT-2's layer kind)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from tests.parity.conftest import (
+    assert_saves_back_identically,
+    check_module_math_as_peft,
+    check_reloaded_in_peft,
+    load_peft_checkpoint,
+    peft_weights,
+    redraw,
+    require_peft,
+    two_linear_inputs,
+    two_linear_model,
+)
+
+torch, peft = require_peft()
+
+from peft.tuners.lora.config import BdLoraConfig, MontecloraConfig, VeloraConfig  # noqa: E402
+from peft.tuners.lora.variants import BdLoraLinearVariant  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+SIZES = (12, 8, 16)
+MODULES = ("lin0", "lin1")
+
+CASES = {
+    "BD-LoRA": dict(r=4, use_bdlora=BdLoraConfig(target_modules_bd_a=["lin0"], target_modules_bd_b=["lin1"], nblocks=2)),
+    "BD-LoRA nblocks=4, A only": dict(r=4, use_bdlora=BdLoraConfig(target_modules_bd_a=["lin"], nblocks=4)),
+    "VeLoRA": dict(r=4, velora_config=VeloraConfig(num_groups=3, init_type="random")),
+    "MonteCLoRA": dict(r=4, monteclora_config=MontecloraConfig(num_samples=3)),
+}
+
+
+def make_peft(case, seed=1):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = peft.LoraConfig(target_modules=list(MODULES), lora_alpha=6, **CASES[case])
+        pmodel = peft.get_peft_model(two_linear_model(SIZES), cfg)
+    redraw(pmodel, {"lora_": (0.0, 0.5)}, seed=seed)
+    return pmodel.eval()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_math_counts_and_checkpoints_both_ways(case, tmp_path):
+    pmodel = make_peft(case)
+    ad = load_peft_checkpoint(pmodel, tmp_path / "peft")
+    assert ad.num_trainable_parameters() == pmodel.get_nb_trainable_parameters()[0]
+    bd = BdLoraLinearVariant._get_bdlora_delta_weight  # PEFT's merge of BD-LoRA; its get_delta_weight is not BD's
+    check_module_math_as_peft(ad, pmodel, peft_weights(pmodel, MODULES), two_linear_inputs(SIZES), MODULES,
+                              peft_delta=(lambda layer: bd(layer, "default")) if "BD" in case else None)
+    assert_saves_back_identically(ad, tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_reloaded_in_peft(pmodel, ad, two_linear_model(SIZES), tmp_path / "ours", two_linear_inputs(SIZES),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_bdlora_on_a_transformers_conv1d_is_refused_as_peft_fails(tmp_path):
+    """PEFT 0.21.2's BD-LoRA reads ``base_layer.out_features``, which transformers' Conv1D lacks: PEFT cannot
+    build it; peftmath refuses such a config by name instead of guessing."""
+    import peftmath
+    from peftmath.errors import UnsupportedError
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c0 = Conv1D(8, 12)  # weight (12, 8): in 12, out 8
+
+    cfg = dict(target_modules=["c0"], r=4, lora_alpha=6, fan_in_fan_out=True,
+               use_bdlora=BdLoraConfig(target_modules_bd_b=["c0"], nblocks=2))
+    with warnings.catch_warnings(), pytest.raises(AttributeError, match="out_features"):
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(Tiny(), peft.LoraConfig(**cfg))
+    base = {"c0.weight": np.zeros((12, 8), np.float32), "c0.bias": np.zeros(8, np.float32)}
+    config = peftmath.io.peft.config_from_dict({**cfg, "peft_type": "LORA", "use_bdlora": {
+        "target_modules_bd_b": ["c0"], "nblocks": 2}})
+    with pytest.raises(UnsupportedError, match=r"c0: BD-LoRA \(use_bdlora\) on a Conv1D layer"):
+        peftmath.create_adapter(base, config, layer_kinds={"c0": "Conv1D"})
