@@ -40,7 +40,7 @@ __all__ = ["DeftConfig", "scaling_for", "projector_factors", "removed_factor", "
 PEFT_TYPE = "DEFT"
 _P, _R = "deft_P", "deft_R"
 SUPPORTED_KINDS = (LayerKind.LINEAR, LayerKind.CONV1D_TRANSPOSED)
-#: the largest amplification ``cond(I − HᵀQ)·u`` an unmerge without the record accepts
+#: the largest amplification ``max(1, σ_max)/σ_min·u`` of ``I − HᵀQ`` an unmerge without the record accepts
 UNMERGE_AMPLIFICATION_LIMIT = 1e-3
 
 
@@ -183,27 +183,28 @@ def forward(x: Array, weight: Array, P: Array, R: Array | None, *, method: str =
 # Unmerge without the record (specs/deft.md, "6. Merge and unmerge")
 # --------------------------------------------------------------------------------------------------
 def recover_factor(merged: Array, Q: Array, H: Array, R: Array | None, *, scaling: float, layer: Layer,
-                   where: str = "deft") -> Array:
+                   method: str = "relu", where: str = "deft") -> Array:
     """``M = Hᵀ W`` from the merged ``W' = W + Q (s·R − M)``: ``Hᵀ W' = (I − G) M + G s·R`` with ``G = HᵀQ``, so
     ``M = (I − G)⁻¹ (Hᵀ W' − G s·R)`` (``R=None``: ``(I − G)⁻¹ Hᵀ W'``). Refused
-    (:class:`NotInvertibleError`) when ``cond(I − G)·u`` exceeds :data:`UNMERGE_AMPLIFICATION_LIMIT` (the
-    factor by which it amplifies the rounding of ``W'``): always for the qr projector, where ``G = I``."""
+    (:class:`NotInvertibleError`) for the qr projector (``G = QᵀQ = I``) and when ``max(1, σ_max)/σ_min·u`` of
+    ``I − G`` (how much the solve amplifies the rounding of ``W'``) exceeds :data:`UNMERGE_AMPLIFICATION_LIMIT`."""
     xp = namespace(merged, Q, where=where)
     cd = Q.dtype
     r = int(Q.shape[1])
     G = xp.matmul(xp.matrix_transpose(H), Q)
     A = xp.eye(r, dtype=cd, device=array_api_compat.device(Q)) - G
-    sv = xp.linalg.svdvals(A) if r else None
-    if r:
-        smax, smin = float(xp.max(sv)), float(xp.min(sv))
-        amplification = float("inf") if smin == 0 else smax / smin * eps(cd)
-        if not amplification <= UNMERGE_AMPLIFICATION_LIMIT:
-            raise NotInvertibleError(
-                f"{where}: DEFT's merge removed the component H^T W of the base weight, and I - H^T Q (r={r}) is "
-                f"{'singular' if smin == 0 else 'ill-conditioned'} (condition number {smax / max(smin, 1e-300):.3g}; "
-                f"the qr projector is idempotent, so it is always singular): the original weight cannot be "
-                f"recovered from the merged one. Unmerge with the merge's record (MergeResult.record; "
-                f"Adapter.merge keeps it when given records={{}}); nothing was changed")
+    sv = xp.linalg.svdvals(A)
+    smax, smin = float(xp.max(sv)), float(xp.min(sv))
+    # an error u·|Hᵀ W'| in the right-hand side grows by 1/σ_min, the solve's own by cond(I − G)
+    amplification = float("inf") if smin == 0 else max(1.0, smax) / smin * eps(cd)
+    if method == "qr" or not amplification <= UNMERGE_AMPLIFICATION_LIMIT:
+        why = ("the qr projector Q Qᵀ is idempotent (I - QᵀQ = 0)" if method == "qr" else
+               f"I - Hᵀ Q (r={r}) is {'singular' if amplification == float('inf') else 'nearly singular'} "
+               f"(singular values {smin:.3g} .. {smax:.3g}: an unmerge would amplify rounding by {amplification:.3g})")
+        raise NotInvertibleError(
+            f"{where}: DEFT's merge removed the component Hᵀ W of the base weight and {why}, so the original "
+            f"weight cannot be recovered from the merged one. Unmerge with the merge's record (MergeResult.record; "
+            f"Adapter.merge keeps it when given records={{}}); nothing was changed")
     N = removed_factor(merged, H, layer, dtype=cd)
     if R is not None:
         N = N - xp.matmul(G, as_compute(xp, R, cd) * scaling)
@@ -328,7 +329,8 @@ class DeftModule(ModuleAdapter):
         if record is None:
             cd = compute_dtype(self.xp, weight.dtype, self.P.dtype)
             Q, H = projector_factors(self.P, self.method, dtype=cd, where=self.name)
-            record = recover_factor(weight, Q, H, self.R, scaling=self.scaling, layer=self.layer, where=self.name)
+            record = recover_factor(weight, Q, H, self.R, scaling=self.scaling, layer=self.layer, method=self.method,
+                                    where=self.name)
         else:
             check_shape(self.name, "the DEFT merge record (H^T W)", record,
                         (int(self.P.shape[1]), self.layer.in_features))
