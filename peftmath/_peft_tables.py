@@ -288,6 +288,10 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # OSF: the ranks are read from the saved factors; target_svd_config is ignored by PEFT too
     "OSF": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save"), IMPLEMENTED),
             **dict.fromkeys(("effective_rank", "rank_pattern", "init_weights", "target_svd_config"), IRRELEVANT)},
+    # GraLoRA: init_weights only drew the tensors the checkpoint holds; no exclude_modules in PEFT's config
+    "GRALORA": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
+                **dict.fromkeys(("r", "hybrid_r", "alpha", "gralora_k", "fan_in_fan_out", "bias"), IMPLEMENTED),
+                **dict.fromkeys(("gralora_dropout", "init_weights"), IRRELEVANT)},
     # GLoRA: the support forms are read from the saved tensors; init_weights only drew them
     "GLORA": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save", "r", "bias", "config_A_B",
                                                "config_C", "config_D_E"), IMPLEMENTED), "init_weights": IRRELEVANT},

@@ -47,6 +47,7 @@ METHOD_MODULES: dict[str, str] = {
     "SHIRA": "peftmath.methods.shira",
     "WAVEFT": "peftmath.methods.waveft",
     "OSF": "peftmath.methods.osf",
+    "GRALORA": "peftmath.methods.gralora",
     "GLORA": "peftmath.methods.glora",
     "LILY": "peftmath.methods.lily",
     "DEFT": "peftmath.methods.deft",

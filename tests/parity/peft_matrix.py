@@ -37,6 +37,7 @@ CLAIMED = frozenset({
     "ShiraConfig",
     "WaveFTConfig",
     "OSFConfig",
+    "GraloraConfig",
     "GloraConfig",
     "LilyConfig",
     "DeftConfig",
