@@ -63,6 +63,30 @@ def test_math_counts_and_checkpoints_both_ways(case, tmp_path):
                                atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("variant", [dict(velora_config=VeloraConfig(num_groups=2, init_type="random")),
+                                     dict(monteclora_config=MontecloraConfig(num_samples=2))])
+def test_training_state_variants_on_a_transformers_conv1d(variant, tmp_path):
+    """PEFT's Linear LoRA layer wraps transformers' Conv1D too (weight (in, out)); VeLoRA / MonteCLoRA run there."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c0 = Conv1D(8, 12)  # weight (12, 8): in 12, out 8
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pmodel = peft.get_peft_model(Tiny(), peft.LoraConfig(target_modules=["c0"], r=4, lora_alpha=6,
+                                                             fan_in_fan_out=True, **variant))
+    redraw(pmodel, {"lora_": (0.0, 0.5)}, seed=3)
+    pmodel.eval()
+    ad = load_peft_checkpoint(pmodel, tmp_path)
+    assert ad.num_trainable_parameters() == pmodel.get_nb_trainable_parameters()[0]
+    x = {"c0": np.random.default_rng(4).standard_normal((3, 12)).astype(np.float32)}
+    # LoRA's get_delta_weight is already in the stored (in, out) layout (PEFT's transpose(.., fan_in_fan_out))
+    check_module_math_as_peft(ad, pmodel, peft_weights(pmodel, ["c0"]), x, ["c0"])
+
+
 def test_bdlora_on_a_transformers_conv1d_is_refused_as_peft_fails(tmp_path):
     """PEFT 0.21.2's BD-LoRA reads ``base_layer.out_features``, which transformers' Conv1D lacks: PEFT cannot
     build it; peftmath refuses such a config by name instead of guessing."""
