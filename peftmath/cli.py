@@ -408,12 +408,18 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
         log.warn(note)
     update, close = _progress(pl.bytes_out(), args.quiet, direction)
     t0 = time.perf_counter()
+    options = dict(direction=direction, dtype=dtype, safe=getattr(args, "safe", False), peft_compat=args.peft_compat,
+                   layer_kinds=kinds, records=records, records_out=records_out, provenance=provenance,
+                   force=args.force, names=paths, inputs=inputs, to_xp=to_xp, to_host=to_host, progress=update,
+                   precomputed_plan=pl, max_shard_size=args.max_shard_size)
     try:
-        rep = stream.transform(
-            base, adapters, args.output, direction=direction, dtype=dtype, safe=getattr(args, "safe", False),
-            peft_compat=args.peft_compat, layer_kinds=kinds, records=records, records_out=records_out,
-            provenance=provenance, force=args.force, names=paths, inputs=inputs, to_xp=to_xp,
-            to_host=to_host, progress=update, precomputed_plan=pl, max_shard_size=args.max_shard_size)
+        if _engine_wanted(args):  # the same tasks on dask.distributed: the same bytes
+            from .engines import dask as engine
+
+            with engine.client(args.workers, args.scheduler) as c:
+                rep = engine.transform(base, adapters, args.output, client=c, **options)
+        else:
+            rep = stream.transform(base, adapters, args.output, **options)
     finally:
         close()
     dt = time.perf_counter() - t0
@@ -441,6 +447,22 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
                 msg += f"; not copied: {', '.join(rep.left_out)}"
         print(msg, file=sys.stderr)
     return 0
+
+
+def _engine_wanted(args: argparse.Namespace) -> bool:
+    """``--workers`` / ``--scheduler`` given: run on dask.distributed (:mod:`peftmath.engines.dask`)."""
+    return getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None
+
+
+def _add_engine(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--workers N`` / ``--scheduler ADDRESS``: the command's tasks on dask.distributed (``peftmath[dask]``)."""
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--workers", type=_POSITIVE_INT, metavar="N",
+                   help=f"run the {what} as dask.distributed tasks on a local cluster of N worker threads (pip "
+                        f"install 'peftmath[dask]'); the output is byte-identical to the serial command's")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help=f"run the {what} on a running Dask cluster (e.g. tcp://10.0.0.5:8786); every worker must "
+                        f"see the inputs and the output's folder at the same paths (a shared file system)")
 
 
 def _plan_json(pl: Any, direction: str, output: str) -> dict[str, Any]:
@@ -792,10 +814,17 @@ def _cmd_extract(args: argparse.Namespace, log: _Log) -> int:
             pass
     update, close = _progress(total, args.quiet, "extract", unit="tensor")
     try:
-        report = extract_lora(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy,
-                              include=args.include, exclude=args.exclude, randomized=not args.exact,
-                              layer_kinds=_layer_kinds(args.layer_kind), fan_in_fan_out=args.fan_in_fan_out,
-                              force=args.force, log=log, singular_values=spectra, progress=update, totals=totals)
+        options = dict(rank=args.rank, energy=args.energy, include=args.include, exclude=args.exclude,
+                       randomized=not args.exact, layer_kinds=_layer_kinds(args.layer_kind),
+                       fan_in_fan_out=args.fan_in_fan_out, force=args.force, log=log, singular_values=spectra,
+                       progress=update, totals=totals)
+        if _engine_wanted(args):  # one task per tensor on dask.distributed: the same adapter
+            from .engines import dask as engine
+
+            with engine.client(args.workers, args.scheduler) as c:
+                report = engine.extract(args.base, args.tuned, args.output, client=c, **options)
+        else:
+            report = extract_lora(args.base, args.tuned, args.output, **options)
     finally:
         close()
     if args.model_card:
@@ -996,6 +1025,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "operation, shape, src_dtype, work_dtype, dst_dtype, bytes, adapters}]}")
         s.add_argument("--peft-compat", action="store_true", help="reproduce PEFT's rounding order bit for bit")
         s.add_argument("--backend", help="compute backend (numpy by default; torch, cupy, ... when installed)")
+        _add_engine(s, name)
         _add_layer_kind(s)
         s.add_argument("--max-shard-size", type=_size_arg, metavar="SIZE",
                        help="write OUT as a folder of shards of at most SIZE each (5GB, 500MB, 2GiB), named "
@@ -1046,6 +1076,7 @@ def build_parser() -> argparse.ArgumentParser:
     svd.add_argument("--randomized", action="store_true",
                      help="the default; accepted for older command lines and does nothing")
     e.add_argument("--fan-in-fan-out", action="store_true", help="2-D weights are stored (in, out) (GPT-2 Conv1D)")
+    _add_engine(e, "extraction (one task per tensor)")
     _add_layer_kind(e)
     e.add_argument("--json", action="store_true",
                    help="print the report as JSON: {module: {rank, relative_error, delta_norm (|D|_F), svd "

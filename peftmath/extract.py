@@ -11,6 +11,8 @@ import json
 import re
 import shutil
 import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, PeftMathWarning
 
-__all__ = ["extract_lora", "write_adapter"]
+__all__ = ["extract_lora", "extract_tensor", "ExtractTask", "write_adapter"]
 
 #: 2-D weights with these names are Embeddings (their delta is factored as PEFT's lora_embedding_A/B)
 _EMBED_RE = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|position_embeddings|tok_embeddings)$")
@@ -35,7 +37,9 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
                  include: str | None = None, exclude: str | None = None, randomized: bool = True,
                  layer_kinds: dict | None = None, fan_in_fan_out: bool = False, force: bool = False,
                  log: Any = None, singular_values: dict[str, np.ndarray] | None = None,
-                 progress: Any = None, totals: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+                 progress: Any = None, totals: dict[str, Any] | None = None,
+                 map_tasks: Callable[[Callable[[ExtractTask], dict], list[ExtractTask]], Iterable[dict]] | None = None,
+                 ) -> dict[str, dict[str, Any]]:
     """Write a PEFT LoRA adapter approximating ``TUNED - BASE`` by a truncated SVD per module.
 
     Per weight that differs, ``D = TUNED - BASE`` as a matrix (:meth:`~peftmath.layers.Layer.as_matrix`),
@@ -59,12 +63,16 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
     (all of them with the full SVD; the leading ``q`` with the randomized one), e.g. for
     :func:`peftmath.plot.plot_energy_curve`. ``progress(n)``, when given, is called once per tensor of
     TUNED looked at (``n = 1``).
+
+    The work is one picklable task per tensor of TUNED (:class:`ExtractTask`, :func:`extract_tensor`: the
+    comparison of an untargeted tensor, or one module's SVD), run by ``map_tasks(extract_tensor, tasks)``
+    (default the built-in ``map``, in this process; :func:`peftmath.engines.dask.extract` runs them on a
+    cluster), whose results must come back in the order of the tasks: the adapter written is the same.
     """
     from .adapter import Adapter
     from .io.stream import _check_output, open_model
-    from .layers import Layer, LayerKind
-    from ._linalg import randomized_svd
-    from .methods.lora import LoraConfig, parameter_shapes
+    from .layers import LayerKind
+    from .methods.lora import LoraConfig
 
     warn = log.warn if log is not None else _warn
     if not isinstance(rank, int) or rank <= 0:
@@ -81,67 +89,44 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
     report: dict[str, dict[str, Any]] = {}
     uncaptured: list[str] = []
     sum_resid = sum_total = 0.0
+    tasks: list[ExtractTask] = []
     for key in tuned.keys():
-        if progress is not None:
-            progress(1)
         if key not in base:
             warn(f"{key}: in TUNED but not in BASE; skipped")
-            continue
-        if tuned.shape(key) != base.shape(key):
+        elif tuned.shape(key) != base.shape(key):
             warn(f"{key}: shape {tuned.shape(key)} in TUNED but {base.shape(key)} in BASE; skipped")
+        elif tuned.dtype(key).kind == "f" or str(tuned.dtype(key)).startswith(("bfloat", "float")):
+            shape = tuned.shape(key)
+            m = key[: -len(".weight")] if key.endswith(".weight") else None
+            wanted = (m is not None and len(shape) in (2, 3, 4, 5)
+                      and (inc is None or inc.search(m)) and not (exc_re is not None and exc_re.search(m)))
+            kind = layer_kinds.get(m) if wanted else None
+            if wanted and kind is None and len(shape) == 2:
+                if _EMBED_RE.search(m):
+                    kind = LayerKind.EMBEDDING
+                elif fan_in_fan_out:
+                    kind = LayerKind.CONV1D_TRANSPOSED
+            tasks.append(ExtractTask(key, m, base.span_of(key), tuned.span_of(key), bool(wanted), kind, rank,
+                                     energy, randomized))
             continue
-        shape = tuned.shape(key)
-        m = key[: -len(".weight")] if key.endswith(".weight") else None
-        wanted = (m is not None and len(shape) in (2, 3, 4, 5)
-                  and (inc is None or inc.search(m)) and not (exc_re is not None and exc_re.search(m)))
-        if tuned.dtype(key).kind != "f" and not str(tuned.dtype(key)).startswith(("bfloat", "float")):
+        if progress is not None:
+            progress(1)
+    for task, res in zip(tasks, (map_tasks or map)(extract_tensor, tasks)):
+        if progress is not None:
+            progress(1)
+        if "changed" in res:
+            if res["changed"]:
+                uncaptured.append(task.key)
             continue
-        if not wanted:
-            if key in tuned and not np.array_equal(tuned.read(key), base.read(key)):
-                uncaptured.append(key)
+        if "module" not in res:  # D == 0
             continue
-        wide = np.float64 if np.float64 in (tuned.dtype(key), base.dtype(key)) else np.float32
-        D = tuned.read(key).astype(wide) - base.read(key).astype(wide)
-        if not np.any(D):
-            continue
-        kind = layer_kinds.get(m)
-        if kind is None and len(shape) == 2:
-            if _EMBED_RE.search(m):
-                kind = LayerKind.EMBEDDING
-            elif fan_in_fan_out:
-                kind = LayerKind.CONV1D_TRANSPOSED
-        layer = Layer.of(shape, kind)
-        M = layer.as_matrix(D, np)
-        full = min(M.shape)
-        q = 2 * rank + RANDOMIZED_OVERSAMPLE
-        svd = "randomized" if randomized and 2 * q <= full else "exact"
-        if svd == "randomized":
-            U, S, Vh = (np.asarray(x) for x in randomized_svd(M, q, niter=RANDOMIZED_NITER,
-                                                              rng=np.random.default_rng(0)))
-        else:
-            U, S, Vh = np.linalg.svd(M, full_matrices=False)
-        k = min(rank, full, len(S))
+        m = task.module
         if singular_values is not None:
-            singular_values[m] = np.asarray(S, dtype=np.float64)
-        total = float(np.sum(M.astype(np.float64) ** 2))
-        if energy is not None and total > 0:
-            cum = np.cumsum(S.astype(np.float64) ** 2) / total
-            k = min(k, int(np.searchsorted(cum, energy * (1 - 1e-12)) + 1))
-        k = max(1, k)
-        root = np.sqrt(S[:k])
-        Bm = (U[:, :k] * root).astype(wide)
-        Am = (root[:, None] * Vh[:k]).astype(wide)
-        resid = M.astype(np.float64) - Bm.astype(np.float64) @ Am.astype(np.float64)
-        resid2 = float(np.sum(resid * resid))
-        del resid
-        err = float(np.sqrt(resid2 / total)) if total > 0 else 0.0
-        sum_resid += resid2
-        sum_total += total
-        shapes = parameter_shapes(layer, k)
-        (ka, sa), (kb, sb) = list(shapes.items())
-        params[m] = {ka: np.ascontiguousarray(Am.reshape(sa)), kb: np.ascontiguousarray(Bm.reshape(sb))}
-        report[m] = {"rank": k, "relative_error": err, "delta_norm": float(np.sqrt(total)), "svd": svd,
-                     "shape": list(shape), "layer": layer.kind.value}
+            singular_values[m] = res["singular_values"]
+        params[m] = res["params"]
+        report[m] = res["report"]
+        sum_resid += res["resid2"]
+        sum_total += res["total"]
     if not params:
         raise CheckpointError(f"{tuned_path}: no adapted weight differs from {base_path} "
                               f"(after --include/--exclude); nothing to extract")
@@ -162,6 +147,72 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
         totals.update(relative_error=float(np.sqrt(sum_resid / sum_total)) if sum_total > 0 else 0.0,
                       modules=len(report))
     return report
+
+
+@dataclass(frozen=True)
+class ExtractTask:
+    """One tensor of TUNED for :func:`extract_tensor` (picklable): its key and module, where its bytes are in
+    BASE and TUNED (:class:`~peftmath.io.stream.Span`), whether the module is extracted (``wanted``; otherwise
+    the task only says whether the tensor changed), its layer kind and the SVD options."""
+
+    key: str
+    module: str | None
+    base: Any
+    tuned: Any
+    wanted: bool
+    kind: Any
+    rank: int
+    energy: float | None
+    randomized: bool
+
+
+def extract_tensor(task: ExtractTask) -> dict[str, Any]:
+    """The work of one tensor of :func:`extract_lora`: ``{"changed": bool}`` for a tensor not extracted;
+    ``{}`` when ``D = TUNED - BASE`` is zero; else ``{"module", "params": {lora_A/B}, "report",
+    "singular_values", "resid2": ‖D − BA‖²_F, "total": ‖D‖²_F}``. Deterministic (the randomized SVD draws
+    from ``default_rng(0)`` for every tensor), so any engine gets the same numbers."""
+    from ._linalg import randomized_svd
+    from .io.stream import read_span
+    from .layers import Layer
+    from .methods.lora import parameter_shapes
+
+    if not task.wanted:
+        return {"changed": not np.array_equal(read_span(task.tuned, task.key), read_span(task.base, task.key))}
+    t, b = read_span(task.tuned, task.key), read_span(task.base, task.key)
+    wide = np.float64 if np.float64 in (t.dtype, b.dtype) else np.float32
+    D = t.astype(wide) - b.astype(wide)
+    del t, b
+    if not np.any(D):
+        return {}
+    rank, shape = task.rank, tuple(D.shape)
+    layer = Layer.of(shape, task.kind)
+    M = layer.as_matrix(D, np)
+    full = min(M.shape)
+    q = 2 * rank + RANDOMIZED_OVERSAMPLE
+    svd = "randomized" if task.randomized and 2 * q <= full else "exact"
+    if svd == "randomized":
+        U, S, Vh = (np.asarray(x) for x in randomized_svd(M, q, niter=RANDOMIZED_NITER, rng=np.random.default_rng(0)))
+    else:
+        U, S, Vh = np.linalg.svd(M, full_matrices=False)
+    k = min(rank, full, len(S))
+    total = float(np.sum(M.astype(np.float64) ** 2))
+    if task.energy is not None and total > 0:
+        cum = np.cumsum(S.astype(np.float64) ** 2) / total
+        k = min(k, int(np.searchsorted(cum, task.energy * (1 - 1e-12)) + 1))
+    k = max(1, k)
+    root = np.sqrt(S[:k])
+    Bm = (U[:, :k] * root).astype(wide)
+    Am = (root[:, None] * Vh[:k]).astype(wide)
+    resid = M.astype(np.float64) - Bm.astype(np.float64) @ Am.astype(np.float64)
+    resid2 = float(np.sum(resid * resid))
+    del resid
+    err = float(np.sqrt(resid2 / total)) if total > 0 else 0.0
+    (ka, sa), (kb, sb) = list(parameter_shapes(layer, k).items())
+    return {"module": task.module, "singular_values": np.asarray(S, dtype=np.float64),
+            "params": {ka: np.ascontiguousarray(Am.reshape(sa)), kb: np.ascontiguousarray(Bm.reshape(sb))},
+            "report": {"rank": k, "relative_error": err, "delta_norm": float(np.sqrt(total)), "svd": svd,
+                       "shape": list(shape), "layer": layer.kind.value},
+            "resid2": resid2, "total": total}
 
 
 def _compiled(option: str, pattern: str | None) -> re.Pattern | None:

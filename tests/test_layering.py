@@ -177,6 +177,7 @@ ALLOWED_METHOD_EDGES: dict[str, set[str]] = {
     "peftmath.methods.adalora": {"peftmath.methods.lora"},  # AdaLoraConfig/Module extend LoRA's (PEFT's classes do)
     "peftmath.methods.boft": {"peftmath.methods.oft"},      # BOFT's butterfly factors reuse OFT's block product
     "peftmath.methods.p_tuning": {"peftmath.methods.prompt_tuning"},  # its prompts are prepended as prompt tuning's
+    "peftmath.methods.pvera": {"peftmath.methods.vera"},    # PVeRA's mean layer is VeRA's on the mean halves
 }
 
 
@@ -191,3 +192,18 @@ def test_methods_share_code_through_private_modules():
     assert "peftmath.methods._lycoris" in g["peftmath.methods.lokr"]
     extra = {m: sorted((g[m] & methods) - ALLOWED_METHOD_EDGES.get(m, set())) for m in methods}
     assert {m: d for m, d in extra.items() if d} == {}
+
+
+def test_engines_sit_on_io_methods_and_adapter():
+    """``peftmath.engines`` (optional: dask.distributed) uses the streamed plan and tasks (``io``), the methods
+    and the adapter (and the core below them); nothing in peftmath imports it at module level, so
+    ``import peftmath`` and the command never load it unless ``--workers`` / ``--scheduler`` is given."""
+    g = import_graph()
+    engines = {m for m in g if _is_under(m, ("peftmath.engines",))}
+    assert {"peftmath.engines.dask", "peftmath.engines.rows"} <= engines
+    allowed = ("peftmath.engines", "peftmath.io", "peftmath.methods", "peftmath.adapter", "peftmath.layers",
+               "peftmath.errors", "peftmath._array", "peftmath.backends")
+    bad = {m: sorted(d for d in g[m] if not _is_under(d, allowed)) for m in engines}
+    assert {m: d for m, d in bad.items() if d} == {}
+    users = sorted(m for m, deps in g.items() if m not in engines and any(_is_under(d, ("peftmath.engines",)) for d in deps))
+    assert users == []

@@ -42,8 +42,9 @@ checks that the adapters given are the last ones merged (:func:`unmerge_provenan
 
 from __future__ import annotations
 
-import json
 import copy
+import dataclasses
+import json
 import math
 import os
 import shutil
@@ -901,7 +902,7 @@ def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str
                 on_record(st, rec[st.module])
         else:
             given = None
-            if record_for is not None and st.mod.needs_record():
+            if record_for is not None and (st.mod is None or st.mod.needs_record()):  # None: a Job's pickled copy
                 r = record_for(st)
                 given = {st.module: r} if r is not None else None
             state = _in_place(part.unmerge, state, peft_compat=peft_compat, layer_kinds=kinds, records=given)
@@ -968,6 +969,16 @@ class Job:
     record_offset: int = 0
     to_xp: Callable[[np.ndarray], Any] | None = None  # the serial command's backend; None (NumPy) in engines
     to_host: Callable[[Any], np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the plan's bound modules (``Step.mod``: each task binds its own from the adapter)
+        and without the serial command's backend hooks."""
+        state = dict(self.__dict__)
+        pl = self.plan
+        groups = {g: [dataclasses.replace(st, mod=None) for st in steps] for g, steps in pl.groups.items()}
+        state["plan"] = dataclasses.replace(pl, groups=groups)
+        state["to_xp"] = state["to_host"] = None
+        return state
 
     def read(self, key: str) -> np.ndarray:
         """Input tensor ``key`` (plain file I/O on its :class:`Span`)."""
