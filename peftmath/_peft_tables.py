@@ -292,6 +292,12 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     "GRALORA": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
                 **dict.fromkeys(("r", "hybrid_r", "alpha", "gralora_k", "fan_in_fan_out", "bias"), IMPLEMENTED),
                 **dict.fromkeys(("gralora_dropout", "init_weights"), IRRELEVANT)},
+    # PVeRA: projection_prng_key only regenerates projections a checkpoint did not save (refused);
+    # generator_seed only seeds the sampling of sample_at_inference (peftmath's forward takes the noise)
+    "PVERA": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
+              **dict.fromkeys(("r", "save_projection", "fan_in_fan_out", "bias", "sample_at_inference"), IMPLEMENTED),
+              **dict.fromkeys(("projection_prng_key", "pvera_dropout", "d_initial", "init_weights", "generator_seed"),
+                              IRRELEVANT)},
     # GLoRA: the support forms are read from the saved tensors; init_weights only drew them
     "GLORA": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save", "r", "bias", "config_A_B",
                                                "config_C", "config_D_E"), IMPLEMENTED), "init_weights": IRRELEVANT},

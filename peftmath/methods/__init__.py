@@ -48,6 +48,7 @@ METHOD_MODULES: dict[str, str] = {
     "WAVEFT": "peftmath.methods.waveft",
     "OSF": "peftmath.methods.osf",
     "GRALORA": "peftmath.methods.gralora",
+    "PVERA": "peftmath.methods.pvera",
     "GLORA": "peftmath.methods.glora",
     "LILY": "peftmath.methods.lily",
     "DEFT": "peftmath.methods.deft",

@@ -38,6 +38,7 @@ CLAIMED = frozenset({
     "WaveFTConfig",
     "OSFConfig",
     "GraloraConfig",
+    "PveraConfig",
     "GloraConfig",
     "LilyConfig",
     "DeftConfig",

@@ -41,6 +41,7 @@ PEFT_CONFIGS = {"LORA": "LoraConfig", "ADALORA": "AdaLoraConfig", "IA3": "IA3Con
                 "PROMPT_TUNING": "PromptTuningConfig", "P_TUNING": "PromptEncoderConfig",
                 "PREFIX_TUNING": "PrefixTuningConfig", "HRA": "HRAConfig", "ROAD": "RoadConfig", "FOURIERFT": "FourierFTConfig", "HIRA": "HiraConfig", "MISS": "MissConfig", "DELORA": "DeloraConfig", "VBLORA": "VBLoRAConfig", "RANDLORA": "RandLoraConfig", "C3A": "C3AConfig", "SHIRA": "ShiraConfig", "WAVEFT": "WaveFTConfig", "OSF": "OSFConfig", "GLORA": "GloraConfig", "BEFT": "BeftConfig", "PEANUT": "PeanutConfig"}
 PEFT_CONFIGS["GRALORA"] = "GraloraConfig"
+PEFT_CONFIGS["PVERA"] = "PveraConfig"
 
 
 def _quiet(fn, *args, **kwargs):
