@@ -301,6 +301,12 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # GLoRA: the support forms are read from the saved tensors; init_weights only drew them
     "GLORA": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save", "r", "bias", "config_A_B",
                                                "config_C", "config_D_E"), IMPLEMENTED), "init_weights": IRRELEVANT},
+    # PSOFT: fan_in_fan_out has no effect (PEFT adapts nn.Linear only); init_weights only drew R
+    "PSOFT": {**_BOOKKEEPING, **_TARGETS,
+              **dict.fromkeys(("r", "psoft_alpha", "ab_svd_init", "psoft_svd", "psoft_svd_lowrank_niter", "random_seed",
+                               "psoft_orth", "psoft_mag_b", "psoft_mag_a", "use_cayley_neumann",
+                               "num_cayley_neumann_terms", "cayley_neumann_eps"), IMPLEMENTED),
+              **dict.fromkeys(("psoft_dropout", "fan_in_fan_out", "init_weights"), IRRELEVANT)},
     # DEFT: init_weights / init_scale only drew R, which the checkpoint holds (the rank is read from deft_P)
     "DEFT": {**_BOOKKEEPING, **_TARGETS,
              **dict.fromkeys(("r", "decomposition_method", "alpha", "para", "fan_in_fan_out", "bias"), IMPLEMENTED),

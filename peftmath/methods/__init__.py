@@ -50,6 +50,7 @@ METHOD_MODULES: dict[str, str] = {
     "GRALORA": "peftmath.methods.gralora",
     "PVERA": "peftmath.methods.pvera",
     "GLORA": "peftmath.methods.glora",
+    "PSOFT": "peftmath.methods.psoft",
     "LILY": "peftmath.methods.lily",
     "DEFT": "peftmath.methods.deft",
     "SUPERTUNING": "peftmath.methods.supertuning",

@@ -40,6 +40,7 @@ CLAIMED = frozenset({
     "GraloraConfig",
     "PveraConfig",
     "GloraConfig",
+    "PsoftConfig",
     "LilyConfig",
     "DeftConfig",
     "SupertuningConfig",
