@@ -324,6 +324,8 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # PEANuT: init_weights only drew the tensors the checkpoint holds
     "PEANUT": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "depth", "act_fn", "scaling"), IMPLEMENTED),
                "init_weights": IRRELEVANT},
+    # LN tuning: the checkpoint holds the trained copies; PEFT's LNTuningConfig has no layers_* fields
+    "LN_TUNING": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "exclude_modules", "modules_to_save"), IMPLEMENTED)},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

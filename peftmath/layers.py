@@ -10,11 +10,17 @@ kind                          weight as stored            matrix view           
 ``Conv1D`` (transformers)     ``(in, out)``               ``W^T``                     ``x W + b``
 ``Embedding``                 ``(V, D)``                  ``W^T`` (D, V)              ``W[ids]``
 ``Conv1d/2d/3d``              ``(out, in/g, *k)``         ``(out, in/g * prod k)``    cross-correlation
+``LayerNorm`` (nn.LayerNorm)  ``(n,)``                    ``(n, 1)``                  ``norm(x) γ + β``
 ============================  ==========================  ==========================  ==================
 
 ``Conv1D`` is what PEFT calls ``fan_in_fan_out=True``. For the Embedding the "input" is the vocabulary
 (size V) and the "output" is the embedding dimension D: that is how LoRA (``lora_embedding_A`` is
 ``(r, V)``) and DoRA (one norm per embedding dimension) see it.
+
+``LayerNorm`` is not a linear map: it is the kind of a 1-D per-feature weight ``γ`` (and bias ``β``) of an
+``nn.LayerNorm`` over the last ``n`` features, which only LN tuning adapts (by replacing ``γ`` and ``β``).
+Its forward ``(x − mean) / sqrt(var + eps) · γ + β`` needs the layer's ``eps`` (not in any checkpoint),
+given as the keyword ``eps``. An RMSNorm has the same tensors and another forward: it is not this kind.
 
 .. _conv-keywords:
 
@@ -65,6 +71,7 @@ class LayerKind(str, Enum):
     CONV1D = "Conv1d"
     CONV2D = "Conv2d"
     CONV3D = "Conv3d"
+    LAYER_NORM = "LayerNorm"  # torch.nn.LayerNorm: weight (n,), bias (n,); LN tuning only
 
     @classmethod
     def parse(cls, value: "LayerKind | str") -> "LayerKind":
@@ -83,6 +90,8 @@ class LayerKind(str, Enum):
             "transformers_conv1d": cls.CONV1D_TRANSPOSED,
             "gpt2_conv1d": cls.CONV1D_TRANSPOSED,
             "fan_in_fan_out": cls.CONV1D_TRANSPOSED,
+            "layernorm": cls.LAYER_NORM,
+            "layer_norm": cls.LAYER_NORM,
         }
         if isinstance(value, str) and value.lower() in aliases:
             return aliases[value.lower()]
@@ -118,7 +127,7 @@ class Layer:
         object.__setattr__(self, "kind", kind)
         shape = tuple(int(s) for s in self.weight_shape)
         object.__setattr__(self, "weight_shape", shape)
-        expected = 2 + kind.conv_dims if kind.is_conv else 2
+        expected = 2 + kind.conv_dims if kind.is_conv else 1 if kind is LayerKind.LAYER_NORM else 2
         if len(shape) != expected:
             raise ShapeError(f"a {kind.value} weight has {expected} dimensions, got shape {shape}")
         if self.groups < 1 or (kind.is_conv and shape[0] % self.groups):
@@ -137,7 +146,7 @@ class Layer:
         """The layer for a weight of ``weight_shape``; ``kind`` defaults from the number of dimensions.
 
         A 2-D weight is a ``Linear`` unless ``kind`` says ``"Conv1D"`` or ``"Embedding"``; 3/4/5-D
-        weights are ``Conv1d/2d/3d``.
+        weights are ``Conv1d/2d/3d``; a 1-D weight needs ``kind="LayerNorm"``.
         """
         shape = tuple(int(s) for s in weight_shape)
         if kind is None:
@@ -159,8 +168,8 @@ class Layer:
 
     @property
     def in_features(self) -> int:
-        """in features, in channels (all groups), or the vocabulary size V."""
-        if self.fan_in_fan_out:
+        """in features, in channels (all groups), the vocabulary size V, or a LayerNorm's n."""
+        if self.fan_in_fan_out or self.kind is LayerKind.LAYER_NORM:
             return self.weight_shape[0]
         if self.kind.is_conv:
             return self.weight_shape[1] * self.groups
@@ -175,6 +184,8 @@ class Layer:
         """Shape of the 2-D view ``(out, in_flat)``; for convs ``in_flat = in/groups * prod(kernel)``."""
         if self.kind.is_conv:
             return (self.weight_shape[0], self.weight_shape[1] * math.prod(self.kernel_size))
+        if self.kind is LayerKind.LAYER_NORM:
+            return (self.weight_shape[0], 1)
         return (self.out_features, self.in_features)
 
     def as_matrix(self, weight: Array, xp: Any) -> Array:
@@ -182,7 +193,7 @@ class Layer:
         self.check_weight(weight)
         if self.fan_in_fan_out:
             return xp.matrix_transpose(weight)
-        if self.kind.is_conv:
+        if self.kind.is_conv or self.kind is LayerKind.LAYER_NORM:
             return xp.reshape(weight, self.matrix_shape)
         return weight
 
@@ -197,7 +208,7 @@ class Layer:
         self.check_weight(weight)
         if self.fan_in_fan_out:
             return transpose_view(weight, xp=xp)
-        if self.kind.is_conv:
+        if self.kind.is_conv or self.kind is LayerKind.LAYER_NORM:
             return reshape_view(weight, self.matrix_shape, xp=xp)
         return weight
 
@@ -207,7 +218,7 @@ class Layer:
             raise ShapeError(f"{self.kind.value}: matrix of shape {tuple(matrix.shape)}, expected {self.matrix_shape}")
         if self.fan_in_fan_out:
             return xp.matrix_transpose(matrix)
-        if self.kind.is_conv:
+        if self.kind.is_conv or self.kind is LayerKind.LAYER_NORM:
             return xp.reshape(matrix, self.weight_shape)
         return matrix
 
@@ -288,12 +299,24 @@ class Layer:
         return layer, dict(stride=stride, padding=padding, dilation=dilation)
 
     def base_forward(self, x: Array, weight: Array, bias: Array | None, xp: Any, **conv_kwargs: Any) -> Array:
-        """The plain base layer: ``x W^T + b``, ``x W + b``, a lookup, or a convolution."""
+        """The plain base layer: ``x W^T + b``, ``x W + b``, a lookup, a convolution, or a LayerNorm over the
+        last axis (keyword ``eps``, required: ``(x − mean)/sqrt(var + eps)·γ + β``, biased variance, as torch)."""
         from ._array import conv, embedding_lookup
 
         if self.kind is LayerKind.EMBEDDING:
             return embedding_lookup(x, weight, xp=xp)
         from ._array import as_compute, compute_dtype
+
+        if self.kind is LayerKind.LAYER_NORM:
+            if conv_kwargs.get("eps") is None or set(conv_kwargs) != {"eps"}:
+                raise ShapeError(f"LayerNorm {self.weight_shape}: the forward takes exactly the keyword eps (the "
+                                 f"layer's epsilon, which no checkpoint holds), got {sorted(conv_kwargs)}")
+            cd = compute_dtype(xp, xp.result_type(x.dtype, weight.dtype))
+            xc = as_compute(xp, x, cd)
+            centred = xc - xp.mean(xc, axis=-1, keepdims=True)
+            y = centred / xp.sqrt(xp.mean(centred * centred, axis=-1, keepdims=True) + float(conv_kwargs["eps"]))
+            y = y * as_compute(xp, weight, cd) + (0.0 if bias is None else as_compute(xp, bias, cd))
+            return as_compute(xp, y, xp.result_type(x.dtype, weight.dtype))
 
         out_dtype = xp.result_type(x.dtype, weight.dtype)
         # half precision is multiplied in float32 and rounded once (NumPy's bfloat16 matmul would

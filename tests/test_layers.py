@@ -115,6 +115,32 @@ def test_base_forward_linear(torch, xp):
     np.testing.assert_allclose(to_np(got), want, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("eps,bias", [(1e-5, True), (10.0, True), (1e-6, False)])
+def test_base_forward_layer_norm(torch, xp, eps, bias):
+    """LayerNorm over the last axis against torch's nn.LayerNorm (biased variance, eps inside the root); its
+    geometry (1-D weight, n features in and out, matrix view (n, 1))."""
+    lay = Layer.of((6,), "LayerNorm")
+    assert (lay.out_features, lay.in_features, lay.matrix_shape) == (6, 6, (6, 1))
+    w = np.arange(6.0)
+    assert lay.matrix_view(w, np).base is w and np.array_equal(lay.from_matrix(lay.as_matrix(w, np), np), w)
+    with pytest.raises(ShapeError, match="1 dimensions"):
+        Layer(LayerKind.LAYER_NORM, (6, 1))
+    torch.manual_seed(1)
+    ln = torch.nn.LayerNorm(6, eps=eps, bias=bias).double()
+    with torch.no_grad():
+        for p in ln.parameters():
+            p.normal_()
+    x = 3 * torch.randn(2, 4, 6, dtype=torch.float64) + 5
+    b = to_xp(xp, _p(ln.bias)) if bias else None
+    got = Layer.of((6,), "layer_norm").base_forward(to_xp(xp, _p(x)), to_xp(xp, _p(ln.weight)), b, xp, eps=eps)
+    assert_same_namespace(xp, got)
+    np.testing.assert_allclose(to_np(got), _p(ln(x)), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ShapeError, match="keyword eps"):
+        Layer.of((6,), "LayerNorm").base_forward(_p(x), _p(ln.weight), None, np)
+    with pytest.raises(ShapeError, match="cannot infer a layer kind"):
+        Layer.of((6,))
+
+
 def test_base_forward_transformers_conv1d(torch):
     pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
     torch.manual_seed(1)

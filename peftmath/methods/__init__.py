@@ -56,6 +56,7 @@ METHOD_MODULES: dict[str, str] = {
     "SUPERTUNING": "peftmath.methods.supertuning",
     "BEFT": "peftmath.methods.beft",
     "PEANUT": "peftmath.methods.peanut",
+    "LN_TUNING": "peftmath.methods.ln_tuning",
 }
 
 

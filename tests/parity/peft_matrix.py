@@ -46,6 +46,7 @@ CLAIMED = frozenset({
     "SupertuningConfig",
     "BeftConfig",
     "PeanutConfig",
+    "LNTuningConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change

@@ -39,7 +39,7 @@ from peftmath.kinds import CONV1D_MODEL_TYPES  # noqa: E402
 PEFT_CONFIGS = {"LORA": "LoraConfig", "ADALORA": "AdaLoraConfig", "IA3": "IA3Config", "LOHA": "LoHaConfig",
                 "LOKR": "LoKrConfig", "OFT": "OFTConfig", "BOFT": "BOFTConfig", "VERA": "VeraConfig",
                 "PROMPT_TUNING": "PromptTuningConfig", "P_TUNING": "PromptEncoderConfig",
-                "PREFIX_TUNING": "PrefixTuningConfig", "HRA": "HRAConfig", "ROAD": "RoadConfig", "FOURIERFT": "FourierFTConfig", "HIRA": "HiraConfig", "MISS": "MissConfig", "DELORA": "DeloraConfig", "VBLORA": "VBLoRAConfig", "RANDLORA": "RandLoraConfig", "C3A": "C3AConfig", "SHIRA": "ShiraConfig", "WAVEFT": "WaveFTConfig", "OSF": "OSFConfig", "GLORA": "GloraConfig", "PSOFT": "PsoftConfig", "BEFT": "BeftConfig", "PEANUT": "PeanutConfig"}
+                "PREFIX_TUNING": "PrefixTuningConfig", "HRA": "HRAConfig", "ROAD": "RoadConfig", "FOURIERFT": "FourierFTConfig", "HIRA": "HiraConfig", "MISS": "MissConfig", "DELORA": "DeloraConfig", "VBLORA": "VBLoRAConfig", "RANDLORA": "RandLoraConfig", "C3A": "C3AConfig", "SHIRA": "ShiraConfig", "WAVEFT": "WaveFTConfig", "OSF": "OSFConfig", "GLORA": "GloraConfig", "PSOFT": "PsoftConfig", "BEFT": "BeftConfig", "PEANUT": "PeanutConfig", "LN_TUNING": "LNTuningConfig"}
 PEFT_CONFIGS["GRALORA"] = "GraloraConfig"
 PEFT_CONFIGS["PVERA"] = "PveraConfig"
 
