@@ -111,7 +111,13 @@ def projector_factors(P: Array, method: str, *, dtype: Any = None, where: str = 
     if method == "relu":
         return Pc, xp.maximum(Pc, xp.zeros((), dtype=cd))
     if method == "qr":
-        Q, _ = xp.linalg.qr(Pc, mode="reduced")
+        try:
+            Q, _ = xp.linalg.qr(Pc, mode="reduced")
+        except NotImplementedError as exc:  # dask: a QR of a matrix chunked along its columns
+            raise UnsupportedError(
+                f"{where}: DEFT's qr projector needs the QR of deft_P {tuple(P.shape)}, which this array library "
+                f"cannot compute for this layout ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); for dask, "
+                f"keep deft_P in one chunk along its columns (P.rechunk({{1: -1}})) or use NumPy") from exc
         return Q, Q
     raise ConfigError(f"{where}: decomposition_method must be 'relu' or 'qr', got {method!r}")
 

@@ -169,7 +169,9 @@ def test_support_checks():
         _bad([0.0, 1.5, 2.0])
     with pytest.raises(ShapeError, match="shape"):
         _bad([0, 1])
-    assert _bad(np.array([0.0, 4.0, 2.0], np.float32)).rows.tolist() == [0, 1, 0]  # whole-number floats
+    ok = _bad(np.array([0.0, 4.0, 2.0], np.float32))  # whole-number floats
+    assert ok.flat.tolist() == [0, 4, 2] and ok.sorted_flat.tolist() == [0, 2, 4] and ok.order.tolist() == [0, 2, 1]
+    assert ok.rows.tolist() == [0, 0, 1] and ok.cols.tolist() == [0, 2, 1]
 
 
 def test_config_checks():
