@@ -181,8 +181,9 @@ _LORA_FIELDS: dict[str, object] = {
     **dict.fromkeys(("lora_dropout", "megatron_core", "loftq_config", "eva_config", "corda_config",
                      "lora_ga_config", "qalora_group_size", "runtime_config"), IRRELEVANT),
     # BD-LoRA: block-diagonal lora_A or lora_B; VeLoRA / MonteCLoRA: training-time state (eval forward and merge
-    # are plain LoRA's). Their tensors are checked and kept (methods/lora.py, "Variants")
-    **dict.fromkeys(("use_bdlora", "velora_config", "monteclora_config"), IMPLEMENTED),
+    # are plain LoRA's); KaSA: the base's r smallest singular components dropped, lora_diag between B and A.
+    # Their tensors are checked and kept (methods/lora.py, "Variants")
+    **dict.fromkeys(("use_bdlora", "velora_config", "monteclora_config", "kasa_config"), IMPLEMENTED),
     "init_lora_weights": Refused(
         "PiSSA / OLoRA / CorDA / LoftQ / LoRA-GA initialisation", (True, False, "gaussian", "eva", "orthogonal", "mica"),
         "PEFT runs this initialisation again when it loads the adapter, and it changes the base weights "
@@ -203,9 +204,6 @@ _LORA_FIELDS: dict[str, object] = {
     "target_parameters": Refused("LoRA on nn.Parameter (target_parameters)", (None, []),
                                  "it adapts parameters (e.g. mixture-of-experts weights) rather than modules"),
     "arrow_config": Refused("Arrow routing", _NONE, "it routes each token among several LoRA experts"),
-    "kasa_config": Refused("KaSA", _NONE,
-                           "it truncates the base weight's smallest singular components and scales BA by a "
-                           "learned diagonal (lora_diag)"),
     "ensure_weight_tying": Refused("tied adapters (ensure_weight_tying)", (False,),
                                    "PEFT ties an adapter on the output layer to the embedding's"),
 }
@@ -215,6 +213,7 @@ _NOT_FOR_ADALORA = {
     "use_bdlora": Refused("BD-LoRA (block-diagonal LoRA)", _NONE, "AdaLoRA's SVD layers have no block-diagonal factor"),
     "velora_config": Refused("VeLoRA", _NONE, "AdaLoRA's SVD layers do not run VeLoRA"),
     "monteclora_config": Refused("MonteCLoRA", _NONE, "AdaLoRA's SVD layers do not run MonteCLoRA"),
+    "kasa_config": Refused("KaSA", _NONE, "AdaLoRA's SVD layers do not run KaSA"),
 }
 
 #: peft_type -> {field: IMPLEMENTED | IRRELEVANT | Refused(...)} for every field of PEFT 0.21.2's config

@@ -49,7 +49,6 @@ LORA = {"peft_type": "LORA", "r": 2, "lora_alpha": 6, "target_modules": ["lin0"]
 # tensors
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("key, looks", [
-    ("base_model.model.lin0.lora_diag", "KaSA's lora_diag"),
     ("base_model.model.emb.token_adapter.trainable_tokens_delta", "trainable tokens"),
     ("base_model.model.mha.base_layer.out_proj.lora_A.weight", "nn.MultiheadAttention"),
     ("base_model.model.lin0.hada_w1_a", "another method or variant"),
@@ -82,7 +81,7 @@ def test_training_state_without_its_config_field_is_refused(tmp_path, key, varia
 
 def test_many_unknown_tensors_are_counted(tmp_path):
     rng = np.random.default_rng(0)
-    tensors = {**_lora_tensors(rng), **{f"base_model.model.l{i}.lora_diag": np.ones(2, np.float32) for i in range(8)}}
+    tensors = {**_lora_tensors(rng), **{f"base_model.model.l{i}.lora_zz": np.ones(2, np.float32) for i in range(8)}}
     with pytest.raises(CheckpointError, match=r"8 tensor\(s\).*and 3 more"):
         load_adapter(_folder(tmp_path, LORA, tensors))
 

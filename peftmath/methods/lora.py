@@ -57,10 +57,11 @@ from ..config import (
     check_positive_int,
     resolve_pattern,
 )
-from ..errors import CheckpointError, ConfigError, NonFiniteError, ShapeError, UnsupportedError
+from ..errors import CheckpointError, ConfigError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, apply_delta, bias_update, check_shape, write_back
+from ._base import MergeResult, ModuleAdapter, add_fresh_delta, apply_delta, bias_update, check_shape, write_back
+from ._svd import pack_triplets, smallest_triplets, triplet_product, unpack_triplets
 
 Array = Any
 
@@ -116,6 +117,9 @@ class LoraConfig(TunerConfig):
     #: VeLoRA / MonteCLoRA settings: training-time only, their saved tensors take no part in inference
     velora_config: dict | None = None
     monteclora_config: dict | None = None
+    #: KaSA (PEFT's ``KasaConfig`` as saved: ``beta``, ``gamma``, its training losses' weights): the base weight's
+    #: r smallest singular components dropped, ``ΔW = s·B diag(lora_diag) A`` (specs/lora.md, "12. Variants")
+    kasa_config: dict | None = None
 
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
@@ -159,7 +163,7 @@ class LoraConfig(TunerConfig):
     def validate_variants(self, source: str) -> None:
         """The BD-LoRA / VeLoRA / MonteCLoRA settings: objects with PEFT's fields, and at most one LoRA variant
         (PEFT 0.21.2 resolves one variant per layer and raises on a combination)."""
-        for name in ("use_bdlora", "velora_config", "monteclora_config"):
+        for name in ("use_bdlora", "velora_config", "monteclora_config", "kasa_config"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(f"{source}: field {name!r} must be an object (PEFT's {name} as saved), got {value!r}")
@@ -176,7 +180,8 @@ class LoraConfig(TunerConfig):
             check_positive_int(source, "velora_config.num_groups", self.velora_config.get("num_groups", 1))
         if self.monteclora_config is not None:
             check_positive_int(source, "monteclora_config.num_samples", self.monteclora_config.get("num_samples", 1))
-        on = [n for n in ("use_dora", "use_bdlora", "velora_config", "monteclora_config") if getattr(self, n)]
+        on = [n for n in ("use_dora", "use_bdlora", "velora_config", "monteclora_config")
+              if getattr(self, n)] + (["kasa_config"] if self.kasa_config is not None else [])
         if len(on) > 1:
             raise ConfigError(f"{source}: {' and '.join(on)} are set together; PEFT 0.21.2 runs one LoRA variant per "
                               f"layer and refuses this combination")
@@ -321,6 +326,17 @@ def bdlora_shapes(layer: Layer, r: int, side: str | None, nblocks: int, where: s
     else:
         shapes["lora_B.weight"] = (layer.out_features, r // nblocks)
     return shapes
+
+
+def kasa_split(weight: Array, r: int, *, where: str = "kasa") -> tuple[Array, Array, Array]:
+    """KaSA's dropped part of a Linear weight ``(out, in)``: its ``r`` smallest singular triplets ``(U (out, r),
+    S (r,), Vh (r, in))`` (PEFT keeps the ``min(out, in) − r`` largest as the new frozen base). ``r`` must be
+    below ``min(out, in)`` (PEFT refuses otherwise)."""
+    k = min(int(weight.shape[0]), int(weight.shape[1]))
+    if not 0 < r < k:
+        raise ConfigError(f"{where}: KaSA needs r={r} below min(out, in)={k} of the base weight "
+                          f"{tuple(weight.shape)}, so that one singular component stays (PEFT refuses this too)")
+    return smallest_triplets(weight, r, method="KaSA", where=where)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -916,6 +932,7 @@ class LoraModule(ModuleAdapter):
         elif side == "B":
             self.B = block_diagonal(self.B, nb)
         self._check_training_state()
+        self._check_kasa()
         r_cfg, _ = self.config.rank_and_alpha(self.name)
         if r_cfg != self.r:
             raise ShapeError(
@@ -956,6 +973,72 @@ class LoraModule(ModuleAdapter):
                 if key in p:
                     check_shape(self.name, key, p[key], shape)
 
+    #: KaSA's learned diagonal ``lora_diag (r,)`` (None for other LoRA modules)
+    kasa_diag: Array | None = None
+
+    def _check_kasa(self) -> None:
+        """KaSA: ``lora_diag (r,)`` with ``kasa_config``, nn.Linear only (PEFT refuses other layers and
+        ``fan_in_fan_out``). Its merge returns the dropped singular triplets as the record."""
+        p, cfg = self.params, self.config
+        if cfg.peft_type != PEFT_TYPE or ("lora_diag" not in p and cfg.kasa_config is None):
+            return
+        if cfg.kasa_config is None:
+            raise CheckpointError(f"{self.name}: the checkpoint holds lora_diag (KaSA's learned singular values) but "
+                                  f"adapter_config.json has no kasa_config; the config does not belong to these "
+                                  f"tensors (restore kasa_config)")
+        if "lora_diag" not in p:
+            raise CheckpointError(f"{self.name}: kasa_config is set but the checkpoint has no lora_diag for this module")
+        if self.layer.kind is not LayerKind.LINEAR:
+            raise UnsupportedError(f"{self.name}: KaSA (kasa_config) on a {self.layer.kind.value} layer; PEFT 0.21.2 "
+                                   f"runs it on nn.Linear only (it refuses fan_in_fan_out and other layer classes)")
+        check_shape(self.name, "lora_diag", p["lora_diag"], (self.r,))
+        kasa_split_rank_check = min(self.layer.out_features, self.layer.in_features)
+        if self.r >= kasa_split_rank_check:
+            raise ConfigError(f"{self.name}: KaSA needs r={self.r} below min(out, in)={kasa_split_rank_check} "
+                              f"(PEFT refuses this too)")
+        self.kasa_diag = p["lora_diag"]
+        self.merge_record = True   # the dropped singular part, for an exact unmerge
+        self.additive = False      # W' = W − (dropped part) + ΔW: not W + ΔW
+
+    def _kasa_B(self) -> Array:
+        """``B diag(lora_diag)`` (out, r): KaSA's ``ΔW = s·B diag(d) A`` as a LoRA product."""
+        xp = self.xp
+        cd = compute_dtype(xp, self.B.dtype, self.kasa_diag.dtype)
+        return as_compute(xp, self.B, cd) * as_compute(xp, self.kasa_diag, cd)[None, :]
+
+    def _kasa_merge(self, weight: Array, *, copy: bool, safe: bool, unmerge: bool, record: Any,
+                    peft_compat: bool) -> tuple[Array, Array | None]:
+        """KaSA's merge ``W' = W − U_d S_d V_d + ΔW`` (the r smallest singular triplets of W dropped, as PEFT's
+        load does) returning ``pack(U_d, S_d, V_d)``; the unmerge ``W = W' − ΔW + U_d S_d V_d`` with it. Without
+        the record the dropped part is lost: refused, or PEFT's ``W' − ΔW`` (the truncated base) with
+        ``peft_compat=True``."""
+        xp = self.xp
+        out, inn = self.layer.out_features, self.layer.in_features
+        cd = compute_dtype(xp, weight.dtype, self.A.dtype)
+        Bd = self._kasa_B()
+
+        def delta() -> Array:
+            return xp.matmul(Bd, as_compute(xp, self.A, cd)) * self.scaling
+
+        if not unmerge:
+            U, S, V = kasa_split(weight, self.r, where=self.name)
+            rec = pack_triplets(xp, U, S, V)
+            new = add_fresh_delta(self.name, weight, lambda: delta() - triplet_product(xp, U, S, V, cd), cd,
+                                  copy=copy, safe=safe, xp=xp)
+            return new, rec
+        if record is None:
+            if not peft_compat:
+                raise NotInvertibleError(
+                    f"{self.name}: KaSA's merge dropped the base weight's {self.r} smallest singular components, "
+                    f"which the merged weight no longer holds; pass the record its merge returned "
+                    f"(Adapter.merge(..., records=...), `peftmath merge` writes them), or peft_compat=True for "
+                    f"PEFT's unmerge, which returns the truncated base W' - dW")
+            return add_fresh_delta(self.name, weight, lambda: -delta(), cd, copy=copy, xp=xp), None
+        U, S, V = unpack_triplets(record, out, inn, self.r, method="KaSA", where=self.name)
+        new = add_fresh_delta(self.name, weight, lambda: triplet_product(xp, U, S, V, cd) - delta(), cd,
+                              copy=copy, xp=xp)
+        return new, None
+
     def describe(self) -> dict[str, Any]:
         r, alpha = self.config.rank_and_alpha(self.name)
         return {"r": r, "alpha": alpha, "scaling": self.scaling, "dora": self.is_dora}
@@ -968,7 +1051,11 @@ class LoraModule(ModuleAdapter):
         return self.lora_bias is not None
 
     def delta_weight(self, *, peft_compat: bool = False) -> Array:
+        """``s·B A`` in the stored layout (KaSA: ``s·B diag(lora_diag) A``, PEFT's ``get_delta_weight``; its
+        merge also drops the base weight's smallest singular part, so ``W' ≠ W + ΔW`` there)."""
         xp = self.xp
+        if self.kasa_diag is not None:
+            return self.layer.from_matrix(delta_matrix(self.A, self._kasa_B(), scaling=self.scaling, xp=xp), xp)
         d = delta_matrix(self.A, self.B, scaling=self.scaling, xp=xp)
         if peft_compat:
             d = compat_delta(xp, self.A, self.B, d)
@@ -983,11 +1070,17 @@ class LoraModule(ModuleAdapter):
                 raise NonFiniteError(f"{self.name}: the merged bias would contain NaN or infinity; nothing changed")
         if not copy:  # copy=False updates the bias in place too (both checked before W is touched)
             self.require_inplace(weight, bias)
-        new = _apply(weight, self.A, self.B, scaling=self.scaling, sign=1, layer=self.layer, copy=copy, safe=safe,
-                     peft_compat=peft_compat, where=self.name)
+        rec = None
+        if self.kasa_diag is not None:
+            self.layer.check_weight(weight)
+            new, rec = self._kasa_merge(weight, copy=copy, safe=safe, unmerge=False, record=None,
+                                        peft_compat=peft_compat)
+        else:
+            new = _apply(weight, self.A, self.B, scaling=self.scaling, sign=1, layer=self.layer, copy=copy,
+                         safe=safe, peft_compat=peft_compat, where=self.name)
         if not copy and self.lora_bias is not None:
             new_bias = write_back(self.name, bias, new_bias)
-        return MergeResult(new, new_bias)
+        return MergeResult(new, new_bias, rec)
 
     def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
                 peft_compat: bool = False) -> MergeResult:
@@ -996,6 +1089,13 @@ class LoraModule(ModuleAdapter):
             new_bias = unmerge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
         if not copy:
             self.require_inplace(weight, bias)
+        if self.kasa_diag is not None:
+            self.layer.check_weight(weight)
+            new, _ = self._kasa_merge(weight, copy=copy, safe=False, unmerge=True, record=record,
+                                      peft_compat=peft_compat)
+            if not copy and self.lora_bias is not None:
+                new_bias = write_back(self.name, bias, new_bias)
+            return MergeResult(new, new_bias)
         new = _apply(weight, self.A, self.B, scaling=self.scaling, sign=-1, layer=self.layer, copy=copy, safe=False,
                      peft_compat=peft_compat, where=self.name)
         if not copy and self.lora_bias is not None:
@@ -1004,7 +1104,14 @@ class LoraModule(ModuleAdapter):
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
         layer, kw = self.input_layer(x, weight, layer_kwargs)
-        return forward(x, weight, self.A, self.B, scaling=self.scaling, bias=bias, layer=layer,
+        B = self.B
+        if self.kasa_diag is not None:  # the truncated base (as PEFT's load leaves it) and B diag(d)
+            xp = self.xp
+            U, S, V = kasa_split(weight, self.r, where=self.name)
+            cd = compute_dtype(xp, weight.dtype)
+            weight = as_compute(xp, as_compute(xp, weight, cd) - triplet_product(xp, U, S, V, cd), weight.dtype)
+            B = self._kasa_B()
+        return forward(x, weight, self.A, B, scaling=self.scaling, bias=bias, layer=layer,
                        lora_bias=self.lora_bias, **kw)
 
 
@@ -1022,6 +1129,7 @@ PARAMETER_SUFFIXES = (
     "lora_embedding_B",
     "lora_magnitude_vector",
     *(k for _, keys in TRAINING_STATE.values() for k in keys),
+    "lora_diag",
 )
 Config = LoraConfig
 Module = LoraModule
@@ -1037,7 +1145,8 @@ METHOD = Method(
     peft_type=PEFT_TYPE, config=LoraConfig, module=LoraModule, spec="specs/lora.md",
     parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=LoraModule.supported_kinds, additive=True,
     init_field="init_lora_weights", examples=EXAMPLES, combine="low_rank", mixed_batch=True,
-    needs_record_for=lambda config: bool(config.use_dora),  # DoRA: merge returns the weight norm
+    # DoRA: merge returns the weight norm; KaSA: the base weight's dropped singular part
+    needs_record_for=lambda config: bool(config.use_dora) or getattr(config, "kasa_config", None) is not None,
     frozen_suffixes=FROZEN_STATE,
 )
 

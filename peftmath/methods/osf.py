@@ -28,6 +28,7 @@ from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedErr
 from ..layers import Layer, LayerKind
 from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, add_fresh_delta, require_kind
+from ._svd import pack_triplets, smallest_triplets, triplet_product, unpack_triplets
 
 Array = Any
 
@@ -116,22 +117,11 @@ def _check_kind(layer: Layer, where: str) -> None:
 def low_part(weight: Array, r: int, *, dtype: Any = None, where: str = "osf") -> tuple[Array, Array, Array]:
     """``(U_lo⁰ (out, r), S_lo⁰ (r,), V_lo⁰ (r, in))``: the ``r`` smallest singular triplets of ``weight`` (its
     ``xp.linalg.svd``, in ``dtype``: float32, float64 for float64 weights, as PEFT's float32 SVD)."""
-    xp = namespace(weight, where=where)
-    cd = dtype if dtype is not None else compute_dtype(xp, weight.dtype)
-    try:
-        U, S, Vh = xp.linalg.svd(as_compute(xp, weight, cd), full_matrices=False)
-    except NotImplementedError as exc:  # dask: the SVD of a matrix chunked along both axes
-        raise UnsupportedError(
-            f"{where}: OSF needs the SVD of the base weight {tuple(weight.shape)}, which this array library "
-            f"cannot compute for this layout ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); for dask, "
-            f"rechunk the weight to one chunk along one axis (weight.rechunk({{1: -1}})) or use NumPy"
-        ) from exc
-    n = int(S.shape[0])
-    return U[:, n - r:], S[n - r:], Vh[n - r:, :]
+    return smallest_triplets(weight, r, dtype=dtype, method="OSF", where=where)
 
 
 def _product(xp: Any, U: Array, S: Array, V: Array, cd: Any) -> Array:
-    return xp.matmul(as_compute(xp, U, cd) * as_compute(xp, S, cd)[None, :], as_compute(xp, V, cd))
+    return triplet_product(xp, U, S, V, cd)
 
 
 def delta_weight(weight: Array, U_low: Array, S_low: Array, V_low: Array, *, record: Any = None,
@@ -158,17 +148,12 @@ def delta_weight(weight: Array, U_low: Array, S_low: Array, V_low: Array, *, rec
 
 def pack_record(xp: Any, U0: Array, S0: Array, V0: Array) -> Array:
     """The merge record: ``U_lo⁰``, ``S_lo⁰``, ``V_lo⁰`` flattened into one vector of ``r·(out + in + 1)``."""
-    return xp.concat([xp.reshape(U0, (-1,)), S0, xp.reshape(V0, (-1,))])
+    return pack_triplets(xp, U0, S0, V0)
 
 
 def unpack_record(record: Array, out: int, inn: int, r: int, *, where: str = "osf") -> tuple[Array, Array, Array]:
     """Inverse of :func:`pack_record`; :class:`ShapeError` for a record of another module."""
-    xp = namespace(record, where=where)
-    if tuple(record.shape) != (r * (out + inn + 1),):
-        raise ShapeError(f"{where}: the OSF merge record has shape {tuple(record.shape)}, expected "
-                         f"({r * (out + inn + 1)},) = r*(out+in+1) for r={r}, a {out}x{inn} layer")
-    a, b = out * r, out * r + r
-    return xp.reshape(record[:a], (out, r)), record[a:b], xp.reshape(record[b:], (r, inn))
+    return unpack_triplets(record, out, inn, r, method="OSF", where=where)
 
 
 # --------------------------------------------------------------------------------------------------

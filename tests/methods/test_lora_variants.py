@@ -13,7 +13,7 @@ from scipy.linalg import block_diag
 from tests.helpers import assert_same_namespace, to_np, to_xp
 from peftmath import Adapter, create_adapter
 from peftmath.io.peft import config_from_dict
-from peftmath.errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
+from peftmath.errors import CheckpointError, ConfigError, NotInvertibleError, ShapeError, UnsupportedError
 from peftmath.methods.lora import block_diagonal
 
 OUT, IN, R, NB = 12, 8, 4, 2
@@ -215,3 +215,81 @@ def test_training_state_without_its_field_is_a_checkpoint_error():
                     "lora_velora_embed": np.zeros(IN // 2, np.float32)}}
     with pytest.raises(CheckpointError, match="has no velora_config"):
         Adapter(cfg, params).module("q")
+
+
+# --------------------------------------------------------------------------------------------------
+# KaSA: the base weight's r smallest singular components dropped, ΔW = s·B diag(d) A
+# --------------------------------------------------------------------------------------------------
+def _kasa(rng, r=3, out=OUT, inn=IN, dtype=np.float32):
+    cfg = config_from_dict({"peft_type": "LORA", "r": r, "lora_alpha": 6, "target_modules": ["q"],
+                            "kasa_config": {"beta": 1e-4, "gamma": 1e-3}})
+    params = {"q": {"lora_A.weight": rng.standard_normal((r, inn)).astype(dtype),
+                    "lora_B.weight": rng.standard_normal((out, r)).astype(dtype),
+                    "lora_diag": rng.standard_normal(r).astype(dtype)}}
+    return Adapter(cfg, params)
+
+
+def _kasa_reference(W, p, r, s):
+    """float64: W minus its r smallest singular components (numpy's SVD), plus s·B diag(d) A."""
+    U, S, Vh = np.linalg.svd(np.asarray(W, np.float64), full_matrices=False)
+    k = S.shape[0]
+    dropped = (U[:, k - r:] * S[k - r:]) @ Vh[k - r:]
+    A, B, d = (np.asarray(p[k_], np.float64) for k_ in ("lora_A.weight", "lora_B.weight", "lora_diag"))
+    return W - dropped + s * (B * d) @ A, W - dropped
+
+
+def test_kasa_merge_forward_and_exact_unmerge_with_the_record():
+    rng = np.random.default_rng(20)
+    ad = _kasa(rng)
+    W = rng.standard_normal((OUT, IN)).astype(np.float32)
+    b = rng.standard_normal(OUT).astype(np.float32)
+    want, truncated = _kasa_reference(W, ad.params["q"], 3, 6 / 3)
+    records = {}
+    merged = ad.merge({"q.weight": W, "q.bias": b}, records=records)
+    tol = 1e-5 * np.abs(want).max()  # float32 SVD of W
+    np.testing.assert_allclose(merged["q.weight"], want, atol=tol)
+    np.testing.assert_array_equal(merged["q.bias"], b)
+    x = rng.standard_normal((4, IN)).astype(np.float32)
+    np.testing.assert_allclose(ad.forward("q", x, {"q.weight": W, "q.bias": b}), x @ want.T + b, atol=1e-4, rtol=1e-4)
+    back = ad.unmerge(merged, records=records)
+    np.testing.assert_allclose(back["q.weight"], W, atol=tol)
+    # without the record the dropped part is lost: refused, or PEFT's truncated base with peft_compat
+    with pytest.raises(NotInvertibleError, match=r"q: KaSA's merge dropped the base weight's 3 smallest"):
+        ad.unmerge(merged)
+    np.testing.assert_allclose(ad.unmerge(merged, peft_compat=True)["q.weight"], truncated, atol=tol)
+
+
+def test_kasa_merge_in_place_writes_the_callers_array():
+    rng = np.random.default_rng(21)
+    ad = _kasa(rng)
+    W = np.asfortranarray(rng.standard_normal((OUT, IN)).astype(np.float32))
+    want = ad.merge({"q.weight": W.copy()})["q.weight"]
+    mod = ad.module("q")
+    res = mod.merge(W, copy=False)
+    assert res.weight is W and res.record is not None
+    np.testing.assert_allclose(W, want, atol=1e-6)
+    mod.unmerge(W, record=res.record, copy=False)
+    np.testing.assert_allclose(W, ad.unmerge({"q.weight": np.asarray(want)}, records={"q": res.record})["q.weight"],
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(r=8), ConfigError, r"q: KaSA needs r=8 below min\(out, in\)=8"),
+    (dict(drop="lora_diag"), CheckpointError, "kasa_config is set but the checkpoint has no lora_diag"),
+    (dict(diag=5), ShapeError, "q.*lora_diag"),
+])
+def test_kasa_refusals(change, error, match):
+    rng = np.random.default_rng(22)
+    ad = _kasa(rng, r=change.get("r", 3))
+    if "drop" in change:
+        del ad.params["q"][change["drop"]]
+    if "diag" in change:
+        ad.params["q"]["lora_diag"] = np.ones(change["diag"], np.float32)
+    with pytest.raises(error, match=match):
+        ad.module("q", weight_shape=(OUT, IN))
+
+
+def test_kasa_on_a_conv1d_layer_is_refused():
+    ad = _kasa(np.random.default_rng(23))
+    with pytest.raises(UnsupportedError, match=r"q: KaSA \(kasa_config\) on a Conv1D layer"):
+        ad.module("q", weight_shape=(IN, OUT), kind="Conv1D")

@@ -53,7 +53,6 @@ CLAIMED = frozenset({
 #: the math or add tensors (issue 15, item 3) and DoRA on grouped convs. (LoRA on a grouped conv is not
 #: here: PEFT cannot merge it, so a refused merge with PEFT's forward is a pass.)
 MAY_REFUSE: dict[str, str] = {
-    "Vanilla MLP 1 LoRA with KaSA": "KaSA (lora_diag) is a LoRA variant peftmath does not implement",
     "Embedding + transformers Conv1D 1 LoRA trainable_tokens": "trainable tokens (trainable_token_indices)",
     "MHA 1 LoRA": "nn.MultiheadAttention targets",
     "MHA 2 LoRA": "nn.MultiheadAttention targets",

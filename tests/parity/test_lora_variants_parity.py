@@ -12,6 +12,7 @@ import pytest
 
 from tests.parity.conftest import (
     assert_saves_back_identically,
+    peft_forward,
     check_module_math_as_peft,
     check_reloaded_in_peft,
     load_peft_checkpoint,
@@ -108,3 +109,40 @@ def test_bdlora_on_a_transformers_conv1d_is_refused_as_peft_fails(tmp_path):
         "target_modules_bd_b": ["c0"], "nblocks": 2}})
     with pytest.raises(UnsupportedError, match=r"c0: BD-LoRA \(use_bdlora\) on a Conv1D layer"):
         peftmath.create_adapter(base, config, layer_kinds={"c0": "Conv1D"})
+
+
+def test_kasa_against_peft(tmp_path):
+    """KaSA: PEFT truncates the base weight when it builds (or loads) the adapter; peftmath recomputes that from
+    the original base. Forward and merge_and_unload from the original weights, the trainable count, the exact
+    unmerge with the record, and the adapter peftmath saves loaded by PEFT onto a fresh original base."""
+    import peftmath
+
+    original = two_linear_model(SIZES)
+    state = {k: v.detach().numpy().copy() for k, v in original.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = peft.LoraConfig(target_modules=list(MODULES), r=4, lora_alpha=6, kasa_config=peft.KasaConfig())
+        pmodel = peft.get_peft_model(two_linear_model(SIZES), cfg)
+    redraw(pmodel, {"lora_": (0.0, 0.5)}, seed=5)
+    pmodel.eval()
+    ad = load_peft_checkpoint(pmodel, tmp_path / "peft")
+    assert ad.num_trainable_parameters() == pmodel.get_nb_trainable_parameters()[0]
+    xs = two_linear_inputs(SIZES)
+    for name in MODULES:
+        np.testing.assert_allclose(ad.forward(name, xs[name], state), peft_forward(pmodel, name, xs[name]),
+                                   atol=1e-5, rtol=1e-5)
+    records: dict = {}
+    merged = ad.merge(state, records=records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = {k: v.detach().numpy() for k, v in pmodel.merge_and_unload().state_dict().items()}
+    for key in state:
+        np.testing.assert_allclose(merged[key], want[key], atol=1e-5, rtol=1e-5, err_msg=key)
+    back = ad.unmerge(merged, records=records)
+    for key in state:
+        np.testing.assert_allclose(back[key], state[key], atol=1e-5, err_msg=key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's own adapter, loaded onto a fresh original base (PEFT truncates it)
+        reference = peft.PeftModel.from_pretrained(two_linear_model(SIZES), tmp_path / "peft").eval()
+        check_reloaded_in_peft(reference, peftmath.load_adapter(tmp_path / "peft"), two_linear_model(SIZES),
+                               tmp_path / "ours", xs, atol=1e-6, rtol=1e-6)

@@ -76,7 +76,7 @@ def _assert_states_close(got: dict, want: dict, *, tol: float = 1e-5):
 # the tables cannot rot
 # --------------------------------------------------------------------------------------------------
 #: LoRA variant fields peftmath implements: DoRA, BD-LoRA, and VeLoRA / MonteCLoRA (training-time state only)
-IMPLEMENTED_VARIANT_FIELDS = ("use_dora", "use_bdlora", "velora_config", "monteclora_config")
+IMPLEMENTED_VARIANT_FIELDS = ("use_dora", "use_bdlora", "velora_config", "monteclora_config", "kasa_config")
 
 
 @pytest.mark.parametrize("peft_type", list(PEFT_CONFIGS))
@@ -179,7 +179,6 @@ def _llama(**kw):
 
 
 VARIANTS = {
-    "KaSA": (MLP, dict(target_modules=["lin0"], kasa_config="KasaConfig", r=4), UnsupportedError, r"kasa_config=.*KaSA"),
     "trainable tokens": (MLP, dict(target_modules=["lin0"], trainable_token_indices={"emb": [0, 10]}), UnsupportedError,
                          "trainable_token_indices="),
     "MultiheadAttention": (MHA, dict(target_modules=["mha", "lin0"]), CheckpointError,
@@ -198,8 +197,10 @@ VARIANTS = {
 }
 
 
-#: LoRA variants with training-time tensors that peftmath reads (their parity: the PEFT matrix rows)
+#: LoRA variants whose tensors need their config field: KaSA's lora_diag, VeLoRA / MonteCLoRA's training state
+#: (their parity: the PEFT matrix rows and tests/parity/test_lora_variants_parity.py)
 TRAINING_STATE_VARIANTS = {
+    "KaSA": (MLP, dict(target_modules=["lin0"], kasa_config="KasaConfig", r=4)),
     "VeLoRA": (MLP, dict(target_modules=["lin0"], velora_config=("VeloraConfig", dict(num_groups=2, init_type="random")))),
     "MonteCLoRA": (MLP, dict(target_modules=["lin0"], monteclora_config=("MontecloraConfig", dict(num_samples=2)))),
 }
@@ -240,13 +241,8 @@ def _drop_variant_fields(folder: Path) -> None:
 
 
 def test_variant_tensors_are_refused_even_without_their_config_field(tmp_path):
-    """A KaSA checkpoint whose config lost its field still holds tensors plain LoRA does not have; a VeLoRA /
-    MonteCLoRA one holds training state its config no longer describes."""
-    model_id, kw, _, _ = VARIANTS["KaSA"]
-    _peft_checkpoint(model_id, kw, tmp_path / "KaSA")
-    _drop_variant_fields(tmp_path / "KaSA")
-    with pytest.raises(CheckpointError, match=r"lin0\.lora_diag.*KaSA.*not implemented in peftmath"):
-        pm.load_adapter(tmp_path / "KaSA")
+    """A KaSA / VeLoRA / MonteCLoRA checkpoint whose config lost its field holds tensors its config no longer
+    describes (KaSA's lora_diag, the others' training state): refused, not read as a plain LoRA."""
     for variant, (model_id, kw) in TRAINING_STATE_VARIANTS.items():
         folder = tmp_path / variant
         _peft_checkpoint(model_id, kw, folder)
@@ -254,6 +250,7 @@ def test_variant_tensors_are_refused_even_without_their_config_field(tmp_path):
         pm.load_adapter(folder).merge(base)  # with its field: read and merged
         _drop_variant_fields(folder)
         with pytest.raises(CheckpointError, match=rf"lin0: the checkpoint holds lora_.*{variant}.*has no .*_config"):
+            # (KaSA's message names lora_diag and "KaSA's learned singular values")
             pm.load_adapter(folder).merge(base)
 
 
