@@ -317,6 +317,9 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # BEFT: init_weights only drew the vector the checkpoint holds; no exclude_modules etc. in PEFT
     "BEFT": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save"), IMPLEMENTED),
              "init_weights": IRRELEVANT},
+    # trainable tokens: init_weights only drew the rows the checkpoint holds; token_indices are the rows replaced
+    "TRAINABLE_TOKENS": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "token_indices"), IMPLEMENTED),
+                         "init_weights": IRRELEVANT},
     # Lily: stride_A gives the ties (the checkpoint holds a copy per module); init_weights only drew the tensors
     "LILY": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "stride_A", "num_B", "scaling"), IMPLEMENTED),
              "init_weights": IRRELEVANT},

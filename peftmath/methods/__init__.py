@@ -55,6 +55,7 @@ METHOD_MODULES: dict[str, str] = {
     "DEFT": "peftmath.methods.deft",
     "SUPERTUNING": "peftmath.methods.supertuning",
     "BEFT": "peftmath.methods.beft",
+    "TRAINABLE_TOKENS": "peftmath.methods.trainable_tokens",
     "PEANUT": "peftmath.methods.peanut",
     "LN_TUNING": "peftmath.methods.ln_tuning",
 }

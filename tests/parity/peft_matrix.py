@@ -47,6 +47,7 @@ CLAIMED = frozenset({
     "BeftConfig",
     "PeanutConfig",
     "LNTuningConfig",
+    "TrainableTokensConfig",
 })
 
 #: rows of claimed methods where a clear refusal is as good as PEFT's numbers: LoRA variants that change

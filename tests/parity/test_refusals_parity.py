@@ -42,6 +42,7 @@ PEFT_CONFIGS = {"LORA": "LoraConfig", "ADALORA": "AdaLoraConfig", "IA3": "IA3Con
                 "PREFIX_TUNING": "PrefixTuningConfig", "HRA": "HRAConfig", "ROAD": "RoadConfig", "FOURIERFT": "FourierFTConfig", "HIRA": "HiraConfig", "MISS": "MissConfig", "DELORA": "DeloraConfig", "VBLORA": "VBLoRAConfig", "RANDLORA": "RandLoraConfig", "C3A": "C3AConfig", "SHIRA": "ShiraConfig", "WAVEFT": "WaveFTConfig", "OSF": "OSFConfig", "GLORA": "GloraConfig", "PSOFT": "PsoftConfig", "BEFT": "BeftConfig", "PEANUT": "PeanutConfig", "LN_TUNING": "LNTuningConfig"}
 PEFT_CONFIGS["GRALORA"] = "GraloraConfig"
 PEFT_CONFIGS["PVERA"] = "PveraConfig"
+PEFT_CONFIGS["TRAINABLE_TOKENS"] = "TrainableTokensConfig"
 
 
 def _quiet(fn, *args, **kwargs):
