@@ -184,6 +184,8 @@ _LORA_FIELDS: dict[str, object] = {
     # are plain LoRA's); KaSA: the base's r smallest singular components dropped, lora_diag between B and A.
     # Their tensors are checked and kept (methods/lora.py, "Variants")
     **dict.fromkeys(("use_bdlora", "velora_config", "monteclora_config", "kasa_config"), IMPLEMENTED),
+    # aLoRA: forward with alora_offsets (the adapter acts from the invocation sequence on); merges refused, as PEFT
+    "alora_invocation_tokens": IMPLEMENTED,
     "init_lora_weights": Refused(
         "PiSSA / OLoRA / CorDA / LoftQ / LoRA-GA initialisation", (True, False, "gaussian", "eva", "orthogonal", "mica"),
         "PEFT runs this initialisation again when it loads the adapter, and it changes the base weights "
@@ -195,9 +197,6 @@ _LORA_FIELDS: dict[str, object] = {
                                "its layers are Megatron's parallel linears, saved per rank"),
     "trainable_token_indices": Refused("trainable tokens (trainable_token_indices)", _NONE,
                                        "it trains rows of the token embedding (token_adapter.trainable_tokens_delta)"),
-    "alora_invocation_tokens": Refused("aLoRA (activated LoRA)", _NONE,
-                                       "the adapter acts only on the tokens after its invocation sequence, so it "
-                                       "cannot be merged, and its forward depends on the token ids"),
     "use_qalora": Refused("QALoRA", (False,), "lora_A acts on the input pooled in groups of qalora_group_size"),
     "layer_replication": Refused("layer replication", _NONE,
                                  "it stacks copies of base layers, so the adapted modules are not the base's"),
@@ -214,6 +213,7 @@ _NOT_FOR_ADALORA = {
     "velora_config": Refused("VeLoRA", _NONE, "AdaLoRA's SVD layers do not run VeLoRA"),
     "monteclora_config": Refused("MonteCLoRA", _NONE, "AdaLoRA's SVD layers do not run MonteCLoRA"),
     "kasa_config": Refused("KaSA", _NONE, "AdaLoRA's SVD layers do not run KaSA"),
+    "alora_invocation_tokens": Refused("aLoRA (activated LoRA)", _NONE, "AdaLoRA's SVD layers do not run aLoRA"),
 }
 
 #: peft_type -> {field: IMPLEMENTED | IRRELEVANT | Refused(...)} for every field of PEFT 0.21.2's config

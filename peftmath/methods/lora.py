@@ -120,6 +120,9 @@ class LoraConfig(TunerConfig):
     #: KaSA (PEFT's ``KasaConfig`` as saved: ``beta``, ``gamma``, its training losses' weights): the base weight's
     #: r smallest singular components dropped, ``ΔW = s·B diag(lora_diag) A`` (specs/lora.md, "12. Variants")
     kasa_config: dict | None = None
+    #: aLoRA (activated LoRA): the token ids of the invocation sequence; the adapter acts only on the tokens from
+    #: its last occurrence on (specs/lora.md, "12. Variants")
+    alora_invocation_tokens: list[int] | None = None
 
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
@@ -180,7 +183,11 @@ class LoraConfig(TunerConfig):
             check_positive_int(source, "velora_config.num_groups", self.velora_config.get("num_groups", 1))
         if self.monteclora_config is not None:
             check_positive_int(source, "monteclora_config.num_samples", self.monteclora_config.get("num_samples", 1))
-        on = [n for n in ("use_dora", "use_bdlora", "velora_config", "monteclora_config")
+        tokens = self.alora_invocation_tokens
+        if tokens is not None and not (isinstance(tokens, list) and tokens
+                                       and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+            raise ConfigError(f"{source}: alora_invocation_tokens must be a non-empty list of token ids, got {tokens!r}")
+        on = [n for n in ("use_dora", "use_bdlora", "velora_config", "monteclora_config", "alora_invocation_tokens")
               if getattr(self, n)] + (["kasa_config"] if self.kasa_config is not None else [])
         if len(on) > 1:
             raise ConfigError(f"{source}: {' and '.join(on)} are set together; PEFT 0.21.2 runs one LoRA variant per "
@@ -337,6 +344,38 @@ def kasa_split(weight: Array, r: int, *, where: str = "kasa") -> tuple[Array, Ar
         raise ConfigError(f"{where}: KaSA needs r={r} below min(out, in)={k} of the base weight "
                           f"{tuple(weight.shape)}, so that one singular component stays (PEFT refuses this too)")
     return smallest_triplets(weight, r, method="KaSA", where=where)
+
+
+def alora_offsets(input_ids: Array, invocation_tokens: list[int]) -> list[int | None]:
+    """aLoRA's activation point per row of ``input_ids (batch, T)``: ``T − start`` of the *last* occurrence of
+    ``invocation_tokens`` in the row (the invocation sequence and every token after it), None where it does
+    not occur (the row is the base model's). PEFT's ``calculate_alora_offsets`` for one adapter.
+
+    >>> alora_offsets([[5, 1, 2, 9, 1, 2, 7], [1, 1, 1, 1, 1, 1, 1]], [1, 2])
+    [3, None]
+    """
+    ids = np.asarray(input_ids if isinstance(input_ids, (list, tuple, np.ndarray))
+                     else backend_for(namespace(input_ids)).to_host(input_ids))
+    if ids.ndim != 2:
+        raise ShapeError(f"aLoRA offsets: input_ids must be (batch, tokens), got shape {ids.shape}")
+    n = len(invocation_tokens)
+    inv = np.asarray(invocation_tokens)
+    out: list[int | None] = []
+    for row in ids:
+        T = row.shape[0]
+        starts = [i for i in range(T - n + 1) if np.array_equal(row[i:i + n], inv)]
+        out.append(T - starts[-1] if starts else None)
+    return out
+
+
+def alora_mask(offsets: list[int | None], batch: int, tokens: int) -> np.ndarray:
+    """``(batch, tokens)`` booleans: True on the last ``offsets[i]`` positions of row ``i`` (clipped to ``tokens``;
+    None and 0 activate nothing), PEFT's aLoRA mask."""
+    if len(offsets) != batch:
+        raise ShapeError(f"aLoRA: {len(offsets)} alora_offsets for a batch of {batch} rows; give one per row "
+                         f"(lora.alora_offsets(input_ids, config.alora_invocation_tokens))")
+    k = np.array([0 if o is None else min(int(o), tokens) for o in offsets])
+    return np.arange(tokens)[None, :] >= (tokens - k)[:, None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -933,6 +972,12 @@ class LoraModule(ModuleAdapter):
             self.B = block_diagonal(self.B, nb)
         self._check_training_state()
         self._check_kasa()
+        self.alora = self.config.peft_type == PEFT_TYPE and self.config.alora_invocation_tokens is not None
+        if self.alora:
+            if self.layer.kind not in VARIANT_KINDS:
+                raise UnsupportedError(f"{self.name}: aLoRA (alora_invocation_tokens) on a {self.layer.kind.value} "
+                                       f"layer; PEFT 0.21.2 runs it on Linear (and transformers Conv1D) layers only")
+            self.additive = False  # it cannot be merged
         r_cfg, _ = self.config.rank_and_alpha(self.name)
         if r_cfg != self.r:
             raise ShapeError(
@@ -1063,6 +1108,7 @@ class LoraModule(ModuleAdapter):
 
     def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
               peft_compat: bool = False) -> MergeResult:
+        self._refuse_alora("merged")
         new_bias = bias
         if self.lora_bias is not None:
             new_bias = merge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
@@ -1084,6 +1130,7 @@ class LoraModule(ModuleAdapter):
 
     def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
                 peft_compat: bool = False) -> MergeResult:
+        self._refuse_alora("unmerged")
         new_bias = bias
         if self.lora_bias is not None:
             new_bias = unmerge_bias(bias, self.lora_bias, scaling=self.scaling, peft_compat=peft_compat)
@@ -1102,8 +1149,40 @@ class LoraModule(ModuleAdapter):
             new_bias = write_back(self.name, bias, new_bias)
         return MergeResult(new, new_bias)
 
+    #: aLoRA: the adapter acts only from the invocation sequence on (set by validate)
+    alora: bool = False
+
+    def _refuse_alora(self, what: str) -> None:
+        if self.alora:
+            raise UnsupportedError(
+                f"{self.name}: an aLoRA adapter (alora_invocation_tokens) cannot be {what}: it acts only on the tokens "
+                f"from its invocation sequence on, a merged weight would act on every token (PEFT refuses too); use "
+                f"forward(..., alora_offsets=lora.alora_offsets(input_ids, config.alora_invocation_tokens))")
+
+    def _alora_forward(self, x: Array, weight: Array, bias: Array | None, offsets: Any, kw: dict) -> Array:
+        """``base(x) + m ⊙ s·(x Aᵀ Bᵀ + b_B)`` with ``m`` PEFT's mask (:func:`alora_mask`) over ``x (batch, T, in)``
+        (or ``(batch, in)``: one token per row); no offsets: the base model (PEFT's default)."""
+        xp = self.xp
+        if x.ndim not in (2, 3):
+            raise ShapeError(f"{self.name}: aLoRA's forward takes x of shape (batch, tokens, in) or (batch, in), "
+                             f"got {tuple(x.shape)}")
+        batch, T = int(x.shape[0]), (int(x.shape[1]) if x.ndim == 3 else 1)
+        mask = alora_mask(offsets if offsets is not None else [None] * batch, batch, T)
+        layer = self.layer
+        base = layer.base_forward(x, weight, bias, xp)
+        lo = adapter_output(x, self.A, self.B, scaling=self.scaling, layer=layer, lora_bias=self.lora_bias, **kw)
+        m = backend_for(xp).from_host(mask.reshape((batch, T, 1) if x.ndim == 3 else (batch, 1)).astype(np.float32),
+                                      xp, common_device(x))
+        return as_compute(xp, as_compute(xp, base, lo.dtype) + lo * as_compute(xp, m, lo.dtype), base.dtype)
+
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
+        """The adapted forward; an aLoRA module takes ``alora_offsets`` (one per batch row, :func:`alora_offsets`)."""
+        offsets = layer_kwargs.pop("alora_offsets", None)
         layer, kw = self.input_layer(x, weight, layer_kwargs)
+        if self.alora:
+            return self._alora_forward(x, weight, bias, offsets, kw)
+        if offsets is not None:
+            raise ConfigError(f"{self.name}: alora_offsets given for an adapter without alora_invocation_tokens")
         B = self.B
         if self.kasa_diag is not None:  # the truncated base (as PEFT's load leaves it) and B diag(d)
             xp = self.xp

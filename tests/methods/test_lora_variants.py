@@ -293,3 +293,43 @@ def test_kasa_on_a_conv1d_layer_is_refused():
     ad = _kasa(np.random.default_rng(23))
     with pytest.raises(UnsupportedError, match=r"q: KaSA \(kasa_config\) on a Conv1D layer"):
         ad.module("q", weight_shape=(IN, OUT), kind="Conv1D")
+
+
+# --------------------------------------------------------------------------------------------------
+# aLoRA: the adapter acts only from the (last) invocation sequence on
+# --------------------------------------------------------------------------------------------------
+from peftmath.methods.lora import alora_mask, alora_offsets  # noqa: E402
+
+
+@pytest.mark.parametrize("row, inv, want", [
+    ([5, 1, 2, 9, 1, 2, 7], [1, 2], 3),       # the last occurrence counts
+    ([1, 2, 3], [1, 2, 3], 3),                # the whole row
+    ([4, 4, 4], [4, 4], 2),                   # overlapping matches: the last start
+    ([1, 2], [1, 2, 3], None),                # longer than the row
+    ([7, 8, 9], [8, 7], None),
+])
+def test_alora_offsets(row, inv, want):
+    assert alora_offsets([row], inv) == [want]
+
+
+def test_alora_forward_masks_the_adapter_term():
+    rng = np.random.default_rng(30)
+    cfg = config_from_dict({"peft_type": "LORA", "r": R, "lora_alpha": 6, "target_modules": ["q"],
+                            "alora_invocation_tokens": [3, 4]})
+    A, B = rng.standard_normal((R, IN)), rng.standard_normal((OUT, R))
+    ad = Adapter(cfg, {"q": {"lora_A.weight": A.astype(np.float32), "lora_B.weight": B.astype(np.float32)}})
+    W, b = rng.standard_normal((OUT, IN)).astype(np.float32), rng.standard_normal(OUT).astype(np.float32)
+    ids = np.array([[1, 3, 4, 5, 6], [2, 2, 2, 2, 2], [3, 4, 9, 3, 4]])
+    offsets = alora_offsets(ids, [3, 4])
+    assert offsets == [4, None, 2]
+    x = rng.standard_normal((3, 5, IN)).astype(np.float32)
+    got = ad.forward("q", x, {"q.weight": W, "q.bias": b}, alora_offsets=offsets)
+    mask = alora_mask(offsets, 3, 5)
+    want = x @ W.T.astype(np.float64) + b + mask[..., None] * (6 / R) * (x @ A.T @ B.T)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # no offsets: the base model everywhere (PEFT's default)
+    np.testing.assert_allclose(ad.forward("q", x, {"q.weight": W, "q.bias": b}), x @ W.T + b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UnsupportedError, match=r"q: an aLoRA adapter .* cannot be merged"):
+        ad.merge({"q.weight": W, "q.bias": b})
+    with pytest.raises(ShapeError, match="2 alora_offsets for a batch of 3 rows"):
+        ad.forward("q", x, {"q.weight": W, "q.bias": b}, alora_offsets=[1, 2])

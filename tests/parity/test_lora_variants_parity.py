@@ -146,3 +146,47 @@ def test_kasa_against_peft(tmp_path):
         reference = peft.PeftModel.from_pretrained(two_linear_model(SIZES), tmp_path / "peft").eval()
         check_reloaded_in_peft(reference, peftmath.load_adapter(tmp_path / "peft"), two_linear_model(SIZES),
                                tmp_path / "ours", xs, atol=1e-6, rtol=1e-6)
+
+
+def test_alora_forward_against_peft(tmp_path):
+    """aLoRA: PEFT's layer forward with ``alora_offsets`` (from its own ``calculate_alora_offsets`` on token ids)
+    equals peftmath's; the merge is refused by both; peftmath's saved adapter loads in PEFT."""
+    import peftmath
+    from peft.tuners.lora.variants import calculate_alora_offsets
+    from peftmath.errors import UnsupportedError
+    from peftmath.methods.lora import alora_offsets
+
+    inv = [3, 4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = peft.LoraConfig(target_modules=list(MODULES), r=4, lora_alpha=6, alora_invocation_tokens=inv)
+        pmodel = peft.get_peft_model(two_linear_model(SIZES), cfg)
+    redraw(pmodel, {"lora_": (0.0, 0.5)}, seed=7)
+    pmodel.eval()
+    ad = load_peft_checkpoint(pmodel, tmp_path / "peft")
+    assert ad.num_trainable_parameters() == pmodel.get_nb_trainable_parameters()[0]
+    ids = torch.tensor([[1, 3, 4, 5, 6, 7], [2, 2, 2, 2, 2, 2], [3, 4, 9, 3, 4, 0], [0, 0, 0, 0, 3, 4]])
+    offsets = calculate_alora_offsets(pmodel.peft_config, "default", ids)
+    assert alora_offsets(ids.numpy(), inv) == offsets
+    state = peft_weights(pmodel, MODULES)
+    rng = np.random.default_rng(8)
+    for name, width in zip(MODULES, SIZES[:2]):
+        x = rng.standard_normal((4, 6, width)).astype(np.float32)
+        with torch.no_grad():
+            want = pmodel.base_model.model.get_submodule(name)(torch.from_numpy(x), alora_offsets=offsets)
+        np.testing.assert_allclose(ad.forward(name, x, state, alora_offsets=offsets), want.numpy(),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(UnsupportedError, match="cannot be merged"):
+        ad.merge(state)
+    with warnings.catch_warnings(), pytest.raises(NotImplementedError, match="aLoRA does not support merging"):
+        warnings.simplefilter("ignore")
+        pmodel.merge_adapter()
+    peftmath.save_adapter(ad, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = peft.PeftModel.from_pretrained(two_linear_model(SIZES), tmp_path / "ours").eval()
+    x = rng.standard_normal((4, 6, SIZES[0])).astype(np.float32)
+    with torch.no_grad():
+        a = fresh.base_model.model.lin0(torch.from_numpy(x), alora_offsets=offsets)
+        b = pmodel.base_model.model.lin0(torch.from_numpy(x), alora_offsets=offsets)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)

@@ -77,7 +77,8 @@ def _assert_states_close(got: dict, want: dict, *, tol: float = 1e-5):
 # the tables cannot rot
 # --------------------------------------------------------------------------------------------------
 #: LoRA variant fields peftmath implements: DoRA, BD-LoRA, and VeLoRA / MonteCLoRA (training-time state only)
-IMPLEMENTED_VARIANT_FIELDS = ("use_dora", "use_bdlora", "velora_config", "monteclora_config", "kasa_config")
+IMPLEMENTED_VARIANT_FIELDS = ("use_dora", "use_bdlora", "velora_config", "monteclora_config", "kasa_config",
+                              "alora_invocation_tokens")
 
 
 @pytest.mark.parametrize("peft_type", list(PEFT_CONFIGS))
@@ -185,8 +186,6 @@ VARIANTS = {
     "MultiheadAttention": (MHA, dict(target_modules=["mha", "lin0"]), CheckpointError,
                            r"mha\.base_layer\.out_proj\.lora_A\.weight.*nn\.MultiheadAttention"),
     "target_parameters": (Experts, dict(target_parameters=["lin0.weight"]), UnsupportedError, "target_parameters="),
-    "aLoRA": (MLP, dict(target_modules=["lin0"], alora_invocation_tokens=[1, 2]), UnsupportedError,
-              "alora_invocation_tokens=.*aLoRA"),
     "PiSSA, not converted": (MLP, dict(target_modules=["lin0"], init_lora_weights="pissa"), UnsupportedError,
                              "init_lora_weights='pissa'.*runs this initialisation again"),
     "OLoRA, not converted": (MLP, dict(target_modules=["lin0"], init_lora_weights="olora"), UnsupportedError,
