@@ -102,6 +102,11 @@ class Adapter:
         #: the factor :meth:`merge` / :meth:`unmerge` / :meth:`delta_weight` apply this adapter with (times
         #: their own ``scale=``); 1 for a plain adapter, set by :meth:`scaled` (``peftmath merge BASE A:0.5``)
         self.scale: float = 1.0
+        #: ``{module: {alias: shared key}}`` from the method's ``link_modules`` (TinyLoRA's weight-tying
+        #: groups), asked once here with every module: the shallow copies (:meth:`on`, the streamer's
+        #: per-module parts) keep it
+        link = self.description.link_modules
+        self._links = {} if link is None else {m: dict(v) for m, v in link(config, self.params, self.shared).items()}
 
     def __repr__(self) -> str:
         return f"Adapter({self.config.peft_type}, {len(self.params)} modules, {self.num_trainable_parameters()} parameters)"
@@ -588,7 +593,9 @@ class Adapter:
         cls = self.description.module
         params = dict(self.params[name])
         layer = cls.infer_layer(name, self.config, params, weight_shape, kind)
-        return cls(name, self.config, params, layer, shared=self.shared).scaled(c)
+        links = self._links.get(name)
+        shared = self.shared if not links else {**self.shared, **{a: self.shared[k] for a, k in links.items()}}
+        return cls(name, self.config, params, layer, shared=shared).scaled(c)
 
     def _two_kinds(self) -> bool:
         """True when the method adapts both nn.Linear and transformers Conv1D layers."""
@@ -755,7 +762,7 @@ class Adapter:
         ``trainable_shared`` tensors once. (VB-LoRA saved with ``save_only_topk_weights`` counts the saved
         top-k weights, not the logits they were taken from.)"""
         frozen = set(self.description.frozen_suffixes)
-        shared = sum(_numel(self.shared[k]) for k in self.description.trainable_shared if k in self.shared)
+        shared = sum(_numel(v) for k, v in self.shared.items() if self.description.is_trainable_shared(k))
         return shared + sum(_numel(a) for p in self.params.values() for k, a in p.items() if k not in frozen)
 
     def summary(self, base: Mapping[str, Array] | None = None) -> dict[str, Any]:

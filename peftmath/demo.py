@@ -85,7 +85,7 @@ def _build_adapter(method: Any, label: str, fields: dict, state: dict[str, np.nd
         p, new_w = method.initialize(name, config, layers[name], weight=state[f"{name}.weight"], seed=seed + j,
                                      shared=shared)
         for k in list(p):
-            if k in method.shared_keys:
+            if method.is_shared(k):
                 shared.setdefault(k, p.pop(k))
         params[name] = p
         if new_w is not None:

@@ -5,8 +5,8 @@ the base model and ``<suffix>`` a parameter of the method (``lora_A.weight``, ``
 ``lora_magnitude_vector``, ``hada_w1_a``, ...); the adapter name (``default``) is not in the file.
 A checkpoint written by ``inject_adapter_in_model`` has no ``base_model.model.`` prefix; both load.
 Every tensor of the checkpoint must be understood (design rule 9): a parameter of the method (its
-``Method.parameter_suffixes``), a tensor the method shares (``Method.shared_keys``), or a base-model tensor the adapter
-replaces, as PEFT saves them:
+``Method.parameter_suffixes``), a tensor the method shares (``Method.is_shared``: its ``shared_keys`` or a key matching its
+``shared_key_pattern``), or a base-model tensor the adapter replaces, as PEFT saves them:
 
 * ``<module>.<name>`` under a ``modules_to_save`` module (PEFT's rule ``(^|.*\.)m($|\..*)``);
 * ``<adapted module>.base_layer.<name>``: the base layer's bias with ``bias="lora_only"`` / ``"all"``, or a
@@ -139,7 +139,7 @@ def load_adapter(
     method = describe_method(config.peft_type)
     tensors = SafeTensorsFile(weights)
     suffixes = method.parameter_suffixes
-    shared_keys = method.shared_keys
+    shared_keys = {key for key in tensors if method.is_shared(key)}
     found: dict[str, tuple[str, str]] = {}
     rest: list[str] = []
     for key in tensors:
@@ -166,12 +166,12 @@ def load_adapter(
             other[replaced[key]] = array
         else:
             shared[key] = array
+    if method.validate_checkpoint is not None:  # first: a method's own reason (UniLoRA without its indices)
+        method.validate_checkpoint(config, shared)
     if not params and not method.allows_no_modules:
         raise CheckpointError(
             f"{weights}: no {config.peft_type} parameters found (expected keys ending in {', '.join(suffixes)})"
         )
-    if method.validate_checkpoint is not None:
-        method.validate_checkpoint(config, shared)
     kinds = _layer_kinds_from_metadata(tensors.metadata, weights)
     return Adapter(config, params, shared=shared, other=other, layer_kinds=kinds)
 

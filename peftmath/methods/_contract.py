@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -105,6 +106,21 @@ class Method:
     trainable_shared
         Shared tensors that are trained (VB-LoRA's vector bank), counted once by
         :meth:`~peftmath.Adapter.num_trainable_parameters`; other shared tensors are frozen projections.
+    shared_key_pattern
+        A regular expression (matched against the whole key) for shared checkpoint keys whose number
+        depends on the adapter (TinyLoRA's one vector per weight-tying group, ``base_model.tinylora_v.<g>``),
+        besides the fixed :attr:`shared_keys`; None (the default) when the fixed tuple says it all. Ask
+        through :meth:`is_shared`.
+    pattern_trainable
+        Whether the tensors under :attr:`shared_key_pattern` are trained (TinyLoRA's vectors are): then
+        :meth:`is_trainable_shared` counts them like :attr:`trainable_shared`.
+    link_modules
+        ``link_modules(config, params, shared) -> {module: {alias: shared key}}`` for a method whose module
+        reads a shared tensor chosen by the module's place among all the adapted modules (TinyLoRA's
+        weight-tying groups); None for the others. The adapter asks it once, with all its modules, when it
+        is built, and binds module ``m`` with ``shared[alias] = shared[key]`` for each pair of ``m``'s entry
+        (a key, not an array, so that moving the adapter to another library keeps it valid). It raises a
+        :class:`~peftmath.errors.PeftMathError` when the checkpoint does not settle the choice.
     """
 
     peft_type: str
@@ -131,6 +147,10 @@ class Method:
     orientation_in_tensors: bool = True
     frozen_suffixes: tuple[str, ...] = ()
     trainable_shared: tuple[str, ...] = ()
+    shared_key_pattern: str | None = None
+    pattern_trainable: bool = False
+    link_modules: Callable[[Any, Mapping[str, Mapping[str, Any]], Mapping[str, Any]],
+                           Mapping[str, Mapping[str, str]]] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "examples", MappingProxyType({k: MappingProxyType(dict(v))
@@ -146,6 +166,10 @@ class Method:
             if unknown:
                 raise TypeError(f"Method {self.peft_type}: rank_excludes {unknown} are not fields of "
                                 f"{self.config.__name__} beside its rank r")
+        if self.shared_key_pattern is not None:
+            re.compile(self.shared_key_pattern)  # a bad pattern fails at import, not at the first load
+        elif self.pattern_trainable:
+            raise TypeError(f"Method {self.peft_type}: pattern_trainable without a shared_key_pattern")
 
     # --- questions the rest of peftmath asks ---------------------------------------------------
     @property
@@ -157,6 +181,18 @@ class Method:
     def merges_weights(self) -> bool:
         """The method changes base weights (it has a module), so merge / unmerge / forward exist."""
         return self.module is not None
+
+    def is_shared(self, key: str) -> bool:
+        """Whether checkpoint key ``key`` is a tensor shared by all modules: one of :attr:`shared_keys`,
+        or a whole match of :attr:`shared_key_pattern`."""
+        return key in self.shared_keys or (self.shared_key_pattern is not None
+                                           and re.fullmatch(self.shared_key_pattern, key) is not None)
+
+    def is_trainable_shared(self, key: str) -> bool:
+        """Whether shared tensor ``key`` is trained (counted once by the adapter's trainable count): one of
+        :attr:`trainable_shared`, or under :attr:`shared_key_pattern` when :attr:`pattern_trainable`."""
+        return key in self.trainable_shared or (self.pattern_trainable and key not in self.shared_keys
+                                                and self.is_shared(key))
 
     def needs_record(self, config_or_module: Any) -> bool:
         """Whether merging with this config (or a bound module's config) returns a record that
