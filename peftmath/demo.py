@@ -69,7 +69,7 @@ def _build_adapter(method: Any, label: str, fields: dict, state: dict[str, np.nd
     from .adapter import Adapter
     from .layers import Layer
 
-    targets = [n for n, (k, _, _) in MODEL.items() if method.supports(k)]
+    targets = [n for n, (k, _, b) in MODEL.items() if method.supports(k) and (b or not method.bias_only)]
     if not targets:
         kinds = ", ".join(k.value for k in method.layer_kinds) or "none"
         raise ValueError(f"supports none of the demo's layer kinds ({kinds})")
@@ -84,6 +84,7 @@ def _build_adapter(method: Any, label: str, fields: dict, state: dict[str, np.nd
     for j, name in enumerate(targets):
         p, new_w = method.initialize(name, config, layers[name], weight=state[f"{name}.weight"], seed=seed + j,
                                      shared=shared)
+        p = method.example_params(p, seed + j)
         for k in list(p):
             if method.is_shared(k):
                 shared.setdefault(k, p.pop(k))

@@ -81,7 +81,7 @@ def _build(peft_type: str, label: str, kind: LayerKind, seed: int):
     except UnsupportedError as exc:  # a documented limitation of this example on this kind
         pytest.skip(str(exc))
     base = (new_w if new_w is not None else W).astype(np.float64)
-    host = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    host = {k: np.asarray(v, dtype=np.float64) for k, v in desc.example_params(params, seed).items()}
     return desc, config, layer, base, bias, host, _input(kind, layer, rng)
 
 

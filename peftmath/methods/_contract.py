@@ -106,6 +106,12 @@ class Method:
     trainable_shared
         Shared tensors that are trained (VB-LoRA's vector bank), counted once by
         :meth:`~peftmath.Adapter.num_trainable_parameters`; other shared tensors are frozen projections.
+    identity_init
+        The method's initialisation is always the identity and its config has no field to draw random
+        tensors (LN tuning's copy of the base layer): :meth:`example_params` makes its examples non-trivial.
+    bias_only
+        Merging changes the base bias only, and the weight is returned untouched (BEFT); a layer without
+        a bias cannot be merged.
     shared_key_pattern
         A regular expression (matched against the whole key) for shared checkpoint keys whose number
         depends on the adapter (TinyLoRA's one vector per weight-tying group, ``base_model.tinylora_v.<g>``),
@@ -147,6 +153,8 @@ class Method:
     orientation_in_tensors: bool = True
     frozen_suffixes: tuple[str, ...] = ()
     trainable_shared: tuple[str, ...] = ()
+    identity_init: bool = False
+    bias_only: bool = False
     shared_key_pattern: str | None = None
     pattern_trainable: bool = False
     link_modules: Callable[[Any, Mapping[str, Mapping[str, Any]], Mapping[str, Any]],
@@ -209,6 +217,20 @@ class Method:
         """The config fields to zero when the rank ``r`` is given: ``{field: 0}`` for each of
         :attr:`rank_excludes` (OFT: ``{"oft_block_size": 0}``), empty for most methods."""
         return {name: 0 for name in self.rank_excludes}
+
+    def example_params(self, params: dict[str, Any], seed: Any = 0) -> dict[str, Any]:
+        """``params`` of a new example adapter as a trained one would be (the demo and the contract tests):
+        unchanged, except for an :attr:`identity_init` method, whose every tensor gets ``N(0, 0.1²)`` added
+        (host-seeded; NumPy arrays)."""
+        if not self.identity_init:
+            return params
+        import numpy as np
+
+        from ..backends import host_rng
+
+        rng = host_rng(seed)
+        return {k: (np.asarray(v) + rng.normal(0.0, 0.1, tuple(v.shape))).astype(np.asarray(v).dtype)
+                for k, v in params.items()}
 
     def supports(self, kind: LayerKind | str) -> bool:
         return LayerKind.parse(kind) in self.layer_kinds

@@ -242,5 +242,5 @@ EXAMPLES = {
 METHOD = Method(
     peft_type=PEFT_TYPE, config=BeftConfig, module=BeftModule, spec="specs/beft.md",
     parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=BeftModule.supported_kinds, additive=True,
-    init_field="init_weights", examples=EXAMPLES,
+    init_field="init_weights", examples=EXAMPLES, bias_only=True,
 )

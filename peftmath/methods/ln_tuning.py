@@ -219,4 +219,5 @@ METHOD = Method(
     peft_type=PEFT_TYPE, config=LNTuningConfig, module=LNTuningModule, spec="specs/ln_tuning.md",
     parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=LNTuningModule.supported_kinds, additive=True,
     init_field=None, examples=EXAMPLES, needs_record_for=lambda config: True, orientation_in_tensors=False,
+    identity_init=True,
 )

@@ -72,7 +72,7 @@ def _build(peft_type: str, label: str, kind: LayerKind, seed: int, dtype):
         pytest.skip(str(exc))
     if new_w is not None:
         W = np.asarray(new_w, dtype=dtype)
-    params = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
+    params = {k: np.asarray(v, dtype=dtype) for k, v in m.example_params(params, seed).items()}
     shared = {k: np.asarray(v, dtype=dtype) for k, v in (shared or {}).items()}
     ad = Adapter(config, {"m": params}, shared=shared, layer_kinds={"m": kind})
     return m, ad, layer, W, bias, _input(kind, layer, rng)
@@ -106,6 +106,11 @@ def test_contract(peft_type, label, kind, seed, layout, dtype):
     merged = mod.merge(Wl, bias, copy=True)
     np.testing.assert_array_equal(Wl, W0)  # copy=True never touches the input
     moved = float(np.max(np.abs(np.asarray(merged.weight, np.float64) - W0)))
+    if m.bias_only:  # BEFT: the weight is returned untouched, the bias moves (and comes back)
+        assert merged.weight is Wl
+        moved = float(np.max(np.abs(np.asarray(merged.bias, np.float64) - bias)))
+        back_b = mod.unmerge(merged.weight, merged.bias, record=merged.record).bias
+        assert float(np.max(np.abs(np.asarray(back_b, np.float64) - bias))) <= _bound(layer, dtype, moved, 1.0)
     assert moved > 0, "the example's merge changes nothing: the checks below would be vacuous"
     bound = _bound(layer, dtype, float(np.max(np.abs(W0))), moved)
     if m.needs_record(mod):

@@ -45,6 +45,7 @@ import collections
 import contextlib
 import copy
 import io
+import re
 import sys
 import tempfile
 import time
@@ -134,7 +135,14 @@ def peft_merged(peft_model):
             merged = peft_model.merge_and_unload()
     except Exception as exc:  # noqa: BLE001 - PEFT refuses with ValueError, NotImplementedError, ...
         return None, f"{type(exc).__name__}: {exc}"
-    return {k: t2n(v) for k, v in merged.state_dict().items()}, None
+    # PEFT 0.21.2's LN tuning unload leaves modules_to_save wrappers in the merged model (it unwraps only
+    # modules with a base_layer): their active copy is the merged tensor, the original_module is gone
+    out = {}
+    for k, v in merged.state_dict().items():
+        if ".original_module." in k:
+            continue
+        out[re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)] = t2n(v)
+    return out, None
 
 
 # --------------------------------------------------------------------------------------------------
