@@ -12,6 +12,7 @@ import pytest
 from tests.parity.conftest import (
     adapter_to_torch,
     assert_saves_back_identically,
+    bits_differ,
     check_reloaded_in_peft,
     load_peft_checkpoint,
     peft_forward,
@@ -116,3 +117,27 @@ def test_trainable_parameter_count_matches_peft(config, tmp_path):
     pmodel = make_peft(**config)
     ad = load_peft_checkpoint(pmodel, tmp_path)
     assert ad.num_trainable_parameters() == pmodel.get_nb_trainable_parameters()[0]
+
+
+def test_bfloat16_merge_peft_compat_is_bit_identical(tmp_path):
+    """PEFT adds ΔW rounded to bfloat16 (two roundings); peft_compat=True does the same, the default rounds once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pmodel = peft.get_peft_model(two_linear_model(SIZES, dtype=torch.bfloat16),
+                                     peft.PsoftConfig(target_modules=list(MODULES), r=4, psoft_alpha=4,
+                                                      init_weights=False))
+    with torch.no_grad():
+        rng = np.random.default_rng(0)
+        for _, p in pmodel.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.from_numpy(rng.normal(0.0, 0.2, tuple(p.shape)).astype(np.float32)).to(p.dtype))
+    ad = load_peft_checkpoint(pmodel, tmp_path)
+    state = peft_weights(pmodel, MODULES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = {k: t2n(v) for k, v in pmodel.merge_and_unload().state_dict().items()}
+    compat = ad.merge(state, peft_compat=True)
+    default = ad.merge(state)
+    for key, w in want.items():
+        assert bits_differ(np.asarray(compat[key]), w) == 0, key
+        np.testing.assert_allclose(np.asarray(default[key], np.float32), w.astype(np.float32), atol=1e-2, rtol=1e-2)
