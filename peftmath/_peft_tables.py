@@ -328,6 +328,11 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
                "init_weights": IRRELEVANT},
     # LN tuning: the checkpoint holds the trained copies; PEFT's LNTuningConfig has no layers_* fields
     "LN_TUNING": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "exclude_modules", "modules_to_save"), IMPLEMENTED)},
+    # TinyLoRA: projection_seed finds each module's place (its group) from the saved P; init fields only draw v
+    "TINYLORA": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
+                 **dict.fromkeys(("r", "u", "weight_tying", "projection_seed", "save_projection", "fan_in_fan_out",
+                                  "bias"), IMPLEMENTED),
+                 **dict.fromkeys(("init_v_bound", "tinylora_dropout", "init_weights"), IRRELEVANT)},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

@@ -57,6 +57,7 @@ METHOD_MODULES: dict[str, str] = {
     "BEFT": "peftmath.methods.beft",
     "TRAINABLE_TOKENS": "peftmath.methods.trainable_tokens",
     "PEANUT": "peftmath.methods.peanut",
+    "TINYLORA": "peftmath.methods.tinylora",
     "LN_TUNING": "peftmath.methods.ln_tuning",
 }
 

@@ -46,6 +46,7 @@ CLAIMED = frozenset({
     "SupertuningConfig",
     "BeftConfig",
     "PeanutConfig",
+    "TinyLoraConfig",
     "LNTuningConfig",
     "TrainableTokensConfig",
 })

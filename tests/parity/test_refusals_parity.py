@@ -43,6 +43,7 @@ PEFT_CONFIGS = {"LORA": "LoraConfig", "ADALORA": "AdaLoraConfig", "IA3": "IA3Con
 PEFT_CONFIGS["GRALORA"] = "GraloraConfig"
 PEFT_CONFIGS["PVERA"] = "PveraConfig"
 PEFT_CONFIGS["TRAINABLE_TOKENS"] = "TrainableTokensConfig"
+PEFT_CONFIGS["TINYLORA"] = "TinyLoraConfig"
 
 
 def _quiet(fn, *args, **kwargs):
