@@ -333,6 +333,10 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
                  **dict.fromkeys(("r", "u", "weight_tying", "projection_seed", "save_projection", "fan_in_fan_out",
                                   "bias"), IMPLEMENTED),
                  **dict.fromkeys(("init_v_bound", "tinylora_dropout", "init_weights"), IRRELEVANT)},
+    # UniLoRA: proj_seed only drew the indices a save_indices=True checkpoint holds (refused without them)
+    "UNILORA": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
+                **dict.fromkeys(("r", "theta_d_length", "save_indices", "fan_in_fan_out", "bias"), IMPLEMENTED),
+                **dict.fromkeys(("proj_seed", "unilora_dropout", "init_theta_d_bound", "init_weights"), IRRELEVANT)},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

@@ -58,6 +58,7 @@ METHOD_MODULES: dict[str, str] = {
     "TRAINABLE_TOKENS": "peftmath.methods.trainable_tokens",
     "PEANUT": "peftmath.methods.peanut",
     "TINYLORA": "peftmath.methods.tinylora",
+    "UNILORA": "peftmath.methods.unilora",
     "LN_TUNING": "peftmath.methods.ln_tuning",
 }
 

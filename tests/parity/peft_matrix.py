@@ -47,6 +47,7 @@ CLAIMED = frozenset({
     "BeftConfig",
     "PeanutConfig",
     "TinyLoraConfig",
+    "UniLoraConfig",
     "LNTuningConfig",
     "TrainableTokensConfig",
 })
@@ -62,6 +63,10 @@ MAY_REFUSE: dict[str, str] = {
     "MLP 2 using nn.Parameter LoRA": "target_parameters",
     "Conv2d Groups LoRA with DoRA": "DoRA on a grouped conv (PEFT's norm mixes output channels)",
     "Conv2d Groups2 LoRA with DoRA": "DoRA on a grouped conv (PEFT's norm mixes output channels)",
+    **dict.fromkeys(("Vanilla MLP 1 UniLora", "Vanilla MLP 2 UniLora", "Vanilla MLP 3 UniLora", "Vanilla MLP 4 UniLora",
+                     "Vanilla MLP 5 UniLora", "Embedding + transformers Conv1D 1 UniLora"),
+                    "UniLoRA with save_indices=False saves theta_d only: the modules, their indices and scales come "
+                    "from the model's module order, which the checkpoint lacks (specs/unilora.md)"),
 }
 
 

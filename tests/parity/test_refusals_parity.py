@@ -44,6 +44,7 @@ PEFT_CONFIGS["GRALORA"] = "GraloraConfig"
 PEFT_CONFIGS["PVERA"] = "PveraConfig"
 PEFT_CONFIGS["TRAINABLE_TOKENS"] = "TrainableTokensConfig"
 PEFT_CONFIGS["TINYLORA"] = "TinyLoraConfig"
+PEFT_CONFIGS["UNILORA"] = "UniLoraConfig"
 
 
 def _quiet(fn, *args, **kwargs):
