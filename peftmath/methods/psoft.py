@@ -30,7 +30,7 @@ import numpy as np
 from .._array import as_compute, compute_dtype, namespace
 from ..backends import BackendError, backend_for, get_backend, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_nonnegative_int, check_positive_int
-from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
+from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape, require_kind
 from ._contract import Method
@@ -267,14 +267,25 @@ def principal_basis(weight: Array, r: int, *, svd: str = "full", niter: int = 10
         raise ConfigError(f"{where}: psoft_svd must be 'full' or 'lowrank', got {svd!r}")
     xp = namespace(weight, where=where)
     size = r * (out + inn + 1)
+
+    def decompose(t: Any) -> Any:
+        try:
+            return _basis_on_host(t, r, svd, niter, seed)
+        except RuntimeError as exc:  # torch's LinAlgError: a non-finite weight, or no convergence
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"{where}: the base weight {out}x{inn} has NaN or infinite entries; PSOFT's "
+                                     f"basis is its SVD, which does not exist then") from exc
+            raise NotInvertibleError(f"{where}: torch's SVD of the {out}x{inn} base weight failed "
+                                     f"({str(exc).splitlines()[0]})") from exc
+
     if array_api_compat.is_torch_array(weight):
         t = weight.detach()
         t = t.to(torch.float32) if on_device else t.to(device="cpu", dtype=torch.float32)
-        return _basis_on_host(t, r, svd, niter, seed).to(weight.device)
+        return decompose(t).to(weight.device)
 
     def host(block: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.require(block, np.float32, ["C", "W"]))  # a writeable copy where needed
-        return _basis_on_host(t, r, svd, niter, seed).numpy()
+        return decompose(t).numpy()
 
     if array_api_compat.is_dask_array(weight):
         import dask.array as da

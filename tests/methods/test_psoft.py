@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("torch")  # PSOFT's basis is torch's SVD (specs/psoft.md, "3. The principal basis")
 
 from peftmath.backends import BackendError  # noqa: E402
-from peftmath.errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError  # noqa: E402
+from peftmath.errors import (ConfigError, NonFiniteError, NotInvertibleError, ShapeError,  # noqa: E402
+                             UnsupportedError)
 from peftmath.layers import Layer, LayerKind  # noqa: E402
 from peftmath.methods import psoft  # noqa: E402
 from tests.methods.test_inplace_contract import _np_permuted, _np_sliced  # noqa: E402
@@ -84,6 +85,10 @@ def test_basis_is_a_truncated_svd_of_the_float32_weight():
     np.testing.assert_array_equal(lowrank, psoft.principal_basis(W, 4, svd="lowrank", niter=10, seed=0))
     with pytest.raises(ShapeError, match="r=7"):
         psoft.principal_basis(W, 7)
+    bad = W.copy()
+    bad[1, 2] = np.inf
+    with pytest.raises(NonFiniteError, match="9x6"):
+        psoft.principal_basis(bad, 4)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
