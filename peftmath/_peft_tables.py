@@ -337,6 +337,15 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     "UNILORA": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
                 **dict.fromkeys(("r", "theta_d_length", "save_indices", "fan_in_fan_out", "bias"), IMPLEMENTED),
                 **dict.fromkeys(("proj_seed", "unilora_dropout", "init_theta_d_bound", "init_weights"), IRRELEVANT)},
+    # AdaMSS: the subspaces are recomputed from the base weight with PEFT's k-means; the ASA fields only steer
+    # training; r, subspace_rank, init_weights, use_dynamic_rank, svd_threshold and random_seed only build tensors
+    # the checkpoint holds
+    "ADAMSS": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
+               "num_subspaces": IMPLEMENTED,
+               **dict.fromkeys(("r", "subspace_rank", "init_weights", "use_asa", "asa_target_subspaces", "init_warmup",
+                                "final_warmup", "mask_interval", "asa_importance_beta", "asa_uncertainty_beta",
+                                "asa_schedule_exponent", "use_dynamic_rank", "svd_threshold", "random_seed"),
+                               IRRELEVANT)},
     "PROMPT_TUNING": {**_BOOKKEEPING, "modules_to_save": IMPLEMENTED,
                       **dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                        "num_attention_heads", "num_layers"), IMPLEMENTED),

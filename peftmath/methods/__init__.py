@@ -52,6 +52,7 @@ METHOD_MODULES: dict[str, str] = {
     "GLORA": "peftmath.methods.glora",
     "PSOFT": "peftmath.methods.psoft",
     "LILY": "peftmath.methods.lily",
+    "ADAMSS": "peftmath.methods.adamss",
     "DEFT": "peftmath.methods.deft",
     "SUPERTUNING": "peftmath.methods.supertuning",
     "BEFT": "peftmath.methods.beft",

@@ -42,6 +42,7 @@ CLAIMED = frozenset({
     "GloraConfig",
     "PsoftConfig",
     "LilyConfig",
+    "AdamssConfig",
     "DeftConfig",
     "SupertuningConfig",
     "BeftConfig",

@@ -45,6 +45,8 @@ PEFT_CONFIGS["PVERA"] = "PveraConfig"
 PEFT_CONFIGS["TRAINABLE_TOKENS"] = "TrainableTokensConfig"
 PEFT_CONFIGS["TINYLORA"] = "TinyLoraConfig"
 PEFT_CONFIGS["UNILORA"] = "UniLoraConfig"
+PEFT_CONFIGS["LILY"] = "LilyConfig"
+PEFT_CONFIGS["ADAMSS"] = "AdamssConfig"
 
 
 def _quiet(fn, *args, **kwargs):

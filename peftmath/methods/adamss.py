@@ -1,0 +1,580 @@
+r"""AdaMSS: adaptive multi-subspaces (PEFT's ``AdamssConfig``, ``peft_type: "ADAMSS"``).
+
+AdaMSS reads the base weight's singular vectors, clusters the output rows into ``K`` subspaces by their left
+singular vectors, and trains a small low-rank map per subspace. With ``W_b = [W | b]`` ``(out, n)`` (the bias
+as an extra column when the layer has one, ``n = in + 1``; else ``W_b = W``, ``n = in``)::
+
+    P = adamss_newB        (q, n)       the (approximate) top-q right singular vectors of W_b, frozen, saved
+    A_i = adamss_A.<i>     (k_i, q)     per subspace, trained
+    B_i = adamss_B.<i>     (s_i, k_i)   per subspace, trained; s_i = |S_i| rows of the output
+    S_0, …, S_{K−1}                     a partition of the output rows: k-means of the rows of the left
+                                        singular vectors U (out, q), recomputed from W_b (not saved)
+    ΔW_b[S_i, :] = B_i A_i P            (out, n);   ΔW = ΔW_b[:, :in],  Δb = ΔW_b[:, in] (with a bias)
+    y = x Wᵀ + b + [x, 1] ΔW_bᵀ
+
+The partition is not in the checkpoint: PEFT recomputes it when it loads the adapter (a randomized SVD of
+``W_b`` seeded with ``random_seed``, then scikit-learn's ``KMeans(init="random", n_init=1, max_iter=10,
+random_state=123456789)``). peftmath recomputes it from the same base weight and the saved ``P``: the left
+vectors follow exactly from ``W_b`` and ``P`` (:func:`left_vectors`, whatever random projection the SVD
+drew), and :func:`kmeans_labels` is scikit-learn's Lloyd iteration written out. Merging writes over the
+weight the partition came from, so merge returns the partition as its record and unmerge needs it.
+
+PEFT adapts nn.Linear only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .._array import as_compute, compute_dtype, is_low_precision, namespace
+from ..backends import backend_for, host_rng
+from ..config import TunerConfig, check_choice, check_flags, check_number, check_positive_int
+from ..errors import CheckpointError, ConfigError, NotInvertibleError, ShapeError, UnsupportedError
+from ..layers import Layer, LayerKind
+from ._base import (MergeResult, ModuleAdapter, apply_delta, bias_update, require_kind, require_writeable,
+                    write_back)
+from ._contract import Method
+
+Array = Any
+
+__all__ = ["AdamssConfig", "weight_with_bias", "left_vectors", "kmeans_labels", "partition", "factors",
+           "delta_weight", "forward", "initialize_subspaces", "AdamssModule"]
+
+PEFT_TYPE = "ADAMSS"
+SUPPORTED_KINDS = (LayerKind.LINEAR,)
+_P = "adamss_newB"
+#: subspaces a checkpoint may hold per module (its keys adamss_A.<i> / adamss_B.<i> are listed up to this)
+MAX_SUBSPACES = 512
+#: scikit-learn's KMeans as PEFT calls it (peft/tuners/adamss/utils.py, clustering_Z)
+KMEANS_SEED = 123456789
+KMEANS_MAX_ITER = 10
+KMEANS_TOL = 1e-4
+_KEY = re.compile(r"adamss_([AB])\.(\d+)$")
+#: TunerConfig fields that PEFT's AdamssConfig does not have
+_NOT_PEFT_FIELDS = ("exclude_modules",)
+
+
+# --------------------------------------------------------------------------------------------------
+# Config (specs/adamss.md, "1. Config")
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class AdamssConfig(TunerConfig):
+    """PEFT's ``AdamssConfig`` (``peft_type: "ADAMSS"``), PEFT's names and defaults. The ASA fields
+    (``use_asa``, ``asa_*``, ``init_warmup``, ``final_warmup``, ``mask_interval``) steer training only (which
+    subspaces keep receiving gradients) and do not change what a checkpoint computes."""
+
+    peft_type: ClassVar[str] = "ADAMSS"
+
+    r: int = 100
+    num_subspaces: int = 5
+    subspace_rank: int = 1
+    init_weights: str | None = "orthogonal"
+    use_asa: bool = False
+    asa_target_subspaces: int = 50
+    init_warmup: int = 50
+    final_warmup: int = 1000
+    mask_interval: int = 100
+    asa_importance_beta: float = 0.85
+    asa_uncertainty_beta: float = 0.85
+    asa_schedule_exponent: float = 3.0
+    use_dynamic_rank: bool = False
+    svd_threshold: float = 0.1
+    random_seed: int = 0
+
+    def validate(self, *, source: str = "config") -> None:
+        super().validate(source=source)
+        for name in ("r", "num_subspaces", "subspace_rank"):
+            check_positive_int(source, name, getattr(self, name))
+        if self.init_weights is False:  # PEFT reads False as None
+            self.init_weights = None
+        check_choice(source, "init_weights", self.init_weights, ("orthogonal", None))
+        check_flags(source, self, "use_asa", "use_dynamic_rank")
+        for name in ("asa_importance_beta", "asa_uncertainty_beta", "asa_schedule_exponent", "svd_threshold"):
+            check_number(source, name, getattr(self, name))
+        if not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool):
+            raise ConfigError(f"{source}: field 'random_seed' must be an integer, got {self.random_seed!r}")
+        for name in _NOT_PEFT_FIELDS:
+            if getattr(self, name) is not None:
+                raise ConfigError(f"{source}: PEFT's AdamssConfig has no field {name!r}; leave it unset "
+                                  f"(got {getattr(self, name)!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for name in _NOT_PEFT_FIELDS:
+            out.pop(name, None)
+        return out
+
+
+def _check_kind(layer: Layer, where: str) -> None:
+    require_kind(layer, where, "AdaMSS", SUPPORTED_KINDS, peft="PEFT's AdaMSS wraps nn.Linear only")
+
+
+# --------------------------------------------------------------------------------------------------
+# The partition of the output rows (specs/adamss.md, "2. The subspaces")
+# --------------------------------------------------------------------------------------------------
+def weight_with_bias(W: Array, bias: Array | None, *, dtype: Any = None) -> Array:
+    """``W_b = [W | b]`` ``(out, in + 1)``, or ``W`` without a bias, in ``dtype`` (default float32 / float64)."""
+    xp = namespace(W, bias, where="adamss.weight_with_bias")
+    cd = dtype if dtype is not None else compute_dtype(xp, W.dtype, *(() if bias is None else (bias.dtype,)))
+    Wc = as_compute(xp, W, cd)
+    return Wc if bias is None else xp.concat([Wc, as_compute(xp, bias, cd)[:, None]], axis=1)
+
+
+def left_vectors(Wb: Array, P: Array) -> Array:
+    """The left singular vectors ``U (out, q)`` that go with the saved right ones ``P = adamss_newB (q, n)``.
+
+    PEFT's ``torch.svd_lowrank(W_b, q, niter=2)`` returns ``U``, ``S``, ``V = Pᵀ`` with ``W_bᵀ U = Pᵀ diag(S)``
+    and the columns of ``U`` orthonormal, in the range of ``W_b`` when ``out ≥ n`` (its last step orthonormalises
+    ``W_b Q``); when ``out < n`` it works on ``W_bᵀ`` and ``W_b Pᵀ = U diag(S)``. So, whatever random projection it
+    drew: ``U`` = the columns of ``W_b Pᵀ`` normalised (``out < n``), else of ``W_b (W_bᵀ W_b)⁻¹ Pᵀ`` (``W_b⁻ᵀ Pᵀ``
+    for a square ``W_b``; ``W_b`` must have full column rank), solved in float64 where the library has it.
+
+    >>> import numpy as np
+    >>> Wb = np.array([[3.0, 0.0], [0.0, 2.0], [0.0, 0.0]])        # out = 3 > n = 2: the Gram branch
+    >>> left_vectors(Wb, np.array([[0.0, -1.0]])).round(12).tolist()  # P's sign carries over to U
+    [[0.0], [-1.0], [0.0]]
+    """
+    xp = namespace(Wb, P, where="adamss.left_vectors")
+    out, n = int(Wb.shape[0]), int(Wb.shape[1])
+    # out < n: a product; out >= n: a solve with W_b (square) or its Gram matrix, in float64 where the library
+    # has it (the Gram matrix squares W_b's condition number)
+    cd = compute_dtype(xp, Wb.dtype, P.dtype) if out < n else _widest(xp, Wb.dtype, P.dtype)
+    Wc, Pt = as_compute(xp, Wb, cd), xp.matrix_transpose(as_compute(xp, P, cd))
+    if out < n:
+        G = xp.matmul(Wc, Pt)
+    elif out == n:
+        G = xp.linalg.solve(xp.matrix_transpose(Wc), Pt)
+    else:
+        G = xp.matmul(Wc, xp.linalg.solve(xp.matmul(xp.matrix_transpose(Wc), Wc), Pt))
+    return G / xp.sqrt(xp.sum(G * G, axis=0, keepdims=True))
+
+
+def _widest(xp: Any, *dtypes: Any) -> Any:
+    """float64 when the array library computes in it (JAX without x64 does not), else the compute dtype."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if xp.asarray(0.0, dtype=xp.float64).dtype == xp.float64:
+                return xp.float64
+        except Exception:  # noqa: BLE001 - a library without float64
+            pass
+    return compute_dtype(xp, *dtypes)
+
+
+def kmeans_labels(X: np.ndarray, k: int, *, seed: int = KMEANS_SEED, max_iter: int = KMEANS_MAX_ITER,
+                  tol: float = KMEANS_TOL) -> np.ndarray:
+    """scikit-learn's ``KMeans(n_clusters=k, init="random", n_init=1, max_iter, tol, random_state=seed)
+    .fit_predict(X)`` written out on the host, in float32 as scikit-learn runs it on float32 data: centre
+    ``X``; seeds ``RandomState(seed).choice(n, k, replace=False, p=1/n)``; Lloyd steps (nearest centre by
+    ``‖c‖² − 2 x·c``, first on ties; empty clusters moved to the farthest points; stop when the labels repeat
+    or the squared centre shift ``≤ tol · mean(var(X))``); a last labelling when the labels did not repeat.
+
+    >>> kmeans_labels(np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]], dtype=np.float32), 2).tolist()
+    [1, 1, 0, 0]
+    """
+    X = np.array(X, dtype=np.float32)
+    n = X.shape[0]
+    tol_abs = np.mean(np.var(X, axis=0)) * tol
+    X -= X.mean(axis=0)
+    weights = np.ones(n, dtype=np.float32)
+    seeds = np.random.RandomState(seed).choice(n, size=k, replace=False, p=weights / weights.sum())
+    centers = X[seeds].copy()
+
+    def nearest(C: np.ndarray) -> np.ndarray:
+        d = (C * C).sum(axis=1)[None, :] - np.float32(2.0) * (X @ C.T)
+        return np.argmin(d, axis=1)
+
+    labels_old = np.full(n, -1)
+    strict = False
+    for _ in range(max_iter):
+        labels = nearest(centers)
+        new = np.zeros_like(centers)
+        count = np.zeros(k, dtype=np.float32)
+        np.add.at(new, labels, X)
+        np.add.at(count, labels, weights)
+        empty = np.flatnonzero(count == 0)
+        if empty.size:
+            dist = ((X - centers[labels]) ** 2).sum(axis=1)
+            far = np.argpartition(dist, -empty.size)[:-empty.size - 1:-1]
+            if dist.max() != 0:
+                for e, f in zip(empty, far):
+                    new[labels[f]] -= X[f]
+                    new[e] = X[f]
+                    count[e] = 1
+                    count[labels[f]] -= 1
+        biggest = int(np.argmax(count))
+        for j in range(k):
+            if count[j] > 0:
+                new[j] *= np.float32(1.0) / count[j]
+        for j in range(k):
+            if not count[j] > 0:
+                new[j] = new[biggest]
+        shift = ((new - centers) ** 2).sum()
+        centers = new
+        if np.array_equal(labels, labels_old):
+            strict = True
+            break
+        if shift <= tol_abs:
+            break
+        labels_old = labels
+    if not strict:
+        labels = nearest(centers)
+    return labels
+
+
+def partition(W: Array, bias: Array | None, P: Array, k: int, *, where: str = "adamss") -> np.ndarray:
+    """The subspace of every output row, ``(out,)`` host integers in ``[0, k)``: :func:`kmeans_labels` of the rows
+    of :func:`left_vectors` ``(W_b, P)``. Refused (:class:`UnsupportedError`) when ``q = out`` and ``k < out``:
+    then ``U`` is square orthogonal, every pair of rows is equally far apart, and the clustering is decided by
+    rounding (PEFT's too: it can change between machines)."""
+    xp = namespace(W, bias, P, where=where)
+    q, out = int(P.shape[0]), int(W.shape[0])
+    if q >= out and k < out:
+        raise UnsupportedError(
+            f"{where}: adamss_newB has q={q} rows for a layer with {out} outputs, so the left singular vectors form a "
+            f"square orthogonal matrix: its rows are all equally far apart and k-means into {k} subspaces is decided "
+            f"by rounding noise (PEFT's own reload of this adapter can cluster differently on another machine). Use "
+            f"r < {out} or num_subspaces >= {out}")
+    U = left_vectors(weight_with_bias(W, bias, dtype=compute_dtype(xp, W.dtype, P.dtype)), P)
+    host = np.asarray(backend_for(xp).to_host(U), dtype=np.float32)
+    return kmeans_labels(host, k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Delta weight (specs/adamss.md, "3. Delta, forward")
+# --------------------------------------------------------------------------------------------------
+def factors(labels: np.ndarray, As: list[Array], Bs: list[Array], P: Array, *, dtype: Any = None,
+            where: str = "adamss") -> tuple[Array, Array]:
+    """``(L (out, Σk_i), M (Σk_i, n))`` with ``ΔW_b = L M``: row ``j`` of ``L`` is row ``j``'s row of ``B_i`` (``i`` its
+    subspace) in the columns of block ``i``, zero elsewhere; ``M`` stacks ``A_i P``. Checks that subspace ``i``
+    has ``len(B_i)`` rows (the partition belongs to this adapter)."""
+    xp = namespace(P, *As, *Bs, where=where)
+    cd = dtype if dtype is not None else compute_dtype(xp, P.dtype, *(a.dtype for a in (*As, *Bs)))
+    labels = np.asarray(labels)
+    sizes = [int(np.count_nonzero(labels == i)) for i in range(len(Bs))]
+    want = [int(b.shape[0]) for b in Bs]
+    if sizes != want or labels.size != sum(want):
+        raise CheckpointError(
+            f"{where}: the k-means partition of this base weight has subspaces of {sizes} rows, but the adapter's "
+            f"adamss_B.<i> have {want} rows: the adapter was made on another base weight (AdaMSS recomputes its "
+            f"subspaces from the base weight, as PEFT does on load), or a near tie in k-means went the other way")
+    ks = [int(a.shape[0]) for a in As]
+    total = sum(ks)
+    blocks, off = [], 0
+    for b, k in zip(Bs, ks):
+        s = int(b.shape[0])
+        blocks.append(xp.concat([xp.zeros((s, off), dtype=cd, device=_device(P)), as_compute(xp, b, cd),
+                                 xp.zeros((s, total - off - k), dtype=cd, device=_device(P))], axis=1))
+        off += k
+    order = np.concatenate([np.flatnonzero(labels == i) for i in range(len(Bs))])
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    L = xp.take(xp.concat(blocks, axis=0), backend_for(xp).from_host(inverse.astype(np.int64), xp, _device(P)), axis=0)
+    Pc = as_compute(xp, P, cd)
+    M = xp.concat([xp.matmul(as_compute(xp, a, cd), Pc) for a in As], axis=0)
+    return L, M
+
+
+def _device(a: Array) -> Any:
+    import array_api_compat
+
+    return array_api_compat.device(a)
+
+
+def delta_weight(W: Array, bias: Array | None, P: Array, As: list[Array], Bs: list[Array], *,
+                 labels: np.ndarray | None = None, has_bias: bool | None = None, dtype: Any = None,
+                 where: str = "adamss") -> tuple[Array, Array | None]:
+    """``(ΔW (out, in), Δb (out,) or None)`` from ``ΔW_b = L M`` (:func:`factors`); the partition is ``labels`` or
+    recomputed from ``W`` (and the bias, when the adapter has a bias column: ``has_bias``, default
+    ``P.shape[1] == in + 1``)."""
+    xp = namespace(W, P, where=where)
+    inn = int(W.shape[1])
+    has_bias = int(P.shape[1]) == inn + 1 if has_bias is None else has_bias
+    if labels is None:
+        labels = partition(W, bias if has_bias else None, P, len(Bs), where=where)
+    L, M = factors(labels, As, Bs, P, dtype=dtype, where=where)
+    d = xp.matmul(L, M)
+    return (d[:, :inn], d[:, inn]) if has_bias else (d, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward (specs/adamss.md, "3. Delta, forward")
+# --------------------------------------------------------------------------------------------------
+def forward(x: Array, W: Array, P: Array, As: list[Array], Bs: list[Array], *, bias: Array | None = None,
+            labels: np.ndarray | None = None, layer: Any = None, peft_compat: bool = False,
+            where: str = "adamss.forward") -> Array:
+    """``x Wᵀ + b + (([x, 1] Pᵀ) Mᵀ… ) = x Wᵀ + b + [x, 1] ΔW_bᵀ`` (``[x, 1]``: ``x`` with a column of ones when the
+    adapter has a bias column), computed as ``((x̃ Pᵀ) Ãᵀ) Lᵀ`` (no ``out × in`` matrix), in float32 (float64
+    for float64 inputs) and rounded once; ``peft_compat=True`` rounds the base output to the output dtype
+    first, as PEFT does."""
+    xp = namespace(x, W, P, bias, where=where)
+    lay, _ = Layer.for_weight(layer, W).for_input(x, where)
+    _check_kind(lay, where)
+    lay.check_bias(bias)
+    inn = lay.in_features
+    has_bias = int(P.shape[1]) == inn + 1
+    if has_bias and bias is None:
+        raise ShapeError(f"{where}: adamss_newB has in + 1 = {inn + 1} columns (the adapter was made on a layer with a "
+                         f"bias), but no bias was given")
+    if labels is None:
+        labels = partition(W, bias if has_bias else None, P, len(Bs), where=where)
+    out_dtype = xp.result_type(x.dtype, W.dtype)
+    cd = compute_dtype(xp, x.dtype, W.dtype, P.dtype)
+    L, M = factors(labels, As, Bs, P, dtype=cd, where=where)
+    xc = as_compute(xp, x, cd)
+    h = xp.matmul(xc, xp.matrix_transpose(M[:, :inn]))
+    if has_bias:
+        h = h + M[:, inn]
+    delta = xp.matmul(h, xp.matrix_transpose(L))
+    base = lay.base_forward(xc, as_compute(xp, W, cd), None if bias is None else as_compute(xp, bias, cd), xp)
+    if peft_compat:
+        base = as_compute(xp, as_compute(xp, base, out_dtype), cd)
+    return as_compute(xp, base + delta, out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Initialisation (specs/adamss.md, "5. Initialisation")
+# --------------------------------------------------------------------------------------------------
+def initialize_subspaces(W: Array, bias: Array | None, config: AdamssConfig, *,
+                         seed: int | np.random.Generator | None = 0, where: str = "adamss",
+                         dtype: Any = None) -> dict[str, Array]:
+    """``{adamss_newB, adamss_A.<i>, adamss_B.<i>}`` for a base weight, PEFT's procedure with the exact SVD.
+
+    ``q = min(r, out, n)``. Refused (:class:`UnsupportedError`) when ``q < min(out, n)``: PEFT's ``P`` is then a
+    randomized SVD drawn from torch's generator (``torch.svd_lowrank`` seeded with ``random_seed``), which
+    peftmath does not reproduce, and a ``P`` that is not PEFT's makes PEFT cluster the rows differently when it
+    loads the adapter. With ``q = min(out, n)`` the randomized SVD is exact, so ``P = Vᵀ[:q]`` of
+    ``W_b = U diag(σ) Vᵀ`` is PEFT's up to the signs of its rows, which change nothing PEFT recomputes.
+    Then: ``K = min(num_subspaces, out)`` subspaces from :func:`partition`; per subspace ``i`` with rows ``S_i``:
+    ``k_i = min(|S_i|, subspace_rank)`` (``use_dynamic_rank``: the number of squared singular values of
+    ``U[S_i]`` above ``svd_threshold`` times the largest, at most ``subspace_rank``), at least 1; ``A_i`` = the
+    top ``k_i`` right singular vectors of ``U[S_i]`` ``(k_i, q)`` (PEFT's randomized ``svd_lowrank`` + QR of the
+    same, up to signs); ``B_i = 0`` (``init_weights="orthogonal"``) or ``N(0, 0.01²)`` drawn on the host.
+    """
+    xp = namespace(W, bias, where=where)
+    out, inn = int(W.shape[0]), int(W.shape[1])
+    n = inn + (bias is not None)
+    q = min(config.r, out, n)
+    if q < min(out, n):
+        raise UnsupportedError(
+            f"{where}: AdaMSS with r={config.r} on a {out}x{n} weight{' (with its bias column)' if bias is not None else ''}"
+            f" takes PEFT's randomized SVD (torch.svd_lowrank, niter=2, seeded from torch's generator with "
+            f"random_seed={config.random_seed}), which peftmath does not reproduce; PEFT recomputes the subspaces from "
+            f"it when it loads the adapter, so an adapter built from the exact SVD would be clustered differently "
+            f"there. Use r >= {min(out, n)} (the SVD is then exact), or create the adapter with PEFT and load it")
+    k = min(config.num_subspaces, out)
+    cd = compute_dtype(xp, W.dtype, *(() if bias is None else (bias.dtype,)))
+    Wb = weight_with_bias(W, bias, dtype=cd)
+    _, _, Vh = xp.linalg.svd(Wb, full_matrices=False)
+    P = Vh[:q, :]
+    labels = partition(W, bias, P, k, where=where)
+    U = np.asarray(backend_for(xp).to_host(left_vectors(Wb, P)), dtype=np.float64)
+    rng = host_rng(seed)
+    target = dtype if dtype is not None else W.dtype
+    host = np.float64 if target == xp.float64 else np.float32
+
+    def put(a: np.ndarray) -> Array:
+        out = backend_for(xp).from_host(np.ascontiguousarray(a, dtype=host), xp, _device(W))
+        return out if out.dtype == target else xp.astype(out, target)
+
+    params = {_P: xp.astype(P, target)}
+    for i in range(k):
+        rows = U[labels == i]
+        s = rows.shape[0]
+        if s == 0:
+            raise UnsupportedError(f"{where}: k-means left subspace {i} empty (duplicate rows in the left singular "
+                                   f"vectors?); PEFT cannot build this adapter either")
+        _, sv, vh = np.linalg.svd(rows, full_matrices=False)
+        if config.use_dynamic_rank:
+            gram = sv ** 2
+            rank = min(int(np.count_nonzero(gram > config.svd_threshold * gram[0])), config.subspace_rank, s)
+        else:
+            rank = min(s, config.subspace_rank)
+        rank = max(rank, 1)
+        params[f"adamss_A.{i}"] = put(vh[:rank])
+        B = np.zeros((s, rank)) if config.init_weights == "orthogonal" else rng.standard_normal((s, rank)) * 0.01
+        params[f"adamss_B.{i}"] = put(B)
+    return params
+
+
+# --------------------------------------------------------------------------------------------------
+# One module of a checkpoint (merge / unmerge: specs/adamss.md, "4. Merge and unmerge")
+# --------------------------------------------------------------------------------------------------
+class AdamssModule(ModuleAdapter):
+    """AdaMSS on one nn.Linear: ``adamss_newB (q, n)`` and per subspace ``adamss_A.<i> (k_i, q)``,
+    ``adamss_B.<i> (s_i, k_i)``. Additive, with the partition of the output rows recomputed from the base weight:
+    merge returns it as its record, unmerge needs it."""
+
+    peft_type = "ADAMSS"
+    supported_kinds = SUPPORTED_KINDS
+    merge_record = True
+    #: no standalone ΔW: the subspaces come from the base weight (merge / forward take it)
+    additive: ClassVar[bool] = False
+
+    @classmethod
+    def infer_layer(cls, name: str, config: AdamssConfig, params: dict[str, Array],
+                    weight_shape: tuple[int, ...] | None = None, kind: Any = None) -> Layer:
+        """The base weight's shape is needed: ``adamss_newB`` has ``in`` or ``in + 1`` columns (with a bias)."""
+        if weight_shape is None:
+            raise ShapeError(f"{name}: AdaMSS's tensors do not tell the input size (adamss_newB has in or in + 1 "
+                             f"columns); pass the base weight shape (weight_shape=...)")
+        return Layer.of(tuple(int(s) for s in weight_shape), kind or LayerKind.LINEAR)
+
+    def validate(self) -> None:
+        _check_kind(self.layer, self.name)
+        if _P not in self.params:
+            raise ShapeError(f"{self.name}: AdaMSS needs {_P}, found {sorted(self.params)}")
+        found: dict[str, dict[int, Array]] = {"A": {}, "B": {}}
+        for key, value in self.params.items():
+            m = _KEY.fullmatch(key)
+            if m:
+                found[m.group(1)][int(m.group(2))] = value
+            elif key != _P:
+                raise ShapeError(f"{self.name}: unexpected AdaMSS tensor {key!r}")
+        K = len(found["A"])
+        if sorted(found["A"]) != list(range(K)) or sorted(found["B"]) != list(range(K)) or K == 0:
+            raise ShapeError(f"{self.name}: AdaMSS needs adamss_A.0..K-1 and adamss_B.0..K-1, found A "
+                             f"{sorted(found['A'])}, B {sorted(found['B'])}")
+        self.P = self.params[_P]
+        self.As = [found["A"][i] for i in range(K)]
+        self.Bs = [found["B"][i] for i in range(K)]
+        out, inn = self.layer.out_features, self.layer.in_features
+        q, n = (int(s) for s in self.P.shape) if self.P.ndim == 2 else (-1, -1)
+        if n not in (inn, inn + 1) or not 0 < q <= min(out, n):
+            raise ShapeError(f"{self.name}: adamss_newB {tuple(self.P.shape)} does not fit a {out}x{inn} layer "
+                             f"((q, in) or (q, in + 1) with q <= {min(out, inn + 1)})")
+        self.has_bias = n == inn + 1
+        for i, (a, b) in enumerate(zip(self.As, self.Bs)):
+            if a.ndim != 2 or b.ndim != 2 or int(a.shape[1]) != q or int(b.shape[1]) != int(a.shape[0]):
+                raise ShapeError(f"{self.name}: adamss_A.{i} {tuple(a.shape)} and adamss_B.{i} {tuple(b.shape)} are not "
+                                 f"(k, q={q}) and (rows, k)")
+        rows = sum(int(b.shape[0]) for b in self.Bs)
+        if rows != out:
+            raise ShapeError(f"{self.name}: the adamss_B.<i> cover {rows} output rows, the layer has {out}")
+        if K != min(self.config.num_subspaces, out):
+            raise ShapeError(f"{self.name}: the checkpoint has {K} subspaces but the config gives min(num_subspaces="
+                             f"{self.config.num_subspaces}, out={out}) = {min(self.config.num_subspaces, out)}; does the "
+                             f"config belong to this checkpoint?")
+
+    def describe(self) -> dict[str, Any]:
+        return {"r": int(self.P.shape[0]), "subspaces": len(self.As), "ranks": [int(a.shape[0]) for a in self.As]}
+
+    def changes_bias(self) -> bool:
+        return self.has_bias
+
+    def num_parameters(self) -> int:
+        """Trainable scalars: the ``A_i`` and ``B_i`` (``adamss_newB`` is a frozen buffer)."""
+        return sum(int(a.shape[0]) * int(a.shape[1]) for a in (*self.As, *self.Bs))
+
+    def delta_weight(self, *, peft_compat: bool = False) -> Array:
+        raise UnsupportedError(f"{self.name}: AdaMSS's ΔW depends on the base weight (its subspaces are recomputed "
+                               f"from it); use merge or forward with the base weight")
+
+    def _labels(self, weight: Array, bias: Array | None, record: Any) -> np.ndarray:
+        if record is not None:
+            labels = np.asarray(backend_for(namespace(record)).to_host(record)).astype(np.int64)
+            if labels.shape != (self.layer.out_features,):
+                raise ShapeError(f"{self.name}: the AdaMSS merge record has shape {labels.shape}, expected "
+                                 f"({self.layer.out_features},) (one subspace per output row)")
+            return labels
+        if self.has_bias and bias is None:
+            raise ShapeError(f"{self.name}: adamss_newB has in + 1 columns (the adapter was made on a layer with a "
+                             f"bias), but no bias was given")
+        return partition(weight, bias if self.has_bias else None, self.P, len(self.Bs), where=self.name)
+
+    def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
+              peft_compat: bool = False) -> MergeResult:
+        """``W + ΔW`` (and ``b + Δb`` with a bias column), formed in float32 (float64) and rounded once (no ``W``-sized
+        temporary on NumPy: ``ΔW = L M`` goes through the backend's gemm); ``peft_compat=True`` rounds ``ΔW`` to
+        ``W``'s dtype first, as PEFT's ``weight += ΔW`` does. The record is the partition of the output rows."""
+        self.layer.check_weight(weight)
+        self.layer.check_bias(bias)
+        labels = self._labels(weight, bias, None)
+        xp = self.xp
+        record = backend_for(xp).from_host(labels.astype(np.int64), xp, _device(self.P))
+        return self._apply(weight, bias, labels, 1, record, copy=copy, safe=safe, peft_compat=peft_compat)
+
+    def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
+                peft_compat: bool = False) -> MergeResult:
+        """``W − ΔW`` (``b − Δb``) with the partition from the merge's ``record``; without it
+        :class:`NotInvertibleError`: the partition came from the weight merge overwrote."""
+        self.layer.check_weight(weight)
+        self.layer.check_bias(bias)
+        if record is None:
+            raise NotInvertibleError(
+                f"{self.name}: unmerging AdaMSS needs the partition of the output rows that merge computed from the "
+                f"original weight (merge returns it as MergeResult.record; Adapter.merge keeps it when given "
+                f"records={{}}); the merged weight clusters differently")
+        return self._apply(weight, bias, self._labels(weight, bias, record), -1, None, copy=copy, safe=False,
+                           peft_compat=peft_compat)
+
+    def _apply(self, weight: Array, bias: Array | None, labels: np.ndarray, sign: int, record: Any, *, copy: bool,
+               safe: bool, peft_compat: bool) -> MergeResult:
+        xp = self.xp
+        if self.has_bias and bias is None:
+            raise ShapeError(f"{self.name}: the adapter changes the bias (adamss_newB has in + 1 columns) but the "
+                             f"layer has no bias")
+        if not copy and self.has_bias:
+            require_writeable(self.name, bias, "bias")
+        cd = compute_dtype(xp, weight.dtype, self.P.dtype)
+        L, M = factors(labels, self.As, self.Bs, self.P, dtype=cd, where=self.name)
+        inn = self.layer.in_features
+        Mw = M[:, :inn]
+        round_to = weight.dtype if peft_compat and is_low_precision(weight.dtype) else None
+
+        def kernel(target: Array) -> bool:
+            return backend_for(xp).addmm_(target, L, Mw, float(sign))
+
+        new_b = bias
+        if self.has_bias:
+            db = xp.matmul(L, M[:, inn])
+            new_b = bias_update(self.name, bias, db, sign=sign, round_delta_to=round_to)
+        new_w = apply_delta(self.name, weight, lambda: xp.matmul(L, Mw), sign=sign, copy=copy, safe=safe,
+                            round_delta_to=round_to, layer=self.layer, inplace_kernel=kernel, xp=xp)
+        if self.has_bias and not copy:
+            new_b = write_back(self.name, bias, new_b)
+        return MergeResult(new_w, new_b, record)
+
+    def forward(self, x: Array, weight: Array, bias: Array | None = None, *, peft_compat: bool = False,
+                **layer_kwargs: Any) -> Array:
+        layer, _ = self.input_layer(x, weight, layer_kwargs)
+        return forward(x, weight, self.P, self.As, self.Bs, bias=bias, layer=layer, peft_compat=peft_compat,
+                       where=self.name)
+
+    @classmethod
+    def initialize(cls, name: str, config: AdamssConfig, layer: Layer, *, weight: Array | None = None,
+                   bias: Array | None = None, seed: int | np.random.Generator | None = 0, xp: Any = None,
+                   device: Any = None, dtype: Any = None, init: Any = None) -> tuple[dict[str, Array], Array | None]:
+        """:func:`initialize_subspaces` of ``weight`` (required) and ``bias`` (pass the layer's bias when it has one:
+        PEFT's ``adamss_newB`` then has a bias column); ``init`` overrides ``config.init_weights``. The base
+        weight is not changed."""
+        _check_kind(layer, name)
+        if weight is None:
+            raise UnsupportedError(f"{name}: AdaMSS starts from the base weight's SVD; pass the base weight")
+        cfg = config if init is None else config.replace(init_weights=init or None)
+        return initialize_subspaces(weight, bias, cfg, seed=seed, where=name, dtype=dtype), None
+
+
+#: checkpoint suffixes of this method's per-module tensors (ParameterLists in ModuleDicts, a BufferDict)
+PARAMETER_SUFFIXES = (_P, *(f"adamss_{m}.{i}" for m in "AB" for i in range(MAX_SUBSPACES)))
+Config = AdamssConfig
+Module = AdamssModule
+#: demo / documentation examples: with r and num_subspaces at least every layer's size the SVD is exact and no
+#: clustering is a tie, so peftmath's initialisation is PEFT's (random B: PEFT's init_weights=None)
+EXAMPLES = {
+    "AdaMSS": dict(r=128, num_subspaces=64, init_weights=None),
+}
+
+#: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
+METHOD = Method(
+    peft_type=PEFT_TYPE, config=AdamssConfig, module=AdamssModule, spec="specs/adamss.md",
+    parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=AdamssModule.supported_kinds, additive=True,
+    init_field="init_weights", examples=EXAMPLES, needs_record_for=lambda config: True,
+    frozen_suffixes=(_P,),
+)
