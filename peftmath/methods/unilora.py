@@ -52,6 +52,7 @@ __all__ = [
     "unmerge",
     "init_theta",
     "init_shared",
+    "regenerate",
     "validate_checkpoint",
     "UniLoraModule",
 ]
@@ -325,7 +326,8 @@ def _require_saved_indices(config: UniLoraConfig, where: str) -> None:
             f"{where}: save_indices=False: PEFT does not keep a UniLoRA adapter's indices and scales but regenerates "
             f"them, whenever it loads the adapter, from proj_seed and the order of the adapted modules in the model, "
             f"which a checkpoint does not record (a safetensors file sorts its tensors by name); peftmath cannot know "
-            f"that order. Save the adapter with save_indices=True (PEFT then keeps the indices and scales it used)")
+            f"that order. Save the adapter with save_indices=True (PEFT then keeps the indices and scales it used), or, "
+            f"knowing the model's order, rebuild them with peftmath.methods.unilora.regenerate")
 
 
 def init_shared(config: UniLoraConfig, layers: Iterable[Layer] | Mapping[str, Layer] = (), *,
@@ -341,6 +343,27 @@ def init_shared(config: UniLoraConfig, layers: Iterable[Layer] | Mapping[str, La
     if seq:
         out[_PLAN] = {id(lay): part for lay, part in zip(seq, assign(seq, config))}
     return out
+
+
+def regenerate(config: UniLoraConfig, layers: Mapping[str, Layer], *, xp: Any = None, device: Any = None,
+               dtype: Any = None) -> tuple[UniLoraConfig, dict[str, dict[str, Array]]]:
+    """``(config with save_indices=True, {module: indices and scales})`` for a checkpoint PEFT saved with
+    ``save_indices=False`` (``θ_d`` only), given its adapted ``layers`` **in the model's module order**
+    (``named_modules``; a ``torch`` model's ``state_dict()`` keeps it, a safetensors file does not): the
+    assignment PEFT regenerates when it loads that checkpoint into that model (:func:`assign`). The order is
+    the caller's statement; peftmath cannot check it. Scales in ``dtype`` (the weight's, as PEFT stores them;
+    default float32). ``Adapter(config, params, shared={THETA_KEY: θ_d})`` is then the adapter PEFT runs.
+
+    >>> cfg, params = regenerate(UniLoraConfig(r=1, theta_d_length=4), {"b": Layer.of((3, 2)), "a": Layer.of((2, 3))})
+    >>> cfg.save_indices, list(params), params["b"]["unilora_indices_A"].shape
+    (True, ['b', 'a'], (1, 2))
+    """
+    if xp is None:
+        import array_api_compat.numpy as xp
+    parts = assign(list(layers.values()), config)
+    params = {name: {k: _put(part[k], xp, device, dtype if k in SCALES else None) for k in PARAMETER_SUFFIXES}
+              for name, part in zip(layers, parts)}
+    return config.replace(save_indices=True), params
 
 
 def validate_checkpoint(config: UniLoraConfig, shared: Mapping[str, Array]) -> None:

@@ -114,6 +114,35 @@ def test_default_checkpoint_is_refused_with_the_reason(tmp_path):
         load_peft_checkpoint(pm, tmp_path)
 
 
+def test_default_checkpoint_with_the_models_order_regenerates_peft(tmp_path):
+    """PEFT's default checkpoint (θ_d only) and the adapted layers in the model's order: ``regenerate`` gives
+    the indices and scales PEFT regenerates on load (bits), and the adapter PEFT's merge and forwards."""
+    from safetensors.numpy import load_file
+
+    pm, state = _peft(save_indices=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path)
+    theta = load_file(str(tmp_path / "adapter_model.safetensors"))[unilora.THETA_KEY]
+    layers = dict(zip(LAYERS, _layers(state)))  # the model's order: z_q, c, a_o
+    cfg, params = unilora.regenerate(peftmath.read_config(tmp_path), layers)
+    for name in LAYERS:
+        layer = pm.base_model.model.get_submodule(name)
+        for key, got in params[name].items():
+            assert bits_differ(np.asarray(got), t2n(getattr(layer, key)["default"])) == 0, (name, key)
+    adapter = peftmath.Adapter(cfg, params, shared={unilora.THETA_KEY: theta}, layer_kinds={"c": "Conv1D"})
+    for name in LAYERS:
+        x = make_input(pm, name)
+        assert_close(adapter.forward(name, x, state), peft_forward(pm, name, x), **TOL_Y, what=f"forward {name}")
+    with torch.no_grad():
+        want = {k: t2n(v) for k, v in pm.merge_and_unload().state_dict().items()}
+    merged = adapter.merge(state)
+    for key, w in want.items():
+        assert_close(merged[key], w, **TOL_W, what=f"merge {key}")
+    wrong = dict(sorted(layers.items()))  # the names' order is not the model's: other indices
+    assert not np.array_equal(unilora.regenerate(cfg, wrong)[1]["c"]["unilora_indices_A"], params["c"]["unilora_indices_A"])
+
+
 def test_peftmath_checkpoint_loads_in_peft(tmp_path):
     """create_adapter (indices for the modules in name order, θ_d N(0, 1)), saved with save_indices=True and
     loaded by ``PeftModel.from_pretrained``: PEFT uses the saved indices; same outputs and merge."""
