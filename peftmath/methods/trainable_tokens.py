@@ -205,13 +205,28 @@ def init_rows(token_indices: Any, embed_dim: int, *, weight: Array | None = None
 # --------------------------------------------------------------------------------------------------
 # Merge: replace rows (specs/trainable_tokens.md, "5. Merge and unmerge")
 # --------------------------------------------------------------------------------------------------
+#: above this many runs of consecutive ids, :func:`_spliced` selects rows with one ``where`` instead of concatenating
+#: ``2·runs + 1`` slices (one operation, one gathered temporary of the table's size)
+MAX_RUNS_SPLICED = 64
+
+
 def _spliced(xp: Any, weight: Array, rows: Array, tokens: TokenRows) -> Array:
     """A new table: ``weight`` with rows ``tokens.unique`` replaced by ``rows`` (``(n, D)`` in the sorted order,
     ``weight``'s dtype), built as one concatenation of slices of ``weight`` and of ``rows`` (no gathered
-    temporary of the table's size; autograd and lazy libraries keep their graphs)."""
-    pieces, prev = [], 0
+    temporary of the table's size; autograd and lazy libraries keep their graphs); with more than
+    :data:`MAX_RUNS_SPLICED` runs of consecutive ids, as ``where(mask, rows[pos], weight)`` with a host-built
+    row mask and positions."""
+    runs = tokens.runs()
     n_rows = int(weight.shape[0])
-    for start, stop, j in tokens.runs():
+    if len(runs) > MAX_RUNS_SPLICED:
+        dev = array_api_compat.device(weight)
+        pos = np.zeros(n_rows, dtype=np.int64)
+        pos[tokens.unique] = np.arange(tokens.unique.size)
+        mask = np.zeros((n_rows, 1), dtype=bool)
+        mask[tokens.unique] = True
+        return xp.where(xp.asarray(mask, device=dev), xp.take(rows, xp.asarray(pos, device=dev), axis=0), weight)
+    pieces, prev = [], 0
+    for start, stop, j in runs:
         if start > prev:
             pieces.append(weight[prev:start, ...])
         pieces.append(rows[j:j + stop - start, ...])

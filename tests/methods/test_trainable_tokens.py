@@ -73,6 +73,28 @@ def test_merge_unmerge_equal_the_row_loop_bit_for_bit(kind, layout, dtype, k_dty
     assert back.weight is target and np.ascontiguousarray(target).tobytes() == W.tobytes()
 
 
+@pytest.mark.parametrize("n_tokens", [5, 2 * tt.MAX_RUNS_SPLICED + 3])
+def test_autograd_weight_keeps_its_graph(n_tokens):
+    """A torch weight that records gradients takes the out-of-place path (a concatenation of slices, or one
+    ``where`` for many scattered ids): the reference values, and gradients reach both W and the rows."""
+    torch = pytest.importorskip("torch")
+    vocab = 4 * n_tokens
+    rng = np.random.default_rng(12)
+    idx = sorted(rng.choice(np.arange(0, vocab, 2), size=n_tokens, replace=False).tolist())  # no two adjacent
+    W = rng.standard_normal((vocab, D)).astype(np.float32)
+    delta = rng.standard_normal((n_tokens, D)).astype(np.float32)
+    tW, td = torch.tensor(W, requires_grad=True), torch.tensor(delta, requires_grad=True)
+    cfg = tt.TrainableTokensConfig(target_modules=["emb"], token_indices=idx)
+    mod = tt.TrainableTokensModule("emb", cfg, {"trainable_tokens_delta": td}, Layer.of((vocab, D), "Embedding"))
+    out = mod.merge(tW).weight
+    np.testing.assert_array_equal(out.detach().numpy(), _reference(W, idx, delta))
+    out.sum().backward()
+    np.testing.assert_array_equal(td.grad.numpy(), np.ones_like(delta))
+    g = np.ones_like(W)
+    g[idx] = 0.0
+    np.testing.assert_array_equal(tW.grad.numpy(), g)
+
+
 def test_read_only_weight_is_refused_in_place_and_merged_as_a_copy():
     W, idx, delta = _data(2)
     ro = W.copy()
