@@ -384,7 +384,7 @@ class SupertuningModule(ModuleAdapter):
         sparse part added first on merge and last on unmerge, each sum rounded)."""
         xp = self.xp
         cd = compute_dtype(xp, weight.dtype, self.values.dtype)
-        vals = as_compute(xp, self.values, cd) * float(sign)
+        vals = as_compute(xp, self.values, cd) if sign > 0 else -as_compute(xp, self.values, cd)
 
         def lora() -> Array | None:
             if self.A is None:
@@ -467,7 +467,7 @@ Config = SupertuningConfig
 Module = SupertuningModule
 #: demo / documentation examples: row label -> config fields (non-trivial: random values, alpha != r)
 EXAMPLES = {
-    "Super-tuning": dict(sparsity=0.5, init_weights=False),
+    "Super-tuning": dict(sparsity=0.9, init_weights=False),
     "Supra bottom-k": dict(sparsity=0.75, select_top=False, r=2, lora_alpha=3, init_weights=False),
     "Super-tuning unsaved positions": dict(sparsity=0.9, init_weights=False, save_precomputed_indices=False),
 }
