@@ -32,7 +32,7 @@ from ..config import TunerConfig, check_choice, check_flags, check_fraction, che
 from ..errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from . import vera
-from ._base import ModuleAdapter, SignedModuleAdapter, apply_delta, check_shape, require_kind
+from ._base import ModuleAdapter, SignedModuleAdapter, apply_delta, check_shape, layer_of_weight_shape, require_kind
 from ._contract import Method
 
 Array = Any
@@ -343,15 +343,11 @@ class PveraModule(SignedModuleAdapter):
                     weight_shape: tuple[int, ...] | None = None, kind: Any = None) -> Layer:
         """The base weight's shape is needed (the tensors hold no input size); a 2-D weight is a Linear when
         ``len(λ_b)`` is its first size, a Conv1D when it is the second (square: ``kind``, else ``fan_in_fan_out``)."""
-        if "pvera_lambda_b" not in params:
-            raise ShapeError(f"{name}: no pvera_lambda_b among the parameters {sorted(params)}")
-        if weight_shape is None:
-            raise ShapeError(f"{name}: PVeRA does not store the input size of a layer; pass the base weight shape "
-                             f"(weight_shape=...)")
-        shape = tuple(int(s) for s in weight_shape)
-        out = int(params["pvera_lambda_b"].shape[0])
+        lay = layer_of_weight_shape(name, "pvera_lambda_b", params, weight_shape, kind, config.fan_in_fan_out,
+                                    "PVeRA's tensors give only the output size")
+        shape, out = lay.weight_shape, int(params["pvera_lambda_b"].shape[0])
         if kind is not None or len(shape) != 2:
-            return Layer.of(shape, kind)
+            return lay
         if out not in shape:
             raise ShapeError(f"{name}: base weight {shape} has no dimension of size len(pvera_lambda_b) = {out}; does "
                              f"the adapter belong to this model?")
