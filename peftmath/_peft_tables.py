@@ -297,6 +297,12 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
               **dict.fromkeys(("r", "save_projection", "fan_in_fan_out", "bias", "sample_at_inference"), IMPLEMENTED),
               **dict.fromkeys(("projection_prng_key", "pvera_dropout", "d_initial", "init_weights", "generator_seed"),
                               IRRELEVANT)},
+    # FRoD: the shared V / S positions are read from the checkpoint (refused without: PEFT recomputes them from the
+    # base weights and its torch generator), so the fields that build them only matter at initialisation
+    "FROD": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
+             **dict.fromkeys(("save_projection", "fan_in_fan_out", "bias"), IMPLEMENTED),
+             **dict.fromkeys(("projection_prng_key", "frod_dropout", "init_weights", "sparse_rate",
+                              "regularization_alpha", "progressbar", "runtime_offload_base_weight"), IRRELEVANT)},
     # GLoRA: the support forms are read from the saved tensors; init_weights only drew them
     "GLORA": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save", "r", "bias", "config_A_B",
                                                "config_C", "config_D_E"), IMPLEMENTED), "init_weights": IRRELEVANT},

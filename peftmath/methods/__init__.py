@@ -49,6 +49,7 @@ METHOD_MODULES: dict[str, str] = {
     "OSF": "peftmath.methods.osf",
     "GRALORA": "peftmath.methods.gralora",
     "PVERA": "peftmath.methods.pvera",
+    "FROD": "peftmath.methods.frod",
     "GLORA": "peftmath.methods.glora",
     "PSOFT": "peftmath.methods.psoft",
     "LILY": "peftmath.methods.lily",

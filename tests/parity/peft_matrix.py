@@ -39,6 +39,7 @@ CLAIMED = frozenset({
     "OSFConfig",
     "GraloraConfig",
     "PveraConfig",
+    "FrodConfig",
     "GloraConfig",
     "PsoftConfig",
     "LilyConfig",

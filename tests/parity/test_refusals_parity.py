@@ -47,6 +47,7 @@ PEFT_CONFIGS["TINYLORA"] = "TinyLoraConfig"
 PEFT_CONFIGS["UNILORA"] = "UniLoraConfig"
 PEFT_CONFIGS["LILY"] = "LilyConfig"
 PEFT_CONFIGS["ADAMSS"] = "AdamssConfig"
+PEFT_CONFIGS["FROD"] = "FrodConfig"
 
 
 def _quiet(fn, *args, **kwargs):
