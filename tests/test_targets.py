@@ -111,7 +111,7 @@ def _default_cases():
 
 #: methods whose PEFT default initialisation is not a no-op (FourierFT: init_weights=False draws the spectrum
 #: from a standard normal, so a fresh adapter already changes W, in PEFT as here)
-_NOT_A_NO_OP = {"FOURIERFT", "VBLORA", "C3A"}  # PEFT draws these at random: no no-op init
+_NOT_A_NO_OP = {"FOURIERFT", "VBLORA", "C3A", "UNILORA"}  # PEFT draws these at random: no no-op init
 
 
 @pytest.mark.parametrize("peft_type", list(_default_cases()))
