@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._array import as_compute, compute_dtype, is_low_precision, namespace
+from .._array import as_compute, compute_dtype, dtype_name, is_low_precision, namespace
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_number, check_positive_int
 from ..errors import CheckpointError, ConfigError, NotInvertibleError, ShapeError, UnsupportedError
@@ -232,7 +232,9 @@ def partition(W: Array, bias: Array | None, P: Array, k: int, *, where: str = "a
     """The subspace of every output row, ``(out,)`` host integers in ``[0, k)``: :func:`kmeans_labels` of the rows
     of :func:`left_vectors` ``(W_b, P)``. Refused (:class:`UnsupportedError`) when ``q = out`` and ``k < out``:
     then ``U`` is square orthogonal, every pair of rows is equally far apart, and the clustering is decided by
-    rounding (PEFT's too: it can change between machines)."""
+    rounding (PEFT's too: it can change between machines). A ``P`` rounded to half precision (stored so, or
+    upcast after rounding) is too coarse to recover ``U`` from: ``U`` is then the exact SVD's when PEFT's SVD
+    was exact (``q = min(out, n)``), else refused."""
     xp = namespace(W, bias, P, where=where)
     q, out = int(P.shape[0]), int(W.shape[0])
     if q >= out and k < out:
@@ -241,9 +243,36 @@ def partition(W: Array, bias: Array | None, P: Array, k: int, *, where: str = "a
             f"square orthogonal matrix: its rows are all equally far apart and k-means into {k} subspaces is decided "
             f"by rounding noise (PEFT's own reload of this adapter can cluster differently on another machine). Use "
             f"r < {out} or num_subspaces >= {out}")
-    U = left_vectors(weight_with_bias(W, bias, dtype=compute_dtype(xp, W.dtype, P.dtype)), P)
+    Wb = weight_with_bias(W, bias, dtype=compute_dtype(xp, W.dtype, P.dtype))
+    n = int(Wb.shape[1])
+    coarse = _half_precision_values(P)
+    if coarse is None:
+        U = left_vectors(Wb, P)
+    elif q == min(out, n):  # PEFT's SVD was exact: take U from the SVD of W_b, not from the rounded P
+        U = xp.linalg.svd(Wb, full_matrices=False)[0][:, :q]
+    else:
+        raise UnsupportedError(
+            f"{where}: adamss_newB holds {coarse} values, and with q={q} < min(out, n)={min(out, n)} PEFT's "
+            f"subspaces come from its float32 randomized SVD, which peftmath recovers from adamss_newB only when it is "
+            f"stored in float32 or float64: rounding it moves the left singular vectors by ~1e-3 and changes the "
+            f"k-means partition PEFT recomputes at load. Save the adapter in float32 (PEFT: "
+            f"model.to(torch.float32) before save_pretrained), or use r >= min(out, n)")
     host = np.asarray(backend_for(xp).to_host(U), dtype=np.float32)
     return kmeans_labels(host, k)
+
+
+def _half_precision_values(P: Array) -> str | None:
+    """``"bfloat16"`` / ``"float16"`` when ``P`` is stored in that dtype or all its values are (a half-precision
+    adapter that PEFT's ``autocast_adapter_dtype`` upcast to float32 keeps its rounded values), else None."""
+    if is_low_precision(P.dtype):
+        return dtype_name(P.dtype)
+    import ml_dtypes
+
+    host = np.asarray(backend_for(namespace(P)).to_host(P), dtype=np.float32)
+    for name, half in (("bfloat16", ml_dtypes.bfloat16), ("float16", np.float16)):
+        if np.array_equal(host.astype(half).astype(np.float32), host):
+            return name
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -209,3 +209,20 @@ def test_torch_matches_numpy():
     merged = tmod.merge(Wt, bt)
     np.testing.assert_array_equal(merged.record.numpy(), labels)
     np.testing.assert_allclose(merged.weight.numpy(), mod.merge(W, b).weight, rtol=1e-6, atol=1e-6)
+
+
+def test_half_precision_newB():
+    """A P rounded to half precision (stored so, or upcast after rounding) cannot give U back: the exact SVD's U where
+    q = min(out, n), else refused."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((30, 8)).astype(np.float32)
+    U, _, Vh = np.linalg.svd(W, full_matrices=False)
+    want = adamss.kmeans_labels(U.astype(np.float32), 3)
+    for P in (Vh.astype(ml_dtypes.bfloat16), Vh.astype(np.float16).astype(np.float32)):
+        np.testing.assert_array_equal(adamss.partition(W, None, P, 3), want)
+        with pytest.raises(UnsupportedError, match="holds (bfloat16|float16) values"):
+            adamss.partition(W, None, P[:4], 3)
+    np.testing.assert_array_equal(adamss.partition(W, None, Vh[:4], 3),
+                                  adamss.kmeans_labels(adamss.left_vectors(W.astype(np.float64), Vh[:4]).astype(np.float32), 3))

@@ -163,3 +163,37 @@ def test_peftmath_initialisation_loads_in_peft(init_weights, tmp_path):
         np.testing.assert_allclose(ad.forward(name, x, state), peft_forward(fresh, name, x), atol=2e-5, rtol=1e-5)
         ours = [int(params[name][f"adamss_B.{i}"].shape[0]) for i in range(4)]
         assert ours == [len(v) for v in theirs.base_model.model.get_submodule(name).seg_result["default"].values()]
+
+
+def test_bfloat16_adapters(tmp_path):
+    """A bfloat16 model: PEFT rounds adamss_newB to bfloat16 (and upcasts it to float32 with autocast_adapter_dtype),
+    too coarse to recover its randomized SVD's left vectors from. Where that SVD was exact (r >= min(out, n)) peftmath
+    takes U from the exact SVD and matches PEFT (forward within a few bfloat16 roundings, merge within one);
+    otherwise it refuses, naming the reason."""
+    from peftmath.errors import UnsupportedError
+    from tests.parity.conftest import BF16
+
+    for r, exact in ((32, True), (5, False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(base_model().to(torch.bfloat16),
+                                     peft.AdamssConfig(target_modules=["up", "proj"], r=r, num_subspaces=3,
+                                                       init_weights=None))
+        pm.eval()
+        ad = load_peft_checkpoint(pm, tmp_path / str(r))
+        state = state_of(pm)
+        x = inputs()["up"].astype(BF16)
+        if not exact:
+            with pytest.raises(UnsupportedError, match="bfloat16 values"):
+                ad.forward("up", x, state)
+            continue
+        want = peft_forward(pm, "up", x).astype(np.float32)
+        got = np.asarray(ad.forward("up", x, state, peft_compat=True)).astype(np.float32)
+        assert np.max(np.abs(got - want)) <= 2 ** -6 * np.max(np.abs(want))
+        merged = ad.merge(state, peft_compat=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = {k: t2n(v) for k, v in pm.merge_and_unload().state_dict().items()}
+        for key in ("up.weight", "up.bias", "proj.weight"):
+            g, w = np.asarray(merged[key]).astype(np.float32), ref[key].astype(np.float32)
+            assert merged[key].dtype == BF16 and np.all(np.abs(g - w) <= 2 ** -7 * np.abs(w) + 1e-30), key
