@@ -429,8 +429,8 @@ class Adapter:
         if not copy:  # refuse before the first in-place write, not half-way through the model
             for kb in replaced:
                 require_writeable(f"replaced tensor {kb}", state[kb])
-            for name, (_, wkey, _) in bound.items():
-                require_writeable(name, state[wkey])
+            for name, (mod, wkey, bkey) in bound.items():  # the weight, and the bias where the merge moves it
+                mod.require_inplace(state[wkey], state.get(bkey) if bkey else None)
         base = dict(state)
         for kb, value in replaced.items():  # PEFT copies them into the model's tensors (its dtype)
             if copy:
@@ -499,8 +499,8 @@ class Adapter:
         restored = set(replaced.values())
         todo = {n: b for n, b in bound.items() if b[1] not in restored}
         if not copy:
-            for name, (_, wkey, _) in todo.items():
-                require_writeable(name, merged[wkey])
+            for name, (mod, wkey, bkey) in todo.items():
+                mod.require_inplace(merged[wkey], merged.get(bkey) if bkey else None)
         out = dict(merged)
         for name, (mod, wkey, bkey) in todo.items():
             rec = (records or {}).get(name)

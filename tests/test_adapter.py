@@ -207,3 +207,27 @@ def test_copy_false_refuses_read_only_before_writing_anything():
     with pytest.raises(UnsupportedError, match="unet.conv"):
         ad.unmerge(state, copy=False)
     assert {k: v.tobytes() for k, v in state.items()} == before
+
+
+def test_inplace_merge_refuses_a_read_only_bias_before_writing_any_weight():
+    """copy=False checks every array any module's merge writes (a moved bias too) before the first write: a
+    read-only bias of the last module must not leave the first module's weight merged."""
+    from peftmath import Adapter
+    from peftmath.errors import UnsupportedError
+    from peftmath.io.peft import config_from_dict
+
+    rng = np.random.default_rng(0)
+    cfg = config_from_dict({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["a", "b"],
+                            "lora_bias": True, "init_lora_weights": False})
+    params = {m: {"lora_A.weight": rng.standard_normal((2, 6)).astype(np.float32),
+                  "lora_B.weight": rng.standard_normal((5, 2)).astype(np.float32),
+                  "lora_B.bias": rng.standard_normal(5).astype(np.float32)} for m in ("a", "b")}
+    ad = Adapter(cfg, params)
+    state = {f"{m}.{t}": rng.standard_normal((5, 6) if t == "weight" else 5).astype(np.float32)
+             for m in ("a", "b") for t in ("weight", "bias")}
+    before = {k: v.copy() for k, v in state.items()}
+    state["b.bias"].flags.writeable = False
+    with pytest.raises(UnsupportedError, match="b"):
+        ad.merge(state, copy=False)
+    for k, v in state.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
