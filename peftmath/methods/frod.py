@@ -300,8 +300,8 @@ def forward(x: Array, W: Array, V: Array, idx: Array, size: Array, lam: Array, v
 def merge(W: Array, V: Array, idx: Array, size: Array, lam: Array, values: Array, *,
           layer: Layer | LayerKind | str | None = None, copy: bool = True, safe: bool = False,
           peft_compat: bool = False, where: str = "frod.merge") -> tuple[Array, Array]:
-    """``(W_FRoD, W₀)``: the adapted weight ``U (S + diag λ) Vᵀ`` in ``W``'s layout and dtype (``U`` and the product
-    in float64, rounded once), and a copy of the base weight ``W₀``, the record :func:`unmerge` needs (merging
+    """``(W_FRoD, W₀)``: the adapted weight ``U (S + diag λ) Vᵀ`` in ``W``'s layout and dtype (``U`` from a float64
+    solve, the products in float32, float64 for float64 inputs, rounded once), and a copy of the base weight ``W₀``, the record :func:`unmerge` needs (merging
     replaces the weight; PEFT keeps the same copy). ``copy=False`` writes into ``W``. ``peft_compat=True`` forms
     PEFT's ``W + (W_FRoD − W)`` with ``U`` rounded to float32 (and, for a half-precision weight, every factor and
     ``W_FRoD − W`` rounded to its dtype) instead.
@@ -329,7 +329,8 @@ def merge(W: Array, V: Array, idx: Array, size: Array, lam: Array, values: Array
                           xp.matrix_transpose(r(V)))
             Wm = as_compute(xp, lay.as_matrix(W, xp), cd)
             return lay.from_matrix(Wm + r(r(F) - Wm), xp)
-        F = xp.matmul(xp.matmul(U, _core(lam, idx, values, n, f64, xp)), xp.matrix_transpose(as_compute(xp, V, f64)))
+        Uc = as_compute(xp, U, cd)  # U from the float64 solve; the two products in the compute dtype, as PEFT's
+        F = xp.matmul(xp.matmul(Uc, _core(lam, idx, values, n, cd, xp)), xp.matrix_transpose(as_compute(xp, V, cd)))
         return lay.from_matrix(F, xp)
 
     return write_weight(where, W, compute, layer=lay, copy=copy, safe=safe, xp=xp), record
