@@ -76,6 +76,14 @@ KNOWN_LAZY = {
     "C3A": "c3a.delta_weight: the circulant's reshape (m, b*in) -> (m*b, in) splits and merges axes at once",
     "SHiRA": "shira.Positions reads the index tensor on the host (the positions are the structure of the delta)",
     "OSF": "osf.low_part: dask's svd takes matrices chunked along one axis only (refused: UnsupportedError)",
+    "DEFT qr": "deft.projector_factors: dask's qr takes deft_P in one column chunk only (refused: UnsupportedError)",
+    "Super-tuning": "supertuning.Support reads the index tensor on the host (the positions are the structure of "
+                    "the delta)",
+    "Supra bottom-k": "supertuning.Support reads the index tensor on the host (the positions are the structure of "
+                      "the delta)",
+    "Super-tuning unsaved positions": "supertuning.select_positions: the positions are chosen from |W| and read on "
+                                      "the host",
+    "AdaMSS": "adamss: the subspace partition is k-means of the base weight's singular vectors, on the host",
 }
 
 
@@ -91,6 +99,11 @@ KNOWN_SAFE = {
     "C3A": KNOWN_LAZY["C3A"],
     "SHiRA": "shira.Positions reads the index tensor on the host besides the safe check (2 computes)",
     "OSF": KNOWN_LAZY["OSF"],
+    "DEFT qr": KNOWN_LAZY["DEFT qr"],
+    "Super-tuning": "supertuning.Support reads the index tensor on the host besides the safe check (2 computes)",
+    "Supra bottom-k": "supertuning.Support reads the index tensor on the host besides the safe check (2 computes)",
+    "Super-tuning unsaved positions": "supertuning.select_positions reads |W| on the host besides the safe check",
+    "AdaMSS": "adamss: the k-means partition on the host besides the safe check",
 }
 
 

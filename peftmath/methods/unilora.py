@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from .._array import as_compute, compute_dtype, namespace
+from .._array import as_compute, compute_dtype, namespace, refuse_where
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_number, check_positive_int
 from ..errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
@@ -475,15 +475,17 @@ class UniLoraModule(ModuleAdapter):
         self.indices = []
         for k in INDICES:
             i = self.params[k]
+            # value checks through refuse_where: now on eager arrays, in the task graph on lazy ones (no compute)
             if xp.isdtype(i.dtype, "real floating"):  # a float copy of the indices: whole numbers only
-                if not bool(xp.all(i == xp.round(i))):
-                    raise CheckpointError(f"{self.name}: {k} holds non-integer values; they index {THETA_KEY}")
+                i = refuse_where(i, i != xp.round(i), lambda k=k: CheckpointError(
+                    f"{self.name}: {k} holds non-integer values; they index {THETA_KEY}"), xp=xp)
                 i = xp.astype(i, xp.int64)
             elif not xp.isdtype(i.dtype, "integral"):
                 raise CheckpointError(f"{self.name}: {k} must hold integers (indices into {THETA_KEY}), got "
                                       f"{i.dtype}")
-            if math.prod(i.shape) and (int(xp.min(i)) < 0 or int(xp.max(i)) >= d):
-                raise CheckpointError(f"{self.name}: {k} holds indices outside 0..{d - 1} (theta_d_length={d})")
+            if math.prod(i.shape):
+                i = refuse_where(i, (i < 0) | (i >= d), lambda k=k: CheckpointError(
+                    f"{self.name}: {k} holds indices outside 0..{d - 1} (theta_d_length={d})"), xp=xp)
             self.indices.append(i)
 
     def scaled(self, c: float) -> "ModuleAdapter":
