@@ -148,4 +148,5 @@ def test_default_initialisation_is_a_no_op(peft_type, seed, out, inn, k):
 
 #: config overrides so that a method's default init fits the test's tiny layers (out 4..12, in 8..32)
 _TINY = {"MISS": {"r": 2}, "ROAD": {"group_size": 2}, "FOURIERFT": {"n_frequency": 8}, "SHIRA": {"r": 1},
-         "WAVEFT": {"n_frequency": 8}, "PSOFT": {"r": 2}, "SUPERTUNING": {"sparsity": 0.5}}
+         "WAVEFT": {"n_frequency": 8}, "PSOFT": {"r": 2}, "SUPERTUNING": {"sparsity": 0.5},
+         "ADAMSS": {"num_subspaces": 64}}  # AdaMSS: every row its own subspace (PEFT's defaults tie or sample)

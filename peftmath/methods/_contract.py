@@ -112,6 +112,10 @@ class Method:
     bias_only
         Merging changes the base bias only, and the weight is returned untouched (BEFT); a layer without
         a bias cannot be merged.
+    forward_only
+        The method's adaptation depends on the input (Lily's batch-averaged router), so merges are refused
+        in general and it may have no :attr:`examples` (the demo and the merge contract tests use them); its
+        forward is tested against PEFT by the method's own tests.
     shared_key_pattern
         A regular expression (matched against the whole key) for shared checkpoint keys whose number
         depends on the adapter (TinyLoRA's one vector per weight-tying group, ``base_model.tinylora_v.<g>``),
@@ -155,6 +159,7 @@ class Method:
     trainable_shared: tuple[str, ...] = ()
     identity_init: bool = False
     bias_only: bool = False
+    forward_only: bool = False
     shared_key_pattern: str | None = None
     pattern_trainable: bool = False
     link_modules: Callable[[Any, Mapping[str, Mapping[str, Any]], Mapping[str, Any]],

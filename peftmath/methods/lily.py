@@ -417,5 +417,5 @@ EXAMPLES: dict[str, dict[str, Any]] = {}
 METHOD = Method(
     peft_type=PEFT_TYPE, config=LilyConfig, module=LilyModule, spec="specs/lily.md",
     parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=LilyModule.supported_kinds, additive=True,
-    init_field="init_weights", examples=EXAMPLES,
+    init_field="init_weights", examples=EXAMPLES, forward_only=True,
 )
