@@ -37,7 +37,7 @@ from ..errors import ConfigError, UnsupportedError
 from ..io import stream
 from . import rows
 
-__all__ = ["client", "transform", "extract", "map_adapters", "blockwise_merge", "DEFAULT_RETRIES"]
+__all__ = ["client", "transform", "extract", "map_adapters", "blockwise_merge", "row_blocks", "DEFAULT_RETRIES"]
 
 #: how many times a failed task is re-run before the run fails (a worker that died: the scheduler re-runs its
 #: tasks anyway, up to ``distributed.scheduler.allowed-failures``)
@@ -207,6 +207,28 @@ def _merge_block(block: Any, portable: _Portable, peft_compat: bool, unmerge: bo
     return rows.merge_rows(portable.mod, block, r0, peft_compat=peft_compat, unmerge=unmerge)
 
 
+def row_blocks(array: Any, block_rows: int) -> Any:
+    """``array`` (a NumPy array, a ``numpy.memmap``, any sliceable array) as a dask array of ``block_rows``-row
+    blocks read when their tasks run: nothing is copied when the graph is built (``dask.array.from_array`` copies
+    an array that has ``.copy()``, all of a memory map), and nothing is hashed (``name=False``)."""
+    import dask.array as da
+    import numpy as np
+
+    return da.from_array(_Blocks(array), chunks=(block_rows,) + (-1,) * (array.ndim - 1), name=False,
+                         asarray=False if isinstance(array, np.ndarray) else None)
+
+
+class _Blocks:
+    """``array`` seen by ``dask.array.from_array`` as shape, dtype and slicing only (no ``copy``: dask would copy
+    the whole array when the graph is built)."""
+
+    def __init__(self, array: Any) -> None:
+        self.array, self.shape, self.dtype, self.ndim = array, tuple(array.shape), array.dtype, array.ndim
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.array[index]
+
+
 def blockwise_merge(weight: Any, mod: Any, *, block_rows: int | None = None, peft_compat: bool = False,
                     unmerge: bool = False) -> Any:
     """The merged (``unmerge``: unmerged) ``weight`` of bound module ``mod`` as a lazy ``dask.array``, one task
@@ -214,7 +236,8 @@ def blockwise_merge(weight: Any, mod: Any, *, block_rows: int | None = None, pef
     (:func:`peftmath.engines.rows.merge_rows`).
 
     ``weight``: a dask array (rows chunked as given, or by ``block_rows``; the columns are put in one chunk) or
-    an array / ``numpy.memmap`` (chunked by ``block_rows``, default about 64 MiB per block). Store or compute
+    an array / ``numpy.memmap`` (chunked by ``block_rows``, default about 64 MiB per block; each block is read
+    when its task runs, so the array must not change until the result is computed). Store or compute
     the result with any dask scheduler (``da.store`` into a memory map or a zarr array keeps about one block per
     running thread in memory). Methods whose rows are not independent raise :class:`UnsupportedError` naming
     the reason (:data:`peftmath.engines.rows.NOT_ROW_LOCAL`). DoRA's merge records (its row norms) are not
@@ -222,7 +245,7 @@ def blockwise_merge(weight: Any, mod: Any, *, block_rows: int | None = None, pef
     import dask.array as da
     import numpy as np
 
-    rows.row_rule(mod)  # refuse before building anything
+    rows.row_rule(mod)  # refuse before building anything (LoKr: block_rows rounded down to whole w1 rows)
     if tuple(weight.shape) != tuple(mod.layer.weight_shape):
         from ..errors import ShapeError
 
@@ -233,13 +256,15 @@ def blockwise_merge(weight: Any, mod: Any, *, block_rows: int | None = None, pef
     if block_rows is None and not isinstance(weight, da.Array):
         row_bytes = int(np.prod(weight.shape[1:])) * np.dtype(weight.dtype).itemsize
         block_rows = max(1, (64 << 20) // max(1, row_bytes))
-    chunks = ("auto" if block_rows is None else block_rows,) + tuple(-1 for _ in weight.shape[1:])
+    unit = rows.row_alignment(mod)  # LoKr: blocks of whole w1 rows
+    if unit > 1:
+        if block_rows is None:  # a dask array's own row chunks: the first one, rounded
+            block_rows = int(weight.chunks[0][0])
+        block_rows = max(unit, block_rows - block_rows % unit)
     if isinstance(weight, da.Array):
-        w = weight.rechunk(chunks) if block_rows is not None else weight.rechunk({i: -1 for i in range(1, weight.ndim)})
+        w = (weight.rechunk((block_rows,) + (-1,) * (weight.ndim - 1)) if block_rows is not None
+             else weight.rechunk({i: -1 for i in range(1, weight.ndim)}))
     else:
-        # name=False: no hash of the whole array; asarray=False for NumPy (and memory maps): a block is a view
-        # of it, never a copy made up front (with asarray=True dask held copies of most of a memory map at once)
-        w = da.from_array(weight, chunks=chunks, name=False,
-                          asarray=False if isinstance(weight, np.ndarray) else None)
+        w = row_blocks(weight, block_rows)
     return w.map_blocks(_merge_block, _Portable(mod), peft_compat, unmerge, dtype=w.dtype,
                         meta=np.empty((0,) * w.ndim, dtype=w.dtype))

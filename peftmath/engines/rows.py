@@ -16,6 +16,8 @@ IA3        not feedforward: ``W'[i] = l[i]·W[i]`` (``ia3_l`` (out, 1) sliced); 
 LOHA       ``ΔW[i] = (w1a[i]·w1b) ⊙ (w2a[i]·w2b)·s``: ``hada_w1_a``, ``hada_w2_a`` sliced.
 OFT        ``W'[i] = W[i]·Rᵀ`` (the rotation acts on the input axis): ``oft_R`` whole.
 BOFT       ``W'[i] = s[i]·(W[i]·Rᵀ)``: ``boft_R`` whole, ``boft_s`` (out, 1) sliced.
+LOKR       ``ΔW = s·kron(w1, w2)``, ``w1`` (a, c), ``w2`` (b, d): rows ``[i·b, (i+1)·b)`` use row ``i`` of ``w1``
+           (or ``w1_a``) and all of ``w2``; blocks start at multiples of ``b`` (:func:`row_alignment`).
 =========  =============================================================================================
 
 The additive methods give the NumPy merge's bits exactly (the gemm of each row does not depend on the
@@ -34,6 +36,7 @@ rows are not independent, with ``row_blocks_why``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +44,7 @@ from typing import Any
 from ..errors import ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 
-__all__ = ["RowRule", "ROW_LOCAL", "NOT_ROW_LOCAL", "row_rule", "rows_module", "merge_rows", "describe"]
+__all__ = ["RowRule", "ROW_LOCAL", "NOT_ROW_LOCAL", "row_rule", "rows_module", "merge_rows", "describe", "row_alignment"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class RowRule:
     shared_rows: tuple[str, ...] = ()
     why: str = ""
     embedding: bool = False  # an Embedding layer too (plain LoRA: lora_embedding_A sliced by columns)
+    kron: bool = False  # LoKr: rows come in groups of b = out / a (one row of w1 each); the geometry is rebound
 
 
 ROW_LOCAL: dict[str, RowRule] = {
@@ -68,6 +72,9 @@ ROW_LOCAL: dict[str, RowRule] = {
     "IA3": RowRule(rows=("ia3_l",), why="W'[i] = l[i]·W[i] (feedforward: W[i] ⊙ l, l whole)"),
     "LOHA": RowRule(rows=("hada_w1_a", "hada_w2_a"), whole=("hada_w1_b", "hada_w2_b"),
                     why="ΔW[i] = (w1a[i]·w1b) ⊙ (w2a[i]·w2b)·s"),
+    "LOKR": RowRule(rows=("lokr_w1", "lokr_w1_a"), whole=("lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+                    why="ΔW = s·kron(w1, w2): rows [i·b, (i+1)·b) use row i of w1 and all of w2 (b = out / a rows "
+                        "of w2), so blocks start at multiples of b", kron=True),
     "OFT": RowRule(rows=(), whole=("oft_R.weight",), why="W'[i] = W[i]·Rᵀ: the rotation acts on the input axis"),
     "BOFT": RowRule(rows=("boft_s",), whole=("boft_R",), why="W'[i] = s[i]·W[i]·Rᵀ: the rotation acts on the input axis"),
 }
@@ -78,8 +85,6 @@ NOT_ROW_LOCAL: dict[str, str] = {
     "WAVEFT": "ΔW is a 2-D inverse wavelet transform: every row depends on coefficients of other rows",
     "OSF": "the merge recomputes an SVD of the whole base weight: every row depends on every other row",
     "ROAD": "RoAd rotates pairs of output features (i, i + out/2), which lie in different row blocks",
-    "LOKR": ("ΔW = kron(w1, w2) is row-local in blocks of out/a rows, but a LoKr module binds its Kronecker "
-             "geometry to the whole layer from the config, so a block cannot be bound on its own (yet)"),
 }
 
 
@@ -105,6 +110,12 @@ def row_rule(mod: Any) -> RowRule:
     return rule
 
 
+def row_alignment(mod: Any) -> int:
+    """Row blocks of ``mod`` start (and end, but for the last) at multiples of this: ``b = out / a`` for LoKr
+    (one row of ``w1`` per ``b`` rows), 1 for the other methods of :data:`ROW_LOCAL`."""
+    return int(mod.geometry.b) if row_rule(mod).kron else 1
+
+
 def rows_module(mod: Any, r0: int, r1: int) -> Any:
     """Bound module ``mod`` restricted to output rows ``[r0, r1)`` of its weight: a module of the same class
     over a ``(r1 - r0, in)`` layer whose row parameters are sliced (views, no copy), validated again, with a
@@ -113,10 +124,16 @@ def rows_module(mod: Any, r0: int, r1: int) -> Any:
     out = mod.layer.weight_shape[0]
     if not 0 <= r0 < r1 <= out:
         raise ShapeError(f"{mod.name}: row block [{r0}, {r1}) outside the weight's {out} rows")
+    unit = row_alignment(mod)
+    if r0 % unit or (r1 % unit and r1 != out):
+        raise ShapeError(f"{mod.name}: a {mod.peft_type} row block must start and end at multiples of {unit} rows "
+                         f"(got [{r0}, {r1}))")
     params = {}
     for k, v in mod.params.items():
         if mod.layer.kind is LayerKind.EMBEDDING and k == "lora_embedding_A":
             params[k] = v[:, r0:r1]  # (r, num_embeddings): a token's delta uses its column
+        elif k in rule.rows and rule.kron:
+            params[k] = v[r0 // unit:r1 // unit]  # w1's rows: one per b rows of the weight
         elif k in rule.rows and not (mod.peft_type == "IA3" and int(v.shape[0]) != out):
             params[k] = v[r0:r1]
         else:
@@ -126,6 +143,9 @@ def rows_module(mod: Any, r0: int, r1: int) -> Any:
     sub.__dict__.update(mod.__dict__)
     sub.params, sub.shared = params, shared
     sub.layer = Layer.of((r1 - r0, *mod.layer.weight_shape[1:]), mod.layer.kind)
+    if rule.kron:  # LoKr's validate() derives the geometry from the config and the whole layer: rebind it
+        sub.geometry = dataclasses.replace(mod.geometry, a=(r1 - r0) // unit)
+        return sub
     sub.validate()
     if "scaling" in mod.__dict__:  # a scale applied after binding (ADAPTER:SCALE) survives validate()
         sub.scaling = mod.scaling
