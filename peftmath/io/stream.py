@@ -24,6 +24,15 @@ unmerged) copy of a model:
 - writing is atomic: everything goes into a temporary sibling of ``out`` which is renamed into place
   when complete; an existing ``out`` is replaced only with ``force=True``; inputs are never modified.
 
+The work is a plan plus pure tasks: :func:`prepare` plans, lays out every output file byte by byte (the
+header and each tensor's offset follow from the dtypes and shapes) and creates the temporary output with its
+files pre-sized and their headers written; a :class:`Job` (picklable) lists the :class:`Unit` s, and
+:func:`run_unit` runs one (copy a byte range of untouched tensors; or compute one tensor, or one group that
+must be computed together, and write it at its offset); :meth:`Output.commit` fsyncs, writes the index, side
+files and records, and renames everything into place (:meth:`Output.abort` removes it all). :func:`transform`
+runs exactly these, through the read-ahead / write-behind pipeline; :mod:`peftmath.engines` runs the same
+units as tasks on a cluster, so every engine writes the same bytes.
+
 Merge records (DoRA's weight norms, which unmerge needs and cannot recompute) never go inside the
 model: the rule, for a file and a folder alike, is the sibling :func:`records_path` ``(out)`` =
 ``out + ".merge-records.safetensors"`` (``merged/`` -> ``merged.merge-records.safetensors``), or a
