@@ -134,12 +134,112 @@ IA3_FEEDFORWARD: dict[str, list[str]] = {'t5': ['wo'],
  'qwen3': ['down_proj']}
 
 
+#: PEFT types whose default-target table is LoRA's
+#: (PEFT 0.21.2's TRANSFORMERS_MODELS_TO_<TYPE>_TARGET_MODULES_MAPPING)
+LORA_TABLE_TYPES = frozenset({
+    'BOFT', 'DEFT', 'DELORA', 'GLORA', 'GRALORA', 'HIRA', 'HRA', 'LILY',
+    'LOHA', 'LOKR', 'LORA', 'MISS', 'OFT', 'PEANUT', 'POLY', 'PSOFT',
+    'RANDLORA', 'ROAD', 'SUPERTUNING', 'TINYLORA', 'UNILORA',
+})
+#: the other tables as changes to LoRA's: peft_type -> ({model_type: targets, added or changed}, removed model types)
+TABLE_CHANGES: dict[str, tuple[dict[str, list[str] | str], tuple[str, ...]]] = {
+ 'ADAMSS': ({'vit': ['query', 'value']}, ()),
+ 'BEFT': ({'bart': ['v_proj'],
+           'bert': ['value'],
+           'deberta-v2': ['value_proj'],
+           'gemma': ['v_proj'],
+           'gemma2': ['v_proj'],
+           'gemma3_text': ['v_proj'],
+           'gpt_neo': ['v_proj'],
+           'gptj': ['v_proj'],
+           'llama': ['v_proj'],
+           'llama4': ['v_proj'],
+           'mistral': ['v_proj'],
+           'mixtral': ['v_proj'],
+           'mt5': ['v'],
+           'opt': ['v_proj'],
+           'phi': ['v_proj'],
+           'qwen2': ['v_proj'],
+           'qwen3': ['v_proj'],
+           'roberta': ['value'],
+           't5': ['v']},
+          ('gpt2', 'bloom', 'blip-2', 'gpt_neox', 'xlm-roberta', 'electra', 'deberta', 'layoutlm', 'chatglm',
+           'gpt_bigcode', 'mpt', 'RefinedWebModel', 'RefinedWeb', 'falcon', 'btlm', 'codegen', 'stablelm', 'gemma4',
+           'nemotron_h', 'rwkv', 'rwkv7')),
+ 'C3A': ({'gpt2': ['mlp.c_proj'], 'gpt_bigcode': ['mlp.c_proj']}, ()),
+ 'FOURIERFT': ({'gpt2': ['mlp.c_proj'], 'gpt_bigcode': ['mlp.c_proj']}, ()),
+ 'FROD': ({'phi': ['q_proj', 'v_proj'], 'vit': ['query', 'value']}, ()),
+ 'LN_TUNING': ({'bart': ['self_attn_layer_norm', 'encoder_attn_layer_norm', 'final_layer_norm'],
+                'blip-2': ['layernorm', 'LayerNorm', 'final_layer_norm', 'self_attn_layer_norm'],
+                'bloom': ['input_layernorm', 'post_attention_layernorm', 'ln_f'],
+                'falcon': ['input_layernorm', 'post_attention_layernorm', 'ln_f'],
+                'gemma': ['input_layernorm', 'post_attention_layernorm', 'norm'],
+                'gemma2': ['input_layernorm', 'post_attention_layernorm', 'pre_feedforward_layernorm',
+                           'post_feedforward_layernorm', 'norm'],
+                'gemma3_text': ['input_layernorm', 'post_attention_layernorm', 'pre_feedforward_layernorm',
+                                'post_feedforward_layernorm', 'norm'],
+                'gpt2': ['ln_1', 'ln_2', 'ln_f'],
+                'gptj': ['ln_1', 'ln_f'],
+                'llama': ['input_layernorm', 'post_attention_layernorm', 'norm'],
+                'llava': ['multi_modal_projector', 'input_layernorm', 'post_attention_layernorm', 'norm',
+                          'embed_tokens', 'lm_head'],
+                'mistral': ['input_layernorm', 'post_attention_layernorm', 'norm'],
+                'mt5': ['layer_norm', 'final_layer_norm'],
+                'phi': ['input_layernorm', 'final_layernorm'],
+                'qwen2': ['post_attention_layernorm'],
+                'qwen3': ['post_attention_layernorm'],
+                't5': ['layer_norm', 'final_layer_norm']},
+               ('opt', 'gpt_neox', 'gpt_neo', 'bert', 'roberta', 'xlm-roberta', 'electra', 'deberta-v2', 'deberta',
+                'layoutlm', 'llama4', 'chatglm', 'gpt_bigcode', 'mpt', 'RefinedWebModel', 'RefinedWeb', 'btlm',
+                'codegen', 'mixtral', 'stablelm', 'gemma4', 'nemotron_h', 'rwkv', 'rwkv7')),
+ 'OSF': ({'bloom': ['query_key_value', 'dense_4h_to_h'],
+          'falcon': ['query_key_value', 'dense_4h_to_h'],
+          'gemma': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj', 'up_proj'],
+          'gemma2': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj', 'up_proj'],
+          'gemma3_text': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj', 'up_proj'],
+          'gpt2': ['c_attn', 'c_proj'],
+          'gpt_bigcode': ['c_attn', 'c_proj'],
+          'gpt_neox': ['query_key_value', 'dense_4h_to_h'],
+          'gptj': ['q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc_in', 'fc_out'],
+          'llama': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj', 'up_proj'],
+          'llama4': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj', 'up_proj'],
+          'mistral': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj', 'up_proj'],
+          'mixtral': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj', 'up_proj'],
+          'opt': ['q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1', 'fc2'],
+          'phi': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj', 'up_proj'],
+          'qwen2': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj', 'up_proj'],
+          'qwen3': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj', 'up_proj']},
+         ('t5', 'mt5', 'bart', 'blip-2', 'gpt_neo', 'bert', 'roberta', 'xlm-roberta', 'electra', 'deberta-v2',
+          'deberta', 'layoutlm', 'chatglm', 'mpt', 'RefinedWebModel', 'RefinedWeb', 'btlm', 'codegen', 'stablelm',
+          'gemma4', 'nemotron_h', 'rwkv', 'rwkv7')),
+ 'PVERA': ({'dinov2': ['query', 'value'], 'phi': ['q_proj', 'v_proj']}, ()),
+ 'SHADOW': ({},
+            ('t5', 'mt5', 'bart', 'gpt2', 'bloom', 'blip-2', 'opt', 'gptj', 'gpt_neox', 'gpt_neo', 'bert',
+             'roberta', 'xlm-roberta', 'electra', 'deberta-v2', 'deberta', 'layoutlm', 'llama', 'llama4', 'chatglm',
+             'gpt_bigcode', 'mpt', 'RefinedWebModel', 'RefinedWeb', 'falcon', 'btlm', 'codegen', 'mistral',
+             'mixtral', 'stablelm', 'phi', 'gemma', 'gemma2', 'gemma3_text', 'gemma4', 'qwen2', 'qwen3',
+             'nemotron_h', 'rwkv', 'rwkv7')),
+ 'SHIRA': ({'phi': ['q_proj', 'v_proj']}, ()),
+ 'VBLORA': ({'bart': ['q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1', 'fc2'],
+             'deberta-v2': ['query_proj', 'key_proj', 'value_proj', 'dense'],
+             'mt5': ['q', 'k', 'v', 'o', 'wi_0', 'wi_1', 'wo'],
+             'opt': ['q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1', 'fc2'],
+             't5': ['q', 'k', 'v', 'o', 'wi', 'wo']},
+            ('blip-2', 'xlm-roberta', 'electra', 'layoutlm', 'chatglm', 'mpt', 'RefinedWebModel', 'RefinedWeb',
+             'falcon', 'btlm', 'codegen', 'mistral', 'mixtral', 'stablelm', 'phi', 'rwkv', 'rwkv7')),
+ 'WAVEFT': ({'gpt2': ['mlp.c_proj'], 'gpt_bigcode': ['mlp.c_proj']}, ('btlm', 'rwkv', 'rwkv7'))}
+
+
 def default_targets(peft_type: str) -> dict[str, list[str] | str]:
-    """The default-target table of ``peft_type`` (an empty dict for methods without one)."""
-    if peft_type in ("LORA", "LOHA", "LOKR", "OFT", "BOFT"):
+    """The default-target table of ``peft_type`` (an empty dict for methods without one): PEFT 0.21.2's
+    table for that type, LoRA's with :data:`TABLE_CHANGES` applied where it differs."""
+    if peft_type in LORA_TABLE_TYPES:
         return LORA_FAMILY
     if peft_type == "VERA":
         return {**LORA_FAMILY, **VERA_CHANGES}
+    if peft_type in TABLE_CHANGES:
+        changes, removed = TABLE_CHANGES[peft_type]
+        return {**{k: v for k, v in LORA_FAMILY.items() if k not in removed}, **changes}
     return {"ADALORA": ADALORA, "IA3": IA3}.get(peft_type, {})
 
 

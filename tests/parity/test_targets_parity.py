@@ -36,10 +36,17 @@ def _gpt2():
 def test_default_tables_match_peft():
     from peft.utils import constants as c
 
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
     assert _peft_tables.LORA_FAMILY == c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     for name in ("LOHA", "LOKR", "OFT", "BOFT", "VERA", "ADALORA", "IA3"):
         assert _peft_tables.default_targets(name) == getattr(c, f"TRANSFORMERS_MODELS_TO_{name}_TARGET_MODULES_MAPPING")
     assert _peft_tables.IA3_FEEDFORWARD == c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
+    # every tuner's own table (its target_module_mapping), the types without one have none
+    for peft_type, tuner in PEFT_TYPE_TO_TUNER_MAPPING.items():
+        want = getattr(tuner, "target_module_mapping", None)
+        if peft_type.value != "IA3":
+            assert _peft_tables.default_targets(peft_type.value) == (want or {}), peft_type.value
 
 
 CONFIGS = [
