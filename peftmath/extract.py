@@ -66,7 +66,7 @@ def extract_lora(base_path: str, tuned_path: str, out: str, *, rank: int, energy
 
     The work is one picklable task per tensor of TUNED (:class:`ExtractTask`, :func:`extract_tensor`: the
     comparison of an untargeted tensor, or one module's SVD), run by ``map_tasks(extract_tensor, tasks)``
-    (default the built-in ``map``, in this process; :func:`peftmath.engines.dask.extract` runs them on a
+    (default the built-in ``map``, in this process; ``peftmath.engines.dask.extract`` runs them on a
     cluster), whose results must come back in the order of the tasks: the adapter written is the same.
     """
     from .adapter import Adapter

@@ -6,11 +6,11 @@ The streamed merge is a plan plus pure tasks (:func:`peftmath.io.stream.prepare`
 computes its tensors and writes them at their offsets, and the serial command runs exactly these tasks. An
 engine only decides where and when they run, so every engine writes the same bytes.
 
-- :mod:`peftmath.engines.dask` (``pip install 'peftmath[dask]'``): the merge, unmerge and extraction as
-  ``dask.distributed`` tasks (a ``LocalCluster`` or an existing scheduler), :func:`~peftmath.engines.dask.map_adapters`
-  for many small jobs, and :func:`~peftmath.engines.dask.blockwise_merge` for one tensor larger than a worker's memory.
-- :mod:`peftmath.engines.rows`: which methods merge a weight block of output rows on its own (the capability
+- ``peftmath.engines.dask`` (``pip install 'peftmath[dask]'``): the merge, unmerge and extraction as
+  ``dask.distributed`` tasks (a ``LocalCluster`` or an existing scheduler), ``peftmath.engines.dask.map_adapters``
+  for many small jobs, and ``peftmath.engines.dask.blockwise_merge`` for one tensor larger than a worker's memory.
+- ``peftmath.engines.rows``: which methods merge a weight block of output rows on its own (the capability
   the blockwise merge needs), and the per-block merge itself (array API only; no engine needed).
 """
 
-__all__ = ["dask", "rows"]
+__all__: list[str] = []  # the engines are submodules, imported on demand (import peftmath.engines.dask)

@@ -119,7 +119,7 @@ def row_alignment(mod: Any) -> int:
 def rows_module(mod: Any, r0: int, r1: int) -> Any:
     """Bound module ``mod`` restricted to output rows ``[r0, r1)`` of its weight: a module of the same class
     over a ``(r1 - r0, in)`` layer whose row parameters are sliced (views, no copy), validated again, with a
-    scale applied by ``ADAPTER:SCALE`` kept (:meth:`~peftmath.methods._base.ModuleAdapter.scale_scaling`)."""
+    scale applied by ``ADAPTER:SCALE`` kept (``ModuleAdapter.scale_scaling``)."""
     rule = row_rule(mod)
     out = mod.layer.weight_shape[0]
     if not 0 <= r0 < r1 <= out:
