@@ -84,6 +84,8 @@ KNOWN_LAZY = {
     "Super-tuning unsaved positions": "supertuning.select_positions: the positions are chosen from |W| and read on "
                                       "the host",
     "AdaMSS": "adamss: the subspace partition is k-means of the base weight's singular vectors, on the host",
+    "FRoD": "frod: frod_s_size and S's positions (the structure of the core) are read on the host, and U comes "
+            "from the base weight's decomposition on the host",
 }
 
 
@@ -104,6 +106,7 @@ KNOWN_SAFE = {
     "Supra bottom-k": "supertuning.Support reads the index tensor on the host besides the safe check (2 computes)",
     "Super-tuning unsaved positions": "supertuning.select_positions reads |W| on the host besides the safe check",
     "AdaMSS": "adamss: the k-means partition on the host besides the safe check",
+    "FRoD": "frod: S's structure and U on the host besides the safe check",
 }
 
 
@@ -166,7 +169,13 @@ def test_safe_merge_computes_once_per_module(peft_type, label, kind):
     assert isinstance(merged["m.weight"], da.Array)
 
 
-@pytest.mark.parametrize("peft_type,label,kind", [c for c in CASES if c.values[2] is LayerKind.LINEAR])
+#: methods whose binding reads a checkpoint tensor on the host before copy=False is refused
+KNOWN_COPY_FALSE = {
+    "FRoD": "frod validates frod_s_size (two numbers) on the host when the module is bound, before the refusal",
+}
+
+
+@pytest.mark.parametrize("peft_type,label,kind", _lazy_cases(KNOWN_COPY_FALSE, {LayerKind.LINEAR}))
 def test_copy_false_is_refused_and_computes_nothing(peft_type, label, kind):
     _, config, layer, W, bias, params, _ = _build(peft_type, label, kind, seed=5)
     ad = Adapter(config, {"m": {k: chunked(v) for k, v in params.items()}})
