@@ -78,6 +78,11 @@ SIZES: dict[str, dict] = {
     "SHIRA": {"r": 32},
     "WAVEFT": {"n_frequency": 1000},
     "OSF": {"effective_rank": 16},
+    "DEFT": {"r": 16},
+    "SUPERTUNING": {"sparsity": 0.99},  # PEFT's default
+    "GRALORA": {"r": 32},
+    "PVERA": {"r": 256},
+    "PEANUT": {"r": 32},
 }
 
 
