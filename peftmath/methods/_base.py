@@ -356,6 +356,16 @@ class ModuleAdapter:
         self.xp = namespace(*self.params.values(), where=name)
         self.validate()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (tasks on dask.distributed workers): the namespace is a module, found again from the arrays."""
+        state = dict(self.__dict__)
+        state.pop("xp", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.xp = namespace(*self.params.values(), where=self.name)
+
     # --- to implement -------------------------------------------------------------------------
     def validate(self) -> None:
         """Check parameter names and shapes against the layer; raise ShapeError naming the module."""

@@ -845,6 +845,10 @@ class LoraModule(ModuleAdapter):
             cls = DoraModule
         return super().__new__(cls)
 
+    def __getnewargs_ex__(self) -> tuple[tuple, dict]:
+        """Pickling (tasks on dask.distributed workers): ``__new__`` reads the parameters to pick DoRA's class."""
+        return (self.name, self.config, self.params), {}
+
     @classmethod
     def initialize(cls, name: str, config: LoraConfig, layer: Layer, *, weight: Array | None = None,
                    seed: int | np.random.Generator | None = 0, xp: Any = None, device: Any = None,

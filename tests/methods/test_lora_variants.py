@@ -333,3 +333,21 @@ def test_alora_forward_masks_the_adapter_term():
         ad.merge({"q.weight": W, "q.bias": b})
     with pytest.raises(ShapeError, match="2 alora_offsets for a batch of 3 rows"):
         ad.forward("q", x, {"q.weight": W, "q.bias": b}, alora_offsets=[1, 2])
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_bound_lora_and_dora_modules_pickle(dora):
+    """A bound module crosses to a dask.distributed worker by pickle: the same class, the same merge."""
+    import pickle
+
+    rng = np.random.default_rng(40)
+    cfg = config_from_dict({"peft_type": "LORA", "r": R, "lora_alpha": 6, "target_modules": ["q"], "use_dora": dora})
+    p = {"lora_A.weight": rng.standard_normal((R, IN)).astype(np.float32),
+         "lora_B.weight": rng.standard_normal((OUT, R)).astype(np.float32)}
+    if dora:
+        p["lora_magnitude_vector"] = rng.uniform(0.5, 1.5, OUT).astype(np.float32)
+    mod = Adapter(cfg, {"q": p}).module("q", weight_shape=(OUT, IN))
+    back = pickle.loads(pickle.dumps(mod))
+    assert type(back) is type(mod)
+    W = rng.standard_normal((OUT, IN)).astype(np.float32)
+    np.testing.assert_array_equal(back.merge(W).weight, mod.merge(W).weight)
