@@ -467,6 +467,7 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
                                        "num_attention_heads", "num_layers", "encoder_hidden_size",
                                        "prefix_projection"), IMPLEMENTED),
                       "init_weights": IRRELEVANT},
+    "CARTRIDGE": {**_BOOKKEEPING, **dict.fromkeys(("modules_to_save", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "num_frozen_tokens"), IMPLEMENTED)},  # noqa: E501
 }
 
 #: what tensors of unsupported PEFT variants look like in a checkpoint (a regex on the key without

@@ -38,6 +38,7 @@ METHOD_MODULES: dict[str, str] = {
     "PROMPT_TUNING": "peftmath.methods.prompt_tuning",
     "P_TUNING": "peftmath.methods.p_tuning",
     "PREFIX_TUNING": "peftmath.methods.prefix_tuning",
+    "CARTRIDGE": "peftmath.methods.cartridge",
     "HIRA": "peftmath.methods.hira",
     "MISS": "peftmath.methods.miss",
     "DELORA": "peftmath.methods.delora",

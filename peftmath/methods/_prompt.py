@@ -19,7 +19,7 @@ from ..errors import ConfigError, ShapeError
 
 __all__ = ["PromptLearningConfig", "check_prompt_embeddings"]
 
-PREFIX_TYPES = ("PREFIX_TUNING",)
+PREFIX_TYPES = ("PREFIX_TUNING", "CARTRIDGE")  # PEFT sizes both caches to the key/value heads
 
 
 @dataclass
@@ -61,7 +61,7 @@ class PromptLearningConfig(PeftConfig):
 
         ``num_layers`` from num_hidden_layers / num_layers / n_layer; ``token_dim`` from hidden_size /
         n_embd / d_model; ``num_attention_heads`` from num_attention_heads / n_head / num_heads /
-        encoder_attention_heads. For prefix tuning on a grouped-query model (``num_key_value_heads``
+        encoder_attention_heads. For prefix tuning and cartridges on a grouped-query model (``num_key_value_heads``
         present), ``head_dim`` is the config's ``head_dim`` (else ``D / H``) and then
         ``token_dim = head_dim * num_key_value_heads`` and ``num_attention_heads = num_key_value_heads``.
         """

@@ -48,6 +48,7 @@ PEFT_CONFIGS["UNILORA"] = "UniLoraConfig"
 PEFT_CONFIGS["LILY"] = "LilyConfig"
 PEFT_CONFIGS["ADAMSS"] = "AdamssConfig"
 PEFT_CONFIGS["FROD"] = "FrodConfig"
+PEFT_CONFIGS["CARTRIDGE"] = "CartridgeConfig"
 
 
 def _quiet(fn, *args, **kwargs):
@@ -110,6 +111,7 @@ def test_peft_saved_configs_have_no_unknown_fields(tmp_path):
     """Every field PEFT writes is known: reading its adapter_config.json strictly raises nothing."""
     kwargs = {"ADALORA": dict(total_step=10), "PROMPT_TUNING": dict(num_virtual_tokens=4, task_type="CAUSAL_LM"),
               "P_TUNING": dict(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+              "CARTRIDGE": dict(num_virtual_tokens=4, task_type="CAUSAL_LM"),
               "PREFIX_TUNING": dict(num_virtual_tokens=4, task_type="CAUSAL_LM")}
     for peft_type, name in PEFT_CONFIGS.items():
         folder = tmp_path / peft_type
