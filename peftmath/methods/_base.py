@@ -418,6 +418,9 @@ class ModuleAdapter:
         groups = kw.pop("groups", None)
         conv = {k: kw[k] for k in ("stride", "padding", "dilation") if k in kw}
         layer, _ = self.layer.for_input(x, self.name, groups=groups, channels=self.input_channels, **conv)
+        if not self.layer.kind.is_conv:  # checked to be the no-op values above: not passed on
+            for k in conv:
+                kw.pop(k)
         return layer, kw
 
     # --- shared -------------------------------------------------------------------------------
