@@ -186,9 +186,16 @@ class TunerConfig(PeftConfig):
     modules_to_save: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
+    #: fields above that PEFT's config of this method does not have (PEFT's BeftConfig has no
+    #: ``exclude_modules``, ...): refused when set, and left out of adapter_config.json
+    absent_fields: ClassVar[tuple[str, ...]] = ()
 
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
+        for name in self.absent_fields:
+            if getattr(self, name) is not None:
+                raise ConfigError(f"{source}: PEFT's {type(self).__name__} has no field {name!r}; leave it unset "
+                                  f"(got {getattr(self, name)!r})")
         for name in ("target_modules", "exclude_modules", "layers_pattern"):
             check_names(source, name, getattr(self, name), allow_str=True)
         check_names(source, "modules_to_save", self.modules_to_save, allow_str=False)
@@ -202,6 +209,12 @@ class TunerConfig(PeftConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError(f"{source}: layers_pattern is set but layers_to_transform is not")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for name in self.absent_fields:
+            out.pop(name, None)
+        return out
 
 
 def _is_int(value: Any) -> bool:

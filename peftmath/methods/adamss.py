@@ -68,6 +68,7 @@ class AdamssConfig(TunerConfig):
     subspaces keep receiving gradients) and do not change what a checkpoint computes."""
 
     peft_type: ClassVar[str] = "ADAMSS"
+    absent_fields: ClassVar[tuple[str, ...]] = _NOT_PEFT_FIELDS
 
     r: int = 100
     num_subspaces: int = 5
@@ -97,16 +98,7 @@ class AdamssConfig(TunerConfig):
             check_number(source, name, getattr(self, name))
         if not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool):
             raise ConfigError(f"{source}: field 'random_seed' must be an integer, got {self.random_seed!r}")
-        for name in _NOT_PEFT_FIELDS:
-            if getattr(self, name) is not None:
-                raise ConfigError(f"{source}: PEFT's AdamssConfig has no field {name!r}; leave it unset "
-                                  f"(got {getattr(self, name)!r})")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        for name in _NOT_PEFT_FIELDS:
-            out.pop(name, None)
-        return out
 
 
 def _check_kind(layer: Layer, where: str) -> None:

@@ -47,19 +47,14 @@ class BeftConfig(TunerConfig):
     unset and are left out of the written config."""
 
     peft_type: ClassVar[str] = "BEFT"
+    absent_fields: ClassVar[tuple[str, ...]] = _NOT_PEFT_FIELDS
 
     init_weights: bool = True
 
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
         check_flags(source, self, "init_weights")
-        bad = [n for n in _NOT_PEFT_FIELDS if getattr(self, n) is not None]
-        if bad:
-            raise ConfigError(f"{source}: PEFT's BeftConfig has no field {bad[0]!r}; leave it unset "
-                              f"(got {getattr(self, bad[0])!r})")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in super().to_dict().items() if k not in _NOT_PEFT_FIELDS}
 
 
 def _check_kind(layer: Layer, where: str) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 from .._array import as_compute, compute_dtype, is_immutable, namespace, refuse_where
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_positive_int
-from ..errors import ConfigError, NonFiniteError, NotInvertibleError, ShapeError
+from ..errors import NonFiniteError, NotInvertibleError, ShapeError
 from ..layers import Layer, LayerKind
 from ..backends import kaiming_uniform_bound
 from ._base import ROW_TILE_BYTES, MergeResult, ModuleAdapter, in_row_tiles, require_kind, write_weight
@@ -63,6 +63,7 @@ class GloraConfig(TunerConfig):
     ``layers_to_transform`` / ``layers_pattern``: they must stay unset and are left out of the written config."""
 
     peft_type: ClassVar[str] = "GLORA"
+    absent_fields: ClassVar[tuple[str, ...]] = _NOT_PEFT_FIELDS
 
     r: int = 8
     bias: str = "none"
@@ -79,13 +80,7 @@ class GloraConfig(TunerConfig):
         check_choice(source, "config_C", self.config_C, ("lora", "vector", "none"))
         check_choice(source, "config_D_E", self.config_D_E, ("vector", "constant", "none"))
         check_flags(source, self, "init_weights")
-        present = [n for n in _NOT_PEFT_FIELDS if getattr(self, n) is not None]
-        if present:
-            raise ConfigError(f"{source}: PEFT's GloraConfig has no field {present[0]!r}; leave it unset "
-                              f"(got {getattr(self, present[0])!r})")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in super().to_dict().items() if k not in _NOT_PEFT_FIELDS}
 
 
 def _check_kind(layer: Layer, where: str) -> None:

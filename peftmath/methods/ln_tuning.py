@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from .._array import as_compute, namespace
 from ..config import TunerConfig
-from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedError
+from ..errors import NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, require_kind, require_writeable, write_back, write_weight
@@ -47,16 +47,11 @@ class LNTuningConfig(TunerConfig):
     out of the written config."""
 
     peft_type: ClassVar[str] = "LN_TUNING"
+    absent_fields: ClassVar[tuple[str, ...]] = _NOT_PEFT_FIELDS
 
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
-        bad = [n for n in _NOT_PEFT_FIELDS if getattr(self, n) is not None]
-        if bad:
-            raise ConfigError(f"{source}: PEFT's LNTuningConfig has no field {bad[0]!r}; leave it unset "
-                              f"(got {getattr(self, bad[0])!r})")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in super().to_dict().items() if k not in _NOT_PEFT_FIELDS}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ class OSFConfig(TunerConfig):
     ``layers_pattern``: they must stay unset and are left out of the written config."""
 
     peft_type: ClassVar[str] = "OSF"
+    absent_fields: ClassVar[tuple[str, ...]] = _NOT_PEFT_FIELDS
 
     effective_rank: int | float | None = None
     rank_pattern: dict[str, int | float] | None = None
@@ -68,16 +69,7 @@ class OSFConfig(TunerConfig):
         if self.rank_pattern is not None:
             check_pattern(source, "rank_pattern", self.rank_pattern)
         check_flags(source, self, "init_weights")
-        for name in _NOT_PEFT_FIELDS:
-            if getattr(self, name) is not None:
-                raise ConfigError(f"{source}: PEFT's OSFConfig has no field {name!r}; leave it unset "
-                                  f"(got {getattr(self, name)!r})")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        for name in _NOT_PEFT_FIELDS:
-            out.pop(name, None)
-        return out
 
 
 def resolve_rank(value: int | float | None, min_dim: int) -> int:

@@ -59,6 +59,7 @@ class RoadConfig(TunerConfig):
     """
 
     peft_type: ClassVar[str] = "ROAD"
+    absent_fields: ClassVar[tuple[str, ...]] = _NOT_PEFT_FIELDS
 
     variant: str = "road_1"
     group_size: int = 64
@@ -72,16 +73,7 @@ class RoadConfig(TunerConfig):
             raise ConfigError(f"{source}: field 'group_size' must be even (features are paired within a group), "
                               f"got {self.group_size} (PEFT refuses it too)")
         check_flags(source, self, "init_weights")
-        for name in _NOT_PEFT_FIELDS:
-            if getattr(self, name) is not None:
-                raise ConfigError(f"{source}: PEFT's RoadConfig has no field {name!r}; leave it unset "
-                                  f"(got {getattr(self, name)!r})")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        for name in _NOT_PEFT_FIELDS:
-            out.pop(name, None)
-        return out
 
 
 # --------------------------------------------------------------------------------------------------

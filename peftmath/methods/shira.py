@@ -54,6 +54,7 @@ class ShiraConfig(TunerConfig):
     """
 
     peft_type: ClassVar[str] = "SHIRA"
+    absent_fields: ClassVar[tuple[str, ...]] = _NOT_PEFT_FIELDS
 
     r: int = 32
     mask_type: str = "random"
@@ -69,16 +70,7 @@ class ShiraConfig(TunerConfig):
         if self.random_seed is not None and (not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool)):
             raise ConfigError(f"{source}: field 'random_seed' must be an integer or null, got {self.random_seed!r}")
         check_flags(source, self, "fan_in_fan_out", "init_weights")
-        for name in _NOT_PEFT_FIELDS:
-            if getattr(self, name) is not None:
-                raise ConfigError(f"{source}: PEFT's ShiraConfig has no field {name!r}; leave it unset "
-                                  f"(got {getattr(self, name)!r})")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        for name in _NOT_PEFT_FIELDS:
-            out.pop(name, None)
-        return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class SupertuningConfig(TunerConfig):
     """
 
     peft_type: ClassVar[str] = "SUPERTUNING"
+    absent_fields: ClassVar[tuple[str, ...]] = _NOT_PEFT_FIELDS
 
     sparsity: float = 0.99
     select_top: bool = True
@@ -79,16 +80,7 @@ class SupertuningConfig(TunerConfig):
             check_number(source, "lora_alpha", self.lora_alpha)
         check_number(source, "lora_dropout", self.lora_dropout)
         check_flags(source, self, "select_top", "init_weights", "save_precomputed_indices")
-        for name in _NOT_PEFT_FIELDS:
-            if getattr(self, name) is not None:
-                raise ConfigError(f"{source}: PEFT's SupertuningConfig has no field {name!r}; leave it unset "
-                                  f"(got {getattr(self, name)!r})")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        for name in _NOT_PEFT_FIELDS:
-            out.pop(name, None)
-        return out
 
 
 def num_trainable(numel: int, sparsity: float, where: str = "supertuning") -> int:

@@ -56,6 +56,7 @@ class TrainableTokensConfig(TunerConfig):
     the resolved name into the saved config."""
 
     peft_type: ClassVar[str] = PEFT_TYPE
+    absent_fields: ClassVar[tuple[str, ...]] = _NOT_PEFT_FIELDS
 
     token_indices: list[int] = field(default_factory=list)
     init_weights: bool = True
@@ -70,13 +71,9 @@ class TrainableTokensConfig(TunerConfig):
         if negative:
             raise ConfigError(f"{source}: field 'token_indices' holds negative token ids {negative[:8]}; token ids "
                               f"are rows 0..V-1 of the embedding table (PEFT's index_copy refuses them too)")
-        bad = [n for n in _NOT_PEFT_FIELDS if getattr(self, n) is not None]
-        if bad:
-            raise ConfigError(f"{source}: PEFT's TrainableTokensConfig has no field {bad[0]!r}; leave it unset "
-                              f"(got {getattr(self, bad[0])!r})")
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in super().to_dict().items() if k not in _NOT_PEFT_FIELDS}
+        out = super().to_dict()
         out["token_indices"] = list(self.token_indices)
         return out
 
