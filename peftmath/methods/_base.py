@@ -46,7 +46,7 @@ from ..layers import Layer, LayerKind
 
 Array = Any
 
-__all__ = ["MergeResult", "ModuleAdapter", "apply_delta", "write_weight", "finish", "bias_update", "write_back",
+__all__ = ["MergeResult", "ModuleAdapter", "apply_delta", "orient_2d", "write_weight", "finish", "bias_update", "write_back",
            "private_copy", "in_row_tiles", "require_writeable", "require_kind", "check_shape"]
 
 
@@ -245,6 +245,21 @@ def layer_of_weight_shape(name: str, key: str, params: Mapping[str, Array], weig
     if kind is not None or len(shape) != 2:
         return Layer.of(shape, kind)
     return Layer(LayerKind.CONV1D_TRANSPOSED if fan_in_fan_out else LayerKind.LINEAR, shape)
+
+
+def orient_2d(name: str, shape: tuple[int, ...], out: int, inn: int, fan_in_fan_out: bool, what: str) -> Layer:
+    """The layer of a 2-D base weight ``shape`` whose adapter tensors give ``(out, in)``: ``(out, in)`` is an
+    nn.Linear, ``(in, out)`` a transformers Conv1D, a square one follows the config's ``fan_in_fan_out``;
+    any other shape is a :class:`ShapeError` naming ``what`` (the tensors that gave out and in)."""
+    shape = tuple(int(s) for s in shape)
+    if shape == (out, inn) and shape != (inn, out):
+        return Layer(LayerKind.LINEAR, shape)
+    if shape == (inn, out) and shape != (out, inn):
+        return Layer(LayerKind.CONV1D_TRANSPOSED, shape)
+    if shape == (out, inn):  # square: the config's flag decides
+        return Layer(LayerKind.CONV1D_TRANSPOSED if fan_in_fan_out else LayerKind.LINEAR, shape)
+    raise ShapeError(f"{name}: base weight {shape} fits neither (out, in) = {(out, inn)} nor (in, out) = "
+                     f"{(inn, out)} of {what}; does the adapter belong to this model?")
 
 
 def add_fresh_delta(module: str, weight: Array, fresh: Callable[[], Array], cd: Any, *, copy: bool = True,

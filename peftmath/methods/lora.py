@@ -60,7 +60,16 @@ from ..config import (
 from ..errors import CheckpointError, ConfigError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, add_fresh_delta, apply_delta, bias_update, check_shape, write_back
+from ._base import (
+    MergeResult,
+    ModuleAdapter,
+    add_fresh_delta,
+    apply_delta,
+    bias_update,
+    check_shape,
+    orient_2d,
+    write_back,
+)
 from ._svd import pack_triplets, smallest_triplets, triplet_product, unpack_triplets
 
 Array = Any
@@ -937,19 +946,10 @@ class LoraModule(ModuleAdapter):
         if weight_shape is None:
             k = LayerKind.CONV1D_TRANSPOSED if config.fan_in_fan_out else LayerKind.LINEAR
             return Layer(k, _guess_shape(k, out, inn))
-        shape = tuple(weight_shape)
-        if shape == (out, inn) and shape != (inn, out):
-            return Layer(LayerKind.LINEAR, shape)
-        if shape == (inn, out) and shape != (out, inn):
-            return Layer(LayerKind.CONV1D_TRANSPOSED, shape)
-        if shape == (out, inn):  # square: the config's flag decides
-            return Layer(LayerKind.CONV1D_TRANSPOSED if config.fan_in_fan_out else LayerKind.LINEAR, shape)
-        raise ShapeError(
-            f"{name}: base weight {shape} fits neither (out, in) = {(out, inn)} nor (in, out) = {(inn, out)} "
-            f"of lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}"
-            + (f" (use_bdlora: lora_{side} holds the compact blocks, in/nblocks or r/nblocks wide)" if side else "")
-            + "; does the adapter belong to this model?"
-        )
+        return orient_2d(name, tuple(weight_shape), out, inn, config.fan_in_fan_out,
+                         f"lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}"
+                         + (f" (use_bdlora: lora_{side} holds the compact blocks, in/nblocks or r/nblocks wide)"
+                            if side else ""))
 
     def scaled(self, c: float) -> "ModuleAdapter":
         """Scale ``c``: ``s → c·s`` (PEFT's ``scale_layer``), so ``ΔW → c·ΔW`` and the ``lora_bias`` term

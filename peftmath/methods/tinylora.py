@@ -38,7 +38,7 @@ from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_number, check_positive_int
 from ..errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape, require_kind
+from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape, orient_2d, require_kind
 from ._contract import Method
 
 Array = Any
@@ -595,14 +595,7 @@ class TinyLoraModule(ModuleAdapter):
         shape = tuple(int(s) for s in weight_shape)
         if len(shape) != 2:
             return Layer.of(shape)
-        if shape == (rows, cols) and shape != (cols, rows):
-            return Layer(LayerKind.LINEAR, shape)
-        if shape == (cols, rows) and shape != (rows, cols):
-            return Layer(LayerKind.CONV1D_TRANSPOSED, shape)
-        if shape == (rows, cols):
-            return Layer(LayerKind.CONV1D_TRANSPOSED if config.fan_in_fan_out else LayerKind.LINEAR, shape)
-        raise ShapeError(f"{name}: base weight {shape} fits neither (out, in) = {(rows, cols)} nor (in, out) = "
-                         f"{(cols, rows)} of these TinyLoRA factors; does the adapter belong to this model?")
+        return orient_2d(name, shape, rows, cols, config.fan_in_fan_out, "these TinyLoRA factors")
 
     def validate(self) -> None:
         require_kind(self.layer, self.name, "TinyLoRA", SUPPORTED_KINDS, peft="PEFT raises TypeError for others",

@@ -36,7 +36,7 @@ from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_number, check_positive_int
 from ..errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape, require_kind
+from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape, orient_2d, require_kind
 from ._contract import Method
 
 Array = Any
@@ -441,14 +441,7 @@ class UniLoraModule(ModuleAdapter):
         shape = tuple(int(s) for s in weight_shape)
         if len(shape) != 2:
             return Layer.of(shape)
-        if shape == (out, inn) and shape != (inn, out):
-            return Layer(LayerKind.LINEAR, shape)
-        if shape == (inn, out) and shape != (out, inn):
-            return Layer(LayerKind.CONV1D_TRANSPOSED, shape)
-        if shape == (out, inn):
-            return Layer(LayerKind.CONV1D_TRANSPOSED if config.fan_in_fan_out else LayerKind.LINEAR, shape)
-        raise ShapeError(f"{name}: base weight {shape} fits neither (out, in) = {(out, inn)} nor (in, out) = "
-                         f"{(inn, out)} of these UniLoRA indices; does the adapter belong to this model?")
+        return orient_2d(name, shape, out, inn, config.fan_in_fan_out, "these UniLoRA indices")
 
     def validate(self) -> None:
         require_kind(self.layer, self.name, "UniLoRA", SUPPORTED_KINDS, peft="PEFT raises TypeError for others",
