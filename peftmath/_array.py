@@ -126,6 +126,22 @@ def compute_dtype(xp: Namespace, *dtypes: Any) -> Any:
     return xp.float32
 
 
+def widest_float(xp: Namespace, *dtypes: Any) -> Any:
+    """float64 where the array library computes in it (JAX without x64 does not: it would truncate with a
+    warning), else :func:`compute_dtype` of ``dtypes`` (float32 for none): the dtype of a decomposition
+    that must be as exact as the library allows (FRoD's U, AdaMSS's subspaces)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if xp.asarray(0.0, dtype=xp.float64).dtype == xp.float64:
+                return xp.float64
+        except Exception:  # noqa: BLE001 - a library without float64
+            pass
+    return compute_dtype(xp, *dtypes) if dtypes else xp.float32
+
+
 def as_compute(xp: Namespace, x: Array, dtype: Any) -> Array:
     """``x`` cast to ``dtype`` without a copy when it already has it."""
     return x if x.dtype == dtype else xp.astype(x, dtype)

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._array import as_compute, compute_dtype, dtype_name, is_low_precision, namespace
+from .._array import as_compute, compute_dtype, dtype_name, is_low_precision, namespace, widest_float
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_number, check_positive_int
 from ..errors import CheckpointError, ConfigError, NotInvertibleError, ShapeError, UnsupportedError
@@ -134,7 +134,7 @@ def left_vectors(Wb: Array, P: Array) -> Array:
     out, n = int(Wb.shape[0]), int(Wb.shape[1])
     # out < n: a product; out >= n: a solve with W_b (square) or its Gram matrix, in float64 where the library
     # has it (the Gram matrix squares W_b's condition number)
-    cd = compute_dtype(xp, Wb.dtype, P.dtype) if out < n else _widest(xp, Wb.dtype, P.dtype)
+    cd = compute_dtype(xp, Wb.dtype, P.dtype) if out < n else widest_float(xp, Wb.dtype, P.dtype)
     Wc, Pt = as_compute(xp, Wb, cd), xp.matrix_transpose(as_compute(xp, P, cd))
     if out < n:
         G = xp.matmul(Wc, Pt)
@@ -143,20 +143,6 @@ def left_vectors(Wb: Array, P: Array) -> Array:
     else:
         G = xp.matmul(Wc, xp.linalg.solve(xp.matmul(xp.matrix_transpose(Wc), Wc), Pt))
     return G / xp.sqrt(xp.sum(G * G, axis=0, keepdims=True))
-
-
-def _widest(xp: Any, *dtypes: Any) -> Any:
-    """float64 when the array library computes in it (JAX without x64 does not), else the compute dtype."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            if xp.asarray(0.0, dtype=xp.float64).dtype == xp.float64:
-                return xp.float64
-        except Exception:  # noqa: BLE001 - a library without float64
-            pass
-    return compute_dtype(xp, *dtypes)
 
 
 def kmeans_labels(X: np.ndarray, k: int, *, seed: int = KMEANS_SEED, max_iter: int = KMEANS_MAX_ITER,

@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from .._array import as_compute, compute_dtype, namespace
+from .._array import as_compute, compute_dtype, namespace, widest_float
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_number
 from ..errors import CheckpointError, ConfigError, NotInvertibleError, ShapeError, UnsupportedError
@@ -165,15 +165,6 @@ def _layer(layer: Layer | LayerKind | str | None, W: Array | None, where: str) -
     return lay
 
 
-def _f64(xp: Any) -> Any:
-    """float64, where the library computes in it; float32 for JAX without x64 (which would truncate with a warning)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return xp.float64 if xp.asarray(0.0, dtype=xp.float64).dtype == xp.float64 else xp.float32
-
-
 # --------------------------------------------------------------------------------------------------
 # Factors, adapted weight, delta, forward (specs/frod.md, "3. The adapted weight")
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +182,7 @@ def base_factors(W: Array, V: Array, *, layer: Layer | LayerKind | str | None = 
     xp = namespace(W, V, where=where)
     lay = _layer(layer, W, where)
     cd = dtype or compute_dtype(xp, W.dtype, V.dtype)
-    f64 = _f64(xp)
+    f64 = widest_float(xp)
     W64 = as_compute(xp, lay.as_matrix(W, xp), f64)
     V64 = as_compute(xp, V, f64)
     try:  # B = W V⁻ᵀ (through V⁻¹: the backends' solve of a non-square right-hand side is not shape-safe on dask)
@@ -317,7 +308,7 @@ def merge(W: Array, V: Array, idx: Array, size: Array, lam: Array, values: Array
     lay.check_weight(W)
     n = _check(where, lay, V, idx, size, lam, values)  # before anything is written
     cd = compute_dtype(xp, W.dtype, V.dtype, lam.dtype, values.dtype)
-    f64 = _f64(xp)
+    f64 = widest_float(xp)
     U, _ = base_factors(W, V, layer=lay, dtype=f64, where=where)
     record = private_copy(W, xp=xp)
 
