@@ -560,7 +560,8 @@ class DaskBackend(ArrayAPIBackend):
         import dask.array as da
 
         a, b = self._whole_matrices(a, b)
-        return da.map_blocks(_host_solve, a, b, where, dtype=np.result_type(a.dtype, b.dtype))
+        # the result has b's shape and chunks (a (…, n, n), b (…, n, k)): map_blocks would take a's
+        return da.map_blocks(_host_solve, a, b, where, dtype=np.result_type(a.dtype, b.dtype), chunks=b.chunks)
 
 
 _REGISTRY: dict[str, Backend] | None = None

@@ -207,6 +207,8 @@ def test_dask_inv_and_solve_match_numpy_on_any_chunking(chunks):
     np.testing.assert_allclose(inv.compute() @ A, np.broadcast_to(np.eye(4), A.shape), atol=1e-12)
     np.testing.assert_allclose(A @ sol.compute(), B, atol=1e-12)
     np.testing.assert_allclose(A[0] @ sol2.compute(), B[0], atol=1e-12)
+    # the lazy result says b's shape (a (.., 4, 4), b (.., 4, 3)), not a's, before and after computing
+    assert sol.shape == sol.compute().shape == B.shape and sol2.shape == B[0].shape
 
 
 def test_dask_singular_block_is_not_invertible_when_computed():
