@@ -758,12 +758,30 @@ class Adapter:
     # --- bookkeeping --------------------------------------------------------------------------
     def num_trainable_parameters(self) -> int:
         """Trainable scalars, as PEFT's ``get_nb_trainable_parameters`` counts them: shared frozen
-        projections, replaced base tensors and the method's ``frozen_suffixes`` are not counted, its
-        ``trainable_shared`` tensors once. (VB-LoRA saved with ``save_only_topk_weights`` counts the saved
+        projections, frozen replaced base tensors (saved embedding layers) and the method's ``frozen_suffixes``
+        are not counted, its ``trainable_shared`` tensors once, ``modules_to_save`` copies and biases trained
+        with ``bias="all"`` / ``"<method>_only"`` are. (VB-LoRA saved with ``save_only_topk_weights`` counts the saved
         top-k weights, not the logits they were taken from.)"""
         frozen = set(self.description.frozen_suffixes)
         shared = sum(_numel(v) for k, v in self.shared.items() if self.description.is_trainable_shared(k))
-        return shared + sum(_numel(a) for p in self.params.values() for k, a in p.items() if k not in frozen)
+        return (shared + sum(_numel(a) for p in self.params.values() for k, a in p.items() if k not in frozen)
+                + sum(_numel(self.other[k]) for k in self._trained_replacements()))
+
+    def _trained_replacements(self) -> list[str]:
+        """The replaced base tensors PEFT trains: every tensor of a ``modules_to_save`` copy, and the biases
+        trained with ``bias="all"`` / ``"<method>_only"`` (a saved embedding layer is a replacement too, but
+        frozen)."""
+        saved = getattr(self.config, "modules_to_save", None) or []
+        bias = getattr(self.config, "bias", "none")
+        out = []
+        for k in self.other:
+            module = k.rsplit(".", 1)[0]
+            if ".modules_to_save." in k or ".original_module." in k:  # PEFT's duplicate bias keys (bias="all"
+                continue                                                # with modules_to_save): the copy is counted
+            if any(module == m or module.endswith("." + m) for m in saved) or (bias not in (None, "none")
+                                                                               and k.endswith(".bias")):
+                out.append(k)
+        return out
 
     def summary(self, base: Mapping[str, Array] | None = None) -> dict[str, Any]:
         """Trainable parameters (and, given the base state, the total and the percentage, as PEFT's

@@ -185,3 +185,22 @@ def test_peftmath_checkpoint_loads_in_peft(case, tmp_path):
             assert_close(peft_forward(pm, name, x), ad.forward(name, x, state, **layer_kwargs(pm, name)), **TOL_Y,
                          what=f"{name} forward")
     _check_merge(pm, ad, state, names, low_precision=(dtype == "bfloat16"))
+
+
+@pytest.mark.parametrize("extra", [dict(bias="all"), dict(bias="lora_only"), dict(modules_to_save=["head"]),
+                                   dict(bias="all", modules_to_save=["head"])], ids=str)
+def test_trainable_count_includes_trained_base_tensors(extra, tmp_path):
+    """PEFT trains the biases of ``bias="all"`` / ``"lora_only"`` and the ``modules_to_save`` copies, and counts
+    them in ``get_nb_trainable_parameters``; the adapter holds them as replaced base tensors and counts them too."""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0, self.lin1, self.head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 4), torch.nn.Linear(4, 3)
+
+    torch.manual_seed(0)
+    pmodel = peft.get_peft_model(Model(), peft.LoraConfig(target_modules=["lin0"], r=4, **extra))
+    pmodel.save_pretrained(tmp_path)
+    ad = pmath.load_adapter(tmp_path)
+    assert ad.other, "the case must hold replaced base tensors"
+    assert ad.num_trainable_parameters() == pmodel.get_nb_trainable_parameters()[0]
