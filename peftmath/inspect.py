@@ -180,7 +180,9 @@ def _inspect_module(ad: Any, m: str, base: Any, kind: Any, top: int, norms: bool
             problems.append(str(exc))
     entry["delta_norm"] = None
     entry["top_singular_values"] = None
-    if norms and mod is not None:
+    if mod is not None and not mod.additive:  # per module: KaSA, PEANuT, trainable tokens, ... (W' != W + ΔW)
+        entry["additive"] = False
+    if norms and mod is not None and mod.additive:
         try:
             factors = low_rank_factors(mod)
             if factors is not None:  # exact from the r x r core: O((m + n) r²), no dense ΔW
