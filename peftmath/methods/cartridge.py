@@ -31,8 +31,15 @@ from ._prompt import PromptLearningConfig, check_prompt_embeddings
 
 Array = Any
 
-__all__ = ["CartridgeConfig", "past_key_values", "init_cartridge", "split_frozen", "trainable_parameters",
-           "table_from_past_key_values", "compose"]
+__all__ = [
+    "CartridgeConfig",
+    "compose",
+    "init_cartridge",
+    "past_key_values",
+    "split_frozen",
+    "table_from_past_key_values",
+    "trainable_parameters",
+]
 
 PEFT_TYPE = "CARTRIDGE"
 PROMPT_LEARNING = True
@@ -58,7 +65,8 @@ class CartridgeConfig(PromptLearningConfig):
         if f > self.num_virtual_tokens:
             raise ConfigError(f"{source}: num_frozen_tokens {f} exceeds num_virtual_tokens {self.num_virtual_tokens} "
                               f"(PEFT refuses it too); freeze at most all the virtual tokens")
-        if self.token_dim is not None and self.num_attention_heads is not None and self.token_dim % self.num_attention_heads:
+        heads = self.num_attention_heads
+        if self.token_dim is not None and heads is not None and self.token_dim % heads:
             raise ConfigError(f"{source}: token_dim {self.token_dim} is not divisible by num_attention_heads "
                               f"{self.num_attention_heads}; the cache cannot be split into heads")
 
@@ -103,7 +111,9 @@ def init_cartridge(config: CartridgeConfig, *, seed: int | np.random.Generator |
 def past_key_values(table: Array, config: CartridgeConfig, batch_size: int) -> list[tuple[Array, ...]]:
     """Per layer ``(key, value)`` (or four tensors for ``S = 2``), each ``(batch_size, H, T, D / H)``:
     prefix tuning's layout, which PEFT serves cartridges with (the same ``get_prompt`` code)."""
-    from .prefix_tuning import past_key_values as prefix_past_key_values  # one layout, written once
+    from .prefix_tuning import (
+        past_key_values as prefix_past_key_values,  # one layout, written once
+    )
 
     return prefix_past_key_values(table, config, batch_size)
 
@@ -123,7 +133,8 @@ def table_from_past_key_values(cache: Sequence[Sequence[Array]], num_virtual_tok
         raise ShapeError("CARTRIDGE: the cache has no layers")
     first = cache[0][0]
     if len(first.shape) != 4 or first.shape[0] != 1:
-        raise ShapeError(f"CARTRIDGE: the cache's keys must be (1, H, tokens, d) (one sequence), got {tuple(first.shape)}")
+        raise ShapeError(f"CARTRIDGE: the cache's keys must be (1, H, tokens, d) (one sequence), got "
+                         f"{tuple(first.shape)}")
     _, heads, _, d = first.shape
     xp = namespace(*(a for entry in cache for a in entry[:2]))
     rows = []

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.helpers import assert_same_namespace, to_np, to_xp
 
 import peftmath as pm
 from peftmath.adapter import Adapter
 from peftmath.errors import ConfigError, ShapeError, UnsupportedError
 from peftmath.methods import cartridge
+from tests.helpers import assert_same_namespace, to_np, to_xp
 
 
 def _cfg(t, d, layers, heads, f=1, s=1):
@@ -126,7 +126,7 @@ def test_adapter_round_trip_and_refusals(tmp_path):
     back = pm.load_adapter(tmp_path)
     assert back.config.num_frozen_tokens == 1
     np.testing.assert_array_equal(np.asarray(back.prompt_embeddings()), table)
-    k, v = back.past_key_values(2)[1]
+    _, v = back.past_key_values(2)[1]
     np.testing.assert_array_equal(np.asarray(v)[1], np.asarray(cartridge.past_key_values(table, cfg, 1)[1][1])[0])
     with pytest.raises(UnsupportedError, match="virtual tokens"):
         back.merge({})

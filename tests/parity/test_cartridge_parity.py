@@ -19,10 +19,10 @@ from tests.parity.conftest import require_peft, t2n
 torch, peft = require_peft()
 transformers = pytest.importorskip("transformers")
 
-import peftmath as pm  # noqa: E402
-from peftmath.methods import cartridge  # noqa: E402
-from tests.parity.test_prompt_parity import _llama as _model  # noqa: E402  (the same tiny Llama / T5)
-from tests.parity.test_prompt_parity import _ours as _resolved  # noqa: E402
+import peftmath as pm
+from peftmath.methods import cartridge
+from tests.parity.test_prompt_parity import _llama as _model
+from tests.parity.test_prompt_parity import _ours as _resolved
 
 
 def _peft(model, **kw):
