@@ -468,6 +468,7 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
                                        "prefix_projection"), IMPLEMENTED),
                       "init_weights": IRRELEVANT},
     "CARTRIDGE": {**_BOOKKEEPING, **dict.fromkeys(("modules_to_save", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "num_frozen_tokens"), IMPLEMENTED)},  # noqa: E501
+    "ADAPTION_PROMPT": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "adapter_len", "adapter_layers"), IMPLEMENTED)},
 }
 
 #: what tensors of unsupported PEFT variants look like in a checkpoint (a regex on the key without

@@ -39,6 +39,7 @@ METHOD_MODULES: dict[str, str] = {
     "P_TUNING": "peftmath.methods.p_tuning",
     "PREFIX_TUNING": "peftmath.methods.prefix_tuning",
     "CARTRIDGE": "peftmath.methods.cartridge",
+    "ADAPTION_PROMPT": "peftmath.methods.adaption_prompt",
     "HIRA": "peftmath.methods.hira",
     "MISS": "peftmath.methods.miss",
     "DELORA": "peftmath.methods.delora",

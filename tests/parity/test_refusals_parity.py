@@ -49,6 +49,7 @@ PEFT_CONFIGS["LILY"] = "LilyConfig"
 PEFT_CONFIGS["ADAMSS"] = "AdamssConfig"
 PEFT_CONFIGS["FROD"] = "FrodConfig"
 PEFT_CONFIGS["CARTRIDGE"] = "CartridgeConfig"
+PEFT_CONFIGS["ADAPTION_PROMPT"] = "AdaptionPromptConfig"
 
 
 def _quiet(fn, *args, **kwargs):
