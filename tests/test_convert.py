@@ -655,3 +655,28 @@ def test_kohya_dora_refusals():
     emb = _adapter(LoraConfig(r=2, lora_alpha=3, use_dora=True, target_modules=["embed_tokens"]), _base(rng))
     with pytest.raises(UnsupportedError, match="Embedding"):
         C.convert(emb, "kohya")
+
+
+def test_peft_tensors_in_memory_are_read_as_a_peft_folder(tmp_path):
+    """``to_adapter(tensors, "peft", config=...)`` reads a VeRA checkpoint as ``load_adapter`` does: the shared
+    projections are shared tensors (not replaced base tensors), and a tensor nobody owns is refused."""
+    import numpy as np
+
+    from peftmath.errors import CheckpointError
+    from peftmath.formats import to_adapter
+
+    rng = np.random.default_rng(0)
+    r, out, inn = 4, 6, 5
+    tensors = {"base_model.model.lin.vera_lambda_b": rng.standard_normal(out).astype(np.float32),
+               "base_model.model.lin.vera_lambda_d": rng.standard_normal(r).astype(np.float32),
+               "base_model.vera_A": rng.standard_normal((r, inn)).astype(np.float32),
+               "base_model.vera_B": rng.standard_normal((out, r)).astype(np.float32)}
+    config = {"peft_type": "VERA", "r": r, "target_modules": ["lin"]}
+    ad = to_adapter(tensors, "peft", config=config)
+    assert set(ad.shared) == {"base_model.vera_A", "base_model.vera_B"} and not ad.other
+    W = rng.standard_normal((out, inn)).astype(np.float32)
+    lam_b, lam_d = tensors["base_model.model.lin.vera_lambda_b"], tensors["base_model.model.lin.vera_lambda_d"]
+    want = W + (lam_b[:, None] * tensors["base_model.vera_B"]) @ (lam_d[:, None] * tensors["base_model.vera_A"])
+    np.testing.assert_allclose(ad.merge({"lin.weight": W})["lin.weight"], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match="lin.hada_w1_a"):
+        to_adapter({**tensors, "base_model.model.lin.hada_w1_a": np.ones(2, np.float32)}, "peft", config=config)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..adapter import Adapter
-from ._common import Converted, PEFT_PREFIX, _host
+from ._common import Converted, _host
 
 def _to_peft(adapter: Adapter) -> Converted:
     from ..io.peft import LAYER_KINDS_KEY, PEFT_VERSION
@@ -25,19 +25,8 @@ def _to_peft(adapter: Adapter) -> Converted:
 
 
 def _peft_from_tensors(tensors: dict, config: Any, metadata: Mapping[str, str] | None, source: str) -> Adapter:
-    from ..io.peft import split_key
-    from ..methods import get_method
+    """PEFT's format in memory: the same reading as a PEFT folder (:func:`peftmath.io.peft.adapter_from_tensors`:
+    per-module, shared and replaced tensors, and the refusal of tensors nobody owns)."""
+    from ..io.peft import adapter_from_tensors
 
-    method = get_method(config.peft_type)
-    params: dict[str, dict[str, Any]] = {}
-    other = {}
-    for k, a in tensors.items():
-        parts = split_key(k, tuple(method.PARAMETER_SUFFIXES))
-        if parts is None:
-            other[k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k] = a
-        else:
-            params.setdefault(parts[0], {})[parts[1]] = a
-    from ..io.peft import LAYER_KINDS_KEY
-
-    kinds = json.loads((metadata or {}).get(LAYER_KINDS_KEY, "{}"))
-    return Adapter(config, params, other=other, layer_kinds=kinds)
+    return adapter_from_tensors(tensors, config, metadata=metadata, source=source)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,8 @@ from ..errors import CheckpointError, ConfigError, UnsupportedError
 from ..methods import describe_method
 from .safetensors import SafeTensorsFile, atomic_path, save_file
 
-__all__ = ["load_adapter", "save_adapter", "read_config", "config_from_dict", "split_key", "PREFIX"]
+__all__ = ["load_adapter", "adapter_from_tensors", "save_adapter", "read_config", "config_from_dict", "split_key",
+           "PREFIX"]
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -136,8 +137,21 @@ def load_adapter(
         raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} in the adapter folder")
     config = read_config(folder / CONFIG_NAME, strict=strict)
     check_supported(config, source=str(folder / CONFIG_NAME))
-    method = describe_method(config.peft_type)
     tensors = SafeTensorsFile(weights)
+    return adapter_from_tensors(tensors, config, metadata=tensors.metadata, source=weights,
+                                convert=_converter(xp, device, backend))
+
+
+def adapter_from_tensors(tensors: Mapping[str, Any], config: Any, *, metadata: Mapping[str, str] | None = None,
+                         source: str | os.PathLike = "tensors", convert: Callable[[Any], Any] = lambda a: a) -> Adapter:
+    """An :class:`Adapter` from PEFT-format ``tensors`` (``{"base_model.model.<module>.<suffix>": array}``, a
+    mapping or an open safetensors file) and its parsed ``config``: every key is the method's (per module),
+    shared (the method's shared keys), a base tensor the adapter replaces, or refused (:class:`CheckpointError`
+    listing the tensors nobody owns) — the one reading of a PEFT checkpoint that :func:`load_adapter` and
+    :func:`peftmath.convert` share. ``convert`` maps each array (to another library / device)."""
+    check_supported(config, source=str(source))  # a variant peftmath refuses, by name (load_adapter: already)
+    method = describe_method(config.peft_type)
+    weights = Path(source)
     suffixes = method.parameter_suffixes
     shared_keys = {key for key in tensors if method.is_shared(key)}
     found: dict[str, tuple[str, str]] = {}
@@ -156,7 +170,6 @@ def load_adapter(
     params: dict[str, dict[str, Any]] = {}
     shared: dict[str, Any] = {}
     other: dict[str, Any] = {}
-    convert = _converter(xp, device, backend)
     for key in tensors:
         array = convert(tensors[key])
         if key in found:
@@ -172,7 +185,7 @@ def load_adapter(
         raise CheckpointError(
             f"{weights}: no {config.peft_type} parameters found (expected keys ending in {', '.join(suffixes)})"
         )
-    kinds = _layer_kinds_from_metadata(tensors.metadata, weights)
+    kinds = _layer_kinds_from_metadata(metadata or {}, weights)
     return Adapter(config, params, shared=shared, other=other, layer_kinds=kinds)
 
 
