@@ -130,6 +130,9 @@ class Adapter:
         """The saved virtual-token table: ``(T·S, D)`` (prompt tuning, P-tuning) or ``(T, 2·L·D)`` (prefix)."""
         if not self.is_prompt_learning:
             raise UnsupportedError(f"{self.peft_type} has no prompt embeddings; it adapts module weights")
+        if "prompt_embeddings" not in self.shared:
+            raise UnsupportedError(f"{self.peft_type} has no virtual-token table: its tensors are per module "
+                                   f"(adapter.params[module]; see the method module's forward)")
         return self.shared["prompt_embeddings"]
 
     def past_key_values(self, batch_size: int) -> list[tuple[Array, ...]]:
@@ -762,10 +765,12 @@ class Adapter:
         are not counted, its ``trainable_shared`` tensors once, ``modules_to_save`` copies and biases trained
         with ``bias="all"`` / ``"<method>_only"`` are. (VB-LoRA saved with ``save_only_topk_weights`` counts the saved
         top-k weights, not the logits they were taken from.)"""
+        replaced = sum(_numel(self.other[k]) for k in self._trained_replacements())
+        if self.description.count_trainable is not None:  # the method says (Lily's ties, Cartridge's frozen rows)
+            return int(self.description.count_trainable(self.config, self.params, self.shared)) + replaced
         frozen = set(self.description.frozen_suffixes)
         shared = sum(_numel(v) for k, v in self.shared.items() if self.description.is_trainable_shared(k))
-        return (shared + sum(_numel(a) for p in self.params.values() for k, a in p.items() if k not in frozen)
-                + sum(_numel(self.other[k]) for k in self._trained_replacements()))
+        return shared + sum(_numel(a) for p in self.params.values() for k, a in p.items() if k not in frozen) + replaced
 
     def _trained_replacements(self) -> list[str]:
         """The replaced base tensors PEFT trains: every tensor of a ``modules_to_save`` copy, and the biases

@@ -115,8 +115,9 @@ def inspect_adapter(path: str | os.PathLike, *, base: Any = None, layer_kinds: d
     layer_kinds = layer_kinds or {}
     trainable = ad.num_trainable_parameters()
     dtypes = ad.dtypes()
-    if method.prompt_learning:  # the virtual-token tensors are what was trained
-        trainable += sum(int(np.prod(v.shape)) for v in ad.shared.values())
+    if method.prompt_learning:  # the virtual-token tensors are what was trained (unless the method counts them)
+        if method.count_trainable is None:
+            trainable += sum(int(np.prod(v.shape)) for v in ad.shared.values())
         dtypes = sorted(set(dtypes) | {dtype_name(v.dtype) for v in ad.shared.values()})
     info: dict[str, Any] = {
         "path": str(path),

@@ -112,6 +112,10 @@ class Method:
     bias_only
         Merging changes the base bias only, and the weight is returned untouched (BEFT); a layer without
         a bias cannot be merged.
+    count_trainable
+        ``count_trainable(config, params, shared) -> int``: the trainable scalars as PEFT counts them, where
+        the tensors alone do not say it (Lily's tied copies, a Cartridge's frozen rows); None: every
+        per-module tensor but :attr:`frozen_suffixes`, plus :attr:`trainable_shared`.
     forward_only
         The method's adaptation depends on the input (Lily's batch-averaged router), so merges are refused
         in general and it may have no :attr:`examples` (the demo and the merge contract tests use them); its
@@ -160,6 +164,7 @@ class Method:
     identity_init: bool = False
     bias_only: bool = False
     forward_only: bool = False
+    count_trainable: Callable[[Any, Mapping[str, Mapping[str, Any]], Mapping[str, Any]], int] | None = None
     shared_key_pattern: str | None = None
     pattern_trainable: bool = False
     link_modules: Callable[[Any, Mapping[str, Mapping[str, Any]], Mapping[str, Any]],

@@ -193,4 +193,5 @@ METHOD = Method(
     peft_type=PEFT_TYPE, config=CartridgeConfig, module=None, spec="specs/cartridge.md",
     shared_keys=SHARED_KEYS, prompt_learning=True, init_field=None, validate_checkpoint=validate_checkpoint,
     past_key_values=past_key_values,
+    count_trainable=lambda config, params, shared: trainable_parameters(config),  # the frozen rows are not trained
 )

@@ -418,4 +418,5 @@ METHOD = Method(
     peft_type=PEFT_TYPE, config=LilyConfig, module=LilyModule, spec="specs/lily.md",
     parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=LilyModule.supported_kinds, additive=True,
     init_field="init_weights", examples=EXAMPLES, forward_only=True,
+    count_trainable=lambda config, params, shared: num_trainable_parameters(config, params),  # PEFT's ties
 )

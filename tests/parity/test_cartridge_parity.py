@@ -135,3 +135,16 @@ def test_compose_matches_peft(tmp_path):
     np.testing.assert_array_equal(table, np.asarray(theirs.prompt_embeddings()))
     assert (cfg.num_virtual_tokens, cfg.num_frozen_tokens) == (theirs.config.num_virtual_tokens,
                                                                theirs.config.num_frozen_tokens) == (5, 1)
+
+
+def test_inspect_counts_what_peft_trains(tmp_path):
+    """``peftmath inspect`` and ``Adapter.num_trainable_parameters`` leave the frozen rows out, as PEFT does."""
+    from peftmath.inspect import inspect_adapter
+
+    pmodel = _peft(_model(), num_virtual_tokens=4, num_frozen_tokens=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pmodel.save_pretrained(tmp_path)
+    want = pmodel.get_nb_trainable_parameters()[0]
+    assert pm.load_adapter(tmp_path).num_trainable_parameters() == want
+    assert inspect_adapter(tmp_path)["trainable_parameters"] == want
