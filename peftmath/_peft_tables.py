@@ -387,15 +387,6 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # OSF: the ranks are read from the saved factors; target_svd_config is ignored by PEFT too
     "OSF": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save"), IMPLEMENTED),
             **dict.fromkeys(("effective_rank", "rank_pattern", "init_weights", "target_svd_config"), IRRELEVANT)},
-    # GLoRA: the support forms are read from the saved tensors; init_weights only drew them
-    "GLORA": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save", "r", "bias", "config_A_B",
-                                               "config_C", "config_D_E"), IMPLEMENTED), "init_weights": IRRELEVANT},
-    # PSOFT: fan_in_fan_out has no effect (PEFT adapts nn.Linear only); init_weights only drew R
-    "PSOFT": {**_BOOKKEEPING, **_TARGETS,
-              **dict.fromkeys(("r", "psoft_alpha", "ab_svd_init", "psoft_svd", "psoft_svd_lowrank_niter", "random_seed",
-                               "psoft_orth", "psoft_mag_b", "psoft_mag_a", "use_cayley_neumann",
-                               "num_cayley_neumann_terms", "cayley_neumann_eps"), IMPLEMENTED),
-              **dict.fromkeys(("psoft_dropout", "fan_in_fan_out", "init_weights"), IRRELEVANT)},
     # GraLoRA: init_weights only drew the tensors the checkpoint holds; no exclude_modules in PEFT's config
     "GRALORA": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
                 **dict.fromkeys(("r", "hybrid_r", "alpha", "gralora_k", "fan_in_fan_out", "bias"), IMPLEMENTED),
@@ -412,6 +403,15 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
              **dict.fromkeys(("save_projection", "fan_in_fan_out", "bias"), IMPLEMENTED),
              **dict.fromkeys(("projection_prng_key", "frod_dropout", "init_weights", "sparse_rate",
                               "regularization_alpha", "progressbar", "runtime_offload_base_weight"), IRRELEVANT)},
+    # GLoRA: the support forms are read from the saved tensors; init_weights only drew them
+    "GLORA": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "modules_to_save", "r", "bias", "config_A_B",
+                                               "config_C", "config_D_E"), IMPLEMENTED), "init_weights": IRRELEVANT},
+    # PSOFT: fan_in_fan_out has no effect (PEFT adapts nn.Linear only); init_weights only drew R
+    "PSOFT": {**_BOOKKEEPING, **_TARGETS,
+              **dict.fromkeys(("r", "psoft_alpha", "ab_svd_init", "psoft_svd", "psoft_svd_lowrank_niter", "random_seed",
+                               "psoft_orth", "psoft_mag_b", "psoft_mag_a", "use_cayley_neumann",
+                               "num_cayley_neumann_terms", "cayley_neumann_eps"), IMPLEMENTED),
+              **dict.fromkeys(("psoft_dropout", "fan_in_fan_out", "init_weights"), IRRELEVANT)},
     # DEFT: init_weights / init_scale only drew R, which the checkpoint holds (the rank is read from deft_P)
     "DEFT": {**_BOOKKEEPING, **_TARGETS,
              **dict.fromkeys(("r", "decomposition_method", "alpha", "para", "fan_in_fan_out", "bias"), IMPLEMENTED),
@@ -432,6 +432,8 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
     # PEANuT: init_weights only drew the tensors the checkpoint holds
     "PEANUT": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "depth", "act_fn", "scaling"), IMPLEMENTED),
                "init_weights": IRRELEVANT},
+    # LN tuning: the checkpoint holds the trained copies; PEFT's LNTuningConfig has no layers_* fields
+    "LN_TUNING": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "exclude_modules", "modules_to_save"), IMPLEMENTED)},
     # TinyLoRA: projection_seed finds each module's place (its group) from the saved P; init fields only draw v
     "TINYLORA": {**_BOOKKEEPING, **{k: v for k, v in _TARGETS.items() if k != "exclude_modules"},
                  **dict.fromkeys(("r", "u", "weight_tying", "projection_seed", "save_projection", "fan_in_fan_out",
@@ -450,8 +452,6 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
                                 "final_warmup", "mask_interval", "asa_importance_beta", "asa_uncertainty_beta",
                                 "asa_schedule_exponent", "use_dynamic_rank", "svd_threshold", "random_seed"),
                                IRRELEVANT)},
-    # LN tuning: the checkpoint holds the trained copies; PEFT's LNTuningConfig has no layers_* fields
-    "LN_TUNING": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "exclude_modules", "modules_to_save"), IMPLEMENTED)},
     # Poly: init_weights only drew the tensors the checkpoint holds; PolyConfig has no layers_* fields
     "POLY": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "exclude_modules", "modules_to_save", "r", "poly_type",
                                               "n_tasks", "n_skills", "n_splits"), IMPLEMENTED), "init_weights": IRRELEVANT},
@@ -472,7 +472,6 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
                       "init_weights": IRRELEVANT},
     "CARTRIDGE": {**_BOOKKEEPING, **dict.fromkeys(("modules_to_save", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "num_frozen_tokens"), IMPLEMENTED)},  # noqa: E501
     "ADAPTION_PROMPT": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "adapter_len", "adapter_layers"), IMPLEMENTED)},
-    "SHADOW": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "shadow_alpha", "update_hidden_size", "shadow_model", "shadow_num_hidden_layers", "shadow_hidden_size", "shadow_num_attention_heads", "shadow_intermediate_size", "share_embeddings"), IMPLEMENTED), **dict.fromkeys(("shadow_dropout", "init_weights", "auxiliary_loss_weight"), IRRELEVANT)},  # noqa: E501
 }
 
 #: what tensors of unsupported PEFT variants look like in a checkpoint (a regex on the key without

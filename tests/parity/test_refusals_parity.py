@@ -40,20 +40,17 @@ PEFT_CONFIGS = {"LORA": "LoraConfig", "ADALORA": "AdaLoraConfig", "IA3": "IA3Con
                 "LOKR": "LoKrConfig", "OFT": "OFTConfig", "BOFT": "BOFTConfig", "VERA": "VeraConfig",
                 "PROMPT_TUNING": "PromptTuningConfig", "P_TUNING": "PromptEncoderConfig",
                 "PREFIX_TUNING": "PrefixTuningConfig", "HRA": "HRAConfig", "ROAD": "RoadConfig", "FOURIERFT": "FourierFTConfig", "HIRA": "HiraConfig", "MISS": "MissConfig", "DELORA": "DeloraConfig", "VBLORA": "VBLoRAConfig", "RANDLORA": "RandLoraConfig", "C3A": "C3AConfig", "SHIRA": "ShiraConfig", "WAVEFT": "WaveFTConfig", "OSF": "OSFConfig", "GLORA": "GloraConfig", "PSOFT": "PsoftConfig", "BEFT": "BeftConfig", "PEANUT": "PeanutConfig", "LN_TUNING": "LNTuningConfig"}
-PEFT_CONFIGS["DEFT"] = "DeftConfig"
-PEFT_CONFIGS["SUPERTUNING"] = "SupertuningConfig"
-PEFT_CONFIGS["TINYLORA"] = "TinyLoraConfig"
-PEFT_CONFIGS["UNILORA"] = "UniLoraConfig"
 PEFT_CONFIGS["GRALORA"] = "GraloraConfig"
-PEFT_CONFIGS["LILY"] = "LilyConfig"
-PEFT_CONFIGS["ADAMSS"] = "AdamssConfig"
 PEFT_CONFIGS["PVERA"] = "PveraConfig"
 PEFT_CONFIGS["TRAINABLE_TOKENS"] = "TrainableTokensConfig"
+PEFT_CONFIGS["TINYLORA"] = "TinyLoraConfig"
+PEFT_CONFIGS["UNILORA"] = "UniLoraConfig"
+PEFT_CONFIGS["LILY"] = "LilyConfig"
+PEFT_CONFIGS["ADAMSS"] = "AdamssConfig"
 PEFT_CONFIGS["FROD"] = "FrodConfig"
 PEFT_CONFIGS["CARTRIDGE"] = "CartridgeConfig"
 PEFT_CONFIGS["ADAPTION_PROMPT"] = "AdaptionPromptConfig"
 PEFT_CONFIGS["POLY"] = "PolyConfig"
-PEFT_CONFIGS["SHADOW"] = "ShadowConfig"
 
 
 def _quiet(fn, *args, **kwargs):
