@@ -40,6 +40,7 @@ METHOD_MODULES: dict[str, str] = {
     "PREFIX_TUNING": "peftmath.methods.prefix_tuning",
     "CARTRIDGE": "peftmath.methods.cartridge",
     "ADAPTION_PROMPT": "peftmath.methods.adaption_prompt",
+    "SHADOW": "peftmath.methods.shadow",
     "HIRA": "peftmath.methods.hira",
     "MISS": "peftmath.methods.miss",
     "DELORA": "peftmath.methods.delora",

@@ -32,7 +32,6 @@ from ..backends import host_rng
 from ..config import PeftConfig
 from ..errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
 from ._contract import Method
-from .peanut import erf
 
 Array = Any
 
@@ -197,6 +196,10 @@ def init_block(config: ShadowConfig, hidden_size: int, *, seed: int | np.random.
 # --- Forward (specs/shadow.md, "The math") ---
 def gelu(x: Array) -> Array:
     """The exact GELU ``x·Φ(x) = x/2·(1 + erf(x/√2))`` (torch's ``nn.GELU()`` default)."""
+    # The array API has no erf; PEANuT's array-API erf is the one implementation. It belongs in a private
+    # module shared by both methods (reported to the lead); imported here at call time until it moves.
+    from .peanut import erf
+
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 

@@ -50,6 +50,7 @@ PEFT_CONFIGS["ADAMSS"] = "AdamssConfig"
 PEFT_CONFIGS["FROD"] = "FrodConfig"
 PEFT_CONFIGS["CARTRIDGE"] = "CartridgeConfig"
 PEFT_CONFIGS["ADAPTION_PROMPT"] = "AdaptionPromptConfig"
+PEFT_CONFIGS["SHADOW"] = "ShadowConfig"
 PEFT_CONFIGS["POLY"] = "PolyConfig"
 
 
