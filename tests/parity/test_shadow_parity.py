@@ -21,15 +21,15 @@ torch, peft = require_peft()
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from peftmath.errors import CheckpointError, ShapeError, UnsupportedError  # noqa: E402
-from peftmath.methods import shadow as sh  # noqa: E402
+from peftmath.errors import CheckpointError, ShapeError, UnsupportedError
+from peftmath.methods import shadow as sh
 
-LLAMA = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2)
+LLAMA = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+             "num_key_value_heads": 2}
 CONFIGS = {
-    "default_shape": dict(r=4),
-    "wide_update": dict(r=3, update_hidden_size=7, shadow_alpha=0.7),
-    "two_layer_backbone": dict(r=2, shadow_alpha=1.3, shadow_num_hidden_layers=2, shadow_intermediate_size=24),
+    "default_shape": {"r": 4},
+    "wide_update": {"r": 3, "update_hidden_size": 7, "shadow_alpha": 0.7},
+    "two_layer_backbone": {"r": 2, "shadow_alpha": 1.3, "shadow_num_hidden_layers": 2, "shadow_intermediate_size": 24},
 }
 
 
@@ -142,7 +142,7 @@ def test_block_equations_match_peft_layer(dtype):
     with torch.no_grad():
         want_h = layer.shadow_inject(h, s, "default")
         want_s = layer.shadow_update(h, s, "default")
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
     # on numpy (the reference backend) and on torch directly
     np_params = {k: t2n(v) for k, v in params.items()}
     np.testing.assert_allclose(sh.inject(t2n(h), t2n(s), np_params, shadow_alpha=0.7), t2n(want_h), **tol)
