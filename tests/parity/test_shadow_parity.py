@@ -21,6 +21,7 @@ torch, peft = require_peft()
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
+import peftmath as pm
 from peftmath.errors import CheckpointError, ShapeError, UnsupportedError
 from peftmath.methods import shadow as sh
 
@@ -29,6 +30,7 @@ LLAMA = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidd
 CONFIGS = {
     "default_shape": {"r": 4},
     "wide_update": {"r": 3, "update_hidden_size": 7, "shadow_alpha": 0.7},
+    "narrow_backbone": {"r": 3, "shadow_alpha": 0.9, "shadow_hidden_size": 8, "shadow_intermediate_size": 12},
     "two_layer_backbone": {"r": 2, "shadow_alpha": 1.3, "shadow_num_hidden_layers": 2, "shadow_intermediate_size": 24},
 }
 
@@ -62,18 +64,23 @@ def _ours_config(config: dict) -> sh.ShadowConfig:
 
 
 def _shadow_backbone(shared: dict, fields: dict):
-    """The mirror backbone PEFT builds (a LlamaModel of the base's config with fewer layers), loaded with the
-    checkpoint's backbone tensors; its embedding table is absent (it reads the base embeddings)."""
+    """The mirror backbone PEFT builds (the base's LlamaConfig with the shadow_* sizes set on it, as PEFT sets
+    them on a copy), loaded with the checkpoint's backbone tensors. At the base width it has no embedding table
+    (it reads the base embeddings); at another width it has its own and a projection to the base width."""
     cfg = transformers.LlamaConfig(**LLAMA)
     cfg.num_hidden_layers = fields.get("shadow_num_hidden_layers") or 1
-    if fields.get("shadow_intermediate_size"):
-        cfg.intermediate_size = fields["shadow_intermediate_size"]
+    for ours, theirs in (("shadow_intermediate_size", "intermediate_size"), ("shadow_hidden_size", "hidden_size")):
+        if fields.get(ours):
+            setattr(cfg, theirs, fields[ours])
     backbone = transformers.LlamaModel(cfg).eval()
     prefix = "base_model.shadow_backbone.default."
     state = {k[len(prefix):]: torch.from_numpy(v) for k, v in shared.items() if k.startswith(prefix)}
     missing, unexpected = backbone.load_state_dict(state, strict=False)
-    assert list(missing) == ["embed_tokens.weight"] and not unexpected
-    return backbone
+    shares = cfg.hidden_size == LLAMA["hidden_size"]
+    assert list(missing) == (["embed_tokens.weight"] if shares else []) and not unexpected
+    projection = shared.get("base_model.shadow_projection.default.weight")
+    assert (projection is None) == shares
+    return backbone, shares, None if projection is None else torch.from_numpy(projection)
 
 
 def _our_logits(base, blocks: dict, shared: dict, fields: dict, cfg: sh.ShadowConfig, ids, mask):
@@ -94,7 +101,11 @@ def _our_logits(base, blocks: dict, shared: dict, fields: dict, cfg: sh.ShadowCo
     finally:
         handle.remove()
     emb = base.model.embed_tokens(ids)
-    s0 = _shadow_backbone(shared, fields)(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    backbone, shares, projection = _shadow_backbone(shared, fields)
+    if shares:
+        s0 = backbone(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    else:
+        s0 = backbone(input_ids=ids, attention_mask=mask).last_hidden_state @ projection.T
     params = [{k: torch.from_numpy(v) for k, v in blocks[f"base_model.model.model.layers.{i}"].items()}
               for i in range(len(layers))]
     fns = [lambda x, L=L: L(x, **captured) for L in layers]
@@ -115,6 +126,10 @@ def test_peft_checkpoint_loads_and_logits_match(case, tmp_path):
     blocks, shared = sh.split_checkpoint(tensors, cfg, LLAMA["hidden_size"])
     assert sorted(blocks) == [f"base_model.model.model.layers.{i}" for i in range(3)]
     assert sh.num_trainable_parameters(blocks, shared) == model.get_nb_trainable_parameters()[0]
+    # the core reads the same checkpoint (blocks as per-module tensors, the backbone as shared) and counts alike
+    adapter = pm.load_adapter(tmp_path)
+    assert adapter.num_trainable_parameters() == model.get_nb_trainable_parameters()[0]
+    assert {f"base_model.model.{m}" for m in adapter.params} == set(blocks) and set(adapter.shared) == set(shared)
     torch.manual_seed(5)
     ids = torch.randint(0, LLAMA["vocab_size"], (2, 7))
     mask = torch.ones_like(ids)
@@ -195,10 +210,13 @@ def test_checkpoint_validation_refuses(tmp_path):
         sh.split_checkpoint(stray, cfg, 16)
 
 
-def test_merge_refused_like_peft():
+def test_merge_refused_like_peft(tmp_path):
     model = _peft(CONFIGS["default_shape"])
+    model.save_pretrained(tmp_path)
     with pytest.raises(NotImplementedError):
         model.merge_and_unload()
+    with pytest.raises(UnsupportedError):
+        pm.load_adapter(tmp_path).merge({})
     with pytest.raises(UnsupportedError, match="input-dependent"):
         sh.merge(np.zeros((4, 4)))
     with pytest.raises(UnsupportedError, match="merged"):
