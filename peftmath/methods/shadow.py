@@ -128,17 +128,32 @@ def block_shapes(config: ShadowConfig, hidden_size: int) -> dict[str, tuple[int,
     return shapes
 
 
+def _replaces(key: str, config: ShadowConfig) -> bool:
+    """``base_model.model.<module>.<tensor>`` of a module named in ``modules_to_save`` (PEFT saves the trained
+    copy under the base module's own key, e.g. ``base_model.model.lm_head.weight``)."""
+    if not key.startswith("base_model.model.") or not config.modules_to_save:
+        return False
+    parts = key[len("base_model.model."):].split(".")[:-1]
+    return any(name in parts or ".".join(parts).endswith(name) for name in config.modules_to_save)
+
+
 def split_checkpoint(tensors: Mapping[str, Array], config: ShadowConfig, hidden_size: int
-                     ) -> tuple[dict[str, dict[str, Array]], dict[str, Array]]:
-    """Split a PEFT SHADOW checkpoint into ``({block: {suffix: tensor}}, {shared key: tensor})`` and check every
-    tensor: each block has exactly the ten tensors of :func:`block_shapes`; the rest are the shadow backbone /
-    projection / head (``base_model.shadow_*.default.*``). Anything else is a :class:`CheckpointError`."""
+                     ) -> tuple[dict[str, dict[str, Array]], dict[str, Array], dict[str, Array]]:
+    """Split a PEFT SHADOW checkpoint into ``({block: {suffix: tensor}}, {shared key: tensor}, {replaced base
+    key: tensor})`` and check every tensor: each block has exactly the ten tensors of :func:`block_shapes`; the
+    shared ones are the shadow backbone / projection / head (``base_model.shadow_*.default.*``); the replaced
+    ones are trained copies of the ``modules_to_save`` modules (``lm_head``). Anything else is a
+    :class:`CheckpointError`."""
     shapes = block_shapes(config, hidden_size)
     blocks: dict[str, dict[str, Array]] = {}
     shared: dict[str, Array] = {}
+    replaced: dict[str, Array] = {}
     for key, value in tensors.items():
         if re.fullmatch(SHARED_KEY_PATTERN, key):
             shared[key] = value
+            continue
+        if _replaces(key, config):
+            replaced[key] = value
             continue
         suffix = next((s for s in PARAMETER_SUFFIXES if key.endswith("." + s)), None)
         if suffix is None:
@@ -158,21 +173,24 @@ def split_checkpoint(tensors: Mapping[str, Array], config: ShadowConfig, hidden_
         raise CheckpointError("SHADOW checkpoint: no block tensors (shadow_down / shadow_up / ...) found")
     if not shared:
         raise CheckpointError("SHADOW checkpoint: no shadow backbone tensors (base_model.shadow_backbone.default.*)")
-    return blocks, shared
+    return blocks, shared, replaced
 
 
-def checkpoint_tensors(blocks: Mapping[str, Mapping[str, Array]], shared: Mapping[str, Array]) -> dict[str, Array]:
+def checkpoint_tensors(blocks: Mapping[str, Mapping[str, Array]], shared: Mapping[str, Array],
+                       replaced: Mapping[str, Array] | None = None) -> dict[str, Array]:
     """The inverse of :func:`split_checkpoint`: PEFT's flat key -> tensor mapping."""
     out = {f"{block}.{suffix}": value for block, params in blocks.items() for suffix, value in params.items()}
     out.update(shared)
+    out.update(replaced or {})
     return out
 
 
-def num_trainable_parameters(blocks: Mapping[str, Mapping[str, Array]], shared: Mapping[str, Array]) -> int:
-    """PEFT's count: every block tensor and every backbone / projection / head tensor (a mirror backbone that
-    shares the base embeddings has no embedding table in the checkpoint)."""
-    return sum(math.prod(v.shape) for params in blocks.values() for v in params.values()) + \
-        sum(math.prod(v.shape) for v in shared.values())
+def num_trainable_parameters(blocks: Mapping[str, Mapping[str, Array]], shared: Mapping[str, Array],
+                             replaced: Mapping[str, Array] | None = None) -> int:
+    """PEFT's count: every block tensor, every backbone / projection / head tensor (a mirror backbone that
+    shares the base embeddings has no embedding table in the checkpoint) and every ``modules_to_save`` copy."""
+    groups = [v for params in blocks.values() for v in params.values()] + list(shared.values())
+    return sum(math.prod(v.shape) for v in groups + list((replaced or {}).values()))
 
 
 # --- Initialisation (specs/shadow.md, "Initialisation") ---

@@ -157,7 +157,7 @@ def test_checkpoint_split_round_trip_and_count():
     shared = {"base_model.shadow_backbone.default.norm.weight": np.ones(D),
               "base_model.shadow_projection.default.weight": np.zeros((D, 4))}
     flat = sh.checkpoint_tensors(blocks, shared)
-    b2, s2 = sh.split_checkpoint(flat, cfg, D)
+    b2, s2, _ = sh.split_checkpoint(flat, cfg, D)
     assert set(b2) == set(blocks) and set(s2) == set(shared)
     per_block = R * D + D * R + 2 * (U * D + U + D * U + D)
     assert sh.num_trainable_parameters(b2, s2) == 2 * per_block + D + D * 4

@@ -31,6 +31,7 @@ CONFIGS = {
     "default_shape": {"r": 4},
     "wide_update": {"r": 3, "update_hidden_size": 7, "shadow_alpha": 0.7},
     "narrow_backbone": {"r": 3, "shadow_alpha": 0.9, "shadow_hidden_size": 8, "shadow_intermediate_size": 12},
+    "trained_lm_head": {"r": 4, "shadow_alpha": 0.5, "modules_to_save": ["lm_head"]},
     "two_layer_backbone": {"r": 2, "shadow_alpha": 1.3, "shadow_num_hidden_layers": 2, "shadow_intermediate_size": 24},
 }
 
@@ -83,7 +84,7 @@ def _shadow_backbone(shared: dict, fields: dict):
     return backbone, shares, None if projection is None else torch.from_numpy(projection)
 
 
-def _our_logits(base, blocks: dict, shared: dict, fields: dict, cfg: sh.ShadowConfig, ids, mask):
+def _our_logits(base, blocks: dict, shared: dict, fields: dict, cfg: sh.ShadowConfig, ids, mask, replaced=None):
     """peftmath's forward: s0 from the backbone, decoder_loop over the frozen base blocks (called with the
     base model's own mask / rotary arguments, captured by a pre-hook), then the base's norm and head."""
     captured = {}
@@ -110,6 +111,9 @@ def _our_logits(base, blocks: dict, shared: dict, fields: dict, cfg: sh.ShadowCo
               for i in range(len(layers))]
     fns = [lambda x, L=L: L(x, **captured) for L in layers]
     h, _ = sh.decoder_loop(emb, s0, fns, params, shadow_alpha=cfg.shadow_alpha)
+    head = (replaced or {}).get("base_model.model.lm_head.weight")
+    if head is not None:  # the trained modules_to_save copy replaces the base head
+        return base.model.norm(h) @ torch.from_numpy(head).T
     return base.lm_head(base.model.norm(h))
 
 
@@ -121,11 +125,15 @@ class _Stop(Exception):
 def test_peft_checkpoint_loads_and_logits_match(case, tmp_path):
     fields = CONFIGS[case]
     model = _peft(fields)
+    if "modules_to_save" in fields:  # train the head copy so that it differs from the base head
+        with torch.no_grad():
+            model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.1)
     tensors, config = _saved(model, tmp_path)
     cfg = _ours_config(config)
-    blocks, shared = sh.split_checkpoint(tensors, cfg, LLAMA["hidden_size"])
+    blocks, shared, replaced = sh.split_checkpoint(tensors, cfg, LLAMA["hidden_size"])
+    assert sorted(replaced) == (["base_model.model.lm_head.weight"] if "modules_to_save" in fields else [])
     assert sorted(blocks) == [f"base_model.model.model.layers.{i}" for i in range(3)]
-    assert sh.num_trainable_parameters(blocks, shared) == model.get_nb_trainable_parameters()[0]
+    assert sh.num_trainable_parameters(blocks, shared, replaced) == model.get_nb_trainable_parameters()[0]
     # the core reads the same checkpoint (blocks as per-module tensors, the backbone as shared) and counts alike
     adapter = pm.load_adapter(tmp_path)
     assert adapter.num_trainable_parameters() == model.get_nb_trainable_parameters()[0]
@@ -136,7 +144,7 @@ def test_peft_checkpoint_loads_and_logits_match(case, tmp_path):
     mask[1, :2] = 0  # left padding on the second row
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
-        got = _our_logits(_base(), blocks, shared, fields, cfg, ids, mask)
+        got = _our_logits(_base(), blocks, shared, fields, cfg, ids, mask, replaced)
         plain = _base()(input_ids=ids, attention_mask=mask).logits
     assert float((want - plain).abs().max()) > 1e-3  # the shadow path changes the logits
     np.testing.assert_allclose(t2n(got), t2n(want), rtol=1e-4, atol=1e-5)
@@ -171,7 +179,7 @@ def test_ours_saved_peft_loads(tmp_path):
     model = _peft(fields)
     tensors, config = _saved(model, tmp_path / "peft")
     cfg = _ours_config(config)
-    blocks, shared = sh.split_checkpoint(tensors, cfg, LLAMA["hidden_size"])
+    blocks, shared, _ = sh.split_checkpoint(tensors, cfg, LLAMA["hidden_size"])
     # new block tensors drawn by peftmath (random W_up so the injection is not a no-op)
     ours_cfg = sh.ShadowConfig(task_type="CAUSAL_LM", init_weights=False, **fields)
     new_blocks = {b: sh.init_block(ours_cfg, 16, seed=10 + i) for i, b in enumerate(sorted(blocks))}
