@@ -471,6 +471,7 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
                                        "prefix_projection"), IMPLEMENTED),
                       "init_weights": IRRELEVANT},
     "CARTRIDGE": {**_BOOKKEEPING, **dict.fromkeys(("modules_to_save", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "num_frozen_tokens"), IMPLEMENTED)},  # noqa: E501
+    "MULTITASK_PROMPT_TUNING": {**_BOOKKEEPING, **dict.fromkeys(("modules_to_save", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "num_ranks", "num_tasks"), IMPLEMENTED), **dict.fromkeys(("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs", "prompt_tuning_init_state_dict_path", "prompt_tuning_init_task"), IRRELEVANT)},  # noqa: E501
     "ADAPTION_PROMPT": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "adapter_len", "adapter_layers"), IMPLEMENTED)},
     "SHADOW": {**_BOOKKEEPING, **_TARGETS, **dict.fromkeys(("r", "shadow_alpha", "update_hidden_size", "shadow_model", "shadow_num_hidden_layers", "shadow_hidden_size", "shadow_num_attention_heads", "shadow_intermediate_size", "share_embeddings"), IMPLEMENTED), **dict.fromkeys(("shadow_dropout", "init_weights", "auxiliary_loss_weight"), IRRELEVANT)},  # noqa: E501
 }

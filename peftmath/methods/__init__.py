@@ -66,6 +66,7 @@ METHOD_MODULES: dict[str, str] = {
     "UNILORA": "peftmath.methods.unilora",
     "LN_TUNING": "peftmath.methods.ln_tuning",
     "POLY": "peftmath.methods.poly",
+    "MULTITASK_PROMPT_TUNING": "peftmath.methods.multitask_prompt_tuning",
 }
 
 

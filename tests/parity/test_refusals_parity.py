@@ -52,6 +52,7 @@ PEFT_CONFIGS["CARTRIDGE"] = "CartridgeConfig"
 PEFT_CONFIGS["ADAPTION_PROMPT"] = "AdaptionPromptConfig"
 PEFT_CONFIGS["SHADOW"] = "ShadowConfig"
 PEFT_CONFIGS["POLY"] = "PolyConfig"
+PEFT_CONFIGS["MULTITASK_PROMPT_TUNING"] = "MultitaskPromptTuningConfig"
 
 
 def _quiet(fn, *args, **kwargs):
@@ -115,6 +116,7 @@ def test_peft_saved_configs_have_no_unknown_fields(tmp_path):
     kwargs = {"ADALORA": dict(total_step=10), "PROMPT_TUNING": dict(num_virtual_tokens=4, task_type="CAUSAL_LM"),
               "P_TUNING": dict(num_virtual_tokens=4, task_type="CAUSAL_LM"),
               "CARTRIDGE": dict(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+              "MULTITASK_PROMPT_TUNING": dict(num_virtual_tokens=4, task_type="CAUSAL_LM"),
               "PREFIX_TUNING": dict(num_virtual_tokens=4, task_type="CAUSAL_LM")}
     for peft_type, name in PEFT_CONFIGS.items():
         folder = tmp_path / peft_type
