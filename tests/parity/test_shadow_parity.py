@@ -229,3 +229,27 @@ def test_merge_refused_like_peft(tmp_path):
         sh.merge(np.zeros((4, 4)))
     with pytest.raises(UnsupportedError, match="merged"):
         sh.unmerge(np.zeros((4, 4)))
+
+
+def test_bfloat16_rounded_once_and_near_peft():
+    """bfloat16: peftmath computes in float32 and rounds once (within half a bf16 ulp of float64); PEFT runs
+    the adapter modules in bfloat16 and rounds after each op; the two are within a few bf16 ulps of each other."""
+    model = _peft(CONFIGS["default_shape"]).to(torch.bfloat16)
+    layer = model.base_model.model.model.layers[1]
+    torch.manual_seed(4)
+    h = torch.randn(2, 5, 16).to(torch.bfloat16)
+    s = torch.randn(2, 5, 16).to(torch.bfloat16)
+    params = {f"{name}.default.{sub}": t.detach() for name in ("shadow_down", "shadow_up", "shadow_update_transform",
+                                                               "shadow_update_gate")
+              for sub, t in getattr(layer, name)["default"].state_dict().items()}
+    p64 = {k: v.double() for k, v in params.items()}
+    alpha = model.peft_config["default"].shadow_alpha
+    with torch.no_grad():
+        peft_out = (layer.shadow_inject(h, s, "default"), layer.shadow_update(h, s, "default"))
+    ours = (sh.inject(h, s, params, shadow_alpha=alpha), sh.update(h, s, params))
+    ref = (sh.inject(h.double(), s.double(), p64, shadow_alpha=alpha), sh.update(h.double(), s.double(), p64))
+    for got, theirs, want in zip(ours, peft_out, ref):
+        assert got.dtype == torch.bfloat16
+        err = (got.double() - want).abs()
+        assert bool((err <= 2.0 ** -8 * want.abs() + 1e-30).all()), float(err.max())
+        np.testing.assert_allclose(t2n(got.float()), t2n(theirs.float()), rtol=2.0 ** -6, atol=2.0 ** -6)
