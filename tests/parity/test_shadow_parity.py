@@ -253,3 +253,44 @@ def test_bfloat16_rounded_once_and_near_peft():
         err = (got.double() - want).abs()
         assert bool((err <= 2.0 ** -8 * want.abs() + 1e-30).all()), float(err.max())
         np.testing.assert_allclose(t2n(got.float()), t2n(theirs.float()), rtol=2.0 ** -6, atol=2.0 ** -6)
+
+
+def test_sequence_classification_checkpoint_count_and_logits(tmp_path):
+    """SEQ_CLS: PEFT saves the trained `score` copy (modules_to_save) and a classifier copy as
+    `shadow_head` (used by the auxiliary loss only); the logits are the score head on the last token."""
+    torch.manual_seed(0)
+    cls_cfg = transformers.LlamaConfig(**LLAMA, num_labels=3, pad_token_id=0)
+    base = transformers.LlamaForSequenceClassification(cls_cfg).eval()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base, peft.ShadowConfig(task_type="SEQ_CLS", r=4, init_weights=False,
+                                                            shadow_dropout=0.0)).eval()
+    with torch.no_grad():
+        model.base_model.model.score.modules_to_save["default"].weight.mul_(1.5)
+    tensors, config = _saved(model, tmp_path)
+    cfg = _ours_config(config)
+    blocks, shared, replaced = sh.split_checkpoint(tensors, cfg, LLAMA["hidden_size"])
+    assert sorted(replaced) == ["base_model.model.score.weight"]
+    assert "base_model.shadow_head.default.weight" in shared
+    assert sh.num_trainable_parameters(blocks, shared, replaced) == model.get_nb_trainable_parameters()[0]
+    assert pm.load_adapter(tmp_path).num_trainable_parameters() == model.get_nb_trainable_parameters()[0]
+    ids = torch.randint(1, LLAMA["vocab_size"], (2, 5))  # no pad token: the last position is pooled
+    mask = torch.ones_like(ids)
+    plain = transformers.LlamaForSequenceClassification(cls_cfg).eval()
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        hidden = _our_logits(_as_causal(plain), blocks, shared, {}, cfg, ids, mask,
+                             {"base_model.model.lm_head.weight": tensors["base_model.model.score.weight"]})
+    np.testing.assert_allclose(t2n(hidden[:, -1]), t2n(want), rtol=1e-4, atol=1e-5)
+
+
+def _as_causal(cls_model):
+    """The classifier's decoder as a causal-LM-shaped object (model + a head slot) for _our_logits."""
+    wrapper = torch.nn.Module()
+    wrapper.model = cls_model.model
+    wrapper.lm_head = cls_model.score
+    wrapper.forward = lambda **kw: cls_model.model(**kw)
+    return wrapper
