@@ -11,8 +11,9 @@ a router with one row of logits per task::
     B_t[q] = Σ_s w_t[q, s] B[q, s]  -> side by side over the splits: (r, out) (split q writes output block q)
     y = x Wᵀ + b + (x A_t B_t) / r               t = the task id of x's batch row
 
-The adapter's change depends on the task id of each batch row, an input of the forward, so Poly has no fixed
-weight: merge and unmerge refuse (:class:`~peftmath.errors.UnsupportedError`). For one task (or any fixed
+The adapter's change depends on the task id of each batch row, an input of the forward, so Poly has in general no
+fixed weight: merge and unmerge refuse (:class:`~peftmath.errors.UnsupportedError`), except where the change is
+the same for every valid input (``n_tasks = 1``; a zero skill bank, e.g. a fresh adapter). For one task (or any fixed
 mixing weights) the change is the rank-``r`` LoRA ``ΔW_t = (1/r) B_tᵀ A_tᵀ``: :func:`task_factors` gives its
 factors and :func:`fixed_mixture` a LoRA adapter (``lora_alpha = 1``) that merges to exactly that task's
 forward; :func:`expert` is one skill alone.
@@ -35,7 +36,7 @@ from ..backends import backend_for, host_rng, kaiming_uniform_bound
 from ..config import TunerConfig, check_flags, check_positive_int
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, require_kind
+from ._base import MergeResult, ModuleAdapter, apply_delta, require_kind
 from ._contract import Method
 
 Array = Any
@@ -373,14 +374,27 @@ class PolyModule(ModuleAdapter):
     def _refuse(self, what: str) -> UnsupportedError:
         return UnsupportedError(
             f"{self.name}: Poly cannot be {what}: its router mixes the n_skills={int(self.A.shape[1])} LoRA skills "
-            f"with weights chosen by the task id of each input row, so the change depends on the input and is no "
-            f"fixed weight (PEFT has no merge for Poly either). Use forward(x, W, task_ids=...), or make the "
-            f"mixture of one task a LoRA adapter with peftmath.methods.poly.fixed_mixture(adapter, task_id) "
-            f"(one skill: poly.expert(adapter, s)) and merge that")
+            f"with weights chosen by the task id of each input row (n_tasks={int(self.Z.shape[0])}), so the change "
+            f"depends on the input and is no fixed weight (PEFT has no merge for Poly either). Use forward(x, W, "
+            f"task_ids=...), or make the mixture of one task a LoRA adapter with "
+            f"peftmath.methods.poly.fixed_mixture(adapter, task_id) (one skill: poly.expert(adapter, s)) and merge "
+            f"that")
+
+    def _fixed_delta(self, what: str, cd: Any = None) -> Array:
+        """``ΔW`` when it is the same for every valid input: one task (``n_tasks = 1``: ``ΔW_0``), or all of ``A`` or
+        ``B`` zero (a fresh adapter: ``ΔW = 0`` for every task); else :class:`UnsupportedError` (:meth:`_refuse`)."""
+        xp = self.xp
+        cd = cd if cd is not None else compute_dtype(xp, self.A.dtype, self.B.dtype)
+        if int(self.Z.shape[0]) == 1:
+            return as_compute(xp, self.task_delta_weight(0), cd)
+        if not bool(xp.any(self.B != 0)) or not bool(xp.any(self.A != 0)):
+            return xp.zeros(self.layer.weight_shape, dtype=cd, device=getattr(self.A, "device", None))
+        raise self._refuse(what)
 
     def delta_weight(self, *, peft_compat: bool = False) -> Array:
-        """Refused: the change depends on the task ids (:meth:`task_delta_weight` gives one task's)."""
-        raise self._refuse("written as one delta weight")
+        """``ΔW`` where it is fixed (:meth:`_fixed_delta`); refused otherwise (:meth:`task_delta_weight` gives one
+        task's)."""
+        return self._fixed_delta("written as one delta weight")
 
     def task_delta_weight(self, task_id: int) -> Array:
         """``ΔW_t = (1/r) B_tᵀ A_tᵀ`` ``(out, in)``: the change for task ``task_id``, in float32 or wider."""
@@ -390,18 +404,26 @@ class PolyModule(ModuleAdapter):
 
     def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
               peft_compat: bool = False) -> MergeResult:
-        """Refused (:class:`UnsupportedError`, nothing written): see :func:`fixed_mixture`."""
-        raise self._refuse("merged")
+        """``W + ΔW`` where the change is fixed (one task, or a zero skill bank), formed in float32 (float64) and
+        rounded once; otherwise :class:`UnsupportedError` (nothing written): see :func:`fixed_mixture`."""
+        self.layer.check_weight(weight)
+        d = self._fixed_delta("merged", compute_dtype(self.xp, weight.dtype, self.A.dtype, self.B.dtype))
+        return MergeResult(apply_delta(self.name, weight, d, copy=copy, safe=safe, layer=self.layer), bias)
 
     def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
                 peft_compat: bool = False) -> MergeResult:
-        """Refused (:class:`UnsupportedError`, nothing written): see :func:`fixed_mixture`."""
-        raise self._refuse("unmerged")
+        """``W − ΔW`` under the same condition as :meth:`merge` (its inverse up to rounding)."""
+        self.layer.check_weight(weight)
+        d = self._fixed_delta("unmerged", compute_dtype(self.xp, weight.dtype, self.A.dtype, self.B.dtype))
+        return MergeResult(apply_delta(self.name, weight, d, sign=-1, copy=copy, layer=self.layer), bias)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, *, task_ids: Any = None,
                 peft_compat: bool = False, **layer_kwargs: Any) -> Array:
-        """:func:`forward` with this module's tensors; ``task_ids``: one id per batch row (an int: all rows)."""
+        """:func:`forward` with this module's tensors; ``task_ids``: one id per batch row (an int: all rows); None
+        with ``n_tasks = 1`` means task 0 (the only one; PEFT still asks for it)."""
         self.input_layer(x, weight, layer_kwargs)
+        if task_ids is None and int(self.Z.shape[0]) == 1:
+            task_ids = 0
         return forward(x, weight, self.A, self.B, self.Z, task_ids, bias=bias, peft_compat=peft_compat)
 
 
@@ -414,8 +436,10 @@ class PolyModule(ModuleAdapter):
 PARAMETER_SUFFIXES = (_A, _B, _Z)
 Config = PolyConfig
 Module = PolyModule
-#: no demo rows: the demo and the contract tests merge every example, and Poly cannot be merged
-EXAMPLES: dict[str, dict[str, Any]] = {}
+#: demo rows: one task (the only case with a fixed weight, so the contract tests can merge it), MHR splits
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "poly-1task-mhr": {"r": 4, "n_skills": 3, "n_splits": 2, "init_weights": False},
+}
 
 #: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
 METHOD = Method(

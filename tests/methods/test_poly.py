@@ -200,3 +200,28 @@ def test_create_adapter_default_init_is_a_no_op():
     x = rng.standard_normal((2, 8)).astype(np.float32)
     np.testing.assert_allclose(ad.forward("layers.1.q", x, base, task_ids=[1, 0]), x @ base["layers.1.q.weight"].T,
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fixed_changes_merge_one_task_and_a_zero_bank(dtype):
+    """The two inputs-independent cases merge: n_tasks = 1 (W + ΔW_0, equal to the forward with task 0, and
+    unmerge inverts it), and a zero B (a fresh adapter: the base, bit for bit, for any number of tasks)."""
+    rng = np.random.default_rng(9)
+    A, B, Z, W, b = (a.astype(dtype) for a in _tensors(rng, T=1))
+    cfg = poly.PolyConfig(target_modules=["m"], r=3, n_splits=2, n_skills=3, n_tasks=1)
+    ad = pm.Adapter(cfg, {"m": {"poly_lora_A": A, "poly_lora_B": B, "poly_router.module_logits": Z}})
+    state = {"m.weight": W, "m.bias": b}
+    merged = ad.merge(state)
+    x = rng.standard_normal((2, 8)).astype(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(x @ merged["m.weight"].T + b, _reference(x, A, B, Z, W, b, [0, 0]), rtol=tol, atol=tol)
+    np.testing.assert_allclose(ad.forward("m", x, state), _reference(x, A, B, Z, W, b, [0, 0]), rtol=tol, atol=tol)
+    np.testing.assert_allclose(ad.unmerge(merged)["m.weight"], W, rtol=tol, atol=tol)
+    Wc = W.copy()
+    ad.merge({"m.weight": Wc, "m.bias": b}, copy=False)
+    np.testing.assert_array_equal(Wc, merged["m.weight"])
+    # a zero bank with several tasks: ΔW = 0 whatever the task
+    A4, _, Z4, _, _ = (a.astype(dtype) for a in _tensors(rng, T=4))
+    zero = pm.Adapter(cfg.replace(n_tasks=4), {"m": {"poly_lora_A": A4, "poly_lora_B": np.zeros_like(B),
+                                                     "poly_router.module_logits": Z4}})
+    np.testing.assert_array_equal(zero.merge(state)["m.weight"], W)

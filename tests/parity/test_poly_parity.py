@@ -207,3 +207,16 @@ def test_task_ids_out_of_range_refused_as_peft(tmp_path):
         layer_out(pm, "head", x, [0, 3, 1])
     with pytest.raises(ConfigError, match=r"task ids \[3\] are outside \[0, 3\)"):
         ad.forward("head", x, state_of(pm), task_ids=[0, 3, 1])
+
+
+def test_one_task_merges_to_peft_forward(tmp_path):
+    """n_tasks = 1: the only valid task id is 0, so the change is fixed and peftmath merges it (PEFT has no merge);
+    the merged layer equals PEFT's forward with task_ids = 0."""
+    pm = make_peft(n_tasks=1, n_splits=2, n_skills=3)
+    ad = load_peft_checkpoint(pm, tmp_path)
+    state = state_of(pm)
+    merged = ad.merge(state)
+    for name, x in inputs().items():
+        want = layer_out(pm, name, x, [0] * x.shape[0])
+        np.testing.assert_allclose(x @ merged[f"{name}.weight"].T + merged[f"{name}.bias"], want, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(ad.forward(name, x, state), want, atol=2e-6, rtol=1e-5)
