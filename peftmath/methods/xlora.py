@@ -43,7 +43,7 @@ from ..errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
 Array = Any
 
 __all__ = ["XLoraConfig", "classifier_keys", "classifier_scalings", "layer_scalings", "lora_linear_forward",
-           "num_trainable_parameters", "load_xlora", "refuse_merge", "PREFIX"]
+           "lora_embedding_forward", "num_trainable_parameters", "load_xlora", "refuse_merge", "PREFIX"]
 
 PEFT_TYPE = "XLORA"
 #: the prefix of the classifier's tensors in PEFT's adapter_model.safetensors
@@ -205,6 +205,34 @@ def lora_linear_forward(x: Array, W: Array, experts: Sequence[tuple[Array, Array
         h = xp.matmul(xc * s[:, :, i:i + 1], xp.matrix_transpose(as_compute(xp, A, cd)))
         y = y + (config.global_scaling_weight * float(c)) * xp.matmul(h, xp.matrix_transpose(as_compute(xp, B, cd)))
     return as_compute(xp, y, xp.result_type(x.dtype, W.dtype))
+
+
+def lora_embedding_forward(ids: Array, table: Array, experts: Sequence[tuple[Array, Array, float]], scalings: Array,
+                           layer_number: int, config: XLoraConfig, *, embed_scale: float | None = None) -> Array:
+    """X-LoRA's Embedding: ``E[ids] + g Σ_i c_i (s_i ⊙ A_iᵀ[ids]) B_iᵀ`` (times ``embed_scale`` where the base layer
+    scales its output, as Gemma's) for token ids ``(batch, seq)``, experts ``[(lora_embedding_A (r_i, vocab),
+    lora_embedding_B (dim, r_i), c_i), ...]``; float32 or wider, rounded once to the table's dtype."""
+    xp = namespace(ids, table, scalings, *[a for e in experts for a in e[:2]], where="xlora.lora_embedding_forward")
+    s = layer_scalings(scalings, layer_number, config)
+    if ids.ndim != 2 or tuple(int(d) for d in s.shape[:2]) != tuple(int(d) for d in ids.shape):
+        raise ShapeError(f"xlora.lora_embedding_forward: ids {tuple(ids.shape)} must be (batch, seq) matching the "
+                         f"scalings {tuple(scalings.shape)}")
+    if int(s.shape[-1]) != len(experts):
+        raise ShapeError(f"xlora.lora_embedding_forward: the scalings have {int(s.shape[-1])} experts, "
+                         f"{len(experts)} given")
+    cd = compute_dtype(xp, table.dtype, scalings.dtype, *[a.dtype for e in experts for a in e[:2]])
+    flat = xp.reshape(ids, (-1,))
+    y = xp.take(as_compute(xp, table, cd), flat, axis=0)
+    s = xp.reshape(as_compute(xp, s, cd), (-1, len(experts)))
+    term = xp.zeros_like(y)
+    for i, (A, B, c) in enumerate(experts):
+        rows = xp.take(xp.matrix_transpose(as_compute(xp, A, cd)), flat, axis=0) * s[:, i:i + 1]
+        term = term + (config.global_scaling_weight * float(c)) * xp.matmul(
+            rows, xp.matrix_transpose(as_compute(xp, B, cd)))
+    if embed_scale is not None:
+        term = term * embed_scale
+    out = xp.reshape(y + term, (*ids.shape, int(table.shape[1])))
+    return as_compute(xp, out, table.dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -183,3 +183,18 @@ def test_loader_round_trip_and_refusals(tmp_path):
     save_file(tensors, folder / "adapter_model.safetensors")
     with pytest.raises(CheckpointError, match="missing .*layers.0.weight"):
         xlora.load_xlora(folder)
+
+
+def test_embedding_forward_against_float64_tokens():
+    rng = np.random.default_rng(7)
+    cfg = xlora.XLoraConfig(hidden_size=4, top_k_lora=1, global_scaling_weight=0.6)
+    E = rng.standard_normal((9, 4))
+    exps = [(rng.standard_normal((r, 9)), rng.standard_normal((4, r)), c) for r, c in ((2, 1.5), (3, 0.5))]
+    ids = rng.integers(0, 9, (2, 3))
+    S = rng.random((2, 3, 1, 2))
+    got = xlora.lora_embedding_forward(ids, E, exps, S, 0, cfg, embed_scale=2.0)
+    for i in range(2):
+        for t in range(3):
+            s = S[i, t, 0] * (S[i, t, 0] == S[i, t, 0].max())
+            want = E[ids[i, t]] + 2.0 * 0.6 * sum(c * s[k] * (B @ A[:, ids[i, t]]) for k, (A, B, c) in enumerate(exps))
+            np.testing.assert_allclose(got[i, t], want, rtol=1e-12, atol=1e-12)

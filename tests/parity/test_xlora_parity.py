@@ -197,3 +197,38 @@ def test_loader_reads_a_full_classifier_and_the_experts(experts, tmp_path):
         np.testing.assert_array_equal(p["lora_A.weight"], A)
         np.testing.assert_array_equal(p["lora_B.weight"], B)
         assert ad.module(MODULES[2], weight_shape=(B.shape[0], A.shape[1])).scaling == pytest.approx(c)
+
+
+@pytest.fixture(scope="module")
+def embedding_experts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("emb_experts")
+    paths = {}
+    for i, (r, alpha) in enumerate([(2, 4), (3, 5)]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(20 + i)
+            m = peft.get_peft_model(llama(), peft.LoraConfig(target_modules=["embed_tokens", "q_proj"], r=r,
+                                                             lora_alpha=alpha, init_lora_weights=False))
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if "lora_embedding" in n:
+                        p.normal_()
+            m.save_pretrained(root / f"e{i}")
+        paths[str(i)] = str(root / f"e{i}")
+    return paths
+
+
+@pytest.mark.parametrize("config", [dict(), dict(top_k_lora=1, global_scaling_weight=0.5)])
+def test_embedding_layer_forward_given_scalings(embedding_experts, config):
+    xm = make_xlora(embedding_experts, **config)
+    layer = lora_layer(xm, "model.embed_tokens")
+    n_layers = 3  # embed_tokens, then layers.0 / layers.1 q_proj, in the model's module order
+    rng = np.random.default_rng(6)
+    S = rng.random((2, 5, n_layers, 2)).astype(np.float32)
+    ids = rng.integers(0, 50, (2, 5))
+    with torch.no_grad():
+        want = t2n(layer(torch.from_numpy(ids), scalings=torch.from_numpy(S)))
+    exps = [(t2n(layer.lora_embedding_A[a]), t2n(layer.lora_embedding_B[a]), layer.scaling[a])
+            for a in layer.active_adapters]
+    got = xlora.lora_embedding_forward(ids, t2n(layer.base_layer.weight), exps, S, 0, ours(xm))
+    np.testing.assert_allclose(got, want, atol=3e-6, rtol=1e-5)
