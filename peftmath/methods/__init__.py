@@ -67,6 +67,7 @@ METHOD_MODULES: dict[str, str] = {
     "LN_TUNING": "peftmath.methods.ln_tuning",
     "POLY": "peftmath.methods.poly",
     "MULTITASK_PROMPT_TUNING": "peftmath.methods.multitask_prompt_tuning",
+    "CPT": "peftmath.methods.cpt",
 }
 
 

@@ -53,6 +53,7 @@ PEFT_CONFIGS["ADAPTION_PROMPT"] = "AdaptionPromptConfig"
 PEFT_CONFIGS["SHADOW"] = "ShadowConfig"
 PEFT_CONFIGS["POLY"] = "PolyConfig"
 PEFT_CONFIGS["MULTITASK_PROMPT_TUNING"] = "MultitaskPromptTuningConfig"
+PEFT_CONFIGS["CPT"] = "CPTConfig"
 
 
 def _quiet(fn, *args, **kwargs):
@@ -117,6 +118,7 @@ def test_peft_saved_configs_have_no_unknown_fields(tmp_path):
               "P_TUNING": dict(num_virtual_tokens=4, task_type="CAUSAL_LM"),
               "CARTRIDGE": dict(num_virtual_tokens=4, task_type="CAUSAL_LM"),
               "MULTITASK_PROMPT_TUNING": dict(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+              "CPT": dict(task_type="CAUSAL_LM"),
               "PREFIX_TUNING": dict(num_virtual_tokens=4, task_type="CAUSAL_LM")}
     for peft_type, name in PEFT_CONFIGS.items():
         folder = tmp_path / peft_type
