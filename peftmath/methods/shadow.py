@@ -32,6 +32,7 @@ from ..backends import host_rng
 from ..config import PeftConfig
 from ..errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
 from ._contract import Method
+from ._special import erf
 
 Array = Any
 
@@ -213,11 +214,8 @@ def init_block(config: ShadowConfig, hidden_size: int, *, seed: int | np.random.
 
 # --- Forward (specs/shadow.md, "The math") ---
 def gelu(x: Array) -> Array:
-    """The exact GELU ``x·Φ(x) = x/2·(1 + erf(x/√2))`` (torch's ``nn.GELU()`` default)."""
-    # The array API has no erf; PEANuT's array-API erf is the one implementation. It belongs in a private
-    # module shared by both methods (reported to the lead); imported here at call time until it moves.
-    from .peanut import erf
-
+    """The exact GELU ``x·Φ(x) = x/2·(1 + erf(x/√2))`` (torch's ``nn.GELU()`` default; ``erf`` from
+    :mod:`peftmath.methods._special`, the array API has none)."""
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
