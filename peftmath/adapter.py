@@ -144,9 +144,14 @@ class Adapter:
 
     def _require_modules(self, what: str) -> None:
         if self.is_prompt_learning:
+            desc = self.description
+            if "prompt_embeddings" not in desc.shared_keys:  # adaption prompt, Shadow: input-dependent, whole model
+                raise UnsupportedError(
+                    f"{self.peft_type} changes no weight (what it adds depends on the input), so it has no {what}; "
+                    f"its forward is in its method module (see {desc.spec})")
             raise UnsupportedError(
                 f"{self.peft_type} adds virtual tokens and changes no weight, so it has no {what}; use "
-                f"prompt_embeddings(){' / past_key_values(batch_size)' if self.description.past_key_values else ''}"
+                f"prompt_embeddings(){' / past_key_values(batch_size)' if desc.past_key_values else ''}"
             )
 
     # --- scale ---------------------------------------------------------------------------------
