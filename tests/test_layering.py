@@ -178,6 +178,8 @@ ALLOWED_METHOD_EDGES: dict[str, set[str]] = {
     "peftmath.methods.boft": {"peftmath.methods.oft"},      # BOFT's butterfly factors reuse OFT's block product
     "peftmath.methods.p_tuning": {"peftmath.methods.prompt_tuning"},  # its prompts are prepended as prompt tuning's
     "peftmath.methods.pvera": {"peftmath.methods.vera"},    # PVeRA's mean layer is VeRA's on the mean halves
+    # multitask prompt tuning's config extends prompt tuning's (PEFT's class does); its P starts as prompt tuning's
+    "peftmath.methods.multitask_prompt_tuning": {"peftmath.methods.prompt_tuning"},
 }
 
 
