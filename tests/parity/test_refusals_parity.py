@@ -36,24 +36,17 @@ from peftmath.errors import (CheckpointError, ConfigError, NotInvertibleError, P
                              UnsupportedError)
 from peftmath.kinds import CONV1D_MODEL_TYPES  # noqa: E402
 
-PEFT_CONFIGS = {"LORA": "LoraConfig", "ADALORA": "AdaLoraConfig", "IA3": "IA3Config", "LOHA": "LoHaConfig",
-                "LOKR": "LoKrConfig", "OFT": "OFTConfig", "BOFT": "BOFTConfig", "VERA": "VeraConfig",
-                "PROMPT_TUNING": "PromptTuningConfig", "P_TUNING": "PromptEncoderConfig",
-                "PREFIX_TUNING": "PrefixTuningConfig", "HRA": "HRAConfig", "ROAD": "RoadConfig", "FOURIERFT": "FourierFTConfig", "HIRA": "HiraConfig", "MISS": "MissConfig", "DELORA": "DeloraConfig", "VBLORA": "VBLoRAConfig", "RANDLORA": "RandLoraConfig", "C3A": "C3AConfig", "SHIRA": "ShiraConfig", "WAVEFT": "WaveFTConfig", "OSF": "OSFConfig", "GLORA": "GloraConfig", "PSOFT": "PsoftConfig", "BEFT": "BeftConfig", "PEANUT": "PeanutConfig", "LN_TUNING": "LNTuningConfig"}
-PEFT_CONFIGS["GRALORA"] = "GraloraConfig"
-PEFT_CONFIGS["PVERA"] = "PveraConfig"
-PEFT_CONFIGS["TRAINABLE_TOKENS"] = "TrainableTokensConfig"
-PEFT_CONFIGS["TINYLORA"] = "TinyLoraConfig"
-PEFT_CONFIGS["UNILORA"] = "UniLoraConfig"
-PEFT_CONFIGS["LILY"] = "LilyConfig"
-PEFT_CONFIGS["ADAMSS"] = "AdamssConfig"
-PEFT_CONFIGS["FROD"] = "FrodConfig"
-PEFT_CONFIGS["CARTRIDGE"] = "CartridgeConfig"
-PEFT_CONFIGS["ADAPTION_PROMPT"] = "AdaptionPromptConfig"
-PEFT_CONFIGS["SHADOW"] = "ShadowConfig"
-PEFT_CONFIGS["POLY"] = "PolyConfig"
-PEFT_CONFIGS["MULTITASK_PROMPT_TUNING"] = "MultitaskPromptTuningConfig"
-PEFT_CONFIGS["CPT"] = "CPTConfig"
+def _peft_configs() -> dict[str, str]:
+    """Every PEFT type peftmath implements -> the name of PEFT 0.21.2's config class (from PEFT's own mapping, so
+    a method added later is checked without an edit here)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from peftmath.methods import implemented_methods
+
+    return {t: PEFT_TYPE_TO_CONFIG_MAPPING[t].__name__ for t in implemented_methods()}
+
+
+PEFT_CONFIGS = _peft_configs()
 
 
 def _quiet(fn, *args, **kwargs):
