@@ -452,6 +452,12 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
                                 "final_warmup", "mask_interval", "asa_importance_beta", "asa_uncertainty_beta",
                                 "asa_schedule_exponent", "use_dynamic_rank", "svd_threshold", "random_seed"),
                                IRRELEVANT)},
+    # X-LoRA: the classifier's settings (its forward), the experts' folders; dropout and the scaling pass value
+    # serve training / the first pass only where stated in specs/xlora.md
+    "XLORA": {**_BOOKKEEPING, **dict.fromkeys(("hidden_size", "adapters", "enable_softmax", "enable_softmax_topk",
+                                               "layerwise_scalings", "xlora_depth", "xlora_size", "softmax_temperature",
+                                               "top_k_lora", "scaling_pass_value", "global_scaling_weight"), IMPLEMENTED),
+              **dict.fromkeys(("xlora_dropout_p", "use_trainable_adapters"), IRRELEVANT)},
     # Poly: init_weights only drew the tensors the checkpoint holds; PolyConfig has no layers_* fields
     "POLY": {**_BOOKKEEPING, **dict.fromkeys(("target_modules", "exclude_modules", "modules_to_save", "r", "poly_type",
                                               "n_tasks", "n_skills", "n_splits"), IMPLEMENTED), "init_weights": IRRELEVANT},

@@ -68,6 +68,7 @@ METHOD_MODULES: dict[str, str] = {
     "POLY": "peftmath.methods.poly",
     "MULTITASK_PROMPT_TUNING": "peftmath.methods.multitask_prompt_tuning",
     "CPT": "peftmath.methods.cpt",
+    "XLORA": "peftmath.methods.xlora",
 }
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from .._array import as_compute, compute_dtype, namespace
 from ..config import PeftConfig, check_flags, check_number, check_positive_int
 from ..errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
+from ._contract import Method
 
 Array = Any
 
@@ -312,3 +313,27 @@ def load_xlora(folder: str | os.PathLike, adapters: Mapping[str, str | os.PathLi
     keys = list(want)
     layers = [(got[keys[i]], got[keys[i + 1]]) for i in range(0, len(keys), 2)]
     return config, layers, experts
+
+
+# --------------------------------------------------------------------------------------------------
+# The description (specs/xlora.md): a classifier plus LoRA experts saved in other folders
+# --------------------------------------------------------------------------------------------------
+def validate_checkpoint(config: XLoraConfig, shared: Mapping[str, Array]) -> None:
+    """``load_adapter`` on an X-LoRA folder: refused, pointing to :func:`load_xlora` (the adapter is a classifier
+    plus LoRA experts read from the folders its config names, and PEFT 0.21.2's saves lack the classifier's first
+    Linear, which :func:`load_xlora` checks)."""
+    raise UnsupportedError(
+        "an X-LoRA adapter is a classifier over LoRA experts saved in other folders (its config's 'adapters'); "
+        "peftmath.load_adapter reads one adapter, so read it with peftmath.methods.xlora.load_xlora(folder, "
+        "adapters) (which refuses PEFT 0.21.2's saves: they drop the classifier's first Linear). Its forward is "
+        "xlora.classifier_scalings + xlora.lora_linear_forward; it cannot be merged (the mixture depends on the "
+        "input); a fixed mixture merges as pm.combine(experts, weights, 'cat')")
+
+
+#: the method's description: module-free (the experts are LoRA adapters; the classifier acts on hidden states)
+METHOD = Method(
+    peft_type=PEFT_TYPE, config=XLoraConfig, module=None, spec="specs/xlora.md", prompt_learning=True,
+    init_field=None, shared_key_pattern=r"base_model\.internal_xlora_classifier\..*",
+    validate_checkpoint=validate_checkpoint,
+)
+

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import peftmath as pm
-from peftmath.errors import CheckpointError, ConfigError, ShapeError
+from peftmath.errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
 from peftmath.io.safetensors import save_file
 from peftmath.methods import xlora
 from peftmath.methods.lora import LoraConfig
@@ -198,3 +198,14 @@ def test_embedding_forward_against_float64_tokens():
             s = S[i, t, 0] * (S[i, t, 0] == S[i, t, 0].max())
             want = E[ids[i, t]] + 2.0 * 0.6 * sum(c * s[k] * (B @ A[:, ids[i, t]]) for k, (A, B, c) in enumerate(exps))
             np.testing.assert_allclose(got[i, t], want, rtol=1e-12, atol=1e-12)
+
+
+def test_load_adapter_points_to_load_xlora(tmp_path):
+    """``pm.load_adapter`` reads one adapter; an X-LoRA folder is a classifier over experts in other folders:
+    refused by name, pointing to ``xlora.load_xlora``."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "XLORA", "hidden_size": 8, "adapters": {"0": "e0"}, "xlora_depth": 1}))
+    save_file({"base_model.internal_xlora_classifier.layers.0.weight": np.zeros((1, 8), np.float32)},
+              tmp_path / "adapter_model.safetensors")
+    with pytest.raises(UnsupportedError, match=r"X-LoRA .*xlora\.load_xlora\(folder"):
+        pm.load_adapter(tmp_path)
