@@ -16,6 +16,7 @@ Both must stay below ``BOUND`` (1024 float32 epsilons); methods added later appe
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import sys
@@ -174,6 +175,11 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
                 print(f"peftmath demo: skipping {peft_type}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             examples = method.examples
+            missing = [r for r in method.requires if importlib.util.find_spec(r) is None]
+            if missing and examples:
+                print(f"peftmath demo: {peft_type} needs {', '.join(missing)} (pip install {' '.join(missing)}); "
+                      f"skipped", file=sys.stderr)
+                continue
             if not examples or not method.merges_weights:
                 if not quiet:
                     print(f"peftmath demo: {peft_type} has no weight-merging examples; skipped", file=sys.stderr)

@@ -112,6 +112,9 @@ class Method:
     bias_only
         Merging changes the base bias only, and the weight is returned untouched (BEFT); a layer without
         a bias cannot be merged.
+    requires
+        Python packages the method's math needs beyond peftmath's own dependencies (PSOFT: ``torch``, whose
+        SVD signs define the adapter); ``peftmath demo`` skips its examples, saying so, where one is missing.
     count_trainable
         ``count_trainable(config, params, shared) -> int``: the trainable scalars as PEFT counts them, where
         the tensors alone do not say it (Lily's tied copies, a Cartridge's frozen rows); None: every
@@ -165,6 +168,7 @@ class Method:
     bias_only: bool = False
     forward_only: bool = False
     count_trainable: Callable[[Any, Mapping[str, Mapping[str, Any]], Mapping[str, Any]], int] | None = None
+    requires: tuple[str, ...] = ()
     shared_key_pattern: str | None = None
     pattern_trainable: bool = False
     link_modules: Callable[[Any, Mapping[str, Mapping[str, Any]], Mapping[str, Any]],

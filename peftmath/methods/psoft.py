@@ -504,4 +504,5 @@ METHOD = Method(
     peft_type=PEFT_TYPE, config=PsoftConfig, module=PsoftModule, spec="specs/psoft.md",
     parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=SUPPORTED_KINDS, additive=True, init_field="init_weights",
     examples=EXAMPLES, needs_record_for=lambda config: True,
+    requires=("torch",),  # PEFT's SVD signs define the adapter: torch's CPU SVD reproduces them
 )

@@ -61,3 +61,15 @@ def test_demo_is_warning_free_under_strict(cli, tmp_path):
     assert rc == 0, err
     assert not [ln for ln in err.splitlines() if "warning:" in ln.lower()] and "Traceback" not in err
     assert all(ln.rstrip().endswith("ok") for ln in out.splitlines()[2:] if ln.strip())
+
+
+def test_demo_skips_a_method_whose_extra_package_is_missing(cli, monkeypatch):
+    """The README's first command runs without torch: a method that needs it (PSOFT: torch's SVD signs define
+    the adapter) is skipped, saying what to install, and the demo succeeds."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    rc, out, err = cli("demo")
+    assert rc == 0, err
+    assert "PSOFT needs torch (pip install torch); skipped" in err and "PSOFT" not in out
