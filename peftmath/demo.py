@@ -177,8 +177,9 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
             examples = method.examples
             missing = [r for r in method.requires if importlib.util.find_spec(r) is None]
             if missing and examples:
-                print(f"peftmath demo: {peft_type} needs {', '.join(missing)} (pip install {' '.join(missing)}); "
-                      f"skipped", file=sys.stderr)
+                if not quiet:
+                    print(f"peftmath demo: {peft_type} needs {', '.join(missing)} (pip install {' '.join(missing)}); "
+                          f"skipped", file=sys.stderr)
                 continue
             if not examples or not method.merges_weights:
                 if not quiet:

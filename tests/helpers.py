@@ -99,3 +99,23 @@ def traced_peak(fn):
     finally:
         tracemalloc.stop()
     return out, peak
+
+
+def skip_unless_requirements(method) -> None:
+    """Skip the calling test when ``method`` (a :class:`~peftmath.methods.Method`) needs a package that is not
+    installed (``Method.requires``: PSOFT needs torch, whose SVD signs define the adapter)."""
+    import importlib.util
+
+    import pytest
+
+    missing = [r for r in method.requires if importlib.util.find_spec(r) is None]
+    if missing:
+        pytest.skip(f"{method.peft_type} needs {', '.join(missing)}")
+
+
+def requirements_met(method) -> bool:
+    """Whether every package ``method.requires`` is installed."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(r) is not None for r in method.requires)
+

@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 import pytest
-from tests.helpers import assert_same_namespace, to_np, to_xp
+from tests.helpers import assert_same_namespace, skip_unless_requirements, to_np, to_xp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -70,6 +70,7 @@ def _input(kind: LayerKind, layer: Layer, rng: np.random.Generator) -> np.ndarra
 
 def _build(peft_type: str, label: str, kind: LayerKind, seed: int):
     desc = describe_method(peft_type)
+    skip_unless_requirements(desc)
     rng = np.random.default_rng(seed)
     layer = Layer.of(SHAPES[kind], kind)
     W = rng.standard_normal(layer.weight_shape)

@@ -330,6 +330,8 @@ def validate_checkpoint(config: XLoraConfig, shared: Mapping[str, Array]) -> Non
         "input); a fixed mixture merges as pm.combine(experts, weights, 'cat')")
 
 
+Config = XLoraConfig
+Module = None
 #: the method's description: module-free (the experts are LoRA adapters; the classifier acts on hidden states)
 METHOD = Method(
     peft_type=PEFT_TYPE, config=XLoraConfig, module=None, spec="specs/xlora.md", prompt_learning=True,

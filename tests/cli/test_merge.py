@@ -364,7 +364,10 @@ def test_streamed_merge_is_adapter_merge(cli, tmp_path, peft_type, label, varian
     command merges in place (``copy=False``) on private arrays, so the reference does too."""
     from peftmath.demo import LAYER_KINDS
     from peftmath.io.safetensors import save_file
+    from peftmath.methods import describe_method
+    from tests.helpers import skip_unless_requirements
 
+    skip_unless_requirements(describe_method(peft_type))
     ad, state = _demo_adapter(peft_type, label, variant)
     save_file(state, tmp_path / "base.safetensors", metadata={"format": "pt"})
     pm.save_adapter(ad, tmp_path / "adapter")
