@@ -41,12 +41,12 @@ from .._array import (
     why_not_writeable,
 )
 from ..backends import backend_for
-from ..errors import NonFiniteError, ShapeError, UnsupportedError
+from ..errors import ConfigError, NonFiniteError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 
 Array = Any
 
-__all__ = ["MergeResult", "ModuleAdapter", "apply_delta", "orient_2d", "write_weight", "finish", "bias_update", "write_back",
+__all__ = ["MergeResult", "ModuleAdapter", "apply_delta", "orient_2d", "start_shared_init", "write_weight", "finish", "bias_update", "write_back",
            "private_copy", "in_row_tiles", "require_writeable", "require_kind", "check_shape"]
 
 
@@ -245,6 +245,27 @@ def layer_of_weight_shape(name: str, key: str, params: Mapping[str, Array], weig
     if kind is not None or len(shape) != 2:
         return Layer.of(shape, kind)
     return Layer(LayerKind.CONV1D_TRANSPOSED if fan_in_fan_out else LayerKind.LINEAR, shape)
+
+
+def start_shared_init(name: str, config: Any, layer: Layer, *, weight: Array | None, xp: Any, init: Any,
+                      shared: Any, keys: tuple[str, ...], init_shared: Callable[..., dict[str, Array]], device: Any,
+                      dtype: Any) -> tuple[Any, bool, dict[str, Array], bool]:
+    """The start of ``initialize`` for a method with shared projections drawn once (VeRA, PVeRA, RandLoRA):
+    ``(xp, init flag, shared, own)``. ``xp`` defaults to the base weight's namespace; the flag is ``init`` or
+    ``config.init_weights`` and must be a bool; ``shared`` missing any of ``keys`` receives projections sized
+    to this layer (``init_shared(config, [layer], ...)``); ``own`` says the caller gave no ``shared`` dict (the
+    projections then go back among the params)."""
+    if xp is None and weight is not None:
+        xp = namespace(weight)
+    flag = config.init_weights if init is None else init
+    if not isinstance(flag, bool):
+        raise ConfigError(f"{name}: init_weights must be true or false, got {flag!r}")
+    own = shared is None
+    if own:
+        shared = {}
+    if not all(k in shared for k in keys):
+        shared.update(init_shared(config, [layer], xp=xp, device=device, dtype=dtype))
+    return xp, flag, shared, own
 
 
 def orient_2d(name: str, shape: tuple[int, ...], out: int, inn: int, fan_in_fan_out: bool, what: str) -> Layer:

@@ -50,6 +50,7 @@ class C3AConfig(TunerConfig):
     ``exclude_modules``: it must stay unset and is left out of the written config."""
 
     peft_type: ClassVar[str] = "C3A"
+    absent_fields: ClassVar[tuple[str, ...]] = ("exclude_modules",)  # not a field of PEFT's config
 
     block_size: int = 256
     bias: str = "none"
@@ -66,14 +67,7 @@ class C3AConfig(TunerConfig):
         for key, value in self.block_size_pattern.items():
             check_positive_int(source, f"block_size_pattern[{key!r}]", value)
         check_choice(source, "init_weights", self.init_weights, INITS)
-        if self.exclude_modules is not None:
-            raise ConfigError(f"{source}: PEFT's C3AConfig has no field 'exclude_modules'; leave it unset "
-                              f"(got {self.exclude_modules!r})")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out.pop("exclude_modules", None)  # not a field of PEFT's C3AConfig
-        return out
 
 
 def block_size_for(config: C3AConfig, module_name: str) -> int:

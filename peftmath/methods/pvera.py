@@ -32,7 +32,15 @@ from ..config import TunerConfig, check_choice, check_flags, check_fraction, che
 from ..errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from . import vera
-from ._base import ModuleAdapter, SignedModuleAdapter, apply_delta, check_shape, layer_of_weight_shape, require_kind
+from ._base import (
+    ModuleAdapter,
+    SignedModuleAdapter,
+    apply_delta,
+    check_shape,
+    layer_of_weight_shape,
+    require_kind,
+    start_shared_init,
+)
 from ._contract import Method
 
 Array = Any
@@ -320,16 +328,9 @@ class PveraModule(SignedModuleAdapter):
         ``shared=`` they are returned among the params under :data:`SHARED_KEYS` (move them into
         ``Adapter(shared=...)``, or build them once with :func:`init_shared` over all layers)."""
         require_kind(layer, name, "PVeRA", SUPPORTED_KINDS, peft=_PEFT_KINDS, error=ShapeError)
-        if xp is None and weight is not None:
-            xp = namespace(weight)
-        flag = config.init_weights if init is None else init
-        if not isinstance(flag, bool):
-            raise ConfigError(f"{name}: init_weights must be true or false, got {flag!r}")
-        own = shared is None
-        if own:
-            shared = {}
-        if not all(k in shared for k in SHARED_KEYS):
-            shared.update(init_shared(config, [layer], xp=xp, device=device, dtype=dtype))
+        xp, flag, shared, own = start_shared_init(name, config, layer, weight=weight, xp=xp, init=init, shared=shared,
+                                                  keys=SHARED_KEYS, init_shared=init_shared, device=device,
+                                                  dtype=dtype)
         lb, ld = vera.init_lambdas(layer, 2 * config.r, init_weights=flag, d_initial=config.d_initial, seed=seed,
                                    xp=xp, device=device, dtype=dtype)
         _check(name, layer, lb, ld, shared[PVERA_A_KEY], shared[PVERA_B_KEY])

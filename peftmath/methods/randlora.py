@@ -33,7 +33,7 @@ from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_number, check_positive_int
 from ..errors import BackendError, CheckpointError, ConfigError, ShapeError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape, require_kind
+from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape, require_kind, start_shared_init
 from ._contract import Method
 
 Array = Any
@@ -395,16 +395,9 @@ class RandLoraModule(ModuleAdapter):
         without ``shared=`` they are also returned under :data:`SHARED_KEYS` (move them into
         ``Adapter(shared=...)``, or build them once with :func:`init_shared` over all layers)."""
         require_kind(layer, name, "RandLoRA", SUPPORTED_KINDS, peft=_PEFT_KINDS, error=ShapeError)
-        if xp is None and weight is not None:
-            xp = namespace(weight)
-        flag = config.init_weights if init is None else init
-        if not isinstance(flag, bool):
-            raise ConfigError(f"{name}: init_weights must be true or false, got {flag!r}")
-        own = shared is None
-        if own:
-            shared = {}
-        if not all(k in shared for k in SHARED_KEYS):
-            shared.update(init_shared(config, [layer], xp=xp, device=device, dtype=dtype))
+        xp, flag, shared, own = start_shared_init(name, config, layer, weight=weight, xp=xp, init=init, shared=shared,
+                                                  keys=SHARED_KEYS, init_shared=init_shared, device=device,
+                                                  dtype=dtype)
         lam, gamma = init_weights(layer, config.r, init=flag, seed=seed, xp=xp, device=device, dtype=dtype)
         _check(name, layer, lam, gamma, shared[A_KEY], shared[B_KEY])
         params = {"randlora_lambda": lam, "randlora_gamma": gamma,

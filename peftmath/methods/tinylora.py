@@ -85,6 +85,7 @@ class TinyLoraConfig(TunerConfig):
     ``"uniform"`` (``U(±init_v_bound)``) or False (PEFT leaves v uninitialised; peftmath draws zeros)."""
 
     peft_type: ClassVar[str] = "TINYLORA"
+    absent_fields: ClassVar[tuple[str, ...]] = ("exclude_modules",)  # not a field of PEFT's config
 
     r: int = 2
     u: int = 64
@@ -109,14 +110,7 @@ class TinyLoraConfig(TunerConfig):
         check_fraction(source, "tinylora_dropout", self.tinylora_dropout)
         check_choice(source, "bias", self.bias, ("none", "all", "tinylora_only"))
         check_choice(source, "init_weights", self.init_weights, (True, False, "uniform"))
-        if self.exclude_modules is not None:
-            raise ConfigError(f"{source}: PEFT's TinyLoraConfig has no field 'exclude_modules'; leave it unset "
-                              f"(got {self.exclude_modules!r})")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out.pop("exclude_modules", None)  # not a field of PEFT's TinyLoraConfig
-        return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ class UniLoraConfig(TunerConfig):
     holds the indices and scales (peftmath reads and writes only those that do)."""
 
     peft_type: ClassVar[str] = "UNILORA"
+    absent_fields: ClassVar[tuple[str, ...]] = ("exclude_modules",)  # not a field of PEFT's config
 
     r: int = 4
     proj_seed: int = 42
@@ -102,14 +103,7 @@ class UniLoraConfig(TunerConfig):
         if self.init_theta_d_bound <= 0:
             raise ConfigError(f"{source}: field 'init_theta_d_bound' must be positive, got {self.init_theta_d_bound!r}")
         check_choice(source, "bias", self.bias, ("none", "all", "unilora_only"))
-        if self.exclude_modules is not None:
-            raise ConfigError(f"{source}: PEFT's UniLoraConfig has no field 'exclude_modules'; leave it unset "
-                              f"(got {self.exclude_modules!r})")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out.pop("exclude_modules", None)  # not a field of PEFT's UniLoraConfig
-        return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from ..config import TunerConfig, check_choice, check_flags, check_fraction, che
 from ..errors import CheckpointError, ConfigError, ShapeError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape
+from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape, start_shared_init
 
 Array = Any
 
@@ -442,16 +442,9 @@ class VeraModule(ModuleAdapter):
         """
         if layer.kind not in SUPPORTED_KINDS:
             raise ShapeError(f"{name}: VeRA is defined for Linear and transformers Conv1D layers, not {layer.kind.value}")
-        if xp is None and weight is not None:
-            xp = namespace(weight)
-        flag = config.init_weights if init is None else init
-        if not isinstance(flag, bool):
-            raise ConfigError(f"{name}: init_weights must be true or false, got {flag!r}")
-        own = shared is None
-        if own:
-            shared = {}
-        if not all(k in shared for k in SHARED_KEYS):
-            shared.update(init_shared(config, [layer], xp=xp, device=device, dtype=dtype))
+        xp, flag, shared, own = start_shared_init(name, config, layer, weight=weight, xp=xp, init=init, shared=shared,
+                                                  keys=SHARED_KEYS, init_shared=init_shared, device=device,
+                                                  dtype=dtype)
         A, B = shared[VERA_A_KEY], shared[VERA_B_KEY]
         slice_projections(A, B, layer.in_features, layer.out_features, where=name)
         if A.shape[0] != config.r:
