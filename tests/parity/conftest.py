@@ -329,6 +329,26 @@ def check_module_math_as_peft(ad, peft_model, state, inputs, names, *, delta_tol
                                        err_msg=f"round trip of {name}")
 
 
+def check_state_merge_as_peft(adapter, state, want, *, layer_kinds, tol: dict, moved, folder) -> None:
+    """The whole-state parity of an additive method against PEFT's ``merge_and_unload`` state ``want``:
+    ``Adapter.merge`` with ``copy=True`` and ``copy=False`` gives PEFT's keys and values within ``tol``
+    (:func:`assert_close` keywords), the ``moved`` weights changed by more than 0.05 (not a vacuous check),
+    ``unmerge`` gives ``state`` back within ``tol``, and the adapter saves back as read from ``folder``."""
+    merged = adapter.merge(state, layer_kinds=layer_kinds)
+    inplace = {k: v.copy() for k, v in state.items()}
+    adapter.merge(inplace, copy=False, layer_kinds=layer_kinds)
+    assert sorted(merged) == sorted(want)
+    for key, w in want.items():
+        assert_close(merged[key], w, **tol, what=f"merge {key}")
+        assert_close(inplace[key], w, **tol, what=f"merge copy=False {key}")
+    for key in moved:
+        assert float(np.max(np.abs(merged[key] - state[key]))) > 0.05, key
+    back = adapter.unmerge(merged, layer_kinds=layer_kinds)
+    for key, w in state.items():
+        assert_close(back[key], w, **tol, what=f"unmerge {key}")
+    assert_saves_back_identically(adapter, folder)
+
+
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
 

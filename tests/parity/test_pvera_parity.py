@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from tests.parity.conftest import (
+    check_state_merge_as_peft,
     TOL_W,
     TOL_Y,
     assert_close,
-    assert_saves_back_identically,
     base_state,
     bits_differ,
     build_model,
@@ -71,20 +71,8 @@ def test_peft_checkpoint_forward_merge_unmerge(tmp_path):
         x = make_input(pm, name)
         assert_close(adapter.forward(name, x, state, kind=KINDS[name]), peft_forward(pm, name, x), **TOL_Y,
                      what=f"forward {name}")
-    merged = adapter.merge(state, layer_kinds=KINDS)
-    inplace = {k: v.copy() for k, v in state.items()}
-    adapter.merge(inplace, copy=False, layer_kinds=KINDS)
-    want = _merged(pm)
-    assert sorted(merged) == sorted(want)
-    for key, w in want.items():
-        assert_close(merged[key], w, **TOL_W, what=f"merge {key}")
-        assert_close(inplace[key], w, **TOL_W, what=f"merge copy=False {key}")
-    for key in ("up.weight", "down.weight", "c.weight"):
-        assert float(np.max(np.abs(merged[key] - state[key]))) > 0.05, key  # not a vacuous check
-    back = adapter.unmerge(merged, layer_kinds=KINDS)
-    for key, w in state.items():
-        assert_close(back[key], w, **TOL_W, what=f"unmerge {key}")
-    assert_saves_back_identically(adapter, tmp_path)
+    check_state_merge_as_peft(adapter, state, _merged(pm), layer_kinds=KINDS, tol=TOL_W,
+                              moved=("up.weight", "down.weight", "c.weight"), folder=tmp_path)
 
 
 def test_sampled_forward_with_peft_noise(tmp_path):
