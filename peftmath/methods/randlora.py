@@ -28,12 +28,32 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from .._array import as_compute, compute_dtype, is_low_precision, namespace, refuse_where
+from .._array import (
+    as_compute,
+    compute_dtype,
+    is_low_precision,
+    namespace,
+    refuse_where,
+)
 from ..backends import backend_for, host_rng
-from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_number, check_positive_int
+from ..config import (
+    TunerConfig,
+    check_choice,
+    check_flags,
+    check_fraction,
+    check_number,
+    check_positive_int,
+)
 from ..errors import BackendError, CheckpointError, ConfigError, ShapeError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape, require_kind, start_shared_init
+from ._base import (
+    ModuleAdapter,
+    SignedModuleAdapter,
+    apply_delta,
+    check_shape,
+    require_kind,
+    start_shared_init,
+)
 from ._contract import Method
 
 Array = Any
@@ -376,7 +396,7 @@ def init_weights(layer: Layer, r: int, *, init: bool = True, seed: int | np.rand
 # --------------------------------------------------------------------------------------------------
 # One module of a checkpoint
 # --------------------------------------------------------------------------------------------------
-class RandLoraModule(ModuleAdapter):
+class RandLoraModule(SignedModuleAdapter):
     """RandLoRA on one base module: ``randlora_lambda``, ``randlora_gamma``, the shared bases
     (``self.shared[A_KEY]``, ``self.shared[B_KEY]``) and PEFT's per-module copies of them."""
 
@@ -468,15 +488,10 @@ class RandLoraModule(ModuleAdapter):
     def delta_weight(self, *, peft_compat: bool = False) -> Array:
         return delta_weight(*self._args(), scaling=self.s, layer=self.layer)
 
-    def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
-              peft_compat: bool = False) -> MergeResult:
-        return MergeResult(_apply(weight, *self._args(), scaling=self.s, sign=1, layer=self.layer, copy=copy,
-                                  safe=safe, peft_compat=peft_compat, where=self.name), bias)
-
-    def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
-                peft_compat: bool = False) -> MergeResult:
-        return MergeResult(_apply(weight, *self._args(), scaling=self.s, sign=-1, layer=self.layer, copy=copy,
-                                  safe=False, peft_compat=peft_compat, where=self.name), bias)
+    def _apply(self, weight: Array, sign: int, *, copy: bool, safe: bool, peft_compat: bool) -> Array:
+        """``W ± ΔW`` through the module-level kernel (merge and unmerge of :class:`SignedModuleAdapter`)."""
+        return _apply(weight, *self._args(), scaling=self.s, sign=sign, layer=self.layer, copy=copy, safe=safe,
+                      peft_compat=peft_compat, where=self.name)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
         layer, kw = self.input_layer(x, weight, layer_kwargs)

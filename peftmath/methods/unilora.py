@@ -33,10 +33,24 @@ import numpy as np
 
 from .._array import as_compute, compute_dtype, namespace, refuse_where
 from ..backends import backend_for, host_rng
-from ..config import TunerConfig, check_choice, check_flags, check_fraction, check_number, check_positive_int
+from ..config import (
+    TunerConfig,
+    check_choice,
+    check_flags,
+    check_fraction,
+    check_number,
+    check_positive_int,
+)
 from ..errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
-from ._base import MergeResult, ModuleAdapter, apply_delta, check_shape, orient_2d, require_kind
+from ._base import (
+    ModuleAdapter,
+    SignedModuleAdapter,
+    apply_delta,
+    check_shape,
+    orient_2d,
+    require_kind,
+)
 from ._contract import Method
 
 Array = Any
@@ -374,7 +388,7 @@ def validate_checkpoint(config: UniLoraConfig, shared: Mapping[str, Array]) -> N
 # --------------------------------------------------------------------------------------------------
 # One module of a checkpoint
 # --------------------------------------------------------------------------------------------------
-class UniLoraModule(ModuleAdapter):
+class UniLoraModule(SignedModuleAdapter):
     """UniLoRA on one base module: its indices and scales, and the shared ``θ_d``
     (``self.shared[THETA_KEY]``, or among its own params for an adapter of one module)."""
 
@@ -485,17 +499,10 @@ class UniLoraModule(ModuleAdapter):
     def delta_weight(self, *, peft_compat: bool = False) -> Array:
         return delta_weight(*self._tensors(), layer=self.layer, scale=self.scaling)
 
-    def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
-              peft_compat: bool = False) -> MergeResult:
-        new = _apply(weight, *self._tensors(), sign=1, layer=self.layer, scale=self.scaling, copy=copy, safe=safe,
-                     peft_compat=peft_compat, where=self.name)
-        return MergeResult(new, bias)
-
-    def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
-                peft_compat: bool = False) -> MergeResult:
-        new = _apply(weight, *self._tensors(), sign=-1, layer=self.layer, scale=self.scaling, copy=copy, safe=False,
-                     peft_compat=peft_compat, where=self.name)
-        return MergeResult(new, bias)
+    def _apply(self, weight: Array, sign: int, *, copy: bool, safe: bool, peft_compat: bool) -> Array:
+        """``W ± ΔW`` through the module-level kernel (merge and unmerge of :class:`SignedModuleAdapter`)."""
+        return _apply(weight, *self._tensors(), sign=sign, layer=self.layer, scale=self.scaling, copy=copy, safe=safe,
+                      peft_compat=peft_compat, where=self.name)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
         layer, kw = self.input_layer(x, weight, layer_kwargs)
