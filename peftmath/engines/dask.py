@@ -101,6 +101,10 @@ def _client(d: Any, workers: int | None, scheduler: str | None, processes: bool,
         cluster.close()
 
 
+def _identity(x: Any) -> Any:
+    return x
+
+
 def _cancel(c: Any, futures: Sequence[Any]) -> None:
     try:
         c.cancel(list(futures))
@@ -124,14 +128,16 @@ def transform(base: stream.Model, adapters: Sequence[Any], out: Any, *, client: 
     futures: list[Any] = []
     try:
         job = outp.job
-        [jf] = client.scatter([job], broadcast=True, hash=False)
+        # the job travels as a task's argument, not scattered data: the scheduler keeps the task, so a worker
+        # that dies holding the job's only copy has it rebuilt (scattered data would be lost with it)
+        jf = client.submit(_identity, job, pure=False)
         n = len(job.units)
         futures = client.map(task or stream.run_unit, [jf] * n, list(range(n)), pure=False, retries=retries)
         index = {f.key: i for i, f in enumerate(futures)}
         records: dict[str, Any] = {}
         d = _distributed()
-        for fut, res in d.as_completed(futures, with_results=True):
-            records.update(res)
+        for fut in d.as_completed(futures):
+            records.update(fut.result())  # raises the task's error (or the cancellation), never yields it
             if progress is not None:
                 progress(job.units[index[fut.key]].nbytes)
     except BaseException:
