@@ -56,22 +56,33 @@ def _layer(layer: Any, A: Array, B: Array, W: Array) -> Layer:
 
 
 def _ungrouped(lay: Layer) -> Layer:
-    """``lay``, refused for a grouped conv: PEFT's DoRA norm of a grouped conv mixes output channels of
-    different groups (see specs/dora.md), so peftmath does not define it."""
+    """``lay``, refused for a grouped conv (merge and unmerge): LoRA's ``ΔW`` there spans every input channel,
+    so ``W + ΔW`` has no place in the grouped weight (see specs/dora.md); the forward is defined."""
     if lay.kind.is_conv and lay.groups > 1:
         raise UnsupportedError(
-            f"DoRA on a conv with groups={lay.groups} (weight {lay.weight_shape}) is not defined: PEFT's weight "
-            f"norm there mixes the output channels of different groups and it cannot merge it either; use LoRA "
-            f"without DoRA on grouped convolutions"
+            f"DoRA on a conv with groups={lay.groups} (weight {lay.weight_shape}) cannot be merged: LoRA's delta "
+            f"there spans every input channel, not only each group's, so W + ΔW does not exist in W's shape "
+            f"(PEFT cannot merge it either); run the adapter unmerged (forward), or use LoRA without DoRA on "
+            f"grouped convolutions"
         )
     return lay
 
 
 def weight_norm(W: Array, A: Array, B: Array, *, scaling: float, layer: Any = None) -> Array:
-    """``n = ‖W + s·BA‖`` per output (shape ``(out,)``), in float32 or wider."""
+    """``n = ‖W + s·BA‖`` per output (shape ``(out,)``), in float32 or wider.
+
+    On a conv with ``groups = g > 1`` (forward only: no merge exists there) this is PEFT's norm, which defines
+    what such a checkpoint's magnitudes mean: ``‖W + s·L‖`` per output filter with ``L`` the reshape of
+    ``lora_B.reshape(-1, r) @ lora_A.reshape(r, -1)`` to ``W``'s shape (specs/dora.md, "Grouped
+    convolutions")."""
     xp = namespace(W, A, B, where="dora.weight_norm")
-    lay = _layer(layer, A, B, W)
+    lay = lora.resolve_layer(layer, A, B, W)
     cd = compute_dtype(xp, W.dtype, A.dtype, B.dtype)
+    if lay.kind.is_conv and lay.groups > 1:
+        r = int(A.shape[0])
+        L = xp.matmul(as_compute(xp, xp.reshape(B, (-1, r)), cd), as_compute(xp, xp.reshape(A, (r, -1)), cd))
+        V = as_compute(xp, xp.reshape(W, (W.shape[0], -1)), cd) + xp.reshape(L, (W.shape[0], -1)) * scaling
+        return xp.linalg.vector_norm(V, axis=1)
     V = as_compute(xp, lay.as_matrix(W, xp), cd) + lora.delta_matrix(A, B, scaling=scaling, xp=xp, dtype=cd)
     return xp.linalg.vector_norm(V, axis=1)
 
@@ -83,7 +94,7 @@ def init_magnitude(W: Array, A: Array, B: Array, *, scaling: float, layer: Any =
     With the default LoRA init (B = 0) this is the row norm of W.
     """
     xp = namespace(W, A, B)
-    lay = _layer(layer, A, B, W)
+    lay = lora.resolve_layer(layer, A, B, W)
     return xp.reshape(weight_norm(W, A, B, scaling=scaling, layer=lay), magnitude_shape(lay))
 
 
@@ -114,14 +125,13 @@ def forward(
     ``lax.stop_gradient`` in JAX), as PEFT detaches it.
 
     ``stride``, ``padding``, ``dilation``, ``groups``: the base conv's, described once in
-    :mod:`peftmath.layers` ("Conv keywords"). A grouped conv (``groups > 1``, inferred from ``x``) is
-    refused with :class:`~peftmath.errors.UnsupportedError`.
+    :mod:`peftmath.layers` ("Conv keywords"). On a grouped conv (``groups > 1``, inferred from ``x``) ``n`` is
+    PEFT's norm (:func:`weight_norm`), the one such a checkpoint was trained with; merges are refused there.
     """
     xp = namespace(x, W, A, B, magnitude, bias, where="dora.forward")
     lay, conv_kwargs = lora.resolve_layer(layer, A, B, W).for_input(
         x, "dora.forward", groups=groups, channels=A.shape[1] if A.ndim > 2 else None, stride=stride,
         padding=padding, dilation=dilation)
-    lay = _ungrouped(lay)
     lora.check_factors(lay, A, B, "dora.forward")
     cd = compute_dtype(xp, A.dtype, B.dtype, magnitude.dtype, W.dtype)
     n = backend_for(xp).stop_gradient(weight_norm(W, A, B, scaling=scaling, layer=lay))

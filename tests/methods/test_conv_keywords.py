@@ -200,19 +200,19 @@ def test_grouped_input_refused_where_the_method_does_not_define_it(peft_type, la
         ad.forward("m", x2, _state(W, bias), kind=LayerKind.CONV2D)
 
 
-def test_dora_on_a_grouped_conv_is_refused():
-    """PEFT's DoRA norm of a grouped conv mixes output channels of different groups: refused, in the
-    forward, the merge and the functional API (specs/dora.md)."""
+def test_dora_on_a_grouped_conv_forwards_and_refuses_merges():
+    """A grouped conv: the adapter's forward (groups inferred from the input) is the functional one, which
+    test_dora checks against a float64 loop of PEFT's norm; merges are refused (specs/dora.md)."""
     rng = np.random.default_rng(11)
     layer = Layer.of((4, 2, 3, 3), groups=2)
     W = rng.standard_normal(layer.weight_shape)
     A, B = rng.standard_normal((2, 4, 3, 3)), rng.standard_normal((4, 1, 1, 1))
-    params = {"lora_A.weight": A, "lora_B.weight": B, "lora_magnitude_vector": np.ones((1, 4, 1, 1))}
+    m = rng.uniform(0.5, 2.0, (1, 4, 1, 1))
+    params = {"lora_A.weight": A, "lora_B.weight": B, "lora_magnitude_vector": m}
     ad = Adapter(lora.LoraConfig(target_modules=["m"], r=2, lora_alpha=2, use_dora=True), {"m": params})
     x = rng.standard_normal((1, 4, 5, 5))
-    with pytest.raises(UnsupportedError, match="DoRA on a conv with groups=2"):
-        ad.forward("m", x, {"m.weight": W})
-    with pytest.raises(UnsupportedError, match="DoRA on a conv with groups=2"):
+    want = dora.forward(x, W, A, B, m, scaling=1.0, layer=layer)
+    np.testing.assert_allclose(ad.forward("m", x, {"m.weight": W}), want, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(dora.forward(x, W, A, B, m, scaling=1.0), want, rtol=0, atol=0)  # groups from x
+    with pytest.raises(UnsupportedError, match="DoRA on a conv with groups=2.*cannot be merged"):
         ad.merge({"m.weight": W})
-    with pytest.raises(UnsupportedError, match="DoRA on a conv with groups=2"):
-        dora.forward(x, W, A, B, np.ones((1, 4, 1, 1)), scaling=1.0)

@@ -20,7 +20,7 @@ from tests.helpers import XP, assert_same_namespace, f64, floor, np_dtype, ratio
 from peftmath._array import eps
 from peftmath.errors import NotInvertibleError, ShapeError, UnsupportedError
 from peftmath.layers import Layer
-from peftmath.methods import dora
+from peftmath.methods import dora, lora
 from peftmath.methods.lora import LoraConfig, LoraModule
 from tests.test_array import ref_conv
 from tests.methods.test_lora import Case, cases, ref_delta
@@ -267,6 +267,39 @@ def test_unmerge_zero_magnitude_and_grouped_conv():
     with pytest.raises(UnsupportedError, match="groups=2"):
         dora.merge(np.zeros((4, 2, 3, 3)), np.ones((2, 4, 3, 3)), np.ones((4, 1, 1, 1)), np.ones((1, 4, 1, 1)),
                    scaling=1.0, layer=layer)
+
+
+def test_grouped_conv_forward_is_pefts_and_merges_are_refused():
+    """A conv with groups = 2: the forward scales by m / n with PEFT's norm (LoRA weight built by reshaping
+    B.reshape(-1, r) @ A.reshape(r, -1) to W's shape, the norm of each output filter of W + s·L), computed here
+    by loops in float64; merge and unmerge are refused (ΔW spans every input channel)."""
+    rng = np.random.default_rng(3)
+    out, cin, g, r, s = 4, 4, 2, 2, 0.7
+    W = rng.standard_normal((out, cin // g, 3, 3))
+    A = rng.standard_normal((r, cin, 3, 3))
+    B = rng.standard_normal((out, r // g, 1, 1))
+    m = rng.uniform(0.5, 2.0, (1, out, 1, 1))
+    bias = rng.standard_normal(out)
+    x = rng.standard_normal((2, cin, 5, 5))
+    L = np.zeros(W.size)
+    Bf, Af = B.reshape(-1), A.reshape(-1)
+    rows, cols = Bf.size // r, Af.size // r
+    for i in range(rows):  # (B.reshape(-1, r) @ A.reshape(r, -1)), row-major into W's shape
+        for j in range(cols):
+            L[i * cols + j] = sum(Bf[i * r + k] * Af[k * cols + j] for k in range(r))
+    V = W + s * L.reshape(W.shape)
+    n = np.array([math.sqrt(float(np.sum(V[o] ** 2))) for o in range(out)])
+    gain = m.reshape(-1) / n
+    with_lora = lora.forward(x, W, A, B, scaling=s)  # base + s·lora(x), grouped (LoRA's own parity)
+    want = gain[None, :, None, None] * with_lora + bias[None, :, None, None]
+    got = dora.forward(x, W, A, B, m, scaling=s, bias=bias)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dora.weight_norm(W, A, B, scaling=s, layer=Layer.of(W.shape, groups=g)), n,
+                               rtol=1e-13)
+    for fn in (lambda: dora.merge(W, A, B, m, scaling=s, layer=Layer.of(W.shape, groups=g)),
+               lambda: dora.unmerge(W, A, B, m, scaling=s, weight_norm=n, layer=Layer.of(W.shape, groups=g))):
+        with pytest.raises(UnsupportedError, match="groups=2.*cannot be merged"):
+            fn()
 
 
 def test_merge_with_base_weight_uses_w0_norm():

@@ -67,14 +67,17 @@ def test_grouped_conv_forward_matches_peft_without_groups_keyword(method, conv):
         ad.forward("conv", x, state, groups=1, **kw)
 
 
-def test_dora_on_a_grouped_conv_is_refused_where_peft_computes_a_mixed_norm():
+def test_dora_on_a_grouped_conv_forwards_as_peft_and_refuses_merges():
+    """PEFT's grouped-conv DoRA norm (specs/dora.md) defines the checkpoint: the forward equals PEFT's layer
+    (groups inferred from the input, or given), while merge is refused as PEFT refuses it."""
     config = lambda: peft.LoraConfig(target_modules=["conv"], r=4, lora_alpha=4, use_dora=True,  # noqa: E731
                                      init_lora_weights=False)
     pm, state = _model(lambda: torch.nn.Conv2d(4, 8, 3, groups=2, padding=1), config, seed=4)
     x = make_input(pm, "conv")
-    peft_forward(pm, "conv", x)  # PEFT runs it
+    want = peft_forward(pm, "conv", x)
     ad = to_adapter(pm)
-    with pytest.raises(UnsupportedError, match="DoRA on a conv with groups=2"):
-        ad.forward("conv", x, state, **layer_kwargs(pm, "conv"))
-    with pytest.raises(UnsupportedError, match="DoRA on a conv with groups=2"):
+    kw = layer_kwargs(pm, "conv")
+    assert_close(ad.forward("conv", x, state, **kw), want, **TOL_Y)
+    assert_close(ad.forward("conv", x, state, groups=2, **kw), want, **TOL_Y)
+    with pytest.raises(UnsupportedError, match="DoRA on a conv with groups=2.*cannot be merged"):
         ad.merge(state)
