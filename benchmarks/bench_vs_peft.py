@@ -207,6 +207,13 @@ def measure(peft_type: str, repeats: int, seed: int = 0) -> dict:
 
         contestants["peft load+merge"] = (peft_load_merge, None)
         contestants["pm load+merge"] = (pm_load_merge, lambda: reset(W0, b0))
+    try:  # peftmath's in-place unmerge may refuse a drawn adapter (HiRA: an entry of 1 + B·A exactly 0)
+        reset(merged, merged_b)
+        mod.unmerge(W, b, record=record, copy=False)
+    except pm_lib.errors.PeftMathError as exc:
+        row["pm_unmerge_error"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+        del contestants["pm unmerge"]
+        contestants.pop("peft unmerge", None)
     try:
         times, rounds = race(contestants, repeats=repeats)
     except Exception as exc:  # e.g. a refused in-place unmerge
@@ -266,6 +273,8 @@ def section(rows: list[dict], repeats: int) -> str:
                 verdict = (f"load + merge: PEFT {ms['peft load+merge']:.0f} ms, peftmath {ms['pm load+merge']:.0f} "
                            f"ms, {ls:.2f}x: {'met' if ls >= TARGET else '**missed**'}")
         unmerge_note = r.get("peft_unmerge_error")
+        if r.get("pm_unmerge_error"):
+            verdict += f" (unmerge not timed: peftmath refuses this draw, {r['pm_unmerge_error']})"
         lines.append(
             f"| {r['method']} | {cfg} | {_fmt(ms.get('peft merge'), '.1f')} | {_fmt(ms.get('pm merge'), '.1f')} "
             f"| {_fmt(r.get('merge_speedup'))} | {_fmt(r.get('merge_copy_speedup'))} "
