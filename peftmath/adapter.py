@@ -15,6 +15,7 @@ from typing import Any
 import warnings
 
 from ._array import dtype_name
+from ._mha import IN_PROJ_LEAVES, base_module, out_proj_owner
 from .config import check_supported
 from .errors import (CheckpointError, ConfigError, NamespaceError, NotInvertibleError, PeftMathError, PeftMathWarning,
                      ShapeError, UnsupportedError)
@@ -107,6 +108,10 @@ class Adapter:
         #: per-module parts) keep it
         link = self.description.link_modules
         self._links = {} if link is None else {m: dict(v) for m, v in link(config, self.params, self.shared).items()}
+        #: the adapted ``nn.MultiheadAttention`` modules ``X`` (``X.base_layer.out_proj`` adapted too,
+        #: :mod:`peftmath._mha`), found once here: the shallow copies (the streamer's per-module parts) keep it
+        self._attention = frozenset(o for m in self.params if (o := out_proj_owner(m)) is not None and o in self.params
+                                    ) if self.description.multihead_attention else frozenset()
 
     def __repr__(self) -> str:
         return f"Adapter({self.config.peft_type}, {len(self.params)} modules, {self.num_trainable_parameters()} parameters)"
@@ -283,8 +288,7 @@ class Adapter:
         the tensors it replaces."""
         out = {}
         for m in self.modules:
-            key = self.base_key(m, state, model_type=model_type)
-            for k in (f"{key}.weight", f"{key}.bias"):
+            for k in self.weight_keys(m, state, model_type=model_type):
                 if k in state:
                     out[k] = state[k]
         for kb in self._replacement_keys(state, model_type).values():
@@ -371,11 +375,12 @@ class Adapter:
         model_type = model_type or self.model_type
         weight, bias = self._base_tensors(name, state, model_type=model_type)
         key = self.base_key(name, state, model_type=model_type)
-        follow = self._follow({f"{key}.weight": weight, f"{key}.bias": bias}, f"{name}: forward")
+        wkey, bkey = self.weight_keys(name, state, model_type=model_type)
+        follow = self._follow({wkey: weight, bkey: bias}, f"{name}: forward")
         if follow is not self:
             return follow.forward(name, x, state, kind=kind, model_type=model_type, **layer_kwargs)
-        weight = self._replacement(name, key, "weight", weight)
-        bias = self._replacement(name, key, "bias", bias)
+        weight = self._replacement(name, key, wkey[len(key) + 1:], weight)
+        bias = self._replacement(name, key, bkey[len(key) + 1:], bias)
         if kind is None:
             kind = self._kind_for(name, tuple(weight.shape), None, model_type, shapes=self._module_shapes(state, model_type))
         mod = self._bind(name, tuple(weight.shape), kind)
@@ -545,9 +550,9 @@ class Adapter:
         model_type = self._model_type(model_type, model_config)
         tied = _ties_embeddings(model_config)
         for name in self.modules:
-            key = self.base_key(name, shapes, model_type=model_type)
-            if f"{key}.weight" not in shapes:
-                raise self._missing_weight(name, f"{key}.weight", shapes, tied, source)
+            wkey, _ = self.weight_keys(name, shapes, model_type=model_type)
+            if wkey not in shapes:
+                raise self._missing_weight(name, wkey, shapes, tied, source)
         missing = [k for k in self.other if self._replaced_key(k, shapes, model_type) is None]
         if missing:
             raise CheckpointError(
@@ -576,12 +581,28 @@ class Adapter:
                         f"tie_word_embeddings=false in config.json", PeftMathWarning, stacklevel=3)
 
     def base_key(self, name: str, state: Mapping[str, Any], *, model_type: str | None = None) -> str:
-        """The state-dict prefix of module ``name``: the name itself, or its checkpoint name."""
+        """The state-dict prefix of module ``name``: the name itself, or its checkpoint name (the out-projection
+        ``X.base_layer.out_proj`` of an adapted ``nn.MultiheadAttention`` is the base model's ``X.out_proj``)."""
+        if self.description.multihead_attention:
+            name = base_module(name)
         if f"{name}.weight" in state:
             return name
         from .targets import module_to_checkpoint
 
         return module_to_checkpoint(name, model_type or self.model_type)
+
+    def weight_keys(self, name: str, state: Mapping[str, Any], *, model_type: str | None = None) -> tuple[str, str]:
+        """The state-dict keys of module ``name``'s weight and bias: ``<base_key>.weight`` / ``.bias``, or for the
+        in-projection of an adapted ``nn.MultiheadAttention`` (a module ``X`` whose ``X.base_layer.out_proj`` is
+        adapted too, :mod:`peftmath._mha`) ``X.in_proj_weight`` / ``X.in_proj_bias``."""
+        key = self.base_key(name, state, model_type=model_type)
+        if self._attention_in(name):
+            return tuple(f"{key}.{leaf}" for leaf in IN_PROJ_LEAVES)  # type: ignore[return-value]
+        return f"{key}.weight", f"{key}.bias"
+
+    def _attention_in(self, name: str) -> bool:
+        """Module ``name`` is the packed in-projection of an adapted ``nn.MultiheadAttention``."""
+        return name in self._attention
 
     # --- helpers --------------------------------------------------------------------------------
     def _require_module(self, name: str) -> None:
@@ -614,6 +635,12 @@ class Adapter:
         """The evidence for module ``name``'s kind (:func:`peftmath.kinds.decide`), None when only the
         config's flag is left, or :data:`_NOT_2D` when its kind is not a Linear/Conv1D question."""
         recorded = self.layer_kinds.get(name)
+        if self._attention_in(name) or out_proj_owner(name) in self._attention:
+            given = explicit if explicit is not None else recorded
+            if given is not None and LayerKind.parse(given) is not LayerKind.LINEAR:
+                raise ShapeError(f"{name}: a projection of an nn.MultiheadAttention is a Linear (weight stored (out, in)), "
+                                 f"not a {LayerKind.parse(given).value}; drop its layer kind")
+            return Evidence(LayerKind.LINEAR, "a projection of an nn.MultiheadAttention")
         shape = tuple(int(s) for s in weight_shape) if weight_shape is not None else None
         if explicit is None and recorded is None and shape is not None and len(shape) != 2:
             return _NOT_2D
@@ -666,18 +693,17 @@ class Adapter:
         """Base weight shapes of the adapted modules present in ``state``."""
         out = {}
         for m in self.modules:
-            wkey = f"{self.base_key(m, state, model_type=model_type)}.weight"
+            wkey, _ = self.weight_keys(m, state, model_type=model_type)
             if wkey in state:
                 out[m] = tuple(state[wkey].shape)
         return out
 
     def _base_tensors(self, name: str, state: Mapping[str, Array], *,
                       model_type: str | None = None) -> tuple[Array, Array | None]:
-        key = self.base_key(name, state, model_type=model_type)
-        wkey = f"{key}.weight"
+        wkey, bkey = self.weight_keys(name, state, model_type=model_type)
         if wkey not in state:
             raise self._missing_weight(name, wkey, state, None, "the base state dict")
-        return state[wkey], state.get(f"{key}.bias")
+        return state[wkey], state.get(bkey)
 
     def _missing_weight(self, name: str, wkey: str, keys: Mapping[str, Any], tied: bool | None,
                         source: str) -> Exception:
@@ -744,8 +770,8 @@ class Adapter:
         kinds = self.resolve_layer_kinds(shapes, layer_kinds=layer_kinds, model_type=model_type)
         bound = {}
         for name in self.modules:
-            key = self.base_key(name, state, model_type=model_type)
-            bound[name] = (self._bind(name, shapes[name], kinds[name], scale=scale), f"{key}.weight", f"{key}.bias")
+            bound[name] = (self._bind(name, shapes[name], kinds[name], scale=scale),
+                           *self.weight_keys(name, state, model_type=model_type))
         return bound
 
     def _keep_ties(self, state: Mapping[str, Array], out: dict[str, Array], bound: dict,

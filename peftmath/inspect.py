@@ -157,7 +157,7 @@ def _inspect_module(ad: Any, m: str, base: Any, kind: Any, top: int, norms: bool
         entry["rank"] = resolve_pattern(getattr(cfg, "rank_pattern", None) or {}, m, r)
     wshape = None
     if base is not None:
-        wkey = f"{m}.weight"
+        wkey, _ = ad.weight_keys(m, base)  # <m>.weight; an nn.MultiheadAttention's in_proj_weight / out_proj.weight
         if wkey not in base:
             near = base.closest(wkey)
             msg = f"no tensor {wkey!r} in the base" + (f" (closest: {', '.join(near)})" if near else "")

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .._mha import check_pairs, out_proj_owner
 from .._peft_tables import UNKNOWN_TENSORS
 from ..adapter import Adapter
 from ..backends import backend_for, get_backend
@@ -158,11 +159,13 @@ def adapter_from_tensors(tensors: Mapping[str, Any], config: Any, *, metadata: M
     rest: list[str] = []
     for key in tensors:
         parts = None if key in shared_keys else split_key(key, suffixes)
-        if parts is not None and "base_layer" not in parts[0].split("."):
-            found[key] = parts
+        if parts is not None and ("base_layer" not in parts[0].split(".")
+                                  or (method.multihead_attention and out_proj_owner(parts[0]) is not None)):
+            found[key] = parts  # (an nn.MultiheadAttention's out-projection: X.base_layer.out_proj, peftmath._mha)
         elif key not in shared_keys:
             rest.append(key)
     modules = {m for m, _ in found.values()}
+    check_pairs(modules, str(weights))
     replaced = _replacements(rest, config, modules)
     unknown = [k for k in rest if k not in replaced]
     if unknown:

@@ -396,10 +396,9 @@ def plan(
             ad.check_base(shapes, model_config=model_config, model_type=model_type, source=str(base.path))
         except PeftMathError as exc:
             raise type(exc)(f"{names[i]}: {exc}") from None
-        wkeys = {}
+        wkeys, bkeys = {}, {}
         for m in ad.modules:
-            key = m if f"{m}.weight" in base else module_to_checkpoint(m, model_type)
-            wkeys[m] = f"{key}.weight"
+            wkeys[m], bkeys[m] = ad.weight_keys(m, base, model_type=model_type)
             if wkeys[m] not in base:
                 near = base.closest(wkeys[m])
                 raise ShapeError(
@@ -412,13 +411,11 @@ def plan(
         except PeftMathError as exc:
             raise type(exc)(f"{names[i]}: {exc}") from None
         for m in ad.modules:
-            wkey = wkeys[m]
-            key = wkey[: -len(".weight")]
+            wkey, bkey = wkeys[m], bkeys[m]
             try:
                 mod = ad.module(m, weight_shape=base.shape(wkey), kind=kinds[m], model_type=model_type)
             except ShapeError as exc:
                 raise ShapeError(f"{names[i]}: {exc} (base tensor {wkey!r} is {base.shape(wkey)} in {base.path})") from None
-            bkey = f"{key}.bias"
             groups.setdefault(wkey, []).append(Step(i, m, mod, kind=kinds[m]))
             group_bias[wkey] = bkey if bkey in base else None
             key_group[wkey] = wkey

@@ -138,6 +138,9 @@ class Method:
         is built, and binds module ``m`` with ``shared[alias] = shared[key]`` for each pair of ``m``'s entry
         (a key, not an array, so that moving the adapter to another library keeps it valid). It raises a
         :class:`~peftmath.errors.PeftMathError` when the checkpoint does not settle the choice.
+    multihead_attention
+        The method adapts torch's ``nn.MultiheadAttention`` as PEFT's LoRA does (:mod:`peftmath._mha`): module
+        ``X`` on ``X.in_proj_weight`` and module ``X.base_layer.out_proj`` on ``X.out_proj.weight``, both Linear.
     """
 
     peft_type: str
@@ -173,6 +176,7 @@ class Method:
     pattern_trainable: bool = False
     link_modules: Callable[[Any, Mapping[str, Mapping[str, Any]], Mapping[str, Any]],
                            Mapping[str, Mapping[str, str]]] | None = None
+    multihead_attention: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "examples", MappingProxyType({k: MappingProxyType(dict(v))

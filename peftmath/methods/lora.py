@@ -46,6 +46,7 @@ from .._array import (
     namespace,
 )
 from .._linalg import randomized_svd  # noqa: F401  (lora.randomized_svd stays importable)
+from .._mha import out_proj_owner
 from ..backends import backend_for, host_rng, kaiming_uniform_bound
 from ..config import (
     TunerConfig,
@@ -852,6 +853,10 @@ class LoraModule(ModuleAdapter):
             from .dora import DoraModule  # lazy: dora.py imports lora.py
 
             cls = DoraModule
+        if cls is LoraModule and config.peft_type == PEFT_TYPE and out_proj_owner(name) is not None:
+            from ._lora_mha import AttentionOutModule  # an nn.MultiheadAttention's out-projection (peftmath._mha)
+
+            cls = AttentionOutModule
         return super().__new__(cls)
 
     def __getnewargs_ex__(self) -> tuple[tuple, dict]:
@@ -982,13 +987,13 @@ class LoraModule(ModuleAdapter):
                 raise UnsupportedError(f"{self.name}: aLoRA (alora_invocation_tokens) on a {self.layer.kind.value} "
                                        f"layer; PEFT 0.21.2 runs it on Linear (and transformers Conv1D) layers only")
             self.additive = False  # it cannot be merged
-        r_cfg, _ = self.config.rank_and_alpha(self.name)
+        r_cfg, _ = self.config.rank_and_alpha(self.pattern_name)
         if r_cfg != self.r:
             raise ShapeError(
                 f"{self.name}: lora_A has rank {self.r} but the config gives r={r_cfg} for this module "
                 f"(check r / rank_pattern in adapter_config.json)"
             )
-        self.scaling = self.config.scaling_for(self.name)
+        self.scaling = self.config.scaling_for(self.pattern_name)
         self.input_channels = int(self.A.shape[1]) if self.layer.kind.is_conv else None
         self.lora_bias = p.get("lora_B.bias")
         if self.lora_bias is not None:
@@ -1089,8 +1094,14 @@ class LoraModule(ModuleAdapter):
         return new, None
 
     def describe(self) -> dict[str, Any]:
-        r, alpha = self.config.rank_and_alpha(self.name)
+        r, alpha = self.config.rank_and_alpha(self.pattern_name)
         return {"r": r, "alpha": alpha, "scaling": self.scaling, "dora": self.is_dora}
+
+    @property
+    def pattern_name(self) -> str:
+        """The name ``rank_pattern`` / ``alpha_pattern`` are matched against: the module's (an attention's
+        out-projection overrides it, :mod:`peftmath.methods._lora_mha`)."""
+        return self.name
 
     @property
     def is_dora(self) -> bool:
@@ -1231,6 +1242,7 @@ METHOD = Method(
     # DoRA: merge returns the weight norm; KaSA: the base weight's dropped singular part
     needs_record_for=lambda config: bool(config.use_dora) or getattr(config, "kasa_config", None) is not None,
     frozen_suffixes=FROZEN_STATE,
+    multihead_attention=True,  # nn.MultiheadAttention: X on X.in_proj_weight, X.base_layer.out_proj (peftmath._mha)
 )
 
 

@@ -67,7 +67,7 @@ from tests.parity.conftest import (
     require_peft,
     t2n,
 )
-from tests.parity.peft_matrix import MAY_REFUSE, ROWS, build, expected, make_config
+from tests.parity.peft_matrix import MAY_REFUSE, PEFT_COMPAT_MERGE, ROWS, build, expected, make_config
 
 torch, peft = require_peft()
 
@@ -310,8 +310,14 @@ def run_row(row, folder: Path) -> Result:
             if reference is not None:
                 res.vacuous = all(np.array_equal(reference[k], pristine[k]) for k in pristine if k in reference)
                 what = "Adapter.merge vs merge_and_unload"
-                for problem in compare_states(api_merged, reference, what) + \
-                        compare_deltas(api_merged, reference, pristine, what):
+                mine = api_merged
+                if name in PEFT_COMPAT_MERGE:  # PEFT's merge departs from its layers' math: peft_compat=True is PEFT's
+                    res.notes.append(f"[note] merge: the default differs from merge_and_unload "
+                                     f"({PEFT_COMPAT_MERGE[name]}); compared with peft_compat=True")
+                    what += " (peft_compat=True)"
+                    mine = _run(res, "Adapter.merge(peft_compat=True)", lambda: ad.merge(state, peft_compat=True))
+                    mine = {k: np.asarray(v) for k, v in (mine or {}).items()}
+                for problem in compare_states(mine, reference, what) + compare_deltas(mine, reference, pristine, what):
                     res.add("FAIL-silent", problem)
             else:  # PEFT cannot merge: the merged layers must still compute PEFT's adapted forward
                 if set(api_merged) != set(pristine):
@@ -360,6 +366,7 @@ def test_matrix_is_peft_0_21_2():
     assert len(ROWS) == 331
     assert len({r[0] for r in ROWS}) == len(ROWS)
     assert set(MAY_REFUSE) <= {r[0] for r in ROWS}
+    assert set(PEFT_COMPAT_MERGE) <= {r[0] for r in ROWS}
     assert peft.__version__ == "0.21.2"
 
 
