@@ -295,8 +295,8 @@ _LORA_FIELDS: dict[str, object] = {
         "LoRA of the original base"),
     "megatron_config": Refused("Megatron tensor-parallel LoRA", _NONE,
                                "its layers are Megatron's parallel linears, saved per rank"),
-    "trainable_token_indices": Refused("trainable tokens (trainable_token_indices)", _NONE,
-                                       "it trains rows of the token embedding (token_adapter.trainable_tokens_delta)"),
+    # trainable tokens: rows of the embedding replaced beside LoRA (methods/_lora_tokens.py)
+    "trainable_token_indices": IMPLEMENTED,
     "use_qalora": Refused("QALoRA", (False,), "lora_A acts on the input pooled in groups of qalora_group_size"),
     "layer_replication": Refused("layer replication", _NONE,
                                  "it stacks copies of base layers, so the adapted modules are not the base's"),
@@ -314,6 +314,9 @@ _NOT_FOR_ADALORA = {
     "monteclora_config": Refused("MonteCLoRA", _NONE, "AdaLoRA's SVD layers do not run MonteCLoRA"),
     "kasa_config": Refused("KaSA", _NONE, "AdaLoRA's SVD layers do not run KaSA"),
     "alora_invocation_tokens": Refused("aLoRA (activated LoRA)", _NONE, "AdaLoRA's SVD layers do not run aLoRA"),
+    "trainable_token_indices": Refused("trainable tokens (trainable_token_indices) with AdaLoRA", _NONE,
+                                       "it trains rows of the token embedding (token_adapter.trainable_tokens_delta); "
+                                       "peftmath reads them with LoRA adapters only"),
 }
 
 #: peft_type -> {field: IMPLEMENTED | IRRELEVANT | Refused(...)} for every field of PEFT 0.21.2's config
@@ -487,7 +490,8 @@ CONFIG_FIELDS: dict[str, dict[str, object]] = {
 #: ``base_model.model.``, and what it is), for the error that lists the tensors a load does not understand
 UNKNOWN_TENSORS: list[tuple[str, str]] = [
     (r"(^|\.)lora_diag$", "KaSA's lora_diag (kasa_config)"),
-    (r"(^|\.)token_adapter\.trainable_tokens_delta$", "trainable tokens (trainable_token_indices)"),
+    (r"(^|\.)token_adapter\.trainable_tokens_delta$", "trainable tokens (trainable_token_indices; peftmath reads "
+                                                      "them in LoRA adapters)"),
     (r"(^|\.)lora_velora_", "VeLoRA state (velora_config)"),
     (r"(^|\.)lora_monteclora_sampler\.", "MonteCLoRA's sampler (monteclora_config)"),
     (r"(^|\.)base_layer\..*\.lora_", "a LoRA inside a wrapped layer (PEFT's nn.MultiheadAttention support "

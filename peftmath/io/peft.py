@@ -184,6 +184,9 @@ def adapter_from_tensors(tensors: Mapping[str, Any], config: Any, *, metadata: M
             shared[key] = array
     if method.validate_checkpoint is not None:  # first: a method's own reason (UniLoRA without its indices)
         method.validate_checkpoint(config, shared)
+    from ..methods._lora_tokens import check_token_modules  # LoRA's trainable tokens: the rows the config names
+
+    check_token_modules(config, params, str(weights))
     if not params and not method.allows_no_modules:
         raise CheckpointError(
             f"{weights}: no {config.peft_type} parameters found (expected keys ending in {', '.join(suffixes)})"

@@ -133,11 +133,17 @@ class LoraConfig(TunerConfig):
     #: aLoRA (activated LoRA): the token ids of the invocation sequence; the adapter acts only on the tokens from
     #: its last occurrence on (specs/lora.md, "12. Variants")
     alora_invocation_tokens: list[int] | None = None
+    #: trainable tokens: rows of the token embedding trained beside LoRA (a list: the input embedding's ids; an
+    #: object: ids per module), saved as <module>.token_adapter.trainable_tokens_delta (peftmath/methods/_lora_tokens.py)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def validate(self, *, source: str = "config") -> None:
         super().validate(source=source)
         check_positive_int(source, "r", self.r)
         self.validate_lora_fields(source)
+        from ._lora_tokens import check_indices  # lazy: _lora_tokens imports this module
+
+        check_indices(self.trainable_token_indices, source)
         self.validate_variants(source)
         if self.rank_pattern is None:
             self.rank_pattern = {}
@@ -853,6 +859,10 @@ class LoraModule(ModuleAdapter):
             from .dora import DoraModule  # lazy: dora.py imports lora.py
 
             cls = DoraModule
+        elif cls is LoraModule and TOKENS_KEY in params:  # trainable_token_indices: a table's trained rows
+            from ._lora_tokens import LoraTokensModule
+
+            cls = LoraTokensModule
         if cls is LoraModule and config.peft_type == PEFT_TYPE and out_proj_owner(name) is not None:
             from ._lora_mha import AttentionOutModule  # an nn.MultiheadAttention's out-projection (peftmath._mha)
 
@@ -928,6 +938,10 @@ class LoraModule(ModuleAdapter):
         A 2-D base weight is a Linear when its shape is ``(out, in)`` and a transformers Conv1D when
         it is ``(in, out)``; a square weight follows ``kind``, else the config's ``fan_in_fan_out``.
         """
+        if TOKENS_KEY in params and cls is LoraModule:  # a table's trained rows (trainable_token_indices)
+            from ._lora_tokens import LoraTokensModule
+
+            return LoraTokensModule.infer_layer(name, config, params, weight_shape, kind)
         emb = "lora_embedding_A" in params or "lora_embedding_B" in params
         pair = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
         missing = [k for k in pair if k not in params]
@@ -1214,6 +1228,8 @@ def _guess_shape(kind: Any, out: int, inn: int) -> tuple[int, int]:
     return (inn, out) if k in (LayerKind.CONV1D_TRANSPOSED, LayerKind.EMBEDDING) else (out, inn)
 
 
+#: the trained rows of a table wrapped for trainable_token_indices (peftmath/methods/_lora_tokens.py)
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"
 #: checkpoint suffixes of this method's per-module tensors
 PARAMETER_SUFFIXES = (
     "lora_A.weight",
@@ -1224,6 +1240,7 @@ PARAMETER_SUFFIXES = (
     "lora_magnitude_vector",
     *(k for _, keys in TRAINING_STATE.values() for k in keys),
     "lora_diag",
+    TOKENS_KEY,
 )
 Config = LoraConfig
 Module = LoraModule
@@ -1240,7 +1257,8 @@ METHOD = Method(
     parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=LoraModule.supported_kinds, additive=True,
     init_field="init_lora_weights", examples=EXAMPLES, combine="low_rank", mixed_batch=True,
     # DoRA: merge returns the weight norm; KaSA: the base weight's dropped singular part
-    needs_record_for=lambda config: bool(config.use_dora) or getattr(config, "kasa_config", None) is not None,
+    needs_record_for=lambda config: (bool(config.use_dora) or getattr(config, "kasa_config", None) is not None
+                                     or getattr(config, "trainable_token_indices", None) is not None),
     frozen_suffixes=FROZEN_STATE,
     multihead_attention=True,  # nn.MultiheadAttention: X on X.in_proj_weight, X.base_layer.out_proj (peftmath._mha)
 )

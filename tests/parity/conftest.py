@@ -243,8 +243,12 @@ def to_adapter(peft_model, adapter: str = "default"):
 
 
 def peft_layer(peft_model, name: str):
-    """The PEFT tuner layer wrapping module ``name``."""
-    return peft_model.base_model.model.get_submodule(name)
+    """The PEFT tuner layer wrapping module ``name`` (a table wrapped for LoRA's ``trainable_token_indices``: its
+    ``token_adapter``, PEFT's trainable-tokens layer)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    layer = peft_model.base_model.model.get_submodule(name)
+    return layer.token_adapter if isinstance(layer, TrainableTokensWrapper) else layer
 
 
 def peft_weights(peft_model, names) -> dict[str, np.ndarray]:

@@ -114,10 +114,12 @@ def perturb(peft_model, *, seed: int, std: float = PERTURB_STD) -> None:
 
 
 def tuner_modules(peft_model) -> list[str]:
-    """Names (relative to the base model) of the modules PEFT wrapped with an adapter layer."""
+    """Names (relative to the base model) of the modules PEFT wrapped with an adapter layer (LoRA's trainable
+    tokens: the wrapped table ``m``, whose tuner layer PEFT keeps at ``m.token_adapter``)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return sorted(n for n, m in peft_model.base_model.model.named_modules() if isinstance(m, BaseTunerLayer))
+    return sorted(n.removesuffix(".token_adapter") for n, m in peft_model.base_model.model.named_modules()
+                  if isinstance(m, BaseTunerLayer))
 
 
 def _forwardable(layer) -> bool:

@@ -188,8 +188,6 @@ def _llama(**kw):
 
 
 VARIANTS = {
-    "trainable tokens": (MLP, dict(target_modules=["lin0"], trainable_token_indices={"emb": [0, 10]}), UnsupportedError,
-                         "trainable_token_indices="),
     "MultiheadAttention": (MHA, dict(target_modules=["mha", "lin0"]), CheckpointError,
                            r"mha\.base_layer\.out_proj\.lora_A\.weight.*nn\.MultiheadAttention"),
     "target_parameters": (Experts, dict(target_parameters=["lin0.weight"]), UnsupportedError, "target_parameters="),
