@@ -494,8 +494,8 @@ UNKNOWN_TENSORS: list[tuple[str, str]] = [
                                                       "them in LoRA adapters)"),
     (r"(^|\.)lora_velora_", "VeLoRA state (velora_config)"),
     (r"(^|\.)lora_monteclora_sampler\.", "MonteCLoRA's sampler (monteclora_config)"),
-    (r"(^|\.)base_layer\..*\.lora_", "a LoRA inside a wrapped layer (PEFT's nn.MultiheadAttention support "
-                                     "adapts out_proj inside its base_layer)"),
+    (r"(^|\.)base_layer\..*\.lora_", "a LoRA inside a wrapped layer (PEFT nests one only in an adapted "
+                                     "nn.MultiheadAttention X, as X.base_layer.out_proj, which peftmath reads)"),
     (r"(^|\.)lora_arrow", "Arrow routing state (arrow_config)"),
     (r"(^|\.)(lora|hada|lokr|oft|boft|vera|ia3)_", "a tensor named like an adapter parameter of another method "
                                                    "or variant"),

@@ -49,7 +49,7 @@ LORA = {"peft_type": "LORA", "r": 2, "lora_alpha": 6, "target_modules": ["lin0"]
 # tensors
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("key, looks", [
-    ("base_model.model.mha.base_layer.out_proj.lora_A.weight", "nn.MultiheadAttention"),
+    ("base_model.model.mha.base_layer.q_proj.lora_A.weight", "a LoRA inside a wrapped layer"),
     ("base_model.model.lin0.hada_w1_a", "another method or variant"),
     ("base_model.model.lin0.weight", "PEFT saves and loads as lin0.base_layer.weight"),
     ("base_model.model.norm.running_mean", "neither a parameter of this method nor a base-model parameter"),

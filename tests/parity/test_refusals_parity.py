@@ -165,13 +165,6 @@ class MLP(nn.Module):
         self.cls = nn.Linear(10, 3)
 
 
-class MHA(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mha = nn.MultiheadAttention(10, 2)
-        self.lin0 = nn.Linear(10, 10)
-
-
 class Experts(nn.Module):
     def __init__(self):
         super().__init__()
@@ -188,8 +181,6 @@ def _llama(**kw):
 
 
 VARIANTS = {
-    "MultiheadAttention": (MHA, dict(target_modules=["mha", "lin0"]), CheckpointError,
-                           r"mha\.base_layer\.out_proj\.lora_A\.weight.*nn\.MultiheadAttention"),
     "target_parameters": (Experts, dict(target_parameters=["lin0.weight"]), UnsupportedError, "target_parameters="),
     "PiSSA, not converted": (MLP, dict(target_modules=["lin0"], init_lora_weights="pissa"), UnsupportedError,
                              "init_lora_weights='pissa'.*runs this initialisation again"),
