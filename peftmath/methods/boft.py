@@ -37,7 +37,8 @@ from ..layers import Layer, LayerKind
 from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, check_shape, write_weight
 from .oft import (
-    GENERIC_TILE_ELEMENTS, _dense_copy, apply_blocks, fresh_result, rotate_rows, run_row_tiles, tile_rows, tile_threads,
+    GENERIC_TILE_ELEMENTS, _dense_copy, apply_blocks, fresh_result, rotate_rows, run_row_tiles, split_stack, tile_rows,
+    tile_threads,
 )
 
 Array = Any
@@ -167,7 +168,8 @@ def cayley(Q: Array, *, dtype: Any = None) -> Array:
     Qc = as_compute(xp, Q, cd)
     S = 0.5 * (Qc - xp.matrix_transpose(Qc))
     eye = xp.eye(Q.shape[-1], dtype=cd, device=array_api_compat.device(Q))
-    return backend_for(xp).solve(eye + S, eye - S, where="boft.cayley")  # batched (dask: per chunk)
+    solve = backend_for(xp).solve  # batched (dask: per chunk; NumPy: the stack split over threads)
+    return split_stack(lambda a, c: solve(a, c, where="boft.cayley"), eye + S, eye - S)
 
 
 def butterfly_perm(n: int, nb: int, rr: int, levels: int) -> list[int]:

@@ -30,6 +30,7 @@ Checkpoint keys: ``<module>.oft_R.weight`` (Linear, Conv2d) and ``<module>.oft_e
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -243,8 +244,17 @@ def block_size_of(n_elements: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Rotation blocks (specs/oft.md, "From parameters to rotation blocks")
 # --------------------------------------------------------------------------------------------------
-def _index_array(xp: Any, values: list[int], like: Array) -> Array:
+def _index_array(xp: Any, values: list[int] | tuple[int, ...], like: Array) -> Array:
     return xp.asarray(values, dtype=xp.int64, device=array_api_compat.device(like))
+
+
+@functools.lru_cache(maxsize=16)
+def _upper_index(b: int) -> tuple[int, ...]:
+    """For each entry ``(i, j)`` of a ``b × b`` block in C order, its position in ``q``'s row (the strict
+    upper triangle, row by row) or ``b(b−1)/2`` (the appended zero) elsewhere. Cached: built once per size."""
+    ne = b * (b - 1) // 2
+    position = {pair: k for k, pair in enumerate((i, j) for i in range(b) for j in range(i + 1, b))}
+    return tuple(position.get((i, j), ne) for i in range(b) for j in range(b))
 
 
 def skew_blocks(q: Array, block_size: int) -> Array:
@@ -263,12 +273,8 @@ def skew_blocks(q: Array, block_size: int) -> Array:
     ne = b * (b - 1) // 2
     if q.ndim != 2 or q.shape[1] != ne:
         raise ShapeError(f"oft.skew_blocks: parameter of shape {tuple(q.shape)}, expected (k, {ne}) for block size {b}")
-    position = {}
-    for k, (i, j) in enumerate((i, j) for i in range(b) for j in range(i + 1, b)):
-        position[(i, j)] = k
-    index = [position.get((i, j), ne) for i in range(b) for j in range(b)]  # ne -> the appended zero
     padded = xp.concat([q, xp.zeros((q.shape[0], 1), dtype=q.dtype, device=array_api_compat.device(q))], axis=1)
-    upper = xp.reshape(xp.take(padded, _index_array(xp, index, q), axis=1), (q.shape[0], b, b))
+    upper = xp.reshape(xp.take(padded, _index_array(xp, _upper_index(b), q), axis=1), (q.shape[0], b, b))
     return upper - xp.matrix_transpose(upper)
 
 
@@ -332,7 +338,8 @@ def cayley_exact(S: Array) -> Array:
     """
     xp = namespace(S, where="oft.cayley_exact")
     eye = _eye(xp, S.shape[-1], S.dtype, S)
-    return backend_for(xp).solve(eye + S, eye - S, where="oft.cayley_exact")
+    solve = backend_for(xp).solve
+    return split_stack(lambda a, c: solve(a, c, where="oft.cayley_exact"), eye + S, eye - S)
 
 
 def rotation_blocks(
@@ -415,7 +422,8 @@ def _inverse_blocks(blocks: Array) -> Array:
     """The exact inverse of every block (a batched inverse of ``(k, b, b)`` through the backend,
     :meth:`peftmath.backends.Backend.inv`): a singular block is :class:`NotInvertibleError` (on dask when
     the result is computed); a library that cannot invert a stack is :class:`UnsupportedError`."""
-    return backend_for(namespace(blocks)).inv(blocks, where="oft.unmerge", what="a rotation block")
+    inv = backend_for(namespace(blocks)).inv
+    return split_stack(lambda a: inv(a, where="oft.unmerge", what="a rotation block"), blocks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -587,6 +595,27 @@ def tile_rows(n_cols: int, itemsize: int, budget: int = TILE_BYTES) -> int:
     return max(1, budget // max(1, n_cols * itemsize))
 
 
+#: bytes of one core's cache the NumPy rotation tiles aim to stay in: two tiles of rows (the rows read and
+#: their product) plus the factors, which every tile reads again (768 KiB: 8 rows of a 4096-wide float32
+#: matrix beside its 128 blocks of 32 x 32, 512 KiB)
+CACHE_BYTES = 768 << 10
+#: fewest rows of a rotation tile: below 8, each block's product is a BLAS call too small to pay for itself
+MIN_TILE_ROWS = 8
+
+
+def factor_tile_rows(n_cols: int, itemsize: int, factor_bytes: int) -> int:
+    """Rows per tile of :func:`rotate_rows`: the most that keep two tiles and the factors (``factor_bytes``)
+    in :data:`CACHE_BYTES`, at least :data:`MIN_TILE_ROWS`, at most :func:`tile_rows` (:data:`TILE_BYTES`).
+    Measured on Linear(4096, 4096), blocks of 32 (``benchmarks/bench_oft.py``): 8-row tiles take about 0.75x the
+    CPU time of 32-row tiles, whose buffers and factors (1.5 MiB) spill out of a 1 MiB L2 cache.
+
+    >>> factor_tile_rows(4096, 4, 128 * 32 * 32 * 4), factor_tile_rows(4096, 4, 32 * 32 * 4), factor_tile_rows(10**5, 4, 0)
+    (8, 23, 1)
+    """
+    fit = (CACHE_BYTES - factor_bytes) // max(1, 2 * n_cols * itemsize)
+    return max(1, min(tile_rows(n_cols, itemsize, TILE_BYTES), max(MIN_TILE_ROWS, fit)))
+
+
 #: threads of the NumPy row-tile loops; None: :func:`tile_threads` follows the BLAS thread limit (set it
 #: to 1 where merges already run on several threads of their own)
 TILE_THREADS: int | None = None
@@ -642,6 +671,32 @@ def run_row_tiles(n_rows: int, step: int, make_worker: Callable[[int], Callable[
         list(pool.map(lambda i: run(cuts[i], cuts[i + 1]), range(count)))
 
 
+#: fewest ``(b, b)`` matrices per thread of :func:`split_stack`
+MIN_SPLIT_MATRICES = 16
+
+
+def split_stack(fn: Callable[..., Array], *stacks: Array) -> Array:
+    """``fn(*stacks)`` for stacks of matrices ``(..., p, q)`` with one leading shape (a batched inverse or
+    solve), on NumPy cut along the flattened leading axes into :func:`tile_threads` runs of at least
+    :data:`MIN_SPLIT_MATRICES` matrices computed on threads of a pool (LAPACK releases the GIL; each matrix
+    is solved on its own, so the numbers are those of one call) and joined. Other libraries, and small
+    stacks, call ``fn`` once. An error of a run (a singular matrix) is raised after every run has stopped.
+    """
+    lead = tuple(int(d) for d in stacks[0].shape[:-2])
+    k = math.prod(lead)
+    count = min(tile_threads(), k // MIN_SPLIT_MATRICES)
+    if count < 2 or not all(isinstance(a, np.ndarray) for a in stacks):
+        return fn(*stacks)
+    flat = [a.reshape((k,) + a.shape[-2:]) for a in stacks]
+    cuts = [k * i // count for i in range(count + 1)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(count) as pool:
+        parts = list(pool.map(lambda i: fn(*(a[cuts[i]:cuts[i + 1]] for a in flat)), range(count)))
+    out = np.concatenate(parts, axis=0)
+    return out.reshape(lead + out.shape[1:])
+
+
 def rotate_rows(src: Array, dst: Array, factors: Array, *, cd: Any, scale: Array | None = None,
                 divide: bool = False, xp: Any = None) -> bool:
     """``dst ← src · diag(F_1, …, F_r)`` row tile by row tile (then ``⊙ scale`` or ``⊘ scale`` per row).
@@ -665,7 +720,7 @@ def rotate_rows(src: Array, dst: Array, factors: Array, *, cd: Any, scale: Array
     numpy = all(isinstance(a, np.ndarray) for a in (src, dst, factors) + (() if scale is None else (scale,)))
     if numpy:
         F = np.ascontiguousarray(factors)
-        step = tile_rows(n, np.dtype(cd).itemsize)
+        step = factor_tile_rows(n, np.dtype(cd).itemsize, F.nbytes)
         run_row_tiles(rows, step, lambda run: _numpy_tile_worker(src, dst, F, cd, min(step, run), scale, divide),
                       threads=tile_threads())
         return True

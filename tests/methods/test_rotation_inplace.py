@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from peftmath._array import namespace
+from peftmath.backends import backend_for
 from peftmath.errors import NonFiniteError, UnsupportedError
 from peftmath.layers import Layer
 from peftmath.methods import boft, oft
@@ -223,6 +225,90 @@ def test_peak_allocation_is_a_small_fraction_of_w(op):
     assert peak <= 0.25 * W.nbytes + own, f"{op}: in-place peak {peak / W.nbytes:.2%} of W (own {own / W.nbytes:.2%})"
     _, peak = traced_peak(lambda: call(True))
     assert peak <= 1.25 * W.nbytes + own, f"{op}: copy=True peak {peak / W.nbytes:.2%} of W"
+
+
+@pytest.mark.parametrize("op", ["oft merge", "oft unmerge", "boft m=1", "boft m=2"])
+def test_in_place_peak_does_not_grow_with_w(op, monkeypatch):
+    """float32 in place: the peak extra allocation is the tile buffers (one product buffer of
+    ``factor_tile_rows`` rows per thread) and a few copies of the factors, the same for 512 and 8192 rows
+    of W: no temporary of W's size, whatever its size."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    rng = np.random.default_rng(10)
+    n, b = 1024, 32
+    R = blocks_f32(rng, n // b, b)
+    Q = {m: rng.normal(0, 0.05, (m, n // b, b, b)).astype(np.float32) for m in (1, 2)}
+    peaks = {}
+    for rows in (512, 8192):
+        W = rng.standard_normal((rows, n)).astype(np.float32)
+        s = rng.normal(1, 0.1, (rows, 1)).astype(np.float32)
+        if op.startswith("oft"):
+            fn = oft.merge if op == "oft merge" else oft.unmerge
+            call = lambda: fn(W, R, copy=False)  # noqa: E731
+        else:
+            m = int(op[-1])
+            call = lambda: boft.merge(W, Q[m], s, copy=False)  # noqa: E731
+        before = W.copy()
+        _, peaks[rows] = traced_peak(call)
+        assert not np.array_equal(W, before)  # it did rotate W, in place
+    size = b * 2 ** (int(op[-1]) - 1) if op.startswith("boft") else b  # the composed blocks of BOFT m=2: 64
+    factors = (n // size) * size * size * 4
+    tile = oft.factor_tile_rows(n, 4, factors) * n * 4
+    own = 0  # BOFT: the rotation's own preparation (Cayley solve, composing the levels in float64), alone
+    if op.startswith("boft"):
+        _, own = traced_peak(lambda: boft.composed_blocks(boft.cayley(Q[int(op[-1])], dtype=np.float32)))
+    # two threads' product buffers, the factors (blocks, their transposes or inverses), BOFT's preparation
+    bound = 2 * tile + 8 * factors + own + (64 << 10)
+    assert max(peaks.values()) <= bound, f"{op}: peaks {peaks} > bound {bound}"
+    assert bound < 0.2 * 8192 * n * 4  # (threads finish at different times: the peak is not exact, its bound is)
+
+
+def test_tiles_hold_the_factors_in_cache(monkeypatch):
+    """The rows per rotation tile: two tiles beside the factors within oft.CACHE_BYTES, at least
+    MIN_TILE_ROWS, at most TILE_BYTES."""
+    n, f = 4096, 128 * 32 * 32 * 4  # Linear(4096) with blocks of 32: 512 KiB of factors
+    t = oft.factor_tile_rows(n, 4, f)
+    assert t == oft.MIN_TILE_ROWS == 8 and 2 * t * n * 4 + f <= oft.CACHE_BYTES
+    t = oft.factor_tile_rows(1024, 4, 32 * 32 * 32 * 4)
+    assert 2 * t * 1024 * 4 + 32 * 32 * 32 * 4 <= oft.CACHE_BYTES < 2 * (t + 1) * 1024 * 4 + 32 * 32 * 32 * 4
+    assert oft.factor_tile_rows(n, 4, 10 * oft.CACHE_BYTES) == oft.MIN_TILE_ROWS  # factors beyond the cache
+    assert oft.factor_tile_rows(64, 4, 0) == oft.CACHE_BYTES // (2 * 64 * 4)  # narrow rows, no factors
+    monkeypatch.setattr(oft, "TILE_BYTES", 7 * 64 * 4)
+    assert oft.factor_tile_rows(64, 4, 0) == 7  # the TILE_BYTES cap (tests use it to force many tiles)
+    assert oft.factor_tile_rows(10**6, 4, 0) == 1  # rows wider than TILE_BYTES: one per tile
+
+
+def test_split_stack_gives_the_numbers_of_one_call(monkeypatch):
+    """Batched solves / inverses split over threads: bit for bit the single call's numbers, any leading
+    shape; a singular matrix in a later run is NotInvertibleError, as from one call."""
+    from peftmath.errors import NotInvertibleError
+
+    rng = np.random.default_rng(11)
+    S = oft.skew_blocks(rng.normal(0, 0.3, (37, 28)).astype(np.float32), 8)
+    eye = np.eye(8, dtype=np.float32)
+    Q = rng.normal(0, 0.3, (3, 13, 8, 8))
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    one = (oft.cayley_exact(S), oft._inverse_blocks(S + eye), boft.cayley(Q))
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    monkeypatch.setattr(oft, "MIN_SPLIT_MATRICES", 4)
+    calls = []
+    backend = type(backend_for(namespace(S)))
+    for name in ("solve", "inv"):
+        real = getattr(backend, name)
+        monkeypatch.setattr(backend, name, lambda self, a, *args, _f=real, _n=name, **kw:
+                            calls.append((_n, a.shape[0])) or _f(self, a, *args, **kw))
+    split = (oft.cayley_exact(S), oft._inverse_blocks(S + eye), boft.cayley(Q))
+    assert sorted(calls) == [("inv", 12), ("inv", 12), ("inv", 13)] + [("solve", 12), ("solve", 12), ("solve", 13)] \
+        + [("solve", 13)] * 3  # 37 and 3·13 matrices, three runs each
+    for a, c in zip(one, split):
+        assert a.shape == c.shape and a.dtype == c.dtype
+        np.testing.assert_array_equal(a, c)
+    # against an independent float64 computation
+    R64 = np.linalg.solve(np.eye(8) + S.astype(np.float64), np.eye(8) - S.astype(np.float64))
+    np.testing.assert_allclose(split[0], R64, atol=1e-5)
+    singular = S + eye
+    singular[30] = 0.0
+    with pytest.raises(NotInvertibleError, match="singular"):
+        oft._inverse_blocks(singular)
 
 
 def test_half_precision_peak_is_bounded_tiles(monkeypatch):
