@@ -59,6 +59,7 @@ import os
 import shutil
 import stat
 import struct
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -879,8 +880,13 @@ def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str
                    read: Callable[[str], np.ndarray], *, direction: str, work: np.dtype | None, safe: bool,
                    peft_compat: bool, to_xp: Callable[[np.ndarray], Any] | None,
                    to_host: Callable[[Any], np.ndarray] | None, on_record: Callable[[Step, Any], None] | None,
-                   record_for: Callable[[Step], Any] | None) -> dict[str, np.ndarray]:
-    """:func:`compute_group` given the model's ``model_type`` and a ``read`` function instead of the model."""
+                   record_for: Callable[[Step], Any] | None,
+                   widen_into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """:func:`compute_group` given the model's ``model_type`` and a ``read`` function instead of the model.
+
+    ``widen_into(shape)`` (a bfloat16 weight of :func:`float32_weights`): a float32 buffer the weight is widened
+    into and merged in; the result is rounded back into the bfloat16 array read (so the weight comes back
+    already in its output dtype, the same bits as the module's own bfloat16 path)."""
     to_xp = to_xp or (lambda a: a)
     to_host = to_host or (lambda a: np.asarray(a))
 
@@ -891,7 +897,8 @@ def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str
         return to_xp(_astype(read(key), dtype_of(key)))
 
     bkey = pl.group_bias.get(wkey)
-    state = {wkey: read_work(wkey)}
+    stored = read(wkey) if widen_into is not None else None
+    state = {wkey: read_work(wkey) if stored is None else widen_bf16(stored, out=widen_into(stored.shape))}
     if bkey is not None:
         state[bkey] = read_work(bkey)
     for st in pl.groups[wkey]:
@@ -913,9 +920,44 @@ def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str
                 given = {st.module: r} if r is not None else None
             state = _in_place(part.unmerge, state, peft_compat=peft_compat, layer_kinds=kinds, records=given)
     out = {wkey: to_host(state[wkey])}
+    if stored is not None:
+        dst = stored if stored.flags.writeable and stored.flags.c_contiguous else None
+        out[wkey] = round_bf16(np.asarray(out[wkey], dtype=np.float32), out=dst).view(stored.dtype)
     if bkey is not None:
         out[bkey] = to_host(state[bkey])
     return out
+
+
+def float32_weights(pl: Plan, *, safe: bool, peft_compat: bool, backend: bool = False) -> frozenset[str]:
+    """The adapted weights a task widens to float32 itself: a bfloat16 weight (stored and written) of a Linear
+    layer changed by one plain LoRA module (A and B only: no DoRA, KaSA, BD-LoRA or ``lora_bias``), in a
+    default merge or unmerge (not ``safe``, not ``peft_compat``) on NumPy (``backend`` False).
+
+    The module then updates a float32 array (one gemm with ``beta=1``) and the output is rounded once
+    (:func:`peftmath.io.bf16.round_bf16`): the same float32 sums, rounded the same way, as the module's own
+    bfloat16 path (float32 row tiles, widened and rounded by ml_dtypes' casts), so the same bits, without the
+    per-tile casts. A bias of the group keeps its stored dtype (it passes through unchanged). Everything else
+    (several adapters on one weight: the bfloat16 path rounds between them; ``peft_compat`` and ``safe``, which
+    round or check in the weight's dtype; other methods) keeps the module's own path.
+    """
+    if safe or peft_compat or backend:
+        return frozenset()
+    from ..layers import LayerKind
+    from ..methods.lora import LoraModule
+
+    wide = set()
+    for wkey, steps in pl.groups.items():
+        op = pl.ops[wkey]
+        if op.work_dtype != "bfloat16" or op.dst_dtype != "bfloat16" or len(op.shape) != 2 or len(steps) != 1:
+            continue
+        st = steps[0]
+        mod = st.mod
+        if (st.module is None or st.replaces or type(mod) is not LoraModule or mod.is_dora
+                or set(mod.params) != {"lora_A.weight", "lora_B.weight"}
+                or getattr(mod.layer, "kind", None) is not LayerKind.LINEAR):
+            continue
+        wide.add(wkey)
+    return frozenset(wide)
 
 
 # --- the job: the plan, the byte layout of every output file, and the tasks ---------------------
@@ -975,6 +1017,8 @@ class Job:
     record_offset: int = 0
     to_xp: Callable[[np.ndarray], Any] | None = None  # the serial command's backend; None (NumPy) in engines
     to_host: Callable[[Any], np.ndarray] | None = None
+    #: adapted bfloat16 weights widened to float32 by the task itself (:func:`float32_weights`)
+    float32_weights: frozenset[str] = frozenset()
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the plan's bound modules (``Step.mod``: each task binds its own from the adapter)
@@ -984,7 +1028,19 @@ class Job:
         groups = {g: [dataclasses.replace(st, mod=None) for st in steps] for g, steps in pl.groups.items()}
         state["plan"] = dataclasses.replace(pl, groups=groups)
         state["to_xp"] = state["to_host"] = None
+        state.pop("_buffers", None)
         return state
+
+    def float32_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of ``shape`` reused by the tasks this thread runs for this job (a widened weight of
+        :attr:`float32_weights`: no allocation of a weight's size per task; it goes with the job)."""
+        local = self.__dict__.get("_buffers") or self.__dict__.setdefault("_buffers", threading.local())
+        n = math.prod(shape)
+        buf = getattr(local, "buf", None)
+        if buf is None or buf.size < n:
+            buf = local.buf = None  # (the old one freed first)
+            buf = local.buf = np.empty(n, dtype=np.float32)
+        return buf[:n].reshape(shape)
 
     def read(self, key: str) -> np.ndarray:
         """Input tensor ``key`` (plain file I/O on its :class:`Span`)."""
@@ -1062,7 +1118,8 @@ def compute_unit(job: Job, unit: Unit, read: Callable[[str], np.ndarray] | None 
 
         raw = _group_tensors(pl, job.adapters, wkey, job.model_type, read, direction=job.direction, work=None,
                              safe=job.safe, peft_compat=job.peft_compat, to_xp=job.to_xp, to_host=job.to_host,
-                             on_record=on_record, record_for=record_for)
+                             on_record=on_record, record_for=record_for,
+                             widen_into=job.float32_buffer if wkey in job.float32_weights else None)
     return {k: _output_array(pl.ops[k], raw.pop(k), job.safe) for k in unit.keys}, records
 
 
@@ -1282,7 +1339,8 @@ def prepare(
         units = _units(base, pl, layout, where)
         job = Job(pl, list(adapters), files, where, {}, units, direction=direction, safe=safe,
                   peft_compat=peft_compat, model_type=base.model_type, record_offset=offset, to_xp=to_xp,
-                  to_host=to_host)
+                  to_host=to_host, float32_weights=float32_weights(pl, safe=safe, peft_compat=peft_compat,
+                                                                   backend=to_xp is not None))
         job.spans = {k: base.span_of(k) for k in job.reads()}
         used: set[str] = set()
         if direction == "unmerge":  # which record each DoRA step unmerges with (the latest one first)

@@ -97,3 +97,34 @@ def test_out_arguments_and_errors():
     with pytest.raises(ShapeError, match="1001 elements"):
         widen_bf16(out, out=np.empty((143, 7), np.float32).T)  # not C-contiguous
     assert is_bf16(BF16) and not is_bf16(np.dtype(np.float16)) and not is_bf16(np.dtype(np.uint16))
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last", "none"])
+def test_round_a_lone_nan_in_one_chunk(where):
+    """NaNs are found per chunk (a max, which NaN propagates through): one NaN whose rounding would carry into
+    an infinity (0x7F80_0001..0x7F80_7FFF) or wrap to -0 (0xFFFF_FFFF) in any one chunk, infinities and the
+    largest finite values in the others, all as ml_dtypes rounds them."""
+    rng = np.random.default_rng(7)
+    n = 3 * bf16.CHUNK + 5
+    x = rng.standard_normal(n).astype(np.float32)
+    bits = x.view(np.uint32)
+    bits[1::4096] = 0x7F800000  # +inf, and the largest finite float32 (rounds to +inf) in every chunk
+    bits[2::4096] = 0xFF7FFFFF
+    at = {"first": 10, "middle": bf16.CHUNK + 123, "last": n - 1, "none": None}[where]
+    if at is not None:
+        bits[at] = 0x7F800001
+        bits[at - 3] = 0xFFFFFFFF
+    got = round_bf16(x)
+    np.testing.assert_array_equal(got, _ref_round(x))
+    assert np.isnan(widen_bf16(got)).sum() == (0 if at is None else 2)
+
+
+def test_widen_into_a_reused_buffer():
+    """``out`` may hold anything (a buffer reused from a larger weight): every bit of it is rewritten."""
+    rng = np.random.default_rng(8)
+    src = rng.integers(0, 1 << 16, size=(33, 17), dtype=np.uint16)
+    out = np.full((33, 17), np.nan, dtype=np.float32)
+    out.view(np.uint32)[...] = 0xFFFFFFFF
+    widen_bf16(src, out=out)
+    np.testing.assert_array_equal(out.view(np.uint32), src.astype(np.uint32) << 16)
+    np.testing.assert_array_equal(out.view(np.uint32), src.view(BF16).astype(np.float32).view(np.uint32))
