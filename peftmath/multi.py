@@ -210,17 +210,23 @@ def _segments(names: Sequence[str], order: Sequence[str]) -> tuple[list[int], li
 
 def _segmented_terms(xp: Any, x: Array, mods: Mapping[str, Any], order: Sequence[str], names: Sequence[str],
                      layer: Any, cd: Any, embed_scale: Any) -> Array:
-    """Every row's adapter term ``s·B A x_b``, one segment per adapter (as Punica's SGMV does): the rows
-    are permuted once so that each adapter's rows are contiguous, each adapter's factors are read once
-    for its whole segment (two matmuls at its own rank: no padding, no per-row copies of A and B), and
-    the segments' terms are put back in batch order with one ``take``. Rows without an adapter get zeros.
+    """Every row's adapter term ``s·B A x_b``, one segment per adapter (as Punica's SGMV does).
+
+    The rows are permuted once (one ``take``) so that each adapter's rows are one contiguous slice; each
+    adapter then reads its factors once, in their stored layout, for its whole segment ``X`` (``k·T`` tokens):
+    ``Hᵀ = s · (A Xᵀ)`` (``(r, k·T)``, at the adapter's own rank: no padding, no per-row copies of ``A`` and
+    ``B``) and ``Y = (Hᵀ)ᵀ Bᵀ`` (``(k·T, out)``, rows in the output's layout). The scaling goes on the small
+    ``Hᵀ``. The segments' terms are concatenated (rows without an adapter get zeros, at the end) and put back
+    in batch order with one ``take``; an already grouped batch skips both permutations. An Embedding's
+    ``A x`` is the gather of the token ids' columns of ``A``.
 
     Returns the terms as ``(batch, tokens, out)`` in ``cd``."""
     perm, sizes, inverse = _segments(names, order)
     dev = array_api_compat.device(x)
     batch = x.shape[0]
     out = layer.out_features
-    permuted = xp.take(x, backend_for(xp).from_host(_np_int(perm), xp, dev), axis=0) if perm != sorted(perm) else x
+    grouped = perm == list(range(batch))
+    permuted = x if grouped else xp.take(x, backend_for(xp).from_host(_np_int(perm), xp, dev), axis=0)
     if layer.kind is LayerKind.EMBEDDING:
         tokens = xp.reshape(permuted, (-1,))
     else:
@@ -229,25 +235,24 @@ def _segmented_terms(xp: Any, x: Array, mods: Mapping[str, Any], order: Sequence
     parts = []
     start = 0
     for n, size in zip(order, sizes):
-        m = mods[n]
-        # the segment's tokens as one 2-D block: one gemm per factor reads each factor once
-        seg = tokens[start * per_row:(start + size) * per_row, ...]
-        start += size
         if size == 0:
             continue
+        m = mods[n]
+        seg = tokens[start * per_row:(start + size) * per_row, ...]
+        start += size
+        A = as_compute(xp, m.A, cd)                                                            # (r, in)
         if layer.kind is LayerKind.EMBEDDING:
-            # token t of the segment reads column ids[t] of A: a gather of r-vectors
-            h = xp.take(xp.matrix_transpose(as_compute(xp, m.A, cd)), seg, axis=0)             # (k·T, r)
+            h_t = xp.take(A, seg, axis=1)                                                      # (r, k·T)
         else:
-            h = xp.matmul(seg, xp.matrix_transpose(as_compute(xp, m.A, cd)))                   # (k·T, r)
-        # the scaling goes on the small (k·T, r) block, not on a copy of B
-        parts.append(xp.matmul(h * m.scaling, xp.matrix_transpose(as_compute(xp, m.B, cd))))  # (k·T, out)
+            h_t = xp.matmul(A, xp.matrix_transpose(seg))                                       # (r, k·T)
+        parts.append(xp.matmul(xp.matrix_transpose(h_t * m.scaling),
+                               xp.matrix_transpose(as_compute(xp, m.B, cd))))                 # (k·T, out)
     rest = batch - start
     if rest:
         parts.append(xp.zeros((rest * per_row, out), dtype=cd, device=dev))
     term = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
     term = xp.reshape(term, (batch, per_row, out))
-    if perm != sorted(perm):
+    if not grouped:
         term = xp.take(term, backend_for(xp).from_host(_np_int(inverse), xp, dev), axis=0)
     if layer.kind is LayerKind.EMBEDDING and embed_scale is not None:
         term = term * embed_scale

@@ -137,3 +137,66 @@ def test_mixed_batch_refuses_arrays_of_two_libraries():
         mixed_batch_forward("lin", torch.from_numpy(x), {"lin.weight": W}, {"a": numpy_ad}, ["a", BASE])
     with pytest.raises(NamespaceError, match="different array libraries"):
         mixed_batch_forward("lin", x, {"lin.weight": W}, {"a": numpy_ad, "b": torch_ad}, ["a", "b"])
+
+
+def _rowwise(x, state, factors, names):
+    """The mixed batch computed row by row in float64 with plain NumPy: an independent reference."""
+    W, bias = np.asarray(state["lin.weight"], np.float64), np.asarray(state["lin.bias"], np.float64)
+    y = np.asarray(x, np.float64) @ W.T + bias
+    for b, name in enumerate(names):
+        if name != BASE:
+            A, B, s = factors[name]
+            y[b] += s * (np.asarray(x[b], np.float64) @ A.T) @ B.T
+    return y
+
+
+@pytest.mark.parametrize("names", [
+    ["a2", BASE, "a0", "a2", "a1", BASE, "a0", "a3"],      # scattered, base rows in the middle
+    ["a0", "a0", "a1", "a2", "a2", "a3", BASE, BASE],       # already grouped, base rows last (no permutation)
+    [BASE, "a3", "a3", "a3", "a3", "a3", "a3", "a1"],       # skewed, a base row first
+])
+@pytest.mark.parametrize("layout", ["fortran", "strided", "read-only"])
+def test_mixed_batch_on_views_and_read_only_inputs(names, layout):
+    """Inputs beside the happy path: Fortran-ordered / strided / read-only x and factors stored as
+    transposed or strided views give the row-by-row result, and nothing is modified."""
+    import array_api_compat.numpy as xp
+
+    rng = np.random.default_rng(5)
+    state = _state(xp, rng)
+    ads, factors = {}, {}
+    for i in range(4):                                      # ranks 1..4, factors in odd layouts
+        r = i + 1
+        A = np.asfortranarray(rng.standard_normal((r, 10)))
+        B = rng.standard_normal((r, 16)).T[::2]             # (8, r), strided rows, transposed
+        cfg = pm.LoraConfig(r=r, lora_alpha=1.5 * r + 1, target_modules=["lin"])
+        ads[f"a{i}"] = Adapter(cfg, {"lin": {"lora_A.weight": A, "lora_B.weight": B}})
+        factors[f"a{i}"] = (A, B, (1.5 * r + 1) / r)
+    full = rng.standard_normal((8, 6, 10))
+    x = {"fortran": np.asfortranarray(full[:, :3]), "strided": full[:, ::2], "read-only": full[:, :3].copy()}[layout]
+    if layout == "read-only":
+        x.setflags(write=False)
+        for A, B, _ in factors.values():
+            A.setflags(write=False)
+    before = {k: np.array(v, copy=True) for k, v in [("x", x)] + [(n, f[0]) for n, f in factors.items()]}
+    y = mixed_batch_forward("lin", x, state, ads, names)
+    np.testing.assert_allclose(y, _rowwise(x, state, factors, names), rtol=1e-12, atol=1e-12)
+    assert np.array_equal(x, before["x"]) and all(np.array_equal(factors[n][0], before[n]) for n in factors)
+
+
+def test_mixed_batch_on_a_permuted_torch_view():
+    """A torch input that is a permuted (non-contiguous) view gives the row-by-row result."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xp
+
+    rng = np.random.default_rng(6)
+    state = _state(xp, rng)
+    ads = {f"a{i}": _adapter(xp, rng, r=i + 2, alpha=3.0 + i) for i in range(3)}
+    factors = {n: (to_np(a.params["lin"]["lora_A.weight"]), to_np(a.params["lin"]["lora_B.weight"]),
+                   (3.0 + i) / (i + 2)) for i, (n, a) in enumerate(ads.items())}
+    host = rng.standard_normal((3, 5, 10))                 # (tokens, batch, in), viewed as (batch, tokens, in)
+    x = torch.from_numpy(host).permute(1, 0, 2)
+    assert not x.is_contiguous()
+    names = ["a1", BASE, "a0", "a2", "a1"]
+    y = mixed_batch_forward("lin", x, state, ads, names)
+    np.testing.assert_allclose(to_np(y), _rowwise(host.transpose(1, 0, 2), {k: to_np(v) for k, v in state.items()},
+                                                  factors, names), rtol=1e-12, atol=1e-12)
