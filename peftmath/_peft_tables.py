@@ -299,7 +299,10 @@ _LORA_FIELDS: dict[str, object] = {
     "trainable_token_indices": IMPLEMENTED,
     "use_qalora": Refused("QALoRA", (False,), "lora_A acts on the input pooled in groups of qalora_group_size"),
     "layer_replication": Refused("layer replication", _NONE,
-                                 "it stacks copies of base layers, so the adapted modules are not the base's"),
+                                 "it stacks copies of base layers (a deeper model, num_hidden_layers changes), so the "
+                                 "adapted modules are layers of that model, not of the base; "
+                                 "peftmath.methods.lora_replication.load_replicated(folder, base_state) gives the "
+                                 "replicated base and the adapter for it (API only; specs/lora.md, section 12)"),
     "target_parameters": Refused("LoRA on nn.Parameter (target_parameters)", (None, []),
                                  "it adapts parameters (e.g. mixture-of-experts weights) rather than modules"),
     "arrow_config": Refused("Arrow routing", _NONE, "it routes each token among several LoRA experts"),
