@@ -11,7 +11,8 @@ m=2), round-robin (one call of each contestant per round, the order rotating, af
 median per contestant, ratio = median over rounds of the per-round ratio):
 
 * the floor: one batched matmul of W's blocks, ``np.matmul(X, Rᵀ, out=Y)`` with ``X`` W's 32-column blocks
-  stored contiguously ``(r, 4096, 32)`` and ``Y`` preallocated (the cheapest way to do the work);
+  stored contiguously ``(r, 4096, 32)`` and ``Y`` preallocated (the cheapest way to do the work; BOFT m=2:
+  blocks of 64, the size of its composed rotation, as many flops as its two butterfly levels of 32);
 * one copy of W: ``np.copyto(dst, W)`` into a preallocated ``dst``;
 * ``Module.merge/unmerge(W, copy=False)`` (in place; W reset untimed before each call) and with
   ``copy=True`` (the default);
@@ -103,10 +104,16 @@ def run(args) -> str:
     Wb0 = W0.astype(ml_dtypes.bfloat16)
     Wb = Wb0.copy()
     r = N // BLOCK
-    # the floor's operands: W's blocks stored contiguously, the transposed blocks, a preallocated output
-    X = np.ascontiguousarray(W0.reshape(N, r, BLOCK).transpose(1, 0, 2))
-    Y = np.empty_like(X)
-    RT = np.ascontiguousarray(np.swapaxes(oft.rotation_blocks(rng.normal(0, 0.01, (r, 496)).astype(np.float32)), 1, 2))
+    # the floor's operands, per block size: W's blocks stored contiguously (k, N, b), the transposed rotation
+    # blocks (k, b, b), a preallocated output of the same layout
+    floors = {}
+    for b in (BLOCK, 2 * BLOCK):
+        k = N // b
+        X = np.ascontiguousarray(W0.reshape(N, k, b).transpose(1, 0, 2))
+        q = rng.normal(0, 0.01, (k, b * (b - 1) // 2)).astype(np.float32)
+        RT = np.ascontiguousarray(np.swapaxes(oft.rotation_blocks(q, block_size=b), 1, 2))
+        floors[b] = (X, RT, np.empty_like(X))
+    load_before = os.getloadavg()[0]
 
     def reset():
         np.copyto(W, W0)
@@ -121,8 +128,11 @@ def run(args) -> str:
     for label, kind, kw in cases:
         print(f"[bench_oft] {label} ...", file=sys.stderr, flush=True)
         mod, params, pcfg = _case(label, kind, rng, **kw)
+        # the floor: one batched matmul of W's blocks, of the size the merge multiplies by (BOFT m=2: its two
+        # butterfly levels composed into blocks of 64, the flops of the two levels of 32)
+        X, RT, Y = floors[BLOCK * 2 ** (kw.get("m", 1) - 1)]
         contestants = {
-            "floor": (lambda: np.matmul(X, RT, out=Y), None),
+            "floor": (lambda X=X, RT=RT, Y=Y: np.matmul(X, RT, out=Y), None),
             "copy": (lambda: np.copyto(dst, W0), None),
             "merge": (lambda: mod.merge(W, copy=False), reset),
             "unmerge": (lambda: mod.unmerge(W, copy=False), reset),
@@ -145,10 +155,11 @@ def run(args) -> str:
             rows.append(f"| {label} | {what} | {med[name]:.1f} | {ref_label} | {ref_ms:.1f} | {value:.2f}x | "
                         f"{'-' if target is None else f'<= {target}x'} | {ok} |")
 
-        add("merge, in place", "merge", "floor", ("floor",), 1.5)
-        add("unmerge, in place", "unmerge", "floor", ("floor",), 1.5)
-        add("merge, copy=True", "merge_copy", "copy + floor", ("copy", "floor"), 1.3)
-        add("unmerge, copy=True", "unmerge_copy", "copy + floor", ("copy", "floor"), 1.3)
+        fl = "floor" if X.shape[-1] == BLOCK else f"floor (blocks of {X.shape[-1]})"
+        add("merge, in place", "merge", fl, ("floor",), 1.5)
+        add("unmerge, in place", "unmerge", fl, ("floor",), 1.5)
+        add("merge, copy=True", "merge_copy", f"copy + {fl}", ("copy", "floor"), 1.3)
+        add("unmerge, copy=True", "unmerge_copy", f"copy + {fl}", ("copy", "floor"), 1.3)
         if "bf16_merge" in med:
             add("merge, bfloat16 W, in place", "bf16_merge", "float32 floor", ("floor",), None)
 
@@ -194,13 +205,16 @@ def run(args) -> str:
         f"Round-robin, {args.repeats} rounds after a warm-up round; ms = median per contestant, ratio = median over "
         f"rounds of the per-round ratio" + (" — **--quick run**" if args.quick else "") + ". Floor: one batched "
         f"matmul of W's blocks, `np.matmul(X, Rᵀ, out=Y)` with X W's 32-column blocks stored contiguously "
-        f"(r, 4096, 32) and Y preallocated; copy: `np.copyto(dst, W)` into a preallocated dst. Adapter "
-        f"parameters ~ N(0, 0.01²), boft_s ~ N(1, 0.05²). BOFT m=2 does twice the floor's flops (its two "
-        f"butterfly levels compose into one block-diagonal rotation with blocks of 64).",
+        f"(r, 4096, 32) and Y preallocated (BOFT m=2: blocks of 64, (64, 4096, 64), the block size of its "
+        f"composed rotation, whose flops are those of its two butterfly levels of 32); the rotation's own "
+        f"preparation (Cayley-Neumann series, Cayley solve, block inverse to unmerge) is timed in the merge, not "
+        f"in the floor. copy: `np.copyto(dst, W)` into a preallocated dst. Adapter "
+        f"parameters ~ N(0, 0.01²), boft_s ~ N(1, 0.05²).",
         "",
         f"Machine: {machine_line()}.  ",
         f"Threads: {THREAD_NOTE}; peftmath's row tiles run on as many threads (`oft.tile_threads()` = "
-        f"{getattr(oft, 'tile_threads', lambda: 'n/a')()}). Load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores.",
+        f"{getattr(oft, 'tile_threads', lambda: 'n/a')()}). Load average (1 min) {load_before:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end, on {os.cpu_count()} cores.",
         "",
         "| case | operation | peftmath ms | reference | reference ms | ratio | target | result |",
         "|---|---|---:|---|---:|---:|---|---|",
@@ -226,10 +240,13 @@ def run(args) -> str:
         ]
     lines += [
         "",
-        "How: merge and unmerge work on row tiles of W (`oft.rotate_rows`): per tile of 512 KiB, one batched "
-        "matmul of its blocks into a reused buffer (`out=`), copied back while in cache (in place) or written "
-        "straight into the new result (`copy=True`: W read once, the result written once; no copy of W first); "
-        "bfloat16 tiles are widened to float32 and rounded once; the tiles spread over the BLAS thread count. "
+        "How: merge and unmerge work on row tiles of W (`oft.rotate_rows`): per tile, one batched matmul of its "
+        "blocks into a reused buffer (`out=`), copied back while in cache (in place) or written straight into "
+        "the new result (`copy=True`: W read once, the result written once; no copy of W first); a tile has as "
+        "many rows as keep two tiles and the factors in 768 KiB of a core's cache, at least 8 "
+        "(`oft.factor_tile_rows`: 8 rows of 16 KiB beside 512 KiB of blocks here); bfloat16 tiles are widened "
+        "to float32 and rounded once; the tiles spread over the BLAS thread count (`oft.tile_threads`), and so "
+        "do the batched Cayley solves and block inverses (`oft.split_stack`). "
         "BOFT's butterfly levels compose into one block-diagonal rotation (`boft.composed_blocks`) when that is "
         "not more flops than the levels (m <= 3 or blocks <= 128), else the levels run per tile.",
     ]

@@ -747,6 +747,7 @@ def _numpy_tile_worker(src: np.ndarray, dst: np.ndarray, F: np.ndarray, cd: Any,
     # write the product straight into dst when its rows are C-ordered in cd and it is not the source
     direct = dst is not src and dst.dtype == cd and dst.flags.c_contiguous and not np.may_share_memory(dst, src)
     out = None if direct else np.empty((t_max, n), dtype=cd)
+    sc_shape = (-1,) + (1,) * (dst.ndim - 1)  # the per-row scale against a tile of dst's rows
 
     def work(start: int, stop: int) -> None:
         t = stop - start
@@ -760,10 +761,14 @@ def _numpy_tile_worker(src: np.ndarray, dst: np.ndarray, F: np.ndarray, cd: Any,
             np.matmul(X.reshape(t * r, b), F[0], out=Y.reshape(t * r, b))
         else:  # block i of every row: (r, t, b) @ (r, b, b), views of the tiles
             np.matmul(X.reshape(t, r, b).transpose(1, 0, 2), F, out=Y.reshape(t, r, b).transpose(1, 0, 2))
+        rows = dst[start:stop]
+        if scale is not None and not direct and dst.dtype == cd:  # scaled on the way back: one pass, not two
+            (np.divide if divide else np.multiply)(Y.reshape(rows.shape), scale[start:stop].reshape(sc_shape), out=rows)
+            return
         if scale is not None:
             (np.divide if divide else np.multiply)(Y, scale[start:stop, None], out=Y)
         if not direct:  # rounds once (to nearest even) when dst is narrower
-            np.copyto(dst[start:stop], Y.reshape((t,) + dst.shape[1:]), casting="unsafe")
+            np.copyto(rows, Y.reshape(rows.shape), casting="unsafe")
 
     return work
 
