@@ -157,8 +157,8 @@ def scales(A: Array, B: Array, lam: Array, *, r: int | None = None, dtype: Any =
 
 def delta_weight(A: Array, B: Array, lam: Array, w: Array, *, dtype: Any = None, peft_compat: bool = False) -> Array:
     """``ΔW = (B diag(s) A) ⊙ w[None, :]`` (out, in), in float32 (float64 for float64 inputs);
-    ``peft_compat=True`` rounds it to the factors' dtype when they are half precision (PEFT computes it
-    in their dtype).
+    ``peft_compat=True`` with half-precision factors: PEFT's roundings, one per torch operation
+    (:func:`_peft_half_delta`).
 
     >>> import numpy as np
     >>> delta_weight(np.array([[3.0, 4.0]]), np.array([[2.0], [0.0]]), np.array([10.0]), np.array([1.0, 2.0]))
@@ -167,11 +167,28 @@ def delta_weight(A: Array, B: Array, lam: Array, w: Array, *, dtype: Any = None,
     """
     xp = namespace(A, B, lam, w, where="delora.delta_weight")
     cd = dtype or compute_dtype(xp, A.dtype, B.dtype, lam.dtype, w.dtype)
-    s = scales(A, B, lam, dtype=cd)
-    d = xp.matmul(as_compute(xp, B, cd) * s, as_compute(xp, A, cd)) * as_compute(xp, w, cd)
     if peft_compat and is_low_precision(A.dtype):
-        d = as_compute(xp, xp.astype(d, A.dtype), cd)
-    return d
+        return _peft_half_delta(xp, A, B, lam, w, cd)
+    s = scales(A, B, lam, dtype=cd)
+    return xp.matmul(as_compute(xp, B, cd) * s, as_compute(xp, A, cd)) * as_compute(xp, w, cd)
+
+
+def _peft_half_delta(xp: Any, A: Array, B: Array, lam: Array, w: Array, cd: Any) -> Array:
+    """PEFT's ``ΔW`` with half-precision factors: each torch operation of its ``_compute_delta`` rounds its
+    result to the factors' dtype (norms, their product, ``λ / r``, the quotient, ``B diag(s)``, the product
+    with ``A``, the scaling by ``w``); every step is computed in ``cd`` and rounded, which is what torch's CPU
+    kernels do (float32 accumulation, one rounding per operation). Returned in ``cd``."""
+    hd = A.dtype
+
+    def rnd(t: Array) -> Array:
+        return as_compute(xp, xp.astype(t, hd), cd)
+
+    Ac, Bc = as_compute(xp, A, cd), as_compute(xp, B, cd)
+    floor = rnd(xp.asarray(NORM_FLOOR, dtype=cd))
+    an = xp.maximum(rnd(xp.sqrt(xp.sum(Ac * Ac, axis=1))), floor)
+    bn = xp.maximum(rnd(xp.sqrt(xp.sum(Bc * Bc, axis=0))), floor)
+    s = rnd(rnd(as_compute(xp, lam, cd) / int(A.shape[0])) / rnd(an * bn))
+    return rnd(rnd(xp.matmul(rnd(Bc * s), Ac)) * as_compute(xp, w, cd))
 
 
 def forward(x: Array, W: Array, A: Array, B: Array, lam: Array, w: Array, *, bias: Array | None = None,

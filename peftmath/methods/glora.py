@@ -325,22 +325,51 @@ def _compute(W: Array, supports: dict[str, tuple[str, dict[str, Array]]], invers
     return compute
 
 
+def _peft_order(W: Array, b: Array | None, supports: dict[str, tuple[str, dict[str, Array]]]
+                ) -> tuple[Array, Array | None]:
+    """PEFT's merge, operation by operation, each result rounded to ``W``'s dtype as torch rounds it:
+    ``W + ((W ⊙ A) + B)`` and ``b + (((b ⊙ D) + E) + W C)`` (the supports first rounded to that dtype), in the
+    compute dtype (``peft_compat``; bit-identical to PEFT 0.21.2 in float32 and bfloat16)."""
+    xp = namespace(W, b)
+    cd = compute_dtype(xp, W.dtype)
+
+    def rnd(t: Array) -> Array:
+        return as_compute(xp, xp.astype(t, W.dtype), cd)
+
+    Wc = as_compute(xp, W, cd)
+    A, B = (rnd(support_rows(xp, *supports[k], cd)) for k in "AB")
+    new_w = rnd(Wc + rnd(rnd(Wc * A) + B))
+    if b is None:
+        return new_w, None
+    C, D, E = (rnd(xp.reshape(support_rows(xp, *supports[k], cd), (-1,) if k != "C" else (W.shape[1], -1)))
+               for k in "CDE")
+    bc = as_compute(xp, b, cd)
+    wc = rnd(xp.reshape(xp.matmul(Wc, C), (-1,)))
+    return new_w, rnd(bc + rnd(rnd(rnd(bc * D) + E) + wc))
+
+
 def merge(W: Array, supports: dict[str, tuple[str, dict[str, Array]]], *, bias: Array | None = None,
-          layer: Layer | None = None, copy: bool = True, safe: bool = False,
+          layer: Layer | None = None, copy: bool = True, safe: bool = False, peft_compat: bool = False,
           where: str = "glora.merge") -> tuple[Array, Array | None]:
     """``(W', b')``: formed in float32 (float64) and rounded once to each one's dtype; ``b'`` from the base ``W``
-    (computed before ``W`` is written); ``None`` bias stays ``None``. ``copy=False`` writes into ``W``."""
+    (computed before ``W`` is written); ``None`` bias stays ``None``. ``copy=False`` writes into ``W``.
+    ``peft_compat=True``: PEFT's order of operations and roundings (:func:`_peft_order`)."""
     xp = namespace(W, bias, where=where)
     lay = Layer.for_weight(layer, W)
     _check_kind(lay, where)
     lay.check_bias(bias)
+    if peft_compat:
+        compat_w, compat_b = _peft_order(W, bias, supports)
     new_b = None
     if bias is not None:
-        new_b = as_compute(xp, effective_bias(W, bias, supports), bias.dtype)
+        new_b = as_compute(xp, compat_b if peft_compat else effective_bias(W, bias, supports), bias.dtype)
         if safe:  # before the weight is written (on dask: when the bias is computed)
             new_b = refuse_where(new_b, ~xp.isfinite(new_b), lambda: NonFiniteError(
                 f"{where}: the merged bias would contain NaN or infinity; the base weight and bias are unchanged"),
                 xp=xp)
+    if peft_compat:
+        new_w = write_weight(where, W, lambda: compat_w, layer=lay, kernel=None, copy=copy, safe=safe, xp=xp)
+        return new_w, new_b
     new_w = write_weight(where, W, _compute(W, supports, False, lambda: effective_weight(W, supports)), layer=lay,
                          kernel=_tile_kernel(W, supports, False), copy=copy, safe=safe,
                          kernel_on_copy=not _fresh_tiles(W), xp=xp)
@@ -501,10 +530,10 @@ class GloraModule(ModuleAdapter):
 
     def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
               peft_compat: bool = False) -> MergeResult:
-        """:func:`merge`; ``peft_compat`` changes nothing (PEFT's GLoRA merge is its own forward)."""
+        """:func:`merge`; ``peft_compat=True``: PEFT's order of operations and roundings."""
         self.layer.check_weight(weight)
         return MergeResult(*merge(weight, self.supports, bias=bias, layer=self.layer, copy=copy, safe=safe,
-                                  where=self.name))
+                                  peft_compat=peft_compat, where=self.name))
 
     def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
                 peft_compat: bool = False) -> MergeResult:

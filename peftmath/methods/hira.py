@@ -229,8 +229,9 @@ def merge(W: Array, A: Array, B: Array, *, layer: Layer | LayerKind | str | None
           safe: bool = False, peft_compat: bool = False, where: str = "hira.merge") -> Array:
     """``W₀ ⊙ (1 + M)``, formed in float32 (float64) and rounded once to ``W``'s dtype.
 
-    ``peft_compat=True`` forms PEFT's ``W₀ + W₀ ⊙ round(M)`` instead (``M`` rounded to ``W``'s dtype
-    first, two roundings): bit-identical to PEFT for float32. ``copy=False`` writes into ``W``.
+    ``peft_compat=True`` forms PEFT's ``W₀ + round(W₀ ⊙ round(M))`` instead (``M`` and the product rounded
+    to ``W``'s dtype, then the sum: three roundings in half precision, two in float32): bit-identical to PEFT
+    for float32 and bfloat16. ``copy=False`` writes into ``W``.
 
     >>> import numpy as np
     >>> merge(np.array([[2.0, -1.0]]), np.array([[1.0, 2.0]]), np.array([[3.0]]))
@@ -244,8 +245,8 @@ def merge(W: Array, A: Array, B: Array, *, layer: Layer | LayerKind | str | None
     def compute() -> Array:
         cd, m = _factor(W, A, B, lay, peft_compat)
         Wc = as_compute(xp, W, cd)
-        if peft_compat:
-            return Wc + Wc * as_compute(xp, xp.astype(m, W.dtype), cd)
+        if peft_compat:  # torch rounds B·A, then W ⊙ round(B·A), then the sum, each to W's dtype
+            return Wc + as_compute(xp, xp.astype(Wc * as_compute(xp, xp.astype(m, W.dtype), cd), W.dtype), cd)
         return Wc * (1 + m)
 
     kernel = None if peft_compat else _tile_kernel(W, A, B, lay, lambda T, q: _mul(T, q))
