@@ -303,8 +303,8 @@ _LORA_FIELDS: dict[str, object] = {
                                  "adapted modules are layers of that model, not of the base; "
                                  "peftmath.methods.lora_replication.load_replicated(folder, base_state) gives the "
                                  "replicated base and the adapter for it (API only; specs/lora.md, section 12)"),
-    "target_parameters": Refused("LoRA on nn.Parameter (target_parameters)", (None, []),
-                                 "it adapts parameters (e.g. mixture-of-experts weights) rather than modules"),
+    # LoRA on raw nn.Parameter tensors (mixture-of-experts weights): methods/lora_params.py
+    "target_parameters": IMPLEMENTED,
     "arrow_config": Refused("Arrow routing", _NONE, "it routes each token among several LoRA experts"),
     "ensure_weight_tying": Refused("tied adapters (ensure_weight_tying)", (False,),
                                    "PEFT ties an adapter on the output layer to the embedding's"),

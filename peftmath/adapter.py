@@ -595,6 +595,10 @@ class Adapter:
         """The state-dict keys of module ``name``'s weight and bias: ``<base_key>.weight`` / ``.bias``, or for the
         in-projection of an adapted ``nn.MultiheadAttention`` (a module ``X`` whose ``X.base_layer.out_proj`` is
         adapted too, :mod:`peftmath._mha`) ``X.in_proj_weight`` / ``X.in_proj_bias``."""
+        hook = self.description.base_tensor  # a raw parameter (LoRA's target_parameters)
+        found = hook(self.config, name, self.params, _shape_in(state)) if hook is not None else None
+        if found is not None:
+            return found
         key = self.base_key(name, state, model_type=model_type)
         if self._attention_in(name):
             return tuple(f"{key}.{leaf}" for leaf in IN_PROJ_LEAVES)  # type: ignore[return-value]
@@ -855,6 +859,18 @@ class Adapter:
             # a base tensor of an adapted module lives on its wrapped base layer, as PEFT saves it
             out[f"{prefix}{module}.base_layer.{leaf}" if module in self.params else f"{prefix}{k}"] = v
         return out
+
+
+def _shape_in(state: Any) -> Any:
+    """``shape_of(key)`` over a state dict, a ``{key: shape}`` dict or a streamed model (its ``shape(key)``):
+    the tensor's shape, or None when ``state`` lacks it."""
+    def shape_of(key: str) -> tuple[int, ...] | None:
+        if key not in state:
+            return None
+        reader = getattr(state, "shape", None)
+        value = reader(key) if callable(reader) else state[key]
+        return tuple(int(s) for s in getattr(value, "shape", value))
+    return shape_of
 
 
 def _numel(a: Any) -> int:

@@ -160,7 +160,8 @@ def adapter_from_tensors(tensors: Mapping[str, Any], config: Any, *, metadata: M
     for key in tensors:
         parts = None if key in shared_keys else split_key(key, suffixes)
         if parts is not None and ("base_layer" not in parts[0].split(".")
-                                  or (method.multihead_attention and out_proj_owner(parts[0]) is not None)):
+                                  or (method.multihead_attention and out_proj_owner(parts[0]) is not None)
+                                  or (method.wrapped_module is not None and method.wrapped_module(config, parts[0]))):
             found[key] = parts  # (an nn.MultiheadAttention's out-projection: X.base_layer.out_proj, peftmath._mha)
         elif key not in shared_keys:
             rest.append(key)

@@ -166,6 +166,14 @@ class Method:
     rank_excludes: tuple[str, ...] = ()
     orientation_in_tensors: bool = True
     frozen_suffixes: tuple[str, ...] = ()
+    #: ``base_tensor(config, name, params, shape_of) -> (weight key, bias key or None) | None``: the base tensor
+    #: module ``name`` adapts where it is not ``<module>.weight`` (LoRA's ``target_parameters`` wrappers adapt a
+    #: raw parameter ``<module>.<param>``); ``params``: all the adapter's modules, ``shape_of(key)``: a base
+    #: tensor's shape or None. None (the default, or returned): ``<module>.weight``.
+    base_tensor: Callable[[Any, str, Mapping[str, Mapping[str, Any]], Callable[[str], Any]], Any] | None = None
+    #: ``wrapped_module(config, path) -> bool``: checkpoint module path ``path`` holding ``base_layer`` is one of
+    #: the method's own modules (LoRA's nested ``target_parameters`` wrappers ``<module>.base_layer``)
+    wrapped_module: Callable[[Any, str], bool] | None = None
     trainable_shared: tuple[str, ...] = ()
     identity_init: bool = False
     bias_only: bool = False

@@ -867,6 +867,10 @@ class LoraModule(ModuleAdapter):
             from ._lora_mha import AttentionOutModule  # an nn.MultiheadAttention's out-projection (peftmath._mha)
 
             cls = AttentionOutModule
+        if cls is LoraModule and is_parameter_wrapper(config, name):  # target_parameters (methods/lora_params.py)
+            from .lora_params import ParamLoraModule
+
+            cls = ParamLoraModule
         return super().__new__(cls)
 
     def __getnewargs_ex__(self) -> tuple[tuple, dict]:
@@ -951,6 +955,10 @@ class LoraModule(ModuleAdapter):
             A, B = params["lora_embedding_A"], params["lora_embedding_B"]
             return Layer(LayerKind.EMBEDDING, tuple(weight_shape) if weight_shape else (A.shape[1], B.shape[0]))
         A, B = params["lora_A.weight"], params["lora_B.weight"]
+        if is_parameter_wrapper(config, name):  # target_parameters: a raw nn.Parameter (methods/lora_params.py)
+            from .lora_params import infer_layer
+
+            return infer_layer(name, config, params, weight_shape, kind)
         if A.ndim > 2:
             if weight_shape is None:
                 return resolve_layer(kind, A, B)
@@ -1223,6 +1231,25 @@ class LoraModule(ModuleAdapter):
                        lora_bias=self.lora_bias, **kw)
 
 
+def is_parameter_wrapper(config: Any, name: str) -> bool:
+    """Whether module ``name`` is a wrapper of PEFT's ``target_parameters`` (LoRA on a raw nn.Parameter,
+    :mod:`peftmath.methods.lora_params`): ``<module>`` or ``<module>.base_layer...`` of a targeted parameter."""
+    if not getattr(config, "target_parameters", None) or config.peft_type != PEFT_TYPE:
+        return False
+    from .lora_params import is_wrapper  # lazy: lora_params imports this module
+
+    return is_wrapper(config, name)
+
+
+def _parameter_base_tensor(config: Any, name: str, params: Any, shape_of: Any) -> tuple[str, str | None] | None:
+    """Method.base_tensor: the raw parameter a ``target_parameters`` wrapper adapts (lora_params.parameter_key)."""
+    if not getattr(config, "target_parameters", None):
+        return None
+    from .lora_params import parameter_key
+
+    return parameter_key(config, name, params, shape_of)
+
+
 def _guess_shape(kind: Any, out: int, inn: int) -> tuple[int, int]:
     k = LayerKind.parse(kind)
     return (inn, out) if k in (LayerKind.CONV1D_TRANSPOSED, LayerKind.EMBEDDING) else (out, inn)
@@ -1260,6 +1287,8 @@ METHOD = Method(
     needs_record_for=lambda config: (bool(config.use_dora) or getattr(config, "kasa_config", None) is not None
                                      or getattr(config, "trainable_token_indices", None) is not None),
     frozen_suffixes=FROZEN_STATE,
+    # target_parameters: wrappers <module>(.base_layer)* on a raw parameter <module>.<param> (methods/lora_params.py)
+    base_tensor=_parameter_base_tensor, wrapped_module=is_parameter_wrapper,
     multihead_attention=True,  # nn.MultiheadAttention: X on X.in_proj_weight, X.base_layer.out_proj (peftmath._mha)
 )
 

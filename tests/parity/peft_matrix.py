@@ -58,8 +58,6 @@ CLAIMED = frozenset({
 #: the math or add tensors (issue 15, item 3) and DoRA on grouped convs. (LoRA on a grouped conv is not
 #: here: PEFT cannot merge it, so a refused merge with PEFT's forward is a pass.)
 MAY_REFUSE: dict[str, str] = {
-    "MLP 1 using nn.Parameter LoRA": "target_parameters",
-    "MLP 2 using nn.Parameter LoRA": "target_parameters",
     "Conv2d Groups LoRA with DoRA": "DoRA on a grouped conv (PEFT's norm mixes output channels)",
     "Conv2d Groups2 LoRA with DoRA": "DoRA on a grouped conv (PEFT's norm mixes output channels)",
     **dict.fromkeys(("Vanilla MLP 1 UniLora", "Vanilla MLP 2 UniLora", "Vanilla MLP 3 UniLora", "Vanilla MLP 4 UniLora",

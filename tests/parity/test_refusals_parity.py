@@ -165,14 +165,6 @@ class MLP(nn.Module):
         self.cls = nn.Linear(10, 3)
 
 
-class Experts(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Module()
-        self.lin0.weight = nn.Parameter(torch.randn(4, 10, 20))
-        self.lin1 = nn.Linear(10, 10)
-
-
 def _llama(**kw):
     cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, **kw)
@@ -181,7 +173,6 @@ def _llama(**kw):
 
 
 VARIANTS = {
-    "target_parameters": (Experts, dict(target_parameters=["lin0.weight"]), UnsupportedError, "target_parameters="),
     "PiSSA, not converted": (MLP, dict(target_modules=["lin0"], init_lora_weights="pissa"), UnsupportedError,
                              "init_lora_weights='pissa'.*runs this initialisation again"),
     "OLoRA, not converted": (MLP, dict(target_modules=["lin0"], init_lora_weights="olora"), UnsupportedError,
