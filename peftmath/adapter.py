@@ -854,8 +854,10 @@ class Adapter:
         tensor of an adapted module as ``<module>.base_layer.<name>``, where PEFT saves and loads it."""
         out = {f"{prefix}{m}.{s}": a for m, p in self.params.items() for s, a in p.items()}
         out.update(self.shared)
+        inner = {base_module(m): m for m in self.params if out_proj_owner(m) in self._attention}  # X.out_proj
         for k, v in self.other.items():
             module, _, leaf = k.rpartition(".")
+            module = inner.get(module, module)  # an attention's out-projection is PEFT's X.base_layer.out_proj
             # a base tensor of an adapted module lives on its wrapped base layer, as PEFT saves it
             out[f"{prefix}{module}.base_layer.{leaf}" if module in self.params else f"{prefix}{k}"] = v
         return out

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .._mha import check_pairs, out_proj_owner
+from .._mha import base_module, check_pairs, out_proj_owner
 from .._peft_tables import UNKNOWN_TENSORS
 from ..adapter import Adapter
 from ..backends import backend_for, get_backend
@@ -206,9 +206,9 @@ def _replacements(keys: list[str], config: Any, modules: set[str]) -> dict[str, 
         body = key[len(PREFIX):] if key.startswith(PREFIX) else key
         module, _, leaf = body.rpartition(".")
         if ".base_layer." in body:
-            owner, _, inner = body.partition(".base_layer.")
-            if owner in modules and "." not in inner:  # the wrapped layer's own weight / bias
-                out[key] = f"{owner}.{inner}"
+            owner, _, inner = body.rpartition(".base_layer.")
+            if owner in modules and "." not in inner:  # the wrapped layer's own weight / bias (an attention's
+                out[key] = f"{base_module(owner)}.{inner}"  # X.base_layer.out_proj.base_layer.bias: X.out_proj.bias)
         elif any(_under(body, m) for m in to_save):
             out[key] = body  # a modules_to_save copy: any of its tensors (weight, bias, buffers)
         elif module and module not in modules and leaf in ("weight", "bias"):
