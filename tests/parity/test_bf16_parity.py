@@ -52,14 +52,21 @@ COMPAT: dict[str, tuple[dict, str | float]] = {
     # PEFT's inverse wavelet transform runs in bfloat16 (its convolutions round): 3% of the entries one to three
     # bf16 ulps away, max error from the float64 merge the same as peftmath's
     "WAVEFT": ({"n_frequency": 40}, 1e-2),
+    # LoRA variants (issue 18), on LoRA's first example (r = 4, lora_alpha = 12)
+    "LORA:BD-LoRA": ({"use_bdlora": {"target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin1"],
+                                     "nblocks": 2}}, "bits"),
+    # KaSA: PEFT rebuilds the truncated base from its float32 SVD and rounds it to bfloat16 before the merge;
+    # peftmath's peft_compat truncates in float32: at most one bf16 ulp of max|W'| apart (measured 3.9e-3)
+    "LORA:KaSA": ({"kasa_config": {}}, 8e-3),
 }
 #: bfloat16's unit roundoff: one rounding of a value v is off by at most 2⁻⁸·|v|
 U_BF16 = 2.0 ** -8
 
 
-def _peft_model(peft_type: str, extra: dict):
+def _peft_model(label: str, extra: dict):
     from peft import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_model
 
+    peft_type = label.split(":")[0]
     method = describe_method(peft_type)
     example = dict(next(iter(method.examples.values())))
     example.pop("target_modules", None)
