@@ -855,6 +855,10 @@ class LoraModule(ModuleAdapter):
     magnitude: Array | None = None
 
     def __new__(cls, name: str, config: Any, params: dict[str, Array], *args: Any, **kwargs: Any) -> "LoraModule":
+        if cls is LoraModule and config.peft_type == PEFT_TYPE and out_proj_owner(name) is not None:
+            from ._lora_mha import AttentionOutModule  # an nn.MultiheadAttention's out-projection (peftmath._mha):
+
+            cls = AttentionOutModule  # first, so that it refuses DoRA tensors there (PEFT refuses DoRA on an attention)
         if cls is LoraModule and "lora_magnitude_vector" in params:
             from .dora import DoraModule  # lazy: dora.py imports lora.py
 
@@ -863,10 +867,6 @@ class LoraModule(ModuleAdapter):
             from ._lora_tokens import LoraTokensModule
 
             cls = LoraTokensModule
-        if cls is LoraModule and config.peft_type == PEFT_TYPE and out_proj_owner(name) is not None:
-            from ._lora_mha import AttentionOutModule  # an nn.MultiheadAttention's out-projection (peftmath._mha)
-
-            cls = AttentionOutModule
         if cls is LoraModule and is_parameter_wrapper(config, name):  # target_parameters (methods/lora_params.py)
             from .lora_params import ParamLoraModule
 
