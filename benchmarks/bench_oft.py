@@ -93,6 +93,29 @@ def _case(label, kind, rng, *, m=1, cayley_neumann=True):
     return mod, params, pcfg
 
 
+def settled(contestants: dict, seconds: float) -> dict:
+    """The contestants with ``seconds`` of idle time added to each untimed setup (before a reset, if any).
+
+    OpenBLAS's worker threads spin for about 0.1 s after a multithreaded call (the floor's) before they
+    sleep: on a 2-core machine the spinning worker takes a core from whatever runs next (measured: the
+    row-tile merge right after the floor used 7 ms more CPU time than after a pause). A merge in a model
+    runs after other merges, not after a threaded BLAS call, so every contestant starts on a settled
+    machine (the floor too: waking its workers is part of its time)."""
+    import time
+
+    if seconds <= 0:
+        return contestants
+
+    def pause(setup):
+        def run():
+            time.sleep(seconds)
+            if setup is not None:
+                setup()
+        return run
+
+    return {name: (fn, pause(setup)) for name, (fn, setup) in contestants.items()}
+
+
 def run(args) -> str:
     import torch
 
@@ -141,7 +164,7 @@ def run(args) -> str:
         }
         if label.startswith("OFT (Cayley"):
             contestants["bf16_merge"] = (lambda: mod.merge(Wb, copy=False), lambda: np.copyto(Wb, Wb0))
-        med, rounds = race(contestants, repeats=args.repeats)
+        med, rounds = race(settled(contestants, args.settle), repeats=args.repeats)
 
         def ratio(num, *den):
             import statistics
@@ -203,7 +226,9 @@ def run(args) -> str:
         "## oft: OFT and BOFT merge / unmerge, Linear(4096, 4096) float32, block size 32 (`benchmarks/bench_oft.py`)",
         "",
         f"Round-robin, {args.repeats} rounds after a warm-up round; ms = median per contestant, ratio = median over "
-        f"rounds of the per-round ratio" + (" — **--quick run**" if args.quick else "") + ". Floor: one batched "
+        f"rounds of the per-round ratio" + (" — **--quick run**" if args.quick else "") + (
+            f"; each call starts after {args.settle:g} s idle (OpenBLAS's workers spin ~0.1 s after a threaded "
+            f"call and would take a core from the next contestant)" if args.settle > 0 else "") + ". Floor: one batched "
         f"matmul of W's blocks, `np.matmul(X, Rᵀ, out=Y)` with X W's 32-column blocks stored contiguously "
         f"(r, 4096, 32) and Y preallocated (BOFT m=2: blocks of 64, (64, 4096, 64), the block size of its "
         f"composed rotation, whose flops are those of its two butterfly levels of 32); the rotation's own "
@@ -261,6 +286,8 @@ def main() -> None:
     ap.add_argument("--no-peft", action="store_true", help="skip the (slow) PEFT comparison")
     ap.add_argument("--threads", type=int, default=2, help="BLAS / torch threads for every contestant (default 2)")
     ap.add_argument("--no-write", action="store_true", help="print the section, do not write RESULTS.md")
+    ap.add_argument("--settle", type=float, default=0.25,
+                    help="idle seconds before each timed call, for BLAS worker threads to stop spinning (0: none)")
     args = ap.parse_args()
     if args.repeats is None:
         args.repeats = 3 if args.quick else 9

@@ -296,14 +296,27 @@ def composed_blocks(blocks: Array) -> Array:
     step = max(1, COMPOSE_ELEMENTS // (size * size))  # groups per chunk
     dev = array_api_compat.device(blocks)
     eye = xp.eye(size, dtype=xp.float64, device=dev)
-    parts = []
-    for g0 in range(0, groups, step):
-        g1 = min(groups, g0 + step)
+    perms: dict[int, list] = {}  # per chunk width n_c: the butterfly of n_c indices (computed once)
+
+    def chunk(g0: int, g1: int) -> Array:
         sub = xp.astype(blocks[:, g0 * per:g1 * per, ...], xp.float64)
         E = xp.concat([eye] * (g1 - g0), axis=1)
-        EM = apply_rotation(E, sub)  # (B, n_c): the chunk's permutations are computed for n_c
+        EM = apply_rotation(E, sub, perms[(g1 - g0) * size])  # (B, n_c)
         C = xp.permute_dims(xp.reshape(EM, (size, g1 - g0, size)), (1, 0, 2))
-        parts.append(xp.astype(C, blocks.dtype))
+        return xp.astype(C, blocks.dtype)
+
+    runs = [(g0, min(groups, g0 + step)) for g0 in range(0, groups, step)]
+    for g0, g1 in runs:
+        if (g1 - g0) * size not in perms:
+            perms[(g1 - g0) * size] = level_perms((g1 - g0) * size, m, (g1 - g0) * per, b)
+    threads = min(tile_threads(), len(runs)) if isinstance(blocks, np.ndarray) else 1
+    if threads > 1:  # NumPy: the chunks on threads (their products and gathers release the GIL)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(lambda run: chunk(*run), runs))
+    else:
+        parts = [chunk(g0, g1) for g0, g1 in runs]
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 

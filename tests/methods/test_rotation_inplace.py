@@ -368,6 +368,21 @@ def test_composed_blocks_are_the_diagonal_of_the_butterfly(m, nb, b):
     np.testing.assert_allclose(scipy.linalg.block_diag(*got), M, atol=1e-12)  # M is block diagonal
 
 
+@pytest.mark.parametrize("m", [2, 3])
+def test_composed_blocks_in_chunks_on_threads(m, monkeypatch):
+    """Chunks of groups (an uneven last one) on one or three threads: the same bits, the butterfly's diagonal."""
+    rng = np.random.default_rng(m)
+    C = boft.cayley(rng.normal(0, 0.3, (m, 40, 4, 4)))
+    size = boft.composed_size(m, 4)
+    monkeypatch.setattr(boft, "COMPOSE_ELEMENTS", 3 * size * size)  # chunks of 3 groups
+    results = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", threads)
+        results.append(boft.composed_blocks(C))
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_allclose(scipy.linalg.block_diag(*results[1]), dense_butterfly(C), atol=1e-12)
+
+
 @pytest.mark.parametrize("m,nb,b,shape", [(1, 8, 8, (40, 64)), (2, 8, 8, (40, 64)), (3, 8, 4, (24, 32)),
                                           (4, 8, 32, (17, 256)), (2, 4, 8, (12, 8, 2, 2))])
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["float32", "bfloat16"])
