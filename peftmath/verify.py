@@ -198,7 +198,7 @@ def _bound_terms(base: Model, pl: Any, adapters: Sequence[Any], abs_adapters: Se
         if desc.additive:
             amod = abs_adapters[st.adapter].module(st.module, weight_shape=shape, kind=st.kind,
                                                    model_type=base.model_type)
-            deltas = deltas + np.abs(np.asarray(amod.delta_weight()))
+            deltas = deltas + np.abs(np.asarray(amod.delta_weight(peft_compat=peft_compat)))
             K += _contraction(mod.params) + 2
             dora = dora or mod.needs_record()
         elif desc.scale:
@@ -319,7 +319,7 @@ def verify(base: Model, adapters: Sequence[Any], merged: Model, *, peft_compat: 
                 continue
             wkey = pl.key_group[key]
             if key not in done:
-                exact = compute_group(base, pl64, exact_ads, wkey, work=_F64)
+                exact = compute_group(base, pl64, exact_ads, wkey, work=_F64, peft_compat=peft_compat)
                 u_c = unit_roundoff(_compute_dtype(pl.ops[wkey].work_dtype))[0]
                 u_d = unit_roundoff(want)[0]
                 terms = _bound_terms(base, pl, adapters, abs_ads, wkey, exact, u_c, peft_compat, u_d)

@@ -264,4 +264,8 @@ def test_checkpoint_round_trip_and_the_command(tmp_path):
         assert sorted(got) == sorted(state)
         for k in state:  # the streamed merge is Adapter.merge, bit for bit
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        # verify's exact merge is the same math: each merge passes with its own option and fails with the other
+        for vextra, rc in ((extra, 0), (["--peft-compat"] if not extra else [], 1)):
+            assert cli.main(["verify", str(tmp_path / "base.safetensors"), str(tmp_path / "a"), str(out),
+                             *vextra]) == rc, (extra, vextra)
     assert cli.main(["inspect", str(tmp_path / "a"), "--base", str(tmp_path / "base.safetensors")]) == 0
