@@ -336,8 +336,7 @@ def _plot_inspect(args: argparse.Namespace, base: Any) -> None:
     if base is not None:
         state = {}
         for m in ad.modules:
-            for leaf in ("weight", "bias"):
-                key = f"{ad.base_key(m, base)}.{leaf}"
+            for key in ad.weight_keys(m, base):  # <m>.weight / .bias, a raw parameter, an attention's in_proj
                 if key in base:
                     state[key] = base.read(key)
     plot_spectra(ad, args.plot, base=state)

@@ -170,7 +170,10 @@ def _inspect_module(ad: Any, m: str, base: Any, kind: Any, top: int, norms: bool
         known = wshape is not None or all(int(d) > 0 for d in mod.layer.weight_shape)
         entry["layer"] = mod.layer.kind.value if known else None
         entry["weight_shape"] = list(mod.layer.weight_shape) if known else None
-        entry.update({k: v for k, v in mod.describe().items() if k in ("alpha", "scaling")})
+        described = mod.describe()
+        entry.update({k: v for k, v in described.items() if k in ("alpha", "scaling")})
+        if isinstance(described.get("r"), int) and "rank" in entry:  # the module's own rank (LoRA's target_parameters:
+            entry["rank"] = described["r"]  # its rank_pattern is keyed by the parameter's name, not the module's)
         if base is not None and "base" not in entry:
             entry["base"] = "ok"
     except PeftMathError as exc:

@@ -64,7 +64,8 @@ def spectra(adapter, base: Mapping[str, Any] | None = None, *, modules: list[str
         The base state dict (``{"model.layers.0.q_proj.weight": array, ...}``). Without it, only additive
         methods (LoRA, DoRA's ``s·BA`` part, AdaLoRA, LoHa, LoKr, VeRA) can be shown: ``ΔW`` is their delta
         weight. With it, ``ΔW = merge(W) − W`` for every method (DoRA's rescaling, OFT's rotation, IA³'s
-        scale included), in float64.
+        scale included), in float64. A stack of expert matrices (LoRA's ``target_parameters`` on a 3-D
+        parameter) gives one entry per expert, ``"<module>[e]"``.
     modules
         The module names to include (default: all of the adapter's).
 
@@ -89,21 +90,28 @@ def spectra(adapter, base: Mapping[str, Any] | None = None, *, modules: list[str
                 raise UnsupportedError(
                     f"plot: module {name!r} is {adapter.peft_type}, which changes W by more than an added ΔW; "
                     "pass the base weights (base=..., or --base BASE) to plot merge(W) − W")
-            M = _matrix_view(module, module.delta_weight())
-            out[name] = _summary(M)
+            _put(out, name, _matrix_view(module, module.delta_weight()))
         return out
     wide = {k: np.asarray(v, dtype=np.float64) for k, v in base.items()}
     merged = adapter.merge(wide)
     for name in names:
         key = _weight_key(adapter, name, wide)
         module = adapter.module(name, weight_shape=wide[key].shape)
-        M = _matrix_view(module, np.asarray(merged[key], dtype=np.float64) - wide[key])
-        out[name] = _summary(M)
+        _put(out, name, _matrix_view(module, np.asarray(merged[key], dtype=np.float64) - wide[key]))
     return out
 
 
+def _put(out: dict[str, dict[str, Any]], name: str, M: np.ndarray) -> None:
+    """``out[name]``: the summary of ``M``; a stack of expert matrices ``(E, m, n)`` (LoRA's
+    ``target_parameters``) gives one entry per expert, ``name[e]``."""
+    if M.ndim == 3:
+        out.update({f"{name}[{e}]": _summary(np.asarray(M[e], dtype=np.float64)) for e in range(M.shape[0])})
+    else:
+        out[name] = _summary(M)
+
+
 def _weight_key(adapter, name: str, base: Mapping[str, Any]) -> str:
-    key = f"{adapter.base_key(name, base)}.weight"
+    key = adapter.weight_keys(name, base)[0]  # <m>.weight, a raw parameter, an attention's in_proj_weight
     if key not in base:
         raise ShapeError(f"plot: the base has no weight {key!r} for module {name!r}")
     return key

@@ -15,6 +15,7 @@ import pytest
 import peftmath as pm
 from peftmath import cli
 from peftmath.errors import ConfigError, ShapeError, UnsupportedError
+from peftmath.inspect import inspect_adapter
 from peftmath.io.safetensors import save_file
 from peftmath.methods.lora import LoraConfig
 from peftmath.methods.lora_params import parameter_delta
@@ -140,6 +141,33 @@ def test_save_load_round_trip_and_command(tmp_path):
     for k in want:
         np.testing.assert_allclose(np.asarray(streamed[k]), want[k], rtol=1e-6, atol=1e-6)
     assert cli.main(["inspect", str(tmp_path / "ad"), "--base", str(tmp_path / "base.safetensors")]) == 0
+    # inspect's rank per module: each wrapper's own r (the pattern is keyed by the parameter, not the module)
+    ranks = {e["module"]: e["rank"] for e in inspect_adapter(tmp_path / "ad")["modules"]}
+    # experts = down_proj (outer wrapper, rank_pattern 3); experts.base_layer = gate_up_proj and lin: r = 2
+    assert ranks == {"experts": 3, "experts.base_layer": 2, "lin": 2}
+    assert int(params["experts"]["lora_A.weight"].shape[0]) == 3 * E  # the checkpoint agrees: A is (r·E, in)
+    # the spectra with the base: one per expert of each stack, ‖ΔP[e]‖ as the float64 expert loop gives it
+    from peftmath.plot import spectra
+
+    got = spectra(ad, state)
+    assert sorted(got) == sorted([f"experts[{e}]" for e in range(E)] + [f"experts.base_layer[{e}]" for e in range(E)]
+                                 + ["lin"])
+    want = _expected(params, state)
+    for e in range(E):
+        d = want["experts.down_proj"][e].astype(np.float64) - state["experts.down_proj"][e]
+        assert np.isclose(got[f"experts[{e}]"]["norm"], np.linalg.norm(d), rtol=1e-5)
+
+
+def test_inspect_plot_of_expert_stacks(tmp_path):
+    """``inspect --plot --base`` reads each wrapper's parameter (not ``<module>.weight``) and draws one spectrum
+    per expert."""
+    pytest.importorskip("matplotlib")
+    params, state = _case(seed=4)
+    pm.save_adapter(pm.Adapter(_config(rank_pattern={"experts.down_proj": 3}), params), tmp_path / "ad")
+    save_file(state, tmp_path / "base.safetensors")
+    assert cli.main(["inspect", str(tmp_path / "ad"), "--base", str(tmp_path / "base.safetensors"), "--plot",
+                     str(tmp_path / "spectra.png"), "-q"]) == 0
+    assert (tmp_path / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_fortran_and_strided_bases():
