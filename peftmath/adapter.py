@@ -90,6 +90,10 @@ class Adapter:
         #: the method's :class:`~peftmath.methods.Method` description: what this adapter asks of its method
         self.description: Method = self.method.METHOD
         self.params: dict[str, dict[str, Array]] = {m: dict(p) for m, p in params.items()}
+        if getattr(config, "trainable_token_indices", None) is not None:  # LoRA's trainable tokens: ids <-> rows
+            from .methods._lora_tokens import check_token_modules
+
+            check_token_modules(config, self.params, f"{config.peft_type} adapter")
         self.shared: dict[str, Array] = dict(shared or {})
         self.other: dict[str, Array] = dict(other or {})
         self.layer_kinds: dict[str, LayerKind] = {k: LayerKind.parse(v) for k, v in (layer_kinds or {}).items()}
