@@ -41,7 +41,7 @@ from .lora import TOKENS_KEY, LoraModule
 
 Array = Any
 
-__all__ = ["TOKENS_KEY", "check_indices", "token_indices_for", "token_modules", "check_token_modules",
+__all__ = ["TOKENS_KEY", "check_indices", "token_indices_for", "token_modules", "check_token_modules", "initial_rows",
            "LoraTokensModule"]
 
 #: the config field
@@ -115,13 +115,56 @@ def check_token_modules(config: Any, params: Any, source: str) -> None:
     if value is not None and not found:
         raise CheckpointError(
             f"{source}: the config sets {FIELD}={value!r} but the checkpoint holds no <module>.{TOKENS_KEY} "
-            f"tensor: the trained rows are missing, and merged without them the adapter would be wrong")
+            f"tensor: the trained rows are missing, and merged without them the adapter would be wrong (a new "
+            f"adapter gets them from initial_rows in peftmath/methods/_lora_tokens.py)")
     if isinstance(value, list) and len(found) > 1:
         raise CheckpointError(
             f"{source}: {FIELD} is a list (the rows of the input embedding), but the checkpoint holds rows for "
             f"{len(found)} modules ({', '.join(found)}); PEFT wraps one table for a list")
     for m in found:
         token_indices_for(config, m)
+
+
+def initial_rows(config: Any, state: Any, *, model_type: str | None = None) -> dict[str, dict[str, Array]]:
+    """The rows a new LoRA adapter with ``trainable_token_indices`` starts with, ``{module: {TOKENS_KEY: W[t]}}``
+    (PEFT's wrapper copies the table's current rows whatever ``init_lora_weights`` says: the adapter starts as the
+    identity), for the tables of base state dict ``state`` (module name -> ``<module>.weight``; checkpoint names
+    mapped with ``model_type``). The list form takes the input embedding: the one module of ``state`` whose last
+    name is one of :data:`peftmath.targets.WORD_EMBEDDING_NAMES`; the dict form every module whose name ends with
+    a key (the first key in order). :class:`ConfigError` when a key or the embedding is not found (PEFT raises
+    too). With tied embeddings PEFT saves the embedding's rows only: leave a tied ``lm_head`` out of the dict."""
+    import array_api_compat
+
+    from .._array import namespace
+    from ..targets import WORD_EMBEDDING_NAMES, checkpoint_to_module
+
+    value = getattr(config, FIELD, None)
+    if value is None:
+        return {}
+    modules = {checkpoint_to_module(k[: -len(".weight")], model_type): k for k in state if k.endswith(".weight")}
+    if isinstance(value, list):
+        found = sorted(m for m in modules if m.rsplit(".", 1)[-1] in WORD_EMBEDDING_NAMES)
+        if len(found) != 1:
+            raise ConfigError(f"{FIELD}: a list takes the rows of the model's input embedding, and the base has "
+                              f"{'none' if not found else 'several: ' + ', '.join(found)} among the names "
+                              f"{list(WORD_EMBEDDING_NAMES)}; give the table by name ({{'<module>': [ids]}})")
+        picked = {found[0]: list(value)}
+    else:
+        picked = {}
+        for m in sorted(modules):
+            key = next((k for k in value if m.endswith(k)), None)
+            if key is not None:
+                picked[m] = list(value[key])
+        missing = [k for k in value if not any(m.endswith(k) for m in picked)]
+        if missing:
+            raise ConfigError(f"{FIELD}: no module of the base ends with {missing} (PEFT raises too)")
+    out = {}
+    for m, ids in picked.items():
+        W = state[modules[m]]
+        tokens = tt.TokenRows(ids, int(W.shape[0]), m)
+        xp = namespace(W, where=m)
+        out[m] = {TOKENS_KEY: xp.take(W, xp.asarray(tokens.indices, device=array_api_compat.device(W)), axis=0)}
+    return out
 
 
 def _rows_config(config: Any, name: str) -> tt.TrainableTokensConfig:

@@ -256,3 +256,32 @@ def test_rows_in_a_checkpoint_of_another_method_are_not_accounted_for(tmp_path):
                                               r"\(trainable tokens \(trainable_token_indices; peftmath reads them in "
                                               r"LoRA adapters\)"):
         pm.load_adapter(folder)
+
+
+def test_initial_rows_copy_the_table_and_a_new_adapter_without_rows_is_refused():
+    """A new adapter starts as the identity (PEFT's wrapper copies W[t]); create_adapter does not make the rows
+    yet, and an adapter whose config names rows it does not hold is refused instead of merged without them."""
+    from peftmath.methods._lora_tokens import initial_rows
+
+    rng = np.random.default_rng(12)
+    state = {"model.embed_tokens.weight": rng.standard_normal((V, D)).astype(np.float32),
+             "lm_head.weight": rng.standard_normal((V, D)).astype(np.float32),
+             "model.layers.0.q.weight": rng.standard_normal((D, D)).astype(np.float32)}
+    rows = initial_rows(_config([4, 2, 4]), state)
+    assert list(rows) == ["model.embed_tokens"]
+    np.testing.assert_array_equal(rows["model.embed_tokens"][KEY], state["model.embed_tokens.weight"][[4, 2, 4]])
+    both = initial_rows(_config({"embed_tokens": [1], "lm_head": [0, 3]}), state)
+    np.testing.assert_array_equal(both["lm_head"][KEY], state["lm_head.weight"][[0, 3]])
+    cfg = _config({"embed_tokens": [1], "lm_head": [0, 3]})
+    ad = pm.Adapter(cfg, {**both, "model.layers.0.q": {"lora_A.weight": np.zeros((2, D), np.float32),
+                                                        "lora_B.weight": np.zeros((D, 2), np.float32)}})
+    merged = ad.merge(state)
+    for k in state:  # the identity
+        assert np.asarray(merged[k]).tobytes() == state[k].tobytes(), k
+    with pytest.raises(ConfigError, match=r"no module of the base ends with \['head'\]"):
+        initial_rows(_config({"head": [1]}), {"lm.weight": state["lm_head.weight"]})
+    with pytest.raises(ConfigError, match="the base has none among the names"):
+        initial_rows(_config([1]), {"lm_head.weight": state["lm_head.weight"]})
+    with pytest.raises(CheckpointError, match=r"LORA adapter: the config sets trainable_token_indices=\[1, 2\] .*"
+                                              r"initial_rows"):
+        pm.create_adapter(state, _config([1, 2]), model_type="llama")

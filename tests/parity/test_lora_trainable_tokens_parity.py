@@ -170,3 +170,21 @@ def test_a_lora_target_cannot_also_be_wrapped(tmp_path):
     state = {k: t2n(v) for k, v in _llama(False).state_dict().items()}
     with pytest.raises(CheckpointError, match="both LoRA tensors .* PEFT 0.21.2 cannot build"):
         pm.Adapter(ad.config, params).merge(state)
+
+
+@pytest.mark.parametrize("indices", [[3, 30, 3], {"embed_tokens": [3, 30, 7], "lm_head": [2, 5]}])
+def test_initial_rows_are_peft_s(indices, tmp_path):
+    """A fresh PEFT adapter's rows (before training) are initial_rows' (the identity), for both forms."""
+    from peftmath.methods._lora_tokens import TOKENS_KEY, initial_rows
+
+    model = _llama(False)
+    state = {k: t2n(v) for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pmodel = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"], trainable_token_indices=indices))
+    ad = load_peft_checkpoint(pmodel, tmp_path)
+    ours = initial_rows(ad.config, state)
+    tables = sorted(m for m in ad.modules if "proj" not in m)
+    assert sorted(ours) == tables
+    for m in tables:
+        assert bits_differ(np.asarray(ours[m][TOKENS_KEY]), np.asarray(ad.params[m][TOKENS_KEY])) == 0, m
