@@ -108,6 +108,10 @@ def check_token_modules(config: Any, params: Any, source: str) -> None:
     whose checkpoint holds no rows, a list form (one input embedding) with rows for several modules, and
     rows for a module no dict key names are each a :class:`CheckpointError` (PEFT saves the rows of every
     table it wraps, except a tied output layer's, which are the embedding's)."""
+    from ..config import field_status
+
+    if field_status(config.peft_type, FIELD) != "implemented":
+        return  # AdaLoRA: the field is refused by name (peftmath.config.check_supported), the rows are unknown tensors
     found = token_modules(params)
     value = getattr(config, FIELD, None)
     if value is None and not found:
