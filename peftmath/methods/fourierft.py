@@ -19,21 +19,22 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import array_api_compat
 import numpy as np
 
-from .._array import as_compute, compute_dtype, namespace
+from .._array import as_compute, compute_dtype, is_immutable, namespace
 from ..backends import backend_for, host_rng
 from ..config import TunerConfig, check_choice, check_flags, check_number, check_pattern, check_positive_int
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
 from ._base import (
-    ModuleAdapter, SignedModuleAdapter, add_fresh_delta, check_shape, layer_of_weight_shape,
-    require_kind
+    ROW_TILE_BYTES, ModuleAdapter, SignedModuleAdapter, check_shape, in_row_tiles, layer_of_weight_shape,
+    require_kind, write_weight
 )
 
 Array = Any
@@ -176,7 +177,9 @@ def init_weights(n_frequency: int, *, init_weights: bool = False, seed: int | np
 # --------------------------------------------------------------------------------------------------
 def delta_weight(spectrum: Array, out_features: int, in_features: int, *, scaling: float = 150.0,
                  random_loc_seed: int = 777, dtype: Any = None, where: str = "fourierft") -> Array:
-    """``ΔW = scaling · Re(IDFT₂(S))`` of shape ``(out, in)``, with the namespace's FFT (``xp.fft.ifftn``).
+    """``ΔW = scaling · Re(IDFT₂(S))`` of shape ``(out, in)``, with the namespace's FFT: a batched ``ifft`` of
+    the occupied columns of the Hermitian half grid, then ``irfft`` by row tiles written into the result
+    (:class:`_SpectralRows`; one tile on JAX and dask).
 
     Computed in ``dtype`` (default float32, float64 for a float64 spectrum: complex64 / complex128
     transforms).
@@ -187,43 +190,86 @@ def delta_weight(spectrum: Array, out_features: int, in_features: int, *, scalin
     True
     """
     xp = namespace(spectrum, where=where)
-    k = int(spectrum.shape[0]) if spectrum.ndim == 1 else -1
-    if k < 1:
-        raise ShapeError(f"{where}: {_KEY} must be a vector (k,), got shape {tuple(spectrum.shape)}")
-    spectral_indices(out_features, in_features, k, random_loc_seed, where)  # checks k and the size
-    cd = dtype if dtype is not None else compute_dtype(xp, spectrum.dtype)
-    dev = array_api_compat.device(spectrum)
-    # Re(IDFT₂(S)) = IDFT₂(H), H = (S + S(-u, -v)) / 2 (real, Hermitian): a real inverse transform of H's
-    # half spectrum (columns 0 .. in/2), half the work of the complex one. H is gathered (the array API has
-    # no scatter): each half-grid cell reads coefficient j from S and j' from its mirror (k: the appended 0).
-    values = xp.concat([as_compute(xp, spectrum, cd), xp.zeros((1,), dtype=cd, device=dev)])
-    half = (out_features, in_features // 2 + 1)
-    direct, mirror = (xp.reshape(xp.take(values, xp.asarray(m, device=dev), axis=0), half)
-                      for m in _half_grid_maps(out_features, in_features, k, int(random_loc_seed)))
-    direct += mirror  # both fresh gathers: summed and halved in place (JAX and dask rebind)
-    direct *= 0.5
-    del mirror
-    H = xp.astype(direct, xp.complex128 if cd == xp.float64 else xp.complex64)
-    del direct
-    dw = xp.fft.irfftn(H, s=(out_features, in_features), axes=(0, 1))
-    dw *= scaling  # in place: no second array of W's size (JAX and dask rebind)
+    plan = _SpectralRows(spectrum, out_features, in_features, scaling, random_loc_seed, dtype, where)
+    if is_immutable(spectrum):  # JAX, dask: no writes into an array; one tile (the whole grid)
+        return plan.rows(0, out_features)
+    dw = xp.empty((out_features, in_features), dtype=plan.real_dtype, device=array_api_compat.device(spectrum))
+    step = plan.tile_rows()
+    for r0 in range(0, out_features, step):
+        r1 = min(out_features, r0 + step)
+        dw[r0:r1, :] = plan.rows(r0, r1)
     return dw
 
 
+class _SpectralRows:
+    r"""``ΔW = α · IDFT₂(H)`` row tile by row tile, ``H = (S + S(−u, −v)) / 2`` (real, Hermitian), from its
+    half grid (columns ``0 .. in/2``).
+
+    Along the ``out`` axis only the half grid's occupied columns are transformed (``c ≤ 2k`` of ``in/2 + 1``;
+    a column without a coefficient transforms to zeros), as a compact ``(out, c + 1)`` array ``Z`` (one
+    batched ``ifft`` along axis 0; the extra column stays zero). Rows ``r0:r1`` of ``ΔW`` are then one
+    gather of ``Z``'s rows ``r0:r1`` into the half grid's column order (an empty column reads the zero
+    column) and one real inverse transform along ``in`` (``irfft``, contiguous):
+    ``O(c·out·log out + out·in·log in)`` in all, against ``O(out·in·log(out·in))`` for the full transform,
+    and no array of ``W``'s size besides the caller's. ``α/2`` scales the ``k`` coefficients, not ``ΔW``."""
+
+    def __init__(self, spectrum: Array, out_features: int, in_features: int, scaling: float, seed: int,
+                 dtype: Any, where: str):
+        xp = namespace(spectrum, where=where)
+        k = int(spectrum.shape[0]) if spectrum.ndim == 1 else -1
+        if k < 1:
+            raise ShapeError(f"{where}: {_KEY} must be a vector (k,), got shape {tuple(spectrum.shape)}")
+        spectral_indices(out_features, in_features, k, seed, where)  # checks k and the size
+        cd = dtype if dtype is not None else compute_dtype(xp, spectrum.dtype)
+        dev = array_api_compat.device(spectrum)
+        direct_map, mirror_map, columns = _column_plan(out_features, in_features, k, int(seed))
+        half = (out_features, int(direct_map.shape[0]) // out_features)  # (out, c + 1)
+        values = xp.concat([as_compute(xp, spectrum, cd) * (0.5 * scaling), xp.zeros((1,), dtype=cd, device=dev)])
+        direct, mirror = (xp.reshape(xp.take(values, xp.asarray(m, device=dev), axis=0), half)
+                          for m in (direct_map, mirror_map))
+        direct += mirror  # both fresh gathers (JAX and dask rebind)
+        del mirror
+        complex_dtype = xp.complex128 if cd == xp.float64 else xp.complex64
+        self.xp, self.real_dtype, self.in_features = xp, cd, in_features
+        self.half_columns = in_features // 2 + 1
+        self.z = xp.fft.ifft(xp.astype(direct, complex_dtype), axis=0)  # (out, c + 1)
+        self.columns = xp.asarray(columns, device=dev)
+
+    def tile_rows(self) -> int:
+        """Rows per tile: a complex tile of about :data:`~peftmath.methods._base.ROW_TILE_BYTES`."""
+        itemsize = 16 if self.real_dtype == self.xp.float64 else 8
+        return max(1, ROW_TILE_BYTES // (itemsize * self.half_columns))
+
+    def rows(self, r0: int, r1: int) -> Array:
+        """Rows ``r0:r1`` of ``ΔW`` (a new real array ``(r1 − r0, in)`` in the compute dtype)."""
+        xp = self.xp
+        with warnings.catch_warnings():  # dask's take builds a real meta array for a complex one and warns
+            warnings.filterwarnings("ignore", "Casting complex values to real", np.exceptions.ComplexWarning)
+            z = xp.take(self.z[r0:r1, :], self.columns, axis=1)  # (r1 − r0, in/2 + 1): the half grid's rows
+        return xp.fft.irfft(z, n=self.in_features, axis=1)
+
+
 @functools.lru_cache(maxsize=8)
-def _half_grid_maps(out_features: int, in_features: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two int32 maps over the flattened half grid ``(out, in//2 + 1)``: the coefficient at cell
-    ``(u, v)`` itself and at its mirror ``(-u mod out, -v mod in)``, ``k`` where there is none."""
+def _column_plan(out_features: int, in_features: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The compact grid of :class:`_SpectralRows`: two int32 maps over the flattened ``(out, c + 1)`` grid
+    (column ``i`` = the ``i``-th occupied half-grid column ``v_i``; entry ``(u, i)``: the coefficient at cell
+    ``(u, v_i)`` itself and at its mirror ``(−u mod out, −v_i mod in)``, ``k`` where there is none; the last
+    column all ``k``), and the ``(in/2 + 1,)`` int64 map from each half-grid column to its column (``c`` if
+    empty)."""
     m = in_features // 2 + 1
     rows, cols = spectral_indices(out_features, in_features, k, seed)
     j = np.arange(k, dtype=np.int32)
+    cells = [(r, c) for r, c in ((rows, cols), ((-rows) % out_features, (-cols) % in_features))]
+    used = np.unique(np.concatenate([c[c < m] for _, c in cells]))
+    columns = np.full(m, used.size, dtype=np.int64)
+    columns[used] = np.arange(used.size)
     maps = []
-    for r, c in ((rows, cols), ((-rows) % out_features, (-cols) % in_features)):
-        grid = np.full(out_features * m, k, dtype=np.int32)
+    for r, c in cells:
+        grid = np.full(out_features * (used.size + 1), k, dtype=np.int32)
         keep = c < m
-        grid[r[keep] * m + c[keep]] = j[keep]
+        grid[r[keep] * (used.size + 1) + columns[c[keep]]] = j[keep]
         maps.append(grid)  # private, never written (left writeable: torch warns on a read-only array)
-    return maps[0], maps[1]
+    return maps[0], maps[1], columns
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,18 +353,38 @@ class FourierFTModule(SignedModuleAdapter):
         return xp.matrix_transpose(dw) if self.layer.kind is LayerKind.CONV1D_TRANSPOSED else dw
 
     def _apply(self, weight: Array, sign: int, *, copy: bool, safe: bool, peft_compat: bool) -> Array:
-        """Merge: ``W + ΔW`` (the additive merge), formed in float32 (float64) and rounded once; ``copy=True`` adds
-        ``W`` into the freshly built ``ΔW`` (the result is the only array of W's size besides the transform's
-        own), ``copy=False`` adds ``ΔW`` into ``W`` in place. Unmerge: ``W − ΔW``, as :meth:`merge` (``−ΔW``
-        built with the scaling's sign flipped: exact)."""
+        """Merge: ``W + ΔW`` (the additive merge), formed in float32 (float64) and rounded once. Where the weight
+        can be written (NumPy, torch, CuPy, ...), ``ΔW``'s row tiles (:class:`_SpectralRows`) are added into the
+        ``(out, in)`` matrix view of ``W`` (``copy=False``) or of one private copy of it (``copy=True``): no
+        array of W's size besides the result. Elsewhere (JAX, dask) ``W`` is added into a fresh ``ΔW``.
+        ``peft_compat=True`` rounds ``ΔW`` to the spectrum's dtype first, as PEFT does (nothing for float32).
+        Unmerge: ``W − ΔW``, as :meth:`merge` (``−ΔW`` built with the scaling's sign flipped: exact)."""
         xp = self.xp
         cd = compute_dtype(xp, weight.dtype, self.spectrum.dtype)
-        signed = self if sign > 0 else self.scale_scaling(-1.0)
+        lay = self.layer
+        rounding = peft_compat and self.spectrum.dtype != cd
 
-        def fresh() -> Array:  # sign·ΔW in the stored layout and the compute dtype, a new array
-            return as_compute(xp, signed.delta_weight(peft_compat=peft_compat), cd)
+        def compute() -> Array:  # W + sign·ΔW into a fresh ΔW (stored layout)
+            dw = delta_weight(self.spectrum, lay.out_features, lay.in_features, scaling=sign * self.scaling,
+                              random_loc_seed=self.config.random_loc_seed, dtype=cd, where=self.name)
+            if rounding:
+                dw = as_compute(xp, as_compute(xp, dw, self.spectrum.dtype), cd)
+            dw = xp.matrix_transpose(dw) if lay.kind is LayerKind.CONV1D_TRANSPOSED else dw
+            dw += as_compute(xp, weight, cd)  # (JAX and dask rebind)
+            return dw
 
-        return add_fresh_delta(self.name, weight, fresh, cd, copy=copy, safe=safe, xp=xp)
+        def kernel(M: Array) -> bool:  # M: the (out, in) matrix view, written row tile by row tile
+            plan = _SpectralRows(self.spectrum, lay.out_features, lay.in_features, sign * self.scaling,
+                                 self.config.random_loc_seed, cd, self.name)
+
+            def update(T: Array, r0: int, r1: int) -> None:
+                tile = plan.rows(r0, r1)
+                T += as_compute(xp, as_compute(xp, tile, self.spectrum.dtype), cd) if rounding else tile
+
+            in_row_tiles(xp, M, cd, update, tile_full=True)
+            return True
+
+        return write_weight(self.name, weight, compute, layer=lay, kernel=kernel, copy=copy, safe=safe, xp=xp)
 
     def scaled(self, c: float) -> ModuleAdapter:
         """Scale ``c``: ``α → c·α``, so ``ΔW → c·ΔW`` (PEFT defines no scale for FourierFT; this is the

@@ -28,6 +28,7 @@ from ..errors import CheckpointError, ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
 from ._base import ModuleAdapter, SignedModuleAdapter, require_kind, write_weight
+from ._sparse import add_at
 
 Array = Any
 
@@ -309,16 +310,8 @@ class ShiraModule(SignedModuleAdapter):
             d += as_compute(xp, weight, cd)  # W + sign·ΔW into ΔW's own memory (JAX and dask rebind)
             return d
 
-        def kernel(M: Array) -> bool:
-            # only the k entries: integer-array assignment (NumPy, torch, CuPy); a namespace without it
-            # (array-api-strict) declines before anything is written
-            dev = array_api_compat.device(M)
-            try:
-                r, c = xp.asarray(pos.rows, device=dev), xp.asarray(pos.cols, device=dev)
-                M[r, c] = as_compute(xp, as_compute(xp, M[r, c], cd) + summed(), M.dtype)
-            except (TypeError, IndexError, NotImplementedError):
-                return False
-            return True
+        def kernel(M: Array) -> bool:  # only the k entries (methods._sparse.add_at: M's flat view where it has one)
+            return add_at(xp, M, pos.flat, pos.shape[1], summed(), cd)
 
         return write_weight(self.name, weight, compute, layer=self.layer, kernel=kernel, copy=copy, safe=safe,
                             xp=xp)

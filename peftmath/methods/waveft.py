@@ -23,14 +23,15 @@ from typing import Any, ClassVar
 import array_api_compat
 import numpy as np
 
-from .._array import as_compute, compute_dtype, namespace
+from .._array import as_compute, compute_dtype, is_immutable, namespace
 from ..backends import backend_for, host_rng
 from ..config import (TunerConfig, check_choice, check_flags, check_number, check_pattern, check_positive_int,
                       get_pattern_key)
 from ..errors import ConfigError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
-from ._base import MergeResult, ModuleAdapter, add_fresh_delta, layer_of_weight_shape, require_kind
+from ._base import MergeResult, ModuleAdapter, layer_of_weight_shape, require_kind, write_weight
+from ._sparse import add_at
 
 Array = Any
 
@@ -182,9 +183,9 @@ def init_weights(k: int, *, init_weights: bool = True, seed: int | np.random.Gen
 @functools.lru_cache(maxsize=4)
 def _atoms(out_features: int, in_features: int, k: int, seed: int, family: str, use_idwt: bool):
     """The host plan of ``ΔW = Σ_j c_j·A_j`` (``A_j``: coefficient ``j``'s atom, an ``L×L`` patch of filter
-    products after the transform's crops; one cell without the transform): the distinct cells ``cells``
-    (flat, row-major) and, per repeat level, which coefficient lands there (``k``: none) with which weight,
-    ``(levels, n_cells)`` each; plus the grid map cell -> its number (``n_cells``: an empty cell), int32."""
+    products after the transform's crops; one cell without the transform): per repeat level, which
+    coefficient lands on each distinct cell (``k``: none) with which weight, ``(levels, n_cells)`` each; the
+    distinct cells ``cells`` (flat, row-major, int64) themselves. The dense grid map is :func:`_grid`."""
     rows, cols = positions(out_features, in_features, k, seed)
     j = np.arange(k)
     if not use_idwt:
@@ -222,9 +223,17 @@ def _atoms(out_features: int, in_features: int, k: int, seed: int, family: str, 
         has = counts > level
         which[level, has] = jj[order[first[has] + level]]
         weight[level, has] = w[order[first[has] + level]]
+    return which, weight, cells
+
+
+@functools.lru_cache(maxsize=4)
+def _grid(out_features: int, in_features: int, k: int, seed: int, family: str, use_idwt: bool) -> np.ndarray:
+    """The grid map of :func:`delta_weight`'s dense gather: cell -> its number in ``_atoms``' ``cells``
+    (``n_cells``: an empty cell), int32 ``(out·in,)``."""
+    cells = _atoms(out_features, in_features, k, seed, family, use_idwt)[2]
     grid = np.full(out_features * in_features, cells.size, dtype=np.int32)
     grid[cells] = np.arange(cells.size, dtype=np.int32)
-    return which, weight, grid
+    return grid
 
 
 def delta_weight(spectrum: Array, out_features: int, in_features: int, *, scaling: float = 25.0,
@@ -232,7 +241,9 @@ def delta_weight(spectrum: Array, out_features: int, in_features: int, *, scalin
                  where: str = "waveft") -> Array:
     """``ΔW`` ``(out, in)``: PEFT's ``scaling · crop(IDWT₂(quadrants of the padded coefficient grid))`` (or
     ``scaling·S`` with ``use_idwt=False``), as the sum of the coefficients' atoms: per cell of ``ΔW``, the
-    few ``c_j·lo/hi[p]·lo/hi[q]`` that land there (host plan, :func:`_atoms`), then one gather into the grid.
+    few ``c_j·lo/hi[p]·lo/hi[q]`` that land there (host plan, :func:`_atoms`), written into zeros by one
+    integer-array assignment (one gather through the cached grid map where the namespace has no such
+    assignment: array-api-strict, JAX, dask).
     In ``dtype`` (default float32, float64 for a float64 spectrum); the filters are float64 numbers.
 
     >>> import numpy as np
@@ -241,24 +252,42 @@ def delta_weight(spectrum: Array, out_features: int, in_features: int, *, scalin
     True
     """
     xp = namespace(spectrum, where=where)
-    k = int(spectrum.shape[0]) if spectrum.ndim == 1 else -1
+    key = (out_features, in_features, int(spectrum.shape[0]) if spectrum.ndim == 1 else -1, int(random_loc_seed),
+           wavelet_family, bool(use_idwt))
+    values = _cell_values(xp, spectrum, key, scaling, dtype, where)
+    dev = array_api_compat.device(values)
+    if not is_immutable(values):  # zeros, then the nonzero cells by integer-array assignment (NumPy, torch, CuPy)
+        dw = xp.zeros((out_features * in_features,), dtype=values.dtype, device=dev)
+        try:
+            dw[xp.asarray(_atoms(*key)[2], device=dev)] = values
+            return xp.reshape(dw, (out_features, in_features))
+        except (TypeError, IndexError, NotImplementedError):  # array-api-strict: the gather below
+            del dw
+    values = xp.concat([values, xp.zeros((1,), dtype=values.dtype, device=dev)])
+    grid = xp.asarray(_grid(*key), device=dev)
+    return xp.reshape(xp.take(values, grid, axis=0), (out_features, in_features))
+
+
+def _cell_values(xp: Any, spectrum: Array, key: tuple, scaling: float, dtype: Any, where: str) -> Array:
+    """``ΔW``'s value on each of ``_atoms(*key)``' distinct cells, ``(n_cells,)`` in ``dtype`` (default float32,
+    float64 for a float64 spectrum): per repeat level, one gather of the scaled coefficients times the
+    filter products, summed."""
+    out_features, in_features, k, seed, family, use_idwt = key
     if k < 1:
         raise ShapeError(f"{where}: {_KEY} must be a vector (k,), got shape {tuple(spectrum.shape)}")
-    positions(out_features, in_features, k, random_loc_seed, where)  # checks k and the size
+    positions(out_features, in_features, k, seed, where)  # checks k and the size
     if use_idwt:
-        reconstruction_filters(wavelet_family, where)
-    which, weight, grid = _atoms(out_features, in_features, k, int(random_loc_seed), wavelet_family, bool(use_idwt))
+        reconstruction_filters(family, where)
+    which, weight, _ = _atoms(*key)
     cd = dtype if dtype is not None else compute_dtype(xp, spectrum.dtype)
     dev = array_api_compat.device(spectrum)
-    zero = xp.zeros((1,), dtype=cd, device=dev)
-    padded = xp.concat([as_compute(xp, spectrum, cd) * scaling, zero])
+    padded = xp.concat([as_compute(xp, spectrum, cd) * scaling, xp.zeros((1,), dtype=cd, device=dev)])
     cells = None
     for level in range(which.shape[0]):
         part = xp.take(padded, xp.asarray(which[level], device=dev), axis=0) * \
             xp.asarray(weight[level], dtype=cd, device=dev)
         cells = part if cells is None else cells + part
-    values = xp.concat([cells, zero])
-    return xp.reshape(xp.take(values, xp.asarray(grid, device=dev), axis=0), (out_features, in_features))
+    return cells
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,14 +382,28 @@ class WaveFTModule(ModuleAdapter):
         return MergeResult(self._apply(weight, -1, copy=copy, safe=False), bias)
 
     def _apply(self, weight: Array, sign: int, *, copy: bool, safe: bool) -> Array:
+        """``W + sign·ΔW``: where the weight can be written (NumPy, torch, CuPy), only ``ΔW``'s nonzero cells
+        (at most ``k·L²``) of the ``(out, in)`` matrix view of ``W`` (``copy=False``) or of one private copy
+        (``copy=True``) are read and written (:func:`~peftmath.methods._sparse.add_at`); elsewhere ``W`` is added
+        into a fresh dense ``ΔW``. Each touched entry formed in float32 (float64) and rounded once."""
         xp = self.xp
         cd = compute_dtype(xp, weight.dtype, self.spectrum.dtype)
-        signed = self if sign > 0 else self.scale_scaling(-1.0)
+        lay, options = self.layer, self._options(sign * self.scaling)
 
-        def fresh() -> Array:  # sign·ΔW in the stored layout and the compute dtype, a new array
-            return as_compute(xp, signed.delta_weight(), cd)
+        def compute() -> Array:  # W + sign·ΔW into a fresh dense ΔW (stored layout)
+            dw = as_compute(xp, delta_weight(self.spectrum, lay.out_features, lay.in_features, dtype=cd,
+                                             where=self.name, **options), cd)
+            dw = xp.matrix_transpose(dw) if lay.kind is LayerKind.CONV1D_TRANSPOSED else dw
+            dw += as_compute(xp, weight, cd)  # (JAX and dask rebind)
+            return dw
 
-        return add_fresh_delta(self.name, weight, fresh, cd, copy=copy, safe=safe, xp=xp)
+        def kernel(M: Array) -> bool:  # M: the (out, in) matrix view; only ΔW's nonzero cells
+            key = (lay.out_features, lay.in_features, int(self.spectrum.shape[0]),
+                   int(options["random_loc_seed"]), options["wavelet_family"], bool(options["use_idwt"]))
+            values = _cell_values(xp, self.spectrum, key, options["scaling"], cd, self.name)
+            return add_at(xp, M, _atoms(*key)[2], lay.in_features, values, cd)
+
+        return write_weight(self.name, weight, compute, layer=lay, kernel=kernel, copy=copy, safe=safe, xp=xp)
 
     def scaled(self, c: float) -> ModuleAdapter:
         """Scale ``c``: ``α → c·α``, so ``ΔW → c·ΔW`` (PEFT defines no scale for WaveFT; this is the linear one)."""
