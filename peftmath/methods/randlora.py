@@ -276,7 +276,7 @@ def _apply(W: Array, lam: Array, gamma: Array, A: Array, B: Array, *, scaling: f
         step = r if is_low_precision(M.dtype) else max(1, 512 // n)
         for k0 in range(0, r, step):
             P, Q = _factor_block(lam, gamma, A, B, lay, k0, min(r, k0 + step), cd, where)
-            if not backend_for(xp).addmm_(M, P * scaling, Q, float(sign)):
+            if not backend_for(xp).addmm_(M, P, Q, sign * scaling):  # s folded into the gemm's alpha
                 if k0:  # the conditions do not depend on the block: a backend that accepted the first accepts all
                     raise BackendError(f"{where}: the backend's in-place gemm refused a block after accepting the "
                                        f"first; the weight is partly updated, reload it")
