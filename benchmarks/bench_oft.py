@@ -228,7 +228,8 @@ def run(args) -> str:
         f"Round-robin, {args.repeats} rounds after a warm-up round; ms = median per contestant, ratio = median over "
         f"rounds of the per-round ratio" + (" — **--quick run**" if args.quick else "") + (
             f"; each call starts after {args.settle:g} s idle (OpenBLAS's workers spin ~0.1 s after a threaded "
-            f"call and would take a core from the next contestant)" if args.settle > 0 else "") + ". Floor: one batched "
+            f"call and would take a core from the next contestant)" if args.settle > 0 else "") + ". Floor: one "
+        f"batched "
         f"matmul of W's blocks, `np.matmul(X, Rᵀ, out=Y)` with X W's 32-column blocks stored contiguously "
         f"(r, 4096, 32) and Y preallocated (BOFT m=2: blocks of 64, (64, 4096, 64), the block size of its "
         f"composed rotation, whose flops are those of its two butterfly levels of 32); the rotation's own "
@@ -239,7 +240,10 @@ def run(args) -> str:
         f"Machine: {machine_line()}.  ",
         f"Threads: {THREAD_NOTE}; peftmath's row tiles run on as many threads (`oft.tile_threads()` = "
         f"{getattr(oft, 'tile_threads', lambda: 'n/a')()}). Load average (1 min) {load_before:.2f} at the start, "
-        f"{os.getloadavg()[0]:.2f} at the end, on {os.cpu_count()} cores.",
+        f"{os.getloadavg()[0]:.2f} at the end, on {os.cpu_count()} cores."
+        + (f" **{THREADS} thread{'s' if THREADS > 1 else ''}, not the project's 2**: a run on a busy machine, where "
+           "2-thread BLAS calls (the floor's) wait for their second thread to be scheduled and the ratios "
+           "measure the load; the reference run uses 2 threads on an idle machine." if THREADS != 2 else ""),
         "",
         "| case | operation | peftmath ms | reference | reference ms | ratio | target | result |",
         "|---|---|---:|---|---:|---:|---|---|",

@@ -606,10 +606,11 @@ MIN_TILE_ROWS = 8
 def factor_tile_rows(n_cols: int, itemsize: int, factor_bytes: int) -> int:
     """Rows per tile of :func:`rotate_rows`: the most that keep two tiles and the factors (``factor_bytes``)
     in :data:`CACHE_BYTES`, at least :data:`MIN_TILE_ROWS`, at most :func:`tile_rows` (:data:`TILE_BYTES`).
-    Measured on Linear(4096, 4096), blocks of 32 (``benchmarks/bench_oft.py``): 8-row tiles take about 0.75x the
-    CPU time of 32-row tiles, whose buffers and factors (1.5 MiB) spill out of a 1 MiB L2 cache.
+    Measured on Linear(4096, 4096), blocks of 32 (``benchmarks/bench_oft.py``): 8-row tiles take about 0.75x
+    the CPU time of 32-row tiles, whose buffers and factors (1.5 MiB) spill out of a 1 MiB L2 cache.
 
-    >>> factor_tile_rows(4096, 4, 128 * 32 * 32 * 4), factor_tile_rows(4096, 4, 32 * 32 * 4), factor_tile_rows(10**5, 4, 0)
+    >>> blocks = 128 * 32 * 32 * 4  # Linear(4096), blocks of 32, float32
+    >>> factor_tile_rows(4096, 4, blocks), factor_tile_rows(4096, 4, 32 * 32 * 4), factor_tile_rows(10**5, 4, 0)
     (8, 23, 1)
     """
     fit = (CACHE_BYTES - factor_bytes) // max(1, 2 * n_cols * itemsize)
