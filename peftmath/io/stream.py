@@ -514,12 +514,15 @@ def read_records(path: str | os.PathLike | None) -> dict[str, np.ndarray]:
 
 
 def check_records(pl: Plan, records: Mapping[str, Any], merged: str | os.PathLike) -> None:
-    """Refuse (:class:`NotInvertibleError`) an unmerge of a DoRA module without a record in ``records``."""
+    """Refuse (:class:`NotInvertibleError`) an unmerge of a module whose unmerge needs its merge's record (DoRA's
+    weight norms, the rows trainable tokens replaced, ...) without one in ``records``."""
     for g in pl.groups.values():
         for st in g:
             if st.mod is not None and st.mod.needs_record() and _record_for(records, st.module)[0] is None:
+                what = ("the weight norms recorded at merge time" if getattr(st.mod, "is_dora", False) is True
+                        else "what its merge recorded (e.g. the original rows that trainable tokens replace)")
                 raise NotInvertibleError(
-                    f"{st.module}: unmerging DoRA needs the weight norms recorded at merge time, and no record for "
+                    f"{st.module}: unmerging this {st.mod.peft_type} module needs {what}, and no record for "
                     f"this module was found (`peftmath merge` writes them to {records_path(merged)}); pass "
                     f"--records FILE if they are elsewhere")
 

@@ -210,9 +210,6 @@ class LoraTokensModule(LoraModule):
     def describe(self) -> dict[str, Any]:
         return {"tokens": int(self.tokens.unique.size)}
 
-    def is_dora(self) -> bool:
-        return False
-
     def changes_bias(self) -> bool:
         return False
 

@@ -6,6 +6,8 @@ LoRA tensors and rows, rows the config does not name, scale, delta weight, AdaLo
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -166,6 +168,13 @@ def test_save_load_and_the_streamed_command(tmp_path):
     back = load_file(str(tmp_path / "u.safetensors"))
     assert back["embed_tokens.weight"].tobytes() == state["embed_tokens.weight"].tobytes()
     np.testing.assert_allclose(back["q.weight"], state["q.weight"], atol=1e-5)
+    (tmp_path / "m.safetensors.merge-records.safetensors").unlink()  # without the records: refused, saying what
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["unmerge", str(tmp_path / "m.safetensors"), str(tmp_path / "a"), "-o",
+                       str(tmp_path / "u2.safetensors")])
+    assert rc == 1 and not (tmp_path / "u2.safetensors").exists()
+    assert "embed_tokens: unmerging this LORA module needs what its merge recorded" in " ".join(err.getvalue().split())
 
 
 # --------------------------------------------------------------------------------------------------
