@@ -236,9 +236,10 @@ class _SpectralRows:
         self.columns = xp.asarray(columns, device=dev)
 
     def tile_rows(self) -> int:
-        """Rows per tile: a complex tile of about :data:`~peftmath.methods._base.ROW_TILE_BYTES`."""
+        """Rows per tile: a complex tile of about a quarter of :data:`~peftmath.methods._base.ROW_TILE_BYTES`
+        (1 MiB: the gather, the transform and the sum stay in cache; measured faster than 4 MiB tiles)."""
         itemsize = 16 if self.real_dtype == self.xp.float64 else 8
-        return max(1, ROW_TILE_BYTES // (itemsize * self.half_columns))
+        return max(1, ROW_TILE_BYTES // (4 * itemsize * self.half_columns))
 
     def rows(self, r0: int, r1: int) -> Array:
         """Rows ``r0:r1`` of ``ΔW`` (a new real array ``(r1 − r0, in)`` in the compute dtype)."""
@@ -377,9 +378,15 @@ class FourierFTModule(SignedModuleAdapter):
             plan = _SpectralRows(self.spectrum, lay.out_features, lay.in_features, sign * self.scaling,
                                  self.config.random_loc_seed, cd, self.name)
 
-            def update(T: Array, r0: int, r1: int) -> None:
-                tile = plan.rows(r0, r1)
-                T += as_compute(xp, as_compute(xp, tile, self.spectrum.dtype), cd) if rounding else tile
+            step = plan.tile_rows()
+
+            def update(T: Array, r0: int, r1: int) -> None:  # T: rows r0:r1 of M, in cd; sub-tiles of `step` rows
+                for s0 in range(r0, r1, step):
+                    s1 = min(r1, s0 + step)
+                    tile = plan.rows(s0, s1)
+                    if rounding:
+                        tile = as_compute(xp, as_compute(xp, tile, self.spectrum.dtype), cd)
+                    T[s0 - r0:s1 - r0, ...] += tile
 
             in_row_tiles(xp, M, cd, update, tile_full=True)
             return True
