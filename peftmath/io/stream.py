@@ -91,6 +91,10 @@ RECORDS_SUFFIX = ".merge-records.safetensors"
 #: file name endings of weight files that are not copied beside a merged model (stale or pickles)
 _WEIGHT_ENDINGS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".gguf")
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+#: the float codes' dtype names and sizes: a bfloat16 model is planned and laid out without ml_dtypes
+_FLOAT_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_FLOAT_CODE = {name: code for code, name in _FLOAT_NAMES.items()}
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class _OutputDtypes(Mapping):
@@ -217,9 +221,10 @@ class Model:
         f = self.files[name]
         return sorted(f, key=lambda k: f.span(k)[0])
 
-    def read(self, key: str) -> np.ndarray:
-        """A private, writeable copy of tensor ``key`` (read with plain file I/O, not kept mapped)."""
-        return read_span(self.span_of(key), key)
+    def read(self, key: str, *, bits: bool = False) -> np.ndarray:
+        """A private, writeable copy of tensor ``key`` (read with plain file I/O, not kept mapped); ``bits``: a
+        bfloat16 tensor as its ``uint16`` bits (:func:`read_span`)."""
+        return read_span(self.span_of(key), key, bits=bits)
 
     def span_of(self, key: str) -> Span:
         """Where tensor ``key``'s bytes are: a picklable :class:`Span` (file, byte range, dtype, shape)."""
@@ -245,9 +250,10 @@ class Span:
     shape: tuple[int, ...]
 
 
-def read_span(span: Span, key: str = "tensor") -> np.ndarray:
-    """A private, writeable array of the bytes ``span`` describes (plain file I/O, nothing kept mapped)."""
-    dt = DTYPES[span.code]
+def read_span(span: Span, key: str = "tensor", *, bits: bool = False) -> np.ndarray:
+    """A private, writeable array of the bytes ``span`` describes (plain file I/O, nothing kept mapped).
+    ``bits``: a bfloat16 tensor comes as its ``uint16`` bits (no ml_dtypes needed; other dtypes as stored)."""
+    dt = np.dtype(np.uint16) if bits and span.code == "BF16" else DTYPES[span.code]
     if span.end == span.start:
         return np.zeros(span.shape, dtype=dt)
     try:
@@ -346,13 +352,14 @@ class Plan:
         return sum(op.nbytes for op in self.ops.values())
 
 
-def _wider(a: np.dtype, b: np.dtype) -> np.dtype:
-    order = ["float16", "bfloat16", "float32", "float64"]  # by name: no ml_dtypes import for a float32 model
-    if a.name not in order or b.name not in order:
+def _wider(a: str, b: str) -> str:
+    """The wider of two dtype names (float16 and bfloat16: float32); ``a`` when either is not a float."""
+    order = ["float16", "bfloat16", "float32", "float64"]  # by name: no ml_dtypes import
+    if a not in order or b not in order:
         return a
-    if {a.name, b.name} == {"float16", "bfloat16"}:
-        return np.dtype(np.float32)
-    return max(a, b, key=lambda d: order.index(d.name))
+    if {a, b} == {"float16", "bfloat16"}:
+        return "float32"
+    return max(a, b, key=order.index)
 
 
 def _base_key(base: Model, key: str) -> str:
@@ -452,11 +459,11 @@ def plan(
     ops: dict[str, TensorOp] = {}
     for fname in base.files:
         for key in base.ordered(fname):
-            src = base.dtype(key)
             code = base.dtype_code(key)
-            dst = dtype if (dtype is not None and code in _FLOAT_CODES) else src
+            src = _FLOAT_NAMES.get(code) or dtype_name(base.dtype(key))  # (a float by its code: no ml_dtypes)
+            dst = dtype_name(dtype) if (dtype is not None and code in _FLOAT_CODES) else src
             shape = base.shape(key)
-            nbytes = math.prod(shape) * dst.itemsize
+            nbytes = math.prod(shape) * (_ITEMSIZE.get(dst) or base.dtype(key).itemsize)
             if key in key_group or key in replaced:
                 g = key_group.get(key)
                 work = _wider(src, dst)
@@ -467,10 +474,10 @@ def plan(
                     if s.module is not None:
                         mods.append(f"{names[s.adapter]}:{s.module}")
                 op = direction if g else "replace"
-                ops[key] = TensorOp(key, op, shape, dtype_name(src), dtype_name(dst), dtype_name(work), nbytes, mods)
+                ops[key] = TensorOp(key, op, shape, src, dst, work, nbytes, mods)
             else:
                 op = "copy" if dst == src else "cast"
-                ops[key] = TensorOp(key, op, shape, dtype_name(src), dtype_name(dst), dtype_name(src), nbytes)
+                ops[key] = TensorOp(key, op, shape, src, dst, src, nbytes)
     return Plan(ops, groups, key_group, replaced, group_bias)
 
 
@@ -1046,8 +1053,9 @@ class Job:
         return buf[:n].reshape(shape)
 
     def read(self, key: str) -> np.ndarray:
-        """Input tensor ``key`` (plain file I/O on its :class:`Span`)."""
-        return read_span(self.spans[key], key)
+        """Input tensor ``key`` (plain file I/O on its :class:`Span`; a weight of :attr:`float32_weights` as its
+        bfloat16 bits)."""
+        return read_span(self.spans[key], key, bits=key in self.float32_weights)
 
     def write(self, i: int, offset: int, arr: np.ndarray) -> None:
         """Write ``arr``'s bytes at ``offset`` of output file ``i``. The file is opened without ``O_CREAT``:
@@ -1085,8 +1093,9 @@ class Job:
 def _output_array(op: TensorOp, arr: np.ndarray, safe: bool) -> np.ndarray:
     """``arr`` as it is written: the output dtype (rounded once), C-contiguous, little-endian; with ``safe``,
     a NaN or infinity is a :class:`NonFiniteError`."""
-    arr = np.ascontiguousarray(_astype(arr, _np_dtype(op.dst_dtype)))
-    if safe and (arr.dtype.kind == "f" or is_bf16(arr.dtype)) and not all_finite(arr):
+    bits = arr.dtype == np.uint16 and op.dst_dtype == "bfloat16"  # a widened weight's result (no ml_dtypes)
+    arr = np.ascontiguousarray(arr if bits else _astype(arr, _np_dtype(op.dst_dtype)))
+    if safe and (bits or arr.dtype.kind == "f" or is_bf16(arr.dtype)) and not all_finite(widen_bf16(arr) if bits else arr):
         raise NonFiniteError(
             f"{op.key}: the {op.operation} result contains NaN or infinity in {op.dst_dtype}; nothing "
             f"was written. Check the adapter, or keep a wider --dtype")
@@ -1097,8 +1106,9 @@ def _output_array(op: TensorOp, arr: np.ndarray, safe: bool) -> np.ndarray:
 
 def compute_unit(job: Job, unit: Unit, read: Callable[[str], np.ndarray] | None = None,
                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The bytes unit ``unit`` (not a copy) writes: ``({key: array as written}, {record name: record})``.
-    ``read`` reads an input tensor (default :meth:`Job.read`)."""
+    """The bytes unit ``unit`` (not a copy) writes: ``({key: array as written}, {record name: record})``; a
+    weight of :attr:`Job.float32_weights` comes as its bfloat16 bits (``uint16``). ``read`` reads an input tensor
+    (default :meth:`Job.read`)."""
     pl, read = job.plan, read or job.read
     to_host = job.to_host or (lambda a: np.asarray(a))
     to_xp = job.to_xp or (lambda a: a)
@@ -1330,7 +1340,8 @@ def prepare(
         files: list[OutputFile] = []
         where: dict[str, tuple[int, int]] = {}
         for i, (target, file_meta, members) in enumerate(layout):
-            entries = [(k, dtype_code(_np_dtype(pl.ops[k].dst_dtype)), pl.ops[k].shape, pl.ops[k].nbytes)
+            entries = [(k, _FLOAT_CODE.get(pl.ops[k].dst_dtype) or dtype_code(_np_dtype(pl.ops[k].dst_dtype)),
+                        pl.ops[k].shape, pl.ops[k].nbytes)
                        for _, k in members]
             head = _header_bytes(entries, _with_provenance(file_meta, provenance))
             head = struct.pack("<Q", len(head)) + head
@@ -1409,7 +1420,9 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
     pl = job.plan
     reads = job.reads()
     limit = _stage_limit(base, pl, reads)
-    reader = ReadAhead(base.read, reads, base.nbytes, limit, threaded=pipeline)
+    wide = job.float32_weights  # read as their bfloat16 bits
+    reader = ReadAhead(lambda k: base.read(k, bits=True) if k in wide else base.read(k), reads, base.nbytes, limit,
+                       threaded=pipeline)
     writer = WriteBehind(limit, threaded=pipeline)
     sources: dict[str, int] = {}
     new_records: dict[str, np.ndarray] = {}

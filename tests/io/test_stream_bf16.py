@@ -160,6 +160,8 @@ def test_the_job_pickles_without_its_buffers_and_reruns(tmp_path):
         assert job.float32_weights == {f"{m}.weight" for m in TARGETS}
         units = [u for u in job.units if u.kind == "group"]
         first = compute_unit(job, units[0])[0]
+        wkey = job.plan.key_group[units[0].keys[0]]
+        assert first[wkey].dtype == np.uint16  # the weight's bfloat16 bits as written (its bias: as stored)
         buf = job.float32_buffer(SHAPES["q_proj"])
         assert buf.dtype == np.float32 and buf.shape == SHAPES["q_proj"]
         assert np.shares_memory(job.float32_buffer(SHAPES["v_proj"]), buf)  # reused, not reallocated
@@ -179,9 +181,39 @@ def test_the_job_pickles_without_its_buffers_and_reruns(tmp_path):
         for res in runs[1:]:
             assert res.keys() == first.keys()
             for k in first:
-                assert res[k].dtype == BF16 and res[k].view(np.uint16).tobytes() == first[k].view(np.uint16).tobytes()
+                assert res[k].dtype == first[k].dtype and res[k].tobytes() == first[k].tobytes()
         for u in units[1:]:  # the others, on the copy and on the job (its buffer reused for smaller weights)
             a, b = compute_unit(copy, u)[0], compute_unit(job, u)[0]
             assert all(a[k].view(np.uint16).tobytes() == b[k].view(np.uint16).tobytes() for k in a)
     finally:
         outp.abort()
+
+
+def test_a_widened_merge_never_asks_for_the_bfloat16_dtype(tmp_path, monkeypatch):
+    """Planning, laying out, reading, merging and writing a bfloat16 model whose adapted layers have no bias
+    go by dtype codes, names and ``uint16`` bits: nothing in the stream asks for ml_dtypes' bfloat16 (so a
+    reader that resolves dtypes only when asked never imports ml_dtypes for such a merge). Same bytes."""
+    state = {k: v for k, v in _state().items() if not k.endswith("bias")}
+    base = open_model(_write(tmp_path / "base", state))
+    ad = _lora(state)
+    transform(base, [ad], tmp_path / "ref")
+    real = stream.DTYPES
+    asked: list[str] = []
+
+    class Guard(dict):
+        def __getitem__(self, code):
+            if code != "F32":
+                asked.append(code)
+            return real[code]
+
+    monkeypatch.setattr(stream, "DTYPES", Guard())
+    real_dtype = stream.Model.dtype
+    monkeypatch.setattr(stream.Model, "dtype", lambda self, key: (asked.append(key), real_dtype(self, key))[1])
+    for pipe in (True, False):
+        transform(base, [ad], tmp_path / f"out-{pipe}", pipeline=pipe)
+        assert _bytes(tmp_path / f"out-{pipe}") == _bytes(tmp_path / "ref")
+    assert asked == []
+    # a group with a bias reads that bias in its dtype (the guard sees it): the guard works
+    with_bias = _state()
+    transform(open_model(_write(tmp_path / "biased", with_bias)), [_lora(with_bias)], tmp_path / "out-bias")
+    assert "BF16" in asked
