@@ -2,7 +2,8 @@
 
 A base model is a *state dict*: a mapping from PyTorch parameter names (``"model.layers.0.q_proj.weight"``)
 to arrays of any array-API library. Adapted modules are named as PEFT names them, relative to the model
-(``"model.layers.0.q_proj"``); the weight and bias of module ``m`` are ``m + ".weight"`` and ``m + ".bias"``.
+(``"model.layers.0.q_proj"``); the weight and bias of module ``m`` are ``m + ".weight"`` and ``m + ".bias"``
+(:meth:`~peftmath.Adapter.weight_keys` names the exceptions: an ``nn.MultiheadAttention``'s projections, raw parameters).
 """
 
 from __future__ import annotations
