@@ -11,6 +11,7 @@ SGMV), instead of gathering a copy of ``A`` and ``B`` for every row.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -193,68 +194,73 @@ def mixed_batch_forward(
     return as_compute(xp, as_compute(xp, base, cd) + xp.reshape(term, base.shape), base.dtype)
 
 
-def _segments(names: Sequence[str], order: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
-    """The batch rows grouped by adapter: ``perm`` lists the rows of ``order[0]``, then ``order[1]``, ...
-    (rows without an adapter last), ``sizes[i]`` counts ``order[i]``'s rows, and ``inverse`` undoes
-    ``perm`` (``perm[inverse[b]] == b``)."""
-    rows: dict[str, list[int]] = {n: [] for n in order}
+def _segments(names: Sequence[str], order: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """The batch rows grouped by adapter, in one pass: ``rows[i]`` lists the rows of ``order[i]`` in batch
+    order, and ``inverse[b]`` is row ``b``'s position once the groups are laid end to end (``order[0]``'s
+    rows, then ``order[1]``'s, ..., rows without an adapter last)."""
+    at = {n: i for i, n in enumerate(order)}
+    rows: list[list[int]] = [[] for _ in order]
     rest: list[int] = []
     for b, n in enumerate(names):
-        (rows[n] if n in rows else rest).append(b)
-    perm = [b for n in order for b in rows[n]] + rest
-    inverse = [0] * len(perm)
-    for i, b in enumerate(perm):
+        (rows[at[n]] if n in at else rest).append(b)
+    inverse = [0] * len(names)
+    for i, b in enumerate(b for group in rows + [rest] for b in group):
         inverse[b] = i
-    return perm, [len(rows[n]) for n in order], inverse
+    return rows, inverse
 
 
 def _segmented_terms(xp: Any, x: Array, mods: Mapping[str, Any], order: Sequence[str], names: Sequence[str],
                      layer: Any, cd: Any, embed_scale: Any) -> Array:
     """Every row's adapter term ``s·B A x_b``, one segment per adapter (as Punica's SGMV does).
 
-    The rows are permuted once (one ``take``) so that each adapter's rows are one contiguous slice; each
-    adapter then reads its factors once, in their stored layout, for its whole segment ``X`` (``k·T`` tokens):
-    ``Hᵀ = s · (A Xᵀ)`` (``(r, k·T)``, at the adapter's own rank: no padding, no per-row copies of ``A`` and
-    ``B``) and ``Y = (Hᵀ)ᵀ Bᵀ`` (``(k·T, out)``, rows in the output's layout). The scaling goes on the small
-    ``Hᵀ``. The segments' terms are concatenated (rows without an adapter get zeros, at the end) and put back
-    in batch order with one ``take``; an already grouped batch skips both permutations. An Embedding's
-    ``A x`` is the gather of the token ids' columns of ``A``.
+    The rows are grouped by adapter in one pass over ``names``. Each adapter takes its rows ``X`` (``k·T``
+    tokens: a slice of ``x`` when they are consecutive, else one ``take`` of just those rows) and reads its
+    factors once, in their stored layout, for the whole segment: ``Hᵀ = s · (A Xᵀ)`` (``(r, k·T)``, at the
+    adapter's own rank: no padding, no per-row copies of ``A`` and ``B``; the scaling goes on this small
+    block) and ``Y = (Hᵀ)ᵀ Bᵀ`` (``(k·T, out)``, rows in the output's layout). The segments' terms are
+    concatenated (rows without an adapter get zeros, last) and put back in batch order with one ``take``,
+    skipped when the batch is already grouped. No permuted copy of the whole batch is made on the way in:
+    the per-segment gathers are small and short-lived (a batch-sized temporary per call, freed and
+    faulted in again each time, made the 16-adapter benchmark several times slower). An Embedding's
+    ``A x`` gathers the ids' columns of ``A``.
 
     Returns the terms as ``(batch, tokens, out)`` in ``cd``."""
-    perm, sizes, inverse = _segments(names, order)
+    rows, inverse = _segments(names, order)
     dev = array_api_compat.device(x)
     batch = x.shape[0]
     out = layer.out_features
-    grouped = perm == list(range(batch))
-    permuted = x if grouped else xp.take(x, backend_for(xp).from_host(_np_int(perm), xp, dev), axis=0)
-    if layer.kind is LayerKind.EMBEDDING:
-        tokens = xp.reshape(permuted, (-1,))
-    else:
-        tokens = xp.reshape(as_compute(xp, permuted, cd), (-1, layer.in_features))
-    per_row = tokens.shape[0] // batch if batch else 0       # tokens per batch row
+    embedding = layer.kind is LayerKind.EMBEDDING
+    per_row = math.prod(x.shape[1:]) // (1 if embedding else layer.in_features)   # tokens per batch row
+    scattered = [g for g in rows if g and g[-1] - g[0] != len(g) - 1]
+    # the scattered groups' row indices go to the device in one transfer, each group a slice of it
+    index = backend_for(xp).from_host(_np_int([b for g in scattered for b in g]), xp, dev) if scattered else None
     parts = []
-    start = 0
-    for n, size in zip(order, sizes):
-        if size == 0:
+    at = 0
+    for n, group in zip(order, rows):
+        if not group:
             continue
-        m = mods[n]
-        seg = tokens[start * per_row:(start + size) * per_row, ...]
-        start += size
-        A = as_compute(xp, m.A, cd)                                                            # (r, in)
-        if layer.kind is LayerKind.EMBEDDING:
-            h_t = xp.take(A, seg, axis=1)                                                      # (r, k·T)
+        if group[-1] - group[0] == len(group) - 1:       # consecutive rows: a view
+            seg = x[group[0]:group[-1] + 1, ...]
         else:
+            seg = xp.take(x, index[at:at + len(group)], axis=0)
+            at += len(group)
+        m = mods[n]
+        A = as_compute(xp, m.A, cd)                                                            # (r, in)
+        if embedding:
+            h_t = xp.take(A, xp.reshape(seg, (-1,)), axis=1)                                   # (r, k·T)
+        else:
+            seg = xp.reshape(as_compute(xp, seg, cd), (-1, layer.in_features))                # (k·T, in)
             h_t = xp.matmul(A, xp.matrix_transpose(seg))                                       # (r, k·T)
         parts.append(xp.matmul(xp.matrix_transpose(h_t * m.scaling),
                                xp.matrix_transpose(as_compute(xp, m.B, cd))))                 # (k·T, out)
-    rest = batch - start
+    rest = batch - sum(len(group) for group in rows)
     if rest:
         parts.append(xp.zeros((rest * per_row, out), dtype=cd, device=dev))
     term = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
     term = xp.reshape(term, (batch, per_row, out))
-    if not grouped:
+    if inverse != list(range(batch)):
         term = xp.take(term, backend_for(xp).from_host(_np_int(inverse), xp, dev), axis=0)
-    if layer.kind is LayerKind.EMBEDDING and embed_scale is not None:
+    if embedding and embed_scale is not None:
         term = term * embed_scale
     return term
 
