@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Mixed-batch multi-adapter forward: peftmath's gather-matmul vs PEFT's ``adapter_names`` path.
+"""Mixed-batch multi-adapter forward: peftmath's segmented mixed batch vs PEFT's ``adapter_names`` path.
 
 One ``Linear(4096, 4096)`` float32 with 16 LoRA adapters (r = 16); a batch of 64 rows, each naming one
 adapter (uniformly at random, a few ``"__base__"``), measured side by side in one process, 2 threads::
