@@ -251,9 +251,11 @@ def combine(
         raise UnsupportedError(f"combine: {peft_type} adapters cannot be combined (PEFT combines LoRA and IA3 only)")
     for a in adapters:
         if a.description.needs_record(a.config) or a.config.lora_bias:
+            what = _uncombinable(a.config)
             raise UnsupportedError(
-                "combine: DoRA and lora_bias adapters cannot be combined: a combined magnitude or bias is not "
-                "defined, and PEFT 0.21.2's result for them is wrong (PEFT issue #3761)"
+                f"combine: {what} adapters cannot be combined: their merge is not W + ΔW with a ΔW that could be "
+                f"summed (a magnitude, a bias, replaced rows or a truncated base), and PEFT 0.21.2's result for DoRA "
+                f"and lora_bias is wrong (PEFT issue #3761)"
             )
     kind = "linear" if len(adapters) == 1 else combination_type
     if kind not in COMBINATION_TYPES:
@@ -398,3 +400,12 @@ def _combine_ia3(adapters: list[Adapter], weights: list[float]) -> Adapter:
     out = Adapter(config, params)
     out.truncation_error = {}
     return out
+
+
+def _uncombinable(config: Any) -> str:
+    """The LoRA features that make ``config``'s adapter not combinable, by name (for the refusal)."""
+    named = [("DoRA", getattr(config, "use_dora", False)), ("lora_bias", getattr(config, "lora_bias", False)),
+             ("KaSA", getattr(config, "kasa_config", None) is not None),
+             ("trainable-token (trainable_token_indices)", bool(getattr(config, "trainable_token_indices", None)))]
+    return " and ".join(n for n, on in named if on) or "record-keeping"
+

@@ -151,6 +151,10 @@ def create_adapter(
             new_base[f"{module_to_checkpoint(name, model_type)}.weight"] = w
         if progress is not None:
             progress(1)
+    if getattr(cfg, "trainable_token_indices", None):  # LoRA's trainable tokens: the rows start as the table's own
+        from .methods._lora_tokens import initial_rows
+
+        params.update(initial_rows(cfg, state, model_type=model_type))
     if new_base and not return_base:
         raise ConfigError(
             f"{cfg.peft_type}: this initialisation changes the base weights ({len(new_base)} tensors); "

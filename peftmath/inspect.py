@@ -153,7 +153,8 @@ def _inspect_module(ad: Any, m: str, base: Any, kind: Any, top: int, norms: bool
         "num_parameters": int(sum(int(np.prod(a.shape)) for a in p.values())),
     }
     r = getattr(cfg, "r", None)  # a config field (rank-based methods), not a method probe
-    if isinstance(r, int) and not isinstance(r, bool) and r > 0:
+    rows_only = set(p) == {"token_adapter.trainable_tokens_delta"}  # LoRA's trainable-token rows: no factors, no rank
+    if isinstance(r, int) and not isinstance(r, bool) and r > 0 and not rows_only:
         entry["rank"] = resolve_pattern(getattr(cfg, "rank_pattern", None) or {}, m, r)
     wshape = None
     if base is not None:
@@ -172,7 +173,7 @@ def _inspect_module(ad: Any, m: str, base: Any, kind: Any, top: int, norms: bool
         entry["weight_shape"] = list(mod.layer.weight_shape) if known else None
         described = mod.describe()
         entry.update({k: v for k, v in described.items() if k in ("alpha", "scaling")})
-        if isinstance(described.get("r"), int) and "rank" in entry:  # the module's own rank (LoRA's target_parameters:
+        if "rank" in entry and isinstance(described.get("r"), int):  # the module's own rank (LoRA's target_parameters:
             entry["rank"] = described["r"]  # its rank_pattern is keyed by the parameter's name, not the module's)
         if base is not None and "base" not in entry:
             entry["base"] = "ok"

@@ -91,9 +91,13 @@ class AdapterSet:
             return mods[0].forward(x, weight, bias, **layer_kwargs)
         for m in mods:
             if not m.description.stacks(m):
+                from .methods.dora import DoraModule
+
+                what = " (DoRA)" if isinstance(m, DoraModule) else (" (its merge needs a record)" if m.needs_record()
+                                                                     else "")
                 raise UnsupportedError(
-                    f"{module}: stacking {m.peft_type}{' (DoRA)' if m.needs_record() else ''} with other "
-                    f"adapters is not supported; merge them one after another with AdapterSet.merge instead"
+                    f"{module}: stacking {m.peft_type}{what} with other adapters is not supported; merge them one "
+                    f"after another with AdapterSet.merge instead"
                 )
         layer = mods[0].layer
         conv = dict(layer_kwargs) if layer.kind.is_conv else {}

@@ -167,8 +167,13 @@ def test_bad_inputs():
         combine([a, b], [1.0, 1.0], combination_type="svd", svd_rank=0)
     dora = Adapter(pm.LoraConfig(r=2, use_dora=True, target_modules=["lin"]),
                    {"lin": {**a.params["lin"], "lora_magnitude_vector": np.ones(7)}})
-    with pytest.raises(UnsupportedError, match="DoRA"):
+    with pytest.raises(UnsupportedError, match="DoRA adapters cannot be combined"):
         combine([dora, a], [1.0, 1.0])
+    rows = {"token_adapter.trainable_tokens_delta": np.ones((1, 5))}
+    tokens = Adapter(pm.LoraConfig(r=2, target_modules=["lin"], trainable_token_indices={"emb": [1]}),
+                     {"lin": a.params["lin"], "emb": rows})
+    with pytest.raises(UnsupportedError, match=r"trainable-token \(trainable_token_indices\) adapters cannot"):
+        combine([tokens, a], [1.0, 1.0])
 
 
 @pytest.mark.parametrize("combination_type", ["linear", "cat", "svd"])

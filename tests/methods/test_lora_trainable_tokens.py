@@ -267,9 +267,9 @@ def test_rows_in_a_checkpoint_of_another_method_are_not_accounted_for(tmp_path):
         pm.load_adapter(folder)
 
 
-def test_initial_rows_copy_the_table_and_a_new_adapter_without_rows_is_refused():
-    """A new adapter starts as the identity (PEFT's wrapper copies W[t]); create_adapter does not make the rows
-    yet, and an adapter whose config names rows it does not hold is refused instead of merged without them."""
+def test_initial_rows_copy_the_table_and_a_new_adapter_without_rows_is_refused(tmp_path):
+    """A new adapter starts as the identity (PEFT's wrapper copies W[t]), create_adapter included; an adapter
+    whose config names rows it does not hold is refused instead of merged without them."""
     from peftmath.methods._lora_tokens import initial_rows
 
     rng = np.random.default_rng(12)
@@ -291,6 +291,21 @@ def test_initial_rows_copy_the_table_and_a_new_adapter_without_rows_is_refused()
         initial_rows(_config({"head": [1]}), {"lm.weight": state["lm_head.weight"]})
     with pytest.raises(ConfigError, match="the base has none among the names"):
         initial_rows(_config([1]), {"lm_head.weight": state["lm_head.weight"]})
-    with pytest.raises(CheckpointError, match=r"LORA adapter: the config sets trainable_token_indices=\[1, 2\] .*"
-                                              r"initial_rows"):
-        pm.create_adapter(state, _config([1, 2]), model_type="llama")
+    # create_adapter adds the rows: the identity, then (rows edited) the edited rows and LoRA's W + s·B·A
+    new = pm.create_adapter(state, _config([1, 2]), model_type="llama")
+    assert sorted(new.params["model.embed_tokens"]) == [KEY]
+    np.testing.assert_array_equal(new.params["model.embed_tokens"][KEY], state["model.embed_tokens.weight"][[1, 2]])
+    assert all(np.asarray(v).tobytes() == state[k].tobytes() for k, v in new.merge(state).items())
+    new.params["model.embed_tokens"][KEY] = rng.standard_normal((2, D)).astype(np.float32)
+    edited = new.merge(state)["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(edited[[1, 2]], new.params["model.embed_tokens"][KEY])
+    np.testing.assert_array_equal(np.delete(edited, [1, 2], axis=0), np.delete(state["model.embed_tokens.weight"],
+                                                                               [1, 2], axis=0))
+    from peftmath.inspect import inspect_adapter
+
+    pm.save_adapter(new, tmp_path / "new")  # inspect: the rows' module has no rank (no factors)
+    ranks = {e["module"]: e.get("rank") for e in inspect_adapter(tmp_path / "new")["modules"]}
+    assert ranks == {"model.embed_tokens": None, "model.layers.0.q": 2}
+    lora_only = {m: p for m, p in new.params.items() if m != "model.embed_tokens"}
+    with pytest.raises(CheckpointError, match=r"LORA adapter: the config sets trainable_token_indices=\[1, 2\]"):
+        pm.Adapter(new.config, lora_only)
