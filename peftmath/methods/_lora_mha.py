@@ -80,11 +80,12 @@ class AttentionOutModule(LoraModule):
         return self.scale_scaling(PEFT_OUT_PROJ_FACTOR) if peft_compat else self  # type: ignore[return-value]
 
     def _warn(self, what: str) -> None:
+        # one text for every attention (no module name): Python's default filter shows it once per merge call site
         warnings.warn(
-            f"{self.name}: PEFT 0.21.2 applies this LoRA to the out-projection of the nn.MultiheadAttention "
-            f"{out_proj_owner(self.name)} twice (W + 2·s·B·A, in merge_and_unload and in its forward); peftmath's "
-            f"{what} uses LoRA's s·B·A once. Pass peft_compat=True (--peft-compat) for PEFT 0.21.2's numbers "
-            f"(specs/lora.md, 12)", PeftMathWarning, stacklevel=4)
+            f"the out-projection of an nn.MultiheadAttention (module X.base_layer.out_proj): PEFT 0.21.2 applies its "
+            f"LoRA twice (W + 2·s·B·A, in merge_and_unload and in its forward); peftmath's {what} uses LoRA's s·B·A "
+            f"once. Pass peft_compat=True (--peft-compat) for PEFT 0.21.2's numbers (specs/lora.md, 12)",
+            PeftMathWarning, stacklevel=4)
 
     def delta_weight(self, *, peft_compat: bool = False) -> Array:
         """``s·B_o A_o`` (``peft_compat=True``: ``2s·B_o A_o``, what PEFT 0.21.2 adds to the out-projection)."""

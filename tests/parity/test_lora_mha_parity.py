@@ -145,7 +145,7 @@ def test_merge_forward_and_checkpoints_as_peft(case, tmp_path):
         np.testing.assert_allclose(got, peft_forward(pmodel, f"{a}.base_layer.out_proj", xm), atol=2e-5)
 
     # merges: peft_compat=True is PEFT's merge_and_unload; the default is LoRA's, warned about
-    with pytest.warns(PeftMathWarning, match=r"out_proj: PEFT 0\.21\.2 applies this LoRA .* twice"):
+    with pytest.warns(PeftMathWarning, match=r"nn\.MultiheadAttention .*: PEFT 0\.21\.2 applies its LoRA twice"):
         merged = ad.merge(state)
     merged_compat = ad.merge(state, peft_compat=True)
     with warnings.catch_warnings():
