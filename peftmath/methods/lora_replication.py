@@ -46,7 +46,7 @@ FIELD = "layer_replication"
 def layer_stack(keys: Any) -> tuple[str, int]:
     """``(prefix, count)`` of the stack of layers in state-dict ``keys``: the prefix before the layer index
     (``"model.layers."``, ``"bert.encoder.layer."``, ``"h."``) found as PEFT's ``replicate_layers`` walks the
-    model, and the number of layers (``1 + `` the largest index). :class:`ShapeError` when there is none.
+    model, and the number of layers (one more than the largest index). :class:`ShapeError` when there is none.
 
     >>> layer_stack(["model.embed_tokens.weight", "model.layers.0.mlp.w", "model.layers.1.mlp.w", "lm_head.weight"])
     ('model.layers.', 2)
