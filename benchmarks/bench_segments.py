@@ -31,6 +31,7 @@ Target (issue 23): segmented ≤ 1.5x the bytes floor for N ≤ 64. Section "seg
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -162,6 +163,7 @@ def main() -> None:
     ap.add_argument("--numpy-only", action="store_true")
     args = ap.parse_args()
     rounds = 5 if args.quick else 30
+    load0 = os.getloadavg()[0]
     libs = ["numpy"]
     if not args.numpy_only:
         try:
@@ -194,6 +196,9 @@ def main() -> None:
                              f"{r['seg']:.2f}x | {r['grouped']:.2f}x | {r['seg_grouped']:.2f}x | {r['gather']:.2f}x | "
                              f"{'met' if r['seg'] <= 1.5 else 'missed'} |")
                 print(lines[-1], flush=True)
+    load = os.getloadavg()[0]
+    lines += ["", (f"1-minute load average at the start {load0:.1f}, at the end {load:.1f} (2 cores: above 1 the "
+                   "other processes share the cores, and the 2-thread gemms suffer first).")]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
