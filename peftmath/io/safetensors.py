@@ -47,6 +47,8 @@ _NUMPY_DTYPES: dict[str, np.dtype] = {
 _ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 _ORDER = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8",
           "BOOL")
+#: bytes per element of every code, so that a header is checked without importing ml_dtypes
+_ITEMSIZE = {**{c: dt.itemsize for c, dt in _NUMPY_DTYPES.items()}, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def ml_dtypes() -> Any:
@@ -198,8 +200,8 @@ class SafeTensorsFile(Mapping):
             raise CheckpointError(
                 f"{p}: tensor {k!r} data_offsets [{b}, {e}] fall outside the {self.data_size}-byte data buffer"
             )
-        dtype = DTYPES[code]
-        nbytes = math.prod(shape) * dtype.itemsize
+        dtype = _NUMPY_DTYPES.get(code)  # None for the ml_dtypes codes: resolved when a tensor is read (_dtype)
+        nbytes = math.prod(shape) * _ITEMSIZE[code]
         if e - b != nbytes:
             raise CheckpointError(
                 f"{p}: tensor {k!r} is {code} {tuple(shape)} ({nbytes} bytes) but data_offsets span {e - b} bytes"
@@ -209,9 +211,10 @@ class SafeTensorsFile(Mapping):
     # --- Mapping ------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> np.ndarray:
         try:
-            dtype, shape, b, e, _ = self._entries[name]
+            _, shape, b, e, _ = self._entries[name]
         except KeyError:
             raise KeyError(name) from None
+        dtype = self.dtype(name)
         if b == e:
             return np.zeros(shape, dtype=dtype)
         if self._map is None:
@@ -229,7 +232,10 @@ class SafeTensorsFile(Mapping):
         return self._entries[name][1]
 
     def dtype(self, name: str) -> np.dtype:
-        return self._entries[name][0]
+        """The tensor's NumPy dtype (bfloat16 / float8: ml_dtypes', imported here on first use, not when the header
+        is read: a merge that reads bfloat16 as bits never imports it)."""
+        dtype, _, _, _, code = self._entries[name]
+        return dtype if dtype is not None else DTYPES[code]
 
     def dtype_code(self, name: str) -> str:
         return self._entries[name][4]
