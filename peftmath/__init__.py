@@ -73,7 +73,10 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted((set(globals()) - _HIDDEN) | set(_PUBLIC) | set(_SUBMODULES))
+    """The public names, the listed submodules and the dunders: the same list before and after any import (an
+    internal submodule such as ``_mha``, bound by the import system when it is first imported, is not listed)."""
+    dunders = {n for n in globals() if n.startswith("__") and n.endswith("__")}
+    return sorted((dunders - _HIDDEN) | set(_PUBLIC) | set(_SUBMODULES))
 
 
 class _Package(_types.ModuleType):
