@@ -359,15 +359,26 @@ class NumpyBackend(ArrayAPIBackend):
         each), ``tile`` holding ``m[start:stop]`` widened, and round each tile once back into ``m``.
 
         One reused float32 buffer (a fresh tile per step costs page faults); ``copyto`` widens and rounds
-        (round-to-nearest-even, as ``astype``) without temporaries, through any strides of ``m``."""
+        (round-to-nearest-even, as ``astype``) without temporaries, through any strides of ``m``. A C-ordered
+        bfloat16 ``m`` is widened and rounded on its bits instead (:mod:`peftmath.io.bf16`: the same bits, 2x
+        faster than ml_dtypes' casts)."""
+        from .io.bf16 import is_bf16, round_bf16, widen_bf16
+
+        bits = is_bf16(m.dtype) and m.flags.c_contiguous
         rows = max(1, self.tile_bytes // (4 * max(1, m.shape[1])))
         buf = np.empty((min(rows, m.shape[0]), m.shape[1]), dtype=np.float32)
         for start in range(0, m.shape[0], rows):
             stop = min(start + rows, m.shape[0])
             tile = buf[: stop - start]
-            np.copyto(tile, m[start:stop], casting="unsafe")
+            if bits:
+                widen_bf16(m[start:stop], out=tile)
+            else:
+                np.copyto(tile, m[start:stop], casting="unsafe")
             update(start, stop, tile)
-            np.copyto(m[start:stop], tile, casting="unsafe")
+            if bits:
+                round_bf16(tile, out=m[start:stop])
+            else:
+                np.copyto(m[start:stop], tile, casting="unsafe")
 
     def _addmm_half_(self, m: np.ndarray, b: np.ndarray, a: np.ndarray, alpha: float) -> bool:
         """Row tiles in float32: widen, gemm with beta=1, round once, write back."""
