@@ -28,8 +28,8 @@ the number of roundings in one entry of ``dW``). ``S = |W| + sum_i |dW_i|``.
 
   (``u_d·|x|`` is dropped when ``d`` is the compute dtype.)
 * ``--peft-compat``: the exact merge is PEFT's math where a method's ``peft_compat=True`` departs from the
-  default (PEFT 0.21.2 adds an ``nn.MultiheadAttention`` out-projection's LoRA change twice, specs/lora.md
-  §12). PEFT's order rounds ``dW`` to the factors' (or the weight's) half-precision dtype before the add, so one more rounding of size ``u_d·|dW| <= u_d·sum_i |dW_i|`` enters: the bound gets
+  default (an ``nn.MultiheadAttention`` out-projection's LoRA change counts twice either way, as PEFT 0.21.2
+  merges it, specs/lora.md §12). PEFT's order rounds ``dW`` to the factors' (or the weight's) half-precision dtype before the add, so one more rounding of size ``u_d·|dW| <= u_d·sum_i |dW_i|`` enters: the bound gets
   ``+ (1 + u_d)·u_d·sum_i |dW_i| + eta_d``. When ``|dW|`` is comparable to ``|W|`` this is about twice
   the default bound; a merge made by PEFT itself in bfloat16 may exceed the default bound and pass this
   one.

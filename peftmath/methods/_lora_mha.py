@@ -14,12 +14,20 @@ PEFT 0.21.2 adapts an attention ``X`` (packed q/k/v, ``E = embed_dim``) with two
   2. the LoRA variants PEFT refuses on an attention (DoRA, VeLoRA, KaSA, aLoRA), those it does not run there
      (BD-LoRA, MonteCLoRA) and ``lora_bias`` (PEFT trains ``lora_B.bias`` of the in-projection but never applies
      it) are refused, naming the attention;
-  3. PEFT 0.21.2's ``lora.MultiheadAttention.merge`` writes ``W_out + ΔW_out`` into the out-projection and then
-     calls the inner ``lora.Linear.merge``, which adds ``ΔW_out`` again: its merged weight, and its forward (which
-     merges, runs the attention, unmerges), use ``W_out + 2·ΔW_out`` (open PEFT pull request #3774 removes the
-     second addition). The inner layer's own ``get_delta_weight`` and forward are ``ΔW_out``. peftmath's default
-     is LoRA's ``W_out + ΔW_out`` and warns when it merges or unmerges; ``peft_compat=True`` gives PEFT
-     0.21.2's numbers (``s → 2s`` for this module in merge, unmerge, delta and forward).
+  3. the out-projection's change counts twice: ``W_out + 2·ΔW_out`` (:data:`PEFT_OUT_PROJ_FACTOR`) in merge,
+     unmerge, :meth:`~AttentionOutModule.delta_weight` and forward, by default (``peft_compat`` only picks PEFT's
+     rounding order, as for any LoRA).
+
+Why twice: the project follows PEFT where PEFT's choice defines what a checkpoint means. PEFT 0.21.2's
+``lora.MultiheadAttention.merge`` writes ``W_out + ΔW_out`` into the out-projection and then calls the inner
+``lora.Linear.merge``, which adds ``ΔW_out`` again (its unmerge subtracts both); its forward merges, runs the
+attention and unmerges, so an attention adapter was *trained* and evaluated with ``W_out + 2·s·B_o A_o``, and
+``merge_and_unload`` gives that same model. That is the model the checkpoint means. Two numbers of PEFT's say
+``ΔW_out`` once: the inner ``lora.Linear.get_delta_weight`` and the inner Linear's own forward
+``x (W_out + ΔW_out)ᵀ + b``, which the attention never calls (torch's attention reads ``out_proj.weight``). Open
+PEFT pull request #3774 removes the second addition: a checkpoint trained with a PEFT that has it means
+``W_out + ΔW_out``; peftmath follows 0.21.2, and warns (:class:`~peftmath.errors.PeftMathWarning`) when the
+adapter's ``peft_version`` is newer than 0.21.2.
 """
 
 from __future__ import annotations
@@ -28,16 +36,22 @@ import warnings
 from typing import Any
 
 from .._mha import out_proj_owner
+from ..io.peft import PEFT_VERSION
 from ..errors import PeftMathWarning, UnsupportedError
 from ._base import MergeResult
 from .lora import LoraModule
+from .oft import _version_tuple
 
 Array = Any
 
 __all__ = ["AttentionOutModule", "PEFT_OUT_PROJ_FACTOR"]
 
-#: how many times PEFT 0.21.2's lora.MultiheadAttention adds the out-projection's ΔW (merge and forward)
+#: how many times PEFT 0.21.2's lora.MultiheadAttention adds the out-projection's ``s·B_o A_o`` (merge, unmerge and
+#: its forward, in training and inference): peftmath's out-projection change, default and ``peft_compat`` alike
 PEFT_OUT_PROJ_FACTOR = 2.0
+
+#: the PEFT whose meaning of an attention checkpoint peftmath follows
+_PEFT_VERSION = _version_tuple(PEFT_VERSION)
 
 #: config fields of the LoRA variants refused on an attention, with what PEFT does with them there
 _VARIANTS = {
@@ -53,8 +67,17 @@ _VARIANTS = {
 
 class AttentionOutModule(LoraModule):
     """LoRA on the out-projection ``X.base_layer.out_proj`` of an adapted ``nn.MultiheadAttention`` ``X`` (a
-    Linear ``(E, E)``): LoRA's math with the attention's ``r`` / ``alpha``; ``peft_compat=True`` counts ``ΔW``
-    twice as PEFT 0.21.2 does (see the module docstring)."""
+    Linear ``(E, E)``): LoRA's math with the attention's ``r`` / ``alpha`` and the change counted twice,
+    ``ΔW_out = 2·s·B_o A_o``, as PEFT 0.21.2 trains, runs and merges it (see the module docstring).
+
+    :attr:`scaling` stays the config's ``s`` (what :meth:`describe` reports and what a combination of the stored
+    factors scales); the factor :data:`PEFT_OUT_PROJ_FACTOR` is applied by :meth:`delta_weight`, :meth:`merge`,
+    :meth:`unmerge` and :meth:`forward`. Code that reads the factors and :attr:`scaling` directly (a ΔW norm
+    from ``s·B A``, a mixed batch, a combination through the dense ``ΔW``) multiplies / divides by
+    :attr:`change_factor`."""
+
+    #: the change this module adds is ``change_factor · scaling · B A`` (PEFT 0.21.2's doubled out-projection)
+    change_factor = PEFT_OUT_PROJ_FACTOR
 
     def validate(self) -> None:
         owner = out_proj_owner(self.name)
@@ -70,42 +93,47 @@ class AttentionOutModule(LoraModule):
                 f"{self.name}: the out-projection of the nn.MultiheadAttention {owner} with {'; '.join(on)}: peftmath "
                 f"implements plain LoRA (and rsLoRA) on an attention, the layout PEFT 0.21.2 merges; retrain without it")
         super().validate()
+        _warn_if_newer(getattr(cfg, "peft_version", None))
 
     @property
     def pattern_name(self) -> str:
         """The attention ``X``: PEFT creates its out-projection's LoRA with ``X``'s ``r`` and ``lora_alpha``."""
         return out_proj_owner(self.name) or self.name
 
-    def _as_peft(self, peft_compat: bool) -> "AttentionOutModule":
-        return self.scale_scaling(PEFT_OUT_PROJ_FACTOR) if peft_compat else self  # type: ignore[return-value]
-
-    def _warn(self, what: str) -> None:
-        # one text for every attention (no module name): Python's default filter shows it once per merge call site
-        warnings.warn(
-            f"the out-projection of an nn.MultiheadAttention (module X.base_layer.out_proj): PEFT 0.21.2 applies its "
-            f"LoRA twice (W + 2·s·B·A, in merge_and_unload and in its forward); peftmath's {what} uses LoRA's s·B·A "
-            f"once. Pass peft_compat=True (--peft-compat) for PEFT 0.21.2's numbers (specs/lora.md, 12)",
-            PeftMathWarning, stacklevel=4)
+    def _doubled(self) -> "AttentionOutModule":
+        return self.scale_scaling(self.change_factor)  # type: ignore[return-value]
 
     def delta_weight(self, *, peft_compat: bool = False) -> Array:
-        """``s·B_o A_o`` (``peft_compat=True``: ``2s·B_o A_o``, what PEFT 0.21.2 adds to the out-projection)."""
-        return LoraModule.delta_weight(self._as_peft(peft_compat), peft_compat=peft_compat)
+        """``ΔW_out = 2s·B_o A_o``: what PEFT 0.21.2 adds to the out-projection (its inner Linear's
+        ``get_delta_weight`` reports half of it). ``peft_compat=True``: PEFT's rounding order."""
+        return LoraModule.delta_weight(self._doubled(), peft_compat=peft_compat)
 
     def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
               peft_compat: bool = False) -> MergeResult:
-        if not peft_compat:
-            self._warn("merge")
-        return LoraModule.merge(self._as_peft(peft_compat), weight, bias, copy=copy, safe=safe, peft_compat=peft_compat)
+        """``W_out + 2s·B_o A_o``, PEFT 0.21.2's ``merge_and_unload`` (``peft_compat=True``: its rounding order)."""
+        return LoraModule.merge(self._doubled(), weight, bias, copy=copy, safe=safe, peft_compat=peft_compat)
 
     def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
                 peft_compat: bool = False) -> MergeResult:
-        if not peft_compat:
-            self._warn("unmerge")
-        return LoraModule.unmerge(self._as_peft(peft_compat), weight, bias, record=record, copy=copy,
-                                  peft_compat=peft_compat)
+        """``W_out' − 2s·B_o A_o``, the inverse of :meth:`merge` (PEFT 0.21.2's unmerge subtracts both additions)."""
+        return LoraModule.unmerge(self._doubled(), weight, bias, record=record, copy=copy, peft_compat=peft_compat)
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
-        """The out-projection's adapted forward ``x (W + ΔW)ᵀ + b`` (``peft_compat=True``: ``2ΔW``, as inside PEFT
-        0.21.2's attention forward)."""
-        return LoraModule.forward(self._as_peft(bool(layer_kwargs.get("peft_compat", False))), x, weight, bias,
-                                  **layer_kwargs)
+        """The out-projection as PEFT 0.21.2's attention applies it: ``x (W_out + 2s·B_o A_o)ᵀ + b``, the same
+        with or without ``peft_compat``. (PEFT's inner ``lora.Linear`` called on its own gives
+        ``x (W_out + s·B_o A_o)ᵀ + b``, a forward the attention never runs.)"""
+        return LoraModule.forward(self._doubled(), x, weight, bias, **layer_kwargs)
+
+
+def _warn_if_newer(version: str | None) -> None:
+    """A :class:`PeftMathWarning` when ``peft_version`` (PEFT's ``0.22.0`` or ``0.22.0.dev0@<commit>``) is newer
+    than 0.21.2: such a PEFT may count the out-projection's change once (open PEFT pull request #3774)."""
+    if version is None or _version_tuple(str(version).partition("@")[0]) <= _PEFT_VERSION:
+        return
+    # one text per version (no module name): Python's default filter shows it once, not once per attention
+    warnings.warn(
+        f"an adapter saved by PEFT {version} (newer than 0.21.2) adapts an nn.MultiheadAttention: peftmath counts "
+        f"its out-projection's LoRA change twice (W + 2·s·B·A), as PEFT 0.21.2 trains, runs and merges it; open "
+        f"PEFT pull request #3774 counts it once. If the PEFT that trained this adapter has that change, its "
+        f"out-projections differ from peftmath's by s·B·A (specs/lora.md, 12)",
+        PeftMathWarning, stacklevel=3)

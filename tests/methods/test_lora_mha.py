@@ -1,8 +1,9 @@
 """LoRA on ``nn.MultiheadAttention`` (specs/lora.md, 12, "nn.MultiheadAttention"), without torch or PEFT:
 merges, forwards and unmerges against float64 NumPy (an attention computed from the unmerged projections plus
-the adapter's terms, so that "merged" is checked as "the same attention"), ``peft_compat``'s doubled
-out-projection, in-place merges and other layouts, the refusals, and checkpoint round trips. PEFT's own
-numbers: tests/parity/test_lora_mha_parity.py and the PEFT matrix's MHA rows."""
+the adapter's terms, so that "merged" is checked as "the same attention"), the out-projection's change counted
+twice as PEFT 0.21.2 does (by default, without a warning; ``peft_compat`` only changes the rounding order), the
+warning for an adapter from a newer PEFT, in-place merges and other layouts, the refusals, and checkpoint round
+trips. PEFT's own numbers: tests/parity/test_lora_mha_parity.py and the PEFT matrix's MHA rows."""
 
 from __future__ import annotations
 
@@ -76,48 +77,45 @@ def test_merge_forward_unmerge_against_float64(xp, bias):
     ad = pm.Adapter(_config(rank_pattern={"attn": 5}, alpha_pattern={"attn": 2.5, "out_proj": 100}), params)
     host = _state(rng, bias=bias)
     state = {k: to_xp(xp, v) for k, v in host.items()}
-    d_in, d_out = _deltas(params, 0.5, 0.5)
+    d_in, d_out = _deltas(params, 0.5, 0.5)  # s·B A of each projection, float64
     assert sorted(ad.modules) == [ATTN, OUT]
-    with pytest.warns(PeftMathWarning, match=r"out-projection of an nn\.MultiheadAttention \(module X\.base_layer\."
-                                             r"out_proj\): PEFT 0\.21\.2 applies its LoRA twice"):
-        merged = ad.merge(state)
-    assert_same_namespace(xp, *merged.values())
     W_in, W_out = f64(host[f"{ATTN}.in_proj_weight"]), f64(host[f"{ATTN}.out_proj.weight"])
-    np.testing.assert_allclose(to_np(merged[f"{ATTN}.in_proj_weight"]), W_in + d_in, atol=1e-5)
-    np.testing.assert_allclose(to_np(merged[f"{ATTN}.out_proj.weight"]), W_out + d_out, atol=1e-5)
-    for k in host:  # biases and other tensors: the same objects
-        if not k.endswith("_weight") and not k.endswith("out_proj.weight"):
-            assert merged[k] is state[k], k
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # peft_compat=True: PEFT's numbers, nothing to warn about
-        compat = ad.merge(state, peft_compat=True)
-        np.testing.assert_allclose(to_np(compat[f"{ATTN}.out_proj.weight"]), W_out + 2 * d_out, atol=1e-5)
-        np.testing.assert_allclose(to_np(compat[f"{ATTN}.in_proj_weight"]), W_in + d_in, atol=1e-5)
-        back = ad.unmerge(compat, peft_compat=True)
-    for k in host:
-        np.testing.assert_allclose(to_np(back[k]), f64(host[k]), atol=1e-5, err_msg=k)
-    with pytest.warns(PeftMathWarning):
-        back = ad.unmerge(merged)
-    for k in host:
-        np.testing.assert_allclose(to_np(back[k]), f64(host[k]), atol=1e-5, err_msg=k)
-
-    # the attention with the merged weights == the attention with the adapter's unmerged projections
     x = rng.standard_normal((5, E)).astype(np.float32)
     b_in = f64(host[f"{ATTN}.in_proj_bias"]) if bias else None
     b_out = f64(host[f"{ATTN}.out_proj.bias"]) if bias else None
-    want = attention(f64(x), W_in + d_in, b_in, W_out + d_out, b_out)
-    got = attention(f64(x), None, None, None, None,
-                    proj=lambda t: to_np(ad.forward(ATTN, to_xp(xp, t.astype(np.float32)), state)),
-                    out=lambda t: to_np(ad.forward(OUT, to_xp(xp, t.astype(np.float32)), state)))
-    np.testing.assert_allclose(got, want, atol=1e-4)
-    merged_att = attention(f64(x), to_np(merged[f"{ATTN}.in_proj_weight"]), b_in,
-                           to_np(merged[f"{ATTN}.out_proj.weight"]), b_out)
-    np.testing.assert_allclose(merged_att, want, atol=1e-4)
-    # peft_compat forward of the out-projection: PEFT's doubled change
-    got = to_np(ad.forward(OUT, to_xp(xp, x), state, peft_compat=True))
-    np.testing.assert_allclose(got, f64(x) @ (W_out + 2 * d_out).T + (0 if b_out is None else b_out), atol=1e-4)
-    np.testing.assert_allclose(to_np(ad.delta_weight(OUT, peft_compat=True)), 2 * d_out, atol=1e-5)
-    np.testing.assert_allclose(to_np(ad.delta_weight(ATTN, peft_compat=True)), d_in, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT 0.21.2's meaning is the default: nothing to warn about
+        for compat in (False, True):  # peft_compat changes the rounding order only
+            merged = ad.merge(state, peft_compat=compat)
+            assert_same_namespace(xp, *merged.values())
+            # the out-projection's change twice (PEFT 0.21.2), the in-projection's once
+            np.testing.assert_allclose(to_np(merged[f"{ATTN}.in_proj_weight"]), W_in + d_in, atol=1e-5)
+            np.testing.assert_allclose(to_np(merged[f"{ATTN}.out_proj.weight"]), W_out + 2 * d_out, atol=1e-5)
+            for k in host:  # biases and other tensors: the same objects
+                if not k.endswith("_weight") and not k.endswith("out_proj.weight"):
+                    assert merged[k] is state[k], k
+            back = ad.unmerge(merged, peft_compat=compat)
+            for k in host:
+                np.testing.assert_allclose(to_np(back[k]), f64(host[k]), atol=1e-5, err_msg=k)
+            np.testing.assert_allclose(to_np(ad.delta_weight(OUT, peft_compat=compat)), 2 * d_out, atol=1e-5)
+            np.testing.assert_allclose(to_np(ad.delta_weight(ATTN, peft_compat=compat)), d_in, atol=1e-5)
+
+            # the attention with the merged weights == the attention with the adapter's unmerged projections
+            want = attention(f64(x), W_in + d_in, b_in, W_out + 2 * d_out, b_out)
+            got = attention(f64(x), None, None, None, None,
+                            proj=lambda t: to_np(ad.forward(ATTN, to_xp(xp, t.astype(np.float32)), state,
+                                                            peft_compat=compat)),
+                            out=lambda t: to_np(ad.forward(OUT, to_xp(xp, t.astype(np.float32)), state,
+                                                           peft_compat=compat)))
+            np.testing.assert_allclose(got, want, atol=1e-4)
+            merged_att = attention(f64(x), to_np(merged[f"{ATTN}.in_proj_weight"]), b_in,
+                                   to_np(merged[f"{ATTN}.out_proj.weight"]), b_out)
+            np.testing.assert_allclose(merged_att, want, atol=1e-4)
+            got = to_np(ad.forward(OUT, to_xp(xp, x), state, peft_compat=compat))
+            np.testing.assert_allclose(got, f64(x) @ (W_out + 2 * d_out).T + (0 if b_out is None else b_out),
+                                       atol=1e-4)
+    # the stored scaling stays the config's s (a summary, a combination of the stored factors)
+    assert ad.module(OUT).describe()["scaling"] == pytest.approx(0.5)
 
 
 def test_rslora_scaling_and_summary():
@@ -127,10 +125,10 @@ def test_rslora_scaling_and_summary():
     s = 4 / np.sqrt(R)
     d_in, d_out = _deltas(ad.params, s, s)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")
         merged = ad.merge(state)
     np.testing.assert_allclose(merged[f"{ATTN}.in_proj_weight"], f64(state[f"{ATTN}.in_proj_weight"]) + d_in, atol=1e-5)
-    np.testing.assert_allclose(merged[f"{ATTN}.out_proj.weight"], f64(state[f"{ATTN}.out_proj.weight"]) + d_out,
+    np.testing.assert_allclose(merged[f"{ATTN}.out_proj.weight"], f64(state[f"{ATTN}.out_proj.weight"]) + 2 * d_out,
                                atol=1e-5)
     assert ad.num_trainable_parameters() == R * E + 3 * E * R + R * E + E * R
     for m in (ATTN, OUT):
@@ -145,7 +143,7 @@ def test_other_layouts_and_dtypes(layout):
     state = _state(rng, dtype=dt)
     d_in, d_out = _deltas(ad.params, 2.0, 2.0)
     want = {f"{ATTN}.in_proj_weight": f64(state[f"{ATTN}.in_proj_weight"]) + d_in,
-            f"{ATTN}.out_proj.weight": f64(state[f"{ATTN}.out_proj.weight"]) + d_out}
+            f"{ATTN}.out_proj.weight": f64(state[f"{ATTN}.out_proj.weight"]) + 2 * d_out}
     if layout == "fortran":
         state = {k: np.asfortranarray(v) for k, v in state.items()}
     elif layout == "transposed view":
@@ -155,7 +153,7 @@ def test_other_layouts_and_dtypes(layout):
             v.setflags(write=False)
     before = {k: v.copy() for k, v in state.items()}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")
         merged = ad.merge(state)
     tol = 2e-2 if dt == np.float16 else 1e-5
     for k, w in want.items():
@@ -167,7 +165,7 @@ def test_other_layouts_and_dtypes(layout):
             ad.merge(state, copy=False)
         return
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")
         inplace = ad.merge(state, copy=False)
     for k in want:
         assert inplace[k] is state[k]
@@ -183,7 +181,7 @@ def test_merge_in_place_is_all_or_nothing(xp):
     state = {k: to_xp(xp, v) for k, v in host.items()}
     host = {k: v.copy() for k, v in host.items()}  # (NumPy's state shares the host arrays)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")
         out = ad.merge(state, copy=False)
     for k in (f"{ATTN}.in_proj_weight", f"{ATTN}.out_proj.weight"):
         assert out[k] is state[k]
@@ -250,22 +248,57 @@ def test_checkpoint_round_trip_and_the_command(tmp_path):
     again = pm.load_adapter(tmp_path / "a")
     assert again.modules == ad.modules
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")
         api, api_c = ad.merge(state), ad.merge(state, peft_compat=True)
-    for k in state:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        for k in state:
             np.testing.assert_array_equal(again.merge(state)[k], api[k])
-    save_file(state, str(tmp_path / "base.safetensors"))
+    base = str(tmp_path / "base.safetensors")
+    save_file(state, base)
     for extra, want in (([], api), (["--peft-compat"], api_c)):
         out = tmp_path / f"m{len(extra)}.safetensors"
-        assert cli.main(["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "a"), "-o", str(out), *extra]) == 0
+        assert cli.main(["merge", base, str(tmp_path / "a"), "-o", str(out), *extra]) == 0
         got = load_file(str(out))
         assert sorted(got) == sorted(state)
         for k in state:  # the streamed merge is Adapter.merge, bit for bit
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-        # verify's exact merge is the same math: each merge passes with its own option and fails with the other
-        for vextra, rc in ((extra, 0), (["--peft-compat"] if not extra else [], 1)):
-            assert cli.main(["verify", str(tmp_path / "base.safetensors"), str(tmp_path / "a"), str(out),
-                             *vextra]) == rc, (extra, vextra)
+        # verify's exact merge is the same math (the doubled out-projection with or without --peft-compat)
+        for vextra in ([], ["--peft-compat"]):
+            assert cli.main(["verify", base, str(tmp_path / "a"), str(out), *vextra]) == 0, (extra, vextra)
+    # a merge that adds the out-projection's change once (LoRA's usual merge) is not this adapter's model
+    once = dict(api)
+    once[f"{ATTN}.out_proj.weight"] = (f64(state[f"{ATTN}.out_proj.weight"])
+                                       + _deltas(ad.params, 2.0, 2.0)[1]).astype(np.float32)
+    save_file(once, str(tmp_path / "once.safetensors"))
+    for vextra in ([], ["--peft-compat"]):
+        assert cli.main(["verify", base, str(tmp_path / "a"), str(tmp_path / "once.safetensors"), *vextra]) == 1
     assert cli.main(["inspect", str(tmp_path / "a"), "--base", str(tmp_path / "base.safetensors")]) == 0
+
+
+@pytest.mark.parametrize(("version", "warns"), [("0.21.2", False), ("0.20.0", False), (None, False),
+                                                ("0.22.0", True), ("0.21.3.dev0@abc123", True)])
+def test_an_adapter_from_a_newer_peft_is_warned_about(version, warns):
+    """PEFT pull request #3774 (open at 0.21.2) counts the out-projection's change once: an attention adapter
+    saved by a newer PEFT is merged with 0.21.2's meaning, with a warning naming the version and the pull request;
+    a newer PEFT's adapter without an attention is not warned about."""
+    rng = np.random.default_rng(6)
+    params, state = _params(rng), _state(rng)
+    d_out = _deltas(params, 2.0, 2.0)[1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = pm.Adapter(_config(peft_version=version), params).merge(state)
+    found = [w for w in caught if issubclass(w.category, PeftMathWarning)]
+    assert [w for w in caught if not issubclass(w.category, PeftMathWarning)] == []
+    if warns:
+        assert found and all(f"PEFT {version} (newer than 0.21.2)" in str(w.message)
+                             and "pull request #3774" in str(w.message) for w in found)
+    else:
+        assert found == []
+    # the meaning is PEFT 0.21.2's either way
+    np.testing.assert_allclose(merged[f"{ATTN}.out_proj.weight"], f64(state[f"{ATTN}.out_proj.weight"]) + 2 * d_out,
+                               atol=1e-5)
+    lin = config_from_dict({"peft_type": "LORA", "r": R, "lora_alpha": 6, "target_modules": ["head"],
+                            "peft_version": version})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm.Adapter(lin, {"head": {"lora_A.weight": params[OUT]["lora_A.weight"],
+                                  "lora_B.weight": rng.standard_normal((4, R)).astype(np.float32)}}).merge(state)

@@ -22,7 +22,7 @@ peftmath implements that method, give PEFT's numbers).
 
 from __future__ import annotations
 
-__all__ = ["ROWS", "MODELS", "CLAIMED", "MAY_REFUSE", "PEFT_COMPAT_MERGE", "build", "config_class", "make_config", "expected"]
+__all__ = ["ROWS", "MODELS", "CLAIMED", "MAY_REFUSE", "build", "config_class", "make_config", "expected"]
 
 #: the PEFT config classes whose methods peftmath implements (README feature table)
 CLAIMED = frozenset({
@@ -65,14 +65,6 @@ MAY_REFUSE: dict[str, str] = {
                     "UniLoRA with save_indices=False saves theta_d only: the modules, their indices and scales come "
                     "from the model's module order, which the checkpoint lacks (specs/unilora.md)"),
 }
-
-
-#: rows where PEFT's ``merge_and_unload`` departs from the math of its own adapter layers: peftmath's default
-#: merge is the consistent one and ``Adapter.merge(..., peft_compat=True)`` must give PEFT's merged state (the
-#: reason, and the spec that documents the difference)
-PEFT_COMPAT_MERGE: dict[str, str] = dict.fromkeys(
-    ("MHA 1 LoRA", "MHA 2 LoRA"),
-    "PEFT 0.21.2's lora.MultiheadAttention adds the out-projection's LoRA change twice (specs/lora.md, 12)")
 
 
 def expected(row) -> frozenset[str]:

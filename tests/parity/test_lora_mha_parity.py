@@ -1,12 +1,14 @@
 """LoRA on ``nn.MultiheadAttention`` against PEFT 0.21.2's ``lora.MultiheadAttention`` (specs/lora.md, 12).
 
 A tiny model with attentions (packed q/k/v) and a Linear: PEFT saves, peftmath reads; peftmath's merged state
-with ``peft_compat=True`` equals ``merge_and_unload().state_dict()`` (same keys, values within float32
-round-off), and a torch model holding it computes PEFT's adapted output; the default merge is LoRA's (the
-out-projection's change once: PEFT 0.21.2 adds it twice, checked here so that a PEFT that stops doing so
-fails this test); per-module forwards, unmerges, the trainable count, the command (``merge`` with and without
-``--peft-compat``, ``inspect --base``), and peftmath's save loaded by ``PeftModel.from_pretrained`` with
-PEFT's outputs.
+(by default and with ``peft_compat=True``, without a warning) equals ``merge_and_unload().state_dict()`` (same
+keys, values within float32 round-off), and a torch model holding it computes PEFT's adapted output. The
+out-projection's change counts twice (PEFT 0.21.2's merge and its attention forward; checked against float64
+deltas from PEFT's own tensors, so that a PEFT that stops doing so fails this test), the in-projection's once;
+per-module forwards (the out-projection as PEFT's attention applies it: ``2ΔW``; PEFT's inner ``lora.Linear``
+called alone, a forward its attention never runs, is ``ΔW`` once), unmerges, the trainable count, the command
+(``merge`` with and without ``--peft-compat``, ``unmerge``, ``verify``, ``inspect --base``), and peftmath's save
+loaded by ``PeftModel.from_pretrained`` with PEFT's outputs.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ torch, peft = require_peft()
 
 import peftmath as pm  # noqa: E402
 from peftmath import cli  # noqa: E402
-from peftmath.errors import PeftMathWarning  # noqa: E402
 
 pytestmark = [pytest.mark.parity]
 
@@ -133,43 +134,57 @@ def test_merge_forward_and_checkpoints_as_peft(case, tmp_path):
     if "rank_pattern" in CASES[case]:
         assert peft_layer(pmodel, "blocks.0.attn").base_layer.out_proj.r["default"] == 6
 
-    # per-module forwards: the in-projection as a Linear (3E, E), the out-projection as PEFT's inner lora.Linear
+    # per-module forwards: the in-projection as a Linear (3E, E); the out-projection as PEFT's attention applies
+    # it (merged: W_out + 2ΔW_out), which is not PEFT's inner lora.Linear called alone (ΔW_out once)
     rng = np.random.default_rng(9)
     xm = rng.standard_normal((3, E)).astype(np.float32)
     for a in ATTN:
-        b_in = state.get(f"{a}.in_proj_bias")
+        out = f"{a}.base_layer.out_proj"
+        b_in, b_out = state.get(f"{a}.in_proj_bias"), state.get(f"{a}.out_proj.bias")
         want = f64(xm) @ (f64(state[f"{a}.in_proj_weight"]) + deltas[f"{a}.in_proj_weight"]).T
-        got = ad.forward(a, xm, state)
-        np.testing.assert_allclose(got, want + (0 if b_in is None else f64(b_in)), atol=2e-5)
-        got = ad.forward(f"{a}.base_layer.out_proj", xm, state)
-        np.testing.assert_allclose(got, peft_forward(pmodel, f"{a}.base_layer.out_proj", xm), atol=2e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for compat in (False, True):
+                got = ad.forward(a, xm, state, peft_compat=compat)
+                np.testing.assert_allclose(got, want + (0 if b_in is None else f64(b_in)), atol=2e-5)
+                got = ad.forward(out, xm, state, peft_compat=compat)
+                np.testing.assert_allclose(got, peft_attention_out_projection(pmodel, a, xm), atol=2e-5)
+        b = 0 if b_out is None else f64(peft_layer(pmodel, out).base_layer.bias.detach().numpy())
+        W_out = f64(state[f"{a}.out_proj.weight"])
+        np.testing.assert_allclose(got, f64(xm) @ (W_out + 2 * deltas[f"{a}.out_proj.weight"]).T + b, atol=2e-5)
+        np.testing.assert_allclose(peft_forward(pmodel, out, xm), f64(xm) @ (W_out + deltas[f"{a}.out_proj.weight"]).T
+                                   + b, atol=2e-5)
 
-    # merges: peft_compat=True is PEFT's merge_and_unload; the default is LoRA's, warned about
-    with pytest.warns(PeftMathWarning, match=r"nn\.MultiheadAttention .*: PEFT 0\.21\.2 applies its LoRA twice"):
+    # merges: the default and peft_compat=True are PEFT's merge_and_unload, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         merged = ad.merge(state)
-    merged_compat = ad.merge(state, peft_compat=True)
+        merged_compat = ad.merge(state, peft_compat=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = {k: t2n(v) for k, v in pmodel.merge_and_unload().state_dict().items()}
     assert sorted(merged_compat) == sorted(reference) == sorted(state) == sorted(merged)
     for k, want in reference.items():
-        assert merged_compat[k].dtype == want.dtype
-        np.testing.assert_allclose(merged_compat[k], want, atol=2e-6, err_msg=k)
         change = deltas.get(k, 0.0)
         if k.endswith("out_proj.weight"):  # PEFT 0.21.2 adds the out-projection's change twice
             np.testing.assert_allclose(f64(want) - f64(state[k]), 2 * change, atol=2e-6, err_msg=k)
-        if k.endswith("out_proj.bias") and CASES[case].get("bias") == "lora_only":  # trained, saved, replaced
-            assert not np.array_equal(want, state[k])
-            np.testing.assert_array_equal(merged[k], want, err_msg=k)
-        else:
-            np.testing.assert_allclose(merged[k], f64(state[k]) + change, atol=2e-6, err_msg=k)
-    np.testing.assert_allclose(run_torch(merged_compat, x, case), want_out, atol=2e-5)
+            change = 2 * change
+        for mine in (merged, merged_compat):
+            assert mine[k].dtype == want.dtype
+            np.testing.assert_allclose(mine[k], want, atol=2e-6, err_msg=k)
+            if k.endswith("out_proj.bias") and CASES[case].get("bias") == "lora_only":  # trained, saved, replaced
+                assert not np.array_equal(want, state[k])
+                np.testing.assert_array_equal(mine[k], want, err_msg=k)
+            else:
+                np.testing.assert_allclose(mine[k], f64(state[k]) + change, atol=2e-6, err_msg=k)
+    for mine in (merged, merged_compat):
+        np.testing.assert_allclose(run_torch(mine, x, case), want_out, atol=2e-5)
 
     # unmerges invert their merges (the replaced bias needs the original)
     originals = state if "bias" in CASES[case] else None
     for got, compat in ((merged, False), (merged_compat, True)):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("error")
             back = ad.unmerge(got, peft_compat=compat, originals=originals)
         for k in state:
             np.testing.assert_allclose(back[k], state[k], atol=2e-6, err_msg=k)
@@ -197,9 +212,11 @@ def test_the_command_merges_and_inspects(tmp_path):
     ad = load_peft_checkpoint(pmodel, tmp_path / "adapter")
     save_file(state, str(tmp_path / "base.safetensors"))
     with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        api = ad.merge(state)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = {k: t2n(v) for k, v in pmodel.merge_and_unload().state_dict().items()}
-        api = ad.merge(state)
     base, adapter = str(tmp_path / "base.safetensors"), str(tmp_path / "adapter")
     assert cli.main(["merge", base, adapter, "-o", str(tmp_path / "m.safetensors")]) == 0
     assert cli.main(["merge", base, adapter, "-o", str(tmp_path / "c.safetensors"), "--peft-compat"]) == 0
@@ -207,14 +224,33 @@ def test_the_command_merges_and_inspects(tmp_path):
     assert sorted(default) == sorted(compat) == sorted(reference)
     for k in reference:
         np.testing.assert_array_equal(default[k], api[k], err_msg=k)
+        np.testing.assert_allclose(default[k], reference[k], atol=2e-6, err_msg=k)
         np.testing.assert_allclose(compat[k], reference[k], atol=2e-6, err_msg=k)
-    assert not np.allclose(default["attn.out_proj.weight"], reference["attn.out_proj.weight"], atol=1e-3)
-    assert cli.main(["unmerge", str(tmp_path / "c.safetensors"), adapter, "-o", str(tmp_path / "u.safetensors"),
-                     "--peft-compat"]) == 0
-    back = load_file(str(tmp_path / "u.safetensors"))
-    for k in state:
-        np.testing.assert_allclose(back[k], state[k], atol=2e-6, err_msg=k)
+    for name, extra in (("m", []), ("c", ["--peft-compat"])):
+        assert cli.main(["unmerge", str(tmp_path / f"{name}.safetensors"), adapter, "-o",
+                         str(tmp_path / f"u{name}.safetensors"), *extra]) == 0
+        back = load_file(str(tmp_path / f"u{name}.safetensors"))
+        for k in state:
+            np.testing.assert_allclose(back[k], state[k], atol=2e-6, err_msg=k)
+    # verify accepts PEFT's own merged model (saved from merge_and_unload) under the default
+    save_file(reference, str(tmp_path / "peft_merged.safetensors"))
+    assert cli.main(["verify", base, adapter, str(tmp_path / "peft_merged.safetensors")]) == 0
     assert cli.main(["inspect", adapter, "--base", base]) == 0
+
+
+def peft_attention_out_projection(pmodel, attention: str, x: np.ndarray) -> np.ndarray:
+    """PEFT's out-projection of ``attention`` as its forward applies it: PEFT 0.21.2's attention merges its
+    adapters, and torch's attention then computes ``F.linear(·, out_proj.weight, out_proj.bias)``; computed here
+    on a copy of the layer (PEFT's model is left as it was)."""
+    import copy
+
+    layer = copy.deepcopy(peft_layer(pmodel, attention))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer.merge()
+    inner = layer.get_base_layer().out_proj
+    with torch.no_grad():
+        return t2n(torch.nn.functional.linear(n2t(x), inner.weight, inner.bias))
 
 
 def test_lora_bias_on_an_attention_is_refused(tmp_path):
