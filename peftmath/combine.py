@@ -352,7 +352,9 @@ def _svd_space(kind, name, sources, k, density, sign_method, rng, mask_source, c
             f"{name}: PEFT 0.21.2's SVD combination fails on {layer.kind.value} layers (issue #3769); "
             f"use peft_compat=False for the consistent result"
         )
-    deltas = [m.delta_weight() for m, _ in sources]
+    # each source's own ΔW, before any factor its layer applies again on top of its scaling (an attention's
+    # out-projection: PEFT counts it twice, and the combined adapter's module does so once more)
+    deltas = [m.delta_weight() / getattr(m, "change_factor", 1.0) for m, _ in sources]
     delta = _combine_tensors(kind, deltas, [w for _, w in sources], density, sign_method, rng, mask_source)
     M = layer.as_matrix(delta, xp)  # (out, in·prod(kernel)); Conv1D and Embedding transposed back
     rows, cols = M.shape

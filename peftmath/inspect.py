@@ -227,7 +227,7 @@ def low_rank_factors(mod: Any) -> tuple[np.ndarray, np.ndarray, float] | None:
     B = np.asarray(mod.B, dtype=np.float64).reshape(mod.B.shape[0], -1)
     if B.shape[1] != r:
         return None
-    return B, A, float(mod.scaling)
+    return B, A, float(mod.scaling) * getattr(mod, "change_factor", 1.0)  # an attention's out-projection: 2s
 
 
 def render_inspect(info: dict[str, Any], *, with_base: bool = False) -> str:

@@ -81,11 +81,13 @@ class AdapterSet:
         for them depends on the running output (see specs/combine.md).
         """
         xp = namespace(x)
-        weight = state[f"{module}.weight"]
-        bias = state.get(f"{module}.bias")
         active = [self.adapters[n] for n in self.active if module in self.adapters[n].params]
         if not active:
             raise ShapeError(f"{module}: no active adapter adapts this module (active: {self.active})")
+        wkey, bkey = active[0].weight_keys(module, state)  # <module>.weight, an attention's in_proj_weight, ...
+        if wkey not in state:
+            raise ShapeError(f"{module}: the state has no {wkey!r}")
+        weight, bias = state[wkey], state.get(bkey)
         mods = [ad.module(module, weight_shape=tuple(weight.shape)) for ad in active]
         if len(mods) == 1:
             return mods[0].forward(x, weight, bias, **layer_kwargs)
@@ -156,6 +158,14 @@ def mixed_batch_forward(
     refuses DoRA here too). Every term is formed in float32 (float64 for float64 inputs) and the sum with
     the base output is rounded once to its dtype.
     """
+    for n in dict.fromkeys(adapter_names):
+        if n in adapters and module in adapters[n].params:
+            wkey = adapters[n].weight_keys(module, state)[0]
+            if wkey != f"{module}.weight":  # an nn.MultiheadAttention projection, a raw parameter (target_parameters)
+                raise UnsupportedError(
+                    f"{module}: adapts {wkey!r}, not a layer's weight (an nn.MultiheadAttention projection or a raw "
+                    f"parameter); mixed batches serve Linear, Conv1D and Embedding layers only (PEFT refuses "
+                    f"adapter_names there too)")
     weight = state[f"{module}.weight"]
     bias = state.get(f"{module}.bias")
     where = f"mixed_batch_forward({module})"

@@ -302,3 +302,35 @@ def test_an_adapter_from_a_newer_peft_is_warned_about(version, warns):
         warnings.simplefilter("error")
         pm.Adapter(lin, {"head": {"lora_A.weight": params[OUT]["lora_A.weight"],
                                   "lora_B.weight": rng.standard_normal((4, R)).astype(np.float32)}}).merge(state)
+
+
+def test_combine_inspect_and_adapter_set_count_the_out_projection_as_merged():
+    """Code that reads an attention module's s, A and B (combine's SVD, inspect's spectra, AdapterSet) gives the
+    change the merge makes: the out-projection's 2·s·B_o·A_o, the in-projection's s·B·A; a mixed batch there is
+    refused (PEFT refuses adapter_names on an attention too)."""
+    from peftmath.inspect import low_rank_factors
+
+    rng = np.random.default_rng(21)
+    params, state = _params(rng), _state(rng, np.float64)
+    ad = pm.Adapter(_config(), params)
+    merged = ad.merge(state)
+    d_in, d_out = (f64(merged[f"{ATTN}.{k}"]) - f64(state[f"{ATTN}.{k}"]) for k in ("in_proj_weight",
+                                                                                      "out_proj.weight"))
+    # combine: an SVD combination of two adapters at full rank merges to the sum of their changes
+    other = pm.Adapter(_config(), _params(rng))
+    both = other.merge(merged)
+    svd = pm.combine([ad, other], [1.0, 1.0], combination_type="svd", svd_rank=2 * R)
+    again = svd.merge(state)
+    for k in (f"{ATTN}.in_proj_weight", f"{ATTN}.out_proj.weight"):
+        np.testing.assert_allclose(f64(again[k]), f64(both[k]), rtol=1e-5, atol=1e-5, err_msg=k)  # float32 factors
+    # inspect's factors: s·B·A equal to what the merge added
+    for m, want in ((ATTN, d_in), (OUT, d_out)):
+        B, A, s = low_rank_factors(ad.module(m, weight_shape=want.shape))
+        np.testing.assert_allclose(s * f64(B) @ f64(A), want, atol=1e-10, err_msg=m)
+    # AdapterSet's forward of each projection is the adapter's own
+    aset = pm.AdapterSet({"a": ad})
+    x = rng.standard_normal((3, E))
+    for m in (ATTN, OUT):
+        np.testing.assert_allclose(f64(aset.forward(m, x, state)), f64(ad.forward(m, x, state)), atol=1e-12)
+    with pytest.raises(UnsupportedError, match="nn.MultiheadAttention projection or a raw parameter"):
+        pm.mixed_batch_forward(OUT, x, state, {"a": ad}, ["a", "__base__", "a"])
