@@ -275,15 +275,14 @@ def _segmented_terms(xp: Any, x: Array, mods: Mapping[str, Any], order: Sequence
         m = mods[n]
         A = as_compute(xp, m.A, cd)                                                            # (r, in)
         if embedding:
-            h_t = xp.take(A, xp.reshape(seg, (-1,)), axis=1)                                   # (r, k·T)
+            h = xp.matrix_transpose(xp.take(A, xp.reshape(seg, (-1,)), axis=1))                # (k·T, r)
         else:
             seg = xp.reshape(as_compute(xp, seg, cd), (-1, layer.in_features))                # (k·T, in)
             if torch_like:
-                h_t = xp.matrix_transpose(xp.matmul(seg, xp.matrix_transpose(A)))              # (r, k·T)
+                h = xp.matmul(seg, xp.matrix_transpose(A))                                     # (k·T, r)
             else:
-                h_t = xp.matmul(A, xp.matrix_transpose(seg))                                   # (r, k·T)
-        parts.append(xp.matmul(xp.matrix_transpose(h_t * m.scaling),
-                               xp.matrix_transpose(as_compute(xp, m.B, cd))))                 # (k·T, out)
+                h = xp.matrix_transpose(xp.matmul(A, xp.matrix_transpose(seg)))                # (k·T, r)
+        parts.append(xp.matmul(h * m.scaling, xp.matrix_transpose(as_compute(xp, m.B, cd))))  # (k·T, out)
     rest = batch - len(flat)
     if rest:
         parts.append(xp.zeros((rest * per_row, out), dtype=cd, device=dev))
