@@ -229,15 +229,15 @@ def _segmented_terms(xp: Any, x: Array, mods: Mapping[str, Any], order: Sequence
 
     The rows are grouped by adapter in one pass over ``names``. Each adapter takes its rows ``X`` (``k·T``
     tokens: a slice of ``x`` when they are consecutive, else one ``take`` of just those rows; on torch a
-    slice of one ``take`` of all the adapters' rows, grouped) and reads its
-    factors once, in their stored layout, for the whole segment: ``Hᵀ = s · (A Xᵀ)`` (``(r, k·T)``, at the
-    adapter's own rank: no padding, no per-row copies of ``A`` and ``B``; the scaling goes on this small
-    block) and ``Y = (Hᵀ)ᵀ Bᵀ`` (``(k·T, out)``, rows in the output's layout). The segments' terms are
+    slice of one ``take`` of all the adapters' rows, grouped) and reads its factors once, in their stored
+    layout, for the whole segment: ``H = X Aᵀ`` (``(k·T, r)``, at the adapter's own rank: no padding, no
+    per-row copies of ``A`` and ``B``; formed as ``(A Xᵀ)ᵀ`` on NumPy, whose BLAS runs that order faster)
+    and ``Y = (s·H) Bᵀ`` (``(k·T, out)``; the scaling goes on the small ``H``). The segments' terms are
     concatenated (rows without an adapter get zeros, last) and put back in batch order with one ``take``,
-    skipped when the batch is already grouped. No permuted copy of the whole batch is made on the way in:
-    the per-segment gathers are small and short-lived (a batch-sized temporary per call, freed and
-    faulted in again each time, made the 16-adapter benchmark several times slower). An Embedding's
-    ``A x`` gathers the ids' columns of ``A``.
+    skipped when the batch is already grouped. No permuted copy of the whole batch is made on the way in
+    (except on torch): the per-segment gathers are small and short-lived (a batch-sized temporary per
+    call, freed and faulted in again each time, made the 16-adapter benchmark several times slower on
+    NumPy). An Embedding's ``X Aᵀ`` gathers the ids' columns of ``A``.
 
     Returns the terms as ``(batch, tokens, out)`` in ``cd``."""
     rows, inverse = _segments(names, order)
