@@ -73,10 +73,14 @@ def limit_threads(threads: int) -> str:
 _LIMITERS: list = []
 
 
-def race(contestants: dict, *, repeats: int, warmup: int = 1) -> tuple[dict, list]:
+def race(contestants: dict, *, repeats: int, warmup: int = 1, settle: float = 0.0) -> tuple[dict, list]:
     """Run the contestants round-robin and return (median ms per name, the per-round times).
 
     ``contestants`` maps a name to ``(fn, setup)``; ``setup`` (or None) runs untimed before each call.
+    ``settle``: seconds of idle time before each timed call (after its setup). OpenBLAS's worker threads spin
+    for about 0.1 s after a multithreaded call before they sleep; on a 2-core machine the spinning worker takes a
+    core from whatever runs next (measured by the OFT benchmark: a row-tile merge right after a threaded gemm
+    used 7 ms more CPU than after a pause), which charges one contestant for another's BLAS call.
     Interleaving the calls (and rotating who goes first) exposes every contestant to the same machine
     load, so the ratios stay meaningful on a busy machine; ratios are medians of per-round ratios.
     """
@@ -92,6 +96,8 @@ def race(contestants: dict, *, repeats: int, warmup: int = 1) -> tuple[dict, lis
             fn, setup = contestants[name]
             if setup is not None:
                 setup()
+            if settle > 0:
+                time.sleep(settle)
             t0 = time.perf_counter()
             fn()
             times[name] = (time.perf_counter() - t0) * 1e3

@@ -10,7 +10,8 @@ floor) and allocate nothing of ``W``'s size besides the result. One ``Linear(409
     python benchmarks/bench_merge_copy.py --no-write # print the section, leave RESULTS.md alone
 
 Every contestant runs round-robin in one process (``_results.race``, the starting contestant rotating
-each round). For each method the ratio is the median over rounds of ``t_method / (t_copy + t_floor)``
+each round, each call after 0.15 s idle: OpenBLAS's workers spin ~0.1 s after a threaded call and would take a
+core from the next contestant). For each method the ratio is the median over rounds of ``t_method / (t_copy + t_floor)``
 with the three times taken in the same round. "One copy of W" is ``np.copyto(dst, W)`` into a
 preallocated ``dst`` (float32 or bfloat16, as the row). The floors, each timed in place on a scratch
 C-ordered copy that is reset (untimed) before every call:
@@ -249,7 +250,7 @@ def measure(cases: list[Case], rounds: int) -> list[dict]:
         contestants[f"{c.name}|floor"] = (c.floor, c.reset)
         contestants[f"{c.name}|merge"] = (c.merge, None)
         contestants[f"{c.name}|unmerge"] = (c.unmerge, None)
-    times, per_round = race(contestants, repeats=rounds)
+    times, per_round = race(contestants, repeats=rounds, settle=0.15)  # OpenBLAS's workers spin after a threaded call
     rows = []
     for c in cases:
         ratio = {op: statistics.median(r[f"{c.name}|{op}"] / (r["copy"] + r[f"{c.name}|floor"]) for r in per_round)

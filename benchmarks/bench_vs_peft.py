@@ -58,6 +58,8 @@ from _results import race  # noqa: E402
 N = 4096
 TARGET = 2.0
 PERTURB = 0.02
+#: idle seconds before each timed call (_results.race: OpenBLAS's and torch's workers spin after a threaded call)
+SETTLE = 0.15
 
 #: the benchmark's sizes, over each method's first example config (the examples are tiny, for tests)
 SIZES: dict[str, dict] = {
@@ -215,7 +217,7 @@ def measure(peft_type: str, repeats: int, seed: int = 0) -> dict:
         del contestants["pm unmerge"]
         contestants.pop("peft unmerge", None)
     try:
-        times, rounds = race(contestants, repeats=repeats)
+        times, rounds = race(contestants, repeats=repeats, settle=SETTLE)
     except Exception as exc:  # e.g. a refused in-place unmerge
         if "peft unmerge" not in contestants:
             row["error"] = f"{type(exc).__name__}: {str(exc)[:100]}"
@@ -225,7 +227,7 @@ def measure(peft_type: str, repeats: int, seed: int = 0) -> dict:
         row["peft_unmerge_error"] = f"{type(exc).__name__}: {str(exc)[:80]}"
         del contestants["peft unmerge"]
         try:
-            times, rounds = race(contestants, repeats=repeats)
+            times, rounds = race(contestants, repeats=repeats, settle=SETTLE)
         except Exception as exc2:
             row["error"] = f"{type(exc2).__name__}: {str(exc2)[:100]}"
             return row
@@ -248,7 +250,8 @@ def section(rows: list[dict], repeats: int) -> str:
     lines = [
         f"Linear({N}, {N}) float32, one layer; peftmath in place (`copy=False`) and default (`copy=True`) vs "
         f"PEFT 0.21.2's layer `merge()` / `unmerge()` (torch CPU); {THREAD_NOTE}; median of per-round ratios "
-        f"over {repeats} round-robin rounds; machine: {platform.machine()}, {os.cpu_count()} cores. "
+        f"over {repeats} round-robin rounds, each call after {SETTLE:g} s idle; machine: {platform.machine()}, "
+        f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at the end. "
         f"Speed-up = PEFT's time / peftmath's (target ≥ {TARGET:g} for the merge, issues 18/19).",
         "",
         "| method | config | PEFT merge ms | pm merge ms | speed-up | copy=True speed-up | PEFT unmerge ms "
