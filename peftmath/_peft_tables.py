@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+#: the PEFT release whose math and checkpoint format peftmath reproduces (written as peft_version into the configs
+#: peftmath creates; an adapter from a newer PEFT may mean something else where PEFT changed its math)
+PEFT_VERSION = "0.21.2"
+
 #: LoRA, LoHa, LoKr, OFT and BOFT share this table
 LORA_FAMILY: dict[str, list[str] | str] = {'t5': ['q', 'v'],
  'mt5': ['q', 'v'],

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .._mha import base_module, check_pairs, out_proj_owner
-from .._peft_tables import UNKNOWN_TENSORS
+from .._peft_tables import PEFT_VERSION, UNKNOWN_TENSORS
 from ..adapter import Adapter
 from ..backends import backend_for, get_backend
 from ..config import check_supported, strict_fields
@@ -49,8 +49,6 @@ PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-#: peft_version written into configs that peftmath creates
-PEFT_VERSION = "0.21.2"
 
 
 def config_from_dict(data: Mapping[str, Any], *, source: str = "config", strict: bool = False) -> Any:

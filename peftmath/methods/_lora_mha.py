@@ -36,7 +36,7 @@ import warnings
 from typing import Any
 
 from .._mha import out_proj_owner
-from ..io.peft import PEFT_VERSION
+from .._peft_tables import PEFT_VERSION
 from ..errors import PeftMathWarning, UnsupportedError
 from ._base import MergeResult
 from .lora import LoraModule
