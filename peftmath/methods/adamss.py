@@ -268,9 +268,10 @@ def factors(labels: np.ndarray, As: list[Array], Bs: list[Array], P: Array, *, d
     want = [int(b.shape[0]) for b in Bs]
     if sizes != want or labels.size != sum(want):
         raise CheckpointError(
-            f"{where}: the k-means partition of this base weight has subspaces of {sizes} rows, but the adapter's "
-            f"adamss_B.<i> have {want} rows: the adapter was made on another base weight (AdaMSS recomputes its "
-            f"subspaces from the base weight, as PEFT does on load), or a near tie in k-means went the other way")
+            f"{where}: the k-means partition of this base weight (with its bias, when the adapter has a bias column) "
+            f"has subspaces of {sizes} rows, but the adapter's adamss_B.<i> have {want} rows: the adapter was made on "
+            f"another base weight or bias (AdaMSS recomputes its subspaces from [W | b], as PEFT does on load; an "
+            f"already merged W or b gives others), or a near tie in k-means went the other way")
     ks = [int(a.shape[0]) for a in As]
     total = sum(ks)
     blocks, off = [], 0
