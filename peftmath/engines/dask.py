@@ -30,6 +30,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -129,8 +130,11 @@ def transform(base: stream.Model, adapters: Sequence[Any], out: Any, *, client: 
     try:
         job = outp.job
         # the job travels as a task's argument, not scattered data: the scheduler keeps the task, so a worker
-        # that dies holding the job's only copy has it rebuilt (scattered data would be lost with it)
-        jf = client.submit(_identity, job, pure=False)
+        # that dies holding the job's only copy has it rebuilt (scattered data would be lost with it). The graph
+        # then holds the adapters once, on purpose: distributed's "large graph" advice does not apply
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+            jf = client.submit(_identity, job, pure=False)
         n = len(job.units)
         futures = client.map(task or stream.run_unit, [jf] * n, list(range(n)), pure=False, retries=retries)
         index = {f.key: i for i, f in enumerate(futures)}

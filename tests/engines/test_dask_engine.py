@@ -387,3 +387,27 @@ def test_the_serial_command_never_imports_the_engine(tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "o.safetensors").is_file()
+
+
+def test_a_large_adapter_travels_in_the_graph_without_a_warning(tmp_path, client):
+    """The job (plan and adapters) is a task argument on purpose (a dead worker's copy is rebuilt), so
+    distributed's "Sending large graph" advice is silenced for it; the output is still the serial merge's."""
+    import warnings
+
+    from peftmath.io.safetensors import save_file
+
+    rng = np.random.default_rng(5)
+    state = {"lin.weight": rng.standard_normal((1024, 1024)).astype(np.float32)}
+    (tmp_path / "base").mkdir()
+    save_file(state, tmp_path / "base" / "model.safetensors")
+    r = 1400  # factors of 2 x 1400 x 1024 float32 = 11 MiB: over distributed's 10 MB warning threshold
+    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=["lin"])
+    ad = Adapter(cfg, {"lin": {"lora_A.weight": rng.standard_normal((r, 1024)).astype(np.float32) * 0.01,
+                               "lora_B.weight": rng.standard_normal((1024, r)).astype(np.float32) * 0.01}})
+    base = stream.open_model(tmp_path / "base")
+    stream.transform(base, [ad], tmp_path / "serial")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.transform(base, [ad], tmp_path / "engine", client=client)
+    assert [str(w.message) for w in caught if "large graph" in str(w.message)] == []
+    assert _outputs(tmp_path / "serial") == _outputs(tmp_path / "engine")
