@@ -221,11 +221,8 @@ class LoraTokensModule(LoraModule):
             f"merge this LoRA adapter with scale 1 (got scale {c:g})")
 
     def delta_weight(self, *, peft_compat: bool = False) -> Array:
-        raise UnsupportedError(
-            f"{self.name}: this LoRA adapter's trainable tokens ({FIELD}) replace rows of the table "
-            f"(W[t] = {TOKENS_KEY}), so W' − W depends on W and the module has no standalone delta weight; merge "
-            f"the adapter (the merge returns the replaced rows as its record) or run the module's forward with the "
-            f"base weight. peftmath verify bounds additive merges and cannot check this module yet")
+        raise tt.no_delta_weight(self.name, f"this LoRA adapter's trainable tokens ({FIELD}) replace rows of the "
+                                            f"table (W[t] = {TOKENS_KEY})")
 
     def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
               peft_compat: bool = False) -> MergeResult:

@@ -353,6 +353,15 @@ def forward(x: Array, weight: Array, delta: Array, token_indices: Any, *, bias: 
 # --------------------------------------------------------------------------------------------------
 # One module of a checkpoint
 # --------------------------------------------------------------------------------------------------
+def no_delta_weight(name: str, what: str) -> UnsupportedError:
+    """The refusal of ``delta_weight`` for a module whose merge replaces rows (``what`` says which): ``W' − W``
+    depends on ``W``, so there is no standalone delta weight (TRAINABLE_TOKENS, a LoRA adapter's token rows)."""
+    return UnsupportedError(
+        f"{name}: {what}, so W' − W depends on W and there is no standalone delta weight; use merge (it returns "
+        f"the replaced rows as its record) or forward with the base weight. peftmath verify's error bound is "
+        f"derived for additive, scale and rotation methods and cannot check this module yet")
+
+
 class TrainableTokensModule(ModuleAdapter):
     """Trainable tokens on one nn.Embedding ``(V, D)`` or nn.Linear ``(V, D)`` output layer:
     ``trainable_tokens_delta (k, D)``, the rows ``token_indices`` of the merged table. Merge replaces the rows
@@ -393,11 +402,8 @@ class TrainableTokensModule(ModuleAdapter):
         return {"tokens": int(self.tokens.unique.size)}
 
     def delta_weight(self, *, peft_compat: bool = False) -> Array:
-        raise UnsupportedError(
-            f"{self.name}: TRAINABLE_TOKENS replaces rows of the base weight (W[token_indices] = "
-            f"trainable_tokens_delta), so W' − W depends on W and there is no standalone delta weight; use merge "
-            f"(it returns the replaced rows as its record) or forward with the base weight. peftmath verify's "
-            f"error bound is derived for additive, scale and rotation methods and cannot check this method yet")
+        raise no_delta_weight(self.name, "TRAINABLE_TOKENS replaces rows of the base weight (W[token_indices] = "
+                                         "trainable_tokens_delta)")
 
     def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
               peft_compat: bool = False) -> MergeResult:

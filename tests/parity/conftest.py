@@ -586,3 +586,20 @@ def load_in_peft(model, folder, **kwargs):
     pm.set_adapter("default")
     pm.eval()
     return pm
+
+
+def peft_attention_out_projection(pmodel, attention: str, x: np.ndarray) -> np.ndarray:
+    """PEFT's out-projection of ``attention`` as its forward applies it: PEFT 0.21.2's attention merges its
+    adapters, and torch's attention then computes ``F.linear(·, out_proj.weight, out_proj.bias)``; computed here
+    on a copy of the layer (PEFT's model is left as it was)."""
+    import copy
+
+    import torch
+
+    layer = copy.deepcopy(peft_layer(pmodel, attention))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer.merge()
+    inner = layer.get_base_layer().out_proj
+    with torch.no_grad():
+        return t2n(torch.nn.functional.linear(n2t(x), inner.weight, inner.bias))

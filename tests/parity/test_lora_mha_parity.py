@@ -24,6 +24,7 @@ from tests.parity.conftest import (
     load_in_peft,
     load_peft_checkpoint,
     n2t,
+    peft_attention_out_projection,
     peft_forward,
     peft_layer,
     redraw,
@@ -236,21 +237,6 @@ def test_the_command_merges_and_inspects(tmp_path):
     save_file(reference, str(tmp_path / "peft_merged.safetensors"))
     assert cli.main(["verify", base, adapter, str(tmp_path / "peft_merged.safetensors")]) == 0
     assert cli.main(["inspect", adapter, "--base", base]) == 0
-
-
-def peft_attention_out_projection(pmodel, attention: str, x: np.ndarray) -> np.ndarray:
-    """PEFT's out-projection of ``attention`` as its forward applies it: PEFT 0.21.2's attention merges its
-    adapters, and torch's attention then computes ``F.linear(·, out_proj.weight, out_proj.bias)``; computed here
-    on a copy of the layer (PEFT's model is left as it was)."""
-    import copy
-
-    layer = copy.deepcopy(peft_layer(pmodel, attention))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        layer.merge()
-    inner = layer.get_base_layer().out_proj
-    with torch.no_grad():
-        return t2n(torch.nn.functional.linear(n2t(x), inner.weight, inner.bias))
 
 
 def test_lora_bias_on_an_attention_is_refused(tmp_path):

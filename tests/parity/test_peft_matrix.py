@@ -62,13 +62,13 @@ from tests.parity.conftest import (
     make_input,
     max_abs,
     n2t,
+    peft_attention_out_projection,
     peft_forward,
     peft_layer,
     require_peft,
     t2n,
 )
 from tests.parity.peft_matrix import MAY_REFUSE, ROWS, build, expected, make_config
-from tests.parity.test_lora_mha_parity import peft_attention_out_projection
 
 torch, peft = require_peft()
 
