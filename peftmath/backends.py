@@ -133,6 +133,11 @@ class Backend(Protocol):
         """``a⁻¹ b`` for every pair of ``(n, n)`` / ``(n, k)`` matrices of the stacks ``a`` and ``b``
         (same leading shape), with the errors of :meth:`inv`."""
 
+    def eigh_range(self, a: Array, lo: int, hi: int) -> Array | None:
+        """The eigenvectors ``(n, hi − lo)`` of the symmetric ``a (n, n)`` whose eigenvalues rank ``lo, …,
+        hi − 1`` in ascending order (columns in that order); None when the library has no symmetric
+        eigensolver (then the caller takes another route)."""
+
 
 def _import_namespace(module: str, backend: str, package: str) -> Namespace:
     """Import the namespace module of ``backend``, or raise :class:`BackendError` saying what to install."""
@@ -224,6 +229,11 @@ class ArrayAPIBackend:
             return xp.linalg.solve(a, b)
         except Exception as exc:  # noqa: BLE001 — sorted into singular / unsupported below
             raise _linalg_error(exc, self.name, "solve", where, "a matrix", a) from exc
+
+    def eigh_range(self, a: Array, lo: int, hi: int) -> Array | None:
+        xp = array_api_compat.array_namespace(a)
+        eigh = getattr(xp.linalg, "eigh", None)  # dask has none
+        return None if eigh is None else eigh(a)[1][:, lo:hi]
 
 
 def _is_singular(exc: BaseException) -> bool:
@@ -323,6 +333,15 @@ class NumpyBackend(ArrayAPIBackend):
 
     def from_host(self, a: np.ndarray, xp: Namespace, device: Any = None) -> Array:
         return np.asarray(a)
+
+    def eigh_range(self, a: Array, lo: int, hi: int) -> Array | None:
+        """LAPACK's ``?syevr`` through SciPy for only the wanted eigenvectors: for 16 of 4096, about a third of
+        the time of the full ``numpy.linalg.eigh`` (the tridiagonal reduction is left)."""
+        if not isinstance(a, np.ndarray) or hi <= lo:
+            return super().eigh_range(a, lo, hi)
+        from scipy.linalg import eigh
+
+        return eigh(a, subset_by_index=(lo, hi - 1), driver="evr", check_finite=False)[1]
 
     def conv(self, x: Array, weight: Array, bias: Array | None, **kw: Any) -> Array | None:
         from ._conv import numpy_conv

@@ -71,7 +71,7 @@ from ._base import (
     orient_2d,
     write_back,
 )
-from ._svd import pack_triplets, smallest_triplets, triplet_product, unpack_triplets
+from ._svd import low_from_record, low_split, smallest_triplets
 
 Array = Any
 
@@ -355,11 +355,23 @@ def kasa_split(weight: Array, r: int, *, where: str = "kasa") -> tuple[Array, Ar
     """KaSA's dropped part of a Linear weight ``(out, in)``: its ``r`` smallest singular triplets ``(U (out, r),
     S (r,), Vh (r, in))`` (PEFT keeps the ``min(out, in) − r`` largest as the new frozen base). ``r`` must be
     below ``min(out, in)`` (PEFT refuses otherwise)."""
+    _kasa_rank(weight, r, where)
+    return smallest_triplets(weight, r, method="KaSA", where=where)
+
+
+def _kasa_rank(weight: Array, r: int, where: str) -> None:
     k = min(int(weight.shape[0]), int(weight.shape[1]))
     if not 0 < r < k:
         raise ConfigError(f"{where}: KaSA needs r={r} below min(out, in)={k} of the base weight "
                           f"{tuple(weight.shape)}, so that one singular component stays (PEFT refuses this too)")
-    return smallest_triplets(weight, r, method="KaSA", where=where)
+
+
+def kasa_low(weight: Array, r: int, *, dtype: Any = None, where: str = "kasa") -> tuple[Array, Array]:
+    """KaSA's dropped part as one matrix ``U S Vh (out, in)`` and its merge record (the packed triplets, or
+    the matrix where that is smaller): :func:`peftmath.methods._svd.low_split`, the projection on the ``r``
+    smallest singular directions, with :func:`kasa_split`'s check of ``r``."""
+    _kasa_rank(weight, r, where)
+    return low_split(weight, r, dtype=dtype, method="KaSA", where=where)
 
 
 def alora_offsets(input_ids: Array, invocation_tokens: list[int]) -> list[int | None]:
@@ -1097,10 +1109,8 @@ class LoraModule(ModuleAdapter):
             return xp.matmul(Bd, as_compute(xp, self.A, cd)) * self.scaling
 
         if not unmerge:
-            U, S, V = kasa_split(weight, self.r, where=self.name)
-            rec = pack_triplets(xp, U, S, V)
-            new = add_fresh_delta(self.name, weight, lambda: delta() - triplet_product(xp, U, S, V, cd), cd,
-                                  copy=copy, safe=safe, xp=xp)
+            low, rec = kasa_low(weight, self.r, dtype=cd, where=self.name)
+            new = add_fresh_delta(self.name, weight, lambda: delta() - low, cd, copy=copy, safe=safe, xp=xp)
             return new, rec
         if record is None:
             if not peft_compat:
@@ -1110,9 +1120,8 @@ class LoraModule(ModuleAdapter):
                     f"(Adapter.merge(..., records=...), `peftmath merge` writes them), or peft_compat=True for "
                     f"PEFT's unmerge, which returns the truncated base W' - dW")
             return add_fresh_delta(self.name, weight, lambda: -delta(), cd, copy=copy, xp=xp), None
-        U, S, V = unpack_triplets(record, out, inn, self.r, method="KaSA", where=self.name)
-        new = add_fresh_delta(self.name, weight, lambda: triplet_product(xp, U, S, V, cd) - delta(), cd,
-                              copy=copy, xp=xp)
+        low = low_from_record(record, out, inn, self.r, cd, method="KaSA", where=self.name)
+        new = add_fresh_delta(self.name, weight, lambda: low - delta(), cd, copy=copy, xp=xp)
         return new, None
 
     def describe(self) -> dict[str, Any]:
@@ -1223,9 +1232,9 @@ class LoraModule(ModuleAdapter):
         B = self.B
         if self.kasa_diag is not None:  # the truncated base (as PEFT's load leaves it) and B diag(d)
             xp = self.xp
-            U, S, V = kasa_split(weight, self.r, where=self.name)
             cd = compute_dtype(xp, weight.dtype)
-            weight = as_compute(xp, as_compute(xp, weight, cd) - triplet_product(xp, U, S, V, cd), weight.dtype)
+            low = kasa_low(weight, self.r, dtype=cd, where=self.name)[0]
+            weight = as_compute(xp, as_compute(xp, weight, cd) - low, weight.dtype)
             B = self._kasa_B()
         return forward(x, weight, self.A, B, scaling=self.scaling, bias=bias, layer=layer,
                        lora_bias=self.lora_bias, **kw)

@@ -28,7 +28,7 @@ from ..errors import ConfigError, NotInvertibleError, ShapeError, UnsupportedErr
 from ..layers import Layer, LayerKind
 from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, add_fresh_delta, require_kind
-from ._svd import pack_triplets, smallest_triplets, triplet_product, unpack_triplets
+from ._svd import low_from_record, low_split, pack_triplets, smallest_triplets, triplet_product, unpack_triplets
 
 Array = Any
 
@@ -119,7 +119,8 @@ def _product(xp: Any, U: Array, S: Array, V: Array, cd: Any) -> Array:
 def delta_weight(weight: Array, U_low: Array, S_low: Array, V_low: Array, *, record: Any = None,
                  dtype: Any = None, where: str = "osf") -> Array:
     """``ΔW = U_lo S_lo V_lo − U_lo⁰ S_lo⁰ V_lo⁰`` ``(out, in)``, the initial low part from ``record`` or from
-    ``weight``'s SVD.
+    ``weight``'s split (:func:`peftmath.methods._svd.low_split`: the projection on its smallest singular
+    directions, not the triplets themselves).
 
     >>> import numpy as np
     >>> W = np.diag([3.0, 2.0, 1.0])
@@ -132,10 +133,10 @@ def delta_weight(weight: Array, U_low: Array, S_low: Array, V_low: Array, *, rec
     r = int(S_low.shape[0])
     out, inn = int(U_low.shape[0]), int(V_low.shape[-1])
     if record is None:
-        U0, S0, V0 = low_part(weight, r, dtype=cd, where=where)
+        L0 = low_split(weight, r, dtype=cd, method="OSF", where=where)[0]
     else:
-        U0, S0, V0 = unpack_record(record, out, inn, r, where=where)
-    return _product(xp, U_low, S_low, V_low, cd) - _product(xp, U0, S0, V0, cd)
+        L0 = low_from_record(record, out, inn, r, cd, method="OSF", where=where)
+    return _product(xp, U_low, S_low, V_low, cd) - L0
 
 
 def pack_record(xp: Any, U0: Array, S0: Array, V0: Array) -> Array:
@@ -144,7 +145,8 @@ def pack_record(xp: Any, U0: Array, S0: Array, V0: Array) -> Array:
 
 
 def unpack_record(record: Array, out: int, inn: int, r: int, *, where: str = "osf") -> tuple[Array, Array, Array]:
-    """Inverse of :func:`pack_record`; :class:`ShapeError` for a record of another module."""
+    """Inverse of :func:`pack_record`; :class:`ShapeError` for a record of another module. (A merge record
+    may also be the low part itself, ``(out, in)``, where that is smaller: see :meth:`OSFModule.merge`.)"""
     return unpack_triplets(record, out, inn, r, method="OSF", where=where)
 
 
@@ -214,12 +216,13 @@ class OSFModule(ModuleAdapter):
     def merge(self, weight: Array, bias: Array | None = None, *, copy: bool = True, safe: bool = False,
               peft_compat: bool = False) -> MergeResult:
         """``W' = W + ΔW`` (= the top part of ``W`` plus the trained low part), formed in float32 (float64) and
-        rounded once; the record is ``W``'s replaced low part ``(U_lo⁰, S_lo⁰, V_lo⁰)``."""
+        rounded once. The record is ``W``'s replaced low part ``L⁰ = U_lo⁰ S_lo⁰ V_lo⁰`` in the smaller of two
+        forms: the triplets packed (:func:`pack_record`, ``r·(out + in + 1)`` numbers) or ``L⁰`` itself
+        ``(out, in)`` (:func:`peftmath.methods._svd.low_split`)."""
         self.layer.check_weight(weight)
-        xp = self.xp
-        cd = compute_dtype(xp, weight.dtype, self.U.dtype)
-        record = pack_record(xp, *low_part(weight, int(self.S.shape[0]), dtype=cd, where=self.name))
-        new = self._apply(weight, record, 1, copy=copy, safe=safe)
+        cd = compute_dtype(self.xp, weight.dtype, self.U.dtype)
+        low, record = low_split(weight, int(self.S.shape[0]), dtype=cd, method="OSF", where=self.name)
+        new = self._apply(weight, low, 1, copy=copy, safe=safe)
         return MergeResult(new, bias, record)
 
     def unmerge(self, weight: Array, bias: Array | None = None, *, record: Any = None, copy: bool = True,
@@ -232,15 +235,19 @@ class OSFModule(ModuleAdapter):
                 f"{self.name}: unmerging OSF needs the low part of the original weight that merge replaced "
                 f"(merge returns it as MergeResult.record; Adapter.merge keeps it when given records={{}}); it "
                 f"cannot be recovered from the merged weight (PEFT cannot unmerge OSF either)")
-        return MergeResult(self._apply(weight, record, -1, copy=copy, safe=False), bias)
+        cd = compute_dtype(self.xp, weight.dtype, self.U.dtype)
+        low = low_from_record(record, self.layer.out_features, self.layer.in_features, int(self.S.shape[0]), cd,
+                              method="OSF", where=self.name)
+        return MergeResult(self._apply(weight, low, -1, copy=copy, safe=False), bias)
 
-    def _apply(self, weight: Array, record: Any, sign: int, *, copy: bool, safe: bool) -> Array:
+    def _apply(self, weight: Array, low: Array, sign: int, *, copy: bool, safe: bool) -> Array:
+        """``W ± (U_lo S_lo V_lo − L⁰)`` with the low part ``L⁰ (out, in)`` given."""
         xp = self.xp
         cd = compute_dtype(xp, weight.dtype, self.U.dtype)
 
         def fresh() -> Array:
-            d = delta_weight(weight, self.U, self.S, self.V, record=record, dtype=cd, where=self.name)
-            return d if sign > 0 else -d
+            trained = _product(xp, self.U, self.S, self.V, cd)
+            return trained - low if sign > 0 else low - trained
 
         return add_fresh_delta(self.name, weight, fresh, cd, copy=copy, safe=safe, xp=xp)
 

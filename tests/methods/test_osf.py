@@ -83,8 +83,14 @@ def test_default_init_is_exactly_a_no_op_and_records_through_the_adapter(tmp_pat
     ad = pm.create_adapter(state, osf.OSFConfig(target_modules=["a", "b"], rank_pattern={"b": 2}), seed=0)
     assert ad.params["a"][osf._S].shape == (4,) and ad.params["b"][osf._S].shape == (4,)
     merged = ad.merge(state)
-    for key in state:
-        np.testing.assert_array_equal(merged[key], state[key])
+    for key in state:  # float32: the init's SVD and the merge's Gram split are two roundings of one subspace
+        np.testing.assert_allclose(merged[key], state[key], rtol=0,
+                                   atol=32 * np.finfo(np.float32).eps * np.linalg.norm(state[key], 2))
+    state64 = {k: v.astype(np.float64) for k, v in state.items()}  # float64: the one SVD twice, exactly
+    ad64 = pm.create_adapter(state64, osf.OSFConfig(target_modules=["a", "b"], rank_pattern={"b": 2}), seed=0)
+    merged64 = ad64.merge(state64)
+    for key in state64:
+        np.testing.assert_array_equal(merged64[key], state64[key])
     ad = pm.create_adapter(state, osf.OSFConfig(target_modules=["a", "b"], init_weights=False), seed=0)
     records: dict = {}
     merged = ad.merge(state, records=records)
@@ -93,3 +99,68 @@ def test_default_init_is_exactly_a_no_op_and_records_through_the_adapter(tmp_pat
     for key in state:
         np.testing.assert_allclose(back[key], state[key], atol=1e-4)
     assert ad.num_trainable_parameters() == (8 * 4 + 4 + 4 * 12) + (6 * 3 + 3 + 3 * 6)
+
+
+@pytest.mark.parametrize("shape,r", [((12, 9), 2), ((9, 12), 2), ((12, 9), 7), ((9, 12), 7), ((10, 10), 5),
+                                     ((10, 10), 4), ((40, 3), 1), ((3, 40), 2), ((7, 7), 7)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_low_split_is_the_projection_on_the_smallest_directions(shape, r, dtype):
+    """_svd.low_split against the float64 SVD, every path: the Gram matrix on either side (tall / wide), the
+    top or the bottom eigenvectors, the packed-triplets record or the dense one, float64's SVD route."""
+    from peftmath.methods._svd import low_from_record, low_split
+
+    rng = np.random.default_rng(sum(shape) + r)
+    out, inn = shape
+    m = min(shape)
+    # a spectrum with a clear gap at the split, so that the split is well defined
+    u, _ = np.linalg.qr(rng.standard_normal((out, m)))
+    v, _ = np.linalg.qr(rng.standard_normal((inn, m)))
+    sigma = np.concatenate([np.linspace(4.0, 2.0, m - r), np.linspace(1.0, 0.1, r)])
+    W = ((u * sigma) @ v.T).astype(dtype)
+    W64 = W.astype(np.float64)
+    uu, ss, vv = np.linalg.svd(W64, full_matrices=False)
+    want = (uu[:, m - r:] * ss[m - r:]) @ vv[m - r:]
+    L, record = low_split(W, r)
+    cd = np.float64 if dtype == np.float64 else np.float32
+    assert L.dtype == cd and L.shape == shape
+    tol = 64 * np.finfo(cd).eps * ss[0]
+    np.testing.assert_allclose(L, want, rtol=0, atol=tol)
+    triplets = r * (out + inn + 1) <= out * inn
+    assert record.shape == ((r * (out + inn + 1),) if triplets else shape)
+    np.testing.assert_allclose(low_from_record(record, out, inn, r, cd), want, rtol=0, atol=tol)
+    if triplets and r:  # the packed triplets are the smallest singular triplets (up to their signs)
+        U0, S0, V0 = osf.unpack_record(record, out, inn, r)
+        np.testing.assert_allclose(S0, ss[m - r:], rtol=0, atol=tol)
+        np.testing.assert_allclose(U0.T @ U0, np.eye(r), atol=64 * np.finfo(cd).eps)
+
+
+def test_eigh_range_numpy_and_generic_agree():
+    """NumpyBackend.eigh_range (SciPy's ?syevr, a subset) spans the same eigenspaces as the generic route (the
+    namespace's full eigh, sliced)."""
+    from peftmath.backends import ArrayAPIBackend, get_backend
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((30, 20))
+    G = a @ a.T
+    w = np.linalg.eigvalsh(G)
+    for lo, hi in [(0, 4), (25, 30), (10, 30)]:
+        for Q in (get_backend("numpy").eigh_range(G, lo, hi), ArrayAPIBackend.eigh_range(get_backend("numpy"), G, lo, hi)):
+            assert Q.shape == (30, hi - lo)
+            np.testing.assert_allclose(G @ Q, Q * w[lo:hi], atol=1e-10 * w[-1])  # eigenpairs, ascending
+
+
+def test_unmerge_takes_records_of_earlier_versions():
+    """A record of packed SVD triplets (what merge wrote before the split) still unmerges, also where merge now
+    writes the dense form."""
+    rng = np.random.default_rng(5)
+    out, inn, r = 8, 8, 6  # r·(out + in + 1) = 102 > 64: merge writes the dense record now
+    U, S, V = _factors(rng, out, inn, r, np.float32)
+    mod = osf.OSFModule("m", osf.OSFConfig(), {osf._U: U, osf._S: S, osf._V: V}, Layer(LayerKind.LINEAR, (out, inn)))
+    W = rng.standard_normal((out, inn)).astype(np.float32)
+    res = mod.merge(W)
+    assert res.record.shape == (out, inn)
+    old = osf.pack_record(np, *osf.low_part(W, r))
+    for record in (res.record, old):
+        np.testing.assert_allclose(mod.unmerge(res.weight, record=record).weight, W, atol=1e-5)
+    with pytest.raises(ShapeError, match="matrix"):
+        mod.unmerge(res.weight, record=np.zeros((out, inn + 1), np.float32))
