@@ -5,8 +5,12 @@ A batch of 64 rows (one token each: a decoding step) over N LoRA adapters of het
 on a ``Linear(4096, 4096)``, a few rows naming ``"__base__"``. Only the adapter terms ``s·B A x_b`` are
 timed (the base layer is the same for every method and would hide them):
 
-* **segmented**: peftmath's ``multi._segmented_terms`` (rows grouped by adapter, each adapter's factors
-  read once for its segment, terms put back in batch order);
+* **segmented**: the path ``AdapterSet.mixed_batch_forward`` takes, factors already prepared (on NumPy
+  ``multi._numpy_terms``: one sort and one gather of the rows, products on contiguous slices into one
+  buffer, one scatter back; the factors laid out and ``s`` folded into ``B`` once per adapter, as a server
+  holds them from one step to the next; elsewhere ``multi._segmented_terms``);
+* **generic** (NumPy only): ``multi._segmented_terms``, the array-API path every other library takes and
+  NumPy took before (per-segment gathers, factors cast and transposed on every call), for before/after;
 * **per-row gather**: the previous method, kept here as the comparison: factors stacked (ranks
   zero-padded), each row gathers its own copy of ``A`` and ``B``, two batched matmuls;
 * **bytes floor**: one matrix-vector product with each distinct factor (``A @ v``, ``B @ h``): the least
@@ -17,15 +21,16 @@ timed (the base layer is the same for every method and would hide them):
   products do ``k`` times the matrix-vector flops, and while the factors sit in cache those flops, not the
   bytes, bound the time (the table shows by how much this floor exceeds the bytes floor).
 
-Every case runs twice: caches **warm** (the factors of up to 16 adapters stay in the 32 MiB L3 from one
-call to the next) and **cold** (a 64 MiB buffer is written, untimed, before every timed call, so every call
-reads the factors from memory: what a decoding step sees after the rest of the model went through the
-caches; the bytes floor is then the memory's bandwidth).
+Every case runs twice: caches **warm** (each timed call follows an untimed call of the same contestant, so
+the factors of up to 16 adapters sit in the 32 MiB L3; without it the per-row gather's 64 MiB stacks evicted
+them before whichever contestant came next) and **cold** (a 64 MiB buffer is written, untimed, before every
+timed call, so every call reads the factors from memory: what a decoding step sees after the rest of the
+model went through the caches; the bytes floor is then the memory's bandwidth).
 
 All run round-robin in one process, 2 threads; each ratio is the median of the per-round ratios.
 Target (issue 23): segmented ≤ 1.5x the bytes floor for N ≤ 64. Section "segments" of RESULTS.md::
 
-    python benchmarks/bench_segments.py [--quick] [--no-write] [--numpy-only]
+    python benchmarks/bench_segments.py [--quick] [--rounds N] [--no-write] [--numpy-only] [--warm-only]
 """
 
 from __future__ import annotations
@@ -88,8 +93,17 @@ def run(xp_name: str, n_adapters: int, rounds: int, rng: np.random.Generator, ra
     layer = next(iter(mods.values())).layer
     cd = xp.float32
 
-    def segmented():
+    def generic():
         return multi._segmented_terms(xp, x, mods, order, batch, layer, cd, None)
+
+    if xp_name == "numpy":
+        prepared = [multi._numpy_factors(multi._Prepared(ads[nm], "lin", mods[nm]), np.float32) for nm in order]
+        at = {nm: i for i, nm in enumerate(order)}
+
+        def segmented():
+            return multi._numpy_terms(x, prepared, at, batch, layer, np.float32)
+    else:
+        segmented = generic
 
     r_max = max(m.r for m in mods.values())
     zero = len(order)
@@ -133,18 +147,19 @@ def run(xp_name: str, n_adapters: int, rounds: int, rng: np.random.Generator, ra
                      np.asarray(as_compute(xp, (mods[b].B @ (mods[b].A @ x[i, 0, :])) * mods[b].scaling, cd))
                      for i, b in enumerate(batch)])
     np.testing.assert_allclose(np.asarray(segmented())[:, 0, :], want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(generic())[:, 0, :], want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gather())[:, 0, :], want, rtol=1e-4, atol=1e-5)
     # cold: a 64 MiB buffer (twice the L3 cache) is written before every timed call, so each call reads the
     # factors from memory, as a serving step does after the rest of the model went through the caches
-    evict = None
-    if cold:
-        buf = np.zeros(64 * 2**20 // 8)
+    buf = np.zeros(64 * 2**20 // 8)
 
-        def evict():
-            np.add(buf, 1.0, out=buf)
+    def evict():
+        np.add(buf, 1.0, out=buf)
 
     fns = {"seg": segmented, "gather": gather, "floor": floor, "rows": grouped_rows, "cols": grouped_cols}
-    _, times = race({k: (f, evict) for k, f in fns.items()}, repeats=rounds)
+    if xp_name == "numpy":
+        fns["generic"] = generic
+    _, times = race({k: (f, evict if cold else f) for k, f in fns.items()}, repeats=rounds)
     for t in times:
         t["grouped"] = min(t["rows"], t["cols"])
 
@@ -153,7 +168,13 @@ def run(xp_name: str, n_adapters: int, rounds: int, rng: np.random.Generator, ra
 
     return {"floor_ms": statistics.median(t["floor"] for t in times), "seg": ratio("seg", "floor"),
             "gather": ratio("gather", "floor"), "grouped": ratio("grouped", "floor"),
-            "seg_grouped": ratio("seg", "grouped"), "mib": sum(4 * m.r * 2 * n for m in mods.values()) / 2**20}
+            "seg_grouped": ratio("seg", "grouped"), "mib": sum(4 * m.r * 2 * n for m in mods.values()) / 2**20,
+            "generic": ratio("generic", "floor") if "generic" in fns else None,
+            "seg_generic": ratio("seg", "generic") if "generic" in fns else None}
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
 
 
 def main() -> None:
@@ -161,8 +182,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--numpy-only", action="store_true")
+    ap.add_argument("--warm-only", action="store_true", help="skip the cold-cache half")
+    ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 30, --quick 5)")
     args = ap.parse_args()
-    rounds = 5 if args.quick else 30
+    rounds = args.rounds or (5 if args.quick else 30)
     load0 = os.getloadavg()[0]
     libs = ["numpy"]
     if not args.numpy_only:
@@ -179,21 +202,24 @@ def main() -> None:
              "per-round ratios. Bytes floor: one matrix-vector product with every used factor (each byte of the "
              "used factors read once). Grouped-gemm floor: each adapter's two products on its rows, already "
              "grouped and contiguous (the factors read once, the flops of every row done; the faster operand "
-             "order of the two in each round). Caches warm: the factors stay in the 32 MiB L3 between calls "
-             "(except 64 adapters); cold: a 64 MiB buffer is written before every timed call, so the factors come "
-             "from memory as in a serving step."), "",
+             "order of the two in each round). Segmented: the path an AdapterSet takes, factors prepared once "
+             "(NumPy: one sort, one gather, products into one buffer, one scatter); generic: the array-API path "
+             "(other libraries, and NumPy before). Caches warm: each timed call follows an untimed call of the "
+             "same contestant, so the factors sit in the 32 MiB L3 (except 64 adapters); cold: a 64 MiB buffer "
+             "is written before every timed call, so the factors come from memory as in a serving step."), "",
              ("| library | adapters (ranks) | caches | factor MiB | bytes floor ms | segmented / bytes floor | "
-             "grouped-gemm floor / bytes floor | segmented / grouped-gemm floor | per-row gather / bytes floor | "
-             "target ≤ 1.5x (bytes) |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "generic / bytes floor | segmented / generic | grouped-gemm floor / bytes floor | "
+             "segmented / grouped-gemm floor | per-row gather / bytes floor | target ≤ 1.5x (bytes) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lib in libs:
-        for cold in (False, True):
+        for cold in (False,) if args.warm_only else (False, True):
             rng = np.random.default_rng(0)  # the same batches warm and cold
             for count, rank in ((16, 16), (4, None), (16, None), (64, None)):
                 r = run(lib, count, rounds, rng, rank, cold)
                 label = f"{count} (r = {rank})" if rank else f"{count} (8-64)"
                 lines.append(f"| {lib} | {label} | {'cold' if cold else 'warm'} | {r['mib']:.1f} | {r['floor_ms']:.2f} | "
-                             f"{r['seg']:.2f}x | {r['grouped']:.2f}x | {r['seg_grouped']:.2f}x | {r['gather']:.2f}x | "
+                             f"{r['seg']:.2f}x | {_x(r['generic'])} | {_x(r['seg_generic'])} | {r['grouped']:.2f}x | "
+                             f"{r['seg_grouped']:.2f}x | {r['gather']:.2f}x | "
                              f"{'met' if r['seg'] <= 1.5 else 'missed'} |")
                 print(lines[-1], flush=True)
     load = os.getloadavg()[0]

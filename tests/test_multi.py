@@ -200,3 +200,125 @@ def test_mixed_batch_on_a_permuted_torch_view():
     y = mixed_batch_forward("lin", x, state, ads, names)
     np.testing.assert_allclose(to_np(y), _rowwise(host.transpose(1, 0, 2), {k: to_np(v) for k, v in state.items()},
                                                   factors, names), rtol=1e-12, atol=1e-12)
+
+
+def _numpy_case(rng, dtype, ranks, names, tokens, inn=10, out=8):
+    """Adapters of ``ranks`` (named a0, a1, ...) over Linear(inn, out), an input for ``names`` and the
+    (A, B, s) triples in float64 for the row-by-row reference."""
+    ads, factors = {}, {}
+    for i, r in enumerate(ranks):
+        A, B = rng.standard_normal((r, inn)).astype(dtype), rng.standard_normal((out, r)).astype(dtype)
+        alpha = 1.5 * r + 1                                 # s = alpha / r: not a power of two
+        ads[f"a{i}"] = Adapter(pm.LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"]),
+                               {"lin": {"lora_A.weight": A, "lora_B.weight": B}})
+        factors[f"a{i}"] = (A.astype(np.float64), B.astype(np.float64), alpha / r)
+    state = {"lin.weight": rng.standard_normal((out, inn)).astype(dtype),
+             "lin.bias": rng.standard_normal(out).astype(dtype)}
+    x = rng.standard_normal((len(names), tokens, inn)).astype(dtype)
+    return ads, factors, state, x
+
+
+@given(seed=st.integers(0, 2**31 - 1), tokens=st.sampled_from([1, 3]), dtype=st.sampled_from(["float32", "float64"]),
+       small=st.sampled_from([None, 2, 4, 7]))
+def test_numpy_path_equals_the_generic_path(seed, tokens, dtype, small):
+    """The NumPy path (one sort, one gather, factors prepared once, long segments in pieces) gives the
+    generic path's terms within float round-off, and both the row-by-row float64 result; ``small`` shrinks
+    the piece limit so that segments are cut into pieces of 1-3 rows."""
+    import array_api_compat.numpy as xp
+
+    from peftmath import multi
+
+    rng = np.random.default_rng(seed)
+    ranks = [1, 3, 8, 9, 12]                                # both layouts of Aᵀ (r <= 8 and r > 8)
+    choices = [f"a{i}" for i in range(len(ranks))] + [BASE]
+    names = list(rng.choice(choices, int(rng.integers(1, 13))))
+    ads, factors, state, x = _numpy_case(rng, np.dtype(dtype), ranks, names, tokens)
+    mods = {n: ads[n].module("lin", weight_shape=(8, 10)) for n in dict.fromkeys(names) if n != BASE}
+    order = list(mods)
+    layer = ads["a0"].module("lin", weight_shape=(8, 10)).layer
+    cd = np.dtype(dtype).type
+    prepared = [multi._numpy_factors(multi._Prepared(ads[n], "lin", mods[n]), cd) for n in order]
+    old = multi._SMALL_GEMM
+    try:
+        if small is not None:
+            multi._SMALL_GEMM = small * 12 * 10             # most = small rows at r = 12, more at lower ranks
+        fast = multi._numpy_terms(x, prepared, {n: i for i, n in enumerate(order)}, names, layer, cd)
+    finally:
+        multi._SMALL_GEMM = old
+    generic = multi._segmented_terms(xp, x, mods, order, names, layer, cd, None)
+    assert fast.dtype == generic.dtype == np.dtype(dtype) and fast.shape == generic.shape == (len(names), tokens, 8)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(fast, generic, rtol=tol, atol=tol)
+    want = np.zeros((len(names), tokens, 8))
+    for b, n in enumerate(names):
+        if n != BASE:
+            A, B, s = factors[n]
+            want[b] = s * (x[b].astype(np.float64) @ A.T) @ B.T
+    np.testing.assert_allclose(fast, want, rtol=tol, atol=tol)
+    # and the whole forward, through an AdapterSet (cached preparation), twice
+    s_ = AdapterSet(ads)
+    for _ in range(2):
+        y = s_.mixed_batch_forward("lin", x, state, names)
+        np.testing.assert_allclose(y, _rowwise(x, state, factors, names), rtol=tol, atol=tol)
+
+
+def test_pieces_cover_a_segment_evenly():
+    from peftmath.multi import _SMALL_GEMM, _piece
+
+    for r, dim in ((8, 4096), (16, 4096), (32, 4096), (64, 4096), (128, 4096), (16, 10)):
+        most = _SMALL_GEMM // (r * dim)
+        for rows in range(1, 70):
+            step = _piece(rows, r, dim)
+            if rows <= most or most < 2:
+                assert step == rows
+            else:
+                assert 1 <= step <= most and -(-rows // step) == -(-rows // (most - most % 2))
+    assert [_piece(k, 32, 4096) for k in (7, 8, 12, 13)] == [7, 4, 6, 5]
+    assert [_piece(k, 64, 4096) for k in (3, 4, 5)] == [3, 2, 2]
+
+
+def test_adapter_set_prepares_once_and_sees_replaced_adapters(monkeypatch):
+    """An AdapterSet binds and prepares an adapter's module once; an adapter deleted and added again, a
+    replaced factor array or a new scale is prepared again (identity checks), so the result follows."""
+    rng = np.random.default_rng(7)
+    names = ["a0", BASE, "a1", "a0"]
+    ads, factors, state, x = _numpy_case(rng, np.dtype("float64"), [2, 3], names, 2)
+    s = AdapterSet(ads)
+    bound = []
+    real = Adapter.module
+    monkeypatch.setattr(Adapter, "module", lambda self, *a, **k: bound.append(1) or real(self, *a, **k))
+    y1 = s.mixed_batch_forward("lin", x, state, names)
+    n1 = len(bound)
+    y2 = s.mixed_batch_forward("lin", x, state, names)
+    assert n1 == 2 and len(bound) == n1 and np.array_equal(y1, y2)
+    np.testing.assert_allclose(y1, _rowwise(x, state, factors, names), rtol=1e-12, atol=1e-12)
+    # a replaced factor array
+    A0 = rng.standard_normal((2, 10))
+    s.adapters["a0"].params["lin"]["lora_A.weight"] = A0
+    factors["a0"] = (A0, factors["a0"][1], factors["a0"][2])
+    np.testing.assert_allclose(s.mixed_batch_forward("lin", x, state, names), _rowwise(x, state, factors, names),
+                               rtol=1e-12, atol=1e-12)
+    # a new scale (Adapter.scale multiplies the scaling, as PEFT's set_scale)
+    s.adapters["a1"].scale = 0.25
+    factors["a1"] = (factors["a1"][0], factors["a1"][1], 0.25 * factors["a1"][2])
+    np.testing.assert_allclose(s.mixed_batch_forward("lin", x, state, names), _rowwise(x, state, factors, names),
+                               rtol=1e-12, atol=1e-12)
+    # deleted and added again under the same name, with other factors
+    s.delete("a1")
+    other, f_other, _, _ = _numpy_case(rng, np.dtype("float64"), [4], ["a0"], 2)
+    s.add("a1", other["a0"])
+    factors["a1"] = f_other["a0"]
+    np.testing.assert_allclose(s.mixed_batch_forward("lin", x, state, names), _rowwise(x, state, factors, names),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_numpy_path_takes_half_precision_and_non_contiguous_inputs():
+    """float16 inputs with float32 weights are cast once (terms in float32, the sum rounded once to
+    float32); a batch already grouped by adapter is used in place, without a permutation."""
+    rng = np.random.default_rng(8)
+    names = ["a0", "a0", "a1", BASE]                        # already grouped
+    ads, factors, state, x = _numpy_case(rng, np.dtype("float32"), [2, 9], names, 3)
+    x16 = x.astype(np.float16)[:, ::-1]                     # half precision, a reversed (strided) view
+    y = mixed_batch_forward("lin", x16, state, ads, names)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, _rowwise(x16.astype(np.float64), state, factors, names), rtol=2e-5, atol=2e-5)
