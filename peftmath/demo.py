@@ -64,10 +64,14 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower() or "example"
 
 
-def _build_adapter(method: Any, label: str, fields: dict, state: dict[str, np.ndarray], seed: int):
+def _build_adapter(method: Any, label: str, fields: dict, state: dict[str, np.ndarray], seed: int,
+                   left_out: list[tuple[str, str]] | None = None):
     """``(Adapter, new base weights)`` of one example row of ``method`` (a :class:`~peftmath.methods.Method`)
-    on every module of the model whose layer kind the method supports."""
+    on every module of the model whose layer kind the method supports, less those whose kind the row's config
+    refuses (``initialize`` raises :class:`~peftmath.errors.UnsupportedError`: KaSA runs on nn.Linear only),
+    which are appended to ``left_out`` as ``(module, reason)``."""
     from .adapter import Adapter
+    from .errors import UnsupportedError
     from .layers import Layer
 
     targets = [n for n, (k, _, b) in MODEL.items() if method.supports(k) and (b or not method.bias_only)]
@@ -79,12 +83,17 @@ def _build_adapter(method: Any, label: str, fields: dict, state: dict[str, np.nd
     params: dict[str, dict[str, Any]] = {}
     shared: dict[str, Any] = {}
     new_weights: dict[str, np.ndarray] = {}
+    left_out = [] if left_out is None else left_out
     layers = {name: Layer.of(MODEL[name][1], MODEL[name][0]) for name in targets}
     if method.init_shared is not None:  # tensors shared by all modules (VeRA's projections)
         shared.update(method.init_shared(config, list(layers.values())))
     for j, name in enumerate(targets):
-        p, new_w = method.initialize(name, config, layers[name], weight=state[f"{name}.weight"], seed=seed + j,
-                                     shared=shared)
+        try:
+            p, new_w = method.initialize(name, config, layers[name], weight=state[f"{name}.weight"], seed=seed + j,
+                                         shared=shared)
+        except UnsupportedError as exc:  # this row's variant does not run on this layer kind
+            left_out.append((name, str(exc)))
+            continue
         p = method.example_params(p, seed + j)
         for k in list(p):
             if method.is_shared(k):
@@ -92,6 +101,10 @@ def _build_adapter(method: Any, label: str, fields: dict, state: dict[str, np.nd
         params[name] = p
         if new_w is not None:
             new_weights[f"{name}.weight"] = np.asarray(new_w)
+    if not params:
+        raise ValueError("; ".join(reason for _, reason in left_out))
+    if left_out:
+        config = config.replace(target_modules=list(params))
     return Adapter(config, params, shared=shared), new_weights
 
 
@@ -99,13 +112,18 @@ def _to64(a: Any) -> np.ndarray:
     return np.asarray(a).astype(np.float64)
 
 
-def _verify(adapter: Any, base_state: dict, merged: dict, unmerged: dict) -> tuple[float, float, list[str]]:
-    """(merge error, round-trip error, adapted keys) relative to max |W| per tensor."""
+def _adapter64(adapter: Any) -> Any:
+    """``adapter`` with every tensor cast to float64 (the reference)."""
     from .adapter import Adapter
 
-    ad64 = Adapter(adapter.config, {m: {s: _to64(a) for s, a in p.items()} for m, p in adapter.params.items()},
+    return Adapter(adapter.config, {m: {s: _to64(a) for s, a in p.items()} for m, p in adapter.params.items()},
                    shared={k: _to64(v) for k, v in adapter.shared.items()},
                    other={k: _to64(v) for k, v in adapter.other.items()})
+
+
+def _verify(adapter: Any, base_state: dict, merged: dict, unmerged: dict) -> tuple[float, float, list[str]]:
+    """(merge error, round-trip error, adapted keys) relative to max |W| per tensor."""
+    ad64 = _adapter64(adapter)
     state64 = {k: _to64(v) for k, v in base_state.items()}
     ref = ad64.merge(state64, layer_kinds=LAYER_KINDS)
     keys = sorted({k for m in adapter.modules for k in (f"{m}.weight", f"{m}.bias") if k in base_state})
@@ -120,6 +138,41 @@ def _verify(adapter: Any, base_state: dict, merged: dict, unmerged: dict) -> tup
     return merge_err, rt_err, keys
 
 
+def _sample_input(layer: Any, rng: np.random.Generator) -> np.ndarray:
+    """The demo's forward input for ``layer``: token ids ``(2, 7)`` (Embedding), ``(2, in, 6, 6)`` (Conv2d),
+    else ``(2, 7, in)`` (2 rows of 7 tokens), float32."""
+    from .layers import LayerKind
+
+    if layer.kind is LayerKind.EMBEDDING:
+        return rng.integers(0, layer.weight_shape[0], size=(2, 7))
+    if layer.kind.is_conv:
+        return rng.standard_normal((2, layer.in_features, *(k + 3 for k in layer.kernel_size))).astype(np.float32)
+    return rng.standard_normal((2, 7, layer.in_features)).astype(np.float32)
+
+
+def _verify_forward(adapter: Any, reference: Any, base_state: dict, kwargs: dict, seed: int) -> tuple[float, float]:
+    """(forward error, adapter effect) of a forward-only example, relative to max |y_ref| per module:
+    ``max |y - y_ref|`` with ``y_ref`` the float64 reference adapter's forward on the float64 base, and
+    ``max |y_ref - base(x)|`` (0 would mean the row changes nothing)."""
+    from .layers import Layer
+
+    rng = np.random.default_rng(seed)
+    state64 = {k: _to64(v) for k, v in base_state.items()}
+    err = effect = 0.0
+    for name in adapter.modules:
+        kind, shape, _ = MODEL[name]
+        layer = Layer.of(shape, kind)
+        x = _sample_input(layer, rng)
+        x64 = x if x.dtype.kind == "i" else _to64(x)
+        y = _to64(adapter.forward(name, x, base_state, kind=kind, **kwargs))
+        y64 = _to64(reference.forward(name, x64, state64, kind=kind, **kwargs))
+        base = _to64(layer.base_forward(x64, state64[f"{name}.weight"], state64.get(f"{name}.bias"), np))
+        scale = max(float(np.max(np.abs(y64))), 1e-30)
+        err = max(err, float(np.max(np.abs(y - y64))) / scale)
+        effect = max(effect, float(np.max(np.abs(y64 - base))) / scale)
+    return err, effect
+
+
 def _count_examples(peft_types: Any, describe: Any) -> int:
     """How many examples the demo will run (the progress bar's total); a method that fails to import
     counts none (the demo skips it)."""
@@ -129,7 +182,7 @@ def _count_examples(peft_types: Any, describe: Any) -> int:
             method = describe(peft_type)
         except Exception:  # noqa: BLE001 - the demo reports it when it gets there
             continue
-        n += len(method.examples) if method.merges_weights else 0
+        n += len(method.examples) + len(method.forward_examples) if method.merges_weights else 0
     return n
 
 
@@ -138,7 +191,7 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
     """Run the demo; print the table on stdout (``json_output``: the results as JSON, see
     ``peftmath demo --help``); return the exit status (1 if a bound is exceeded). ``progress(total)``, when
     given, returns ``(update, close)`` of a progress bar over the ``total`` examples (``update`` may be None)."""
-    from .errors import PeftMathError, ShapeError
+    from .errors import PeftMathError, ShapeError, UnsupportedError
     from .inspect import inspect_adapter, text_table
     from .io import load_adapter, save_adapter
     from .io.safetensors import load_file, save_file
@@ -156,6 +209,8 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
     t_all = time.perf_counter()
     rows: list[list[str]] = []
     results: list[dict[str, Any]] = []
+    fwd_rows: list[list[str]] = []  # forward-only examples (merge refused): a table of their own
+    fwd_results: list[dict[str, Any]] = []
     failed: list[str] = []
     update, close = (None, lambda: None)
     try:
@@ -174,7 +229,8 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
             except Exception as exc:  # a method module that fails to import must not stop the demo
                 print(f"peftmath demo: skipping {peft_type}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
-            examples = method.examples
+            examples = [(label, fields, None) for label, fields in method.examples.items()]
+            examples += [(label, fields, kw) for label, (fields, kw) in method.forward_examples.items()]
             missing = [r for r in method.requires if importlib.util.find_spec(r) is None]
             if missing and examples:
                 if not quiet:
@@ -185,17 +241,22 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
                 if not quiet:
                     print(f"peftmath demo: {peft_type} has no weight-merging examples; skipped", file=sys.stderr)
                 continue
-            for label, fields in examples.items():
+            for label, fields, forward_kwargs in examples:
                 if update is not None:
                     update(1)  # examples started
                 row_seed += 100
                 t0 = time.perf_counter()
+                left_out: list[tuple[str, str]] = []
                 try:
-                    adapter, new_weights = _build_adapter(method, label, dict(fields), state, SEED + row_seed)
+                    adapter, new_weights = _build_adapter(method, label, dict(fields), state, SEED + row_seed,
+                                                          left_out)
                 except Exception as exc:
                     print(f"peftmath demo: skipping {label} ({peft_type}): {type(exc).__name__}: {exc}",
                           file=sys.stderr)
                     continue
+                if left_out and not quiet:
+                    print(f"peftmath demo: {label} ({peft_type}) leaves out {', '.join(n for n, _ in left_out)}, "
+                          f"whose layer kinds it does not run on ({left_out[0][1]})", file=sys.stderr)
                 slug = _slug(label)
                 ex_base_path = base_path
                 ex_state = state
@@ -213,6 +274,31 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
                         raise ShapeError("; ".join(info["problems"]))
                     loaded = load_adapter(adir)
                     merged_path = root / f"merged-{slug}.safetensors"
+                    if forward_kwargs is not None:  # a forward-only row: its forward, and merge refused
+                        fwd_err, effect = _verify_forward(loaded, _adapter64(adapter), ex_state, dict(forward_kwargs),
+                                                          SEED + row_seed)
+                        try:
+                            transform(open_model(ex_base_path), [loaded], merged_path, layer_kinds=LAYER_KINDS,
+                                      force=True, names=[str(adir)])
+                            refusal = None
+                        except UnsupportedError as exc:
+                            refusal = str(exc)
+                        ok = fwd_err <= BOUND and effect > BOUND and refusal is not None
+                        if not ok:
+                            failed.append(label)
+                        if refusal is not None and not quiet:
+                            print(f"peftmath demo: {label} ({peft_type}): merge refused, as it must be: {refusal}",
+                                  file=sys.stderr)
+                        seconds = time.perf_counter() - t0
+                        fwd_rows.append([label, peft_type, str(info["num_modules"]), f"{info['trainable_parameters']:,}",
+                                         f"{fwd_err:.2e}", f"{effect:.2e}", "refused" if refusal else "NOT REFUSED",
+                                         f"{seconds:.2f} s", "ok" if ok else "FAIL"])
+                        fwd_results.append({"example": label, "method": peft_type, "modules": info["num_modules"],
+                                            "trainable_parameters": info["trainable_parameters"],
+                                            "forward_error": fwd_err, "adapter_effect": effect,
+                                            "merge_refused": refusal, "seconds": round(seconds, 3),
+                                            "check": "ok" if ok else "fail"})
+                        continue
                     unmerged_path = root / f"unmerged-{slug}.safetensors"
                     transform(open_model(ex_base_path), [loaded], merged_path, layer_kinds=LAYER_KINDS, force=True,
                               names=[str(adir)])
@@ -224,6 +310,11 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
                 except PeftMathError as exc:  # a real failure of an implemented method: report it, go on
                     print(f"peftmath demo: {label} ({peft_type}) failed: {exc}", file=sys.stderr)
                     failed.append(label)
+                    if forward_kwargs is not None:
+                        fwd_rows.append([label, peft_type, "-", "-", "-", "-", "-", f"{time.perf_counter() - t0:.2f} s",
+                                         "ERROR"])
+                        fwd_results.append({"example": label, "method": peft_type, "check": "error", "error": str(exc)})
+                        continue
                     rows.append([label, peft_type, "-", "-", "-", "-", f"{time.perf_counter() - t0:.2f} s", "ERROR"])
                     results.append({"example": label, "method": peft_type, "modules": None, "trainable_parameters": None,
                                     "merge_error": None, "round_trip_error": None,
@@ -243,14 +334,21 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
         if json_output:
             import json
 
-            print(json.dumps({"examples": results, "bound": BOUND, "failed": failed,
+            print(json.dumps({"examples": results, "forward_examples": fwd_results, "bound": BOUND, "failed": failed,
                               "seconds": round(time.perf_counter() - t_all, 3)}, indent=2, allow_nan=False))
         else:
             print(text_table(rows, ["example", "method", "modules", "trainable", "merge err", "round trip", "time",
                                 "check"]))
+            if fwd_rows:
+                print("\nforward only (merge refused):")
+                print(text_table(fwd_rows, ["example", "method", "modules", "trainable", "forward err", "effect",
+                                            "merge", "time", "check"]))
         if not quiet:
+            if fwd_rows:
+                print("forward only: forward err = max |y - y_ref| / max |y_ref| per module, y_ref = float64 forward; "
+                      "effect = max |y_ref - base(x)| / max |y_ref| (must exceed the bound)", file=sys.stderr)
             print(f"errors: max |W - W_ref| / max |W| per tensor, W_ref = float64 merge; bound {BOUND:.1e}. "
-                  f"{len(rows)} examples in {time.perf_counter() - t_all:.2f} s"
+                  f"{len(rows) + len(fwd_rows)} examples in {time.perf_counter() - t_all:.2f} s"
                   + ("" if tmp else f"; files in {root}"), file=sys.stderr)
     finally:
         close()

@@ -74,6 +74,11 @@ class Method:
         ``init_weights``); None where the method has none.
     examples
         Demo / documentation rows: label -> config fields (non-trivial: random init, alpha != r).
+    forward_examples
+        Demo rows of configs whose merge is refused (aLoRA acts on some token positions only): label ->
+        ``(config fields, forward keyword arguments)``. ``peftmath demo`` runs their forward on its inputs (2 rows
+        of 7 tokens for Linear-like layers) against a float64 reference and checks that merge is refused; the
+        merge contract tests, which merge every row of :attr:`examples`, do not use them.
     combine
         How :func:`peftmath.combine` combines adapters of this method: ``"low_rank"`` (LoRA's
         factors), ``"scale"`` (IA3's vectors), or None (PEFT does not combine them).
@@ -157,6 +162,7 @@ class Method:
     inplace: bool = True
     init_field: str | None = "init_weights"
     examples: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    forward_examples: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]] = field(default_factory=dict)
     combine: str | None = None
     mixed_batch: bool = False
     init_shared: Callable[..., dict[str, Any]] | None = None
@@ -189,6 +195,9 @@ class Method:
     def __post_init__(self) -> None:
         object.__setattr__(self, "examples", MappingProxyType({k: MappingProxyType(dict(v))
                                                                for k, v in self.examples.items()}))
+        object.__setattr__(self, "forward_examples", MappingProxyType({
+            k: (MappingProxyType(dict(fields)), MappingProxyType(dict(kwargs)))
+            for k, (fields, kwargs) in self.forward_examples.items()}))
         object.__setattr__(self, "layer_kinds", tuple(LayerKind.parse(k) for k in self.layer_kinds))
         if self.prompt_learning != (self.module is None):
             raise TypeError(f"Method {self.peft_type}: a prompt-learning method has no module, every other one has one")

@@ -292,6 +292,22 @@ FROZEN_STATE = ("lora_velora_embed", "lora_monteclora_sampler.gaussian_var_prior
 VARIANT_KINDS = (LayerKind.LINEAR, LayerKind.CONV1D_TRANSPOSED)
 
 
+def check_variant_kind(name: str, config: Any, kind: LayerKind) -> None:
+    """Refuse (:class:`UnsupportedError`) a VeLoRA / MonteCLoRA / aLoRA config on a layer kind other than Linear
+    and transformers Conv1D, and KaSA on one other than nn.Linear (PEFT 0.21.2 runs them there only). Called at
+    initialisation and when a module is bound."""
+    if config.peft_type != PEFT_TYPE:  # AdaLoRA refuses these fields (its own table)
+        return
+    on = [f"{variant} ({f})" for f, (variant, _) in TRAINING_STATE.items() if getattr(config, f) is not None]
+    on += ["aLoRA (alora_invocation_tokens)"] if config.alora_invocation_tokens is not None else []
+    if on and kind not in VARIANT_KINDS:
+        raise UnsupportedError(f"{name}: {on[0]} on a {kind.value} layer; PEFT 0.21.2 runs it on Linear (and "
+                               f"transformers Conv1D) layers only")
+    if config.kasa_config is not None and kind is not LayerKind.LINEAR:
+        raise UnsupportedError(f"{name}: KaSA (kasa_config) on a {kind.value} layer; PEFT 0.21.2 runs it on "
+                               f"nn.Linear only (it refuses fan_in_fan_out and other layer classes)")
+
+
 def bdlora_side(config: LoraConfig, name: str) -> str | None:
     """Which factor of module ``name`` BD-LoRA makes block-diagonal: ``"A"``, ``"B"`` or None (plain LoRA).
 
@@ -852,6 +868,13 @@ def compat_delta(xp: Any, A: Array, B: Array, delta: Array) -> Array:
 # --------------------------------------------------------------------------------------------------
 # One module of a checkpoint: the functions above bound to a ModuleAdapter
 # --------------------------------------------------------------------------------------------------
+def xp_like(like: Array, host: np.ndarray, device: Any) -> Array:
+    """Host array ``host`` in ``like``'s namespace and dtype, on ``device``."""
+    xp = namespace(like)
+    out = backend_for(xp).from_host(host, xp, device)
+    return out if out.dtype == like.dtype else xp.astype(out, like.dtype)
+
+
 class LoraModule(ModuleAdapter):
     """LoRA on one base module.
 
@@ -924,6 +947,10 @@ class LoraModule(ModuleAdapter):
         if side is not None:
             params[f"lora_{side}.weight"] = cls._init_bdlora(name, config, layer, r, side, res.A, seed, device,
                                                              init=config.init_lora_weights if init is None else init)
+        check_variant_kind(name, config, layer.kind)
+        if config.peft_type == PEFT_TYPE and config.kasa_config is not None:  # PEFT: lora_diag = torch.randn(r)
+            diag = np.random.default_rng(host_rng(seed).integers(2**63)).standard_normal(r).astype(np.float32)
+            params["lora_diag"] = xp_like(res.A, diag, device)
         return params, res
 
     @staticmethod
@@ -942,9 +969,7 @@ class LoraModule(ModuleAdapter):
             bound = math.sqrt(6.0 / shape[1])
             child = np.random.default_rng(host_rng(seed).integers(2**63))  # a stream apart from LoRA's draws
             arr = child.uniform(-bound, bound, shape).astype(np.float32)
-        xp = namespace(like)
-        out = backend_for(xp).from_host(arr, xp, device)
-        return out if out.dtype == like.dtype else xp.astype(out, like.dtype)
+        return xp_like(like, arr, device)
 
     @classmethod
     def infer_layer(cls, name: str, config: LoraConfig, params: dict[str, Array],
@@ -1017,9 +1042,7 @@ class LoraModule(ModuleAdapter):
         self._check_kasa()
         self.alora = self.config.peft_type == PEFT_TYPE and self.config.alora_invocation_tokens is not None
         if self.alora:
-            if self.layer.kind not in VARIANT_KINDS:
-                raise UnsupportedError(f"{self.name}: aLoRA (alora_invocation_tokens) on a {self.layer.kind.value} "
-                                       f"layer; PEFT 0.21.2 runs it on Linear (and transformers Conv1D) layers only")
+            check_variant_kind(self.name, self.config, self.layer.kind)
             self.additive = False  # it cannot be merged
         r_cfg, _ = self.config.rank_and_alpha(self.pattern_name)
         if r_cfg != self.r:
@@ -1048,9 +1071,8 @@ class LoraModule(ModuleAdapter):
                     f"{self.name}: the checkpoint holds {', '.join(present)} ({variant}'s training state) but "
                     f"adapter_config.json has no {field_name}; the config does not belong to these tensors "
                     f"(restore {field_name}, or remove the tensors for a plain LoRA)")
-            if settings is not None and self.layer.kind not in VARIANT_KINDS:
-                raise UnsupportedError(f"{self.name}: {variant} ({field_name}) on a {self.layer.kind.value} layer; "
-                                       f"PEFT 0.21.2 runs it on Linear (and transformers Conv1D) layers only")
+            if settings is not None:
+                check_variant_kind(self.name, cfg, self.layer.kind)
         if "lora_velora_embed" in p:
             groups = cfg.velora_config.get("num_groups", 1)
             check_shape(self.name, "lora_velora_embed", p["lora_velora_embed"], (-(-self.layer.in_features // groups),))
@@ -1076,9 +1098,7 @@ class LoraModule(ModuleAdapter):
                                   f"tensors (restore kasa_config)")
         if "lora_diag" not in p:
             raise CheckpointError(f"{self.name}: kasa_config is set but the checkpoint has no lora_diag for this module")
-        if self.layer.kind is not LayerKind.LINEAR:
-            raise UnsupportedError(f"{self.name}: KaSA (kasa_config) on a {self.layer.kind.value} layer; PEFT 0.21.2 "
-                                   f"runs it on nn.Linear only (it refuses fan_in_fan_out and other layer classes)")
+        check_variant_kind(self.name, cfg, self.layer.kind)
         check_shape(self.name, "lora_diag", p["lora_diag"], (self.r,))
         kasa_split_rank_check = min(self.layer.out_features, self.layer.in_features)
         if self.r >= kasa_split_rank_check:
@@ -1280,18 +1300,38 @@ PARAMETER_SUFFIXES = (
 )
 Config = LoraConfig
 Module = LoraModule
-#: demo / documentation examples: row label -> config fields (non-trivial, alpha != r)
+#: demo / documentation examples: row label -> config fields (non-trivial, alpha != r). The variants' settings are
+#: written as PEFT saves them (its defaults beside the chosen values); each row adapts the layer kinds its variant
+#: runs on (initialize refuses the others)
 EXAMPLES = {
     "LoRA": dict(r=4, lora_alpha=12, init_lora_weights=False),
     "rsLoRA": dict(r=4, lora_alpha=12, use_rslora=True, init_lora_weights=False),
     "DoRA": dict(r=4, lora_alpha=12, use_dora=True, init_lora_weights=False),
+    "KaSA": dict(r=4, lora_alpha=12, init_lora_weights=False, kasa_config={"beta": 1e-4, "gamma": 1e-3}),
+    "VeLoRA": dict(r=4, lora_alpha=12, init_lora_weights=False,
+                   velora_config={"num_groups": 4, "scale": 1.0, "init_type": "batch_average"}),
+    "MonteCLoRA": dict(r=4, lora_alpha=12, init_lora_weights=False,
+                       monteclora_config={"num_samples": 8, "use_entropy": False, "dirichlet_prior": 0.1,
+                                          "sample_scaler": 1e-4, "kl_loss_weight": 1e-5, "buffer_size": 150}),
+    # the demo's fc_in and fc_out get a block-diagonal lora_A, the other modules (match_strict false) a plain LoRA;
+    # no target_modules_bd_b: PEFT starts a block-diagonal lora_B at zero whatever init_lora_weights says
+    "BD-LoRA": dict(r=4, lora_alpha=12, init_lora_weights=False,
+                    use_bdlora={"target_modules_bd_a": ["fc_in", "fc_out"], "target_modules_bd_b": None, "nblocks": 2,
+                                "match_strict": False}),
+}
+#: demo rows whose merge is refused: label -> (config fields, forward keyword arguments for the demo's 2 x 7 tokens).
+#: aLoRA: the offsets of the invocation sequence [1, 2] in two rows of token ids (the second has none: base model)
+FORWARD_EXAMPLES = {
+    "aLoRA": (dict(r=4, lora_alpha=12, init_lora_weights=False, alora_invocation_tokens=[1, 2]),
+              {"alora_offsets": alora_offsets([[5, 1, 2, 9, 1, 2, 7], [1, 1, 1, 1, 1, 1, 1]], [1, 2])}),
 }
 
 #: the method's description (peftmath.methods._contract.Method): what the rest of peftmath asks
 METHOD = Method(
     peft_type=PEFT_TYPE, config=LoraConfig, module=LoraModule, spec="specs/lora.md",
     parameter_suffixes=PARAMETER_SUFFIXES, layer_kinds=LoraModule.supported_kinds, additive=True,
-    init_field="init_lora_weights", examples=EXAMPLES, combine="low_rank", mixed_batch=True,
+    init_field="init_lora_weights", examples=EXAMPLES, forward_examples=FORWARD_EXAMPLES, combine="low_rank",
+    mixed_batch=True,
     # DoRA: merge returns the weight norm; KaSA: the base weight's dropped singular part
     needs_record_for=lambda config: (bool(config.use_dora) or getattr(config, "kasa_config", None) is not None
                                      or getattr(config, "trainable_token_indices", None) is not None),

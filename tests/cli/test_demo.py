@@ -4,29 +4,45 @@ from __future__ import annotations
 
 import subprocess
 
+import numpy as np
+
 from peftmath.methods import describe_method, implemented_methods
 from tests.helpers import requirements_met
 
 
-def _expected_rows():
+FORWARD_HEADING = "forward only (merge refused):"
+
+
+def _expected_rows(which="examples"):
     rows = []
     for t in implemented_methods():
         m = describe_method(t)
         if m.merges_weights and requirements_met(m):  # the demo skips a method whose extra package is missing
-            rows += list(m.examples)
+            rows += list(getattr(m, which))
     return rows
+
+
+def _tables(out):
+    """(merge rows, forward-only rows) of the demo's text output, each without its two heading lines."""
+    lines = out.splitlines()
+    cut = lines.index(FORWARD_HEADING) if FORWARD_HEADING in lines else len(lines)
+    merge = [ln for ln in lines[2:cut] if ln.strip()]
+    forward = [ln for ln in lines[cut + 3:] if ln.strip()]
+    return merge, forward
 
 
 def test_demo_in_process(cli, tmp_path):
     rc, out, err = cli("demo", tmp_path / "d")
     assert rc == 0, err
-    table = [ln for ln in out.splitlines()[2:] if ln.strip()]
+    table, forward = _tables(out)
     labels = [ln.split("  ")[0].strip() for ln in table]
     assert labels == _expected_rows()
-    assert all(ln.rstrip().endswith("ok") for ln in table)
-    for ln in table:  # the errors printed are small (the bound is checked by the demo itself)
+    assert [ln.split("  ")[0].strip() for ln in forward] == _expected_rows("forward_examples")
+    assert all(ln.rstrip().endswith("ok") for ln in table + forward)
+    for ln in table + forward:  # the errors printed are small (the bound is checked by the demo itself)
         cols = ln.split()
         assert any(c.endswith(("e-06", "e-07", "e-08", "e-09", "e-10")) or c == "0.00e+00" for c in cols), ln
+    assert all(" refused " in ln for ln in forward)
     d = tmp_path / "d"
     assert (d / "model.safetensors").exists() and (d / "adapter-lora" / "adapter_config.json").exists()
     # the folder is not empty now: refused without --force
@@ -61,7 +77,8 @@ def test_demo_is_warning_free_under_strict(cli, tmp_path):
     rc, out, err = cli("demo", tmp_path / "d", "--strict")
     assert rc == 0, err
     assert not [ln for ln in err.splitlines() if "warning:" in ln.lower()] and "Traceback" not in err
-    assert all(ln.rstrip().endswith("ok") for ln in out.splitlines()[2:] if ln.strip())
+    table, forward = _tables(out)
+    assert table and all(ln.rstrip().endswith("ok") for ln in table + forward)
 
 
 def test_demo_skips_a_method_whose_extra_package_is_missing(cli, monkeypatch):
@@ -74,3 +91,40 @@ def test_demo_skips_a_method_whose_extra_package_is_missing(cli, monkeypatch):
     rc, out, err = cli("demo")
     assert rc == 0, err
     assert "PSOFT needs torch (pip install torch); skipped" in err and "PSOFT" not in out
+
+
+def test_demo_lora_variant_rows(cli, tmp_path):
+    """LoRA's variant rows (issue 18): each adapts the layer kinds its variant runs on (the others are left out,
+    saying why), with the variant's own tensors and config, and verifies; aLoRA's forward is checked and its merge
+    refused with the reason."""
+    import json
+
+    from peftmath.io import load_adapter
+
+    d = tmp_path / "d"
+    rc, out, err = cli("demo", d, "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    rows = {e["example"]: e for e in rep["examples"]}
+    want = {"KaSA": 2, "VeLoRA": 3, "MonteCLoRA": 3, "BD-LoRA": 6}  # KaSA: nn.Linear only; VeLoRA, MonteCLoRA: + Conv1D
+    for label, n in want.items():
+        e = rows[label]
+        assert e["check"] == "ok" and e["modules"] == n, e
+        assert 0 < e["merge_error"] <= rep["bound"] and e["round_trip_error"] <= rep["bound"], e
+    assert "KaSA (LORA) leaves out embed, conv3x3, conv1x1, attn.c_attn" in err and "nn.Linear only" in err
+    kasa = load_adapter(d / "adapter-kasa")
+    assert kasa.config.kasa_config == {"beta": 1e-4, "gamma": 1e-3} and sorted(kasa.modules) == ["fc_in", "fc_out"]
+    diag = np.asarray(kasa.params["fc_in"]["lora_diag"])
+    assert diag.shape == (4,) and np.all(diag != 0)  # PEFT's randn(r), not a placeholder
+    bd = load_adapter(d / "adapter-bd-lora")
+    assert bd.params["fc_in"]["lora_A.weight"].shape == (4, 12)  # compact block-diagonal factors, as PEFT saves
+    assert bd.params["fc_out"]["lora_A.weight"].shape == (4, 16)
+    assert bd.params["attn.c_attn"]["lora_A.weight"].shape == (4, 24)  # unmatched (match_strict false): plain LoRA
+    assert load_adapter(d / "adapter-velora").config.velora_config["num_groups"] == 4
+    assert load_adapter(d / "adapter-monteclora").config.monteclora_config["num_samples"] == 8
+
+    (alora,) = [e for e in rep["forward_examples"] if e["example"] == "aLoRA"]
+    assert alora["check"] == "ok" and alora["modules"] == 3
+    assert alora["forward_error"] <= rep["bound"] < alora["adapter_effect"]
+    assert "cannot be merged" in alora["merge_refused"] and "invocation sequence" in alora["merge_refused"]
+    assert not (d / "merged-alora.safetensors").exists()  # the refused merge wrote nothing

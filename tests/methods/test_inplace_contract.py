@@ -239,8 +239,11 @@ def test_in_place_writes_the_callers_array_or_refuses(peft_type, label, kind, la
     assert np.max(np.abs(_host(W) - W32)) <= 4 * tol
     # the kernels only ever saw the caller's memory, or a private copy that the write path then stored
     assert all(any(_aliases(m, t) for t in (W, *spy.copies)) for m in spy.targets)
-    if layout in ("numpy-C", "torch") and peft_type in ("LORA", "ADALORA", "VERA") and kind is not LayerKind.EMBEDDING:
-        assert spy.targets and not spy.copies  # the fast path: the kernel on W's own memory, no copy
+    # the fast path: the kernel on W's own memory, no copy (an additive module: W' = W + ΔW with ΔW low-rank; KaSA's
+    # LoRA module is not additive, W' = W − W_d + ΔW with W_d the base's dropped singular part, formed densely)
+    if (layout in ("numpy-C", "torch") and peft_type in ("LORA", "ADALORA", "VERA") and kind is not LayerKind.EMBEDDING
+            and mod.additive):
+        assert spy.targets and not spy.copies
 
 
 # --------------------------------------------------------------------------------------------------

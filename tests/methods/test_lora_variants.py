@@ -351,3 +351,52 @@ def test_bound_lora_and_dora_modules_pickle(dora):
     assert type(back) is type(mod)
     W = rng.standard_normal((OUT, IN)).astype(np.float32)
     np.testing.assert_array_equal(back.merge(W).weight, mod.merge(W).weight)
+
+
+def test_kasa_create_adapter_draws_lora_diag_and_round_trips():
+    """A new KaSA adapter carries PEFT's ``lora_diag = randn(r)`` (before, create_adapter left it out and the
+    adapter it returned was refused by its own binding); its merge / record unmerge / forward agree in float64."""
+    rng = np.random.default_rng(12)
+    base = {"q.weight": rng.standard_normal((OUT, IN)), "o.weight": rng.standard_normal((OUT, IN))}
+    cfg = config_from_dict({"peft_type": "LORA", "r": R, "lora_alpha": 6, "target_modules": ["q", "o"],
+                            "init_lora_weights": False, "kasa_config": {"beta": 1e-4, "gamma": 1e-3}})
+    ad = create_adapter(base, cfg, seed=3)
+    d = {m: np.asarray(ad.params[m]["lora_diag"]) for m in ("q", "o")}
+    assert all(v.shape == (R,) and np.unique(v).size == R for v in d.values())
+    assert not np.array_equal(d["q"], d["o"])  # one draw per module
+    records: dict = {}
+    merged = ad.merge(base, records=records)
+    for m in ("q", "o"):
+        W = base[f"{m}.weight"]
+        U, S, Vh = np.linalg.svd(W, full_matrices=False)  # the r smallest triplets dropped, s·B diag(d) A added
+        A, B = (np.asarray(ad.params[m][k], np.float64) for k in ("lora_A.weight", "lora_B.weight"))
+        want = U[:, :-R] @ np.diag(S[:-R]) @ Vh[:-R] + 6 / R * (B * d[m]) @ A
+        # B diag(d) is formed in the factors' float32 (one rounding); the rest runs in the weight's float64
+        tol = 4 * np.finfo(np.float32).eps * 6 / R * float(np.max(np.abs(B * d[m]) @ np.abs(A)))
+        np.testing.assert_allclose(merged[f"{m}.weight"], want, rtol=0, atol=tol)
+        x = rng.standard_normal((3, IN))
+        np.testing.assert_allclose(ad.forward(m, x, base), x @ want.T, rtol=0, atol=tol * IN * np.max(np.abs(x)))
+    back = ad.unmerge(merged, records=records)
+    for key, w in base.items():
+        np.testing.assert_allclose(back[key], w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant, kind, match", [
+    ({"kasa_config": {}}, "Conv1D", r"KaSA \(kasa_config\) on a Conv1D layer"),
+    ({"velora_config": {"num_groups": 2}}, "Embedding", r"VeLoRA \(velora_config\) on a Embedding layer"),
+    ({"monteclora_config": {"num_samples": 2}}, "Conv2d", r"MonteCLoRA \(monteclora_config\) on a Conv2d layer"),
+    ({"alora_invocation_tokens": [3]}, "Embedding", r"aLoRA \(alora_invocation_tokens\) on a Embedding layer"),
+])
+def test_variant_on_an_unsupported_kind_is_refused_at_initialisation(variant, kind, match):
+    """The refusal the binding gives comes already from initialize (create_adapter no longer returns an adapter
+    that fails at its first use); the same layer kind of a plain LoRA initialises."""
+    from peftmath.layers import Layer
+    from peftmath.methods.lora import LoraModule
+
+    shape = {"Conv1D": (IN, OUT), "Embedding": (OUT, IN), "Conv2d": (OUT, IN, 3, 3)}[kind]
+    layer = Layer.of(shape, kind)
+    cfg = config_from_dict({"peft_type": "LORA", "r": R, "target_modules": ["m"], **variant})
+    with pytest.raises(UnsupportedError, match=match):
+        LoraModule.initialize("m", cfg, layer, seed=0)
+    plain = config_from_dict({"peft_type": "LORA", "r": R, "target_modules": ["m"]})
+    assert LoraModule.initialize("m", plain, layer, seed=0)[0]
