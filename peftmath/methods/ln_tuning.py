@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .._array import as_compute, namespace
+from .._array import all_finite, as_compute, namespace
 from ..config import TunerConfig
-from ..errors import NotInvertibleError, ShapeError, UnsupportedError
+from ..errors import NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
 from ._contract import Method
 from ._base import MergeResult, ModuleAdapter, require_kind, require_writeable, write_back, write_weight
@@ -165,16 +165,31 @@ class LNTuningModule(ModuleAdapter):
     def _put(self, weight: Array, bias: Array | None, new_w: Array, new_b: Array | None, *, copy: bool,
              safe: bool) -> tuple[Array, Array | None]:
         """``(new_w, new_b)`` in ``weight``'s / ``bias``'s dtypes, through :func:`write_weight` (``copy=False``:
-        into the caller's arrays, both checked before either is written); ``new_b`` None keeps ``bias``."""
+        into the caller's arrays, both checked before either is written); ``new_b`` None keeps ``bias``.
+
+        In place the tensors are copied straight into the caller's memory (``weight[...] = W̃``, whatever its
+        strides: one pass, no temporary); ``copy=True`` returns one fresh array (never the adapter's own tensor
+        nor a view of the record)."""
         xp = self.xp
-        if not copy and new_b is not None:
-            require_writeable(self.name, bias, "bias")
-        # a fresh array: the result must not be the adapter's own tensor nor a view of the record
-        w = write_weight(self.name, weight, lambda: xp.asarray(new_w, copy=True), copy=copy, safe=safe, xp=xp)
+        if new_b is not None:
+            if not copy:
+                require_writeable(self.name, bias, "bias")
+            if safe and not all_finite(new_b, xp=xp):
+                raise NonFiniteError(f"{self.name}: the merged bias ({_B}) contains NaN or infinity; nothing was "
+                                     f"changed")
+
+        def fresh(new: Array, like: Array) -> Array:
+            return xp.asarray(new, copy=True) if new.dtype == like.dtype else xp.astype(new, like.dtype)
+
+        def kernel(M: Array) -> bool:
+            M[...] = as_compute(xp, new_w, M.dtype)
+            return True
+
+        w = write_weight(self.name, weight, lambda: fresh(new_w, weight), kernel=kernel, copy=copy, safe=safe,
+                         kernel_on_copy=False, xp=xp)
         if new_b is None:
             return w, bias
-        b = as_compute(xp, new_b, bias.dtype)
-        return w, (b if copy else write_back(self.name, bias, b))
+        return w, (fresh(new_b, bias) if copy else write_back(self.name, bias, as_compute(xp, new_b, bias.dtype)))
 
     def forward(self, x: Array, weight: Array, bias: Array | None = None, **layer_kwargs: Any) -> Array:
         """The copy's forward: the base layer's function with ``W̃`` (and ``b̃``) in the base tensors' dtypes; the

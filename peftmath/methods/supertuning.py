@@ -124,9 +124,10 @@ def select_positions(weight: Array, k: int, *, select_top: bool = True) -> Array
 
 
 class Support:
-    """The checked positions of one module on the host: ``flat`` (the ``k`` positions, in the values' order),
-    ``sorted_flat`` / ``rows`` / ``cols`` (row-major order, the values permuted by ``order``) and ``grid`` (for
-    each entry of the weight, the index of its value, or ``k``)."""
+    """The checked positions of one module on the host: ``flat`` (the ``k`` positions, in the values' order)
+    and, built on first use, ``order`` / ``sorted_flat`` / ``rows`` / ``cols`` (row-major order, the values
+    permuted by ``order``) and ``grid`` (for each entry of the weight, the index of its value, or ``k``; only the
+    out-of-place paths and the forward read it)."""
 
     def __init__(self, indices: Array, out_features: int, in_features: int, k: int, where: str):
         host = np.asarray(backend_for(namespace(indices)).to_host(indices))
@@ -144,18 +145,32 @@ class Support:
             j = int(np.argmax(bad))
             raise CheckpointError(f"{where}: {_IDX}[{j}] = {flat[j]} is outside the {out_features}x{in_features} "
                                   f"weight (flat positions 0..{numel - 1})")
-        if np.unique(flat).size != k:
+        order = np.argsort(flat, kind="stable")
+        sorted_flat = flat[order]
+        if np.any(sorted_flat[1:] == sorted_flat[:-1]):
             raise CheckpointError(f"{where}: {_IDX} repeats a position; PEFT's top-k support never does (a "
                                   f"hand-made checkpoint?). Sum the values of each position and save each once")
-        self.flat, self.shape = flat, (out_features, in_features)
+        self.flat, self.shape, self.k = flat, (out_features, in_features), k
         #: the values' permutation into row-major order (None: already in it), and the positions in that order
-        #: (a sorted gather / scatter runs several times faster than one in PEFT's magnitude order)
-        order = np.argsort(flat, kind="stable")
+        #: (a sorted gather / scatter runs faster than one in PEFT's magnitude order)
         self.order = None if np.array_equal(order, np.arange(k)) else order
-        self.sorted_flat = flat[order]
-        self.rows, self.cols = self.sorted_flat // in_features, self.sorted_flat % in_features
-        self.grid = np.full(numel, k, dtype=np.int64)
-        self.grid[flat] = np.arange(k)
+        self.sorted_flat = sorted_flat
+
+    @functools.cached_property
+    def rows(self) -> np.ndarray:
+        return self.sorted_flat // self.shape[1]
+
+    @functools.cached_property
+    def cols(self) -> np.ndarray:
+        return self.sorted_flat % self.shape[1]
+
+    @functools.cached_property
+    def grid(self) -> np.ndarray:
+        """``(out·in,)`` int64: the index of each entry's value, ``k`` where there is none (8 bytes per weight
+        entry: built when an out-of-place path first needs it, not at load)."""
+        grid = np.full(self.shape[0] * self.shape[1], self.k, dtype=np.int64)
+        grid[self.flat] = np.arange(self.k)
+        return grid
 
 
 def _sparse_dense(xp: Any, values: Array, support: Support) -> Array:
@@ -369,14 +384,19 @@ class SupertuningModule(ModuleAdapter):
 
     def _apply(self, weight: Array, support: Support, sign: int, *, copy: bool, safe: bool,
                peft_compat: bool) -> Array:
-        """``W ± ΔW``: each touched entry formed in float32 (float64) and rounded once. In place: the ``k``
-        entries by integer-array assignment, then the Supra term by the backend's ``addmm_`` (float32 / float64
-        weights; a half-precision weight with a Supra term is formed out of place, so it is rounded once).
-        ``peft_compat=True``: PEFT's order and roundings (values and ``α/r·BA`` rounded to ``W``'s dtype, the
-        sparse part added first on merge and last on unmerge, each sum rounded)."""
+        """``W ± ΔW``: each touched entry formed in float32 (float64) and rounded once. In place: the Supra term by
+        the backend's ``addmm_`` (float32 / float64 weights; a half-precision weight with a Supra term is formed
+        out of place, so it is rounded once), then the ``k`` entries: on a NumPy weight in its compute dtype by
+        one ``np.add.at`` / ``np.subtract.at`` read-modify-write pass on its flat view (PEFT's ``scatter_add_``),
+        else by integer-array gather and assignment in row-major order. ``peft_compat=True``: PEFT's order and
+        roundings (values and ``α/r·BA`` rounded to ``W``'s dtype, the sparse part added first on merge and last
+        on unmerge, each sum rounded)."""
         xp = self.xp
         cd = compute_dtype(xp, weight.dtype, self.values.dtype)
-        vals = as_compute(xp, self.values, cd) if sign > 0 else -as_compute(xp, self.values, cd)
+        values = as_compute(xp, self.values, cd)  # not negated: the kernels subtract on unmerge
+
+        def signed() -> Array:
+            return values if sign > 0 else -values
 
         def lora() -> Array | None:
             if self.A is None:
@@ -385,21 +405,33 @@ class SupertuningModule(ModuleAdapter):
 
         def compute() -> Array:
             if peft_compat:
-                return self._compat(weight, support, vals, lora(), sign, cd)
-            d = _sparse_dense(xp, vals, support)
+                return self._compat(weight, support, signed(), lora(), sign, cd)
+            d = _sparse_dense(xp, signed(), support)
             low = lora()
             if low is not None:
                 d += low
             d += as_compute(xp, weight, cd)
             return d
 
+        def add_lora(M: Array) -> bool:
+            return self.A is None or backend_for(xp).addmm_(M, as_compute(xp, self.B, cd), as_compute(xp, self.A, cd),
+                                                            sign * self.scaling)
+
         def kernel(M: Array) -> bool:
-            # the k entries by integer-array assignment (NumPy, torch, CuPy) in row-major order: on the flat view
-            # of M where it is one, else by (row, column); a namespace without it declines before any write
             if self.A is not None and M.dtype != cd:
                 return False
-            dev = array_api_compat.device(M)
             flat = reshape_view(M, (int(M.shape[0]) * int(M.shape[1]),), xp=xp)
+            if isinstance(flat, np.ndarray) and flat.dtype == cd and isinstance(values, np.ndarray):
+                # NumPy: one unbuffered read-modify-write pass over the k distinct entries, in the values' own
+                # order (no permutation; about twice as fast as a sorted gather + assignment, measured)
+                if not add_lora(M):
+                    return False
+                (np.add if sign > 0 else np.subtract).at(flat, support.flat, values)
+                return True
+            # others (torch, CuPy; a half-precision NumPy weight): the k entries by integer-array assignment in
+            # row-major order, on the flat view of M where it is one, else by (row, column); a namespace without
+            # it declines before any write
+            dev = array_api_compat.device(M)
             try:
                 if flat is not None:
                     target, index = flat, xp.asarray(support.sorted_flat, device=dev)
@@ -408,10 +440,10 @@ class SupertuningModule(ModuleAdapter):
                     index = (xp.asarray(support.rows, device=dev), xp.asarray(support.cols, device=dev))
                 if self.A is not None:
                     target[index] = target[index]  # proves the assignment before the Supra term is written
-                    if not backend_for(xp).addmm_(M, as_compute(xp, self.B, cd), as_compute(xp, self.A, cd),
-                                                  sign * self.scaling):
+                    if not add_lora(M):
                         return False
-                v = vals if support.order is None else xp.take(vals, xp.asarray(support.order, device=dev), axis=0)
+                v = signed()
+                v = v if support.order is None else xp.take(v, xp.asarray(support.order, device=dev), axis=0)
                 target[index] = as_compute(xp, as_compute(xp, target[index], cd) + v, M.dtype)
             except (TypeError, IndexError, NotImplementedError):
                 return False

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import peftmath as pm
-from peftmath.errors import CheckpointError, ConfigError, NotInvertibleError, ShapeError, UnsupportedError
+from peftmath.errors import (
+    CheckpointError, ConfigError, NonFiniteError, NotInvertibleError, ShapeError, UnsupportedError,
+)
 from peftmath.layers import Layer, LayerKind
 from peftmath.methods import ln_tuning
 from tests.helpers import assert_same_namespace, skip_if_immutable, to_np, to_xp
@@ -44,7 +46,9 @@ def test_merge_replaces_and_the_record_restores_bit_for_bit(kind, shape, layout)
     np.testing.assert_array_equal(res.weight, p["ln_tuning_layers.weight"])
     np.testing.assert_array_equal(res.bias, p["ln_tuning_layers.bias"])
     assert not np.shares_memory(res.weight, p["ln_tuning_layers.weight"])  # never the adapter's own tensor
+    assert not np.shares_memory(res.bias, p["ln_tuning_layers.bias"])
     back = mod.unmerge(res.weight, res.bias, record=res.record)
+    assert not np.shares_memory(back.weight, res.record) and not np.shares_memory(back.bias, res.record)
     np.testing.assert_array_equal(back.weight, W0)
     np.testing.assert_array_equal(back.bias, b0)
     with pytest.raises(NotInvertibleError, match="record"):
@@ -111,6 +115,16 @@ def test_bias_rules_and_refusals():
         mod.merge(W.copy(), ro, copy=False)
     with pytest.raises(ShapeError, match="record"):
         mod.unmerge(W, b, record=np.zeros(3, np.float32))
+    for bad in ("ln_tuning_layers.weight", "ln_tuning_layers.bias"):  # safe: a NaN in either copy, nothing written
+        nan = dict(p)
+        nan[bad] = p[bad].copy()
+        nan[bad].flat[1] = np.nan
+        mod_nan = ln_tuning.LNTuningModule("m", ln_tuning.LNTuningConfig(), nan, Layer.of((5, 7)))
+        Wc, bc = W.copy(), b.copy()
+        with pytest.raises(NonFiniteError, match="NaN"):
+            mod_nan.merge(Wc, bc, copy=False, safe=True)
+        np.testing.assert_array_equal(Wc, W)
+        np.testing.assert_array_equal(bc, b)
     with pytest.raises(ShapeError, match="copy's weight"):
         ln_tuning.LNTuningModule("m", ln_tuning.LNTuningConfig(), {"ln_tuning_layers.weight": np.zeros((4, 7))},
                                  Layer.of((5, 7)))

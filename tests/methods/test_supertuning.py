@@ -91,6 +91,33 @@ def test_merge_unmerge_round_trip_and_in_place(r):
     np.testing.assert_allclose(target, W, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_write_paths_agree_bit_for_bit(dtype):
+    """NumPy's one-pass ``np.add.at`` / ``np.subtract.at`` kernel, the integer-array assignment of the other
+    namespaces (torch here) and the out-of-place path (``safe=True``) give the same bits: each touched entry is
+    ``W ± v`` rounded once, the others untouched; checked against the float64 sum rounded to ``dtype``."""
+    torch = pytest.importorskip("torch")
+    mod, W = _module(dtype=dtype, sparsity=0.5, shape=(16, 12))
+    idx = mod.params["supertuning_indices"].astype(np.int64)
+    want = W.copy().ravel()
+    want[idx] = (want[idx].astype(np.float64) + mod.values.astype(np.float64)).astype(dtype)
+    want = want.reshape(W.shape)
+    in_place = W.copy()
+    mod.merge(in_place, copy=False)
+    tw = torch.from_numpy(W.copy())
+    mod_t = Adapter(mod.config, {"m": {k: torch.from_numpy(np.asarray(v)) for k, v in mod.params.items()}}).module(
+        "m", weight_shape=W.shape)
+    mod_t.merge(tw, copy=False)
+    for got in (in_place, mod.merge(W).weight, mod.merge(W, safe=True).weight, tw.numpy()):
+        np.testing.assert_array_equal(got, want)
+    back = want.copy().ravel()
+    back[idx] = (back[idx].astype(np.float64) - mod.values.astype(np.float64)).astype(dtype)
+    mod.unmerge(in_place, copy=False)
+    mod_t.unmerge(tw, copy=False)
+    for got in (in_place, mod.unmerge(want).weight, tw.numpy()):
+        np.testing.assert_array_equal(got, back.reshape(W.shape))
+
+
 def test_in_place_merge_touches_only_the_support():
     mod, W = _module(sparsity=0.9)
     target = W.copy()
