@@ -65,6 +65,16 @@ def test_bfloat16_rounds_once_and_peft_compat_forward():
     assert res.bias.dtype == BF16
     np.testing.assert_array_equal(res.bias, (b.astype(np.float64) + db[0].astype(np.float64)).astype(np.float32)
                                   .astype(BF16))
+    target = b.copy()  # in place: the same single rounding, into the caller's bfloat16 bias
+    assert mod.merge(W, target, copy=False).bias is target
+    np.testing.assert_array_equal(target, res.bias)
+    # a float64 shift on a float32 bias: the sum in float64, rounded once to float32, in place as out of place
+    mod64, db64, _ = _module(dtype=np.float64)
+    b32 = rng.standard_normal(6).astype(np.float32)
+    want = (b32.astype(np.float64) + db64[0]).astype(np.float32)
+    np.testing.assert_array_equal(mod64.merge(W, b32).bias, want)
+    assert mod64.merge(W, b32, copy=False).bias is b32
+    np.testing.assert_array_equal(b32, want)
     x = rng.standard_normal((5, 4)).astype(BF16)
     base64 = x.astype(np.float64) @ W.astype(np.float64).T + b.astype(np.float64)
     once = (base64 + db[0]).astype(np.float32).astype(BF16)
