@@ -65,7 +65,9 @@ def round_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     as the ``uint16`` bits of the result; ``.view(DTYPES["BF16"])`` gives the bfloat16 array.
 
     ``out``: a C-contiguous ``uint16`` (or bfloat16) array of ``x``'s size (default: a new ``uint16`` array of
-    ``x``'s shape).
+    ``x``'s shape). It may be ``x``'s own memory from its start (``x.reshape(-1).view(np.uint16)[:x.size]``:
+    rounded in place, no second buffer): each chunk is read in full before its bits are written, and they
+    land below the chunks not read yet.
     """
     if np.asarray(x).dtype != np.float32:
         raise UnsupportedError(f"round_bf16: x must be float32, got {np.asarray(x).dtype}; widen it first")
@@ -87,10 +89,10 @@ def round_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         np.add(tt, b, out=tt)  # wraps only for NaNs (fixed below)
         np.add(tt, 0x7FFF, out=tt)
         np.right_shift(tt, 16, out=tt)
-        d = dst[i:i + step]
-        np.copyto(d, tt, casting="unsafe")  # the low 16 bits (faster than a shift into uint16)
         f = b.view(np.float32)
         if np.isnan(f.max()):  # max propagates NaN: one pass, no mask unless there is one
             m = np.isnan(f)
-            d[m] = ((b[m] >> 16) & 0x8000) | 0x7FC0
+            tt[m] = ((b[m] >> 16) & 0x8000) | 0x7FC0
+        # written last: the chunk is read in full first, so ``out`` may be ``x``'s own first half
+        np.copyto(dst[i:i + step], tt, casting="unsafe")  # the low 16 bits (faster than a shift into uint16)
     return out

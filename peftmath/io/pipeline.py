@@ -6,7 +6,8 @@ The streamed merge reads a group of tensors, computes it, and writes it, tensor 
 
 - :class:`ReadAhead` reads the tensors the computation will ask for, in the order it will ask for
   them, a bounded number of bytes ahead of it;
-- the caller's thread computes;
+- the caller's thread computes (the streamed merge of a bfloat16 model leaves the widening to float32 to
+  the reader and the rounding back to the writer: :meth:`WriteBehind.write_at`'s ``prepare``);
 - :class:`WriteBehind` executes the writes in the order they were submitted (open a file, write its
   header, write an array, copy a byte range of an input file, finish the file; or, for the files of
   :func:`peftmath.io.stream.prepare`, pre-sized with their headers, write an array or copy a range at
@@ -187,8 +188,15 @@ class WriteBehind:
         self.copy_at(fid, src_fd, offset, count, self._ends[fid])
         self._ends[fid] += count
 
-    def write_at(self, fid: int, offset: int, arr: np.ndarray) -> None:
-        self._submit(("write", fid, offset, arr), arr.nbytes)
+    def write_at(self, fid: int, offset: int, arr: np.ndarray,
+                 prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+                 done: Callable[[np.ndarray], None] | None = None, nbytes: int | None = None) -> None:
+        """Write ``arr``'s bytes at ``offset`` of file ``fid``. In the writer's thread, ``prepare(arr)`` (when
+        given) runs first and its result is written instead, and ``done(arr)`` runs once the bytes are written
+        (:func:`peftmath.io.stream.transform` rounds a float32 result to bfloat16 there, beside the next
+        computation, then gives its buffer back). ``nbytes``: what it counts against the limit (default
+        ``arr.nbytes``)."""
+        self._submit(("write", fid, offset, arr, prepare, done), arr.nbytes if nbytes is None else nbytes)
 
     def copy_at(self, fid: int, src_fd: int, src_offset: int, count: int, offset: int) -> None:
         self._submit(("copy", fid, src_fd, src_offset, count, offset), 0)
@@ -276,9 +284,12 @@ class WriteBehind:
     def _execute(self, job: tuple) -> None:
         kind = job[0]
         if kind == "write":
-            _, fid, offset, arr = job
+            _, fid, offset, given, prepare, done = job
+            arr = given if prepare is None else prepare(given)
             write_at(self._open[fid], offset, memoryview(arr.reshape(-1).view(np.uint8)))
             self._written(fid, offset, arr.nbytes)
+            if done is not None:
+                done(given)
         elif kind == "copy":
             _, fid, src_fd, src_offset, count, offset = job
             copy_range(src_fd, self._open[fid], src_offset, count, offset)

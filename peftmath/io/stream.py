@@ -14,7 +14,10 @@ unmerged) copy of a model:
   :meth:`~peftmath.Adapter.unmerge`), rounded to the output dtype and written. Reading, computing and
   writing overlap (:mod:`peftmath.io.pipeline`: a read-ahead thread, a write-behind thread, each holding
   at most two of the largest tensors and 1/16 of the model), so peak memory is about one group plus two
-  stages plus the adapters. An adapter that replaces a tensor of the group
+  stages plus the adapters. A bfloat16 weight merged in float32 (:func:`float32_weights`) is widened by the
+  read-ahead thread and rounded by the write-behind thread, into a few reused float32 buffers, so that the
+  computing thread only merges; during a plain low-rank LoRA merge the BLAS threads are capped
+  (:mod:`peftmath.io._blas`: the same bits) so that they leave the cores to the pipeline. An adapter that replaces a tensor of the group
   (a bias trained with ``bias="all"`` / ``"lora_only"``) replaces it *before* its module is merged,
   as PEFT loads the bias into the base layer before ``merge_and_unload`` (which may then add
   ``lora_bias``);
@@ -71,6 +74,7 @@ from .._array import all_finite, dtype_name
 from ..errors import (CheckpointError, ConfigError, NonFiniteError, NotInvertibleError, PeftMathError, ShapeError,
                       UnsupportedError)
 from ..targets import module_to_checkpoint
+from ._blas import BlasThreads
 from .atomic import clean_stale_siblings, temp_sibling
 from .bf16 import is_bf16, round_bf16, widen_bf16
 from .pipeline import ReadAhead, WriteBehind, copy_range, write_all, write_at
@@ -263,6 +267,65 @@ def read_span(span: Span, key: str = "tensor", *, bits: bool = False) -> np.ndar
     if raw.size != span.end - span.start:
         raise CheckpointError(f"{span.path}: tensor {key!r} is cut short (file truncated while reading?)")
     return raw.view(dt).reshape(span.shape)
+
+
+def _read_bits_into(span: Span, key: str, out: np.ndarray) -> np.ndarray:
+    """The ``uint16`` bits of bfloat16 tensor ``span`` read into the front of the flat ``uint16`` buffer ``out``
+    (``os.preadv``: no fresh pages per tensor, unlike :func:`read_span`); the same errors as :func:`read_span`."""
+    n = span.end - span.start
+    dst = out[: n // 2]
+    try:
+        fd = os.open(span.path, os.O_RDONLY)
+        try:
+            got = 0
+            view = memoryview(dst).cast("B")
+            while got < n:
+                k = os.preadv(fd, [view[got:]], span.start + got)
+                if k == 0:
+                    break
+                got += k
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise CheckpointError(f"{span.path}: cannot read tensor {key!r} ({exc.strerror or exc})") from exc
+    if got != n:
+        raise CheckpointError(f"{span.path}: tensor {key!r} is cut short (file truncated while reading?)")
+    return dst.reshape(span.shape)
+
+
+class _Float32Buffers:
+    """The float32 buffers :func:`transform` widens bfloat16 weights into (in its read-ahead thread), given back
+    by its write-behind thread once it has rounded them, so that no weight costs fresh pages. Each holds
+    ``size`` elements (the largest such weight); as many exist as are in use at once, which the pipeline's
+    stages bound (each counts a buffer at its full size: one read ahead, one computed, one written).
+    Thread-safe."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[np.ndarray] = []
+        self._lent: dict[int, Any] = {}  # id -> weak reference, of the buffers handed out
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of one buffer."""
+        return 4 * self.size
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        import weakref
+
+        with self._lock:
+            buf = self._free.pop() if self._free else np.empty(self.size, dtype=np.float32)
+            self._lent[id(buf)] = weakref.ref(buf)
+        return buf[: math.prod(shape)].reshape(shape)
+
+    def give_back(self, arr: np.ndarray) -> None:
+        """Return the buffer under ``arr`` (nothing when ``arr`` is not one of them: a copy the merge made)."""
+        buf = arr.base if arr.base is not None else arr
+        with self._lock:
+            ref = self._lent.pop(id(buf), None)
+            if ref is not None and ref() is buf:
+                self._free.append(buf)
 
 
 def _read_index(path: Path) -> dict[str, Any]:
@@ -891,12 +954,15 @@ def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str
                    peft_compat: bool, to_xp: Callable[[np.ndarray], Any] | None,
                    to_host: Callable[[Any], np.ndarray] | None, on_record: Callable[[Step, Any], None] | None,
                    record_for: Callable[[Step], Any] | None,
-                   widen_into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                   widen_into: Callable[[tuple[int, ...]], np.ndarray] | None = None,
+                   round_later: bool = False) -> dict[str, Any]:
     """:func:`compute_group` given the model's ``model_type`` and a ``read`` function instead of the model.
 
     ``widen_into(shape)`` (a bfloat16 weight of :func:`float32_weights`): a float32 buffer the weight is widened
     into and merged in; the result is rounded back into the bfloat16 array read (so the weight comes back
-    already in its output dtype, the same bits as the module's own bfloat16 path)."""
+    already in its output dtype, the same bits as the module's own bfloat16 path). Such a weight may also be
+    read already widened (``read`` returns its float32 values: :func:`transform`'s read-ahead thread widens
+    it); ``round_later``: its float32 result comes back as :class:`_Unrounded`, for the writer to round."""
     to_xp = to_xp or (lambda a: a)
     to_host = to_host or (lambda a: np.asarray(a))
 
@@ -907,8 +973,11 @@ def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str
         return to_xp(_astype(read(key), dtype_of(key)))
 
     bkey = pl.group_bias.get(wkey)
-    stored = read(wkey) if widen_into is not None else None
-    state = {wkey: read_work(wkey) if stored is None else widen_bf16(stored, out=widen_into(stored.shape))}
+    stored = read(wkey) if widen_into is not None else None  # the bits, or the float32 values (widened already)
+    if stored is None:
+        state = {wkey: read_work(wkey)}
+    else:
+        state = {wkey: stored if stored.dtype == np.float32 else widen_bf16(stored, out=widen_into(stored.shape))}
     if bkey is not None:
         state[bkey] = read_work(bkey)
     for st in pl.groups[wkey]:
@@ -930,9 +999,11 @@ def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str
                 given = {st.module: r} if r is not None else None
             state = _in_place(part.unmerge, state, peft_compat=peft_compat, layer_kinds=kinds, records=given)
     out = {wkey: to_host(state[wkey])}
-    if stored is not None:
-        dst = stored if stored.flags.writeable and stored.flags.c_contiguous else None
-        out[wkey] = round_bf16(np.asarray(out[wkey], dtype=np.float32), out=dst).view(stored.dtype)
+    if stored is not None and round_later:
+        out[wkey] = _Unrounded(np.ascontiguousarray(out[wkey], dtype=np.float32))
+    elif stored is not None:
+        bits = stored.dtype == np.uint16 and stored.flags.writeable and stored.flags.c_contiguous
+        out[wkey] = round_bf16(np.asarray(out[wkey], dtype=np.float32), out=stored if bits else None)
     if bkey is not None:
         out[bkey] = to_host(state[bkey])
     return out
@@ -1090,6 +1161,15 @@ class Job:
         return order
 
 
+@dataclass(frozen=True)
+class _Unrounded:
+    """The float32 result of a bfloat16 weight of :attr:`Job.float32_weights`, not rounded yet: :func:`transform`'s
+    write-behind thread rounds it (:func:`peftmath.io.bf16.round_bf16`) just before writing it, so that the
+    rounding runs beside the next weight's merge."""
+
+    values: np.ndarray
+
+
 def _output_array(op: TensorOp, arr: np.ndarray, safe: bool) -> np.ndarray:
     """``arr`` as it is written: the output dtype (rounded once), C-contiguous, little-endian; with ``safe``,
     a NaN or infinity is a :class:`NonFiniteError`."""
@@ -1104,11 +1184,12 @@ def _output_array(op: TensorOp, arr: np.ndarray, safe: bool) -> np.ndarray:
     return arr
 
 
-def compute_unit(job: Job, unit: Unit, read: Callable[[str], np.ndarray] | None = None,
-                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def compute_unit(job: Job, unit: Unit, read: Callable[[str], np.ndarray] | None = None, *,
+                 round_later: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The bytes unit ``unit`` (not a copy) writes: ``({key: array as written}, {record name: record})``; a
-    weight of :attr:`Job.float32_weights` comes as its bfloat16 bits (``uint16``). ``read`` reads an input tensor
-    (default :meth:`Job.read`)."""
+    weight of :attr:`Job.float32_weights` comes as its bfloat16 bits (``uint16``), or with ``round_later`` as its
+    float32 result (:class:`_Unrounded`, rounded by whoever writes it). ``read`` reads an input tensor (default
+    :meth:`Job.read`; for a weight of :attr:`Job.float32_weights` it may return the float32 values)."""
     pl, read = job.plan, read or job.read
     to_host = job.to_host or (lambda a: np.asarray(a))
     to_xp = job.to_xp or (lambda a: a)
@@ -1132,13 +1213,16 @@ def compute_unit(job: Job, unit: Unit, read: Callable[[str], np.ndarray] | None 
         raw = _group_tensors(pl, job.adapters, wkey, job.model_type, read, direction=job.direction, work=None,
                              safe=job.safe, peft_compat=job.peft_compat, to_xp=job.to_xp, to_host=job.to_host,
                              on_record=on_record, record_for=record_for,
-                             widen_into=job.float32_buffer if wkey in job.float32_weights else None)
-    return {k: _output_array(pl.ops[k], raw.pop(k), job.safe) for k in unit.keys}, records
+                             widen_into=job.float32_buffer if wkey in job.float32_weights else None,
+                             round_later=round_later)
+    return {k: (v if isinstance(v, _Unrounded) else _output_array(pl.ops[k], v, job.safe))
+            for k, v in ((k, raw.pop(k)) for k in unit.keys)}, records
 
 
 def run_unit(job: Job, unit: int | Unit, *, read: Callable[[str], np.ndarray] | None = None,
-             write: Callable[[int, int, np.ndarray], None] | None = None,
-             copy: Callable[[str, int, int, int, int], None] | None = None) -> dict[str, np.ndarray]:
+             write: Callable[[int, int, Any], None] | None = None,
+             copy: Callable[[str, int, int, int, int], None] | None = None,
+             round_later: bool = False) -> dict[str, np.ndarray]:
     """Run one task of ``job`` (``unit``: its index in ``job.units``, or the unit): compute its tensors
     (:func:`compute_unit`) and write each at its offset, or copy its byte range; return the merge records it
     made (DoRA's weight norms; they are written once, by :meth:`Output.commit`).
@@ -1146,7 +1230,9 @@ def run_unit(job: Job, unit: int | Unit, *, read: Callable[[str], np.ndarray] | 
     A picklable function of picklable arguments: an engine runs it on any worker (:mod:`peftmath.engines`);
     :func:`transform` runs it in order with its pipeline's ``read`` (read ahead), ``write(i, offset, arr)``
     and ``copy(path, start, count, i, offset)`` (write behind). The defaults open the files themselves
-    (:meth:`Job.read`, :meth:`Job.write`, :meth:`Job.copy`). Run again, it writes the same bytes."""
+    (:meth:`Job.read`, :meth:`Job.write`, :meth:`Job.copy`). Run again, it writes the same bytes.
+    ``round_later`` (with a ``write`` that rounds: :func:`transform`'s): a weight of :attr:`Job.float32_weights`
+    is given to ``write`` as its float32 result (:class:`_Unrounded`)."""
     u = job.units[unit] if isinstance(unit, int) else unit
     write, copy = write or job.write, copy or job.copy
     if u.kind == "copy":
@@ -1154,7 +1240,7 @@ def run_unit(job: Job, unit: int | Unit, *, read: Callable[[str], np.ndarray] | 
         i, offset = job.where[u.keys[0]]
         copy(path, start, count, i, offset)
         return {}
-    arrays, records = compute_unit(job, u, read)
+    arrays, records = compute_unit(job, u, read, round_later=round_later)
     for k in u.keys:
         i, offset = job.where[k]
         write(i, offset, arrays.pop(k))
@@ -1412,25 +1498,54 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
     engine runs (:mod:`peftmath.engines`), so every engine writes the same bytes. ``pipeline`` (default)
     overlaps reading, computing and writing (:mod:`peftmath.io.pipeline`: a read-ahead thread, the
     computation in the caller's thread, a write-behind thread, each finished shard fsynced by another while
-    the next is written), each stage holding at most :func:`_stage_limit` bytes; ``pipeline=False`` does the
-    same operations one after the other. The output is the same, byte for byte.
+    the next is written), each stage holding at most :func:`_stage_limit` bytes; a bfloat16 weight of
+    :attr:`Job.float32_weights` is widened by the read-ahead thread and rounded in place by the write-behind
+    thread (:class:`_Float32Buffers`: each stage counts one such buffer at its full size), and a plain LoRA
+    merge of rank <= :data:`LOW_RANK` caps the BLAS threads at the cores less two (:mod:`peftmath.io._blas`).
+    ``pipeline=False`` does the same operations one after the other. The output is the same, byte for byte.
     """
     outp = prepare(base, adapters, out, **options)
     job = outp.job
     pl = job.plan
     reads = job.reads()
     limit = _stage_limit(base, pl, reads)
-    wide = job.float32_weights  # read as their bfloat16 bits
-    reader = ReadAhead(lambda k: base.read(k, bits=True) if k in wide else base.read(k), reads, base.nbytes, limit,
+    wide = job.float32_weights  # bfloat16 weights merged in float32: widened by the reader, rounded by the writer
+
+    largest = max((math.prod(pl.ops[k].shape) for k in wide), default=0)
+    floats = _Float32Buffers(largest)
+    local = threading.local()  # each reading thread's bfloat16 buffer
+
+    def read(key: str) -> np.ndarray:
+        if key not in wide:
+            return base.read(key)
+        span = base.span_of(key)
+        if getattr(local, "bits", None) is None:
+            local.bits = np.empty(largest, dtype=np.uint16)
+        return widen_bf16(_read_bits_into(span, key, local.bits), out=floats.take(span.shape))
+
+    reader = ReadAhead(read, reads, lambda k: floats.nbytes if k in wide else base.nbytes(k), limit,
                        threaded=pipeline)
     writer = WriteBehind(limit, threaded=pipeline)
+
+    def round_for_writing(values: np.ndarray) -> np.ndarray:  # (in the writer's thread, just before writing)
+        return round_bf16(values, out=values.reshape(-1).view(np.uint16)[: values.size])  # in place
+
     sources: dict[str, int] = {}
     new_records: dict[str, np.ndarray] = {}
+    # the pipeline's three threads share the cores with BLAS: its rank-r gemms are memory-bound, and OpenBLAS's
+    # idle workers spin, taking the reader's and the writer's core (same bits with any count: io/_blas.py)
+    limit_blas = BlasThreads(max(1, _cores() - 2)) if pipeline and _low_rank_gemms_only(pl) else None
     try:
+        if limit_blas is not None:
+            limit_blas.__enter__()
         fids = [writer.attach(f.path) for f in job.files]
 
-        def write(i: int, offset: int, arr: np.ndarray) -> None:
-            writer.write_at(fids[i], offset, arr)
+        def write(i: int, offset: int, arr: Any) -> None:
+            if isinstance(arr, _Unrounded):
+                writer.write_at(fids[i], offset, arr.values, prepare=round_for_writing,
+                                done=floats.give_back, nbytes=floats.nbytes)
+            else:
+                writer.write_at(fids[i], offset, arr)
 
         def copy(path: str, start: int, count: int, i: int, offset: int) -> None:
             if path not in sources:
@@ -1443,7 +1558,9 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
             while ended < first:  # no later unit writes into a file before its first tensor's
                 writer.end_file(fids[ended])
                 ended += 1
-            new_records.update(run_unit(job, unit, read=reader.take, write=write, copy=copy))
+            new_records.update(run_unit(job, unit, read=reader.take, write=write, copy=copy, round_later=True))
+            if limit_blas is not None and unit.kind != "copy":
+                limit_blas.refresh()  # SciPy's BLAS is loaded by the first gemm
             if progress is not None:
                 for k in unit.keys:
                     progress(pl.ops[k].nbytes)
@@ -1459,7 +1576,41 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
     finally:
         for fd in sources.values():
             os.close(fd)
+        if limit_blas is not None:
+            limit_blas.__exit__(None, None, None)
     return outp.commit(new_records, synced=True)
+
+
+#: the largest rank whose gemms :func:`transform` runs with fewer BLAS threads: up to it, each output element is
+#: one pass over the rank, the same sums in the same order with any thread count (tests/io/test_blas_threads.py
+#: checks ranks up to it; measured the same up to 512); OpenBLAS splits a longer sum (1400: measured) in blocks
+#: that depend on the thread count
+LOW_RANK = 128
+
+
+def _low_rank_gemms_only(pl: Plan) -> bool:
+    """True when every module of the plan is a plain LoRA module (A and B only) of rank <= :data:`LOW_RANK`:
+    its merge is one gemm of that rank, whose bits do not depend on the BLAS thread count."""
+    from ..methods.lora import LoraModule
+
+    for steps in pl.groups.values():
+        for st in steps:
+            mod = st.mod
+            if st.module is None:
+                continue
+            if (type(mod) is not LoraModule or getattr(mod, "is_dora", False)
+                    or set(mod.params) != {"lora_A.weight", "lora_B.weight"}
+                    or int(mod.params["lora_A.weight"].shape[0]) > LOW_RANK):
+                return False
+    return bool(pl.groups)
+
+
+def _cores() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def reshard_layout(items: Sequence[Any], nbytes: Callable[[Any], int], max_shard_size: int) -> dict[str, list[Any]]:

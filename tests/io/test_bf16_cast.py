@@ -128,3 +128,19 @@ def test_widen_into_a_reused_buffer():
     widen_bf16(src, out=out)
     np.testing.assert_array_equal(out.view(np.uint32), src.astype(np.uint32) << 16)
     np.testing.assert_array_equal(out.view(np.uint32), src.view(BF16).astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [1, 5, bf16.CHUNK - 1, bf16.CHUNK, 2 * bf16.CHUNK + 7])
+def test_round_in_place_into_the_first_half(n):
+    """``out`` = ``x``'s own memory from its start (what the streamed merge's writer does with a widened weight):
+    the same bits as into a separate array, NaNs (in the first chunk too, where bits overwrite the floats being
+    read) included."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32) * 1e3
+    bits = x.view(np.uint32)
+    bits[:: max(1, n // 7)] = 0x7F800001  # NaNs whose rounding would carry into an infinity
+    bits[n // 2] = 0xFFFFFFFF
+    want = _ref_round(x)
+    got = round_bf16(x, out=x.view(np.uint16)[:n])
+    assert np.shares_memory(got, x)
+    np.testing.assert_array_equal(got, want)

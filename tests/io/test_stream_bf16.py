@@ -217,3 +217,54 @@ def test_a_widened_merge_never_asks_for_the_bfloat16_dtype(tmp_path, monkeypatch
     with_bias = _state()
     transform(open_model(_write(tmp_path / "biased", with_bias)), [_lora(with_bias)], tmp_path / "out-bias")
     assert "BF16" in asked
+
+
+def _pool_sizes(monkeypatch) -> list:
+    """Every float32 buffer pool transform makes (to look at its buffers afterwards)."""
+    pools = []
+    real = stream._Float32Buffers
+
+    def make(size):
+        pool = real(size)
+        pools.append(pool)
+        return pool
+
+    monkeypatch.setattr(stream, "_Float32Buffers", make)
+    return pools
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "merge-returns-a-copy"])
+def test_widened_weights_reuse_a_few_buffers(tmp_path, monkeypatch, in_place):
+    """The pipelined merge widens each weight into one of a few float32 buffers (read-ahead thread) and rounds it
+    in place there (write-behind thread), then reuses it: at most three exist (one read ahead, one merged, one
+    written), and the bytes are the sequential merge's. A merge that returns a new array instead (its buffer is
+    never given back) still writes the same bytes: the pool makes another buffer, nothing waits for it."""
+    state = _state(3)
+    base = open_model(_write(tmp_path / "base", state))
+    ad = _lora(state)
+    transform(base, [ad], tmp_path / "seq", pipeline=False)
+    if not in_place:
+        monkeypatch.setattr(stream, "_in_place", lambda fn, st, **kw: fn(st, copy=True, **kw))
+    pools = _pool_sizes(monkeypatch)
+    monkeypatch.setattr(stream, "MAX_STAGE_BYTES", 1)  # one tensor per stage: the tightest pipeline
+    transform(base, [ad], tmp_path / "pipe", pipeline=True)
+    assert _bytes(tmp_path / "seq") == _bytes(tmp_path / "pipe")
+    (pool,) = pools
+    assert pool.size == max(37 * 24, 24 * 24)
+    if in_place:
+        assert 1 <= len(pool._free) <= 3 and not pool._lent
+    else:
+        assert pool._free == []  # never given back (the copies were written)
+
+
+def test_buffers_ignore_arrays_they_did_not_lend():
+    pool = stream._Float32Buffers(12)
+    a = pool.take((3, 4))
+    b = pool.take((2, 2))
+    assert a.base is not b.base and a.shape == (3, 4) and b.shape == (2, 2)
+    pool.give_back(np.zeros((3, 4), np.float32))  # not one of them
+    pool.give_back(a.copy())
+    assert pool._free == []
+    pool.give_back(a)
+    pool.give_back(a)  # twice: kept once
+    assert len(pool._free) == 1 and pool.take((1,)).base is a.base
