@@ -21,16 +21,22 @@ from .errors import CheckpointError, ConfigError
 from .io import config_from_dict, read_config
 from .layers import Layer, LayerKind
 from .methods import Method, describe_method
-from .targets import checkpoint_to_module, module_kinds, module_to_checkpoint, select_targets
+from .targets import ALL_LINEAR, checkpoint_to_module, module_kinds, module_to_checkpoint, select_targets
 
 __all__ = ["create_adapter", "open_state"]
+
+
+class FileState(dict):
+    """A state dict read from safetensors files (:func:`open_state`): its keys are in the files' sorted order, not
+    in the model's parameter registration order that PEFT nests ``target_parameters`` wrappers by."""
 
 
 def open_state(path: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
     """A read-only state dict (memory-mapped arrays) and the ``model_type`` of a safetensors model.
 
     ``path`` is a ``.safetensors`` file or a model folder (``model.safetensors``, or shards with
-    ``model.safetensors.index.json``, read with :func:`peftmath.io.stream.open_model`'s checks).
+    ``model.safetensors.index.json``, read with :func:`peftmath.io.stream.open_model`'s checks). The state is a
+    :class:`FileState`: :func:`create_adapter` knows that its key order is not the registration order.
     """
     from .io.stream import open_model
 
@@ -43,7 +49,7 @@ def open_state(path: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
             model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
             raise CheckpointError(f"{cfg}: not a valid transformers config.json ({exc})") from exc
-    return {k: model.file_of(k)[k] for k in model.keys()}, model_type
+    return FileState({k: model.file_of(k)[k] for k in model.keys()}), model_type
 
 
 def _config(config: Any) -> Any:
@@ -86,6 +92,99 @@ def _default_feedforward(cfg: Any, model_type: str | None) -> Any:
     return cfg.replace(feedforward_modules=sorted(m for m in table if not listed or m in tm))
 
 
+# --------------------------------------------------------------------------------------------------
+# LoRA's special targets: nn.MultiheadAttention modules and raw parameters (target_parameters)
+# --------------------------------------------------------------------------------------------------
+def _attentions(state: Mapping[str, Any], model_type: str | None) -> dict[str, int | str]:
+    """The ``nn.MultiheadAttention`` modules of ``state`` by module name: the embedding size ``E`` of a packed one
+    (``X.in_proj_weight (3E, E)`` and ``X.out_proj.weight (E, E)``), or why PEFT cannot adapt it (a string)."""
+    out: dict[str, int | str] = {}
+    for key, value in state.items():
+        ckpt, _, leaf = key.rpartition(".")
+        if leaf not in ("in_proj_weight", "q_proj_weight") or not ckpt or f"{ckpt}.out_proj.weight" not in state:
+            continue
+        name = checkpoint_to_module(ckpt, model_type)
+        shape, out_shape = tuple(value.shape), tuple(state[f"{ckpt}.out_proj.weight"].shape)
+        if leaf == "q_proj_weight":
+            out[name] = ("separate q/k/v projection weights (kdim or vdim differs from embed_dim); PEFT 0.21.2's "
+                         "lora.MultiheadAttention adapts the packed layout only (ValueError)")
+        elif len(shape) == 2 and len(out_shape) == 2 and shape == (3 * shape[1], shape[1]) and out_shape == (shape[1],) * 2:
+            out[name] = int(shape[1])
+        else:
+            out[name] = (f"in_proj_weight {shape} / out_proj.weight {out_shape} are not an attention's (3E, E) / (E, E)")
+    return out
+
+
+def _uses_modules(cfg: Any, model_type: str | None) -> bool:
+    """Whether ``target_modules`` selects modules: not when it is ``[]``, nor when it is null beside
+    ``target_parameters`` on a model type without PEFT's default (PEFT keeps null then and adapts parameters only)."""
+    if not getattr(cfg, "target_parameters", None):
+        return True
+    tm = cfg.target_modules
+    if tm is None:
+        return model_type in default_targets(cfg.peft_type)
+    return not (isinstance(tm, (list, tuple, set)) and not tm)
+
+
+def _parameter_targets(cfg: Any, state: Mapping[str, Any], model_type: str | None, taken: Mapping[str, str], *,
+                       order: Any, from_file: bool, is_transposed: bool | None) -> dict[str, Any]:
+    """``{wrapper name: ParameterLayer}`` of the parameters ``cfg.target_parameters`` targets (PEFT's
+    ``_inject_parameters``): a parameter ``<module>.<p>`` whose name equals a pattern or ends with ``"." +`` it;
+    several of one module nest, the first in the module's registration order innermost
+    (:func:`~peftmath.methods.lora_params.wrapper_names`). ``taken``: modules already adapted, with what adapts them."""
+    from .methods.lora_params import TRANSPOSED_EXPERTS_MODEL_TYPES, ParameterLayer, wrapper_names
+
+    patterns = list(getattr(cfg, "target_parameters", None) or ())
+    if not patterns:
+        return {}
+    found: dict[str, list[str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, value in state.items():
+        ckpt, _, leaf = key.rpartition(".")
+        module = checkpoint_to_module(ckpt, model_type) if ckpt else ""
+        full = f"{module}.{leaf}"
+        if not any(full == t or full.endswith("." + t) for t in patterns):
+            continue
+        if not module:
+            raise ConfigError(f"target_parameters: {leaf} is a parameter of the top-level module; PEFT 0.21.2 cannot "
+                              f"wrap it (ValueError); target parameters of submodules")
+        if module in taken:
+            raise ConfigError(
+                f"target_parameters: {full} belongs to {module}, which is already adapted ({taken[module]}); PEFT 0.21.2 "
+                f"refuses to wrap a parameter of an adapted module (ValueError): remove {module} from target_modules "
+                f"(target_modules=[] adapts the parameters only)")
+        shape = tuple(int(s) for s in value.shape)
+        if len(shape) not in (2, 3):
+            raise ConfigError(f"target_parameters: {full} has shape {shape}; PEFT 0.21.2's ParamWrapper adapts 2-D and "
+                              f"3-D parameters only (ValueError)")
+        found.setdefault(module, []).append(leaf)
+        shapes[full] = shape
+    if not found:
+        raise ConfigError(f"LORA: target_parameters ({', '.join(patterns)}) match no parameter of the model")
+    transposed = model_type in TRANSPOSED_EXPERTS_MODEL_TYPES if is_transposed is None else bool(is_transposed)
+    out: dict[str, Any] = {}
+    for module, leaves in found.items():
+        if len(leaves) > 1:
+            if order is not None:
+                missing = [p for p in leaves if p not in order]
+                if missing:
+                    raise ConfigError(f"{module}: parameter_order {list(order)} does not list its targeted parameter(s) "
+                                      f"{', '.join(missing)}")
+                leaves = sorted(leaves, key=list(order).index)
+            elif from_file:
+                raise ConfigError(
+                    f"{module}: target_parameters names {len(leaves)} of its parameters ({', '.join(leaves)}); PEFT nests "
+                    f"their wrappers in the module's registration order, which a safetensors file does not keep (its "
+                    f"keys are sorted). Pass parameter_order=[...] (e.g. ['gate_up_proj', 'down_proj'] for "
+                    f"transformers' experts modules), or the base as a PyTorch state_dict() (its order is the "
+                    f"registration order)")
+        for wrapper, leaf in wrapper_names(module, leaves).items():
+            key = f"{module}.{leaf}"
+            shape = shapes[key]
+            out[wrapper] = ParameterLayer(LayerKind.LINEAR, shape, parameter=key, transposed=len(shape) == 3 and transposed)
+    return out
+
+
 def create_adapter(
     base: Mapping[str, Any] | str | os.PathLike,
     config: Any,
@@ -98,6 +197,8 @@ def create_adapter(
     xp: Any = None,
     device: Any = None,
     progress: Any = None,
+    parameter_order: Any = None,
+    is_transposed: bool | None = None,
 ) -> Adapter | tuple[Adapter, dict[str, Any]]:
     """A new adapter of ``config``'s method on the modules of ``base`` that PEFT would adapt.
 
@@ -114,6 +215,21 @@ def create_adapter(
     PiSSA, a randomized SVD with ``K`` subspace iterations) takes seconds.
 
     ``progress(1)``, when given, is called after each module is initialised.
+
+    LoRA also adapts, as PEFT does (specs/lora.md, 12):
+
+    * an ``nn.MultiheadAttention`` ``X`` that ``target_modules`` names (``X.in_proj_weight (3E, E)`` and
+      ``X.out_proj.weight`` in the base): modules ``X`` and ``X.base_layer.out_proj``, both with ``X``'s ``r`` /
+      ``lora_alpha`` (:func:`peftmath.methods._lora_mha.initialize`);
+    * the parameters ``target_parameters`` names (2-D, or 3-D experts ``(E, d1, d2)``): one wrapper per parameter,
+      named as PEFT's model names it (:func:`peftmath.methods.lora_params.initialize`). Several parameters of one
+      module nest in the module's registration order: the base mapping's key order (a PyTorch ``state_dict()``
+      keeps it), or ``parameter_order`` (the parameter names, first registered first), which a base read from
+      safetensors files (sorted keys) needs. ``is_transposed``: whether the experts modules store ``(E, in, out)``
+      (transformers' ``is_transposed``); None: True for the model types whose experts do
+      (:data:`~peftmath.methods.lora_params.TRANSPOSED_EXPERTS_MODEL_TYPES`), else False.
+
+    Their inits are ``true``, ``false`` and ``"gaussian"``; other values, and what PEFT refuses there, are refused.
     """
     if isinstance(base, (str, os.PathLike)):
         state, found_type = open_state(base)
@@ -129,7 +245,28 @@ def create_adapter(
     hints = {module_to_checkpoint(k, model_type): v for k, v in (layer_kinds or {}).items()}
     kinds = {checkpoint_to_module(n, model_type): k
              for n, k in module_kinds(state, layer_kinds=hints, model_type=model_type).items()}
-    targets = select_targets(cfg, kinds, model_type=model_type, supported=module_cls.supported_kinds)
+    attentions = _attentions(state, model_type) if method.multihead_attention else {}
+    targets: dict[str, LayerKind] = {}
+    if _uses_modules(cfg, model_type):
+        tm = cfg.target_modules
+        every_linear = isinstance(tm, str) and tm.lower() == ALL_LINEAR
+        candidates = dict(kinds) if every_linear else {**kinds, **{x: LayerKind.LINEAR for x in attentions}}
+        targets = select_targets(cfg, candidates, model_type=model_type, supported=module_cls.supported_kinds)
+    attention = {x: attentions[x] for x in targets if x in attentions}
+    for x, e in attention.items():
+        del targets[x]
+        if isinstance(e, str):
+            raise ConfigError(f"{x}: an nn.MultiheadAttention named by target_modules with {e}")
+        if f"{x}.out_proj" in targets:
+            raise ConfigError(
+                f"{x}.out_proj: target_modules names both the nn.MultiheadAttention {x} and its out_proj; PEFT 0.21.2 "
+                f"adapts the out-projection inside the attention already ({x}.base_layer.out_proj) and registers a "
+                f"second LoRA on it that the attention never runs (saving a copy of the out-projection's weights in the "
+                f"adapter); drop the entry that names out_proj")
+    taken = {**{m: "target_modules" for m in targets},
+             **{y: f"as the nn.MultiheadAttention {x}" for x in attention for y in (x, f"{x}.out_proj")}}
+    wrappers = _parameter_targets(cfg, state, model_type, taken, order=parameter_order,
+                                  from_file=isinstance(base, (str, os.PathLike, FileState)), is_transposed=is_transposed)
     cfg = _default_feedforward(cfg, model_type)
 
     def weight_of(name: str) -> Any:
@@ -141,8 +278,12 @@ def create_adapter(
         shared = method.init_shared(cfg, layers, seed=seed, xp=xp, device=device)
     params: dict[str, dict[str, Any]] = {}
     new_base: dict[str, Any] = {}
-    for i, (name, layer) in enumerate(layers.items()):
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
+    special = {**wrappers, **{m: e for x, e in attention.items() for m in (x, f"{x}.base_layer.out_proj")}}
+    order = {m: i for i, m in enumerate(sorted([*layers, *special]))}  # seed stream i: the i-th module, sorted
+    if special:
+        params.update(_init_special(cfg, special, order, seed=seed, xp=xp, device=device, init=init, progress=progress))
+    for name, layer in layers.items():
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(order[name],)))
         weight = weight_of(name)
         p, w = method.initialize(name, cfg, layer, weight=weight, seed=rng, xp=xp, device=device, init=init,
                                  shared=shared or None)
@@ -162,12 +303,32 @@ def create_adapter(
         )
     if new_base:
         cfg = _initialised(cfg, method)
-    if cfg.target_modules is None:  # PEFT writes the default table's entry into the saved config
-        entry = default_targets(cfg.peft_type)[model_type]  # (select_targets refused an unknown type)
+    if cfg.target_modules is None and model_type in default_targets(cfg.peft_type):  # PEFT writes the table's entry
+        entry = default_targets(cfg.peft_type)[model_type]  # (null is left only beside target_parameters)
         cfg = cfg.replace(target_modules=entry if isinstance(entry, str) else sorted(entry))
     elif isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear":
         cfg = cfg.replace(target_modules=sorted(layers))  # PEFT saves "all-linear" expanded to module names
     if any(k is LayerKind.CONV1D_TRANSPOSED for k in targets.values()) and hasattr(cfg, "fan_in_fan_out"):
         cfg = cfg.replace(fan_in_fan_out=True)  # as PEFT's saved config says once a Conv1D was adapted
+    if special:
+        params = dict(sorted(params.items()))
     adapter = Adapter(cfg, params, shared=shared, layer_kinds=targets, model_type=model_type)
     return (adapter, new_base) if return_base else adapter
+
+
+def _init_special(cfg: Any, special: Mapping[str, Any], order: Mapping[str, int], *, seed: int, xp: Any, device: Any,
+                  init: Any, progress: Any) -> dict[str, dict[str, Any]]:
+    """The factors of LoRA's target_parameters wrappers (a ParameterLayer each) and attention projections (their
+    attention's embedding size), each from its seed stream ``order[name]``."""
+    from .methods import _lora_mha, lora_params
+
+    out = {}
+    for name, what in special.items():
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(order[name],)))
+        if isinstance(what, int):
+            out[name] = _lora_mha.initialize(name, cfg, what, seed=rng, xp=xp, device=device, init=init)
+        else:
+            out[name] = lora_params.initialize(name, cfg, what, seed=rng, xp=xp, device=device, init=init)
+        if progress is not None:
+            progress(1)
+    return out

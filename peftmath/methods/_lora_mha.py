@@ -44,7 +44,7 @@ from .oft import _version_tuple
 
 Array = Any
 
-__all__ = ["AttentionOutModule", "PEFT_OUT_PROJ_FACTOR"]
+__all__ = ["AttentionOutModule", "PEFT_OUT_PROJ_FACTOR", "initialize"]
 
 #: how many times PEFT 0.21.2's lora.MultiheadAttention adds the out-projection's ``s·B_o A_o`` (merge, unmerge and
 #: its forward, in training and inference): peftmath's out-projection change, default and ``peft_compat`` alike
@@ -123,6 +123,38 @@ class AttentionOutModule(LoraModule):
         with or without ``peft_compat``. (PEFT's inner ``lora.Linear`` called on its own gives
         ``x (W_out + s·B_o A_o)ᵀ + b``, a forward the attention never runs.)"""
         return LoraModule.forward(self._doubled(), x, weight, bias, **layer_kwargs)
+
+
+def initialize(name: str, config: Any, embed_dim: int, *, seed: Any = 0, xp: Any = None, device: Any = None,
+               init: Any = None) -> dict[str, Array]:
+    """Fresh ``lora_A`` / ``lora_B`` of module ``name`` of an adapted ``nn.MultiheadAttention`` ``X`` (``name`` is
+    ``X``, the packed in-projection ``(3E, E)``, or ``X.base_layer.out_proj``, the out-projection ``(E, E)``), as
+    PEFT 0.21.2's ``lora.MultiheadAttention`` creates them: plain LoRA's ``update_layer`` with ``X``'s ``r`` and
+    ``lora_alpha`` (``rank_pattern`` / ``alpha_pattern`` matched against ``X``), float32, drawn on the host from
+    ``seed`` (``init`` overrides ``config.init_lora_weights``)::
+
+        True          A (r, E) ~ U(±1/√E) (kaiming-uniform a=√5), B = 0     no-op
+        "gaussian"    A ~ N(0, (1/r)²), B = 0                              no-op
+        False         A ~ U(±1/√E), B ~ U(±1/√r) (nn.Linear's init)         not a no-op
+
+    Refused (:class:`UnsupportedError`, naming the attention): the LoRA variants and ``lora_bias`` (as
+    :class:`AttentionOutModule` refuses them when it reads a checkpoint), and the inits that need the module's
+    ``weight`` or data (PEFT's in-projection has no ``weight`` and fails on them)."""
+    from ..layers import Layer
+    from .lora import init_weights
+
+    owner = out_proj_owner(name) or name
+    on = [what for field_name, what in _VARIANTS.items() if getattr(config, field_name, None) not in (None, False, {})]
+    how = config.init_lora_weights if init is None else init
+    if how not in (True, False, "gaussian"):
+        on.append(f"init_lora_weights={how!r} (PEFT's in-projection has no weight to run it on and fails)")
+    if on:
+        raise UnsupportedError(f"{name}: the nn.MultiheadAttention {owner} with {'; '.join(on)}: peftmath creates plain "
+                               f"LoRA (and rsLoRA) on an attention with init_lora_weights true, false or 'gaussian'")
+    r, _ = config.rank_and_alpha(owner)
+    shape = (embed_dim, embed_dim) if owner != name else (3 * embed_dim, embed_dim)
+    res = init_weights(Layer.of(shape), r, init_lora_weights=how, seed=seed, xp=xp, device=device)
+    return {"lora_A.weight": res.A, "lora_B.weight": res.B}
 
 
 def _warn_if_newer(version: str | None) -> None:

@@ -32,6 +32,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from .._array import as_compute, compute_dtype
 from ..config import resolve_pattern
 from ..errors import ConfigError, ShapeError, UnsupportedError
@@ -42,7 +44,7 @@ from .lora import LoraModule, compat_delta, delta_matrix, scaling
 Array = Any
 
 __all__ = ["parameter_delta", "targeted_leaves", "split_wrapper", "is_wrapper", "parameter_key",
-           "ParameterLayer", "ParamLoraModule"]
+           "ParameterLayer", "ParamLoraModule", "wrapper_names", "initialize", "TRANSPOSED_EXPERTS_MODEL_TYPES"]
 
 WRAPPER = ".base_layer"
 
@@ -266,6 +268,75 @@ def infer_layer(name: str, config: Any, params: Mapping[str, Any], weight_shape:
             f"model) to tell them apart")
     key, _, _, shape, transposed = options[0]
     return ParameterLayer(LayerKind.LINEAR, shape, parameter=key, transposed=transposed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Creation (create_adapter): PEFT's wrapper names and its ParamWrapper.update_layer initialisation
+# --------------------------------------------------------------------------------------------------
+#: transformers model types whose experts modules set ``is_transposed = True`` (``use_experts_implementation(
+#: is_transposed=True)`` in transformers 5's modeling files): their 3-D parameters are stored ``(E, in, out)``
+TRANSPOSED_EXPERTS_MODEL_TYPES = frozenset({"aria", "ergo", "gpt_oss", "openai_privacy_filter"})
+
+#: what PEFT 0.21.2's ParamWrapper raises on at creation besides :data:`_REFUSED` (``lora_dropout``; the LoRA variants
+#: ``resolve_lora_variant`` finds, as it has none: MonteCLoRA, Arrow, MiCA)
+_REFUSED_AT_CREATION = {"monteclora_config": "monteclora_config", "arrow_config": "arrow_config"}
+
+
+def wrapper_names(module: str, leaves: list[str]) -> dict[str, str]:
+    """``{wrapper name: parameter leaf}`` for the targeted parameters ``leaves`` of ``module`` in the module's
+    registration order: PEFT nests one ``ParamWrapper`` per parameter, the first registered innermost.
+
+    >>> wrapper_names("experts", ["gate_up_proj", "down_proj"])
+    {'experts.base_layer': 'gate_up_proj', 'experts': 'down_proj'}
+    """
+    n = len(leaves)
+    return {module + WRAPPER * (n - 1 - i): leaf for i, leaf in enumerate(leaves)}
+
+
+def initialize(name: str, config: Any, layer: ParameterLayer, *, seed: Any = 0, xp: Any = None, device: Any = None,
+               init: Any = None) -> dict[str, Array]:
+    """Fresh ``lora_A`` / ``lora_B`` of wrapper ``name`` on ``layer.parameter`` (PEFT's ``ParamWrapper.update_layer``),
+    float32, drawn on the host from ``seed`` (``init`` overrides ``config.init_lora_weights``)::
+
+        A (r·E, in)   B (out, r·E)     (the module docstring's in / out; r, alpha from the parameter's key)
+        True          A ~ U(±1/√in) (kaiming-uniform a=√5), B = 0           ΔP = 0 exactly
+        "gaussian"    A ~ N(0, (1/r)²) (r per expert, PEFT's std), B = 0    ΔP = 0 exactly
+        False         A ~ U(±1/√in), B ~ U(±1/√(r·E)) (nn.Linear's init)     not a no-op
+
+    Refused: what PEFT's ParamWrapper refuses (:class:`ConfigError`: lora_dropout, fan_in_fan_out, lora_bias,
+    the LoRA variants), the inits that need the module's ``weight`` or data (:class:`UnsupportedError`: PEFT
+    fails on an experts module, which has none), and a transposed 3-D parameter with one expert that is not
+    square (PEFT then adds a ``(d2, d1)`` delta to a ``(1, d1, d2)`` parameter)."""
+    from ..backends import host_rng
+    from .lora import init_weights, xp_like
+
+    refused = {**_REFUSED, **_REFUSED_AT_CREATION}
+    on = [what for field_name, what in refused.items() if getattr(config, field_name, None) not in (None, False, {})]
+    if getattr(config, "lora_dropout", 0.0):
+        on.append(f"lora_dropout={config.lora_dropout}")
+    if on:
+        raise ConfigError(f"{name}: {', '.join(on)} with target_parameters ({layer.parameter}); PEFT 0.21.2's "
+                          f"ParamWrapper refuses it (ValueError); drop it for the targeted parameters")
+    how = config.init_lora_weights if init is None else init
+    if how not in (True, False, "gaussian"):
+        raise UnsupportedError(
+            f"{name}: init_lora_weights={how!r} on the parameter {layer.parameter}; peftmath initialises a "
+            f"target_parameters wrapper with true, false or 'gaussian' (PEFT runs the others on the module's "
+            f"'weight', which an experts module does not have)")
+    shape = layer.weight_shape
+    E = layer.experts
+    if len(shape) == 3 and E == 1 and layer.transposed and shape[1] != shape[2]:
+        raise UnsupportedError(f"{name}: {layer.parameter} {shape} with is_transposed and one expert; PEFT 0.21.2 "
+                               f"adds a ({shape[2]}, {shape[1]}) delta to it (its 2-D formula) and fails")
+    inn, out = (shape[1], shape[0]) if len(shape) == 2 else ((shape[1], shape[2]) if layer.transposed else
+                                                              (shape[2], shape[1]))
+    r, _ = _rank_alpha(config, layer.parameter)
+    rng = host_rng(seed)
+    # gaussian: PEFT's std is 1/r with the per-expert r, not init_weights' 1/(r·E); its zero B comes from True
+    res = init_weights(Layer.of((out, inn)), r * E, init_lora_weights=True if how == "gaussian" else how, seed=rng,
+                       xp=xp, device=device)
+    A = xp_like(res.B, rng.normal(0.0, 1.0 / r, (r * E, inn)).astype(np.float32), device) if how == "gaussian" else res.A
+    return {"lora_A.weight": A, "lora_B.weight": res.B}
 
 
 class ParamLoraModule(LoraModule):
