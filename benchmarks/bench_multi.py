@@ -7,9 +7,12 @@ adapter (uniformly at random, a few ``"__base__"``), measured side by side in on
     python benchmarks/bench_multi.py [--quick]
 
 Timed, round-robin with a warm-up: PEFT's forward with ``adapter_names`` on a one-Linear model;
-``peftmath.mixed_batch_forward``; a plain loop over the adapters in the batch (NumPy, rows grouped per
-adapter, as PEFT does); and the base layer alone (``x @ W.T + b``), so that the adapter terms' own cost
-(total minus base) can be compared too. Section "multi" of RESULTS.md.
+peftmath's mixed batch through an ``AdapterSet`` (as a server holds its adapters: each adapter's module
+bound and its factors prepared once, on the first call); a plain loop over the adapters in the batch
+(NumPy, rows grouped per adapter, as PEFT does); and the base layer alone (``x W^T + b``; on NumPy over
+the flattened ``(64·L, 4096)`` tokens, one gemm, as peftmath computes it: NumPy's matmul on the
+``(64, L, 4096)`` stack runs one product per row, each reading all of ``W``), so that the adapter terms'
+own cost (total minus base) can be compared too. Section "multi" of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def main() -> None:
 
     import peftmath as pm
     from peftmath.adapter import Adapter
-    from peftmath.multi import mixed_batch_forward
+    from peftmath.multi import AdapterSet
 
     torch.set_num_threads(2)
     n, rank, n_adapters, rows = 4096, 16, 16, 64
@@ -59,6 +62,7 @@ def main() -> None:
               for nm, a in ours.items()}
     state_t = {k: torch.from_numpy(v) for k, v in state.items()}
     batch_names = list(rng.choice(names + ["__base__"], rows))
+    served, served_t = AdapterSet(ours), AdapterSet(ours_t)
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -89,7 +93,8 @@ def main() -> None:
 
     lines = ["## Mixed-batch forward: 64 rows over 16 LoRA adapters (r = 16), Linear(4096, 4096) float32", "",
              f"Script: `benchmarks/bench_multi.py`. Machine: {machine_line()}; torch.set_num_threads(2), "
-             "OPENBLAS_NUM_THREADS=2.", "",
+             "OPENBLAS_NUM_THREADS=2. peftmath through an `AdapterSet` (modules and factors prepared on the first "
+             "call); the NumPy base layer over the flattened tokens (one gemm).", "",
              "| tokens per row | PEFT `adapter_names` (torch) ms | peftmath (segmented) on torch ms | base layer alone "
              "(torch) ms | PEFT / peftmath (total) | PEFT / peftmath (adapter terms: total − base) | peftmath on NumPy ms "
              "| loop over adapters (NumPy) ms | base layer alone (NumPy) ms |",
@@ -103,18 +108,18 @@ def main() -> None:
                 return pmodel(xt, adapter_names=batch_names)
 
         def run_ours():
-            return mixed_batch_forward("lin", x, state, ours, batch_names)
+            return served.mixed_batch_forward("lin", x, state, batch_names)
 
         def run_ours_torch():
             with torch.no_grad():
-                return mixed_batch_forward("lin", xt, state_t, ours_t, batch_names)
+                return served_t.mixed_batch_forward("lin", xt, state_t, batch_names)
 
         def run_base_torch():
             with torch.no_grad():
                 return torch.nn.functional.linear(xt, state_t["lin.weight"], state_t["lin.bias"])
 
         def run_loop():
-            y = x @ W.T + b
+            y = run_base()
             for nm in set(batch_names) - {"__base__"}:
                 idx = [i for i, v in enumerate(batch_names) if v == nm]
                 A, B = factors[nm]
@@ -122,7 +127,7 @@ def main() -> None:
             return y
 
         def run_base():
-            return x @ W.T + b
+            return (x.reshape(-1, n) @ W.T + b).reshape(x.shape)
 
         np.testing.assert_allclose(np.asarray(run_ours()), run_peft().numpy(), rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(run_ours_torch().numpy(), run_peft().numpy(), rtol=1e-3, atol=1e-3)

@@ -35,6 +35,30 @@ def test_peftmath_mixed_batch_conforms_in_bfloat16():
     assert_mixed_batch(_peftmath_forward(None), mixed_batch_cases(dtypes=("bfloat16",)))
 
 
+@pytest.mark.parametrize("limit", [None, 100, 288])
+def test_adapter_set_mixed_batch_conforms(monkeypatch, limit):
+    """Through an AdapterSet (modules and NumPy factors prepared once, kept between calls; each case run
+    twice), with the NumPy path's piece limit also lowered so that the segments (up to 36 tokens) are cut
+    in pieces of 2 to 12 rows depending on the rank."""
+    from peftmath import multi
+
+    if limit is not None:
+        monkeypatch.setattr(multi, "_SMALL_GEMM", limit)
+
+    def forward(case):
+        aset = multi.AdapterSet({n: Adapter(pm.LoraConfig(r=A.shape[0], lora_alpha=s * A.shape[0],
+                                                          target_modules=["lin"]),
+                                            {"lin": {"lora_A.weight": A, "lora_B.weight": B}})
+                                 for n, (A, B, s) in case.adapters.items()})
+        state = {"lin.weight": case.weight, "lin.bias": case.bias}
+        first = aset.mixed_batch_forward("lin", case.x, state, case.names)
+        again = aset.mixed_batch_forward("lin", case.x, state, case.names)
+        assert np.array_equal(first, again)
+        return first
+
+    assert_mixed_batch(forward, mixed_batch_cases(dtypes=("float32", "bfloat16")))
+
+
 def test_cases_cover_the_patterns():
     cases = mixed_batch_cases(dtypes=("float32",))
     assert {c.pattern for c in cases} == set(PATTERNS)
