@@ -112,7 +112,10 @@ def dtype_code(dtype: Any) -> str:
 
 def _clean(name: str) -> str:
     """A tensor name safe to print on a terminal (control characters escaped)."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(name))[:200]
+    text = str(name)
+    if text.isprintable():  # (the common case, one C loop: every header entry's name passes here)
+        return text[:200]
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)[:200]
 
 
 class SafeTensorsFile(Mapping):

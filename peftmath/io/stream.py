@@ -225,10 +225,10 @@ class Model:
         f = self.files[name]
         return sorted(f, key=lambda k: f.span(k)[0])
 
-    def read(self, key: str, *, bits: bool = False) -> np.ndarray:
+    def read(self, key: str, *, bits: bool = False, out: np.ndarray | None = None) -> np.ndarray:
         """A private, writeable copy of tensor ``key`` (read with plain file I/O, not kept mapped); ``bits``: a
-        bfloat16 tensor as its ``uint16`` bits (:func:`read_span`)."""
-        return read_span(self.span_of(key), key, bits=bits)
+        bfloat16 tensor as its ``uint16`` bits; ``out``: a flat ``uint8`` buffer to read into (:func:`read_span`)."""
+        return read_span(self.span_of(key), key, bits=bits, out=out)
 
     def span_of(self, key: str) -> Span:
         """Where tensor ``key``'s bytes are: a picklable :class:`Span` (file, byte range, dtype, shape)."""
@@ -254,10 +254,14 @@ class Span:
     shape: tuple[int, ...]
 
 
-def read_span(span: Span, key: str = "tensor", *, bits: bool = False) -> np.ndarray:
+def read_span(span: Span, key: str = "tensor", *, bits: bool = False, out: np.ndarray | None = None) -> np.ndarray:
     """A private, writeable array of the bytes ``span`` describes (plain file I/O, nothing kept mapped).
-    ``bits``: a bfloat16 tensor comes as its ``uint16`` bits (no ml_dtypes needed; other dtypes as stored)."""
+    ``bits``: a bfloat16 tensor comes as its ``uint16`` bits (no ml_dtypes needed; other dtypes as stored).
+    ``out``: a flat ``uint8`` buffer of at least the tensor's size, read into from its start (a reused buffer:
+    no fresh pages); the result is a view of it."""
     dt = np.dtype(np.uint16) if bits and span.code == "BF16" else DTYPES[span.code]
+    if out is not None:
+        return _read_into(span, key, out).view(dt).reshape(span.shape)
     if span.end == span.start:
         return np.zeros(span.shape, dtype=dt)
     try:
@@ -269,16 +273,16 @@ def read_span(span: Span, key: str = "tensor", *, bits: bool = False) -> np.ndar
     return raw.view(dt).reshape(span.shape)
 
 
-def _read_bits_into(span: Span, key: str, out: np.ndarray) -> np.ndarray:
-    """The ``uint16`` bits of bfloat16 tensor ``span`` read into the front of the flat ``uint16`` buffer ``out``
-    (``os.preadv``: no fresh pages per tensor, unlike :func:`read_span`); the same errors as :func:`read_span`."""
+def _read_into(span: Span, key: str, out: np.ndarray) -> np.ndarray:
+    """The bytes of tensor ``span`` read into the front of the flat ``uint8`` buffer ``out`` (``os.preadv``: no
+    fresh pages per tensor, unlike :func:`read_span`), as a flat ``uint8`` array; the errors of :func:`read_span`."""
     n = span.end - span.start
-    dst = out[: n // 2]
+    dst = out[:n]
+    got = 0
     try:
         fd = os.open(span.path, os.O_RDONLY)
         try:
-            got = 0
-            view = memoryview(dst).cast("B")
+            view = memoryview(dst)
             while got < n:
                 k = os.preadv(fd, [view[got:]], span.start + got)
                 if k == 0:
@@ -290,34 +294,37 @@ def _read_bits_into(span: Span, key: str, out: np.ndarray) -> np.ndarray:
         raise CheckpointError(f"{span.path}: cannot read tensor {key!r} ({exc.strerror or exc})") from exc
     if got != n:
         raise CheckpointError(f"{span.path}: tensor {key!r} is cut short (file truncated while reading?)")
-    return dst.reshape(span.shape)
+    return dst
 
 
-class _Float32Buffers:
-    """The float32 buffers :func:`transform` widens bfloat16 weights into (in its read-ahead thread), given back
-    by its write-behind thread once it has rounded them, so that no weight costs fresh pages. Each holds
-    ``size`` elements (the largest such weight); as many exist as are in use at once, which the pipeline's
-    stages bound (each counts a buffer at its full size: one read ahead, one computed, one written).
-    Thread-safe."""
+class _Buffers:
+    """The buffers :func:`transform` reads adapted weights into (its read-ahead thread; a bfloat16 weight merged
+    in float32 is widened into one), merged in place, and given back by its write-behind thread once written,
+    so that no weight costs fresh pages. Each holds ``nbytes`` bytes (the largest such weight); as many exist as
+    are in use at once, which the pipeline's stages bound (each counts a buffer at its full size). Thread-safe."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
         self._free: list[np.ndarray] = []
         self._lent: dict[int, Any] = {}  # id -> weak reference, of the buffers handed out
         self._lock = threading.Lock()
 
-    @property
-    def nbytes(self) -> int:
-        """The bytes of one buffer."""
-        return 4 * self.size
-
-    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+    def take(self, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        """A buffer as an uninitialised array of ``dtype`` and ``shape``."""
         import weakref
 
         with self._lock:
-            buf = self._free.pop() if self._free else np.empty(self.size, dtype=np.float32)
+            buf = self._free.pop() if self._free else np.empty(self.nbytes, dtype=np.uint8)
             self._lent[id(buf)] = weakref.ref(buf)
-        return buf[: math.prod(shape)].reshape(shape)
+        dt = np.dtype(dtype)
+        return buf[: math.prod(shape) * dt.itemsize].view(dt).reshape(shape)
+
+    def lent(self, arr: np.ndarray) -> bool:
+        """Whether ``arr`` lies in a buffer handed out and not given back."""
+        buf = arr.base if arr.base is not None else arr
+        with self._lock:
+            ref = self._lent.get(id(buf))
+            return ref is not None and ref() is buf
 
     def give_back(self, arr: np.ndarray) -> None:
         """Return the buffer under ``arr`` (nothing when ``arr`` is not one of them: a copy the merge made)."""
@@ -1500,7 +1507,8 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
     computation in the caller's thread, a write-behind thread, each finished shard fsynced by another while
     the next is written), each stage holding at most :func:`_stage_limit` bytes; a bfloat16 weight of
     :attr:`Job.float32_weights` is widened by the read-ahead thread and rounded in place by the write-behind
-    thread (:class:`_Float32Buffers`: each stage counts one such buffer at its full size), and a plain LoRA
+    thread, into reused buffers (:class:`_Buffers`, also for the weights merged in place in their own dtype;
+    each stage counts one buffer at its full size), and a plain LoRA
     merge of rank <= :data:`LOW_RANK` caps the BLAS threads at the cores less two (:mod:`peftmath.io._blas`).
     ``pipeline=False`` does the same operations one after the other. The output is the same, byte for byte.
     """
@@ -1510,20 +1518,24 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
     reads = job.reads()
     limit = _stage_limit(base, pl, reads)
     wide = job.float32_weights  # bfloat16 weights merged in float32: widened by the reader, rounded by the writer
-
-    largest = max((math.prod(pl.ops[k].shape) for k in wide), default=0)
-    floats = _Float32Buffers(largest)
-    local = threading.local()  # each reading thread's bfloat16 buffer
+    # adapted weights merged in place in their own dtype (float32 and the like): read into reused buffers too
+    plain = {k for k in pl.groups if k not in wide and job.to_xp is None and base.dtype_code(k) in ("F64", "F32", "F16")
+             and pl.ops[k].src_dtype == pl.ops[k].dst_dtype == pl.ops[k].work_dtype}
+    sizes = [4 * math.prod(pl.ops[k].shape) for k in wide] + [base.nbytes(k) for k in plain]
+    buffers = _Buffers(max(sizes, default=0))
+    local = threading.local()  # each reading thread's buffer for the bits of a bfloat16 weight
 
     def read(key: str) -> np.ndarray:
+        if key in plain:
+            return base.read(key, out=buffers.take(np.uint8, (buffers.nbytes,)))
         if key not in wide:
             return base.read(key)
-        span = base.span_of(key)
         if getattr(local, "bits", None) is None:
-            local.bits = np.empty(largest, dtype=np.uint16)
-        return widen_bf16(_read_bits_into(span, key, local.bits), out=floats.take(span.shape))
+            local.bits = np.empty(buffers.nbytes // 2, dtype=np.uint8)
+        stored = base.read(key, bits=True, out=local.bits)
+        return widen_bf16(stored, out=buffers.take(np.float32, stored.shape))
 
-    reader = ReadAhead(read, reads, lambda k: floats.nbytes if k in wide else base.nbytes(k), limit,
+    reader = ReadAhead(read, reads, lambda k: buffers.nbytes if k in wide or k in plain else base.nbytes(k), limit,
                        threaded=pipeline)
     writer = WriteBehind(limit, threaded=pipeline)
 
@@ -1543,7 +1555,9 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
         def write(i: int, offset: int, arr: Any) -> None:
             if isinstance(arr, _Unrounded):
                 writer.write_at(fids[i], offset, arr.values, prepare=round_for_writing,
-                                done=floats.give_back, nbytes=floats.nbytes)
+                                done=buffers.give_back, nbytes=buffers.nbytes)
+            elif buffers.lent(arr):  # merged in place in its buffer: given back once written
+                writer.write_at(fids[i], offset, arr, done=buffers.give_back, nbytes=buffers.nbytes)
             else:
                 writer.write_at(fids[i], offset, arr)
 

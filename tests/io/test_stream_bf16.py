@@ -219,17 +219,17 @@ def test_a_widened_merge_never_asks_for_the_bfloat16_dtype(tmp_path, monkeypatch
     assert "BF16" in asked
 
 
-def _pool_sizes(monkeypatch) -> list:
+def _pools(monkeypatch) -> list:
     """Every float32 buffer pool transform makes (to look at its buffers afterwards)."""
     pools = []
-    real = stream._Float32Buffers
+    real = stream._Buffers
 
     def make(size):
         pool = real(size)
         pools.append(pool)
         return pool
 
-    monkeypatch.setattr(stream, "_Float32Buffers", make)
+    monkeypatch.setattr(stream, "_Buffers", make)
     return pools
 
 
@@ -245,12 +245,12 @@ def test_widened_weights_reuse_a_few_buffers(tmp_path, monkeypatch, in_place):
     transform(base, [ad], tmp_path / "seq", pipeline=False)
     if not in_place:
         monkeypatch.setattr(stream, "_in_place", lambda fn, st, **kw: fn(st, copy=True, **kw))
-    pools = _pool_sizes(monkeypatch)
+    pools = _pools(monkeypatch)
     monkeypatch.setattr(stream, "MAX_STAGE_BYTES", 1)  # one tensor per stage: the tightest pipeline
     transform(base, [ad], tmp_path / "pipe", pipeline=True)
     assert _bytes(tmp_path / "seq") == _bytes(tmp_path / "pipe")
     (pool,) = pools
-    assert pool.size == max(37 * 24, 24 * 24)
+    assert pool.nbytes == 4 * max(37 * 24, 24 * 24)
     if in_place:
         assert 1 <= len(pool._free) <= 3 and not pool._lent
     else:
@@ -258,13 +258,14 @@ def test_widened_weights_reuse_a_few_buffers(tmp_path, monkeypatch, in_place):
 
 
 def test_buffers_ignore_arrays_they_did_not_lend():
-    pool = stream._Float32Buffers(12)
-    a = pool.take((3, 4))
-    b = pool.take((2, 2))
-    assert a.base is not b.base and a.shape == (3, 4) and b.shape == (2, 2)
+    pool = stream._Buffers(48)
+    a = pool.take(np.float32, (3, 4))
+    b = pool.take(np.float64, (2, 2))
+    assert a.base is not b.base and a.shape == (3, 4) and b.shape == (2, 2) and b.dtype == np.float64
+    assert pool.lent(a) and pool.lent(b[1:]) and not pool.lent(a.copy())
     pool.give_back(np.zeros((3, 4), np.float32))  # not one of them
     pool.give_back(a.copy())
     assert pool._free == []
     pool.give_back(a)
     pool.give_back(a)  # twice: kept once
-    assert len(pool._free) == 1 and pool.take((1,)).base is a.base
+    assert len(pool._free) == 1 and not pool.lent(a) and pool.take(np.uint8, (1,)).base is a.base

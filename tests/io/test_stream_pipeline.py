@@ -135,10 +135,10 @@ def test_error_in_any_thread_leaves_nothing(model, tmp_path, monkeypatch, where)
     if where == "read":
         real = stream.Model.read
 
-        def read(self, key):
+        def read(self, key, **kw):  # (kw: the reused buffer the pipeline reads an adapted weight into)
             if key == "model.layers.2.v_proj.weight":
                 raise CheckpointError(f"{key}: injected read failure")
-            return real(self, key)
+            return real(self, key, **kw)
 
         monkeypatch.setattr(stream.Model, "read", read)
         expect = (CheckpointError, "injected read failure")
