@@ -20,6 +20,47 @@ from .errors import NamespaceError, ShapeError
 Array = Any
 Namespace = Any
 
+#: NumPy submodules that NumPy imports on first access and no peftmath computation uses
+_DEFERRED_NUMPY = ("f2py", "testing", "ma", "polynomial", "ctypeslib", "random")
+
+
+def _defer_numpy_submodules() -> None:
+    """Make array_api_compat's NumPy namespace cheap to import, with the same contents.
+
+    ``array_api_compat.numpy`` copies every public attribute of NumPy when it is first imported (``from numpy
+    import *``), and so imports the submodules NumPy itself loads only on first access: ``numpy.f2py`` (with
+    charset_normalizer), ``numpy.testing`` (with unittest), ``numpy.ma``, ... -- about 0.1 s of every merge's
+    start-up, for modules no merge uses. Before that happens, each of :data:`_DEFERRED_NUMPY` not imported yet
+    is registered as a lazy module (:class:`importlib.util.LazyLoader`): one module object, in ``sys.modules``
+    and as NumPy's attribute (so ``xp.testing is numpy.testing``), executed on its first attribute access
+    (``numpy.testing.assert_allclose`` works as before; ``import numpy.testing`` returns it). Nothing happens
+    when ``array_api_compat.numpy`` is imported already, or for a submodule imported already.
+    """
+    import importlib.util
+    import sys
+
+    if "array_api_compat.numpy" in sys.modules:
+        return
+    for name in _DEFERRED_NUMPY:
+        full = f"numpy.{name}"
+        if full in sys.modules or name in vars(np):
+            continue
+        try:
+            spec = importlib.util.find_spec(full)
+        except (ImportError, ValueError):
+            continue
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            continue
+        loader = importlib.util.LazyLoader(spec.loader)
+        spec.loader = loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        loader.exec_module(module)  # (executes nothing yet)
+        setattr(np, name, module)
+
+
+_defer_numpy_submodules()
+
 __all__ = [
     "namespace",
     "refuse_where",

@@ -247,7 +247,18 @@ def _adapter_arg(text: str) -> tuple[str, float]:
 
 
 def _format_of(path: str) -> str | None:
-    """The adapter format at ``path`` (:func:`peftmath.formats.detect_format`), None when unrecognisable."""
+    """The adapter format at ``path`` (:func:`peftmath.formats.detect_format`), None when unrecognisable.
+
+    A PEFT folder (``adapter_model.safetensors`` and an ``adapter_config.json`` object with ``peft_type``: the
+    first rule of the detection) is recognised here, without importing the format readers."""
+    folder = Path(path)
+    if (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_config.json").is_file():
+        try:
+            data = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            data = None
+        if isinstance(data, dict) and "peft_type" in data:
+            return "peft"
     from .formats import detect_format
 
     try:
@@ -261,12 +272,13 @@ def _read_adapter(path: str, *, strict: bool = False, model: Any = None) -> Any:
     (detected as ``peftmath convert`` detects them; kohya's module names are matched against ``model``'s,
     an opened :class:`~peftmath.io.stream.Model`, when given). A candle-lora file does not hold its alpha:
     the error gives the ``peftmath convert`` command to run."""
-    from .formats import read_any
     from .io import load_adapter
 
     fmt = _format_of(path)
     if fmt in (None, "peft"):  # None: not recognisable; load_adapter says why in PEFT's terms
         return load_adapter(path, strict=strict)
+    from .formats import read_any
+
     if fmt == "candle-lora":
         base = f" --modules-from {model.path}" if model is not None else " --modules-from BASE"
         raise ConfigError(f"{path}: a candle-lora adapter does not record its alpha, so it cannot be read as is; "
@@ -346,7 +358,6 @@ def _plot_inspect(args: argparse.Namespace, base: Any) -> None:
 
 # --- merge / unmerge --------------------------------------------------------------------------
 def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
-    from .inspect import format_bytes, plan_table
     from .io import stream
 
     src_path = args.base if direction == "merge" else args.merged
@@ -375,6 +386,8 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
         if args.json:
             _print_json(_plan_json(pl, direction, args.output))
         else:
+            from .inspect import plan_table
+
             print(plan_table(pl))
         for note in notes:
             log.warn(note)
@@ -434,6 +447,8 @@ def _run_transform(args: argparse.Namespace, log: _Log, direction: str) -> int:
                      "left_out": list(rep.left_out) if base.is_folder else [],
                      "model_card": str(card) if card is not None else None})
     if not args.quiet:
+        from .inspect import format_bytes
+
         msg = (f"{direction}d {rep.adapted} tensors, copied {rep.tensors - rep.adapted}; wrote {rep.out} "
                f"({format_bytes(rep.bytes_written)}) in {dt:.2f} s")
         if rep.records_file:

@@ -116,3 +116,41 @@ def test_a_bfloat16_lora_merge_never_imports_ml_dtypes(tmp_path):
     want = ad.merge(state)
     for k in state:
         assert np.asarray(got[k]).view(np.uint16).tobytes() == np.asarray(want[k]).view(np.uint16).tobytes(), k
+
+
+def test_a_merge_defers_numpys_unused_submodules_and_the_format_readers(tmp_path):
+    """``peftmath merge`` of a PEFT folder imports neither the format readers (peftmath.formats: a PEFT folder is
+    recognised by its two files) nor what array_api_compat's NumPy namespace would pull in through NumPy's lazy
+    submodules (numpy.f2py with charset_normalizer, numpy.testing with unittest): those are lazy modules, the
+    same objects as before (``xp.testing is numpy.testing``), loaded on first use. The output is the in-process
+    merge's, bit for bit."""
+    import numpy as np
+
+    import peftmath as pm
+    from peftmath.io.safetensors import SafeTensorsFile, save_file
+    from peftmath.methods.lora import LoraConfig
+
+    rng = np.random.default_rng(1)
+    state = {f"l{i}.weight": rng.standard_normal((24, 16)).astype(np.float32) for i in range(2)}
+    save_file(state, tmp_path / "base.safetensors")
+    ad = pm.create_adapter(state, LoraConfig(r=2, lora_alpha=4, target_modules=["l0", "l1"], init_lora_weights=False))
+    pm.save_adapter(ad, tmp_path / "ad")
+    out = _modules_after(
+        "from peftmath.cli import main\n"
+        f"assert main(['merge', {str(tmp_path / 'base.safetensors')!r}, {str(tmp_path / 'ad')!r}, '-o', "
+        f"{str(tmp_path / 'out.safetensors')!r}, '-q']) == 0\n"
+        "import sys, numpy\n"
+        "loaded = sorted(m for m in ('peftmath.formats', 'numpy.f2py.f2py2e', 'charset_normalizer', 'unittest',"
+        " 'numpy.testing._private', 'numpy.ma.core', 'array_api_compat.numpy') if m in sys.modules)\n"
+        "import array_api_compat.numpy as xp\n"
+        "same = [xp.testing is numpy.testing, xp.f2py is numpy.f2py, xp.ma is numpy.ma,"
+        " sys.modules['numpy.testing'] is numpy.testing]\n"
+        "numpy.testing.assert_array_equal(xp.ma.masked_array([1, 2]).data, [1, 2])\n"
+        "import numpy.testing as nt\n"
+        "OUT = {'loaded': loaded, 'same': same, 'used': nt is numpy.testing and 'numpy.testing._private' in sys.modules}")
+    assert out["loaded"] == ["array_api_compat.numpy"], out
+    assert out["same"] == [True] * 4 and out["used"]
+    got = SafeTensorsFile(tmp_path / "out.safetensors")
+    want = ad.merge(state)
+    for k in state:
+        assert np.asarray(got[k]).tobytes() == np.asarray(want[k]).tobytes(), k
