@@ -54,6 +54,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import numpy as np
+
 from ._array import reshape_view, transpose_view
 from .errors import ShapeError
 
@@ -324,10 +326,14 @@ class Layer:
         cd = compute_dtype(xp, out_dtype)
         xc, wc = as_compute(xp, x, cd), as_compute(xp, weight, cd)
         bc = None if bias is None else as_compute(xp, bias, cd)
-        if self.kind is LayerKind.LINEAR:
-            y = xp.matmul(xc, xp.matrix_transpose(wc))
-        elif self.kind is LayerKind.CONV1D_TRANSPOSED:
-            y = xp.matmul(xc, wc)
+        if self.kind in (LayerKind.LINEAR, LayerKind.CONV1D_TRANSPOSED):
+            w2 = xp.matrix_transpose(wc) if self.kind is LayerKind.LINEAR else wc
+            if isinstance(xc, np.ndarray) and xc.ndim > 2:
+                # NumPy runs a stacked (..., T, in) @ (in, out) as one product per leading index, each reading
+                # all of W (64 x 1 x 4096 on a 4096² weight: 527 ms against 84 ms); one gemm over the tokens
+                y = np.reshape(np.matmul(np.reshape(xc, (-1, xc.shape[-1])), w2), (*xc.shape[:-1], w2.shape[-1]))
+            else:
+                y = xp.matmul(xc, w2)
         else:
             y = conv(xc, wc, bc, groups=self.groups, xp=xp, **conv_kwargs)
             bc = None
