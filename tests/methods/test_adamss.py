@@ -226,3 +226,106 @@ def test_half_precision_newB():
             adamss.partition(W, None, P[:4], 3)
     np.testing.assert_array_equal(adamss.partition(W, None, Vh[:4], 3),
                                   adamss.kmeans_labels(adamss.left_vectors(W.astype(np.float64), Vh[:4]).astype(np.float32), 3))
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_cluster_sums_are_add_at_bit_for_bit(k):
+    """k-means' per-cluster sums: the rows added in row order in float32, exactly as np.add.at (empty and
+    lopsided clusters included)."""
+    rng = np.random.default_rng(k)
+    X = (rng.standard_normal((300, 17)) * 10.0 ** rng.uniform(-3, 3, (300, 1))).astype(np.float32)
+    for labels in (rng.integers(0, k, 300), np.where(rng.random(300) < 0.9, 0, rng.integers(0, k, 300))):
+        labels[labels == k - 1] = 0 if k > 2 else labels[labels == k - 1]  # an empty cluster where k > 2
+        want = np.zeros((k, 17), np.float32)
+        np.add.at(want, labels, X)
+        sums, sizes = adamss._cluster_sums(X, labels, k)
+        np.testing.assert_array_equal(sums, want)
+        np.testing.assert_array_equal(sizes, np.bincount(labels, minlength=k))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_left_vectors_without_forming_Wb(bias):
+    """out < n: U from W P[:, :in]ᵀ + b P[:, in] equals left_vectors of the concatenated [W | b]."""
+    rng = np.random.default_rng(8)
+    W, b = rng.standard_normal((9, 12)), rng.standard_normal(9) if bias else None
+    Wb = adamss.weight_with_bias(W, b)
+    P = np.linalg.svd(Wb, full_matrices=False)[2][:5]
+    np.testing.assert_allclose(adamss._left_vectors_of(W, b, P, np.float64), adamss.left_vectors(Wb, P),
+                               rtol=0, atol=1e-13)
+
+
+def test_half_precision_check_reads_past_the_first_row():
+    """The first row only settles 'not rounded'; a first row that happens to be half precision is not enough."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(9)
+    P = rng.standard_normal((4, 6)).astype(np.float32)
+    assert adamss._half_precision_values(P) is None
+    P[0] = P[0].astype(ml_dtypes.bfloat16).astype(np.float32)
+    assert adamss._half_precision_values(P) is None
+    assert adamss._half_precision_values(P.astype(ml_dtypes.bfloat16).astype(np.float32)) == "bfloat16"
+    half = rng.standard_normal((4, 6)).astype(np.float16).astype(np.float32)
+    assert adamss._half_precision_values(half) == ("bfloat16" if np.array_equal(
+        half.astype(ml_dtypes.bfloat16).astype(np.float32), half) else "float16")
+
+
+@pytest.mark.parametrize("ranks", [[1] * 8, [1, 2, 3, 1, 1, 1, 2, 1]])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_row_update_is_the_generic_gemm(ranks, dtype):
+    """The NumPy in-place fast path (per tile of rows: the rows of A_i P gathered, scaled by B_i, added) against the
+    generic ΔW_b = L M (the backend's gemm on L) and a float64 loop: bit for bit with one rank per subspace (the
+    same products), to round-off otherwise; declined (nothing touched) where it does not apply."""
+    from peftmath.backends import backend_for
+
+    rng = np.random.default_rng(sum(ranks))
+    out, inn, K = 50, 12, len(ranks)
+    labels = np.concatenate([np.arange(K), rng.integers(0, K, out - K)])
+    rng.shuffle(labels)
+    As, Bs, P = _subspace_tensors(rng, labels, 5, ranks, inn)
+    As, Bs, P = [a.astype(dtype) for a in As], [x.astype(dtype) for x in Bs], P.astype(dtype)
+    L, M = adamss.factors(labels, As, Bs, P)
+    W = rng.standard_normal((out, inn)).astype(dtype)
+    eps = float(np.finfo(dtype).eps)
+    for sign in (1, -1):
+        generic = W.copy(order="F")  # the backend's gemm on L, the path of every other layout
+        assert backend_for(np).addmm_(generic, L, M, float(sign))
+        want = W + sign * _delta_loop(labels, As, Bs, P.astype(np.float64), out)
+        for tile_rows in (None, 7):
+            got = W.copy()
+            assert adamss._rows_update_(got, labels, Bs, M, sign, tile_rows=tile_rows)
+            if max(ranks) == 1:
+                np.testing.assert_array_equal(got, generic)
+            np.testing.assert_allclose(got, want, rtol=0, atol=32 * eps * np.abs(want).max())
+            np.testing.assert_allclose(got, generic, rtol=0, atol=32 * eps * np.abs(want).max())
+    other = np.float32 if dtype == np.float64 else np.float64
+    for target, bs in ((np.asfortranarray(W), Bs), (W.astype(other), Bs), (W.copy(), Bs[:2])):
+        before = target.copy()  # Fortran order, another dtype, too few subspaces for the saving (4·max k > Σk)
+        assert not adamss._rows_update_(target, labels, bs, M, 1)
+        np.testing.assert_array_equal(target, before)
+
+
+def test_merge_fast_path_equals_the_generic_path(monkeypatch):
+    """Module merge / unmerge in place on a C-ordered NumPy weight (the fast path) equal the generic path: a
+    Fortran-ordered weight (the backend's gemm on L) and array-api-strict (ΔW = L M, then W + ΔW)."""
+    xps = pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(10)
+    ad, mod, W, b, labels = _module(rng, out=40, inn=9, r=8, k=8, dtype=np.float32)  # ranks 1, 2, 1, 2, …
+    ran = []
+    real = adamss._rows_update_
+    monkeypatch.setattr(adamss, "_rows_update_", lambda *a, **kw: ran.append(real(*a, **kw)) or ran[-1])
+    fast = mod.merge(W.copy(), b.copy(), copy=False)
+    assert ran == [True]
+    fortran = mod.merge(np.asfortranarray(W), b.copy(), copy=False)
+    smod = pm.Adapter(ad.config, {"m": {k: xps.asarray(np.asarray(v)) for k, v in ad.params["m"].items()}}).module(
+        "m", weight_shape=W.shape)
+    strict = smod.merge(xps.asarray(W), xps.asarray(b))
+    np.testing.assert_array_equal(np.asarray(fast.record), labels)
+    np.testing.assert_array_equal(np.asarray(strict.record), labels)
+    tol = 16 * float(np.finfo(np.float32).eps) * float(np.abs(fast.weight).max())
+    np.testing.assert_allclose(fast.weight, fortran.weight, rtol=0, atol=tol)
+    np.testing.assert_allclose(fast.weight, np.asarray(strict.weight), rtol=0, atol=tol)
+    np.testing.assert_allclose(fast.bias, np.asarray(strict.bias), rtol=0, atol=tol)
+    back = mod.unmerge(fast.weight, fast.bias, record=fast.record, copy=False)
+    sback = smod.unmerge(strict.weight, strict.bias, record=strict.record)
+    np.testing.assert_allclose(back.weight, W, rtol=0, atol=tol)
+    np.testing.assert_allclose(back.weight, np.asarray(sback.weight), rtol=0, atol=tol)
