@@ -20,8 +20,9 @@ from .errors import NamespaceError, ShapeError
 Array = Any
 Namespace = Any
 
-#: NumPy submodules that NumPy imports on first access and no peftmath computation uses
-_DEFERRED_NUMPY = ("f2py", "testing", "ma", "polynomial", "ctypeslib", "random")
+#: NumPy submodules that NumPy imports on first access and no peftmath computation uses (numpy.random stays
+#: eager: widely used, cheap, and Python 3.11's LazyLoader is not safe when two threads touch a module first)
+_DEFERRED_NUMPY = ("f2py", "testing", "ma", "polynomial", "ctypeslib")
 
 
 def _defer_numpy_submodules() -> None:
