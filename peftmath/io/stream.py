@@ -1537,7 +1537,8 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
 
     reader = ReadAhead(read, reads, lambda k: buffers.nbytes if k in wide or k in plain else base.nbytes(k), limit,
                        threaded=pipeline)
-    writer = WriteBehind(limit, threaded=pipeline)
+    # the writer rounds too: room for two buffers, so that the merge does not wait on each write's jitter
+    writer = WriteBehind(max(limit, 2 * buffers.nbytes), threaded=pipeline)
 
     def round_for_writing(values: np.ndarray) -> np.ndarray:  # (in the writer's thread, just before writing)
         return round_bf16(values, out=values.reshape(-1).view(np.uint16)[: values.size])  # in place
