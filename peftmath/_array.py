@@ -141,6 +141,24 @@ def common_device(*arrays: Array, where: str = "") -> Any:
 
 def dtype_name(dtype: Any) -> str:
     """A library-independent name for ``dtype``: ``"float32"``, ``"bfloat16"``, ..."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype object
+        pass
+    name = _dtype_name(dtype)
+    try:
+        _DTYPE_NAMES[dtype] = name
+    except TypeError:
+        pass
+    return name
+
+
+#: dtype -> its name: ``str(dtype)`` costs microseconds (NumPy builds the string each time), more than a
+#: small merge's arithmetic; dtypes are few and immutable
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def _dtype_name(dtype: Any) -> str:
     name = str(dtype)
     for prefix in ("torch.", "jnp.", "<class '"):
         if name.startswith(prefix):
