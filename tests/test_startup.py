@@ -154,3 +154,15 @@ def test_a_merge_defers_numpys_unused_submodules_and_the_format_readers(tmp_path
     want = ad.merge(state)
     for k in state:
         assert np.asarray(got[k]).tobytes() == np.asarray(want[k]).tobytes(), k
+
+
+def test_python_dash_m_runs_the_command():
+    """``python -m peftmath`` is the ``peftmath`` command (same help, same exit codes)."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "peftmath", "--help"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.startswith("usage: peftmath")
+    bad = subprocess.run([sys.executable, "-m", "peftmath", "no-such-command"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "no-such-command" in bad.stderr
