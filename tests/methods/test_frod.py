@@ -116,3 +116,56 @@ def test_adapter_categories_initialisation_and_missing_projections():
         frod.FrodModule.initialize("c", cfg, Layer.of((4, 8, 3, 3)), weight=np.zeros((4, 8, 3, 3)), shared={})
     with pytest.raises(UnsupportedError, match="weight="):
         ad.module("head", weight_shape=(3, 10)).delta_weight()
+
+
+@pytest.mark.parametrize("out,inn", [(10, 6), (6, 10), (7, 7)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numpy_fast_path_equals_the_generic_path(out, inn, dtype):
+    """NumPy's path (LAPACK's LU solve of V for B = W V⁻ᵀ, U rounded once, S + diag λ built on the host in place)
+    against the generic path on the same numbers (array-api-strict: V⁻¹ then the product, S + eye·λ), for the
+    factors, the merged weight and the forward; float64 to 1e-12, float32 within its round-off
+    (``|ΔF| <= 8·eps·(|U| |S + diag λ| |Vᵀ|)`` componentwise)."""
+    xps = pytest.importorskip("array_api_strict")
+    W, V, idx, size, lam, values = (a.astype(dtype) if a.dtype.kind == "f" else a
+                                    for a in _case(out, inn, seed=3))
+    strict = [xps.asarray(a) for a in (W, V, idx, size, lam, values)]
+    U, lam0 = frod.base_factors(W, V)
+    Us, lam0s = (np.asarray(a) for a in frod.base_factors(strict[0], strict[1]))
+    assert U.dtype == Us.dtype == dtype
+    fast, record = frod.merge(W, V, idx, size, lam, values)
+    generic = np.asarray(frod.merge(*strict)[0])
+    x = np.random.default_rng(6).standard_normal((3, inn)).astype(dtype)
+    y, ys = frod.forward(x, W, V, idx, size, lam, values), np.asarray(frod.forward(xps.asarray(x), *strict))
+    if dtype == np.float64:
+        for a, b in ((U, Us), (lam0, lam0s), (fast, generic), (y, ys)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * float(np.abs(b).max()))
+    else:
+        eps = float(np.finfo(np.float32).eps)
+        np.testing.assert_allclose(U, Us, rtol=2 * eps, atol=eps)
+        np.testing.assert_allclose(lam0, lam0s, rtol=2 * eps)
+        S = frod.sparse_matrix(idx, values.astype(np.float64), inn) + np.diag(lam.astype(np.float64))
+        bound = 8 * eps * (np.abs(Us.astype(np.float64)) @ np.abs(S) @ np.abs(V.astype(np.float64)).T)
+        assert np.all(np.abs(fast.astype(np.float64) - generic) <= bound)
+        assert np.all(np.abs(y.astype(np.float64) - ys) <= 8 * eps * (np.abs(x) @ bound.T + np.abs(ys)))
+    np.testing.assert_array_equal(frod.unmerge(fast, V, idx, size, lam, values, record=record), W)
+
+
+def test_numpy_path_leaves_its_inputs_alone_singular_v_and_duplicate_positions():
+    """The LU solve works on private copies (a float64 W and V are not overwritten); a singular V (a zero column:
+    an exact zero pivot, where torch.linalg.solve raises) takes the pseudo-inverse on both paths, as PEFT; S sums repeated positions
+    (PEFT's coalesce)."""
+    W, V, idx, size, lam, values = _case(8, 5, seed=4)
+    W0, V0 = W.copy(), V.copy()
+    frod.merge(W, V, idx, size, lam, values)
+    np.testing.assert_array_equal(W, W0)
+    np.testing.assert_array_equal(V, V0)
+    V[:, 1] = 0
+    U, lam0 = frod.base_factors(W, V)
+    B = W @ np.linalg.pinv(V, rtol=1e-6).T
+    np.testing.assert_allclose(lam0, np.linalg.norm(B, axis=0), rtol=1e-10, atol=1e-12)
+    xps = pytest.importorskip("array_api_strict")
+    np.testing.assert_allclose(U, np.asarray(frod.base_factors(xps.asarray(W), xps.asarray(V))[0]), rtol=1e-10,
+                               atol=1e-12)
+    dup = np.array([[0, 2, 0], [1, 1, 1]])
+    S = frod.sparse_matrix(dup, np.array([0.25, -1.0, 0.5]), 3)
+    np.testing.assert_array_equal(S, [[0, 0.75, 0], [0, 0, 0], [0, -1.0, 0]])
