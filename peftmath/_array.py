@@ -141,13 +141,14 @@ def common_device(*arrays: Array, where: str = "") -> Any:
 
 def dtype_name(dtype: Any) -> str:
     """A library-independent name for ``dtype``: ``"float32"``, ``"bfloat16"``, ..."""
+    key = (type(dtype), dtype)  # the type first: dtypes of two libraries are never compared with each other
     try:
-        return _DTYPE_NAMES[dtype]
+        return _DTYPE_NAMES[key]
     except (KeyError, TypeError):  # TypeError: an unhashable dtype object
         pass
     name = _dtype_name(dtype)
     try:
-        _DTYPE_NAMES[dtype] = name
+        _DTYPE_NAMES[key] = name
     except TypeError:
         pass
     return name
@@ -155,7 +156,7 @@ def dtype_name(dtype: Any) -> str:
 
 #: dtype -> its name: ``str(dtype)`` costs microseconds (NumPy builds the string each time), more than a
 #: small merge's arithmetic; dtypes are few and immutable
-_DTYPE_NAMES: dict[Any, str] = {}
+_DTYPE_NAMES: dict[tuple[type, Any], str] = {}
 
 
 def _dtype_name(dtype: Any) -> str:
