@@ -236,8 +236,8 @@ def _pools(monkeypatch) -> list:
 @pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "merge-returns-a-copy"])
 def test_widened_weights_reuse_a_few_buffers(tmp_path, monkeypatch, in_place):
     """The pipelined merge widens each weight into one of a few float32 buffers (read-ahead thread) and rounds it
-    in place there (write-behind thread), then reuses it: at most three exist (one read ahead, one merged, one
-    written), and the bytes are the sequential merge's. A merge that returns a new array instead (its buffer is
+    in place there (write-behind thread), then reuses it: at most four exist (one read ahead, one merged, two in
+    the write-behind stage), and the bytes are the sequential merge's. A merge that returns a new array instead (its buffer is
     never given back) still writes the same bytes: the pool makes another buffer, nothing waits for it."""
     state = _state(3)
     base = open_model(_write(tmp_path / "base", state))
@@ -252,7 +252,7 @@ def test_widened_weights_reuse_a_few_buffers(tmp_path, monkeypatch, in_place):
     (pool,) = pools
     assert pool.nbytes == 4 * max(37 * 24, 24 * 24)
     if in_place:
-        assert 1 <= len(pool._free) <= 3 and not pool._lent
+        assert 1 <= len(pool._free) <= 4 and not pool._lent
     else:
         assert pool._free == []  # never given back (the copies were written)
 
