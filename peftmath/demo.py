@@ -12,6 +12,12 @@ method supports, written in PEFT's format, inspected, merged through the streami
 - *round trip*: ``max |unmerge(merge(W)) - W| / max |W|``.
 
 Both must stay below ``BOUND`` (1024 float32 epsilons); methods added later appear automatically.
+
+Targets that are not modules of ``MODEL`` (LoRA's ``target_parameters``, raw 2-D and 3-D mixture-of-experts
+parameters, and its ``nn.MultiheadAttention`` targets) have rows of their own, :data:`CREATED_ROWS`, built by
+:func:`peftmath.create_adapter` as a user would build them, on tensors that ``model.safetensors`` holds for them
+alone (:data:`EXTRA_TENSORS`, drawn from a seed of their own: the other rows' adapters, merges and numbers are as
+they were without them). They run after their method's ``examples`` and are checked the same way.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["MODEL", "LAYER_KINDS", "build_model", "run_demo", "BOUND"]
+__all__ = ["MODEL", "LAYER_KINDS", "EXTRA_TENSORS", "CREATED_ROWS", "CreatedRow", "build_model", "build_extra",
+           "run_demo", "BOUND"]
 
 #: relative error bound of the demo's float32 model (1024 float32 epsilons)
 BOUND = 1024 * float(np.finfo(np.float32).eps)
@@ -45,6 +52,42 @@ MODEL: dict[str, tuple[str, tuple[int, ...], bool]] = {
 #: layer kinds passed to every merge (the Conv1D weight's layout cannot be told from its shape alone)
 LAYER_KINDS = {name: kind for name, (kind, _, _) in MODEL.items()}
 
+#: tensors of ``model.safetensors`` that only the :data:`CREATED_ROWS` adapt (key -> shape), in the order a PyTorch
+#: ``state_dict()`` registers them: a transformers mixture-of-experts block (``experts.gate_up_proj`` ``(E, 2I, H)``,
+#: ``experts.down_proj`` ``(E, H, I)``, E = 4 experts, H = 24, I = 8, not transposed, and its 2-D router) and a
+#: packed ``nn.MultiheadAttention`` of embedding size 24
+EXTRA_TENSORS: dict[str, tuple[int, ...]] = {
+    "experts.gate_up_proj": (4, 16, 24),
+    "experts.down_proj": (4, 24, 8),
+    "router.weight": (4, 24),
+    "mha.in_proj_weight": (72, 24),
+    "mha.in_proj_bias": (72,),
+    "mha.out_proj.weight": (24, 24),
+    "mha.out_proj.bias": (24,),
+}
+
+
+class CreatedRow(NamedTuple):
+    """A demo row built by :func:`peftmath.create_adapter` from ``fields`` (a config dict of method ``peft_type``)
+    on the demo's ``model.safetensors``; ``extra``: the :data:`EXTRA_TENSORS` it adapts (or reads, as biases)."""
+
+    peft_type: str
+    fields: dict[str, Any]
+    extra: tuple[str, ...]
+
+
+#: rows whose targets are not modules of ``MODEL`` (label -> row); ``init_lora_weights=False``: B is random too, so
+#: the merge changes the weights
+CREATED_ROWS: dict[str, CreatedRow] = {
+    "LoRA target_parameters (MoE experts)": CreatedRow(
+        "LORA", {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": [],
+                 "target_parameters": ["experts.gate_up_proj", "experts.down_proj", "router.weight"]},
+        ("experts.gate_up_proj", "experts.down_proj", "router.weight")),
+    "LoRA nn.MultiheadAttention": CreatedRow(
+        "LORA", {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": ["mha"]},
+        ("mha.in_proj_weight", "mha.in_proj_bias", "mha.out_proj.weight", "mha.out_proj.bias")),
+}
+
 
 def build_model(seed: int = SEED) -> dict[str, np.ndarray]:
     """The demo model's float32 state dict, drawn from ``seed``."""
@@ -58,6 +101,18 @@ def build_model(seed: int = SEED) -> dict[str, np.ndarray]:
             state[f"{name}.bias"] = (0.1 * rng.standard_normal(out)).astype(np.float32)
     state["norm.weight"] = (1 + 0.1 * rng.standard_normal(24)).astype(np.float32)
     return state
+
+
+def build_extra(seed: int = SEED + 1) -> dict[str, np.ndarray]:
+    """The float32 :data:`EXTRA_TENSORS`, drawn from ``seed`` (not the model's: the model stays as it was);
+    weights ``N(0, 1/fan_in)`` with fan_in the last axis, biases ``N(0, 0.01)``."""
+    rng = np.random.default_rng(seed)
+    return {k: (rng.standard_normal(s) / (np.sqrt(s[-1]) if len(s) > 1 else 10)).astype(np.float32)
+            for k, s in EXTRA_TENSORS.items()}
+
+
+def _created_rows(peft_type: str) -> list[tuple[str, CreatedRow]]:
+    return [(label, row) for label, row in CREATED_ROWS.items() if row.peft_type == peft_type]
 
 
 def _slug(label: str) -> str:
@@ -126,7 +181,7 @@ def _verify(adapter: Any, base_state: dict, merged: dict, unmerged: dict) -> tup
     ad64 = _adapter64(adapter)
     state64 = {k: _to64(v) for k, v in base_state.items()}
     ref = ad64.merge(state64, layer_kinds=LAYER_KINDS)
-    keys = sorted({k for m in adapter.modules for k in (f"{m}.weight", f"{m}.bias") if k in base_state})
+    keys = sorted({k for m in adapter.modules for k in adapter.weight_keys(m, base_state) if k in base_state})
     merge_err = rt_err = 0.0
     for k in keys:
         scale = max(float(np.max(np.abs(state64[k]))), 1e-30)
@@ -182,7 +237,8 @@ def _count_examples(peft_types: Any, describe: Any) -> int:
             method = describe(peft_type)
         except Exception:  # noqa: BLE001 - the demo reports it when it gets there
             continue
-        n += len(method.examples) + len(method.forward_examples) if method.merges_weights else 0
+        n += len(method.examples) + len(method.forward_examples) + len(_created_rows(peft_type)) \
+            if method.merges_weights else 0
     return n
 
 
@@ -191,6 +247,7 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
     """Run the demo; print the table on stdout (``json_output``: the results as JSON, see
     ``peftmath demo --help``); return the exit status (1 if a bound is exceeded). ``progress(total)``, when
     given, returns ``(update, close)`` of a progress bar over the ``total`` examples (``update`` may be None)."""
+    from .create import create_adapter
     from .errors import PeftMathError, ShapeError, UnsupportedError
     from .inspect import inspect_adapter, text_table
     from .io import load_adapter, save_adapter
@@ -214,13 +271,15 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
     failed: list[str] = []
     update, close = (None, lambda: None)
     try:
-        state = build_model()
+        state = {**build_model(), **build_extra()}
         base_path = root / "model.safetensors"
         save_file(state, base_path, metadata={"format": "pt", "source": "peftmath demo"})
         if not quiet:
             n = sum(v.size for v in state.values())
-            print(f"model: {base_path} ({len(MODEL)} layers, {n:,} parameters, float32)", file=sys.stderr)
+            print(f"model: {base_path} ({len(MODEL)} layers and {len(EXTRA_TENSORS)} tensors for the rows "
+                  f"create_adapter builds, {n:,} parameters, float32)", file=sys.stderr)
         row_seed = 0
+        created_seed = 0  # the created rows' own seeds (SEED - 100 k), so the examples' seeds stay as they were
         if progress is not None:
             update, close = progress(_count_examples(implemented_methods(), describe_method))
         for peft_type in implemented_methods():
@@ -229,8 +288,9 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
             except Exception as exc:  # a method module that fails to import must not stop the demo
                 print(f"peftmath demo: skipping {peft_type}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
-            examples = [(label, fields, None) for label, fields in method.examples.items()]
-            examples += [(label, fields, kw) for label, (fields, kw) in method.forward_examples.items()]
+            examples = [(label, fields, None, None) for label, fields in method.examples.items()]
+            examples += [(label, fields, kw, None) for label, (fields, kw) in method.forward_examples.items()]
+            examples += [(label, row.fields, None, row) for label, row in _created_rows(peft_type)]
             missing = [r for r in method.requires if importlib.util.find_spec(r) is None]
             if missing and examples:
                 if not quiet:
@@ -241,15 +301,24 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
                 if not quiet:
                     print(f"peftmath demo: {peft_type} has no weight-merging examples; skipped", file=sys.stderr)
                 continue
-            for label, fields, forward_kwargs in examples:
+            for label, fields, forward_kwargs, created in examples:
                 if update is not None:
                     update(1)  # examples started
-                row_seed += 100
                 t0 = time.perf_counter()
                 left_out: list[tuple[str, str]] = []
                 try:
-                    adapter, new_weights = _build_adapter(method, label, dict(fields), state, SEED + row_seed,
-                                                          left_out)
+                    if created is None:
+                        row_seed += 100
+                        adapter, new_weights = _build_adapter(method, label, dict(fields), state, SEED + row_seed,
+                                                              left_out)
+                    else:  # targets that are not modules of MODEL: create_adapter finds them in the state
+                        created_seed += 1
+                        missing_extra = [k for k in created.extra if k not in state]
+                        if missing_extra:
+                            raise ValueError(f"needs {', '.join(missing_extra)}, which EXTRA_TENSORS does not hold")
+                        adapter, new_weights = create_adapter(state, {"peft_type": peft_type, **fields},
+                                                              seed=SEED - 100 * created_seed, return_base=True)
+                        new_weights = {k: np.asarray(v) for k, v in new_weights.items()}
                 except Exception as exc:
                     print(f"peftmath demo: skipping {label} ({peft_type}): {type(exc).__name__}: {exc}",
                           file=sys.stderr)

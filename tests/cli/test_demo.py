@@ -6,6 +6,7 @@ import subprocess
 
 import numpy as np
 
+from peftmath.demo import CREATED_ROWS, build_model
 from peftmath.methods import describe_method, implemented_methods
 from tests.helpers import requirements_met
 
@@ -19,6 +20,8 @@ def _expected_rows(which="examples"):
         m = describe_method(t)
         if m.merges_weights and requirements_met(m):  # the demo skips a method whose extra package is missing
             rows += list(getattr(m, which))
+            if which == "examples":  # the rows create_adapter builds follow their method's examples
+                rows += [label for label, row in CREATED_ROWS.items() if row.peft_type == t]
     return rows
 
 
@@ -128,3 +131,64 @@ def test_demo_lora_variant_rows(cli, tmp_path):
     assert alora["forward_error"] <= rep["bound"] < alora["adapter_effect"]
     assert "cannot be merged" in alora["merge_refused"] and "invocation sequence" in alora["merge_refused"]
     assert not (d / "merged-alora.safetensors").exists()  # the refused merge wrote nothing
+
+
+def test_demo_lora_special_target_rows(cli, tmp_path):
+    """LoRA on raw parameters (target_parameters: two nested 3-D experts stacks and a 2-D router) and on an
+    nn.MultiheadAttention (issue 18): built by create_adapter on tensors the demo model holds for them alone, saved
+    under PEFT's keys, merged through the files as specs/lora.md §12 writes it (checked here in float64 from the saved
+    factors, independently of peftmath's merge), unmerged back."""
+    import json
+
+    from peftmath.io import load_adapter
+    from peftmath.demo import EXTRA_TENSORS, build_extra
+    from peftmath.io.safetensors import load_file
+    from peftmath.methods._lora_mha import PEFT_OUT_PROJ_FACTOR
+
+    d = tmp_path / "d"
+    rc, out, err = cli("demo", d, "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    rows = {e["example"]: e for e in rep["examples"]}
+    base = {k: v.astype(np.float64) for k, v in load_file(d / "model.safetensors").items()}
+    model, extra = build_model(), build_extra()
+    assert sorted(base) == sorted([*model, *EXTRA_TENSORS])
+    assert all(np.array_equal(base[k], v) for k, v in model.items())  # the model the other rows adapt, as it was
+    assert all(np.array_equal(base[k], v) for k, v in extra.items())
+    s = 8 / 4  # lora_alpha / r
+    for label, n, slug in [("LoRA target_parameters (MoE experts)", 3, "lora-target-parameters-moe-experts"),
+                           ("LoRA nn.MultiheadAttention", 2, "lora-nn-multiheadattention")]:
+        e = rows[label]
+        assert e["check"] == "ok" and e["modules"] == n, e
+        assert 0 < e["merge_error"] <= rep["bound"] and e["round_trip_error"] <= rep["bound"], e
+        factors = {k: v.astype(np.float64) for k, v in load_file(d / f"adapter-{slug}" / "adapter_model.safetensors").items()}
+        ab = {k[len("base_model.model."):-len(".lora_A.weight")]: (v, factors[k.replace("lora_A", "lora_B")])
+              for k, v in factors.items() if ".lora_A." in k}
+        want = dict(base)
+        if n == 3:
+            assert sorted(ab) == ["experts", "experts.base_layer", "router"]  # gate_up_proj innermost (registered first)
+            cfg = load_adapter(d / f"adapter-{slug}").config
+            assert cfg.target_modules == [] and cfg.init_lora_weights is False
+            for wrapper, key in [("experts.base_layer", "experts.gate_up_proj"), ("experts", "experts.down_proj")]:
+                a, b = ab[wrapper]
+                n_exp, d1, d2 = base[key].shape  # (E, out, in): not transposed
+                a_e, b_e = a.reshape(n_exp, 4, d2), b.reshape(d1, 4, n_exp)
+                want[key] = base[key] + s * np.stack([b_e[:, :, i] @ a_e[i] for i in range(n_exp)])
+            a, b = ab["router"]
+            want["router.weight"] = base["router.weight"] + s * b @ a
+        else:
+            assert sorted(ab) == ["mha", "mha.base_layer.out_proj"]
+            a, b = ab["mha"]
+            want["mha.in_proj_weight"] = base["mha.in_proj_weight"] + s * b @ a
+            a, b = ab["mha.base_layer.out_proj"]  # PEFT 0.21.2 adds the out-projection's change twice
+            want["mha.out_proj.weight"] = base["mha.out_proj.weight"] + PEFT_OUT_PROJ_FACTOR * s * b @ a
+        merged = load_file(d / f"merged-{slug}.safetensors")
+        unmerged = load_file(d / f"unmerged-{slug}.safetensors")
+        changed = sorted(k for k in base if not np.array_equal(want[k], base[k]))
+        assert changed == sorted(k for k in CREATED_ROWS[label].extra if not k.endswith("bias"))
+        for k in base:
+            scale = np.max(np.abs(base[k]))
+            assert np.max(np.abs(merged[k] - want[k])) <= rep["bound"] * scale, k
+            assert np.max(np.abs(unmerged[k] - base[k])) <= rep["bound"] * scale, k
+            if k in changed:  # init_lora_weights=False: the row does real work
+                assert np.max(np.abs(want[k] - base[k])) > 100 * rep["bound"] * scale, k
