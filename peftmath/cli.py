@@ -941,17 +941,20 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", parents=[common], formatter_class=raw,
                        help="build a small model and one adapter per method; inspect, merge, unmerge, verify",
                        description="Build a small model (Linear with and without bias, Embedding, 3x3 and 1x1 "
-                                   "Conv2d, transformers Conv1D) and one PEFT-format adapter per example of every "
-                                   "method peftmath implements; inspect, merge (the same streaming code as "
-                                   "`peftmath merge`), unmerge, and verify against a float64 reference. Prints one "
-                                   "row per example; exits 1 if an error exceeds its bound.")
+                                   "Conv2d, transformers Conv1D, and for LoRA's target_parameters and attention "
+                                   "rows a mixture-of-experts block and an nn.MultiheadAttention) and one "
+                                   "PEFT-format adapter per example of every method peftmath implements; inspect, "
+                                   "merge (the same streaming code as `peftmath merge`), unmerge, and verify against "
+                                   "a float64 reference. Forward-only examples (aLoRA) check the forward and that "
+                                   "merge is refused. Prints one row per example; exits 1 if an error exceeds its "
+                                   "bound.")
     d.add_argument("dir", nargs="?", help="folder to write the model and adapters into (default: a temporary "
                                           "folder, removed at the end)")
     d.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")
     d.add_argument("--json", action="store_true",
                    help="print the results as JSON instead of the table: {examples: [{example, method, modules, "
-                        "trainable_parameters, merge_error, round_trip_error, seconds, check}], bound, failed, "
-                        "seconds}")
+                        "trainable_parameters, merge_error, round_trip_error, seconds, check}], forward_examples, "
+                        "bound, failed, seconds}")
     d.set_defaults(func=_cmd_demo)
 
     vf = sub.add_parser("verify", parents=[common], formatter_class=raw,
