@@ -329,3 +329,53 @@ def test_merge_fast_path_equals_the_generic_path(monkeypatch):
     sback = smod.unmerge(strict.weight, strict.bias, record=strict.record)
     np.testing.assert_allclose(back.weight, W, rtol=0, atol=tol)
     np.testing.assert_allclose(back.weight, np.asarray(sback.weight), rtol=0, atol=tol)
+
+
+def _conditioned(rng, out, n, cond):
+    """A float32 (out, n) matrix with singular values spread log-uniformly from 1 to 1/cond."""
+    Ua = np.linalg.qr(rng.standard_normal((out, n)))[0]
+    Va = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    return ((Ua * np.logspace(0, -np.log10(cond), n)) @ Va.T).astype(np.float32)
+
+
+@pytest.mark.parametrize("out, cond, refined", [(96, 1e1, True), (96, 1e5, True), (96, 1e11, False),
+                                                (150, 1e2, True), (150, 1e6, False)])
+def test_numpy_solve_equals_the_generic_path(monkeypatch, out, cond, refined):
+    """NumPy's left vectors (a float32 LU refined to a float64 backward error, or LAPACK's float64 LU where the
+    refinement does not converge) equal the generic path's (array-api-strict: xp.linalg.solve in float64) within
+    the bound of specs/adamss.md §2: per column, |ΔU| ≤ c·κ(A)·√n·ε₆₄ (A = W_bᵀ square, W_bᵀ W_b tall)."""
+    xps = pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(int(np.log10(cond)) + out)
+    n, q = 96, 3
+    Wb = _conditioned(rng, out, n, cond)
+    P = np.linalg.qr(rng.standard_normal((n, q)))[0].T.astype(np.float32)
+    monkeypatch.setattr(adamss, "REFINE_RATIO", 1)  # refine at this small size too
+    ran = []
+    real = adamss._refined_solve
+    monkeypatch.setattr(adamss, "_refined_solve", lambda A, B: ran.append(real(A, B)) or ran[-1])
+    fast = adamss.left_vectors(Wb, P)
+    assert [x is not None for x in ran] == [refined]  # the fallback to the float64 LU ran where expected
+    generic = np.asarray(adamss.left_vectors(xps.asarray(Wb), xps.asarray(P)))
+    kappa = cond if out == n else cond ** 2
+    bound = 8 * kappa * np.sqrt(n) * np.finfo(np.float64).eps
+    assert np.abs(fast - generic).max() <= bound
+    if refined:  # far below the float32 round-off the clustering sees, and the stated backward error per column
+        assert np.abs(fast - generic).max() <= 1e-9
+        A = Wb.astype(np.float64).T if out == n else Wb.astype(np.float64).T @ Wb.astype(np.float64)
+        X = ran[0]
+        r = np.abs(P.T.astype(np.float64) - A @ X).max(axis=0)
+        assert np.all(r <= np.sqrt(n) * np.finfo(np.float64).eps * np.abs(A).sum(axis=1).max() * np.abs(X).max(axis=0))
+
+
+def test_numpy_solve_singular_and_large_q_take_the_float64_lu(monkeypatch):
+    """q > n / REFINE_RATIO skips the refinement; a singular W_b is refused by the float64 solve as before."""
+    rng = np.random.default_rng(3)
+    Wb = rng.standard_normal((40, 40))
+    P = np.linalg.qr(rng.standard_normal((40, 5)))[0].T
+    monkeypatch.setattr(adamss, "_refined_solve", lambda A, B: pytest.fail("refined with q > n / REFINE_RATIO"))
+    G = np.linalg.solve(Wb.T, P.T)
+    np.testing.assert_allclose(adamss.left_vectors(Wb, P), G / np.linalg.norm(G, axis=0), rtol=0, atol=1e-12)
+    Wb[:, 7] = 0  # an exactly zero pivot, as numpy.linalg.solve reports a singular matrix
+    assert adamss._numpy_solve(Wb.T.copy(), P.T.copy()) is None
+    with pytest.raises(np.linalg.LinAlgError):
+        adamss.left_vectors(Wb, P)
