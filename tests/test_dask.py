@@ -76,6 +76,8 @@ KNOWN_LAZY = {
     "C3A": "c3a.delta_weight: the circulant's reshape (m, b*in) -> (m*b, in) splits and merges axes at once",
     "SHiRA": "shira.Positions reads the index tensor on the host (the positions are the structure of the delta)",
     "OSF": "osf.low_part: dask's svd takes matrices chunked along one axis only (refused: UnsupportedError)",
+    "KaSA": "lora.kasa_low: dask's svd takes matrices chunked along one axis only and dask has no eigh for the "
+            "Gram route (refused: UnsupportedError)",
     "DEFT qr": "deft.projector_factors: dask's qr takes deft_P in one column chunk only (refused: UnsupportedError)",
     "Super-tuning": "supertuning.Support reads the index tensor on the host (the positions are the structure of "
                     "the delta)",
@@ -101,6 +103,7 @@ KNOWN_SAFE = {
     "C3A": KNOWN_LAZY["C3A"],
     "SHiRA": "shira.Positions reads the index tensor on the host besides the safe check (2 computes)",
     "OSF": KNOWN_LAZY["OSF"],
+    "KaSA": KNOWN_LAZY["KaSA"],
     "DEFT qr": KNOWN_LAZY["DEFT qr"],
     "Super-tuning": "supertuning.Support reads the index tensor on the host besides the safe check (2 computes)",
     "Supra bottom-k": "supertuning.Support reads the index tensor on the host besides the safe check (2 computes)",
