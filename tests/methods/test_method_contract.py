@@ -91,6 +91,16 @@ def _bound(layer: Layer, dtype, *scales: float) -> float:
     return 8.0 * (math.prod(layer.matrix_shape[1:]) + 16) * eps * sum(scales)
 
 
+def _inverse_gain(mod, merged, W0, dtype) -> float:
+    """max |T⁻¹(E)| / max |E| over two probes E (ones, a fixed normal draw), at least 1: how much the unmerge of
+    a linear merge ``W' = T(W)`` can grow an error of the merged weight."""
+    gain = 1.0
+    for probe in (np.ones(W0.shape), np.random.default_rng(0).standard_normal(W0.shape)):
+        out = mod.unmerge(probe.astype(dtype), merged.bias, record=merged.record, copy=True).weight
+        gain = max(gain, float(np.max(np.abs(np.asarray(out, np.float64)))) / float(np.max(np.abs(probe))))
+    return gain
+
+
 @pytest.mark.parametrize("peft_type,label,kind", CASES)
 @given(seed=st.integers(0, 2**31 - 1), layout=st.sampled_from(sorted(LAYOUTS)),
        dtype=st.sampled_from([np.float32, np.float64]))
@@ -116,7 +126,10 @@ def test_contract(peft_type, label, kind, seed, layout, dtype):
     if m.needs_record(mod):
         assert merged.record is not None
     back = mod.unmerge(merged.weight, merged.bias, record=merged.record, copy=True)
-    assert float(np.max(np.abs(np.asarray(back.weight, np.float64) - W0))) <= bound
+    # a rotation / scale merge W' = T(W) is linear in W: its unmerge T⁻¹ multiplies the round-off by the
+    # inverse's gain (RoAd's 2x2 blocks near singular for some draws), measured on two probes
+    ubound = bound * (_inverse_gain(mod, merged, W0, dtype) if (m.rotation or m.scale) else 1.0)
+    assert float(np.max(np.abs(np.asarray(back.weight, np.float64) - W0))) <= ubound
 
     # copy=False: into the caller's array (every layout here is writeable NumPy memory)
     target = LAYOUTS[layout](W0)
@@ -127,7 +140,7 @@ def test_contract(peft_type, label, kind, seed, layout, dtype):
     if m.inplace:
         res2 = mod.unmerge(target, res.bias, record=res.record, copy=False)
         assert res2.weight is target
-        assert float(np.max(np.abs(np.asarray(target, np.float64) - W0))) <= bound
+        assert float(np.max(np.abs(np.asarray(target, np.float64) - W0))) <= ubound
 
     # merged forward == unmerged forward
     xin = x if kind is LayerKind.EMBEDDING else x.astype(dtype)
