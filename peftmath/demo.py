@@ -17,7 +17,18 @@ Targets that are not modules of ``MODEL`` (LoRA's ``target_parameters``, raw 2-D
 parameters, and its ``nn.MultiheadAttention`` targets) have rows of their own, :data:`CREATED_ROWS`, built by
 :func:`peftmath.create_adapter` as a user would build them, on tensors that ``model.safetensors`` holds for them
 alone (:data:`EXTRA_TENSORS`, drawn from a seed of their own: the other rows' adapters, merges and numbers are as
-they were without them). They run after their method's ``examples`` and are checked the same way.
+they were without them). They run after their method's ``examples`` and are checked the same way. Two of them are
+LoRA's fields that do not adapt modules of the base as they are:
+
+- ``trainable_token_indices``: rows of the embedding table replaced beside the LoRA factors. A new adapter's rows
+  are copies of the table's own (PEFT's start: the identity), so the demo replaces them with ``N(0, 1)`` draws, as
+  training would, for the merge to change the table;
+- ``layer_replication``: the adapter belongs to PEFT's deeper model, the replicated stack ``layers.<i>`` whose copies
+  share their base weights (:func:`peftmath.methods.lora_replication.replicate_state`). The demo creates the adapter
+  on that model, writes the folder as PEFT does (the config keeps ``layer_replication``), reads it back with
+  :func:`~peftmath.methods.lora_replication.load_replicated` (``peftmath.load_adapter`` refuses it by name) and
+  merges it into the replicated model, written beside the adapter as ``<row>-base.safetensors``: every copy gets
+  its own ``W_i + ΔW_copy`` (PEFT's unmerged model).
 """
 
 from __future__ import annotations
@@ -64,6 +75,8 @@ EXTRA_TENSORS: dict[str, tuple[int, ...]] = {
     "mha.in_proj_bias": (72,),
     "mha.out_proj.weight": (24, 24),
     "mha.out_proj.bias": (24,),
+    # a stack of 3 layers (a projection and a norm each) that the layer_replication row replicates
+    **{f"layers.{i}.{leaf}": shape for i in range(3) for leaf, shape in (("q.weight", (16, 24)), ("ln.weight", (24,)))},
 }
 
 
@@ -86,6 +99,17 @@ CREATED_ROWS: dict[str, CreatedRow] = {
     "LoRA nn.MultiheadAttention": CreatedRow(
         "LORA", {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": ["mha"]},
         ("mha.in_proj_weight", "mha.in_proj_bias", "mha.out_proj.weight", "mha.out_proj.bias")),
+    # five rows of the model's embedding (its dict form: the table is not called embed_tokens); the rows stand in
+    # for trained ones (N(0, 1) draws, see the module docstring)
+    "LoRA trainable_token_indices": CreatedRow(
+        "LORA", {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": ["fc_in", "fc_out"],
+                 "trainable_token_indices": {"embed": [1, 5, 6, 7, 30]}},
+        ()),
+    # base layers 0 1 2 -> new layers 0 1 2 3 = base 0 1 1 2: two copies of layer 1, each with its own LoRA
+    "LoRA layer_replication": CreatedRow(
+        "LORA", {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": ["q"],
+                 "layer_replication": [[0, 2], [1, 3]]},
+        tuple(f"layers.{i}.{leaf}" for i in range(3) for leaf in ("q.weight", "ln.weight"))),
 }
 
 
@@ -113,6 +137,55 @@ def build_extra(seed: int = SEED + 1) -> dict[str, np.ndarray]:
 
 def _created_rows(peft_type: str) -> list[tuple[str, CreatedRow]]:
     return [(label, row) for label, row in CREATED_ROWS.items() if row.peft_type == peft_type]
+
+
+def _create_row(peft_type: str, row: CreatedRow, state: dict[str, np.ndarray],
+                seed: int) -> tuple[Any, Any, dict[str, np.ndarray] | None]:
+    """``(adapter to save, adapter that merges, its base)`` of a created row, from ``create_adapter(..., seed=seed)``
+    on the demo's ``state``; the base is None where it is ``state`` itself. With ``trainable_token_indices`` the
+    table's rows the adapter starts with are replaced by ``N(0, 1)`` draws (from ``seed``); with
+    ``layer_replication`` the adapter is created on the replicated state (the base it merges into) and saved with
+    the field, which the merging adapter (as :func:`~peftmath.methods.lora_replication.load_replicated` reads it)
+    does not have."""
+    from .adapter import Adapter
+    from .create import create_adapter
+    from .methods._lora_tokens import TOKENS_KEY
+    from .methods.lora_replication import FIELD, replicate_state
+
+    missing = [k for k in row.extra if k not in state]
+    if missing:
+        raise ValueError(f"needs {', '.join(missing)}, which EXTRA_TENSORS does not hold")
+    fields = dict(row.fields)
+    layer_map = fields.pop(FIELD, None)
+    base = None if layer_map is None else replicate_state(state, layer_map)[0]
+    adapter, new_weights = create_adapter(state if base is None else base, {"peft_type": peft_type, **fields},
+                                          seed=seed, return_base=True)
+    if new_weights:
+        base = {**(state if base is None else base), **{k: np.asarray(v) for k, v in new_weights.items()}}
+    rng = np.random.default_rng(seed)
+    params = {m: {**p, TOKENS_KEY: rng.standard_normal(tuple(p[TOKENS_KEY].shape)).astype(np.float32)}
+              if TOKENS_KEY in p else p for m, p in adapter.params.items()}
+    merging = Adapter(adapter.config, params, shared=adapter.shared, layer_kinds=adapter.layer_kinds,
+                      model_type=adapter.model_type)
+    if layer_map is None:
+        return merging, merging, base
+    return (Adapter(adapter.config.replace(**{FIELD: layer_map}), params, shared=adapter.shared,
+                    layer_kinds=adapter.layer_kinds, model_type=adapter.model_type), merging, base)
+
+
+def _load_replicated(folder: Path, state: dict[str, np.ndarray],
+                     replicated: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
+    """``(adapter, inspect-like info)`` of a ``layer_replication`` folder, read as a user reads it
+    (:func:`~peftmath.methods.lora_replication.load_replicated` with the demo's base ``state``); the replicated model
+    it builds must be ``replicated``, the one the adapter was created on (:class:`~peftmath.errors.ShapeError`)."""
+    from .errors import ShapeError
+    from .methods.lora_replication import load_replicated
+
+    loaded, theirs, _ = load_replicated(folder, state)
+    differ = sorted(set(theirs) ^ set(replicated)) or [k for k in theirs if not np.array_equal(theirs[k], replicated[k])]
+    if differ:
+        raise ShapeError(f"{folder}: load_replicated builds another replicated model than the demo's ({differ[:4]})")
+    return loaded, {"num_modules": len(loaded.modules), "trainable_parameters": loaded.num_trainable_parameters()}
 
 
 def _slug(label: str) -> str:
@@ -311,14 +384,10 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
                         row_seed += 100
                         adapter, new_weights = _build_adapter(method, label, dict(fields), state, SEED + row_seed,
                                                               left_out)
+                        saved, row_base = adapter, ({**state, **new_weights} if new_weights else None)
                     else:  # targets that are not modules of MODEL: create_adapter finds them in the state
                         created_seed += 1
-                        missing_extra = [k for k in created.extra if k not in state]
-                        if missing_extra:
-                            raise ValueError(f"needs {', '.join(missing_extra)}, which EXTRA_TENSORS does not hold")
-                        adapter, new_weights = create_adapter(state, {"peft_type": peft_type, **fields},
-                                                              seed=SEED - 100 * created_seed, return_base=True)
-                        new_weights = {k: np.asarray(v) for k, v in new_weights.items()}
+                        saved, adapter, row_base = _create_row(peft_type, created, state, SEED - 100 * created_seed)
                 except Exception as exc:
                     print(f"peftmath demo: skipping {label} ({peft_type}): {type(exc).__name__}: {exc}",
                           file=sys.stderr)
@@ -329,19 +398,22 @@ def run_demo(directory: str | None = None, *, force: bool = False, quiet: bool =
                 slug = _slug(label)
                 ex_base_path = base_path
                 ex_state = state
-                if new_weights:  # the init changed the base (PiSSA-like): this example gets its own base
-                    ex_state = {**state, **new_weights}
+                if row_base is not None:  # the init changed the base (PiSSA-like), or replicated layers: its own base
+                    ex_state = row_base
                     ex_base_path = root / f"{slug}-base.safetensors"
                     save_file(ex_state, ex_base_path, metadata={"format": "pt"})
                 adir = root / f"adapter-{slug}"
                 if adir.exists():
                     shutil.rmtree(adir)
                 try:
-                    save_adapter(adapter, adir)
-                    info = inspect_adapter(adir, base=open_model(ex_base_path), layer_kinds=LAYER_KINDS)
-                    if info["problems"]:
-                        raise ShapeError("; ".join(info["problems"]))
-                    loaded = load_adapter(adir)
+                    save_adapter(saved, adir)
+                    if saved is adapter:
+                        info = inspect_adapter(adir, base=open_model(ex_base_path), layer_kinds=LAYER_KINDS)
+                        if info["problems"]:
+                            raise ShapeError("; ".join(info["problems"]))
+                        loaded = load_adapter(adir)
+                    else:  # layer_replication: the folder is an adapter of the replicated model
+                        loaded, info = _load_replicated(adir, state, ex_state)
                     merged_path = root / f"merged-{slug}.safetensors"
                     if forward_kwargs is not None:  # a forward-only row: its forward, and merge refused
                         fwd_err, effect = _verify_forward(loaded, _adapter64(adapter), ex_state, dict(forward_kwargs),

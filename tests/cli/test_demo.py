@@ -192,3 +192,124 @@ def test_demo_lora_special_target_rows(cli, tmp_path):
             assert np.max(np.abs(unmerged[k] - base[k])) <= rep["bound"] * scale, k
             if k in changed:  # init_lora_weights=False: the row does real work
                 assert np.max(np.abs(want[k] - base[k])) > 100 * rep["bound"] * scale, k
+
+
+def _demo_files(cli, tmp_path):
+    import json
+
+    d = tmp_path / "d"
+    rc, out, err = cli("demo", d, "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    return d, rep, {e["example"]: e for e in rep["examples"]}
+
+
+def _factors(folder):
+    """The tensors of a saved adapter by PEFT key (without ``base_model.model.``), float64."""
+    from peftmath.io.safetensors import load_file
+
+    return {k[len("base_model.model."):]: v.astype(np.float64)
+            for k, v in load_file(folder / "adapter_model.safetensors").items()}
+
+
+def _replaced(table, rows, ids):
+    """``table`` with ``table[ids[j]] = rows[j]`` (written in order: a repeated id gets its last row), by hand."""
+    out = np.array(table, dtype=np.float64, copy=True)
+    for j, t in enumerate(ids):
+        out[t] = rows[j]
+    return out
+
+
+def test_demo_trainable_tokens_rows(cli, tmp_path):
+    """TRAINABLE_TOKENS' rows: every adapted table of the merged file is the base with the rows token_indices replaced
+    by the saved trainable_tokens_delta (written by hand here), every other row and tensor bit for bit; the unmerge
+    (from the merge's record) gives the base back bit for bit."""
+    from peftmath.io import load_adapter
+    from peftmath.io.safetensors import load_file
+
+    d, rep, rows = _demo_files(cli, tmp_path)
+    base = load_file(d / "model.safetensors")
+    for label, slug in [("Trainable tokens", "trainable-tokens"),
+                        ("Trainable tokens (unsorted, repeated)", "trainable-tokens-unsorted-repeated")]:
+        e = rows[label]
+        assert e["check"] == "ok" and e["modules"] == 3 and e["merge_error"] == e["round_trip_error"] == 0.0, e
+        ids = load_adapter(d / f"adapter-{slug}").config.token_indices
+        deltas = {k[: -len(".trainable_tokens_delta")]: v for k, v in _factors(d / f"adapter-{slug}").items()}
+        assert sorted(deltas) == ["embed", "fc_in", "fc_out"]  # the tables of the demo model (Embedding, Linear)
+        merged, unmerged = load_file(d / f"merged-{slug}.safetensors"), load_file(d / f"unmerged-{slug}.safetensors")
+        for k in base:
+            m = k[: -len(".weight")]
+            want = _replaced(base[k], deltas[m], ids) if m in deltas and k.endswith(".weight") else base[k]
+            assert np.array_equal(merged[k], want), k  # a copy of float32 rows: exact
+            assert np.array_equal(unmerged[k], base[k]), k
+            if m in deltas and k.endswith(".weight"):
+                assert sorted(np.flatnonzero(np.any(merged[k] != base[k], axis=1))) == sorted(set(ids)), k
+
+
+def test_demo_lora_trainable_tokens_and_layer_replication_rows(cli, tmp_path):
+    """LoRA's trainable_token_indices (rows of the embedding replaced beside the factors of fc_in, fc_out) and
+    layer_replication (an adapter of the deeper model whose copies of base layer 1 share its weights and have their own
+    factors), checked against a float64 computation by hand from the saved tensors; the replicated folder is written
+    as PEFT writes it (load_adapter refuses it by name) and its base is the replicated model."""
+    import json
+
+    import pytest
+
+    import peftmath as pm
+    from peftmath.errors import UnsupportedError
+    from peftmath.io.safetensors import load_file
+
+    d, rep, rows = _demo_files(cli, tmp_path)
+    bound = rep["bound"]
+    base = {k: v.astype(np.float64) for k, v in load_file(d / "model.safetensors").items()}
+
+    def check(slug, row_base, want, copied):
+        merged, unmerged = load_file(d / f"merged-{slug}.safetensors"), load_file(d / f"unmerged-{slug}.safetensors")
+        assert sorted(merged) == sorted(row_base)
+        for k, v in row_base.items():
+            scale = np.max(np.abs(v))
+            w = want.get(k, v)
+            assert np.max(np.abs(merged[k] - w)) <= bound * scale, k
+            assert np.max(np.abs(unmerged[k] - v)) <= bound * scale, k
+            if k in want:  # init_lora_weights=False / trained rows: the row does real work
+                assert np.max(np.abs(w - v)) > 100 * bound * scale, k
+            else:
+                assert np.array_equal(merged[k], v), k
+        for k in copied:  # replaced rows and untouched tensors come back bit for bit
+            assert np.array_equal(unmerged[k], row_base[k].astype(np.float32)), k
+
+    # trainable tokens beside LoRA
+    e = rows["LoRA trainable_token_indices"]
+    assert e["check"] == "ok" and e["modules"] == 3 and e["trainable_parameters"] == 2 * (4 * 24 + 32 * 4) + 5 * 24, e
+    f = _factors(d / "adapter-lora-trainable-token-indices")
+    assert sorted(f) == ["embed.token_adapter.trainable_tokens_delta", "fc_in.lora_A.weight", "fc_in.lora_B.weight",
+                         "fc_out.lora_A.weight", "fc_out.lora_B.weight"]
+    cfg = json.loads((d / "adapter-lora-trainable-token-indices" / "adapter_config.json").read_text())
+    assert cfg["trainable_token_indices"] == {"embed": [1, 5, 6, 7, 30]}
+    want = {f"{m}.weight": base[f"{m}.weight"] + 2.0 * f[f"{m}.lora_B.weight"] @ f[f"{m}.lora_A.weight"]
+            for m in ("fc_in", "fc_out")}
+    want["embed.weight"] = _replaced(base["embed.weight"], f["embed.token_adapter.trainable_tokens_delta"],
+                                     [1, 5, 6, 7, 30])
+    check("lora-trainable-token-indices", base, want, ["embed.weight"])
+
+    # layer replication: new layers 0 1 2 3 = base layers 0 1 1 2
+    e = rows["LoRA layer_replication"]
+    assert e["check"] == "ok" and e["modules"] == 4 and e["trainable_parameters"] == 4 * (4 * 24 + 16 * 4), e
+    folder = d / "adapter-lora-layer-replication"
+    assert json.loads((folder / "adapter_config.json").read_text())["layer_replication"] == [[0, 2], [1, 3]]
+    with pytest.raises(UnsupportedError, match="load_replicated"):
+        pm.load_adapter(folder)
+    f = _factors(folder)
+    assert sorted({k.rsplit(".lora_", 1)[0] for k in f}) == [f"layers.{j}.q" for j in range(4)]
+    row_base = {k: v.astype(np.float64) for k, v in load_file(d / "lora-layer-replication-base.safetensors").items()}
+    order = [0, 1, 1, 2]
+    assert sorted(row_base) == sorted([k for k in base if not k.startswith("layers.")]
+                                      + [f"layers.{j}.{leaf}" for j in range(4) for leaf in ("q.weight", "ln.weight")])
+    want = {}
+    for j, i in enumerate(order):
+        for leaf in ("q.weight", "ln.weight"):  # each copy holds its base layer's tensors
+            assert np.array_equal(row_base[f"layers.{j}.{leaf}"], base[f"layers.{i}.{leaf}"])
+        want[f"layers.{j}.q.weight"] = base[f"layers.{i}.q.weight"] + 2.0 * f[f"layers.{j}.q.lora_B.weight"] \
+            @ f[f"layers.{j}.q.lora_A.weight"]
+    assert not np.allclose(want["layers.1.q.weight"], want["layers.2.q.weight"])  # the copies have their own adapters
+    check("lora-layer-replication", row_base, want, [k for k in row_base if k not in want])
