@@ -165,6 +165,17 @@ def _regex(text: str) -> str:
     return text
 
 
+def _parameter_names(text: str) -> list[str]:
+    """An argparse ``type=`` for ``--parameter-order NAME[,NAME...]``: parameter names (the last part of a
+    parameter's name, e.g. ``gate_up_proj``), comma-separated."""
+    names = [n.strip() for n in text.split(",")]
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z_]\w*", n)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected parameter names separated by commas (the last part of a "
+                                         f"parameter's name, e.g. gate_up_proj,down_proj), got {text!r}")
+    return names
+
+
 def _layer_kind_item(text: str) -> tuple[str, str]:
     """An argparse ``type=`` for ``--layer-kind MODULE=KIND``."""
     from .layers import LayerKind
@@ -697,12 +708,21 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
                               f"adapter need one each")
         _check_output(base_out, [Path(args.base)], args.force)
     config = read_config(args.config, strict=args.strict) if args.config else _config_from_flags(args)
+    order, transposed = _parameter_flags(args, config)
     state, model_type = open_state(args.base)
     _hint_fast_init(config, state, log)
+    if transposed is not None:
+        _warn_unused_transposed(config, state, log)
     update, close = _progress(None, args.quiet, "init", unit="module")  # targets chosen inside
     try:
         ad, new_base = create_adapter(state, config, seed=args.seed, layer_kinds=_layer_kinds(args.layer_kind),
-                                      model_type=args.model_type or model_type, return_base=True, progress=update)
+                                      model_type=args.model_type or model_type, return_base=True, progress=update,
+                                      parameter_order=order, is_transposed=transposed)
+    except ConfigError as exc:
+        if "parameter_order" not in str(exc):
+            raise
+        raise ConfigError(f"{exc}. On the command line: --parameter-order NAME,NAME,... (the module's targeted "
+                          f"parameters, the first registered first)") from exc
     finally:
         close()
     if new_base and base_out is None:
@@ -739,6 +759,49 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
     return 0
 
 
+def _parameter_flags(args: argparse.Namespace, config: Any) -> tuple[list[str] | None, bool | None]:
+    """``(parameter_order, is_transposed)`` for :func:`~peftmath.create.create_adapter` from ``init``'s
+    ``--parameter-order`` and ``--is-transposed`` / ``--no-is-transposed``, checked against ``config``: both describe
+    how LoRA's ``target_parameters`` wrap raw parameters, so a config without them is a :class:`ConfigError` naming
+    the flag, as are a name given twice and a name that no ``target_parameters`` entry ends with."""
+    order, transposed = args.parameter_order, args.is_transposed
+    given = [flag for flag, value in (("--parameter-order", order),
+                                      ("--is-transposed" if transposed else "--no-is-transposed", transposed))
+             if value is not None]
+    if not given:
+        return None, None
+    patterns = list(getattr(config, "target_parameters", None) or ())
+    if not patterns:
+        raise ConfigError(
+            f"{' and '.join(given)}: these describe how LoRA's target_parameters (raw parameters, e.g. a mixture-of-"
+            f"experts block's 3-D gate_up_proj / down_proj) are wrapped, and this {config.peft_type} config targets no "
+            f"parameters; set target_parameters (--target-parameter NAME, or in the adapter_config.json given with "
+            f"--config), or leave out {' and '.join(given)}")
+    if order is not None:
+        twice = sorted({n for n in order if order.count(n) > 1})
+        if twice:
+            raise ConfigError(f"--parameter-order names {', '.join(twice)} more than once; list each parameter once, "
+                              f"the first registered first")
+        leaves = sorted({t.rsplit(".", 1)[-1] for t in patterns})
+        stray = [n for n in order if n not in leaves]
+        if stray:
+            raise ConfigError(f"--parameter-order names {', '.join(stray)}, which no target_parameters entry "
+                              f"({', '.join(patterns)}) ends with; list the targeted parameters ({', '.join(leaves)}), "
+                              f"the first registered in the module first")
+    return order, transposed
+
+
+def _warn_unused_transposed(config: Any, state: Any, log: _Log) -> None:
+    """``--is-transposed`` / ``--no-is-transposed`` decide the layout of 3-D experts parameters only: say so when
+    the targeted parameters of ``state`` have none."""
+    patterns = list(getattr(config, "target_parameters", None) or ())
+    if not any(len(getattr(v, "shape", ())) == 3 for k, v in state.items()
+               if any(k == t or k.endswith("." + t) for t in patterns)):
+        log.warn(f"--is-transposed / --no-is-transposed: no targeted parameter is 3-D (target_parameters "
+                 f"{', '.join(patterns)}); the flag decides the (E, in, out) vs (E, out, in) layout of experts "
+                 f"tensors only and changes nothing here")
+
+
 #: ``init --init pissa`` on a base with more parameters in its targets than this gets the hint below
 PISSA_HINT_PARAMETERS = 50_000_000
 
@@ -762,7 +825,7 @@ def _hint_fast_init(config: Any, state: dict[str, Any], log: _Log) -> None:
 
 def _config_from_flags(args: argparse.Namespace) -> Any:
     """The config that ``init``'s flags describe: the method's defaults, then --rank, --alpha, --use-dora,
-    --target, --init.
+    --target, --target-parameter, --init.
 
     A flag the method has no field for is an error (IA3 has no rank, OFT no alpha, ...). ``--rank``
     zeroes the fields the method description lists in ``rank_excludes`` (OFT's ``oft_block_size``: PEFT
@@ -781,6 +844,8 @@ def _config_from_flags(args: argparse.Namespace) -> Any:
     if args.target:
         given["target_modules"] = ("--target", args.target[0] if len(args.target) == 1 and (
             args.target[0].lower() == "all-linear" or not re.fullmatch(r"[\w.]+", args.target[0])) else args.target)
+    if args.target_parameter:
+        given["target_parameters"] = ("--target-parameter", args.target_parameter)
     if args.r is not None:
         given["r"] = ("--rank", args.r)
     if args.use_dora:
@@ -803,8 +868,8 @@ def _config_from_flags(args: argparse.Namespace) -> Any:
     try:
         return config_from_dict(fields, source="command line", strict=args.strict)
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (the flags set r, alpha, use_dora, target_modules and the init field; give the other "
-                          f"fields in an adapter_config.json with --config)") from exc
+        raise ConfigError(f"{exc} (the flags set r, alpha, use_dora, target_modules, target_parameters and the init "
+                          f"field; give the other fields in an adapter_config.json with --config)") from exc
 
 
 # --- extract ----------------------------------------------------------------------------------
@@ -1190,6 +1255,18 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--use-dora", action="store_true", help="DoRA (LoRA's use_dora=true; a magnitude vector per module)")
     n.add_argument("--target", type=_regex, action="append", metavar="NAME",
                    help="a target module (repeat), a regex, or all-linear")
+    n.add_argument("--target-parameter", action="append", metavar="NAME",
+                   help="LoRA's target_parameters: a raw parameter to adapt (repeat), its full name or a suffix, e.g. "
+                        "experts.gate_up_proj (3-D mixture-of-experts tensors, 2-D parameters)")
+    n.add_argument("--parameter-order", type=_parameter_names, action="extend", metavar="NAME[,NAME...]",
+                   help="target_parameters: the order in which a module registers its targeted parameters, the "
+                        "first registered first (e.g. gate_up_proj,down_proj for transformers' experts). PEFT nests "
+                        "the wrappers of several parameters of one module in that order, and a safetensors file "
+                        "(sorted keys) does not keep it: needed when a module has more than one targeted parameter")
+    n.add_argument("--is-transposed", action=argparse.BooleanOptionalAction, default=None,
+                   help="target_parameters: the 3-D experts tensors are stored (E, in, out) (transformers' "
+                        "is_transposed), or with --no-is-transposed (E, out, in); default: from the model_type "
+                        "(True for the model types whose experts are stored so)")
     n.add_argument("--init", help="initialisation: true, false, gaussian, pissa, pissa_niter_K, olora, orthogonal, "
                                   "lycoris, ... (pissa takes a full SVD of every target weight, minutes on a large "
                                   "model; pissa_niter_4, PEFT's fast PiSSA, a randomized SVD, takes seconds)")
