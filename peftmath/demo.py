@@ -182,7 +182,8 @@ def _load_replicated(folder: Path, state: dict[str, np.ndarray],
     from .methods.lora_replication import load_replicated
 
     loaded, theirs, _ = load_replicated(folder, state)
-    differ = sorted(set(theirs) ^ set(replicated)) or [k for k in theirs if not np.array_equal(theirs[k], replicated[k])]
+    differ = sorted(set(theirs) ^ set(replicated)) or [k for k in theirs
+                                                        if not np.array_equal(theirs[k], replicated[k])]
     if differ:
         raise ShapeError(f"{folder}: load_replicated builds another replicated model than the demo's ({differ[:4]})")
     return loaded, {"num_modules": len(loaded.modules), "trainable_parameters": loaded.num_trainable_parameters()}
