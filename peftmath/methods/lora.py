@@ -196,9 +196,14 @@ class LoraConfig(TunerConfig):
             if not isinstance(bd.get("match_strict", True), bool):
                 raise ConfigError(f"{source}: use_bdlora.match_strict must be true or false, got {bd['match_strict']!r}")
         if self.velora_config is not None:
-            check_positive_int(source, "velora_config.num_groups", self.velora_config.get("num_groups", 1))
+            check_positive_int(source, "velora_config.num_groups", variant_setting(self, "velora_config", "num_groups"))
+            init_type = variant_setting(self, "velora_config", "init_type")
+            if init_type not in VELORA_INIT_TYPES:
+                raise ConfigError(f"{source}: velora_config.init_type must be one of {', '.join(VELORA_INIT_TYPES)} "
+                                  f"(PEFT's choices), got {init_type!r}")
         if self.monteclora_config is not None:
-            check_positive_int(source, "monteclora_config.num_samples", self.monteclora_config.get("num_samples", 1))
+            check_positive_int(source, "monteclora_config.num_samples",
+                               variant_setting(self, "monteclora_config", "num_samples"))
         tokens = self.alora_invocation_tokens
         if tokens is not None and not (isinstance(tokens, list) and tokens
                                        and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
@@ -288,6 +293,56 @@ TRAINING_STATE: dict[str, tuple[str, tuple[str, ...]]] = {
 #: of those, the buffers (not trainable parameters in PEFT's count)
 FROZEN_STATE = ("lora_velora_embed", "lora_monteclora_sampler.gaussian_var_prior",
                 "lora_monteclora_sampler.expert_weights")
+#: PEFT 0.21.2's ``VeloraConfig`` / ``MontecloraConfig`` defaults of the fields that shape or fill these tensors (a
+#: config written by hand may leave them out; PEFT fills them in)
+VELORA_DEFAULTS = {"num_groups": 64, "scale": 1.0, "init_type": "batch_average"}
+MONTECLORA_DEFAULTS = {"num_samples": 8}
+VELORA_INIT_TYPES = ("batch_average", "batch_average_once", "random")
+
+
+def variant_setting(config: Any, field_name: str, key: str) -> Any:
+    """``config.<field_name>[key]`` (``velora_config`` / ``monteclora_config``), else PEFT's default."""
+    defaults = VELORA_DEFAULTS if field_name == "velora_config" else MONTECLORA_DEFAULTS
+    return (getattr(config, field_name) or {}).get(key, defaults[key])
+
+
+def init_training_state(config: LoraConfig, layer: Layer, r: int, *, seed: Any, like: Array, device: Any,
+                        weight: Array | None = None) -> dict[str, Array]:
+    """The VeLoRA / MonteCLoRA tensors PEFT 0.21.2 creates with a new adapter (and saves: without them
+    ``PeftModel.from_pretrained`` reports missing keys), drawn from a host stream of their own after the factors'
+    (specs/lora.md, section 12):
+
+    * VeLoRA ``lora_velora_embed (⌈in/num_groups⌉,)``: ``init_type="random"``: ``v/‖v‖`` with ``v ~ N(0, I)``
+      (PEFT's normalised ``torch.randn``); otherwise zeros (PEFT fills it from the first training batch);
+    * MonteCLoRA ``lora_monteclora_sampler.*``: the parameters ``std_prior (r,) ~ U[0, 1)`` and
+      ``expert_weights_prior (num_samples,) ~ U[0, 1)`` (PEFT's ``torch.rand``), the buffers
+      ``gaussian_var_prior = I_r`` and ``expert_weights = 1/num_samples``.
+
+    Dtypes as PEFT saves them on a half-precision base (its adapter tensors cast to float32, the sampler's buffers
+    left in the base's dtype): lora_A's, the sampler's buffers the base ``weight``'s (when given, of the same
+    library). Empty without either field. ``like``: lora_A (namespace, dtype, device)."""
+    out: dict[str, Array] = {}
+    if config.peft_type != PEFT_TYPE or (config.velora_config is None and config.monteclora_config is None):
+        return out
+    child = np.random.default_rng(host_rng(seed).integers(2**63))  # a stream apart from LoRA's draws
+    if config.velora_config is not None:
+        dim = -(-layer.in_features // variant_setting(config, "velora_config", "num_groups"))
+        if variant_setting(config, "velora_config", "init_type") == "random":
+            v = child.standard_normal(dim)
+            norm = float(np.linalg.norm(v))
+            embed = (v / norm if norm else np.full(dim, dim ** -0.5)).astype(np.float32)
+        else:
+            embed = np.zeros(dim, np.float32)
+        out["lora_velora_embed"] = xp_like(like, embed, device)
+    if config.monteclora_config is not None:
+        n = variant_setting(config, "monteclora_config", "num_samples")
+        keys = TRAINING_STATE["monteclora_config"][1]
+        host = (child.random(r), child.random(n), np.eye(r), np.full(n, 1.0 / n))
+        out.update({k: xp_like(like, h.astype(np.float32), device) for k, h in zip(keys, host)})
+        xp = namespace(like)
+        if weight is not None and namespace(weight) is xp:  # the buffers: the base's dtype
+            out.update({k: as_compute(xp, out[k], weight.dtype) for k in keys if k in FROZEN_STATE})
+    return out
 #: the layer kinds PEFT 0.21.2 runs these variants on (its Linear class, which also wraps transformers' Conv1D)
 VARIANT_KINDS = (LayerKind.LINEAR, LayerKind.CONV1D_TRANSPOSED)
 
@@ -948,6 +1003,7 @@ class LoraModule(ModuleAdapter):
             params[f"lora_{side}.weight"] = cls._init_bdlora(name, config, layer, r, side, res.A, seed, device,
                                                              init=config.init_lora_weights if init is None else init)
         check_variant_kind(name, config, layer.kind)
+        params.update(init_training_state(config, layer, r, seed=seed, like=res.A, device=device, weight=weight))
         if config.peft_type == PEFT_TYPE and config.kasa_config is not None:  # PEFT: lora_diag = torch.randn(r)
             diag = np.random.default_rng(host_rng(seed).integers(2**63)).standard_normal(r).astype(np.float32)
             params["lora_diag"] = xp_like(res.A, diag, device)
@@ -1074,10 +1130,10 @@ class LoraModule(ModuleAdapter):
             if settings is not None:
                 check_variant_kind(self.name, cfg, self.layer.kind)
         if "lora_velora_embed" in p:
-            groups = cfg.velora_config.get("num_groups", 1)
+            groups = variant_setting(cfg, "velora_config", "num_groups")
             check_shape(self.name, "lora_velora_embed", p["lora_velora_embed"], (-(-self.layer.in_features // groups),))
         if cfg.monteclora_config is not None:
-            n = cfg.monteclora_config.get("num_samples", 1)
+            n = variant_setting(cfg, "monteclora_config", "num_samples")
             shapes = dict(zip(TRAINING_STATE["monteclora_config"][1], ((self.r,), (n,), (self.r, self.r), (n,))))
             for key, shape in shapes.items():
                 if key in p:
