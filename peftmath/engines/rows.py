@@ -153,15 +153,20 @@ def rows_module(mod: Any, r0: int, r1: int) -> Any:
 
 
 def merge_rows(mod: Any, block: Any, r0: int, *, peft_compat: bool = False, unmerge: bool = False,
-               record: Any = None) -> Any:
+               record: Any = None, copy: bool = True) -> Any:
     """Rows ``[r0, r0 + len(block))`` of ``mod``'s merged (``unmerge``: unmerged) weight, from the same rows of
     the base weight ``block``, through the method's own in-place kernel on a private copy of the block (the
-    caller's block is never written). Returns the merged block (same namespace and dtype as ``block``)."""
+    caller's block is never written). Returns the merged block (same namespace and dtype as ``block``).
+    ``copy=False``: merged in ``block`` itself, which must be writeable in place (the method's
+    :class:`~peftmath.errors.UnsupportedError` otherwise; :func:`peftmath.io.stream.transform` merges the
+    float32 tiles of a bfloat16 weight this way)."""
     import array_api_compat
 
     xp = array_api_compat.array_namespace(block)
     sub = rows_module(mod, r0, r0 + int(block.shape[0]))
-    if array_api_compat.is_numpy_array(block):  # a C-ordered private copy: the in-place kernels' layout
+    if not copy:
+        w = block
+    elif array_api_compat.is_numpy_array(block):  # a C-ordered private copy: the in-place kernels' layout
         import numpy as np
 
         w = np.array(block, order="C", copy=True)

@@ -14,9 +14,9 @@ unmerged) copy of a model:
   :meth:`~peftmath.Adapter.unmerge`), rounded to the output dtype and written. Reading, computing and
   writing overlap (:mod:`peftmath.io.pipeline`: a read-ahead thread, a write-behind thread, each holding
   at most two of the largest tensors and 1/16 of the model), so peak memory is about one group plus two
-  stages plus the adapters. A bfloat16 weight merged in float32 (:func:`float32_weights`) is widened by the
-  read-ahead thread and rounded by the write-behind thread, into a few reused float32 buffers, so that the
-  computing thread only merges; during a plain low-rank LoRA merge the BLAS threads are capped
+  stages plus the adapters. A bfloat16 weight merged in float32 (:func:`float32_weights`) is read as its
+  bits into a reused buffer and merged there in float32 row tiles that stay in cache (widen, merge, round:
+  :func:`_merge_bf16_bits`); during a plain low-rank LoRA merge the BLAS threads are capped
   (:mod:`peftmath.io._blas`: the same bits) so that they leave the cores to the pipeline. An adapter that replaces a tensor of the group
   (a bias trained with ``bias="all"`` / ``"lora_only"``) replaces it *before* its module is merged,
   as PEFT loads the bias into the base layer before ``merge_and_unload`` (which may then add
@@ -961,15 +961,12 @@ def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str
                    peft_compat: bool, to_xp: Callable[[np.ndarray], Any] | None,
                    to_host: Callable[[Any], np.ndarray] | None, on_record: Callable[[Step, Any], None] | None,
                    record_for: Callable[[Step], Any] | None,
-                   widen_into: Callable[[tuple[int, ...]], np.ndarray] | None = None,
-                   round_later: bool = False) -> dict[str, Any]:
+                   widen_into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> dict[str, Any]:
     """:func:`compute_group` given the model's ``model_type`` and a ``read`` function instead of the model.
 
-    ``widen_into(shape)`` (a bfloat16 weight of :func:`float32_weights`): a float32 buffer the weight is widened
-    into and merged in; the result is rounded back into the bfloat16 array read (so the weight comes back
-    already in its output dtype, the same bits as the module's own bfloat16 path). Such a weight may also be
-    read already widened (``read`` returns its float32 values: :func:`transform`'s read-ahead thread widens
-    it); ``round_later``: its float32 result comes back as :class:`_Unrounded`, for the writer to round."""
+    ``widen_into(shape)`` (a bfloat16 weight of :func:`float32_weights`): a float32 buffer of ``shape`` to
+    widen row tiles of the weight into; ``read`` returns the weight's bits (``uint16``, writeable), and the
+    weight is merged tile by tile in them (:func:`_merge_bf16_bits`), so it comes back as its output bits."""
     to_xp = to_xp or (lambda a: a)
     to_host = to_host or (lambda a: np.asarray(a))
 
@@ -980,11 +977,17 @@ def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str
         return to_xp(_astype(read(key), dtype_of(key)))
 
     bkey = pl.group_bias.get(wkey)
-    stored = read(wkey) if widen_into is not None else None  # the bits, or the float32 values (widened already)
-    if stored is None:
-        state = {wkey: read_work(wkey)}
-    else:
-        state = {wkey: stored if stored.dtype == np.float32 else widen_bf16(stored, out=widen_into(stored.shape))}
+    if widen_into is not None:
+        (st,) = pl.groups[wkey]  # float32_weights: one plain LoRA module on a Linear weight, nothing replaced
+        part = _part(adapters[st.adapter], st.module, {}, model_type)
+        bits = read(wkey)
+        mod = part.module(st.module, weight_shape=tuple(bits.shape), kind="linear", model_type=model_type)
+        _merge_bf16_bits(mod, bits, widen_into, unmerge=direction != "merge")
+        out = {wkey: bits}
+        if bkey is not None:  # passes through (a plain LoRA module leaves the bias alone)
+            out[bkey] = to_host(read_work(bkey))
+        return out
+    state = {wkey: read_work(wkey)}
     if bkey is not None:
         state[bkey] = read_work(bkey)
     for st in pl.groups[wkey]:
@@ -1006,14 +1009,38 @@ def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str
                 given = {st.module: r} if r is not None else None
             state = _in_place(part.unmerge, state, peft_compat=peft_compat, layer_kinds=kinds, records=given)
     out = {wkey: to_host(state[wkey])}
-    if stored is not None and round_later:
-        out[wkey] = _Unrounded(np.ascontiguousarray(out[wkey], dtype=np.float32))
-    elif stored is not None:
-        bits = stored.dtype == np.uint16 and stored.flags.writeable and stored.flags.c_contiguous
-        out[wkey] = round_bf16(np.asarray(out[wkey], dtype=np.float32), out=stored if bits else None)
     if bkey is not None:
         out[bkey] = to_host(state[bkey])
     return out
+
+
+#: bytes of the float32 row tiles a bfloat16 weight of :func:`float32_weights` is merged in (:func:`_merge_bf16_bits`):
+#: a tile stays in the core's cache between its widening, its gemm and its rounding
+BF16_TILE_BYTES = 1 << 20
+
+
+def _merge_bf16_bits(mod: Any, bits: np.ndarray, widen_into: Callable[[tuple[int, ...]], np.ndarray], *,
+                     unmerge: bool) -> None:
+    """Merge (``unmerge``: unmerge) the bound module ``mod`` into the bfloat16 weight whose bits are the writeable
+    C-ordered ``uint16`` array ``bits``, in place: row tile by row tile, widened exactly into a float32 tile
+    (``widen_into``, :data:`BF16_TILE_BYTES`), merged there by the method's own in-place kernel on those rows
+    (:func:`peftmath.engines.rows.merge_rows`), rounded once back into the tile's bits (:mod:`peftmath.io.bf16`).
+
+    Each output row is ``round(W[i] + s·B[i]·A)`` with the same float32 sums as the whole-matrix merge (a gemm's
+    row does not depend on the rows beside it: ``tests/io/test_stream_bf16.py`` checks the bytes against the
+    module's own bfloat16 path), and the weight goes through memory once instead of three times (widen,
+    merge, round of the whole matrix)."""
+    from ..engines.rows import merge_rows
+
+    n_rows, width = bits.shape
+    step = max(1, BF16_TILE_BYTES // (4 * max(1, width)))
+    buf = widen_into((min(step, n_rows), width))
+    for r0 in range(0, n_rows, step):
+        r1 = min(r0 + step, n_rows)
+        tile = buf[: r1 - r0]
+        widen_bf16(bits[r0:r1], out=tile)
+        merge_rows(mod, tile, r0, unmerge=unmerge, copy=False)
+        round_bf16(tile, out=bits[r0:r1])
 
 
 def float32_weights(pl: Plan, *, safe: bool, peft_compat: bool, backend: bool = False) -> frozenset[str]:
@@ -1021,10 +1048,10 @@ def float32_weights(pl: Plan, *, safe: bool, peft_compat: bool, backend: bool = 
     layer changed by one plain LoRA module (A and B only: no DoRA, KaSA, BD-LoRA or ``lora_bias``), in a
     default merge or unmerge (not ``safe``, not ``peft_compat``) on NumPy (``backend`` False).
 
-    The module then updates a float32 array (one gemm with ``beta=1``) and the output is rounded once
-    (:func:`peftmath.io.bf16.round_bf16`): the same float32 sums, rounded the same way, as the module's own
-    bfloat16 path (float32 row tiles, widened and rounded by ml_dtypes' casts), so the same bits, without the
-    per-tile casts. A bias of the group keeps its stored dtype (it passes through unchanged). Everything else
+    The module then updates float32 row tiles of the weight's bits (one gemm with ``beta=1`` each:
+    :func:`_merge_bf16_bits`), each rounded once (:func:`peftmath.io.bf16.round_bf16`): the same float32 sums,
+    rounded the same way, as the module's own bfloat16 path, so the same bits, without ml_dtypes (the weight
+    stays ``uint16`` bits from the file to the file). A bias of the group keeps its stored dtype (it passes through unchanged). Everything else
     (several adapters on one weight: the bfloat16 path rounds between them; ``peft_compat`` and ``safe``, which
     round or check in the weight's dtype; other methods) keeps the module's own path.
     """
@@ -1120,8 +1147,8 @@ class Job:
         return state
 
     def float32_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 array of ``shape`` reused by the tasks this thread runs for this job (a widened weight of
-        :attr:`float32_weights`: no allocation of a weight's size per task; it goes with the job)."""
+        """A float32 array of ``shape`` reused by the tasks this thread runs for this job (the row tiles a weight of
+        :attr:`float32_weights` is widened into: no allocation per task; it goes with the job)."""
         local = self.__dict__.get("_buffers") or self.__dict__.setdefault("_buffers", threading.local())
         n = math.prod(shape)
         buf = getattr(local, "buf", None)
@@ -1168,15 +1195,6 @@ class Job:
         return order
 
 
-@dataclass(frozen=True)
-class _Unrounded:
-    """The float32 result of a bfloat16 weight of :attr:`Job.float32_weights`, not rounded yet: :func:`transform`'s
-    write-behind thread rounds it (:func:`peftmath.io.bf16.round_bf16`) just before writing it, so that the
-    rounding runs beside the next weight's merge."""
-
-    values: np.ndarray
-
-
 def _output_array(op: TensorOp, arr: np.ndarray, safe: bool) -> np.ndarray:
     """``arr`` as it is written: the output dtype (rounded once), C-contiguous, little-endian; with ``safe``,
     a NaN or infinity is a :class:`NonFiniteError`."""
@@ -1191,12 +1209,12 @@ def _output_array(op: TensorOp, arr: np.ndarray, safe: bool) -> np.ndarray:
     return arr
 
 
-def compute_unit(job: Job, unit: Unit, read: Callable[[str], np.ndarray] | None = None, *,
-                 round_later: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def compute_unit(job: Job, unit: Unit, read: Callable[[str], np.ndarray] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The bytes unit ``unit`` (not a copy) writes: ``({key: array as written}, {record name: record})``; a
-    weight of :attr:`Job.float32_weights` comes as its bfloat16 bits (``uint16``), or with ``round_later`` as its
-    float32 result (:class:`_Unrounded`, rounded by whoever writes it). ``read`` reads an input tensor (default
-    :meth:`Job.read`; for a weight of :attr:`Job.float32_weights` it may return the float32 values)."""
+    weight of :attr:`Job.float32_weights` comes as its bfloat16 bits (``uint16``). ``read`` reads an input
+    tensor (default :meth:`Job.read`; a weight of :attr:`Job.float32_weights` as its bits, writeable: it is
+    merged in them)."""
     pl, read = job.plan, read or job.read
     to_host = job.to_host or (lambda a: np.asarray(a))
     to_xp = job.to_xp or (lambda a: a)
@@ -1220,16 +1238,13 @@ def compute_unit(job: Job, unit: Unit, read: Callable[[str], np.ndarray] | None 
         raw = _group_tensors(pl, job.adapters, wkey, job.model_type, read, direction=job.direction, work=None,
                              safe=job.safe, peft_compat=job.peft_compat, to_xp=job.to_xp, to_host=job.to_host,
                              on_record=on_record, record_for=record_for,
-                             widen_into=job.float32_buffer if wkey in job.float32_weights else None,
-                             round_later=round_later)
-    return {k: (v if isinstance(v, _Unrounded) else _output_array(pl.ops[k], v, job.safe))
-            for k, v in ((k, raw.pop(k)) for k in unit.keys)}, records
+                             widen_into=job.float32_buffer if wkey in job.float32_weights else None)
+    return {k: _output_array(pl.ops[k], raw.pop(k), job.safe) for k in unit.keys}, records
 
 
 def run_unit(job: Job, unit: int | Unit, *, read: Callable[[str], np.ndarray] | None = None,
              write: Callable[[int, int, Any], None] | None = None,
-             copy: Callable[[str, int, int, int, int], None] | None = None,
-             round_later: bool = False) -> dict[str, np.ndarray]:
+             copy: Callable[[str, int, int, int, int], None] | None = None) -> dict[str, np.ndarray]:
     """Run one task of ``job`` (``unit``: its index in ``job.units``, or the unit): compute its tensors
     (:func:`compute_unit`) and write each at its offset, or copy its byte range; return the merge records it
     made (DoRA's weight norms; they are written once, by :meth:`Output.commit`).
@@ -1237,9 +1252,7 @@ def run_unit(job: Job, unit: int | Unit, *, read: Callable[[str], np.ndarray] | 
     A picklable function of picklable arguments: an engine runs it on any worker (:mod:`peftmath.engines`);
     :func:`transform` runs it in order with its pipeline's ``read`` (read ahead), ``write(i, offset, arr)``
     and ``copy(path, start, count, i, offset)`` (write behind). The defaults open the files themselves
-    (:meth:`Job.read`, :meth:`Job.write`, :meth:`Job.copy`). Run again, it writes the same bytes.
-    ``round_later`` (with a ``write`` that rounds: :func:`transform`'s): a weight of :attr:`Job.float32_weights`
-    is given to ``write`` as its float32 result (:class:`_Unrounded`)."""
+    (:meth:`Job.read`, :meth:`Job.write`, :meth:`Job.copy`). Run again, it writes the same bytes."""
     u = job.units[unit] if isinstance(unit, int) else unit
     write, copy = write or job.write, copy or job.copy
     if u.kind == "copy":
@@ -1247,7 +1260,7 @@ def run_unit(job: Job, unit: int | Unit, *, read: Callable[[str], np.ndarray] | 
         i, offset = job.where[u.keys[0]]
         copy(path, start, count, i, offset)
         return {}
-    arrays, records = compute_unit(job, u, read, round_later=round_later)
+    arrays, records = compute_unit(job, u, read)
     for k in u.keys:
         i, offset = job.where[k]
         write(i, offset, arrays.pop(k))
@@ -1506,9 +1519,9 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
     overlaps reading, computing and writing (:mod:`peftmath.io.pipeline`: a read-ahead thread, the
     computation in the caller's thread, a write-behind thread, each finished shard fsynced by another while
     the next is written), each stage holding at most :func:`_stage_limit` bytes; a bfloat16 weight of
-    :attr:`Job.float32_weights` is widened by the read-ahead thread and rounded in place by the write-behind
-    thread, into reused buffers (:class:`_Buffers`, also for the weights merged in place in their own dtype;
-    each stage counts one buffer at its full size), and a plain LoRA
+    :attr:`Job.float32_weights` is read as its bits and merged in them by float32 row tiles
+    (:func:`_merge_bf16_bits`); adapted weights are read into reused buffers (:class:`_Buffers`: those bits, and
+    the weights merged in place in their own dtype; each stage counts one buffer at its full size), and a plain LoRA
     merge of rank <= :data:`LOW_RANK` caps the BLAS threads at the cores less two (:mod:`peftmath.io._blas`).
     ``pipeline=False`` does the same operations one after the other. The output is the same, byte for byte.
     """
@@ -1517,31 +1530,22 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
     pl = job.plan
     reads = job.reads()
     limit = _stage_limit(base, pl, reads)
-    wide = job.float32_weights  # bfloat16 weights merged in float32: widened by the reader, rounded by the writer
-    # adapted weights merged in place in their own dtype (float32 and the like): read into reused buffers too
-    plain = {k for k in pl.groups if k not in wide and job.to_xp is None and base.dtype_code(k) in ("F64", "F32", "F16")
-             and pl.ops[k].src_dtype == pl.ops[k].dst_dtype == pl.ops[k].work_dtype}
-    sizes = [4 * math.prod(pl.ops[k].shape) for k in wide] + [base.nbytes(k) for k in plain]
-    buffers = _Buffers(max(sizes, default=0))
-    local = threading.local()  # each reading thread's buffer for the bits of a bfloat16 weight
+    # adapted weights merged in place in reused buffers: those in their own dtype (float32 and the like), and the
+    # bits of the bfloat16 weights merged in float32 row tiles (Job.float32_weights)
+    inplace = set(job.float32_weights) | {
+        k for k in pl.groups if job.to_xp is None and base.dtype_code(k) in ("F64", "F32", "F16")
+        and pl.ops[k].src_dtype == pl.ops[k].dst_dtype == pl.ops[k].work_dtype}
+    buffers = _Buffers(max((base.nbytes(k) for k in inplace), default=0))
 
     def read(key: str) -> np.ndarray:
-        if key in plain:
-            return base.read(key, out=buffers.take(np.uint8, (buffers.nbytes,)))
-        if key not in wide:
-            return base.read(key)
-        if getattr(local, "bits", None) is None:
-            local.bits = np.empty(buffers.nbytes // 2, dtype=np.uint8)
-        stored = base.read(key, bits=True, out=local.bits)
-        return widen_bf16(stored, out=buffers.take(np.float32, stored.shape))
+        if key in inplace:
+            return base.read(key, bits=key in job.float32_weights, out=buffers.take(np.uint8, (buffers.nbytes,)))
+        return base.read(key)
 
-    reader = ReadAhead(read, reads, lambda k: buffers.nbytes if k in wide or k in plain else base.nbytes(k), limit,
+    reader = ReadAhead(read, reads, lambda k: buffers.nbytes if k in inplace else base.nbytes(k), limit,
                        threaded=pipeline)
-    # the writer rounds too: room for two buffers, so that the merge does not wait on each write's jitter
+    # room for two buffers, so that the merge does not wait on each write's jitter
     writer = WriteBehind(max(limit, 2 * buffers.nbytes), threaded=pipeline)
-
-    def round_for_writing(values: np.ndarray) -> np.ndarray:  # (in the writer's thread, just before writing)
-        return round_bf16(values, out=values.reshape(-1).view(np.uint16)[: values.size])  # in place
 
     sources: dict[str, int] = {}
     new_records: dict[str, np.ndarray] = {}
@@ -1554,10 +1558,7 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
         fids = [writer.attach(f.path) for f in job.files]
 
         def write(i: int, offset: int, arr: Any) -> None:
-            if isinstance(arr, _Unrounded):
-                writer.write_at(fids[i], offset, arr.values, prepare=round_for_writing,
-                                done=buffers.give_back, nbytes=buffers.nbytes)
-            elif buffers.lent(arr):  # merged in place in its buffer: given back once written
+            if buffers.lent(arr):  # merged in place in its buffer: given back once written
                 writer.write_at(fids[i], offset, arr, done=buffers.give_back, nbytes=buffers.nbytes)
             else:
                 writer.write_at(fids[i], offset, arr)
@@ -1573,7 +1574,7 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
             while ended < first:  # no later unit writes into a file before its first tensor's
                 writer.end_file(fids[ended])
                 ended += 1
-            new_records.update(run_unit(job, unit, read=reader.take, write=write, copy=copy, round_later=True))
+            new_records.update(run_unit(job, unit, read=reader.take, write=write, copy=copy))
             if limit_blas is not None and unit.kind != "copy":
                 limit_blas.refresh()  # SciPy's BLAS is loaded by the first gemm
             if progress is not None:

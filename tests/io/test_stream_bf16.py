@@ -1,6 +1,7 @@
-"""The streamed merge of a bfloat16 model: plain LoRA weights widened to float32 by the task itself
-(peftmath.io.stream.float32_weights) write the same bytes as the module's own bfloat16 path (float32 row tiles
-through ml_dtypes' casts), and the bytes are W + s·B·A rounded once."""
+"""The streamed merge of a bfloat16 model: plain LoRA weights merged by the task itself in float32 row tiles of
+their bits (peftmath.io.stream.float32_weights, _merge_bf16_bits) write the same bytes as the module's own
+bfloat16 path (its own float32 row tiles, of other sizes) and as the public API's whole-state merge, and the bytes
+are W + s·B·A rounded once."""
 
 from __future__ import annotations
 
@@ -70,8 +71,10 @@ def _bytes(folder: Path) -> bytes:
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """The module path's float32 row tiles of 2 rows of 24 (many tiles, a remainder of 1 row for 37 rows)."""
+    """The module path's float32 row tiles of 2 rows of 24 (many tiles, a remainder of 1 row for 37 rows), and the
+    stream's of 5 rows (other tile edges: remainders of 2 and 4 rows)."""
     monkeypatch.setattr(type(backend_for(np)), "tile_bytes", 2 * 24 * 4)
+    monkeypatch.setattr(stream, "BF16_TILE_BYTES", 5 * 24 * 4)
 
 
 def test_which_weights_are_widened(tmp_path):
@@ -235,11 +238,15 @@ def _pools(monkeypatch) -> list:
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "merge-returns-a-copy"])
 def test_widened_weights_reuse_a_few_buffers(tmp_path, monkeypatch, in_place):
-    """The pipelined merge widens each weight into one of a few float32 buffers (read-ahead thread) and rounds it
-    in place there (write-behind thread), then reuses it: at most four exist (one read ahead, one merged, two in
-    the write-behind stage), and the bytes are the sequential merge's. A merge that returns a new array instead (its buffer is
-    never given back) still writes the same bytes: the pool makes another buffer, nothing waits for it."""
+    """The pipelined merge reads each weight's bfloat16 bits into one of a few buffers (read-ahead thread), merges
+    them there in float32 row tiles (the computing thread's own small float32 buffer), writes them (write-behind
+    thread) and reuses the buffer: at most four exist (one read ahead, one merged, two in the write-behind stage),
+    and the bytes are the sequential merge's. A merge that returns a new array instead (a float32 model's weight
+    merged with copy=True: its buffer is never given back) still writes the same bytes: the pool makes another
+    buffer, nothing waits for it."""
     state = _state(3)
+    if not in_place:
+        state = {k: v.astype(np.float32) for k, v in state.items()}
     base = open_model(_write(tmp_path / "base", state))
     ad = _lora(state)
     transform(base, [ad], tmp_path / "seq", pipeline=False)
@@ -250,7 +257,7 @@ def test_widened_weights_reuse_a_few_buffers(tmp_path, monkeypatch, in_place):
     transform(base, [ad], tmp_path / "pipe", pipeline=True)
     assert _bytes(tmp_path / "seq") == _bytes(tmp_path / "pipe")
     (pool,) = pools
-    assert pool.nbytes == 4 * max(37 * 24, 24 * 24)
+    assert pool.nbytes == (2 if in_place else 4) * max(37 * 24, 24 * 24)  # bfloat16 bits / float32 weights
     if in_place:
         assert 1 <= len(pool._free) <= 4 and not pool._lent
     else:
