@@ -1,7 +1,8 @@
 """`peftmath init --parameter-order / --is-transposed / --target-parameter` (LoRA's target_parameters, issue 18): the
 adapter the command writes from a safetensors base (sorted keys: the registration order PEFT nests wrappers by is
 lost) is the one ``create_adapter`` gives for the base in registration order; the flags' errors name the flag and
-what to do. ``tests/parity/test_init_cli_parity.py`` loads the written adapters in PEFT."""
+what to do. ``tests/parity/test_init_cli_parity.py`` loads the written adapters in PEFT. Also: init refuses
+layer_replication (the adapter belongs to the replicated model)."""
 
 from __future__ import annotations
 
@@ -144,3 +145,17 @@ def test_is_transposed_on_2d_parameters_warns(tmp_path, base, capsys):
     assert sorted(_written(out)[0]) == ["base_model.model.lin.lora_A.weight", "base_model.model.lin.lora_B.weight"]
     assert main(["init", str(path), "--target-parameter", "lin.weight", "--is-transposed", "--strict", "-o",
                  str(tmp_path / "s")]) == 1  # --strict: the warning is an error
+
+
+def test_init_refuses_layer_replication(tmp_path, capsys):
+    """create_adapter makes the adapter for the base's own layers; PEFT loads a layer_replication adapter onto the
+    replicated (deeper) model, so init refuses the field, saying how to build such an adapter."""
+    rng = np.random.default_rng(0)
+    state = {f"model.layers.{i}.q.weight": rng.standard_normal((4, 6)).astype(np.float32) for i in range(3)}
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "cfg.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q"],
+                                                   "layer_replication": [[0, 2], [1, 3]]}))
+    assert main(["init", str(tmp_path / "model.safetensors"), "--config", str(tmp_path / "cfg.json"), "-o",
+                 str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "layer_replication=[[0, 2], [1, 3]]" in err and "replicate_state" in err and not (tmp_path / "o").exists()
