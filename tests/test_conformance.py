@@ -38,12 +38,14 @@ def test_peftmath_mixed_batch_conforms_in_bfloat16():
 @pytest.mark.parametrize("limit", [None, 100, 288])
 def test_adapter_set_mixed_batch_conforms(monkeypatch, limit):
     """Through an AdapterSet (modules and NumPy factors prepared once, kept between calls; each case run
-    twice), with the NumPy path's piece limit also lowered so that the segments (up to 36 tokens) are cut
-    in pieces of 2 to 12 rows depending on the rank."""
+    twice), with the NumPy path's small-call limit also lowered (and its narrowest slice) so that the products
+    of the segments (up to 36 tokens) are summed over slices of the input dimension and cut into slices of the
+    output columns, of widths depending on the rank and the rows."""
     from peftmath import multi
 
     if limit is not None:
         monkeypatch.setattr(multi, "_SMALL_GEMM", limit)
+        monkeypatch.setattr(multi, "_MIN_SLICE", (1, 1))
 
     def forward(case):
         aset = multi.AdapterSet({n: Adapter(pm.LoraConfig(r=A.shape[0], lora_alpha=s * A.shape[0],

@@ -223,7 +223,8 @@ def _numpy_case(rng, dtype, ranks, names, tokens, inn=10, out=8):
 def test_numpy_path_equals_the_generic_path(seed, tokens, dtype, small):
     """The NumPy path (one sort, one gather, factors prepared once, long segments in pieces) gives the
     generic path's terms within float round-off, and both the row-by-row float64 result; ``small`` shrinks
-    the piece limit so that segments are cut into pieces of 1-3 rows."""
+    the small-call limit (and the narrowest slice) so that the products of a segment are cut into slices of
+    the input dimension and of the output columns."""
     import array_api_compat.numpy as xp
 
     from peftmath import multi
@@ -238,13 +239,14 @@ def test_numpy_path_equals_the_generic_path(seed, tokens, dtype, small):
     layer = ads["a0"].module("lin", weight_shape=(8, 10)).layer
     cd = np.dtype(dtype).type
     prepared = [multi._numpy_factors(multi._Prepared(ads[n], "lin", mods[n]), cd) for n in order]
-    old = multi._SMALL_GEMM
+    old = multi._SMALL_GEMM, multi._MIN_SLICE
     try:
         if small is not None:
-            multi._SMALL_GEMM = small * 12 * 10             # most = small rows at r = 12, more at lower ranks
+            multi._SMALL_GEMM = small * 12 * 3              # slices of `small` columns at 3 rows of rank 12
+            multi._MIN_SLICE = (2, 2)
         fast = multi._numpy_terms(x, prepared, {n: i for i, n in enumerate(order)}, names, layer, cd)
     finally:
-        multi._SMALL_GEMM = old
+        multi._SMALL_GEMM, multi._MIN_SLICE = old
     generic = multi._segmented_terms(xp, x, mods, order, names, layer, cd, None)
     assert fast.dtype == generic.dtype == np.dtype(dtype) and fast.shape == generic.shape == (len(names), tokens, 8)
     tol = 1e-5 if dtype == "float32" else 1e-12
@@ -262,19 +264,31 @@ def test_numpy_path_equals_the_generic_path(seed, tokens, dtype, small):
         np.testing.assert_allclose(y, _rowwise(x, state, factors, names), rtol=tol, atol=tol)
 
 
-def test_pieces_cover_a_segment_evenly():
-    from peftmath.multi import _SMALL_GEMM, _piece
+def test_slices_of_a_segment():
+    """:func:`multi._slice` keeps each call under the small-call limit with slices no narrower than asked (else
+    one call), and :func:`multi._segment_terms` on a Linear(4096, 4096)-sized segment (both products sliced)
+    equals the float64 product within float32 round-off."""
+    from peftmath import multi
 
-    for r, dim in ((8, 4096), (16, 4096), (32, 4096), (64, 4096), (128, 4096), (16, 10)):
-        most = _SMALL_GEMM // (r * dim)
-        for rows in range(1, 70):
-            step = _piece(rows, r, dim)
-            if rows <= most or most < 2:
-                assert step == rows
-            else:
-                assert 1 <= step <= most and -(-rows // step) == -(-rows // (most - most % 2))
-    assert [_piece(k, 32, 4096) for k in (7, 8, 12, 13)] == [7, 4, 6, 5]
-    assert [_piece(k, 64, 4096) for k in (3, 4, 5)] == [3, 2, 2]
+    small = multi._SMALL_GEMM
+    for rows, r, dim, least in ((16, 64, 4096, 128), (8, 64, 4096, 512), (64, 64, 4096, 512), (2, 8, 4096, 128),
+                                (3, 12, 10, 2)):
+        w = multi._slice(rows, r, dim, least)
+        if rows * r * dim <= small or small // (rows * r) < least:
+            assert w == dim
+        else:
+            assert least <= w < dim and rows * r * w <= small
+    rng = np.random.default_rng(0)
+    k, r, n = 16, 64, 4096
+    assert multi._slice(k, r, n, multi._MIN_SLICE[0]) < n and multi._slice(k, r, n, multi._MIN_SLICE[1]) < n
+    xs = rng.standard_normal((k, n)).astype(np.float32)
+    At = np.ascontiguousarray((rng.standard_normal((r, n)) / 64).T.astype(np.float32))
+    sBt = (rng.standard_normal((r, n)) / 8).astype(np.float32)
+    ys = np.full((k, n), np.nan, dtype=np.float32)
+    multi._segment_terms(xs, At, sBt, ys)
+    want = (xs.astype(np.float64) @ At.astype(np.float64)) @ sBt.astype(np.float64)
+    scale = (np.abs(xs).astype(np.float64) @ np.abs(At)) @ np.abs(sBt)
+    assert np.all(np.abs(ys - want) <= 4 * (n + r) * 2.0 ** -24 * scale)
 
 
 def test_adapter_set_prepares_once_and_sees_replaced_adapters(monkeypatch):
