@@ -43,6 +43,7 @@ from typing import Any
 
 from ..errors import ShapeError, UnsupportedError
 from ..layers import Layer, LayerKind
+from ..methods.lora import TRAINING_STATE as _LORA_TRAINING_STATE
 
 __all__ = ["RowRule", "ROW_LOCAL", "NOT_ROW_LOCAL", "row_rule", "rows_module", "merge_rows", "describe", "row_alignment"]
 
@@ -63,7 +64,9 @@ class RowRule:
 
 
 ROW_LOCAL: dict[str, RowRule] = {
-    "LORA": RowRule(rows=("lora_B.weight", "lora_B.bias", "lora_magnitude_vector"), whole=("lora_A.weight",),
+    # VeLoRA's / MonteCLoRA's training state takes no part in the merge: passed whole, unused
+    "LORA": RowRule(rows=("lora_B.weight", "lora_B.bias", "lora_magnitude_vector"),
+                    whole=("lora_A.weight", *(k for _, keys in _LORA_TRAINING_STATE.values() for k in keys)),
                     why="W'[i] = W[i] + s·B[i]·A; DoRA's weight norm and magnitude are per output row",
                     embedding=True),
     "ADALORA": RowRule(rows=("lora_B",), whole=("lora_A", "lora_E"), why="W'[i] = W[i] + B[i]·(E ⊙ A)·s/ranknum"),
