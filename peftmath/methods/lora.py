@@ -208,8 +208,9 @@ class LoraConfig(TunerConfig):
         if tokens is not None and not (isinstance(tokens, list) and tokens
                                        and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
             raise ConfigError(f"{source}: alora_invocation_tokens must be a non-empty list of token ids, got {tokens!r}")
-        on = [n for n in ("use_dora", "use_bdlora", "velora_config", "monteclora_config", "alora_invocation_tokens")
-              if getattr(self, n)] + (["kasa_config"] if self.kasa_config is not None else [])
+        # a sub-config of PEFT's defaults ({}) switches its variant on too
+        on = [n for n in ("use_dora", "use_bdlora", "velora_config", "monteclora_config", "alora_invocation_tokens",
+                          "kasa_config") if getattr(self, n) not in (None, False)]
         if len(on) > 1:
             raise ConfigError(f"{source}: {' and '.join(on)} are set together; PEFT 0.21.2 runs one LoRA variant per "
                               f"layer and refuses this combination")

@@ -114,3 +114,10 @@ def test_velora_init_type_is_checked():
     with pytest.raises(ConfigError, match=r"velora_config.init_type must be one of batch_average, "
                                           r"batch_average_once, random .*'gaussian'"):
         _create(_state(), velora_config={"num_groups": 4, "init_type": "gaussian"})
+
+
+@pytest.mark.parametrize("other", [{"use_dora": True}, {"monteclora_config": {}}])
+def test_a_sub_config_of_defaults_counts_as_its_variant(other):
+    """``velora_config: {}`` is VeLoRA with PEFT's defaults: with a second variant it is refused as PEFT refuses it."""
+    with pytest.raises(ConfigError, match="velora_config and|and velora_config"):
+        _create(_state(), velora_config={}, **other)
