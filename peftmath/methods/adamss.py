@@ -41,8 +41,8 @@ from ._contract import Method
 
 Array = Any
 
-__all__ = ["AdamssConfig", "weight_with_bias", "left_vectors", "kmeans_labels", "partition", "factors",
-           "delta_weight", "forward", "initialize_subspaces", "AdamssModule"]
+__all__ = ["AdamssConfig", "weight_with_bias", "left_vectors", "kmeans_labels", "kmeans_margins", "NearTie",
+           "row_error", "partition", "factors", "delta_weight", "forward", "initialize_subspaces", "AdamssModule"]
 
 PEFT_TYPE = "ADAMSS"
 SUPPORTED_KINDS = (LayerKind.LINEAR,)
@@ -132,22 +132,50 @@ def left_vectors(Wb: Array, P: Array) -> Array:
     >>> left_vectors(Wb, np.array([[0.0, -1.0]])).round(12).tolist()  # P's sign carries over to U
     [[0.0], [-1.0], [0.0]]
     """
+    return _left_vectors_and_scales(Wb, P)[0]
+
+
+#: Gaussian probes appended to the solve of :func:`left_vectors` when the partition is checked for near ties: they
+#: estimate ``‖W_b⁺‖`` (specs/adamss.md §2, "Near ties")
+PROBES = 16
+#: the probe estimate of ``‖W_b⁺‖₂`` is multiplied by this (with 16 probes it falls below a third of
+#: ``‖W_b⁺‖_F ≥ ‖W_b⁺‖₂`` with probability ≤ P(χ²₁₆ < 16/9) ≈ 4·10⁻⁶)
+PROBE_SAFETY = 3.0
+
+
+def _left_vectors_and_scales(Wb: Array, P: Array, *, probes: int = 0) -> tuple[Array, np.ndarray, float | None]:
+    """``(U, s, inv)``: :func:`left_vectors`, the singular values ``s (q,)`` that go with it (host float64: the
+    column norms of ``W_b Pᵀ`` for ``out < n``, else ``1 / ‖W_b⁻ᵀ p_j‖``), and, with ``probes`` Gaussian right-hand
+    sides added to the solve (``out ≥ n``), the estimate ``PROBE_SAFETY · ‖W_b⁺‖_F`` of ``1 / σ_min(W_b)``
+    (None for ``out < n`` or without probes)."""
     xp = namespace(Wb, P, where="adamss.left_vectors")
     out, n = int(Wb.shape[0]), int(Wb.shape[1])
+    q = int(P.shape[0])
     # out < n: a product; out >= n: a solve with W_b (square) or its Gram matrix, in float64 where the library
     # has it (the Gram matrix squares W_b's condition number)
     cd = compute_dtype(xp, Wb.dtype, P.dtype) if out < n else widest_float(xp, Wb.dtype, P.dtype)
     Wc, Pt = as_compute(xp, Wb, cd), xp.matrix_transpose(as_compute(xp, P, cd))
+    inv = None
     if out < n:
         G = xp.matmul(Wc, Pt)
     else:
+        if probes:
+            Z = np.random.default_rng(KMEANS_SEED).standard_normal((n, probes))
+            Pt = xp.concat([Pt, as_compute(xp, backend_for(xp).from_host(Z, xp, _device(Wb)), cd)], axis=1)
         A = xp.matrix_transpose(Wc) if out == n else xp.matmul(xp.matrix_transpose(Wc), Wc)  # A G' = Pᵀ
         G = _numpy_solve(A, Pt) if isinstance(A, np.ndarray) and A.dtype == np.float64 else None
         if G is None:
             G = xp.linalg.solve(A, Pt)
+        if probes:
+            Y = np.asarray(backend_for(xp).to_host(G[:, q:]), dtype=np.float64)
+            frob = float(np.sqrt(np.mean(np.sum(Y * Y, axis=0))))  # ≈ ‖A⁻¹‖_F
+            inv = PROBE_SAFETY * (frob if out == n else np.sqrt(frob))  # the Gram matrix: ‖A⁻¹‖₂ = σ_min⁻²
+            G = G[:, :q]
         if out > n:
             G = xp.matmul(Wc, G)
-    return G / xp.sqrt(xp.sum(G * G, axis=0, keepdims=True))
+    norms = xp.sqrt(xp.sum(G * G, axis=0, keepdims=True))
+    host = np.asarray(backend_for(xp).to_host(norms), dtype=np.float64).reshape(-1)
+    return G / norms, (host if out < n else 1.0 / host), inv
 
 
 #: mixed-precision refinement (specs/adamss.md §2): at most this many corrections, each at least halving the
@@ -214,16 +242,20 @@ def _refined_solve(A: np.ndarray, B: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def _left_vectors_of(W: Array, bias: Array | None, P: Array, cd: Any) -> Array:
+def _left_vectors_of(W: Array, bias: Array | None, P: Array, cd: Any, *, scales: bool = False) -> Any:
     """:func:`left_vectors` ``(W_b, P)`` for ``out < n`` without forming ``W_b``: ``W_b Pᵀ = W P[:, :in]ᵀ + b P[:, in]``
-    (no copy of ``W`` when it is in ``cd`` already), its columns normalised."""
+    (no copy of ``W`` when it is in ``cd`` already), its columns normalised; ``scales=True``: ``(U, s)`` with the
+    column norms ``s (q,)`` (host float64, the singular values)."""
     xp = namespace(W, bias, P)
     inn = int(W.shape[1])
     Pc = as_compute(xp, P, cd)
     G = xp.matmul(as_compute(xp, W, cd), xp.matrix_transpose(Pc[:, :inn]))
     if bias is not None:
         G = G + as_compute(xp, bias, cd)[:, None] * Pc[:, inn][None, :]
-    return G / xp.sqrt(xp.sum(G * G, axis=0, keepdims=True))
+    norms = xp.sqrt(xp.sum(G * G, axis=0, keepdims=True))
+    if not scales:
+        return G / norms
+    return G / norms, np.asarray(backend_for(xp).to_host(norms), dtype=np.float64).reshape(-1)
 
 
 def kmeans_labels(X: np.ndarray, k: int, *, seed: int = KMEANS_SEED, max_iter: int = KMEANS_MAX_ITER,
@@ -237,6 +269,40 @@ def kmeans_labels(X: np.ndarray, k: int, *, seed: int = KMEANS_SEED, max_iter: i
     >>> kmeans_labels(np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]], dtype=np.float32), 2).tolist()
     [1, 1, 0, 0]
     """
+    return _lloyd(X, k, seed=seed, max_iter=max_iter, tol=tol)[0]
+
+
+@dataclass
+class NearTie:
+    """The weakest decision of a checked k-means run (:func:`kmeans_margins`): ``margin`` against ``bound`` (the
+    most the perturbation of the input can change it); ``below`` counts the decisions with ``margin ≤ bound``."""
+
+    what: str
+    iteration: int
+    row: int
+    margin: float
+    bound: float
+    below: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.margin / self.bound if self.bound > 0 else np.inf
+
+
+def kmeans_margins(X: np.ndarray, k: int, row_error: float, *, seed: int = KMEANS_SEED,
+                   max_iter: int = KMEANS_MAX_ITER, tol: float = KMEANS_TOL) -> tuple[np.ndarray, NearTie | None]:
+    """:func:`kmeans_labels` and its weakest decision (None when there was none: ``k = 1``) for data known to within
+    ``row_error``: another computation of ``X`` whose every row, and the whole matrix in Frobenius norm, are within
+    ``row_error`` of this one (float32 rounding aside) takes every decision of the run the same way where each margin
+    exceeds its bound (specs/adamss.md, "Near ties"). Checked, at every labelling: each row's squared-distance gap
+    ``d_k − d_l`` to every other centre ``k`` against what a row moved by ``e = row_error`` and centres moved by
+    ``row_error / √s`` (a mean of ``s`` rows) can change, plus float32 rounding; the stopping rule (``center shift ≤
+    tol``) where its outcome changes the labels; an empty cluster's farthest row. ``O(out·k)`` per labelling."""
+    return _lloyd(X, k, seed=seed, max_iter=max_iter, tol=tol, row_error=float(row_error))
+
+
+def _lloyd(X: np.ndarray, k: int, *, seed: int, max_iter: int, tol: float,
+           row_error: float | None = None) -> tuple[np.ndarray, NearTie | None]:
     X = np.array(X, dtype=np.float32)
     n = X.shape[0]
     tol_abs = np.mean(np.var(X, axis=0)) * tol
@@ -244,23 +310,97 @@ def kmeans_labels(X: np.ndarray, k: int, *, seed: int = KMEANS_SEED, max_iter: i
     weights = np.ones(n, dtype=np.float32)
     seeds = np.random.RandomState(seed).choice(n, size=k, replace=False, p=weights / weights.sum())
     centers = X[seeds].copy()
+    check = row_error is not None
+    if check:  # float64 copies for the check; u: float32's unit roundoff (both sides round X, sums, distances)
+        u = 2.0 ** -24
+        xn = np.sqrt(np.sum(X.astype(np.float64) ** 2, axis=1))
+        xmax = float(xn.max()) if n else 0.0
+        e_row = row_error + 2 * u * xmax
+        d_fl = 2 * np.sqrt(X.shape[1] + 1.0) * u  # one float32 distance ‖c‖² − 2 x·c, relative to its terms
+    state: dict[str, Any] = {"weakest": None, "below": 0, "it": 0}
 
-    def nearest(C: np.ndarray) -> np.ndarray:  # ‖c‖² − 2 x·c, in place: −2 G + ‖c‖² rounds as ‖c‖² − 2 G
+    def note(what: str, row: int, margin: float, bound: float, count: int, it: int | None = None) -> None:
+        state["below"] += count
+        w = state["weakest"]
+        cand = NearTie(what, state["it"] if it is None else it, row, float(margin), float(bound))
+        if w is None or cand.ratio < w.ratio:
+            state["weakest"] = cand
+
+    def center_error(count: np.ndarray) -> np.ndarray:  # per centre: a mean of s rows moves by ≤ δ/√s
+        s_ = np.maximum(count.astype(np.float64), 1.0)
+        return row_error / np.sqrt(s_) + 4 * np.sqrt(s_) * u * xmax
+
+    def nearest(C: np.ndarray, e_c: np.ndarray) -> np.ndarray:  # ‖c‖² − 2 x·c, in place: as scikit-learn
         d = X @ C.T
         d *= np.float32(-2.0)
         d += (C * C).sum(axis=1)[None, :]
-        return np.argmin(d, axis=1)
+        labels = np.argmin(d, axis=1)
+        if check and k > 1:
+            _margins(d, labels, C, e_c)
+        return labels
+
+    def _margins(d: np.ndarray, labels: np.ndarray, C: np.ndarray, e_c: np.ndarray) -> None:
+        """Note the weakest row; first for all rows against the second-nearest centre with the largest centre error
+        (enough for every other centre: the gap grows faster with the distance than its bound), then, for the rows
+        that fail that, against every centre with its own error. O(out·k)."""
+        C64 = C.astype(np.float64)
+        cn2 = np.sum(C64 * C64, axis=1)
+        cn = np.sqrt(cn2)
+        two = np.partition(d, 1, axis=1)[:, :2].astype(np.float64)
+        r1, r2 = (np.sqrt(np.maximum(two[:, t] + xn * xn, 0.0)) for t in (0, 1))
+        fl = 4 * d_fl * (cn.max() ** 2 + 2 * xn * cn.max())  # both sides' float32 rounding of both distances
+        with np.errstate(invalid="ignore", over="ignore"):  # inf · 0 where row_error is infinite
+            coarse = 2 * (e_row + e_c.max()) * (r1 + r2) + (e_row + e_c.max()) ** 2 + fl
+        coarse[np.isnan(coarse)] = np.inf
+        idx = np.flatnonzero(~(two[:, 1] - two[:, 0] > coarse))
+        if idx.size == 0:  # every row passes; note the weakest by the coarse test
+            j = int(np.argmin((two[:, 1] - two[:, 0]) / coarse))
+            note(f"row {j}'s nearest centre against the second nearest", j, two[j, 1] - two[j, 0], coarse[j], 0)
+            return
+        lab = labels[idx]
+        sub = idx.size
+        sep = np.sqrt(np.maximum(cn2[:, None] + cn2[None, :] - 2 * (C64 @ C64.T), 0.0))[lab]  # ‖c_l − c_k‖
+        d64 = d[idx].astype(np.float64)
+        gap = d64 - d64[np.arange(sub), lab][:, None]
+        r = np.sqrt(np.maximum(d64 + (xn[idx] * xn[idx])[:, None], 0.0))
+        r_own, e_own = r[np.arange(sub), lab][:, None], e_c[lab][:, None]
+        with np.errstate(invalid="ignore", over="ignore"):
+            bound = (2 * e_row * sep + 2 * (e_own * r_own + e_c[None, :] * r)
+                     + (e_row + np.maximum(e_own, e_c[None, :])) ** 2
+                     + 2 * d_fl * (cn[lab][:, None] ** 2 + cn2[None, :]
+                                   + 2 * xn[idx][:, None] * (cn[lab][:, None] + cn[None, :])))
+        bound[np.isnan(bound)] = np.inf
+        gap[np.arange(sub), lab] = np.inf
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(bound > 0, gap / bound, np.inf)
+        i, c = np.unravel_index(int(np.argmin(ratio)), ratio.shape)
+        note(f"row {idx[i]}'s nearest centre against centre {c}", int(idx[i]), gap[i, c], bound[i, c],
+             int(np.count_nonzero(gap <= bound)))
 
     labels_old = np.full(n, -1)
     strict = False
-    for _ in range(max_iter):
-        labels = nearest(centers)
+    e_c = center_error(np.ones(k)) if check else None  # the seeds are rows
+    pending = None  # a near-tie of the stopping rule: it matters if the next labelling changes the labels
+    for it in range(max_iter):
+        state["it"] = it
+        labels = nearest(centers, e_c)
+        if pending is not None and not np.array_equal(labels, labels_old):
+            note(*pending)
+        pending = None
         new, sizes = _cluster_sums(X, labels, k)
         count = sizes.astype(np.float32)
         empty = np.flatnonzero(count == 0)
         if empty.size:
             dist = ((X - centers[labels]) ** 2).sum(axis=1)
             far = np.argpartition(dist, -empty.size)[:-empty.size - 1:-1]
+            if check:  # which rows are farthest (and, for several, argpartition's order of them) must not flip
+                if empty.size > 1:
+                    note(f"{empty.size} empty clusters at once (the order of their farthest rows)", int(far[0]), 0.0,
+                         1.0, 1)
+                elif n > 1:
+                    r = np.sqrt(np.sort(dist.astype(np.float64))[-2:])
+                    e = 2 * (e_row + float(e_c.max()))
+                    note("an empty cluster's farthest row", int(far[0]), r[1] - r[0], e, int(r[1] - r[0] <= e))
             if dist.max() != 0:
                 for e, f in zip(empty, far):
                     new[labels[f]] -= X[f]
@@ -272,16 +412,30 @@ def kmeans_labels(X: np.ndarray, k: int, *, seed: int = KMEANS_SEED, max_iter: i
         new[full] *= (np.float32(1.0) / count[full])[:, None]
         new[~full] = new[biggest]
         shift = ((new - centers) ** 2).sum()
+        e_old, e_c = e_c, (center_error(count) if check else None)
         centers = new
         if np.array_equal(labels, labels_old):
             strict = True
             break
+        if check:  # √shift moves by ≤ ‖e_old + e_c‖, √tol_abs by ≤ √(tol / (q·n)) · row_error
+            gap = abs(np.sqrt(float(shift)) - np.sqrt(float(tol_abs)))
+            bound = (float(np.sqrt(np.sum((e_old + e_c) ** 2))) + np.sqrt(tol / (X.shape[1] * n)) * row_error
+                     + 2 * np.sqrt(k * X.shape[1]) * u * np.sqrt(float(shift)))
+            if gap <= bound:
+                pending = ("the stopping rule (centre shift against tol)", 0, gap, bound, 1, it)
         if shift <= tol_abs:
             break
         labels_old = labels
     if not strict:
-        labels = nearest(centers)
-    return labels
+        state["it"] += 1
+        final = nearest(centers, e_c)
+        if pending is not None and not np.array_equal(final, labels):
+            note(*pending)
+        labels = final
+    weakest = state["weakest"]
+    if weakest is not None:
+        weakest.below = state["below"]
+    return labels, weakest
 
 
 def _cluster_sums(X: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -311,7 +465,35 @@ def partition(W: Array, bias: Array | None, P: Array, k: int, *, where: str = "a
     then ``U`` is square orthogonal, every pair of rows is equally far apart, and the clustering is decided by
     rounding (PEFT's too: it can change between machines). A ``P`` rounded to half precision (stored so, or
     upcast after rounding) is too coarse to recover ``U`` from: ``U`` is then the exact SVD's when PEFT's SVD
-    was exact (``q = min(out, n)``), else refused. For ``out < n`` ``W_b`` is not formed (``W Pᵀ[:in] + b P[:, in]``)."""
+    was exact (``q = min(out, n)``), else refused. For ``out < n`` ``W_b`` is not formed (``W Pᵀ[:in] + b P[:, in]``).
+
+    Refused (:class:`CheckpointError`) when a decision of the k-means is a near tie: its margin is at most what the
+    difference between PEFT's float32 ``U`` and this one can change (:func:`row_error`, :func:`kmeans_margins`;
+    specs/adamss.md, "Near ties"), so which way PEFT went cannot be told from the checkpoint."""
+    return _partition(W, bias, P, k, where=where, refuse=CheckpointError)
+
+
+#: float32's unit roundoff: PEFT's randomized SVD runs in float32 whatever the weight's dtype
+U32 = 2.0 ** -24
+#: up to this n (out ≥ n) the near-tie check takes cond(W_b) exactly (eigenvalues of W_bᵀ W_b, O(out·n²) on the host);
+#: above, :data:`PROBES` solves estimate it
+EXACT_COND_N = 256
+
+
+def row_error(out: int, n: int, amplification: np.ndarray) -> float:
+    """The bound ``δ`` on ``‖ΔU‖_F`` (hence on every row's displacement) between PEFT's float32 left vectors and
+    peftmath's recomputation, ``(out, q)`` from ``W_b (out, n)`` (specs/adamss.md, "Near ties"): column ``j`` moves
+    by at most ``η · a_j`` with ``η = 2 (√out + √n + √q) u₃₂`` (the backward error of PEFT's float32 products, QR and
+    SVD and of the recomputation, relative to ``‖W_b‖₂``) and ``a_j = ‖W_b‖₂ / σ_j`` (``out < n``: a product) or
+    ``‖W_b‖₂ ‖W_b⁺‖₂ = cond(W_b)`` (``out ≥ n``: a solve); ``δ = η √(Σ_j a_j²)``."""
+    a = np.asarray(amplification, dtype=np.float64)
+    eta = 2.0 * (np.sqrt(out) + np.sqrt(n) + np.sqrt(a.size)) * U32
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = float(eta * np.sqrt(np.sum(a * a)))
+    return d if np.isfinite(d) else np.inf
+
+
+def _partition(W: Array, bias: Array | None, P: Array, k: int, *, where: str, refuse: type) -> np.ndarray:
     xp = namespace(W, bias, P, where=where)
     q, out = int(P.shape[0]), int(W.shape[0])
     if q >= out and k < out:
@@ -320,22 +502,57 @@ def partition(W: Array, bias: Array | None, P: Array, k: int, *, where: str = "a
             f"square orthogonal matrix: its rows are all equally far apart and k-means into {k} subspaces is decided "
             f"by rounding noise (PEFT's own reload of this adapter can cluster differently on another machine). Use "
             f"r < {out} or num_subspaces >= {out}")
+    U, amp, kind = _left_and_amplification(W, bias, P, where=where)
+    n = int(W.shape[1]) + (bias is not None)
+    host = np.asarray(backend_for(xp).to_host(U), dtype=np.float32)
+    delta = row_error(out, n, amp)
+    labels, tie = kmeans_margins(host, k, delta)
+    if tie is not None and not tie.margin > tie.bound:
+        raise refuse(
+            f"{where}: the k-means partition of the output rows is decided by a near tie: {tie.what} (iteration "
+            f"{tie.iteration}, row {tie.row}) has a margin of {tie.margin:.3g} against a bound of {tie.bound:.3g} "
+            f"({tie.below} decision(s) at or below their bounds). The bound is what PEFT's float32 SVD can differ from "
+            f"peftmath's recomputation from adamss_newB: rows of U within {delta:.3g} (float32 round-off amplified by "
+            f"{kind} ≈ {float(np.max(amp)):.3g}), so PEFT's partition may differ from this one even with the same "
+            f"subspace sizes, and merging with it would be silently wrong. It cannot be verified without PEFT's own "
+            f"left singular vectors or partition: merge with PEFT (merge_and_unload), or pass PEFT's partition (the "
+            f"layer's seg_result, as labels) to adamss.delta_weight / adamss.forward")
+    return labels
+
+
+def _left_and_amplification(W: Array, bias: Array | None, P: Array, *, where: str) -> tuple[Array, np.ndarray, str]:
+    """``(U, a, name)``: the left vectors :func:`partition` clusters and, per column, the factor ``a_j`` by which their
+    error exceeds the backward error ``η`` of the float32 computations (:func:`row_error`), with its name."""
+    xp = namespace(W, bias, P, where=where)
+    q, out = int(P.shape[0]), int(W.shape[0])
     cd = compute_dtype(xp, W.dtype, P.dtype)
     n = int(W.shape[1]) + (bias is not None)
     coarse = _half_precision_values(P)
-    if coarse is None:
-        U = _left_vectors_of(W, bias, P, cd) if out < n else left_vectors(weight_with_bias(W, bias, dtype=cd), P)
-    elif q == min(out, n):  # PEFT's SVD was exact: take U from the SVD of W_b, not from the rounded P
-        U = xp.linalg.svd(weight_with_bias(W, bias, dtype=cd), full_matrices=False)[0][:, :q]
-    else:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if coarse is None and out < n:
+            U, s = _left_vectors_of(W, bias, P, cd, scales=True)
+            amp, kind = s.max() / s, "‖W_b‖₂ / σ_q"
+        elif coarse is None and n <= EXACT_COND_N:  # small: cond(W_b) from the Gram matrix's eigenvalues, on the host
+            Wb = weight_with_bias(W, bias, dtype=cd)
+            U = left_vectors(Wb, P)
+            Wh = np.asarray(backend_for(xp).to_host(Wb), dtype=np.float64)
+            ev = np.linalg.eigvalsh(Wh.T @ Wh)
+            amp, kind = np.full(q, np.sqrt(ev[-1] / ev[0]) if ev[0] > 0 else np.inf), "cond(W_b)"
+        elif coarse is None:
+            U, s, inv = _left_vectors_and_scales(weight_with_bias(W, bias, dtype=cd), P, probes=PROBES)
+            amp, kind = np.full(q, s.max() * inv), "cond(W_b) (estimated)"
+        elif q == min(out, n):  # PEFT's SVD was exact: take U from the SVD of W_b, not from the rounded P
+            Us, S, _ = xp.linalg.svd(weight_with_bias(W, bias, dtype=cd), full_matrices=False)
+            U, S = Us[:, :q], np.asarray(backend_for(xp).to_host(S), dtype=np.float64)
+            amp, kind = np.full(q, S[0] / S[q - 1]), "cond(W_b)"
+    if coarse is not None and q != min(out, n):
         raise UnsupportedError(
             f"{where}: adamss_newB holds {coarse} values, and with q={q} < min(out, n)={min(out, n)} PEFT's "
             f"subspaces come from its float32 randomized SVD, which peftmath recovers from adamss_newB only when it is "
             f"stored in float32 or float64: rounding it moves the left singular vectors by ~1e-3 and changes the "
             f"k-means partition PEFT recomputes at load. Save the adapter in float32 (PEFT: "
             f"model.to(torch.float32) before save_pretrained), or use r >= min(out, n)")
-    host = np.asarray(backend_for(xp).to_host(U), dtype=np.float32)
-    return kmeans_labels(host, k)
+    return U, amp, kind
 
 
 def _half_precision_values(P: Array) -> str | None:
@@ -552,7 +769,7 @@ def initialize_subspaces(W: Array, bias: Array | None, config: AdamssConfig, *,
     Wb = weight_with_bias(W, bias, dtype=cd)
     _, _, Vh = xp.linalg.svd(Wb, full_matrices=False)
     P = Vh[:q, :]
-    labels = partition(W, bias, P, k, where=where)
+    labels = _partition(W, bias, P, k, where=where, refuse=UnsupportedError)
     U = np.asarray(backend_for(xp).to_host(left_vectors(Wb, P)), dtype=np.float64)
     rng = host_rng(seed)
     target = dtype if dtype is not None else W.dtype
