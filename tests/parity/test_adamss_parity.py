@@ -23,7 +23,7 @@ torch, peft = require_peft()
 pytest.importorskip("sklearn")  # PEFT builds AdaMSS adapters with scikit-learn
 
 import peftmath  # noqa: E402
-from peftmath.errors import NotInvertibleError  # noqa: E402
+from peftmath.errors import CheckpointError, NotInvertibleError  # noqa: E402
 from peftmath.methods import adamss  # noqa: E402
 
 #: a tall layer with a bias (out > in + 1: the QR branch), a wide one with a bias, a tall one without
@@ -59,7 +59,10 @@ def inputs(seed=5):
     return {n: rng.standard_normal((3, 4, i)).astype(np.float32) for n, (i, _, _) in LAYERS.items()}
 
 
-CONFIGS = [{}, dict(r=8, num_subspaces=3, subspace_rank=2), dict(num_subspaces=6, use_asa=True, asa_target_subspaces=3),
+#: num_subspaces=7 in the third row: with 6, the `up` layer's k-means decides one row by a margin of 2.9e-5 against
+#: a bound of 3.6e-5 on how far peftmath's U may lie from PEFT's, so that merge is refused (a near tie; it is
+#: checked below); with 7 every decision clears its bound (by 21.9x, 2480x and 57.6x on up, down and proj)
+CONFIGS = [{}, dict(r=8, num_subspaces=3, subspace_rank=2), dict(num_subspaces=7, use_asa=True, asa_target_subspaces=3),
            dict(r=7, num_subspaces=3, use_dynamic_rank=True, svd_threshold=0.1, subspace_rank=3),
            dict(random_seed=11, num_subspaces=4)]
 
@@ -88,6 +91,19 @@ def test_forward_merge_unmerge_match_peft(config, tmp_path):
         np.testing.assert_allclose(back[key], want, atol=2e-6)
     with pytest.raises(NotInvertibleError, match="partition"):
         ad.unmerge(merged)
+
+
+def test_a_near_tie_is_refused_not_guessed(tmp_path):
+    """The configuration whose `up` layer has a k-means decision closer than its error bound: the merge and the
+    forward refuse it (CheckpointError naming the near tie) instead of guessing a partition."""
+    pm = make_peft(num_subspaces=6, use_asa=True, asa_target_subspaces=3)
+    ad = load_peft_checkpoint(pm, tmp_path)
+    state = state_of(pm)
+    with pytest.raises(CheckpointError, match="near tie"):
+        ad.merge(state)
+    with pytest.raises(CheckpointError, match="near tie"):
+        ad.forward("up", inputs()["up"], state)
+    ad.forward("down", inputs()["down"], state)  # the other layers' decisions clear their bounds
 
 
 @pytest.mark.parametrize("seed", range(6))
