@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, PeftMathError, PeftMathWarning, ShapeError, UnsupportedError
+from .errors import CheckpointError, ConfigError, PeftMathError, PeftMathWarning, ShapeError
 
 # Start-up: building the parser (``peftmath --help``) imports nothing beyond the standard library and
 # peftmath.errors; NumPy, the readers, ml_dtypes, SciPy and the formats are imported by the command
@@ -709,13 +709,6 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
         _check_output(base_out, [Path(args.base)], args.force)
     config = read_config(args.config, strict=args.strict) if args.config else _config_from_flags(args)
     order, transposed = _parameter_flags(args, config)
-    if getattr(config, "layer_replication", None):
-        raise UnsupportedError(
-            f"layer_replication={config.layer_replication!r}: PEFT builds a deeper model (copies of the base's "
-            f"layers) before it adds the adapter, whose modules are then that model's; init creates adapters for the "
-            f"base's own modules only, so the adapter would not fit. In Python: replicated, _ = peftmath.methods."
-            f"lora_replication.replicate_state(state, layer_map), create_adapter(replicated, config without "
-            f"layer_replication), and save it with the field set (as peftmath demo's 'LoRA layer_replication' row)")
     state, model_type = open_state(args.base)
     _hint_fast_init(config, state, log)
     if transposed is not None:
@@ -751,7 +744,10 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
         elif fresh_base:
             base_out.unlink(missing_ok=True)
         raise
-    summary = ad.summary(state)["modules"]
+    from .methods.lora_replication import distinct_arrays, replicated_view
+
+    shown, model = replicated_view(ad, state)  # layer_replication: the deeper model's modules, shared weights once
+    summary = shown.summary(model)["modules"]
     if args.json:
         _print_json({"command": "init", "output": str(out), "peft_type": ad.peft_type,
                      "base_out": str(base_out) if base_out is not None and new_base else None,
@@ -761,7 +757,7 @@ def _cmd_init(args: argparse.Namespace, log: _Log) -> int:
                        f"{r['scaling']:.4g}" if "scaling" in r else "", str(r["parameters"])] for r in summary],
                      ["module", "kind", "r", "alpha", "scaling", "parameters"]))
     if not args.quiet:
-        print(ad.trainable_parameters_line(state), file=sys.stderr)
+        print(shown.trainable_parameters_line(distinct_arrays(model)), file=sys.stderr)
         print(f"wrote {ad.peft_type} adapter ({len(ad.modules)} modules) to {out}", file=sys.stderr)
     return 0
 

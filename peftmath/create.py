@@ -17,10 +17,11 @@ import numpy as np
 
 from ._peft_tables import IA3_FEEDFORWARD, default_targets
 from .adapter import Adapter
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, UnsupportedError
 from .io import config_from_dict, read_config
 from .layers import Layer, LayerKind
 from .methods import Method, describe_method
+from .methods.lora_replication import FIELD as REPLICATION, replicate_state
 from .targets import ALL_LINEAR, checkpoint_to_module, module_kinds, module_to_checkpoint, select_targets
 
 __all__ = ["create_adapter", "open_state"]
@@ -230,6 +231,17 @@ def create_adapter(
       (:data:`~peftmath.methods.lora_params.TRANSPOSED_EXPERTS_MODEL_TYPES`), else False.
 
     Their inits are ``true``, ``false`` and ``"gaussian"``; other values, and what PEFT refuses there, are refused.
+
+    * ``layer_replication`` (LoRA, AdaLoRA): PEFT adapts the deeper model it builds first, whose layers are copies
+      of the base's sharing their weights (:func:`peftmath.methods.lora_replication.replicate_state`, the same layer
+      map); so does ``create_adapter``. Module names, ``layer_kinds``, ``layers_to_transform`` and the seed streams
+      are the replicated model's (``model.layers.3.q_proj`` adapts new layer 3), every copy gets factors of its own,
+      and the config keeps the field, so that PEFT replicates the layers again when it loads the adapter. A layer
+      map that does not fit the base's layers, or a base without a stack of layers PEFT can replicate, is refused
+      (:class:`ConfigError` / :class:`ShapeError`), as is an initialisation that changes the base weights (the
+      copies share them; :class:`UnsupportedError`). Merge or run it with the replicated state
+      (:func:`~peftmath.methods.lora_replication.replicated_view`; once saved,
+      :func:`~peftmath.methods.lora_replication.load_replicated`: ``peftmath.load_adapter`` refuses it).
     """
     if isinstance(base, (str, os.PathLike)):
         state, found_type = open_state(base)
@@ -241,6 +253,10 @@ def create_adapter(
     module_cls = method.module
     if module_cls is None:
         raise ConfigError(f"{cfg.peft_type}: create_adapter covers the per-module methods; this one has no module math")
+    layer_map = getattr(cfg, REPLICATION, None)
+    if layer_map is not None:  # the deeper model PEFT adapts (replicate_layers), its copies sharing the base's arrays
+        state = replicate_state(state, layer_map)[0]
+        cfg = cfg.replace(**{REPLICATION: None})
     # module names as transformers (and PEFT) name them; the state dict keeps the checkpoint's names
     hints = {module_to_checkpoint(k, model_type): v for k, v in (layer_kinds or {}).items()}
     kinds = {checkpoint_to_module(n, model_type): k
@@ -288,6 +304,8 @@ def create_adapter(
         p, w = method.initialize(name, cfg, layer, weight=weight, seed=rng, xp=xp, device=device, init=init,
                                  shared=shared or None)
         params[name] = p
+        if w is not None and layer_map is not None:
+            raise UnsupportedError(_replicated_base_change(method, cfg, layer_map, name, init))
         if w is not None:
             new_base[f"{module_to_checkpoint(name, model_type)}.weight"] = w
         if progress is not None:
@@ -312,8 +330,21 @@ def create_adapter(
         cfg = cfg.replace(fan_in_fan_out=True)  # as PEFT's saved config says once a Conv1D was adapted
     if special:
         params = dict(sorted(params.items()))
+    if layer_map is not None:
+        cfg = cfg.replace(**{REPLICATION: layer_map})  # PEFT replicates the layers on load, then finds the modules
     adapter = Adapter(cfg, params, shared=shared, layer_kinds=targets, model_type=model_type)
     return (adapter, new_base) if return_base else adapter
+
+
+def _replicated_base_change(method: Method, cfg: Any, layer_map: Any, name: str, init: Any) -> str:
+    """Why an initialisation that changes the base weights is refused with ``layer_replication``."""
+    field = method.init_field or "init"
+    value = init if init is not None else getattr(cfg, field, None)
+    return (f"{REPLICATION}={layer_map!r} with {field}={value!r}: this initialisation rewrites "
+            f"the base weight of every adapted module ({name} first), and the copies of a replicated layer share one "
+            f"base weight, so PEFT would rewrite it once per copy (each copy's factors then start from another "
+            f"copy's residual) and no base model fits the adapter; use an initialisation that leaves the base "
+            f"unchanged (e.g. {field}=true), or leave out {REPLICATION}")
 
 
 def _init_special(cfg: Any, special: Mapping[str, Any], order: Mapping[str, int], *, seed: int, xp: Any, device: Any,

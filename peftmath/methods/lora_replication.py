@@ -15,6 +15,12 @@ into the base (``peftmath.load_adapter`` names the field). :func:`load_replicate
 the base it belongs to: the replicated state dict (:func:`replicate_state`, the base's arrays under the new
 keys, nothing copied) and the adapter for it, which then merges, unmerges and runs its modules as any LoRA.
 
+A new adapter is built as PEFT builds it: ``peftmath.create_adapter`` (and ``peftmath init``) with a config that
+has the field replicates the base first (:func:`replicate_state`, the same layer map), creates the modules of that
+model (every copy with factors of its own, from its own seed stream) and keeps the field in the config, so that
+PEFT replicates the layers when it loads the adapter. :func:`replicated_view` gives such an adapter with the model
+it belongs to, to merge or describe it without saving it first.
+
 Where the layers are (PEFT's walk on the model's attributes, read here from the state-dict keys): the longest
 prefix ``model.model. … model.`` that the keys have, then ``bert.`` when present, then ``layers.<i>``, else
 ``encoder.layer.<i>``, else ``h.<i>`` (Llama-, BERT- and Falcon-style stacks). Any other layout is refused, as
@@ -38,7 +44,8 @@ from ..errors import ConfigError, ShapeError
 
 Array = Any
 
-__all__ = ["layer_stack", "replicated_order", "replicate_state", "load_replicated"]
+__all__ = ["layer_stack", "replicated_order", "replicate_state", "load_replicated", "replicated_view",
+           "distinct_arrays"]
 
 FIELD = "layer_replication"
 
@@ -160,3 +167,36 @@ def load_replicated(path: str | os.PathLike, state: Mapping[str, Array], *, mode
     adapter = adapter_from_tensors(tensors, plain, metadata=tensors.metadata, source=folder / WEIGHTS_NAME,
                                    convert=_converter(xp, device, backend))
     return adapter, replicated, new_config
+
+
+def replicated_view(adapter: Any, state: Mapping[str, Array]) -> tuple[Any, Mapping[str, Array]]:
+    """``(adapter, state)`` as the adapter sees them: an adapter whose config has ``layer_replication`` (as
+    ``create_adapter`` makes it) becomes the same modules with the field off, and the base ``state`` the replicated
+    one (:func:`replicate_state`) that they belong to; any other adapter and ``state`` come back as given. The
+    returned adapter merges, unmerges, runs and describes as any LoRA; save the one with the field for PEFT."""
+    layer_map = getattr(adapter.config, FIELD, None)
+    if layer_map is None:
+        return adapter, state
+    from ..adapter import Adapter
+
+    plain = Adapter(adapter.config.replace(**{FIELD: None}), adapter.params, shared=adapter.shared,
+                    layer_kinds=adapter.layer_kinds, model_type=adapter.model_type)
+    return plain, replicate_state(state, layer_map)[0]
+
+
+def distinct_arrays(state: Mapping[str, Array]) -> dict[str, Array]:
+    """``state`` with every array object once (its first key): the parameters a model of shared weights has, as
+    PyTorch's ``named_parameters()`` (and so PEFT's ``print_trainable_parameters``) counts them.
+
+    >>> import numpy as np
+    >>> w = np.zeros(2)
+    >>> sorted(distinct_arrays({"a": w, "b": w, "c": np.ones(2)}))
+    ['a', 'c']
+    """
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            out[key] = value
+    return out

@@ -1,8 +1,8 @@
 """`peftmath init --parameter-order / --is-transposed / --target-parameter` (LoRA's target_parameters, issue 18): the
 adapter the command writes from a safetensors base (sorted keys: the registration order PEFT nests wrappers by is
 lost) is the one ``create_adapter`` gives for the base in registration order; the flags' errors name the flag and
-what to do. ``tests/parity/test_init_cli_parity.py`` loads the written adapters in PEFT. Also: init refuses
-layer_replication (the adapter belongs to the replicated model)."""
+what to do. ``tests/parity/test_init_cli_parity.py`` loads the written adapters in PEFT. Also: init with
+layer_replication writes the adapter of the replicated model (PEFT: test_create_lora_replication_parity.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import peftmath as pm
 from peftmath.cli import main
 from peftmath.io import config_from_dict
 from peftmath.io.safetensors import load_file, save_file
+from peftmath.methods.lora_replication import load_replicated
 
 E, H, I = 3, 4, 5  # experts, hidden, intermediate
 
@@ -147,15 +148,45 @@ def test_is_transposed_on_2d_parameters_warns(tmp_path, base, capsys):
                  str(tmp_path / "s")]) == 1  # --strict: the warning is an error
 
 
-def test_init_refuses_layer_replication(tmp_path, capsys):
-    """create_adapter makes the adapter for the base's own layers; PEFT loads a layer_replication adapter onto the
-    replicated (deeper) model, so init refuses the field, saying how to build such an adapter."""
+def _replication_base(tmp_path) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    state = {f"model.layers.{i}.q.weight": rng.standard_normal((4, 6)).astype(np.float32) for i in range(3)}
+    state = {f"model.layers.{i}.{m}.weight": rng.standard_normal((4, 6) if m == "q" else (6,)).astype(np.float32)
+             for i in range(3) for m in ("q", "ln")}
     save_file(state, tmp_path / "model.safetensors")
+    return state
+
+
+def test_init_writes_a_layer_replication_adapter(tmp_path, capsys):
+    """With layer_replication init writes the adapter of PEFT's replicated model (create_adapter's: a module on every
+    new layer, the field kept), which load_replicated reads with the base; its table lists the new layers and the
+    trainable line counts a weight the copies share once, as PEFT does."""
+    state = _replication_base(tmp_path)
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"], "layer_replication": [[0, 2], [1, 3]]}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    out = tmp_path / "o"
+    assert main(["init", str(tmp_path / "model.safetensors"), "--config", str(tmp_path / "cfg.json"), "--seed", "5",
+                 "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads((out / "adapter_config.json").read_text())["layer_replication"] == [[0, 2], [1, 3]]
+    tensors, _ = _written(out)
+    want = pm.create_adapter(state, cfg, seed=5).state_dict()
+    assert sorted(tensors) == sorted(want) == sorted(f"base_model.model.model.layers.{j}.q.lora_{f}.weight"
+                                                     for j in range(4) for f in "AB")
+    for k, v in want.items():
+        assert np.array_equal(tensors[k], v), k
+    assert all(f"model.layers.{j}.q" in captured.out for j in range(4))
+    # 4 modules of r=2 on (4, 6): 4 * 2 * (6 + 4) = 80 trainable; the replicated model holds base layers 0, 1, 2
+    # (layer 1 twice, one shared array): 3 * (24 + 6) = 90 base parameters
+    assert "trainable params: 80 || all params: 170 ||" in captured.err
+    ad, replicated, _ = load_replicated(out, state)
+    assert ad.modules == [f"model.layers.{j}.q" for j in range(4)] and len(replicated) == 8
+
+
+def test_init_refuses_a_layer_map_that_does_not_fit(tmp_path, capsys):
+    _replication_base(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q"],
-                                                   "layer_replication": [[0, 2], [1, 3]]}))
+                                                   "layer_replication": [[0, 2], [1, 4]]}))
     assert main(["init", str(tmp_path / "model.safetensors"), "--config", str(tmp_path / "cfg.json"), "-o",
                  str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert "layer_replication=[[0, 2], [1, 3]]" in err and "replicate_state" in err and not (tmp_path / "o").exists()
+    assert "layer_replication: range [1, 4]" in err and "the base has 3 layers" in err and not (tmp_path / "o").exists()
