@@ -306,7 +306,8 @@ _LORA_FIELDS: dict[str, object] = {
                                  "it stacks copies of base layers (a deeper model, num_hidden_layers changes), so the "
                                  "adapted modules are layers of that model, not of the base; "
                                  "peftmath.methods.lora_replication.load_replicated(folder, base_state) gives the "
-                                 "replicated base and the adapter for it (API only; specs/lora.md, section 12)"),
+                                 "replicated base and the adapter for it (API only; create_adapter / peftmath init "
+                                 "build such adapters; specs/lora.md, section 12)"),
     # LoRA on raw nn.Parameter tensors (mixture-of-experts weights): methods/lora_params.py
     "target_parameters": IMPLEMENTED,
     "arrow_config": Refused("Arrow routing", _NONE, "it routes each token among several LoRA experts"),
