@@ -961,14 +961,12 @@ def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str
                    peft_compat: bool, to_xp: Callable[[np.ndarray], Any] | None,
                    to_host: Callable[[Any], np.ndarray] | None, on_record: Callable[[Step, Any], None] | None,
                    record_for: Callable[[Step], Any] | None,
-                   widen_into: Callable[[tuple[int, ...]], np.ndarray] | None = None,
-                   helper: Any = None) -> dict[str, Any]:
+                   widen_into: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> dict[str, Any]:
     """:func:`compute_group` given the model's ``model_type`` and a ``read`` function instead of the model.
 
     ``widen_into(shape)`` (a bfloat16 weight of :func:`float32_weights`): a float32 buffer of ``shape`` to
     widen row tiles of the weight into; ``read`` returns the weight's bits (``uint16``, writeable), and the
-    weight is merged tile by tile in them (:func:`_merge_bf16_bits`, with its ``helper`` thread), so it comes
-    back as its output bits."""
+    weight is merged tile by tile in them (:func:`_merge_bf16_bits`), so it comes back as its output bits."""
     to_xp = to_xp or (lambda a: a)
     to_host = to_host or (lambda a: np.asarray(a))
 
@@ -984,7 +982,7 @@ def _group_tensors(pl: Plan, adapters: Sequence[Any], wkey: str, model_type: str
         part = _part(adapters[st.adapter], st.module, {}, model_type)
         bits = read(wkey)
         mod = part.module(st.module, weight_shape=tuple(bits.shape), kind="linear", model_type=model_type)
-        _merge_bf16_bits(mod, bits, widen_into, unmerge=direction != "merge", helper=helper)
+        _merge_bf16_bits(mod, bits, widen_into, unmerge=direction != "merge")
         out = {wkey: bits}
         if bkey is not None:  # passes through (a plain LoRA module leaves the bias alone)
             out[bkey] = to_host(read_work(bkey))
@@ -1022,7 +1020,7 @@ BF16_TILE_BYTES = 1 << 20
 
 
 def _merge_bf16_bits(mod: Any, bits: np.ndarray, widen_into: Callable[[tuple[int, ...]], np.ndarray], *,
-                     unmerge: bool, helper: Any = None) -> None:
+                     unmerge: bool) -> None:
     """Merge (``unmerge``: unmerge) the bound module ``mod`` into the bfloat16 weight whose bits are the writeable
     C-ordered ``uint16`` array ``bits``, in place: row tile by row tile, widened exactly into a float32 tile
     (``widen_into``, :data:`BF16_TILE_BYTES`), merged there by the method's own in-place kernel on those rows
@@ -1031,35 +1029,18 @@ def _merge_bf16_bits(mod: Any, bits: np.ndarray, widen_into: Callable[[tuple[int
     Each output row is ``round(W[i] + s·B[i]·A)`` with the same float32 sums as the whole-matrix merge (a gemm's
     row does not depend on the rows beside it: ``tests/io/test_stream_bf16.py`` checks the bytes against the
     module's own bfloat16 path), and the weight goes through memory once instead of three times (widen,
-    merge, round of the whole matrix).
-
-    ``helper``: an executor with one thread (:func:`transform`'s); it merges the second half of the tiles
-    while the caller merges the first (each thread its own float32 tile: ``widen_into`` is per thread). The
-    tiles are disjoint rows, each computed as it would be alone: the same bytes."""
+    merge, round of the whole matrix)."""
     from ..engines.rows import merge_rows
 
     n_rows, width = bits.shape
     step = max(1, BF16_TILE_BYTES // (4 * max(1, width)))
-
-    def tiles(starts: Sequence[int]) -> None:
-        buf = widen_into((min(step, n_rows), width))
-        for r0 in starts:
-            r1 = min(r0 + step, n_rows)
-            tile = buf[: r1 - r0]
-            widen_bf16(bits[r0:r1], out=tile)
-            merge_rows(mod, tile, r0, unmerge=unmerge, copy=False)
-            round_bf16(tile, out=bits[r0:r1])
-
-    starts = range(0, n_rows, step)
-    if helper is None or len(starts) < 4:
-        tiles(starts)
-        return
-    half = len(starts) // 2
-    second = helper.submit(tiles, starts[half:])
-    try:
-        tiles(starts[:half])
-    finally:
-        second.result()  # waited for even when the first half failed: no thread writes into bits afterwards
+    buf = widen_into((min(step, n_rows), width))
+    for r0 in range(0, n_rows, step):
+        r1 = min(r0 + step, n_rows)
+        tile = buf[: r1 - r0]
+        widen_bf16(bits[r0:r1], out=tile)
+        merge_rows(mod, tile, r0, unmerge=unmerge, copy=False)
+        round_bf16(tile, out=bits[r0:r1])
 
 
 def float32_weights(pl: Plan, *, safe: bool, peft_compat: bool, backend: bool = False) -> frozenset[str]:
@@ -1163,7 +1144,6 @@ class Job:
         state["plan"] = dataclasses.replace(pl, groups=groups)
         state["to_xp"] = state["to_host"] = None
         state.pop("_buffers", None)
-        state.pop("_helper", None)
         return state
 
     def float32_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -1258,8 +1238,7 @@ def compute_unit(job: Job, unit: Unit, read: Callable[[str], np.ndarray] | None 
         raw = _group_tensors(pl, job.adapters, wkey, job.model_type, read, direction=job.direction, work=None,
                              safe=job.safe, peft_compat=job.peft_compat, to_xp=job.to_xp, to_host=job.to_host,
                              on_record=on_record, record_for=record_for,
-                             widen_into=job.float32_buffer if wkey in job.float32_weights else None,
-                             helper=job.__dict__.get("_helper"))
+                             widen_into=job.float32_buffer if wkey in job.float32_weights else None)
     return {k: _output_array(pl.ops[k], raw.pop(k), job.safe) for k in unit.keys}, records
 
 
@@ -1573,11 +1552,6 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
     # the pipeline's three threads share the cores with BLAS: its rank-r gemms are memory-bound, and OpenBLAS's
     # idle workers spin, taking the reader's and the writer's core (same bits with any count: io/_blas.py)
     limit_blas = BlasThreads(max(1, _cores() - 2)) if pipeline and _low_rank_gemms_only(pl) else None
-    helper = None
-    if pipeline and job.float32_weights and _cores() >= 2:  # a second thread merges half of each weight's tiles
-        from concurrent.futures import ThreadPoolExecutor
-
-        helper = job.__dict__["_helper"] = ThreadPoolExecutor(1, thread_name_prefix="peftmath-tiles")
     try:
         if limit_blas is not None:
             limit_blas.__enter__()
@@ -1620,9 +1594,6 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
             os.close(fd)
         if limit_blas is not None:
             limit_blas.__exit__(None, None, None)
-        if helper is not None:
-            job.__dict__.pop("_helper", None)
-            helper.shutdown()
     return outp.commit(new_records, synced=True)
 
 

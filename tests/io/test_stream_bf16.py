@@ -276,32 +276,3 @@ def test_buffers_ignore_arrays_they_did_not_lend():
     pool.give_back(a)
     pool.give_back(a)  # twice: kept once
     assert len(pool._free) == 1 and not pool.lent(a) and pool.take(np.uint8, (1,)).base is a.base
-
-
-def test_the_tiles_of_a_weight_are_shared_by_two_threads(tmp_path, monkeypatch, small_tiles):
-    """The pipelined merge gives the second half of each weight's row tiles to a helper thread (at least two
-    cores, at least four tiles): both threads merge tiles, the bytes are the sequential merge's, and the helper
-    is shut down with the merge."""
-    from peftmath.engines import rows
-
-    state = _state(5)
-    base = open_model(_write(tmp_path / "base", state))
-    ad = _lora(state)
-    transform(base, [ad], tmp_path / "seq", pipeline=False)
-    monkeypatch.setattr(stream, "_cores", lambda: 2)
-    seen: list[tuple[str, int]] = []
-    real = rows.merge_rows
-
-    def spy(mod, block, r0, **kw):
-        seen.append((threading.current_thread().name, r0))
-        return real(mod, block, r0, **kw)
-
-    monkeypatch.setattr(rows, "merge_rows", spy)
-    before = {t.name for t in threading.enumerate()}
-    transform(base, [ad], tmp_path / "pipe", pipeline=True)
-    assert _bytes(tmp_path / "seq") == _bytes(tmp_path / "pipe")
-    helpers = {name for name, _ in seen if name.startswith("peftmath-tiles")}
-    assert helpers and any(not name.startswith("peftmath-tiles") for name, _ in seen)
-    # every tile once: 37 rows in tiles of 5 (8 tiles) and 24 rows (5 tiles), per layer
-    assert sorted(r0 for _, r0 in seen) == sorted(list(range(0, 37, 5)) * LAYERS + list(range(0, 24, 5)) * LAYERS)
-    assert not {t.name for t in threading.enumerate() if t.name.startswith("peftmath-tiles")} - before
