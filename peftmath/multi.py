@@ -320,12 +320,13 @@ def _numpy_factors(p: _Prepared, cd: Any) -> tuple[Array, Array]:
 #: above that it copies both factors into packed panels on every call, which for a few rows costs more than the
 #: products. So the first product ``X Aᵀ`` is summed over slices of the input dimension (the factor is read once,
 #: unpacked: measured on 2 cores, 16 rows at r = 64 on Linear(4096, 4096) in 83 µs against 242 µs whole, and
-#: 1.9x-2.9x faster at 8-64 rows and r = 32-64), and the second ``H (s·Bᵀ)`` is computed in slices of the output
-#: columns when they are wide enough (8 rows at r = 64: 60 µs against 86 µs).
+#: 1.5x-3.1x faster at 8-64 rows and r = 32-64), and the second ``H (s·Bᵀ)`` is computed in slices of the output
+#: columns only when they are wide (16 rows at r = 16: 29 µs against 50 µs whole; but 16 rows at r = 64 in slices
+#: of 976 columns take 164 µs against 113 µs whole: the packed operand there is the small ``H``).
 _SMALL_GEMM = 1_000_000
 #: the narrowest slice worth a call of its own, of the input dimension (first product) and of the output columns
 #: (second product); below it the product is one call (packing then costs less than many narrow calls)
-_MIN_SLICE = (128, 512)
+_MIN_SLICE = (128, 1024)
 
 
 def _slice(rows: int, r: int, dim: int, least: int) -> int:
