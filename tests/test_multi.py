@@ -279,7 +279,7 @@ def test_slices_of_a_segment():
         else:
             assert least <= w < dim and rows * r * w <= small
     rng = np.random.default_rng(0)
-    k, r, n = 16, 64, 4096
+    k, r, n = 8, 64, 4096
     assert multi._slice(k, r, n, multi._MIN_SLICE[0]) < n and multi._slice(k, r, n, multi._MIN_SLICE[1]) < n
     xs = rng.standard_normal((k, n)).astype(np.float32)
     At = np.ascontiguousarray((rng.standard_normal((r, n)) / 64).T.astype(np.float32))
