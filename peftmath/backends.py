@@ -40,7 +40,6 @@ lives in its own distribution (``backends/cupy``) and registers the same way.
 from __future__ import annotations
 
 import math
-from importlib import metadata
 from typing import Any, Protocol, runtime_checkable
 
 import array_api_compat
@@ -278,10 +277,34 @@ def _host_solve(a: np.ndarray, b: np.ndarray, where: str) -> np.ndarray:
                                  f"is unchanged") from exc
 
 
-def _blas_gemm(dtype: np.dtype):
+def _gemm_(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float) -> bool:
+    """``c ← c + alpha·(a @ b)`` in place for a float32 / float64 NumPy matrix ``c``, C- or F-contiguous
+    (or a unit-stride view of one): OpenBLAS's CBLAS through ctypes (:mod:`peftmath._cblas`: no SciPy
+    import, the same library and bits as SciPy's gemm), else ``scipy.linalg.blas``. False, touching
+    nothing, for another dtype or layout."""
+    from . import _cblas
+
+    if _cblas.gemm_(c, a, b, alpha):
+        return True
     from scipy.linalg import blas
 
-    return {np.dtype(np.float32): blas.sgemm, np.dtype(np.float64): blas.dgemm}.get(np.dtype(dtype))
+    gemm = {np.dtype(np.float32): blas.sgemm, np.dtype(np.float64): blas.dgemm}.get(c.dtype)
+    if gemm is None:
+        return False
+    a = a.astype(c.dtype, copy=False)
+    b = b.astype(c.dtype, copy=False)
+    if c.flags.f_contiguous:
+        out = gemm(alpha, a, b, beta=1.0, c=c, overwrite_c=True)
+        target = c
+    elif c.flags.c_contiguous:
+        # cᵀ is F-contiguous: cᵀ += alpha·bᵀ@aᵀ updates c's own memory.
+        out = gemm(alpha, b.T, a.T, beta=1.0, c=c.T, overwrite_c=True)
+        target = c.T
+    else:
+        return False
+    if not np.shares_memory(out, target):  # f2py copied: never happens for the layouts above
+        raise BackendError("numpy backend: BLAS gemm did not update the weight in place")
+    return True
 
 
 class NumpyBackend(ArrayAPIBackend):
@@ -353,22 +376,8 @@ class NumpyBackend(ArrayAPIBackend):
             return False
         if m.ndim != 2 or not m.flags.writeable or m.shape != (b.shape[0], a.shape[1]):
             return False
-        gemm = _blas_gemm(m.dtype)
-        if gemm is not None:
-            a = a.astype(m.dtype, copy=False)
-            b = b.astype(m.dtype, copy=False)
-            if m.flags.f_contiguous:
-                out = gemm(alpha, b, a, beta=1.0, c=m, overwrite_c=True)
-                target = m
-            elif m.flags.c_contiguous:
-                # M^T is F-contiguous: M^T += alpha * A^T @ B^T updates M's own memory.
-                out = gemm(alpha, a.T, b.T, beta=1.0, c=m.T, overwrite_c=True)
-                target = m.T
-            else:
-                return False
-            if not np.shares_memory(out, target):  # f2py copied: never happens for the layouts above
-                raise BackendError("numpy backend: BLAS gemm did not update the weight in place")
-            return True
+        if m.dtype in (np.float32, np.float64):
+            return _gemm_(m, b, a, alpha)
         if is_low_precision(m.dtype):
             return self._addmm_half_(m, b, a, alpha)
         return False
@@ -401,12 +410,9 @@ class NumpyBackend(ArrayAPIBackend):
 
     def _addmm_half_(self, m: np.ndarray, b: np.ndarray, a: np.ndarray, alpha: float) -> bool:
         """Row tiles in float32: widen, gemm with beta=1, round once, write back."""
-        from scipy.linalg import blas
-
         a32 = np.asarray(a, dtype=np.float32)
         b32 = np.asarray(b, dtype=np.float32)
-        self._float32_tiles(m, lambda i, j, tile: blas.sgemm(alpha, a32.T, b32[i:j].T, beta=1.0, c=tile.T,
-                                                             overwrite_c=True))
+        self._float32_tiles(m, lambda i, j, tile: _gemm_(tile, b32[i:j], a32, alpha))
         return True
 
     @staticmethod
@@ -421,14 +427,12 @@ class NumpyBackend(ArrayAPIBackend):
         if not (self._numpy_matrices(m, b, a, magnitude) and is_low_precision(m.dtype)
                 and magnitude.dtype == np.float32 and m.shape == (b.shape[0], a.shape[1])):
             return super().dora_merge_(m, b, a, alpha, magnitude)
-        from scipy.linalg import blas
-
         a32 = np.asarray(a, dtype=np.float32)
         b32 = np.asarray(b, dtype=np.float32)
         norm = np.empty(m.shape[0], dtype=np.float32)
 
         def update(i: int, j: int, tile: np.ndarray) -> None:
-            blas.sgemm(alpha, a32.T, b32[i:j].T, beta=1.0, c=tile.T, overwrite_c=True)
+            _gemm_(tile, b32[i:j], a32, alpha)
             n = np.sqrt(np.einsum("ij,ij->i", tile, tile))
             tile *= np.divide(magnitude[i:j], n, out=np.zeros_like(n), where=n != 0)[:, None]
             norm[i:j] = n
@@ -444,14 +448,12 @@ class NumpyBackend(ArrayAPIBackend):
         if not (self._numpy_matrices(m, b, a, q) and is_low_precision(m.dtype) and q.dtype == np.float32
                 and m.shape == (b.shape[0], a.shape[1]) and q.ndim == 1):
             return False
-        from scipy.linalg import blas
-
         a32 = np.asarray(a, dtype=np.float32)
         b32 = np.asarray(b, dtype=np.float32)
 
         def update(i: int, j: int, tile: np.ndarray) -> None:
             tile *= q[i:j, None]
-            blas.sgemm(alpha, a32.T, b32[i:j].T, beta=1.0, c=tile.T, overwrite_c=True)
+            _gemm_(tile, b32[i:j], a32, alpha)
 
         self._float32_tiles(m, update)
         return True
@@ -604,21 +606,38 @@ def _load_registry() -> dict[str, Backend]:
     global _REGISTRY
     if _REGISTRY is not None:
         return _REGISTRY
+    from importlib import metadata  # 25 ms with the scan: only when a backend is looked up by name or plugin
+
     registry: dict[str, Backend] = {}
     errors: dict[str, str] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
-            registry[ep.name] = obj() if isinstance(obj, type) else obj
+            if obj is _BUILTIN.get(ep.name):
+                registry[ep.name] = _builtin(ep.name)
+            else:
+                registry[ep.name] = obj() if isinstance(obj, type) else obj
         except Exception as exc:  # a broken plugin must not break the core
             errors[ep.name] = f"{type(exc).__name__}: {exc}"
     # Running from a source tree that was never installed has no entry points: fall back to the
     # backends this distribution declares in its own pyproject.toml.
-    for name, cls in _BUILTIN.items():
-        registry.setdefault(name, cls())
+    for name in _BUILTIN:
+        registry.setdefault(name, _builtin(name))
     _REGISTRY = registry
     _LOAD_ERRORS.update(errors)
+    _BY_NAMESPACE.clear()  # a plugin may claim a namespace served before the scan (NumPy's)
     return registry
+
+
+_BUILTIN_INSTANCES: dict[str, Backend] = {}
+
+
+def _builtin(name: str) -> Backend:
+    """The one instance of the built-in backend ``name`` (the registry and :func:`backend_for`'s NumPy
+    path share it: attributes set on ``get_backend("numpy")`` apply to every NumPy computation)."""
+    if name not in _BUILTIN_INSTANCES:
+        _BUILTIN_INSTANCES[name] = _BUILTIN[name]()
+    return _BUILTIN_INSTANCES[name]
 
 
 _LOAD_ERRORS: dict[str, str] = {}
@@ -656,6 +675,10 @@ def backend_for(xp: Namespace) -> Backend:
     cached = _BY_NAMESPACE.get(id(xp))
     if cached is not None:
         return cached
+    if _REGISTRY is None and array_api_compat.is_numpy_namespace(xp):
+        # NumPy needs no scan of the installed plugins (25 ms of every command's start-up)
+        _BY_NAMESPACE[id(xp)] = _builtin("numpy")
+        return _BY_NAMESPACE[id(xp)]
     registry = _load_registry()
     found = next((b for n, b in registry.items() if n != "array_api" and b.handles(xp)), registry["array_api"])
     _BY_NAMESPACE[id(xp)] = found

@@ -18,7 +18,6 @@ another BLAS, no OpenBLAS symbol), nothing changes.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,21 +30,13 @@ _SYMBOLS = [(f"{p}_get_num_threads{s}", f"{p}_set_num_threads{s}")
 
 def openblas_libraries() -> list[tuple[Any, Any]]:
     """``(get_num_threads, set_num_threads)`` of each OpenBLAS shared library mapped into this process
-    (read from ``/proc/self/maps``; empty elsewhere or when none is loaded)."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
-            paths = {line.split(None, 5)[5].strip() for line in fh if "openblas" in line.lower()
-                     and len(line.split(None, 5)) == 6}
-    except OSError:
-        return []
+    (:func:`peftmath._cblas.loaded_openblas`; empty elsewhere or when none is loaded)."""
     import ctypes
 
+    from .._cblas import loaded_openblas
+
     found = []
-    for path in sorted(p for p in paths if ".so" in os.path.basename(p) and os.path.isfile(p)):
-        try:
-            lib = ctypes.CDLL(path)  # already loaded: the same handle, nothing new is loaded
-        except OSError:
-            continue
+    for _, lib in loaded_openblas():
         for get_name, set_name in _SYMBOLS:
             get, put = getattr(lib, get_name, None), getattr(lib, set_name, None)
             if get is not None and put is not None:
@@ -60,21 +51,25 @@ class BlasThreads:
     """At most ``n`` threads (at least 1) in every loaded OpenBLAS between :meth:`__enter__` and
     :meth:`__exit__` (the previous counts afterwards); a library already at or below ``n`` is left alone.
 
-    A library loaded while the block runs (SciPy's, imported by the first gemm) is capped by the next
-    :meth:`refresh`, which looks again only when modules were imported since it last looked."""
+    A library loaded while the block runs (SciPy's, opened by the first gemm: :mod:`peftmath._cblas`) is
+    capped by the next :meth:`refresh`, which looks again only when modules were imported or a gemm was
+    bound since it last looked."""
 
     def __init__(self, n: int) -> None:
         self.n = max(1, int(n))
         self._changed: dict[Any, tuple[Any, int]] = {}  # set function -> (itself, the count before)
         self._seen: set[Any] = set()
-        self._modules = -1
+        self._modules: tuple[int, int] | None = None
 
     def refresh(self) -> None:
         import sys
 
-        if len(sys.modules) == self._modules:
+        from .. import _cblas
+
+        state = (len(sys.modules), len(_cblas._GEMM))
+        if state == self._modules:
             return
-        self._modules = len(sys.modules)
+        self._modules = state
         for get, put in openblas_libraries():
             key = ctypes_address(put)
             if key in self._seen:

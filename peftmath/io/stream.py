@@ -1578,7 +1578,7 @@ def transform(base: Model, adapters: Sequence[Any], out: str | os.PathLike, *,
                 ended += 1
             new_records.update(run_unit(job, unit, read=reader.take, write=write, copy=copy))
             if limit_blas is not None and unit.kind != "copy":
-                limit_blas.refresh()  # SciPy's BLAS is loaded by the first gemm
+                limit_blas.refresh()  # SciPy's OpenBLAS is opened by the first gemm (peftmath._cblas)
             if progress is not None:
                 for k in unit.keys:
                     progress(pl.ops[k].nbytes)
