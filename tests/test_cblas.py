@@ -126,3 +126,18 @@ def test_no_scipy_import():
     if out[0] != "True":
         pytest.skip("no CBLAS binding here: the merge imports SciPy's gemm instead")
     assert out[1].strip() == "[]"
+
+
+def test_scipy_import_afterwards_maps_the_same_library():
+    """Opening SciPy's OpenBLAS by path, then importing scipy.linalg, leaves one copy of it in the process (one
+    mapping at file offset 0), so its thread pool and its thread cap are shared."""
+    code = ("import numpy as np\n"
+            "from peftmath import _cblas\n"
+            "assert _cblas.gemm_(np.zeros((2, 2), np.float32), np.ones((2, 1), np.float32), np.ones((1, 2), np.float32), 1.0)\n"
+            "import scipy.linalg.blas\n"
+            "starts = [l.split() for l in open('/proc/self/maps') if 'scipy.libs' in l and 'openblas' in l.lower()]\n"
+            "print(sum(1 for f in starts if len(f) == 6 and int(f[2], 16) == 0))\n")
+    if not _cblas.scipy_openblas():
+        pytest.skip("no OpenBLAS bundled with SciPy here")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
