@@ -42,6 +42,7 @@ _SYMBOLS = {
 }
 
 _UNSET = object()
+#: dtype character -> (checked CBLAS gemm, the largest dimension its integers hold), or None
 _GEMM: dict[str, Any] = {}
 
 
@@ -92,7 +93,8 @@ def scipy_openblas() -> list[tuple[str, Any]]:
 
 
 def _bind(char: str) -> Any:
-    """The checked CBLAS gemm for dtype character ``char`` ("f" or "d"), or None."""
+    """``(gemm, largest dimension)`` for dtype character ``char`` ("f" or "d"): the first checked CBLAS gemm
+    found, or None."""
     import ctypes
 
     real = ctypes.c_float if char == "f" else ctypes.c_double
@@ -115,12 +117,13 @@ def _first_checked(libs: list[tuple[str, Any]], char: str, real: Any) -> Any:
             fn.restype = None
             fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, idx, idx, idx, real, ctypes.c_void_p, idx,
                            ctypes.c_void_p, idx, real, ctypes.c_void_p, idx]
-            if _self_check(fn, np.dtype(char)):
-                return fn
+            bound = (fn, 2**63 - 1 if wide else 2**31 - 1)
+            if _self_check(bound, np.dtype(char)):
+                return bound
     return None
 
 
-def _self_check(fn: Any, dtype: np.dtype) -> bool:
+def _self_check(bound: tuple[Any, int], dtype: np.dtype) -> bool:
     """The binding computes ``α·A·B + β·C`` on views with padded rows and a transposed operand."""
     def values(rows: int, cols: int) -> np.ndarray:  # small integers and halves: every result exact
         return (np.arange(rows * cols).reshape(rows, cols) % 7 - 3).astype(dtype) / 2
@@ -132,7 +135,7 @@ def _self_check(fn: Any, dtype: np.dtype) -> bool:
     expected = 0.5 * (a.astype(np.float64) @ b.astype(np.float64)) + 2.0 * c.astype(np.float64)
     untouched = big_c[:, 6:].copy()
     try:
-        _call(fn, c, a, b, 0.5, 2.0)
+        _call(bound, c, a, b, 0.5, 2.0)
     except Exception:  # noqa: BLE001 - a binding that fails its check is not used
         return False
     return bool(np.array_equal(c, expected) and np.array_equal(big_c[:, 6:], untouched))
@@ -152,12 +155,18 @@ def _operand(x: np.ndarray) -> tuple[np.ndarray, int, int]:
     return x, _NO_TRANS, max(1, cols)
 
 
-def _call(fn: Any, c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float, beta: float) -> None:
+def _call(bound: tuple[Any, int], c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float, beta: float) -> bool:
+    """One gemm call; False, calling nothing, when a dimension does not fit the binding's integers (ctypes
+    would truncate it silently)."""
+    fn, largest = bound
     (m, n), k = c.shape, a.shape[1]
     a, ta, lda = _operand(a)
     b, tb, ldb = _operand(b)
     ldc = c.strides[0] // c.itemsize if m > 1 else max(1, n)
+    if max(m, n, k, lda, ldb, ldc) > largest:
+        return False
     fn(_ROW_MAJOR, ta, tb, m, n, k, alpha, a.ctypes.data, lda, b.ctypes.data, ldb, beta, c.ctypes.data, ldc)
+    return True
 
 
 def _row_major(c: np.ndarray) -> bool:
@@ -175,10 +184,10 @@ def gemm_(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float, beta: float
     if (c.dtype.char not in _SYMBOLS or c.ndim != 2 or a.ndim != 2 or b.ndim != 2 or not c.flags.writeable
             or a.shape[1] != b.shape[0] or c.shape != (a.shape[0], b.shape[1]) or 0 in c.shape + a.shape[1:]):
         return False
-    fn = _GEMM.get(c.dtype.char, _UNSET)
-    if fn is _UNSET:
-        fn = _GEMM[c.dtype.char] = _bind(c.dtype.char)
-    if fn is None:
+    bound = _GEMM.get(c.dtype.char, _UNSET)
+    if bound is _UNSET:
+        bound = _GEMM[c.dtype.char] = _bind(c.dtype.char)
+    if bound is None:
         return False
     a = np.asarray(a, dtype=c.dtype)
     b = np.asarray(b, dtype=c.dtype)
@@ -187,9 +196,7 @@ def gemm_(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float, beta: float
     if np.may_share_memory(b, c):
         b = b.copy()
     if _row_major(c):
-        _call(fn, c, a, b, alpha, beta)
-    elif _row_major(c.T):  # column-major: cᵀ ← alpha·bᵀaᵀ + beta·cᵀ, the same memory
-        _call(fn, c.T, b.T, a.T, alpha, beta)
-    else:
-        return False
-    return True
+        return _call(bound, c, a, b, alpha, beta)
+    if _row_major(c.T):  # column-major: cᵀ ← alpha·bᵀaᵀ + beta·cᵀ, the same memory
+        return _call(bound, c.T, b.T, a.T, alpha, beta)
+    return False

@@ -141,3 +141,21 @@ def test_scipy_import_afterwards_maps_the_same_library():
         pytest.skip("no OpenBLAS bundled with SciPy here")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"
+
+
+def test_dimensions_beyond_the_binding_integers_are_declined(monkeypatch):
+    """A 32-bit binding gets no dimension above 2**31 - 1 (ctypes would truncate it): checked here with the limit
+    lowered, on the dimensions and on a leading dimension alone."""
+    _bound(np.float32)
+    fn, _ = _cblas._GEMM["f"]
+    monkeypatch.setitem(_cblas._GEMM, "f", (fn, 6))
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((6, 2)).astype(np.float32)
+    b = rng.standard_normal((2, 6)).astype(np.float32)
+    fits = np.zeros((6, 6), np.float32)
+    assert _cblas.gemm_(fits, a, b, 1.0)
+    np.testing.assert_allclose(fits, a @ b, rtol=1e-6)
+    for c in (np.zeros((7, 6), np.float32), np.zeros((6, 9), np.float32)[:, :6]):  # a row, then a leading dim
+        before = c.copy()
+        assert not _cblas.gemm_(c, rng.standard_normal((c.shape[0], 2)).astype(np.float32), b, 1.0)
+        np.testing.assert_array_equal(c, before)
