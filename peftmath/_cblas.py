@@ -35,7 +35,7 @@ __all__ = ["gemm_", "loaded_openblas", "scipy_openblas"]
 # CBLAS enums
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
-#: (symbol, 64-bit integers) by dtype character, most specific first
+#: (symbol, 64-bit integers) by dtype character, in order of preference: SciPy's wheel first (32-bit integers)
 _SYMBOLS = {
     "f": [("scipy_cblas_sgemm", False), ("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True)],
     "d": [("scipy_cblas_dgemm", False), ("scipy_cblas_dgemm64_", True), ("cblas_dgemm64_", True)],
