@@ -307,6 +307,15 @@ def _gemm_(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float) -> bool:
     return True
 
 
+def _tile_gemm_(tile: np.ndarray, b: np.ndarray, a: np.ndarray, alpha: float) -> None:
+    """:func:`_gemm_` on a C-contiguous float32 row tile, which every path accepts; a refusal would leave the
+    tile unmerged, so it is an error, never skipped (every tile of a weight has the same layout: the first one
+    would fail, before anything is written back)."""
+    if not _gemm_(tile, b, a, alpha):
+        raise BackendError(f"numpy backend: no BLAS gemm took the float32 row tile {tile.shape} (strides "
+                           f"{tile.strides}); the weight is unchanged")
+
+
 class NumpyBackend(ArrayAPIBackend):
     """NumPy: BLAS gemm with beta=1 for in-place merges, float32 row tiles for half precision."""
 
@@ -412,7 +421,7 @@ class NumpyBackend(ArrayAPIBackend):
         """Row tiles in float32: widen, gemm with beta=1, round once, write back."""
         a32 = np.asarray(a, dtype=np.float32)
         b32 = np.asarray(b, dtype=np.float32)
-        self._float32_tiles(m, lambda i, j, tile: _gemm_(tile, b32[i:j], a32, alpha))
+        self._float32_tiles(m, lambda i, j, tile: _tile_gemm_(tile, b32[i:j], a32, alpha))
         return True
 
     @staticmethod
@@ -432,7 +441,7 @@ class NumpyBackend(ArrayAPIBackend):
         norm = np.empty(m.shape[0], dtype=np.float32)
 
         def update(i: int, j: int, tile: np.ndarray) -> None:
-            _gemm_(tile, b32[i:j], a32, alpha)
+            _tile_gemm_(tile, b32[i:j], a32, alpha)
             n = np.sqrt(np.einsum("ij,ij->i", tile, tile))
             tile *= np.divide(magnitude[i:j], n, out=np.zeros_like(n), where=n != 0)[:, None]
             norm[i:j] = n
@@ -453,7 +462,7 @@ class NumpyBackend(ArrayAPIBackend):
 
         def update(i: int, j: int, tile: np.ndarray) -> None:
             tile *= q[i:j, None]
-            _gemm_(tile, b32[i:j], a32, alpha)
+            _tile_gemm_(tile, b32[i:j], a32, alpha)
 
         self._float32_tiles(m, update)
         return True

@@ -159,3 +159,21 @@ def test_dimensions_beyond_the_binding_integers_are_declined(monkeypatch):
         before = c.copy()
         assert not _cblas.gemm_(c, rng.standard_normal((c.shape[0], 2)).astype(np.float32), b, 1.0)
         np.testing.assert_array_equal(c, before)
+
+
+def test_a_tile_no_gemm_takes_is_an_error_and_the_weight_is_unchanged(monkeypatch):
+    """The bfloat16 row-tile paths never skip a tile: with every gemm declining, the merge raises and the weight
+    keeps its bits."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from peftmath import backends
+    from peftmath.errors import BackendError
+
+    monkeypatch.setattr(backends, "_gemm_", lambda *args: False)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 48)).astype(ml_dtypes.bfloat16)
+    before = w.copy()
+    b = rng.standard_normal((64, 4)).astype(np.float32)
+    a = rng.standard_normal((4, 48)).astype(np.float32)
+    with pytest.raises(BackendError, match="row tile"):
+        backends.get_backend("numpy").addmm_(w, b, a, 0.5)
+    np.testing.assert_array_equal(w.view(np.uint16), before.view(np.uint16))
