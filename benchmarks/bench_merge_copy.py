@@ -9,9 +9,10 @@ floor) and allocate nothing of ``W``'s size besides the result. One ``Linear(409
     python benchmarks/bench_merge_copy.py --quick    # smoke run: 2 rounds
     python benchmarks/bench_merge_copy.py --no-write # print the section, leave RESULTS.md alone
 
-Every contestant runs round-robin in one process (``_results.race``, the starting contestant rotating
-each round, each call after 0.15 s idle: OpenBLAS's workers spin ~0.1 s after a threaded call and would take a
-core from the next contestant). For each method the ratio is the median over rounds of ``t_method / (t_copy + t_floor)``
+Each method runs in a process of its own (``--together``: all methods in one process, where the memory one method
+frees changes the page faults of the next), its contestants round-robin (``_results.race``, the starting contestant
+rotating each round, each call after 0.15 s idle: OpenBLAS's workers spin ~0.1 s after a threaded call and would
+take a core from the next contestant). For each method the ratio is the median over rounds of ``t_method / (t_copy + t_floor)``
 with the three times taken in the same round (11 rounds: the median holds while 5 of them stall); beside it, the
 ratio of the fastest rounds, ``min t_method / (min t_copy + min t_floor)``. "One copy of W" is ``np.copyto(dst, W)`` into a
 preallocated ``dst`` (float32 or bfloat16, as the row). The floors, each timed in place on a scratch
@@ -44,8 +45,10 @@ work space is not traced. The section "merge_copy" of ``benchmarks/RESULTS.md`` 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -272,6 +275,14 @@ def measure(cases: list[Case], rounds: int) -> list[dict]:
     return rows
 
 
+def _isolated(name: str, quick: bool) -> dict:
+    """The row of case ``name``, measured by this script in a fresh process (``--child``)."""
+    cmd = [sys.executable, __file__, "--child", name] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    (row,) = json.loads(out.strip().splitlines()[-1])
+    return row
+
+
 def table(rows: list[dict]) -> list[str]:
     out = ["| method | copy ms | floor ms | merge ms | merge ratio | unmerge ms | unmerge ratio | peak merge / unmerge (x W) "
            "| fresh copy ms | merge / unmerge vs fresh copy + floor | merge / unmerge, fastest rounds |",
@@ -292,22 +303,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds")
     ap.add_argument("--no-write", action="store_true", help="print the section, do not write RESULTS.md")
     ap.add_argument("--only", default="", help="comma-separated method names to keep (substring match)")
+    ap.add_argument("--together", action="store_true",
+                    help="race every method in one process (default: each method in a process of its own)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one case, by exact name; JSON rows out
     args = ap.parse_args(argv)
     rounds = 2 if args.quick else 11
+    if args.child is not None:
+        rng = np.random.default_rng(0)
+        cases = [c for c in float32_cases(rng) + bfloat16_cases(rng) if c.name == args.child]
+        print(json.dumps(measure(cases, rounds)))
+        return 0
     load_before = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     keep = [s.strip().lower() for s in args.only.split(",") if s.strip()]
     pick = lambda cs: [c for c in cs if not keep or any(k in c.name.lower() for k in keep)]  # noqa: E731
     fc = pick(float32_cases(rng))
-    f32 = measure(fc, rounds) if fc else []
     bf = pick(bfloat16_cases(rng))
-    b16 = measure(bf, rounds) if bf else []
+    if args.together:
+        f32 = measure(fc, rounds) if fc else []
+        b16 = measure(bf, rounds) if bf else []
+    else:
+        f32, b16 = [_isolated(c.name, args.quick) for c in fc], [_isolated(c.name, args.quick) for c in bf]
     load_after = os.getloadavg()[0]
+    mode = ("every method raced in one process" if args.together else
+            "each method in a process of its own (its copy, floor, merge and unmerge raced together; `--together` "
+            "races all methods in one process, where one method's freed memory changes the next one's page faults)")
     body = "\n".join([
         "## Default merge / unmerge (`copy=True`) vs one copy of W + the in-place floor (`benchmarks/bench_merge_copy.py`)",
         "",
         f"Machine: {_results.machine_line()}. {THREAD_NOTE}. Load average {load_before:.2f} before, "
-        f"{load_after:.2f} after. `Linear({IN}, {OUT})`, r = {R} (VeRA r = {R_VERA}); {rounds} round-robin rounds; "
+        f"{load_after:.2f} after. `Linear({IN}, {OUT})`, r = {R} (VeRA r = {R_VERA}); {mode}; {rounds} round-robin rounds; "
         f"ratio = median over rounds of t / (t_copy + t_floor) (target <= {TARGET}); floors in the script's "
         f"docstring; copy = `np.copyto` into a preallocated array; peak = tracemalloc peak of one call / W.nbytes. "
         f"The last two columns measure against `np.copy(W)` instead, which gets fresh pages as every copy=True result "
