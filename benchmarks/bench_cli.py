@@ -146,9 +146,10 @@ def generate(work: Path, small: bool, dtype: str = "bfloat16") -> tuple[Path, Pa
     return base, adapter
 
 
-def run_child(argv: list[str], pythonpath: str | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MiB, stdout) of a child process, with ``pythonpath`` first on its path
-    (run from that folder, so that its ``peftmath`` is the one imported).
+def run_child(argv: list[str], pythonpath: str | None = None) -> tuple[float, float, str, float]:
+    """(wall seconds, peak RSS in MiB, stdout, CPU seconds) of a child process, with ``pythonpath`` first on its
+    path (run from that folder, so that its ``peftmath`` is the one imported). CPU seconds: user + system time
+    of the child and its threads (its rusage).
 
     The peak is the child's own VmHWM, printed by it at exit as JSON on its last stdout line (the
     rusage of a forked child would include the parent's memory at fork time).
@@ -164,7 +165,7 @@ def run_child(argv: list[str], pythonpath: str | None = None) -> tuple[float, fl
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[:4]} failed ({proc.returncode}):\n{err[-3000:]}")
     hwm = json.loads(out.strip().splitlines()[-1])["hwm_kb"] if out.strip() else usage.ru_maxrss
-    return wall, hwm / 1024.0, out
+    return wall, hwm / 1024.0, out, usage.ru_utime + usage.ru_stime
 
 
 def compare(a: Path, b: Path) -> tuple[int, int, int, int, float]:
@@ -209,13 +210,14 @@ def rounds(cmds: dict, outs: dict, repeats: int, label: str, keep: set[str], bas
     """Run every contender once per round, interleaved; per contender: wall times, peak RSS (MiB) and the
     per-round ratio to the durable copy ("copy+fsync"). ``after_run(name, round)`` runs after each run,
     while its output exists; outputs not in ``keep`` are removed right after it (disk)."""
-    res = {k: {"wall": [], "rss": [], "ratio": []} for k in cmds}
+    res = {k: {"wall": [], "rss": [], "ratio": [], "cpu": []} for k in cmds}
     for rep in range(repeats):
         walls = {}
         for name, cmd in cmds.items():
             shutil.rmtree(outs[name], ignore_errors=True)
-            wall, rss, out = run_child(cmd(outs[name]), baseline if name == "baseline" else None)
+            wall, rss, out, cpu = run_child(cmd(outs[name]), baseline if name == "baseline" else None)
             walls[name] = wall
+            res[name]["cpu"].append(cpu)
             res[name]["wall"].append(wall)
             res[name]["rss"].append(rss)
             res[name].setdefault("stdout", []).append(out)
@@ -301,18 +303,20 @@ def main() -> None:
                 shutil.rmtree(outs["dry-run"], ignore_errors=True)
                 run_child(merge(outs["dry-run"]) + ["--dry-run"], baseline if name == "baseline" else None)
         res = rounds(cmds, outs, args.repeats, dt, {"peftmath", "peft"}, baseline, after_run)
-        med = {k: {f: statistics.median(v[f]) for f in ("wall", "rss", "ratio")} for k, v in res.items()}
+        med = {k: {f: statistics.median(v[f]) for f in ("wall", "rss", "ratio", "cpu")} for k, v in res.items()}
         model_mib = size_mib
         lines = [f"### {dt}: {n_params / 1e6:.0f}M parameters, {n_shards} shards ({size_mib:.0f} MiB)", "",
-                 "| contender | wall time | peak RSS | RSS / model | vs copy+fsync (median of per-round ratios) |",
-                 "|---|---|---|---|---|"]
+                 "| contender | wall time | CPU time (user + system) | peak RSS | RSS / model "
+                 "| vs copy+fsync (median of per-round ratios) |",
+                 "|---|---|---|---|---|---|"]
         names = {"peftmath": "peftmath merge (streamed, pipelined)",
                  "baseline": f"peftmath merge, baseline checkout (`{Path(baseline).name if baseline else ''}`)",
                  "peft": "PEFT merge_and_unload + save_pretrained", "copy": "plain copy (shutil.copytree)",
                  "copy+fsync": "durable copy: copy + fsync of each file",
                  "dry-run": "peftmath merge --dry-run (fixed cost: start-up, headers, adapter, plan)"}
         for k, v in med.items():
-            lines.append(f"| {names[k]} | {v['wall']:.2f} s | {v['rss']:.0f} MiB | {v['rss'] / model_mib:.1%} "
+            lines.append(f"| {names[k]} | {v['wall']:.2f} s | {v['cpu']:.2f} s | {v['rss']:.0f} MiB "
+                         f"| {v['rss'] / model_mib:.1%} "
                          f"| {v['ratio']:.2f}x |")
         pr = med["peftmath"]
         target = (f"Targets (issue 20): <= 1.5x the durable copy: {'met' if pr['ratio'] <= 1.5 else 'MISSED'} "
@@ -329,6 +333,11 @@ def main() -> None:
             f"({'met' if pr['rss'] <= 0.25 * model_mib else 'MISSED'}) | "
             + (f"{med['dry-run']['ratio']:.2f}x" if "dry-run" in med else "-")
             + (f" | {med['baseline']['ratio']:.2f}x" if baseline else "") + " |")
+        cores = len(os.sched_getaffinity(0))
+        lines += ["", f"CPU time: the merge uses {pr['cpu']:.2f} s of CPU (the durable copy "
+                      f"{med['copy+fsync']['cpu']:.2f} s). Spread perfectly over this machine's {cores} cores it could "
+                      f"not take less than {pr['cpu'] / cores:.2f} s, {pr['cpu'] / cores / med['copy+fsync']['wall']:.2f}x "
+                      f"the durable copy's wall time: the lower bound of the ratio for this amount of work."]
         if "dry-run" in med:
             lines += ["", f"Of the merge's {pr['wall']:.2f} s, {med['dry-run']['wall']:.2f} s "
                           f"({med['dry-run']['wall'] / pr['wall']:.0%}) is the fixed cost of the `--dry-run` row "
