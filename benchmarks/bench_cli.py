@@ -341,7 +341,7 @@ def main() -> None:
         if "dry-run" in med:
             lines += ["", f"Of the merge's {pr['wall']:.2f} s, {med['dry-run']['wall']:.2f} s "
                           f"({med['dry-run']['wall'] / pr['wall']:.0%}) is the fixed cost of the `--dry-run` row "
-                          f"(start-up and imports, ml_dtypes for a bfloat16 model, headers, adapter, plan); the rest "
+                          f"(start-up and imports, headers, adapter, plan; no ml_dtypes: a bfloat16 weight stays uint16 bits); the rest "
                           f"is reading, merging, rounding and writing the tensors."]
         if with_peft:
             ph = {k: statistics.median(json.loads(o.strip().splitlines()[-1])[k] for o in res["peft"]["stdout"])
